@@ -1,0 +1,46 @@
+//! natlab: a NAT lab on one Linux machine.
+//!
+//! natlab builds an isolated "internet" (a bridge in a network namespace), NAT routers (real
+//! nftables and conntrack in their own namespaces), hosts behind them, public hosts, and chains
+//! of routers such as a CGNAT in front of home routers. NAT behaviour is typed data in RFC 4787
+//! terms ([`NatConfig`], [`Preset`]) rendered to nftables by a pure function ([`nft::render`]).
+//! Links get delay, jitter and loss from an NFQUEUE delay line, because the kernels natpunch
+//! runs on often lack `sch_netem`. The lab measures itself ([`selftest`]).
+//!
+//! What it does not do: IPv6, port-block allocation, firewall profiles beyond NAT filtering, and
+//! non-deterministic "bad NAT" modes. Port-mapping routers (miniupnpd) come with natpunch's port
+//! mapping work.
+//!
+//! Safety: every namespace carries the prefix `np.LAB.`; veths are created inside lab namespaces
+//! only, so lab traffic never reaches the root namespace, and the internet namespace does not
+//! forward, so nothing addressed outside the lab goes anywhere. A dropped [`Lab`] removes all
+//! of it, and [`lab::sweep`] removes what crashed runs left behind.
+//!
+//! ```no_run
+//! use natlab::{Lab, LabOptions, Topology};
+//! let topology = Topology::from_toml(r#"
+//!     [router.home]
+//!     nat = "port-restricted"
+//!     [host.alice]
+//!     upstream = "home"
+//! "#)?;
+//! let lab = Lab::build(&topology, LabOptions::default())?;
+//! let out = lab.exec("alice", "ip", &["-brief", "addr"])?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod defaults;
+pub mod delay;
+pub mod environment;
+pub mod lab;
+pub mod nat;
+pub mod net;
+pub mod netns;
+pub mod nft;
+pub mod probe;
+pub mod selftest;
+pub mod topology;
+
+pub use lab::{Lab, LabError, LabOptions, LabProcess};
+pub use nat::{Filtering, Mapping, NatConfig, PortAllocation, Preset, Unsolicited};
+pub use topology::{LinkCondition, Topology, TopologyError};

@@ -1,0 +1,311 @@
+//! NAT behaviour as typed data, in the vocabulary of RFC 4787 (UDP) and RFC 5382 (TCP).
+//!
+//! A [`NatConfig`] says what a router does; [`Preset`] names the common combinations. Every value
+//! serialises in kebab-case (`endpoint-independent`, `address-and-port-dependent`, `preserve`, …)
+//! so that the lab, its self-test and `natpunch nat check` speak the same words.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::defaults;
+
+/// How a NAT chooses the external endpoint of an outbound flow (RFC 4787 §4.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mapping {
+    /// No translation at all: the host's own address is its public address.
+    None,
+    /// EIM: one external endpoint per internal endpoint, whatever the destination.
+    EndpointIndependent,
+    /// ADM: a new external endpoint per destination IP address.
+    AddressDependent,
+    /// APDM: a new external endpoint per destination IP address and port ("symmetric").
+    AddressAndPortDependent,
+}
+
+/// Which unsolicited inbound packets a NAT lets through to a mapped endpoint (RFC 4787 §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Filtering {
+    /// No filtering at all (no NAT, no firewall).
+    None,
+    /// EIF: anyone may send to a mapped endpoint ("full cone").
+    EndpointIndependent,
+    /// ADF: only IP addresses the internal endpoint has sent to ("restricted cone").
+    AddressDependent,
+    /// APDF: only the exact IP address and port the internal endpoint has sent to.
+    AddressAndPortDependent,
+}
+
+/// How a NAT picks the external port of a new mapping (RFC 4787 §4.2.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PortAllocation {
+    /// Keep the internal port when it is free on the NAT; otherwise pick a random port.
+    Preserve,
+    /// A uniformly random port for every new mapping.
+    Random,
+    /// One more than the previous mapping's port (a global counter, Δ = 1).
+    Sequential,
+}
+
+/// What a router does with an unsolicited inbound packet that matches no mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Unsolicited {
+    /// Drop silently, as most home routers do; TCP simultaneous open survives this.
+    Drop,
+    /// Answer TCP with RST and UDP with ICMP port unreachable, as a plain Linux router does.
+    Reject,
+}
+
+/// The complete behaviour of one NAT router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatConfig {
+    /// Mapping behaviour (never [`Mapping::None`] on a router).
+    pub mapping: Mapping,
+    /// Filtering behaviour (never [`Filtering::None`] on a router).
+    pub filtering: Filtering,
+    /// External port choice for new mappings.
+    pub port_allocation: PortAllocation,
+    /// Whether a LAN host can reach another LAN host (or itself) through the external address.
+    pub hairpin: bool,
+    /// Idle time after which a UDP mapping and its conntrack entries are gone, in seconds.
+    pub udp_timeout_secs: u32,
+    /// Idle time after which an established TCP mapping is gone, in seconds.
+    pub tcp_timeout_secs: u32,
+    /// Answer to unsolicited inbound packets.
+    pub unsolicited: Unsolicited,
+}
+
+impl NatConfig {
+    /// The UDP idle timeout as a [`Duration`].
+    pub fn udp_timeout(&self) -> Duration {
+        Duration::from_secs(self.udp_timeout_secs.into())
+    }
+
+    /// The established-TCP idle timeout as a [`Duration`].
+    pub fn tcp_timeout(&self) -> Duration {
+        Duration::from_secs(self.tcp_timeout_secs.into())
+    }
+
+    /// Checks that the combination is one a router can have.
+    pub fn validate(&self) -> Result<(), NatConfigError> {
+        if self.mapping == Mapping::None || self.filtering == Filtering::None {
+            return Err(NatConfigError::NoTranslation);
+        }
+        for (what, secs) in [
+            ("udp", self.udp_timeout_secs),
+            ("tcp", self.tcp_timeout_secs),
+        ] {
+            if !(defaults::MIN_TIMEOUT_SECS..=defaults::MAX_TIMEOUT_SECS).contains(&secs) {
+                return Err(NatConfigError::Timeout { what, secs });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A [`NatConfig`] that no router can have.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NatConfigError {
+    /// `none` is what a public host has; a router always translates and filters.
+    #[error(
+        "a router cannot have mapping or filtering `none`: leave `upstream` out to put a host directly on the internet"
+    )]
+    NoTranslation,
+    /// A timeout outside the range the lab supports.
+    #[error(
+        "{what} timeout of {secs} s is out of range ({min}..={max} s)",
+        min = defaults::MIN_TIMEOUT_SECS,
+        max = defaults::MAX_TIMEOUT_SECS
+    )]
+    Timeout {
+        /// `udp` or `tcp`.
+        what: &'static str,
+        /// The rejected value.
+        secs: u32,
+    },
+}
+
+/// The named NAT behaviours of the lab.
+///
+/// | preset | mapping | filtering | ports | hairpin | UDP idle | real-world analogue |
+/// |---|---|---|---|---|---|---|
+/// | `open` | none | none | – | – | – | a server with a public address |
+/// | `full-cone` | EIM | EIF | preserve | on | 120 s | a router with UPnP/static forwarding, some games consoles' "NAT type 1" |
+/// | `restricted-cone` | EIM | ADF | preserve | on | 120 s | older consumer routers |
+/// | `port-restricted` | EIM | APDF | preserve | on | 120 s | most home routers (FritzBox, OpenWrt, UniFi), RFC 4787-compliant CPE |
+/// | `symmetric` | APDM | APDF | random | off | 180 s | enterprise firewalls, cloud NAT gateways, many mobile carrier NATs |
+/// | `cgnat` | EIM | APDF | random | on | 30 s | an RFC 6888 carrier-grade NAT (100.64/10 inside) with the short idle timers measured on real CGNs |
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Preset {
+    /// No NAT: the host sits on the lab internet with a public address.
+    Open,
+    /// EIM/EIF, port-preserving.
+    FullCone,
+    /// EIM/ADF, port-preserving.
+    RestrictedCone,
+    /// EIM/APDF, port-preserving: the common home router.
+    PortRestricted,
+    /// APDM/APDF with random ports: the NAT that defeats plain hole punching.
+    Symmetric,
+    /// EIM/APDF with random ports and a 30 s UDP idle timeout, meant to sit in front of home routers.
+    Cgnat,
+}
+
+impl Preset {
+    /// Every preset, in the order the self-test reports them.
+    pub const ALL: [Self; 6] = [
+        Self::Open,
+        Self::FullCone,
+        Self::RestrictedCone,
+        Self::PortRestricted,
+        Self::Symmetric,
+        Self::Cgnat,
+    ];
+
+    /// The preset's name as written in topology files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Open => "open",
+            Self::FullCone => "full-cone",
+            Self::RestrictedCone => "restricted-cone",
+            Self::PortRestricted => "port-restricted",
+            Self::Symmetric => "symmetric",
+            Self::Cgnat => "cgnat",
+        }
+    }
+
+    /// The router configuration of the preset; `None` for [`Preset::Open`], which has no router.
+    pub fn config(self) -> Option<NatConfig> {
+        let home = NatConfig {
+            mapping: Mapping::EndpointIndependent,
+            filtering: Filtering::AddressAndPortDependent,
+            port_allocation: PortAllocation::Preserve,
+            hairpin: true,
+            udp_timeout_secs: defaults::HOME_UDP_TIMEOUT_SECS,
+            tcp_timeout_secs: defaults::TCP_ESTABLISHED_TIMEOUT_SECS,
+            unsolicited: Unsolicited::Drop,
+        };
+        Some(match self {
+            Self::Open => return None,
+            Self::FullCone => NatConfig {
+                filtering: Filtering::EndpointIndependent,
+                ..home
+            },
+            Self::RestrictedCone => NatConfig {
+                filtering: Filtering::AddressDependent,
+                ..home
+            },
+            Self::PortRestricted => home,
+            Self::Symmetric => NatConfig {
+                mapping: Mapping::AddressAndPortDependent,
+                port_allocation: PortAllocation::Random,
+                hairpin: false,
+                udp_timeout_secs: defaults::ENTERPRISE_UDP_TIMEOUT_SECS,
+                ..home
+            },
+            Self::Cgnat => NatConfig {
+                port_allocation: PortAllocation::Random,
+                udp_timeout_secs: defaults::CGNAT_UDP_TIMEOUT_SECS,
+                ..home
+            },
+        })
+    }
+}
+
+impl fmt::Display for Preset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A name that is not a preset.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown NAT preset `{0}` (known: open, full-cone, restricted-cone, port-restricted, symmetric, cgnat)"
+)]
+pub struct UnknownPreset(pub String);
+
+impl FromStr for Preset {
+    type Err = UnknownPreset;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| UnknownPreset(s.to_owned()))
+    }
+}
+
+/// Words in kebab-case for the axes, as used in tables and JSON.
+macro_rules! kebab_display {
+    ($($ty:ty),*) => {$(
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                let value = serde_json::to_value(self).map_err(|_| fmt::Error)?;
+                f.write_str(value.as_str().ok_or(fmt::Error)?)
+            }
+        }
+    )*};
+}
+kebab_display!(Mapping, Filtering, PortAllocation, Unsolicited);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_round_trip_through_their_names() {
+        for p in Preset::ALL {
+            assert_eq!(p.name().parse::<Preset>(), Ok(p));
+            assert_eq!(
+                serde_json::to_value(p).ok(),
+                Some(serde_json::json!(p.name()))
+            );
+        }
+        assert!("cone".parse::<Preset>().is_err());
+    }
+
+    #[test]
+    fn every_router_preset_is_valid_and_open_has_no_router() {
+        assert_eq!(Preset::Open.config(), None);
+        for p in &Preset::ALL[1..] {
+            let config = p.config().expect("router preset");
+            assert_eq!(config.validate(), Ok(()), "{p}");
+        }
+    }
+
+    #[test]
+    fn axes_print_in_rfc_4787_kebab_case() {
+        assert_eq!(
+            Mapping::AddressAndPortDependent.to_string(),
+            "address-and-port-dependent"
+        );
+        assert_eq!(
+            Filtering::EndpointIndependent.to_string(),
+            "endpoint-independent"
+        );
+        assert_eq!(PortAllocation::Sequential.to_string(), "sequential");
+        assert_eq!(Mapping::None.to_string(), "none");
+    }
+
+    #[test]
+    fn validate_rejects_none_and_silly_timeouts() {
+        let mut c = Preset::PortRestricted.config().expect("router preset");
+        c.mapping = Mapping::None;
+        assert_eq!(c.validate(), Err(NatConfigError::NoTranslation));
+        let mut c = Preset::PortRestricted.config().expect("router preset");
+        c.udp_timeout_secs = 0;
+        assert!(matches!(
+            c.validate(),
+            Err(NatConfigError::Timeout { what: "udp", .. })
+        ));
+    }
+}

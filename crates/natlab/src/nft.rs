@@ -1,0 +1,396 @@
+//! Rendering a router's [`NatConfig`] to an nftables ruleset: a pure function.
+//!
+//! Plain `masquerade` cannot produce an endpoint-independent mapping: conntrack allocates per
+//! flow and preserves ports only when it can. So the ruleset keeps the NAT's mapping table itself,
+//! in dynamic nftables maps that the packet path fills and refreshes:
+//!
+//! Each table exists once per protocol (`mapping_udp`, `mapping_tcp`, …).
+//!
+//! * `mapping`: internal endpoint (plus the destination address for ADM, address and port for
+//!   APDM) → external port. A new outbound flow first looks here; on a miss it gets a port from the
+//!   allocation rule (preserve if free, random, or sequential) and a later chain learns the port
+//!   conntrack really used. EIM is therefore real: every flow of one internal endpoint leaves
+//!   on the same external port, whatever the allocation.
+//! * `reverse`: external port → internal endpoint, for inbound traffic under EIF and ADF and for
+//!   hairpinning.
+//! * `contacted`: external port × remote address, the ADF permission list.
+//! * `ports`: external ports held by live mappings, so that "preserve" does not hand a
+//!   port that another internal endpoint holds (two LAN hosts on the same internal port: the
+//!   second one gets a random port).
+//!
+//! Entries expire after the configured idle timeout and are refreshed by outbound packets only
+//! (RFC 4787 REQ-6: outbound refresh is required, inbound refresh optional). The router's
+//! conntrack timeouts (set separately, per namespace) equal those idle timeouts.
+//!
+//! APDF needs no map: conntrack only lets the exact remote endpoint's replies through.
+//! Unsolicited inbound packets reach the router's own input hook and are dropped or rejected.
+
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+
+use crate::defaults;
+use crate::nat::{Filtering, Mapping, NatConfig, PortAllocation, Unsolicited};
+use crate::net::Ipv4Net;
+
+/// Name of the nftables table the lab owns in each router namespace.
+pub const TABLE: &str = "natlab";
+
+/// Everything [`render`] needs to know about one router.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouterRules<'a> {
+    /// The NAT behaviour.
+    pub nat: &'a NatConfig,
+    /// Interface towards the upstream network.
+    pub wan_if: &'a str,
+    /// The router's external address.
+    pub wan_ip: Ipv4Addr,
+    /// Interface towards the LAN.
+    pub lan_if: &'a str,
+    /// The LAN's network.
+    pub lan_net: Ipv4Net,
+}
+
+/// Renders the complete `table ip natlab` for one router, to be loaded with `nft -f`.
+///
+/// The output starts by deleting any previous table of the same name, so loading it twice (or
+/// after changing the WAN address) replaces the rules atomically.
+pub fn render(r: &RouterRules<'_>) -> String {
+    let nat = r.nat;
+    let (wan, lan, wan_ip, lan_net) = (r.wan_if, r.lan_if, r.wan_ip, r.lan_net);
+    let mut out = String::new();
+    let mut line = |s: &str| {
+        out.push_str(s);
+        out.push('\n');
+    };
+
+    // The key of a mapping table: the internal endpoint, plus the remote for ADM and APDM.
+    // `key_remote` reads the same before translation (nat chain) and after it (track chain).
+    // Tables are per protocol: nft 1.0 cannot linearise five-part keys with `th` fields.
+    let (key_type, key_remote) = match nat.mapping {
+        Mapping::AddressDependent => ("ipv4_addr . inet_service . ipv4_addr", " . ip daddr"),
+        Mapping::AddressAndPortDependent => (
+            "ipv4_addr . inet_service . ipv4_addr . inet_service",
+            " . ip daddr . th dport",
+        ),
+        // `None` never reaches here (validated); treat it like EIM rather than panic.
+        Mapping::EndpointIndependent | Mapping::None => ("ipv4_addr . inet_service", ""),
+    };
+    let internal = [
+        ("original", "ct original ip saddr . ct original proto-src"),
+        ("reply", "ct reply ip saddr . ct reply proto-src"),
+    ];
+    let protocols = [("udp", nat.udp_timeout_secs), ("tcp", nat.tcp_timeout_secs)];
+    let adf = nat.filtering == Filtering::AddressDependent;
+    let dynamic = "flags dynamic,timeout; size 65535;";
+
+    line(&format!("table ip {TABLE}"));
+    line(&format!("delete table ip {TABLE}"));
+    line(&format!("table ip {TABLE} {{"));
+    for (p, _) in protocols {
+        line(&format!(
+            "  map mapping_{p} {{ type {key_type} : inet_service; {dynamic} }}"
+        ));
+        line(&format!(
+            "  map reverse_{p} {{ type inet_service : ipv4_addr . inet_service; {dynamic} }}"
+        ));
+        line(&format!(
+            "  set ports_{p} {{ type inet_service; {dynamic} }}"
+        ));
+        if adf {
+            line(&format!(
+                "  set contacted_{p} {{ type inet_service . ipv4_addr; {dynamic} }}"
+            ));
+        }
+    }
+
+    // Inbound: translate unsolicited packets the filtering admits, and hairpinned ones.
+    line("  chain prerouting {");
+    line("    type nat hook prerouting priority dstnat; policy accept;");
+    for (p, _) in protocols {
+        let to_internal = format!("dnat ip to th dport map @reverse_{p}");
+        match nat.filtering {
+            Filtering::EndpointIndependent | Filtering::None => line(&format!(
+                "    iifname \"{wan}\" meta l4proto {p} {to_internal}"
+            )),
+            Filtering::AddressDependent => line(&format!(
+                "    iifname \"{wan}\" meta l4proto {p} th dport . ip saddr @contacted_{p} {to_internal}"
+            )),
+            Filtering::AddressAndPortDependent => {}
+        }
+        if nat.hairpin {
+            line(&format!(
+                "    iifname \"{lan}\" ip daddr {wan_ip} meta l4proto {p} {to_internal}"
+            ));
+        }
+    }
+    line("  }");
+
+    // Outbound: translate new flows, through the mapping table first.
+    line("  chain postrouting {");
+    line("    type nat hook postrouting priority srcnat; policy accept;");
+    line(&format!("    oifname \"{wan}\" jump allocate"));
+    if nat.hairpin {
+        line(&format!(
+            "    oifname \"{lan}\" ip saddr {lan_net} ct status dnat jump allocate"
+        ));
+    }
+    line("  }");
+    line("  chain allocate {");
+    for (p, _) in protocols {
+        let m = format!("meta l4proto {p}");
+        line(&format!(
+            "    {m} snat ip to {wan_ip} : ip saddr . th sport{key_remote} map @mapping_{p}"
+        ));
+        if nat.port_allocation == PortAllocation::Preserve {
+            line(&format!(
+                "    {m} th sport != @ports_{p} snat ip to {wan_ip}"
+            ));
+        }
+        match nat.port_allocation {
+            PortAllocation::Preserve | PortAllocation::Random => {
+                let (lo, hi) = defaults::RANDOM_PORTS;
+                line(&format!(
+                    "    {m} snat ip to {wan_ip} : {lo}-{hi} fully-random"
+                ));
+            }
+            PortAllocation::Sequential => {
+                // numgen yields a host-order integer; an inline map turns it into a port in
+                // network byte order (storing numgen directly in a port field scrambles it).
+                let first = defaults::SEQUENTIAL_FIRST_PORT;
+                let n = defaults::SEQUENTIAL_PORTS;
+                let mut ports = String::new();
+                for i in 0..n {
+                    let sep = if i == 0 { "" } else { ", " };
+                    let _ = write!(ports, "{sep}{i} : {}", first + i);
+                }
+                line(&format!(
+                    "    {m} snat ip to {wan_ip} : numgen inc mod {n} map {{ {ports} }}"
+                ));
+            }
+        }
+    }
+    line(&format!("    snat ip to {wan_ip}"));
+    line("  }");
+
+    // After translation: learn and refresh the mapping each flow really got.
+    line("  chain track {");
+    line("    type filter hook postrouting priority srcnat + 10; policy accept;");
+    for (p, secs) in protocols {
+        let m = format!("oifname \"{wan}\" meta l4proto {p}");
+        for (dir, int) in internal {
+            line(&format!(
+                "    {m} ct direction {dir} update @mapping_{p} {{ {int}{key_remote} timeout {secs}s : th sport }}"
+            ));
+            line(&format!(
+                "    {m} ct direction {dir} update @reverse_{p} {{ th sport timeout {secs}s : {int} }}"
+            ));
+        }
+        line(&format!(
+            "    {m} update @ports_{p} {{ th sport timeout {secs}s }}"
+        ));
+        if adf {
+            line(&format!(
+                "    {m} update @contacted_{p} {{ th sport . ip daddr timeout {secs}s }}"
+            ));
+        }
+    }
+    line("  }");
+
+    line("  chain forward {");
+    line("    type filter hook forward priority filter; policy drop;");
+    line("    ct state established,related accept");
+    line(&format!("    iifname \"{lan}\" accept"));
+    line("    ct status dnat accept");
+    line("  }");
+
+    // Unsolicited inbound packets are addressed to the router itself.
+    line("  chain input {");
+    line("    type filter hook input priority filter; policy accept;");
+    line(&format!(
+        "    iifname \"{wan}\" ct state established,related accept"
+    ));
+    match nat.unsolicited {
+        Unsolicited::Drop => line(&format!("    iifname \"{wan}\" drop")),
+        Unsolicited::Reject => {
+            line(&format!(
+                "    iifname \"{wan}\" meta l4proto tcp reject with tcp reset"
+            ));
+            line(&format!(
+                "    iifname \"{wan}\" reject with icmp type port-unreachable"
+            ));
+        }
+    }
+    line("  }");
+    line("}");
+    out
+}
+
+/// The dynamic maps and sets that hold a router's NAT state, as `(kind, name)` with kind `map`
+/// or `set` (what `nft flush KIND` needs); flushed between independent trials.
+pub fn state_sets(nat: &NatConfig) -> Vec<(&'static str, String)> {
+    let mut names = Vec::new();
+    for p in ["udp", "tcp"] {
+        names.extend([
+            ("map", format!("mapping_{p}")),
+            ("map", format!("reverse_{p}")),
+            ("set", format!("ports_{p}")),
+        ]);
+        if nat.filtering == Filtering::AddressDependent {
+            names.push(("set", format!("contacted_{p}")));
+        }
+    }
+    names
+}
+
+/// The per-namespace conntrack settings that go with a ruleset: `(sysctl key, value)`.
+pub fn conntrack_sysctls(nat: &NatConfig) -> [(&'static str, String); 3] {
+    let udp = nat.udp_timeout_secs.to_string();
+    [
+        ("net.netfilter.nf_conntrack_udp_timeout", udp.clone()),
+        // A UDP flow with replies uses the "stream" timeout: make both the configured idle time.
+        ("net.netfilter.nf_conntrack_udp_timeout_stream", udp),
+        (
+            "net.netfilter.nf_conntrack_tcp_timeout_established",
+            nat.tcp_timeout_secs.to_string(),
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nat::Preset;
+
+    fn rules_for(nat: &NatConfig) -> String {
+        render(&RouterRules {
+            nat,
+            wan_if: "wan",
+            wan_ip: Ipv4Addr::new(11, 99, 0, 10),
+            lan_if: "lan",
+            lan_net: Ipv4Net::new(Ipv4Addr::new(192, 168, 1, 0), 24),
+        })
+    }
+
+    fn preset(p: Preset) -> NatConfig {
+        p.config().expect("router preset")
+    }
+
+    #[test]
+    fn eim_keys_the_mapping_on_the_internal_endpoint_only() {
+        let r = rules_for(&preset(Preset::PortRestricted));
+        assert!(r.contains("map mapping_udp { type ipv4_addr . inet_service : inet_service;"));
+        assert!(r.contains("map mapping_tcp { type ipv4_addr . inet_service : inet_service;"));
+        assert!(r.contains(
+            "meta l4proto udp snat ip to 11.99.0.10 : ip saddr . th sport map @mapping_udp"
+        ));
+    }
+
+    #[test]
+    fn adm_and_apdm_add_the_destination_to_the_key() {
+        let mut c = preset(Preset::PortRestricted);
+        c.mapping = Mapping::AddressDependent;
+        let r = rules_for(&c);
+        assert!(r.contains("type ipv4_addr . inet_service . ipv4_addr : inet_service"));
+        assert!(r.contains("th sport . ip daddr map @mapping_udp"));
+        let r = rules_for(&preset(Preset::Symmetric));
+        assert!(
+            r.contains("type ipv4_addr . inet_service . ipv4_addr . inet_service : inet_service")
+        );
+        assert!(r.contains("th sport . ip daddr . th dport map @mapping_tcp"));
+        assert!(r.contains("ct original proto-src . ip daddr . th dport timeout 180s : th sport"));
+    }
+
+    #[test]
+    fn filtering_decides_which_inbound_packets_are_translated() {
+        let eif = rules_for(&preset(Preset::FullCone));
+        assert!(
+            eif.contains("iifname \"wan\" meta l4proto udp dnat ip to th dport map @reverse_udp")
+        );
+        assert!(!eif.contains("@contacted"));
+
+        let adf = rules_for(&preset(Preset::RestrictedCone));
+        assert!(adf.contains("meta l4proto tcp th dport . ip saddr @contacted_tcp dnat ip to"));
+        assert!(adf.contains("update @contacted_udp { th sport . ip daddr timeout 120s }"));
+
+        let apdf = rules_for(&preset(Preset::PortRestricted));
+        assert!(!apdf.contains("iifname \"wan\" meta l4proto udp dnat"));
+        assert!(!apdf.contains("@contacted"));
+    }
+
+    #[test]
+    fn port_allocation_picks_the_fallback_rule() {
+        let preserve = rules_for(&preset(Preset::PortRestricted));
+        assert!(
+            preserve.contains("meta l4proto udp th sport != @ports_udp snat ip to 11.99.0.10\n")
+        );
+        assert!(preserve.contains("1024-65535 fully-random"));
+
+        let random = rules_for(&preset(Preset::Cgnat));
+        assert!(!random.contains("@ports_udp snat"));
+        assert!(random.contains("1024-65535 fully-random"));
+
+        let mut c = preset(Preset::PortRestricted);
+        c.port_allocation = PortAllocation::Sequential;
+        let seq = rules_for(&c);
+        assert!(seq.contains("numgen inc mod 1000 map { 0 : 20000, 1 : 20001,"));
+        assert!(seq.contains("999 : 20999 }"));
+        assert!(!seq.contains("fully-random"));
+    }
+
+    #[test]
+    fn hairpin_adds_lan_side_translation_only_when_on() {
+        let on = rules_for(&preset(Preset::PortRestricted));
+        assert!(on.contains("iifname \"lan\" ip daddr 11.99.0.10 meta l4proto tcp dnat"));
+        assert!(
+            on.contains("oifname \"lan\" ip saddr 192.168.1.0/24 ct status dnat jump allocate")
+        );
+        let off = rules_for(&preset(Preset::Symmetric));
+        assert!(!off.contains("iifname \"lan\" ip daddr"));
+        assert!(!off.contains("oifname \"lan\""));
+    }
+
+    #[test]
+    fn timeouts_apply_per_protocol() {
+        let r = rules_for(&preset(Preset::Cgnat));
+        assert!(r.contains("meta l4proto udp update @ports_udp { th sport timeout 30s }"));
+        assert!(r.contains("meta l4proto tcp update @ports_tcp { th sport timeout 7440s }"));
+        let sysctls = conntrack_sysctls(&preset(Preset::Cgnat));
+        assert_eq!(
+            sysctls[0],
+            ("net.netfilter.nf_conntrack_udp_timeout", "30".to_owned())
+        );
+        assert_eq!(sysctls[1].1, "30");
+    }
+
+    #[test]
+    fn unsolicited_inbound_is_dropped_or_rejected() {
+        let drop = rules_for(&preset(Preset::PortRestricted));
+        assert!(drop.contains("iifname \"wan\" drop"));
+        assert!(!drop.contains("reject"));
+        let mut c = preset(Preset::PortRestricted);
+        c.unsolicited = Unsolicited::Reject;
+        let reject = rules_for(&c);
+        assert!(reject.contains("reject with tcp reset"));
+        assert!(!reject.contains("iifname \"wan\" drop"));
+    }
+
+    #[test]
+    fn every_state_set_is_declared() {
+        for p in Preset::ALL.into_iter().filter_map(Preset::config) {
+            let r = rules_for(&p);
+            for (kind, name) in state_sets(&p) {
+                assert!(
+                    r.contains(&format!("  {kind} {name} {{ type ")),
+                    "{kind} {name} missing"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn ruleset_replaces_any_previous_table() {
+        let r = rules_for(&preset(Preset::PortRestricted));
+        assert!(r.starts_with("table ip natlab\ndelete table ip natlab\ntable ip natlab {\n"));
+        assert_eq!(r.matches('{').count(), r.matches('}').count());
+    }
+}

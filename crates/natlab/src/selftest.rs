@@ -1,0 +1,405 @@
+//! The lab proves itself: every preset is built, then measured from a host behind it.
+//!
+//! One lab holds a reflector (a public host with two addresses) and, per preset, a host behind a
+//! router of that preset (`open`: a public host; `cgnat`: behind a port-restricted home router
+//! behind the CGNAT). Each host measures mapping, filtering, port allocation and hairpinning over
+//! UDP, mapping, filtering and the answer to unsolicited SYNs over TCP, and, for presets with a
+//! UDP idle timeout of at most a minute, that a mapping is still there just before the timeout
+//! and gone just after it. Presets are measured in parallel.
+
+use std::net::Ipv4Addr;
+use std::thread;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::lab::{Lab, LabError, LabOptions};
+use crate::nat::{Filtering, Mapping, NatConfig, PortAllocation, Preset, Unsolicited};
+use crate::probe::{self, Reflector};
+use crate::topology::Topology;
+
+/// Ports of the reflector.
+const REFLECTOR_PORTS: [u16; 2] = [3478, 3479];
+/// Name of the reflector node.
+const REFLECTOR: &str = "reflector";
+/// Longest UDP timeout the self-test waits out.
+const MAX_TIMEOUT_CHECK_SECS: u32 = 60;
+
+/// The four UDP axes, configured or measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct UdpAxes {
+    /// Mapping behaviour.
+    pub mapping: Mapping,
+    /// Filtering behaviour.
+    pub filtering: Filtering,
+    /// Port allocation.
+    pub port_allocation: PortAllocation,
+    /// Hairpinning.
+    pub hairpin: bool,
+}
+
+/// The TCP axes, configured or measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct TcpAxes {
+    /// Mapping behaviour.
+    pub mapping: Mapping,
+    /// Filtering behaviour.
+    pub filtering: Filtering,
+    /// Answer to an unsolicited SYN.
+    pub unsolicited: Unsolicited,
+}
+
+/// The UDP idle-timeout check of one preset.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct TimeoutCheck {
+    /// Configured idle timeout.
+    pub configured_secs: u32,
+    /// When the first mapping was tested, in seconds of idle time.
+    pub checked_before_secs: f64,
+    /// Whether it was still there.
+    pub alive_before: bool,
+    /// When the second mapping was tested.
+    pub checked_after_secs: f64,
+    /// Whether it was still there (it should not be).
+    pub alive_after: bool,
+}
+
+/// TCP part of a row.
+#[derive(Debug, Clone, Serialize)]
+pub struct TcpRow {
+    /// Expected.
+    pub configured: TcpAxes,
+    /// Seen.
+    pub measured: Option<TcpAxes>,
+}
+
+/// One row of the self-test.
+#[derive(Debug, Clone, Serialize)]
+pub struct PresetRow {
+    /// Preset name.
+    pub name: Preset,
+    /// The routers between the host and the internet, innermost first.
+    pub path: Vec<Preset>,
+    /// Expected UDP behaviour.
+    pub configured: UdpAxes,
+    /// Measured UDP behaviour, if the measurement ran.
+    pub measured: Option<UdpAxes>,
+    /// TCP behaviour.
+    pub tcp: TcpRow,
+    /// The idle-timeout check, for presets with short timeouts.
+    pub udp_timeout: Option<TimeoutCheck>,
+    /// Why a measurement failed, if one did.
+    pub error: Option<String>,
+    /// Whether everything measured matches the configuration.
+    pub ok: bool,
+}
+
+/// The whole self-test.
+#[derive(Debug, Clone, Serialize)]
+pub struct SelftestReport {
+    /// One row per preset.
+    pub presets: Vec<PresetRow>,
+}
+
+impl SelftestReport {
+    /// Whether every row matches.
+    pub fn ok(&self) -> bool {
+        self.presets.iter().all(|r| r.ok)
+    }
+}
+
+fn rank_mapping(m: Mapping) -> u8 {
+    match m {
+        Mapping::None => 0,
+        Mapping::EndpointIndependent => 1,
+        Mapping::AddressDependent => 2,
+        Mapping::AddressAndPortDependent => 3,
+    }
+}
+
+fn rank_filtering(f: Filtering) -> u8 {
+    match f {
+        Filtering::None => 0,
+        Filtering::EndpointIndependent => 1,
+        Filtering::AddressDependent => 2,
+        Filtering::AddressAndPortDependent => 3,
+    }
+}
+
+/// The behaviour a host sees through a chain of NATs, innermost first. An empty chain is no NAT.
+pub fn expected_through(chain: &[NatConfig]) -> (UdpAxes, TcpAxes) {
+    let Some(outer) = chain.last() else {
+        let udp = UdpAxes {
+            mapping: Mapping::None,
+            filtering: Filtering::None,
+            port_allocation: PortAllocation::Preserve,
+            hairpin: true,
+        };
+        // A public host without firewall: the kernel answers SYNs to closed ports with RST.
+        let tcp = TcpAxes {
+            mapping: Mapping::None,
+            filtering: Filtering::None,
+            unsolicited: Unsolicited::Reject,
+        };
+        return (udp, tcp);
+    };
+    let mapping = chain
+        .iter()
+        .map(|c| c.mapping)
+        .max_by_key(|m| rank_mapping(*m))
+        .unwrap_or(outer.mapping);
+    let filtering = chain
+        .iter()
+        .map(|c| c.filtering)
+        .max_by_key(|f| rank_filtering(*f))
+        .unwrap_or(outer.filtering);
+    let allocations: Vec<PortAllocation> = chain.iter().map(|c| c.port_allocation).collect();
+    let port_allocation = if allocations.iter().all(|a| *a == PortAllocation::Preserve) {
+        PortAllocation::Preserve
+    } else if allocations
+        .iter()
+        .filter(|a| **a != PortAllocation::Preserve)
+        .count()
+        == 1
+        && allocations.contains(&PortAllocation::Sequential)
+    {
+        PortAllocation::Sequential
+    } else {
+        PortAllocation::Random
+    };
+    // Inner routers forward a packet to the outer public address like any other; only the
+    // outermost router can turn it around.
+    let udp = UdpAxes {
+        mapping,
+        filtering,
+        port_allocation,
+        hairpin: outer.hairpin,
+    };
+    let tcp = TcpAxes {
+        mapping,
+        filtering,
+        unsolicited: outer.unsolicited,
+    };
+    (udp, tcp)
+}
+
+/// The routers a preset's host sits behind in the self-test, innermost first.
+pub fn path_of(preset: Preset) -> Vec<Preset> {
+    match preset {
+        Preset::Open => vec![],
+        Preset::Cgnat => vec![Preset::PortRestricted, Preset::Cgnat],
+        p => vec![p],
+    }
+}
+
+fn host_name(p: Preset) -> String {
+    format!("h-{p}")
+}
+
+/// The self-test lab's topology for `presets`.
+pub fn topology(presets: &[Preset]) -> Topology {
+    let mut t = Topology::default().host(REFLECTOR, None, 2);
+    for &p in presets {
+        let mut upstream: Option<String> = None;
+        for (i, config) in path_of(p)
+            .iter()
+            .rev()
+            .filter_map(|hop| hop.config())
+            .enumerate()
+        {
+            let name = if i == 0 {
+                format!("r-{p}")
+            } else {
+                format!("r-{p}-{i}")
+            };
+            t = t.router(&name, config, upstream.as_deref());
+            upstream = Some(name);
+        }
+        t = t.host(&host_name(p), upstream.as_deref(), 1);
+    }
+    t
+}
+
+/// Runs the self-test over `presets` and reports every row; `progress` hears what is going on.
+pub fn run(
+    presets: &[Preset],
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<SelftestReport, LabError> {
+    progress(&format!("building a lab with {} presets", presets.len()));
+    let lab = Lab::build(&topology(presets), LabOptions::default())?;
+    let reflector = Reflector::start(&lab, REFLECTOR, REFLECTOR_PORTS)?;
+    progress("measuring every preset from a host behind it");
+    let rows = thread::scope(|s| {
+        let handles: Vec<_> = presets
+            .iter()
+            .map(|&p| {
+                let (lab, reflector) = (&lab, &reflector);
+                s.spawn(move || measure_row(lab, reflector, p, progress))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    });
+    Ok(SelftestReport { presets: rows })
+}
+
+fn measure_row(
+    lab: &Lab,
+    reflector: &Reflector,
+    preset: Preset,
+    progress: &(dyn Fn(&str) + Sync),
+) -> PresetRow {
+    let path = path_of(preset);
+    let chain: Vec<NatConfig> = path.iter().filter_map(|p| p.config()).collect();
+    let (configured, configured_tcp) = expected_through(&chain);
+    let host = host_name(preset);
+    let mut row = PresetRow {
+        name: preset,
+        path,
+        configured,
+        measured: None,
+        tcp: TcpRow {
+            configured: configured_tcp,
+            measured: None,
+        },
+        udp_timeout: None,
+        error: None,
+        ok: false,
+    };
+    let local_ip = match lab.node(&host) {
+        Ok(n) => n.addr(),
+        Err(e) => {
+            row.error = Some(e.to_string());
+            return row;
+        }
+    };
+    let result = lab.run_in(&host, || -> std::io::Result<_> {
+        let udp = probe::measure_udp(reflector, local_ip)?;
+        let tcp = probe::measure_tcp(reflector, local_ip)?;
+        let timeout = match chain.iter().map(|c| c.udp_timeout_secs).min() {
+            Some(secs) if secs <= MAX_TIMEOUT_CHECK_SECS => {
+                let t = Duration::from_secs(secs.into());
+                let margin = (t / 10).max(Duration::from_secs(2));
+                progress(&format!(
+                    "{preset}: waiting out the {secs} s UDP idle timeout"
+                ));
+                let (alive_before, alive_after) =
+                    probe::udp_mapping_lifetime(reflector, t - margin, t + margin)?;
+                Some(TimeoutCheck {
+                    configured_secs: secs,
+                    checked_before_secs: (t - margin).as_secs_f64(),
+                    alive_before,
+                    checked_after_secs: (t + margin).as_secs_f64(),
+                    alive_after,
+                })
+            }
+            _ => None,
+        };
+        Ok((udp, tcp, timeout))
+    });
+    match result {
+        Ok(Ok((udp, tcp, timeout))) => {
+            row.measured = Some(UdpAxes {
+                mapping: udp.mapping,
+                filtering: udp.filtering,
+                port_allocation: udp.port_allocation,
+                hairpin: udp.hairpin,
+            });
+            row.tcp.measured = Some(TcpAxes {
+                mapping: tcp.mapping,
+                filtering: tcp.filtering,
+                unsolicited: tcp.unsolicited,
+            });
+            row.udp_timeout = timeout;
+            let public = lab.public_addr(&host).unwrap_or(Ipv4Addr::UNSPECIFIED);
+            let public_ok = udp.public_ip == public;
+            if !public_ok {
+                row.error = Some(format!("seen from {}, expected {public}", udp.public_ip));
+            }
+            row.ok = public_ok
+                && row.measured == Some(row.configured)
+                && row.tcp.measured == Some(row.tcp.configured)
+                && timeout.is_none_or(|t| t.alive_before && !t.alive_after);
+        }
+        Ok(Err(e)) => row.error = Some(e.to_string()),
+        Err(e) => row.error = Some(e.to_string()),
+    }
+    progress(&format!(
+        "{preset}: {}",
+        if row.ok { "ok" } else { "MISMATCH" }
+    ));
+    row
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(p: Preset) -> NatConfig {
+        p.config().expect("router preset")
+    }
+
+    #[test]
+    fn a_chain_is_as_strict_as_its_strictest_router() {
+        let (udp, tcp) = expected_through(&[config(Preset::FullCone), config(Preset::Symmetric)]);
+        assert_eq!(udp.mapping, Mapping::AddressAndPortDependent);
+        assert_eq!(udp.filtering, Filtering::AddressAndPortDependent);
+        assert_eq!(udp.port_allocation, PortAllocation::Random);
+        assert!(!udp.hairpin, "the outer router decides hairpinning");
+        assert_eq!(tcp.unsolicited, Unsolicited::Drop);
+    }
+
+    #[test]
+    fn the_cgnat_chain_looks_like_the_cgnat_preset() {
+        let (udp, _) = expected_through(&[config(Preset::PortRestricted), config(Preset::Cgnat)]);
+        let c = config(Preset::Cgnat);
+        assert_eq!(
+            udp,
+            UdpAxes {
+                mapping: c.mapping,
+                filtering: c.filtering,
+                port_allocation: c.port_allocation,
+                hairpin: c.hairpin
+            }
+        );
+    }
+
+    #[test]
+    fn sequential_survives_a_preserving_router() {
+        let mut seq = config(Preset::PortRestricted);
+        seq.port_allocation = PortAllocation::Sequential;
+        let (udp, _) = expected_through(&[config(Preset::PortRestricted), seq]);
+        assert_eq!(udp.port_allocation, PortAllocation::Sequential);
+    }
+
+    #[test]
+    fn no_router_is_no_nat() {
+        let (udp, tcp) = expected_through(&[]);
+        assert_eq!(
+            (udp.mapping, udp.filtering),
+            (Mapping::None, Filtering::None)
+        );
+        assert_eq!(tcp.unsolicited, Unsolicited::Reject);
+    }
+
+    #[test]
+    fn selftest_topology_has_a_host_per_preset_and_a_two_address_reflector() {
+        let t = topology(&Preset::ALL);
+        t.validate().expect("valid");
+        for p in Preset::ALL {
+            assert!(t.node(&host_name(p)).is_some(), "{p}");
+        }
+        let plan = t.plan("x").expect("plan");
+        assert_eq!(plan.node(REFLECTOR).map(|n| n.uplink.addrs.len()), Some(2));
+        assert_eq!(
+            plan.node("h-cgnat").and_then(|n| n.upstream.as_deref()),
+            Some("r-cgnat-1")
+        );
+        assert_eq!(
+            plan.node("r-cgnat-1").and_then(|n| n.upstream.as_deref()),
+            Some("r-cgnat")
+        );
+    }
+}

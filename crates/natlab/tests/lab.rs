@@ -1,0 +1,451 @@
+//! Lab tests: real namespaces, nftables and conntrack. They need root; outside CI they skip with
+//! a printed reason when they cannot run, under `CI=true` they fail instead.
+//!
+//! Vocabulary (RFC 4787): EIM/ADM/APDM = endpoint-independent / address-dependent /
+//! address-and-port-dependent mapping; EIF/ADF/APDF likewise for filtering. A "reflector" on a
+//! public host with two addresses and two ports tells a host behind a NAT how it is seen.
+
+use std::net::UdpSocket;
+use std::time::Duration;
+
+use natlab::lab::{self, LabState, ProcessId};
+use natlab::probe::{self, Reflector};
+use natlab::selftest::expected_through;
+use natlab::{
+    Filtering, Lab, LabOptions, LinkCondition, Mapping, NatConfig, PortAllocation, Preset,
+    Topology, Unsolicited, netns,
+};
+
+const PORTS: [u16; 2] = [3478, 3479];
+
+macro_rules! require_lab {
+    ($name:expr) => {
+        if !natlab::environment::lab_test_can_run($name) {
+            return;
+        }
+    };
+}
+
+fn preset(p: Preset) -> NatConfig {
+    p.config().expect("router preset")
+}
+
+/// A lab with a reflector and one host `h` behind `chain` (outermost router first).
+fn lab_behind(chain: &[NatConfig]) -> (Lab, Reflector) {
+    let mut t = Topology::default().host("reflector", None, 2);
+    let mut upstream: Option<String> = None;
+    for (i, nat) in chain.iter().enumerate() {
+        let name = format!("r{i}");
+        t = t.router(&name, *nat, upstream.as_deref());
+        upstream = Some(name);
+    }
+    t = t.host("h", upstream.as_deref(), 1);
+    let lab = Lab::build(&t, LabOptions::default()).expect("lab builds");
+    let reflector = Reflector::start(&lab, "reflector", PORTS).expect("reflector starts");
+    (lab, reflector)
+}
+
+fn measure(lab: &Lab, reflector: &Reflector) -> (probe::UdpBehaviour, probe::TcpBehaviour) {
+    let ip = lab.node("h").expect("h").addr();
+    lab.run_in("h", || {
+        let udp = probe::measure_udp(reflector, ip).expect("udp measurement");
+        let tcp = probe::measure_tcp(reflector, ip).expect("tcp measurement");
+        (udp, tcp)
+    })
+    .expect("enter h")
+}
+
+/// Builds a lab behind `chain` (outermost first), measures UDP and TCP from inside and compares
+/// with what the configuration says.
+fn assert_behaves_as_configured(chain: &[NatConfig]) {
+    let (lab, reflector) = lab_behind(chain);
+    let (udp, tcp) = measure(&lab, &reflector);
+    let inner_first: Vec<NatConfig> = chain.iter().rev().copied().collect();
+    let (want_udp, want_tcp) = expected_through(&inner_first);
+    assert_eq!(
+        (udp.mapping, udp.filtering, udp.port_allocation, udp.hairpin),
+        (
+            want_udp.mapping,
+            want_udp.filtering,
+            want_udp.port_allocation,
+            want_udp.hairpin
+        ),
+        "udp behaviour"
+    );
+    assert_eq!(
+        (tcp.mapping, tcp.filtering, tcp.unsolicited),
+        (want_tcp.mapping, want_tcp.filtering, want_tcp.unsolicited),
+        "tcp behaviour"
+    );
+    assert_eq!(
+        udp.public_ip,
+        lab.public_addr("h").expect("public address"),
+        "seen from the outermost router"
+    );
+}
+
+#[test]
+fn preset_open_is_no_nat() {
+    require_lab!("preset_open_is_no_nat");
+    assert_behaves_as_configured(&[]);
+}
+
+#[test]
+fn preset_full_cone_is_eim_eif() {
+    require_lab!("preset_full_cone_is_eim_eif");
+    assert_behaves_as_configured(&[preset(Preset::FullCone)]);
+}
+
+#[test]
+fn preset_restricted_cone_is_eim_adf() {
+    require_lab!("preset_restricted_cone_is_eim_adf");
+    assert_behaves_as_configured(&[preset(Preset::RestrictedCone)]);
+}
+
+#[test]
+fn preset_port_restricted_is_eim_apdf_with_hairpin() {
+    require_lab!("preset_port_restricted_is_eim_apdf_with_hairpin");
+    assert_behaves_as_configured(&[preset(Preset::PortRestricted)]);
+}
+
+#[test]
+fn preset_symmetric_is_apdm_apdf_random_without_hairpin() {
+    require_lab!("preset_symmetric_is_apdm_apdf_random_without_hairpin");
+    assert_behaves_as_configured(&[preset(Preset::Symmetric)]);
+}
+
+#[test]
+fn preset_cgnat_in_front_of_a_home_router_is_eim_apdf_random() {
+    require_lab!("preset_cgnat_in_front_of_a_home_router_is_eim_apdf_random");
+    assert_behaves_as_configured(&[preset(Preset::Cgnat), preset(Preset::PortRestricted)]);
+}
+
+#[test]
+fn eim_with_sequential_ports_keeps_one_port_for_every_destination() {
+    require_lab!("eim_with_sequential_ports_keeps_one_port_for_every_destination");
+    let nat = NatConfig {
+        port_allocation: PortAllocation::Sequential,
+        ..preset(Preset::FullCone)
+    };
+    assert_behaves_as_configured(&[nat]);
+}
+
+#[test]
+fn address_dependent_mapping_with_reject_is_measured_as_such() {
+    require_lab!("address_dependent_mapping_with_reject_is_measured_as_such");
+    let nat = NatConfig {
+        mapping: Mapping::AddressDependent,
+        filtering: Filtering::AddressDependent,
+        unsolicited: Unsolicited::Reject,
+        hairpin: false,
+        ..preset(Preset::PortRestricted)
+    };
+    assert_behaves_as_configured(&[nat]);
+}
+
+#[test]
+fn hairpin_off_on_an_eim_router_keeps_own_mapping_unreachable() {
+    require_lab!("hairpin_off_on_an_eim_router_keeps_own_mapping_unreachable");
+    let nat = NatConfig {
+        hairpin: false,
+        ..preset(Preset::FullCone)
+    };
+    let (lab, reflector) = lab_behind(&[nat]);
+    let (udp, _) = measure(&lab, &reflector);
+    assert!(!udp.hairpin);
+    assert_eq!(
+        udp.filtering,
+        Filtering::EndpointIndependent,
+        "hairpin off does not change filtering"
+    );
+}
+
+#[test]
+fn host_behind_home_behind_cgnat_is_seen_with_the_cgnat_address() {
+    require_lab!("host_behind_home_behind_cgnat_is_seen_with_the_cgnat_address");
+    let (lab, reflector) = lab_behind(&[preset(Preset::Cgnat), preset(Preset::PortRestricted)]);
+    let cgnat_ip = lab.node("r0").expect("cgnat").addr();
+    let home_wan = lab.node("r1").expect("home").addr();
+    assert!(
+        home_wan.octets()[..2] == [100, 64],
+        "home WAN {home_wan} is inside 100.64/10"
+    );
+    let seen = lab
+        .run_in("h", || {
+            probe::udp_mapping(
+                &UdpSocket::bind("0.0.0.0:0")?,
+                reflector.endpoints().primary,
+            )
+        })
+        .expect("enter h")
+        .expect("reflector answers");
+    assert_eq!(*seen.ip(), cgnat_ip);
+}
+
+#[test]
+fn two_lan_hosts_on_the_same_internal_port_get_different_external_ports() {
+    require_lab!("two_lan_hosts_on_the_same_internal_port_get_different_external_ports");
+    let t = Topology::default()
+        .host("reflector", None, 2)
+        .router("r", preset(Preset::PortRestricted), None)
+        .host("a", Some("r"), 1)
+        .host("b", Some("r"), 1);
+    let lab = Lab::build(&t, LabOptions::default()).expect("lab");
+    let reflector = Reflector::start(&lab, "reflector", PORTS).expect("reflector");
+    let to = reflector.endpoints().primary;
+    let map = |node: &str| {
+        lab.run_in(node, || -> std::io::Result<_> {
+            let s = UdpSocket::bind("0.0.0.0:40000")?;
+            let first = probe::udp_mapping(&s, to)?;
+            Ok((s, first))
+        })
+        .expect("enter")
+        .expect("mapping")
+    };
+    let (sa, ma) = map("a");
+    let (sb, mb) = map("b");
+    assert_eq!(ma.port(), 40000, "the first host keeps its port");
+    assert_ne!(mb.port(), 40000, "the second host gets another port");
+    // Both mappings keep working, and stay endpoint-independent.
+    assert_eq!(
+        probe::udp_mapping(&sa, reflector.endpoints().other_ip).expect("a again"),
+        ma
+    );
+    assert_eq!(
+        probe::udp_mapping(&sb, reflector.endpoints().other_ip).expect("b again"),
+        mb
+    );
+}
+
+#[test]
+fn udp_mapping_expires_after_the_configured_idle_timeout() {
+    require_lab!("udp_mapping_expires_after_the_configured_idle_timeout");
+    let nat = NatConfig {
+        udp_timeout_secs: 4,
+        ..preset(Preset::PortRestricted)
+    };
+    let (lab, reflector) = lab_behind(&[nat]);
+    let (before, after) = lab
+        .run_in("h", || {
+            probe::udp_mapping_lifetime(&reflector, Duration::from_secs(3), Duration::from_secs(6))
+        })
+        .expect("enter h")
+        .expect("lifetime probe");
+    assert!(before, "mapping still there after 3 s of a 4 s timeout");
+    assert!(!after, "mapping gone after 6 s of a 4 s timeout");
+}
+
+#[test]
+fn link_delay_shows_up_in_the_round_trip_time() {
+    require_lab!("link_delay_shows_up_in_the_round_trip_time");
+    let t = Topology::default()
+        .host("reflector", None, 2)
+        .router("r", preset(Preset::PortRestricted), None)
+        .host("h", Some("r"), 1)
+        .link(
+            "r",
+            LinkCondition {
+                delay_ms: 20,
+                ..Default::default()
+            },
+        )
+        .link(
+            "h",
+            LinkCondition {
+                delay_ms: 10,
+                ..Default::default()
+            },
+        );
+    let lab = Lab::build(&t, LabOptions::default()).expect("lab");
+    let reflector = Reflector::start(&lab, "reflector", PORTS).expect("reflector");
+    let rtt = lab
+        .run_in("h", || probe::udp_rtt(&reflector, 15))
+        .expect("enter")
+        .expect("rtt");
+    // Two links, each delayed both ways: 2 × (20 + 10) ms.
+    let want = Duration::from_millis(60);
+    assert!(
+        rtt >= want.mul_f64(0.8) && rtt <= want.mul_f64(1.2),
+        "rtt {rtt:?}, configured {want:?}"
+    );
+}
+
+#[test]
+fn link_loss_drops_about_the_configured_share() {
+    require_lab!("link_loss_drops_about_the_configured_share");
+    let t = Topology::default()
+        .host("reflector", None, 2)
+        .host("h", None, 1)
+        .link(
+            "h",
+            LinkCondition {
+                delay_ms: 1,
+                loss_pct: 30.0,
+                ..Default::default()
+            },
+        );
+    let lab = Lab::build(
+        &t,
+        LabOptions {
+            seed: 9,
+            ..Default::default()
+        },
+    )
+    .expect("lab");
+    let reflector = Reflector::start(&lab, "reflector", PORTS).expect("reflector");
+    let to = reflector.endpoints().primary;
+    let answered = lab
+        .run_in("h", || {
+            let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+            s.set_read_timeout(Some(Duration::from_millis(100)))
+                .expect("timeout");
+            let mut buf = [0u8; 256];
+            (0..200)
+                .filter(|i| {
+                    let _ = s.send_to(format!("NATLAB loss{i}").as_bytes(), to);
+                    s.recv_from(&mut buf).is_ok()
+                })
+                .count()
+        })
+        .expect("enter");
+    // A round trip survives both directions: 0.7² = 49% expected.
+    assert!(
+        (70..=130).contains(&answered),
+        "{answered} of 200 round trips answered at 30% loss each way"
+    );
+}
+
+#[test]
+fn dropping_a_lab_removes_it_even_when_a_test_panics() {
+    require_lab!("dropping_a_lab_removes_it_even_when_a_test_panics");
+    let t = Topology::default()
+        .router("r", preset(Preset::Cgnat), None)
+        .host("h", Some("r"), 1);
+    let names = std::sync::Mutex::new(Vec::new());
+    let result = std::panic::catch_unwind(|| {
+        let lab = Lab::build(&t, LabOptions::default()).expect("lab");
+        names
+            .lock()
+            .expect("lock")
+            .extend(lab.plan().namespaces().map(str::to_owned));
+        let _sleeper = lab.spawn("h", "sleep", &["300"]).expect("spawn");
+        panic!("a failing test");
+    });
+    assert!(result.is_err());
+    let names = names.into_inner().expect("lock");
+    assert_eq!(names.len(), 3);
+    let left: Vec<String> = netns::list()
+        .into_iter()
+        .filter(|n| names.contains(n))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
+fn spawned_processes_report_readiness_and_end_with_the_lab() {
+    require_lab!("spawned_processes_report_readiness_and_end_with_the_lab");
+    let t = Topology::default().host("h", None, 1);
+    let lab = Lab::build(&t, LabOptions::default()).expect("lab");
+    let p = lab
+        .spawn(
+            "h",
+            "sh",
+            &["-c", "ip -brief addr show eth0; echo ready; sleep 300"],
+        )
+        .expect("spawn");
+    let line = p.wait_for("ready", Duration::from_secs(10)).expect("ready");
+    assert_eq!(line, "ready");
+    assert!(
+        p.output().contains("11.99.0.10/16"),
+        "runs inside the node: {}",
+        p.output()
+    );
+    let pid = p.pid().expect("pid");
+    let id = ProcessId::of(pid).expect("running");
+    drop(lab);
+    assert!(!id.is_alive(), "process {pid} outlived its lab");
+}
+
+#[test]
+fn sweep_removes_labs_of_dead_owners_and_keeps_live_ones() {
+    require_lab!("sweep_removes_labs_of_dead_owners_and_keeps_live_ones");
+    let live = Lab::build(
+        &Topology::default().host("h", None, 1),
+        LabOptions::default(),
+    )
+    .expect("lab");
+    // A lab whose owner died: its state names a process that has exited.
+    let mut child = std::process::Command::new("true").spawn().expect("true");
+    let dead = ProcessId {
+        pid: child.id(),
+        start: 1,
+    };
+    child.wait().expect("wait");
+    let plan = Topology::default()
+        .host("h", None, 1)
+        .plan(&lab::random_name())
+        .expect("plan");
+    for ns in plan.namespaces() {
+        netns::add(ns).expect("add");
+    }
+    lab::save_state(&LabState {
+        plan: plan.clone(),
+        owner: dead,
+        detached: false,
+        holder: None,
+        seed: 0,
+    })
+    .expect("state");
+    let removed = lab::sweep();
+    assert!(removed.contains(&plan.lab), "removed {removed:?}");
+    assert!(plan.namespaces().all(|ns| !netns::exists(ns)));
+    assert!(
+        live.plan().namespaces().all(netns::exists),
+        "a live lab survives the sweep"
+    );
+}
+
+#[test]
+fn lab_names_are_unique_and_a_taken_name_is_refused() {
+    require_lab!("lab_names_are_unique_and_a_taken_name_is_refused");
+    let t = Topology::default().host("h", None, 1);
+    let name = lab::random_name();
+    let first = Lab::build(
+        &t,
+        LabOptions {
+            name: Some(name.clone()),
+            ..Default::default()
+        },
+    )
+    .expect("lab");
+    let err = Lab::build(
+        &t,
+        LabOptions {
+            name: Some(name.clone()),
+            ..Default::default()
+        },
+    )
+    .expect_err("taken");
+    assert!(err.to_string().contains("exists already"), "{err}");
+    assert!(
+        first.plan().namespaces().all(netns::exists),
+        "the refused build removed nothing"
+    );
+}
+
+#[test]
+fn flushing_nat_state_forgets_mappings() {
+    require_lab!("flushing_nat_state_forgets_mappings");
+    let (lab, reflector) = lab_behind(&[preset(Preset::Cgnat)]);
+    let to = reflector.endpoints().primary;
+    let sock = lab
+        .run_in("h", || UdpSocket::bind("0.0.0.0:0"))
+        .expect("enter")
+        .expect("bind");
+    let before = probe::udp_mapping(&sock, to).expect("mapping");
+    lab.flush_nat_state().expect("flush");
+    let after = probe::udp_mapping(&sock, to).expect("mapping");
+    // Random allocation: a forgotten mapping comes back on another port (1 in 64511 it does not).
+    assert_ne!(before.port(), after.port());
+    assert_eq!(before.ip(), after.ip());
+}

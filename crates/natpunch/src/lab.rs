@@ -1,0 +1,433 @@
+//! `natpunch lab …`: wiring between the command line and the natlab library.
+
+use std::io::{self, Write as _};
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Subcommand};
+use natlab::lab::{self, LabState, ProcessId};
+use natlab::topology::{LabPlan, NodePlan};
+use natlab::{Lab, LabOptions, Preset, Topology, selftest};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum LabCommand {
+    /// Build a lab from a topology file and leave it running; prints its nodes and addresses.
+    Up(UpArgs),
+    /// Run a command inside a node of a running lab (with the terminal attached).
+    Exec(ExecArgs),
+    /// Remove a running lab (every namespace, veth, nft table and process it made).
+    Down(DownArgs),
+    /// List running labs.
+    List(ListArgs),
+    /// Build every NAT preset, measure it from a host behind it, and compare with its configuration.
+    Selftest(SelftestArgs),
+    /// Remove labs left behind by crashed runs (detached labs are kept).
+    Sweep,
+    /// Run the delay lines of a detached lab until terminated (started by `lab up`).
+    #[command(hide = true)]
+    Hold {
+        /// Lab name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct UpArgs {
+    /// Topology file (TOML; see docs/lab.md and examples/labs/).
+    file: PathBuf,
+    /// Lab name [default: the file name without extension].
+    #[arg(long, env = "NATPUNCH_LAB_NAME")]
+    name: Option<String>,
+    /// Seed for link jitter and loss.
+    #[arg(long, env = "NATPUNCH_LAB_SEED", default_value_t = 1)]
+    seed: u64,
+    /// Print the lab plan as JSON.
+    #[arg(long, env = "NATPUNCH_JSON")]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ExecArgs {
+    /// Lab name.
+    lab: String,
+    /// Node name.
+    node: String,
+    /// The command and its arguments (after `--`).
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct DownArgs {
+    /// Lab name.
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    lab: Option<String>,
+    /// Remove every lab on this machine.
+    #[arg(long, env = "NATPUNCH_LAB_ALL")]
+    all: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ListArgs {
+    /// Print JSON.
+    #[arg(long, env = "NATPUNCH_JSON")]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct SelftestArgs {
+    /// Print `{"presets":[…]}` as JSON instead of a table.
+    #[arg(long, env = "NATPUNCH_JSON")]
+    json: bool,
+    /// Test only these presets (repeatable) [default: all].
+    #[arg(long = "preset", env = "NATPUNCH_LAB_PRESETS", value_delimiter = ',')]
+    presets: Vec<Preset>,
+}
+
+pub(crate) fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        LabCommand::Up(args) => up(args),
+        LabCommand::Exec(args) => exec(args),
+        LabCommand::Down(args) => down(args),
+        LabCommand::List(args) => list(args),
+        LabCommand::Selftest(args) => run_selftest(args),
+        LabCommand::Sweep => {
+            let removed = lab::sweep();
+            println!(
+                "removed {} stale item(s){}",
+                removed.len(),
+                fmt_list(&removed)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Hold { name } => hold(&name),
+    }
+}
+
+fn fmt_list(items: &[String]) -> String {
+    if items.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", items.join(", "))
+    }
+}
+
+fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("cannot read topology file {}", args.file.display()))?;
+    let topology = Topology::from_toml(&text).with_context(|| args.file.display().to_string())?;
+    let name = match args.name {
+        Some(n) => n,
+        None => args
+            .file
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .map(|s| s.to_lowercase().replace('_', "-"))
+            .context("cannot derive a lab name from the file name: pass --name")?,
+    };
+    let options = LabOptions {
+        name: Some(name.clone()),
+        seed: args.seed,
+        external_delay_lines: true,
+    };
+    let built = Lab::build(&topology, options)?;
+    let needs_holder = built.plan().nodes.iter().any(|n| n.link.is_impaired());
+    let plan = built.detach()?;
+    if needs_holder && let Err(e) = start_holder(&plan.lab) {
+        let _ = lab::down(&plan.lab);
+        return Err(e.context("starting the delay lines"));
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&plan)?);
+    } else {
+        print_plan(&plan);
+        println!(
+            "\nrun a command in a node:  natpunch lab exec {} NODE -- COMMAND",
+            plan.lab
+        );
+        println!("remove the lab:           natpunch lab down {}", plan.lab);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Starts `natpunch lab hold NAME` detached from this process and waits until it is ready.
+fn start_holder(name: &str) -> anyhow::Result<()> {
+    use std::io::BufRead as _;
+    use std::os::unix::process::CommandExt as _;
+    let exe = std::env::current_exe().context("locating the natpunch executable")?;
+    let mut child = Command::new(exe)
+        .args(["lab", "hold", name])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .context("starting the delay-line holder")?;
+    let stdout = child.stdout.take().context("holder stdout")?;
+    let mut line = String::new();
+    io::BufReader::new(stdout).read_line(&mut line)?;
+    if line.trim() != "ready" {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!(
+            "the delay-line holder did not start{}",
+            if line.is_empty() {
+                String::new()
+            } else {
+                format!(": {line}")
+            }
+        );
+    }
+    Ok(())
+}
+
+fn hold(name: &str) -> anyhow::Result<ExitCode> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGHUP);
+    signals.thread_block()?;
+    let mut state = lab::load_state(name)?;
+    let lines = match lab::start_delay_lines(&state.plan, state.seed) {
+        Ok(lines) => lines,
+        Err(e) => {
+            println!("error: {e}");
+            return Err(e.into());
+        }
+    };
+    state.holder = Some(ProcessId::current());
+    lab::save_state(&state)?;
+    println!("ready");
+    io::stdout().flush()?;
+    signals.wait()?;
+    drop(lines);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
+    let state = lab::load_state(&args.lab)?;
+    let node = state.plan.node(&args.node).with_context(|| {
+        let known: Vec<&str> = state.plan.nodes.iter().map(|n| n.name.as_str()).collect();
+        format!(
+            "lab `{}` has no node `{}` (nodes: {})",
+            args.lab,
+            args.node,
+            known.join(", ")
+        )
+    })?;
+    let status = Command::new("ip")
+        .args(["netns", "exec", &node.netns])
+        .args(&args.command)
+        .status()
+        .context("running ip netns exec")?;
+    Ok(match status.code() {
+        Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        None => ExitCode::FAILURE,
+    })
+}
+
+fn down(args: DownArgs) -> anyhow::Result<ExitCode> {
+    let names: Vec<String> = match args.lab {
+        Some(name) => vec![name],
+        None => lab::list().into_iter().map(|s| s.plan.lab).collect(),
+    };
+    for name in &names {
+        lab::down(name)?;
+        println!("removed lab {name}");
+    }
+    if args.all {
+        let swept = lab::sweep();
+        if !swept.is_empty() {
+            println!("removed stale {}", swept.join(", "));
+        }
+        if names.is_empty() && swept.is_empty() {
+            println!("no labs");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
+    let labs = lab::list();
+    if args.json {
+        #[derive(serde::Serialize)]
+        struct Entry<'a> {
+            name: &'a str,
+            nodes: Vec<&'a str>,
+            detached: bool,
+            owner_alive: bool,
+            delay_holder: Option<u32>,
+        }
+        let entries: Vec<Entry<'_>> = labs.iter().map(entry).collect();
+        fn entry(s: &LabState) -> Entry<'_> {
+            Entry {
+                name: &s.plan.lab,
+                nodes: s.plan.nodes.iter().map(|n| n.name.as_str()).collect(),
+                detached: s.detached,
+                owner_alive: s.owner.is_alive(),
+                delay_holder: s.holder.filter(ProcessId::is_alive).map(|h| h.pid),
+            }
+        }
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if labs.is_empty() {
+        println!("no labs");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{:<24} {:>5}  {:<18} NODES", "LAB", "NODES", "KIND");
+    for s in &labs {
+        let kind = if s.detached {
+            "detached".to_owned()
+        } else if s.owner.is_alive() {
+            format!("owned by pid {}", s.owner.pid)
+        } else {
+            "stale (owner gone)".to_owned()
+        };
+        let nodes: Vec<&str> = s.plan.nodes.iter().map(|n| n.name.as_str()).collect();
+        println!(
+            "{:<24} {:>5}  {:<18} {}",
+            s.plan.lab,
+            nodes.len(),
+            kind,
+            nodes.join(" ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn describe_node(n: &NodePlan) -> String {
+    let mut parts = Vec::new();
+    if let Some(r) = &n.router {
+        let nat = &r.nat;
+        let name = r
+            .preset
+            .map_or_else(|| "custom".to_owned(), |p| p.to_string());
+        parts.push(format!(
+            "{name}: {} mapping, {} filtering, {} ports, hairpin {}, udp {} s, tcp {} s, unsolicited: {}; lan {}",
+            nat.mapping,
+            nat.filtering,
+            nat.port_allocation,
+            if nat.hairpin { "on" } else { "off" },
+            nat.udp_timeout_secs,
+            nat.tcp_timeout_secs,
+            nat.unsolicited,
+            r.lan_net
+        ));
+    }
+    if n.link.is_impaired() {
+        parts.push(format!(
+            "link: {} ms ± {} ms, {}% loss each way",
+            n.link.delay_ms, n.link.jitter_ms, n.link.loss_pct
+        ));
+    }
+    parts.join("; ")
+}
+
+fn print_plan(plan: &LabPlan) {
+    println!(
+        "lab {}: {} nodes; namespaces np.{}.*",
+        plan.lab,
+        plan.nodes.len(),
+        plan.lab
+    );
+    println!(
+        "{:<14} {:<7} {:<24} {:<12} DETAILS",
+        "NODE", "KIND", "ADDRESS", "UPSTREAM"
+    );
+    for n in &plan.nodes {
+        let addrs: Vec<String> = n.uplink.addrs.iter().map(ToString::to_string).collect();
+        println!(
+            "{:<14} {:<7} {:<24} {:<12} {}",
+            n.name,
+            if n.is_router() { "router" } else { "host" },
+            addrs.join(","),
+            n.upstream.as_deref().unwrap_or("internet"),
+            describe_node(n)
+        );
+    }
+}
+
+fn run_selftest(args: SelftestArgs) -> anyhow::Result<ExitCode> {
+    let presets = if args.presets.is_empty() {
+        Preset::ALL.to_vec()
+    } else {
+        args.presets
+    };
+    let progress = |msg: &str| eprintln!("selftest: {msg}");
+    let report = selftest::run(&presets, &progress)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_report(report: &selftest::SelftestReport) {
+    println!(
+        "{:<16} {:<9} {:<55} {:<55} RESULT",
+        "PRESET", "", "CONFIGURED (mapping / filtering / ports / hairpin)", "MEASURED"
+    );
+    let udp = |a: &selftest::UdpAxes| {
+        format!(
+            "{} / {} / {} / {}",
+            a.mapping,
+            a.filtering,
+            a.port_allocation,
+            if a.hairpin { "hairpin" } else { "no hairpin" }
+        )
+    };
+    let tcp = |a: &selftest::TcpAxes| {
+        format!(
+            "{} / {} / unsolicited {}",
+            a.mapping, a.filtering, a.unsolicited
+        )
+    };
+    for r in &report.presets {
+        let result = if r.ok { "ok" } else { "MISMATCH" };
+        let measured = r.measured.as_ref().map_or_else(|| "-".to_owned(), udp);
+        println!(
+            "{:<16} {:<9} {:<55} {:<55} {result}",
+            r.name.to_string(),
+            "udp",
+            udp(&r.configured),
+            measured
+        );
+        let measured = r.tcp.measured.as_ref().map_or_else(|| "-".to_owned(), tcp);
+        println!(
+            "{:<16} {:<9} {:<55} {:<55}",
+            "",
+            "tcp",
+            tcp(&r.tcp.configured),
+            measured
+        );
+        if let Some(t) = &r.udp_timeout {
+            println!(
+                "{:<16} {:<9} {:<55} {:<55}",
+                "",
+                "udp idle",
+                format!("{} s", t.configured_secs),
+                format!(
+                    "alive at {:.0} s: {}, alive at {:.0} s: {}",
+                    t.checked_before_secs, t.alive_before, t.checked_after_secs, t.alive_after
+                )
+            );
+        }
+        if let Some(e) = &r.error {
+            println!("{:<16} {:<9} {e}", "", "error");
+        }
+    }
+    let failed = report.presets.iter().filter(|r| !r.ok).count();
+    println!(
+        "\n{} of {} presets behave as configured",
+        report.presets.len() - failed,
+        report.presets.len()
+    );
+}

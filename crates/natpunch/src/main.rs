@@ -1,0 +1,49 @@
+//! `natpunch`: one binary, one subcommand per role. This file parses the command line, sets up
+//! logging and hands over to the role's module; the logic lives in the library crates.
+
+mod lab;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Direct connections between computers behind NATs, and measurements of how well that works.
+#[derive(Debug, Parser)]
+#[command(
+    name = "natpunch",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
+struct Cli {
+    /// Log filter for diagnostics on stderr (e.g. `info`, `natlab=debug`).
+    #[arg(long, global = true, env = "NATPUNCH_LOG", default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// NAT lab: build NAT topologies in network namespaces, run programs in them, self-test.
+    #[command(subcommand, display_order = 10)]
+    Lab(lab::LabCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Lab(cmd) => lab::run(cmd),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs the system packages natpunch needs (Debian/Ubuntu), only those that are missing.
+# Sourced by ./run and ./test; safe to run on its own.
+set -euo pipefail
+
+packages=(iproute2 nftables iptables conntrack procps)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "natpunch needs these packages: ${missing[*]}; run as root (or install them) first" >&2
+    exit 1
+  fi
+  echo "installing: ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  for d in "$HOME/.cargo/bin" /usr/local/cargo/bin; do
+    [[ -x $d/cargo ]] && export PATH="$d:$PATH"
+  done
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "natpunch needs a Rust toolchain (cargo 1.90 or newer): install it with rustup" >&2
+  exit 1
+fi
