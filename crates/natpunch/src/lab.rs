@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 
 use anyhow::{Context as _, bail};
+use clap::builder::BoolishValueParser;
 use clap::{Args, Subcommand};
 use natlab::lab::{self, LabState, ProcessId};
 use natlab::topology::{LabPlan, NodePlan};
@@ -43,7 +44,7 @@ pub(crate) struct UpArgs {
     #[arg(long, env = "NATPUNCH_LAB_SEED", default_value_t = 1)]
     seed: u64,
     /// Print the lab plan as JSON.
-    #[arg(long, env = "NATPUNCH_JSON")]
+    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
     json: bool,
 }
 
@@ -64,21 +65,21 @@ pub(crate) struct DownArgs {
     #[arg(required_unless_present = "all", conflicts_with = "all")]
     lab: Option<String>,
     /// Remove every lab on this machine.
-    #[arg(long, env = "NATPUNCH_LAB_ALL")]
+    #[arg(long, env = "NATPUNCH_LAB_ALL", value_parser = BoolishValueParser::new())]
     all: bool,
 }
 
 #[derive(Debug, Args)]
 pub(crate) struct ListArgs {
     /// Print JSON.
-    #[arg(long, env = "NATPUNCH_JSON")]
+    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
     json: bool,
 }
 
 #[derive(Debug, Args)]
 pub(crate) struct SelftestArgs {
     /// Print `{"presets":[…]}` as JSON instead of a table.
-    #[arg(long, env = "NATPUNCH_JSON")]
+    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
     json: bool,
     /// Test only these presets (repeatable) [default: all].
     #[arg(long = "preset", env = "NATPUNCH_LAB_PRESETS", value_delimiter = ',')]
@@ -370,58 +371,99 @@ fn run_selftest(args: SelftestArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// Short RFC 4787 names for the table (JSON keeps the full words).
+fn short_mapping(m: natlab::Mapping) -> &'static str {
+    match m {
+        natlab::Mapping::None => "none",
+        natlab::Mapping::EndpointIndependent => "EIM",
+        natlab::Mapping::AddressDependent => "ADM",
+        natlab::Mapping::AddressAndPortDependent => "APDM",
+    }
+}
+
+fn short_filtering(f: natlab::Filtering) -> &'static str {
+    match f {
+        natlab::Filtering::None => "none",
+        natlab::Filtering::EndpointIndependent => "EIF",
+        natlab::Filtering::AddressDependent => "ADF",
+        natlab::Filtering::AddressAndPortDependent => "APDF",
+    }
+}
+
+/// `configured` when the measurement agrees, `configured≠measured` when it does not.
+fn cell<T: PartialEq + ToString>(configured: T, measured: Option<T>) -> String {
+    match measured {
+        Some(m) if m == configured => configured.to_string(),
+        Some(m) => format!("{}≠{}", configured.to_string(), m.to_string()),
+        None => format!("{}≠?", configured.to_string()),
+    }
+}
+
 fn print_report(report: &selftest::SelftestReport) {
+    println!("each cell: the configured value, or configured≠measured");
     println!(
-        "{:<16} {:<9} {:<55} {:<55} RESULT",
-        "PRESET", "", "CONFIGURED (mapping / filtering / ports / hairpin)", "MEASURED"
+        "{:<16} {:<10} {:<10} {:<10} {:<8} {:<10} {:<10} {:<11} {:<14} RESULT",
+        "PRESET",
+        "MAPPING",
+        "FILTERING",
+        "PORTS",
+        "HAIRPIN",
+        "TCP MAP",
+        "TCP FILTER",
+        "UNSOLICITED",
+        "UDP IDLE"
     );
-    let udp = |a: &selftest::UdpAxes| {
-        format!(
-            "{} / {} / {} / {}",
-            a.mapping,
-            a.filtering,
-            a.port_allocation,
-            if a.hairpin { "hairpin" } else { "no hairpin" }
-        )
-    };
-    let tcp = |a: &selftest::TcpAxes| {
-        format!(
-            "{} / {} / unsolicited {}",
-            a.mapping, a.filtering, a.unsolicited
-        )
-    };
     for r in &report.presets {
-        let result = if r.ok { "ok" } else { "MISMATCH" };
-        let measured = r.measured.as_ref().map_or_else(|| "-".to_owned(), udp);
-        println!(
-            "{:<16} {:<9} {:<55} {:<55} {result}",
-            r.name.to_string(),
-            "udp",
-            udp(&r.configured),
-            measured
+        let (c, m) = (&r.configured, r.measured.as_ref());
+        let (tc, tm) = (&r.tcp.configured, r.tcp.measured.as_ref());
+        let on_off = |b: bool| if b { "on" } else { "off" };
+        let idle = r.udp_timeout.as_ref().map_or_else(
+            || "-".to_owned(),
+            |t| {
+                format!(
+                    "{} s {}",
+                    t.configured_secs,
+                    if t.alive_before && !t.alive_after {
+                        "ok"
+                    } else {
+                        "WRONG"
+                    }
+                )
+            },
         );
-        let measured = r.tcp.measured.as_ref().map_or_else(|| "-".to_owned(), tcp);
         println!(
-            "{:<16} {:<9} {:<55} {:<55}",
-            "",
-            "tcp",
-            tcp(&r.tcp.configured),
-            measured
+            "{:<16} {:<10} {:<10} {:<10} {:<8} {:<10} {:<10} {:<11} {:<14} {}",
+            r.name.to_string(),
+            cell(
+                short_mapping(c.mapping),
+                m.map(|m| short_mapping(m.mapping))
+            ),
+            cell(
+                short_filtering(c.filtering),
+                m.map(|m| short_filtering(m.filtering))
+            ),
+            cell(c.port_allocation, m.map(|m| m.port_allocation)),
+            cell(on_off(c.hairpin), m.map(|m| on_off(m.hairpin))),
+            cell(
+                short_mapping(tc.mapping),
+                tm.map(|m| short_mapping(m.mapping))
+            ),
+            cell(
+                short_filtering(tc.filtering),
+                tm.map(|m| short_filtering(m.filtering))
+            ),
+            cell(tc.unsolicited, tm.map(|m| m.unsolicited)),
+            idle,
+            if r.ok { "ok" } else { "MISMATCH" }
         );
         if let Some(t) = &r.udp_timeout {
             println!(
-                "{:<16} {:<9} {:<55} {:<55}",
-                "",
-                "udp idle",
-                format!("{} s", t.configured_secs),
-                format!(
-                    "alive at {:.0} s: {}, alive at {:.0} s: {}",
-                    t.checked_before_secs, t.alive_before, t.checked_after_secs, t.alive_after
-                )
+                "{:<16} udp idle timeout: mapping alive after {:.0} s: {}, after {:.0} s: {}",
+                "", t.checked_before_secs, t.alive_before, t.checked_after_secs, t.alive_after
             );
         }
         if let Some(e) = &r.error {
-            println!("{:<16} {:<9} {e}", "", "error");
+            println!("{:<16} error: {e}", "");
         }
     }
     let failed = report.presets.iter().filter(|r| !r.ok).count();

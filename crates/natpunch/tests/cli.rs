@@ -1,0 +1,239 @@
+//! The `natpunch` binary as users run it. Tests that build labs need root; outside CI they skip
+//! with a printed reason, under `CI=true` they must run.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn natpunch(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_natpunch"))
+        .args(args)
+        .output()
+        .expect("natpunch runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn repo_file(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(rel)
+}
+
+fn lab_namespaces() -> Vec<String> {
+    natlab::netns::list()
+        .into_iter()
+        .filter(|n| n.starts_with("np."))
+        .collect()
+}
+
+#[test]
+fn help_and_version_describe_the_tool() {
+    let help = natpunch(&["--help"]);
+    assert!(help.status.success());
+    assert!(stdout(&help).contains("lab"), "{}", stdout(&help));
+    let lab_help = stdout(&natpunch(&["lab", "--help"]));
+    for cmd in ["up", "exec", "down", "list", "selftest", "sweep"] {
+        assert!(
+            lab_help.contains(cmd),
+            "`lab --help` lacks {cmd}: {lab_help}"
+        );
+    }
+    assert!(!lab_help.contains("hold"), "internal commands stay hidden");
+    let up_help = stdout(&natpunch(&["lab", "up", "--help"]));
+    assert!(
+        up_help.contains("NATPUNCH_LAB_NAME"),
+        "flags show their environment variable: {up_help}"
+    );
+    let version = natpunch(&["--version"]);
+    assert_eq!(
+        stdout(&version).trim(),
+        format!("natpunch {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn bad_topology_files_are_refused_with_the_problem_named_and_create_nothing() {
+    let dir = std::env::temp_dir().join(format!("natpunch-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let cases = [
+        (
+            "unknown-preset",
+            "[router.r]\nnat = \"cone\"\n[host.h]\nupstream = \"r\"\n",
+            "unknown NAT preset `cone`",
+        ),
+        (
+            "loop",
+            "[router.a]\nnat = \"cgnat\"\nupstream = \"b\"\n[router.b]\nnat = \"cgnat\"\nupstream = \"a\"\n",
+            "router loop: a -> b -> a",
+        ),
+        (
+            "missing",
+            "[host.h]\nupstream = \"home\"\n",
+            "upstream `home`, but there is no router",
+        ),
+        (
+            "duplicate",
+            "[router.x]\nnat = \"cgnat\"\n[host.x]\n",
+            "duplicate name `x`",
+        ),
+    ];
+    let before = lab_namespaces();
+    for (name, text, problem) in cases {
+        let file = dir.join(format!("{name}.toml"));
+        std::fs::write(&file, text).expect("write");
+        let out = natpunch(&["lab", "up", file.to_str().expect("utf-8 path")]);
+        assert!(!out.status.success(), "{name}: accepted");
+        let err = stderr(&out);
+        assert!(
+            err.starts_with("error: ") && err.contains(problem),
+            "{name}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{name}: one line: {err}");
+        assert!(
+            !Path::new("/run/natpunch/labs")
+                .join(format!("{name}.json"))
+                .exists(),
+            "{name}: state written"
+        );
+    }
+    assert_eq!(lab_namespaces(), before, "bad files created namespaces");
+    let missing = natpunch(&["lab", "up", "/nonexistent/lab.toml"]);
+    assert!(stderr(&missing).contains("cannot read topology file /nonexistent/lab.toml"));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Removes a detached lab when a test ends, also when it fails.
+struct Down(String);
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        let _ = natlab::lab::down(&self.0);
+    }
+}
+
+#[test]
+fn lab_up_exec_list_down_round_trip() {
+    if !natlab::environment::lab_test_can_run("lab_up_exec_list_down_round_trip") {
+        return;
+    }
+    let name = natlab::lab::random_name();
+    let _cleanup = Down(name.clone());
+    let file = repo_file("examples/labs/two-homes.toml");
+    let up = natpunch(&[
+        "lab",
+        "up",
+        file.to_str().expect("path"),
+        "--name",
+        &name,
+        "--json",
+    ]);
+    assert!(up.status.success(), "{}", stderr(&up));
+    let plan: Value = serde_json::from_str(&stdout(&up)).expect("plan JSON");
+    assert_eq!(plan["lab"], name.as_str());
+    let alice = plan["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["name"] == "alice")
+        .expect("alice");
+    assert_eq!(alice["uplink"]["addrs"][0], "192.168.1.2");
+
+    let addr = natpunch(&[
+        "lab", "exec", &name, "alice", "--", "ip", "-brief", "addr", "show", "eth0",
+    ]);
+    assert!(
+        stdout(&addr).contains("192.168.1.2/24"),
+        "{}",
+        stdout(&addr)
+    );
+    let code = natpunch(&["lab", "exec", &name, "alice", "--", "sh", "-c", "exit 3"]);
+    assert_eq!(code.status.code(), Some(3), "exit codes pass through");
+    let unknown = natpunch(&["lab", "exec", &name, "carol", "--", "true"]);
+    assert!(
+        stderr(&unknown).contains("no node `carol` (nodes: home-a, home-b, alice, bob, relay)"),
+        "{}",
+        stderr(&unknown)
+    );
+
+    let list = Command::new(env!("CARGO_BIN_EXE_natpunch"))
+        .args(["lab", "list"])
+        .env("NATPUNCH_JSON", "1")
+        .output()
+        .expect("list");
+    let labs: Value = serde_json::from_str(&stdout(&list)).expect("list JSON via NATPUNCH_JSON");
+    let entry = labs
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|l| l["name"] == name.as_str())
+        .expect("listed");
+    assert_eq!(entry["detached"], true);
+    let holder = entry["delay_holder"]
+        .as_u64()
+        .expect("the delayed links have a holder process");
+    let holder_id =
+        natlab::lab::ProcessId::of(u32::try_from(holder).expect("pid")).expect("holder runs");
+
+    let down = natpunch(&["lab", "down", &name]);
+    assert!(down.status.success(), "{}", stderr(&down));
+    assert!(
+        lab_namespaces()
+            .iter()
+            .all(|n| !n.starts_with(&format!("np.{name}."))),
+        "namespaces left"
+    );
+    assert!(!holder_id.is_alive(), "holder outlived the lab");
+    let again = natpunch(&["lab", "down", &name]);
+    assert!(
+        stderr(&again).contains(&format!("no lab named `{name}`")),
+        "{}",
+        stderr(&again)
+    );
+}
+
+#[test]
+fn selftest_json_reports_every_preset_as_configured() {
+    if !natlab::environment::lab_test_can_run("selftest_json_reports_every_preset_as_configured") {
+        return;
+    }
+    let out = natpunch(&["lab", "selftest", "--json"]);
+    let report: Value = serde_json::from_str(&stdout(&out)).expect("JSON report");
+    let presets = report["presets"].as_array().expect("presets");
+    let names: Vec<&str> = presets.iter().filter_map(|p| p["name"].as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "open",
+            "full-cone",
+            "restricted-cone",
+            "port-restricted",
+            "symmetric",
+            "cgnat"
+        ]
+    );
+    for p in presets {
+        for key in ["mapping", "filtering", "port_allocation", "hairpin"] {
+            assert!(
+                p["configured"].get(key).is_some() && p["measured"].get(key).is_some(),
+                "{key} in {p}"
+            );
+        }
+        assert_eq!(p["ok"], true, "{p}");
+    }
+    let cgnat = &presets[5];
+    assert_eq!(cgnat["udp_timeout"]["alive_before"], true);
+    assert_eq!(cgnat["udp_timeout"]["alive_after"], false);
+    assert_eq!(
+        presets[4]["measured"]["mapping"],
+        "address-and-port-dependent"
+    );
+    assert!(out.status.success(), "exit code 0 when every row matches");
+}
