@@ -354,7 +354,8 @@ impl Topology {
             });
         }
         let topology = Self { nodes };
-        topology.validate()?;
+        // Planning checks what validation cannot: room in the address plan.
+        topology.plan("check")?;
         Ok(topology)
     }
 
@@ -830,6 +831,46 @@ mod tests {
         Topology::from_toml(text)
             .expect_err("should be rejected")
             .to_string()
+    }
+
+    #[test]
+    fn mutated_example_files_give_errors_not_panics() {
+        let examples = [
+            include_str!("../../../examples/labs/two-homes.toml"),
+            include_str!("../../../examples/labs/home-symmetric.toml"),
+            include_str!("../../../examples/labs/cgnat-two-homes.toml"),
+        ];
+        let mut rng = crate::delay::SplitMix64::new(5);
+        let alphabet = b"[]{}=\".,-_ abcgnrtx019\n";
+        for example in examples {
+            let plan = Topology::from_toml(example)
+                .and_then(|t| t.plan("x"))
+                .expect("examples are valid");
+            assert!(plan.nodes.len() >= 5);
+            for _ in 0..2000 {
+                let mut bytes = example.as_bytes().to_vec();
+                for _ in 0..1 + rng.next_u64() % 4 {
+                    let at = (rng.next_u64() as usize) % bytes.len();
+                    bytes[at] = alphabet[(rng.next_u64() as usize) % alphabet.len()];
+                }
+                let text = String::from_utf8_lossy(&bytes);
+                if let Ok(t) = Topology::from_toml(&text) {
+                    t.plan("x").expect("a parsed topology always has a plan");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn too_many_hosts_behind_one_router_is_an_error() {
+        let mut text = String::from("[router.r]\nnat = \"cgnat\"\n");
+        for i in 0..300 {
+            text.push_str(&format!("[host.h{i}]\nupstream = \"r\"\n"));
+        }
+        assert_eq!(
+            Topology::from_toml(&text),
+            Err(TopologyError::TooMany("nodes behind one router"))
+        );
     }
 
     #[test]
