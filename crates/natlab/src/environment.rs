@@ -38,12 +38,22 @@ pub fn check() -> Result<(), String> {
     Ok(())
 }
 
-/// For tests that need a lab: `true` if they can run. Without a usable environment this prints
+/// For tests that need a lab: `true` if they can run. The first call also sweeps away labs
+/// that crashed earlier runs left behind. Without a usable environment this prints
 /// why and returns `false` (the test then skips), except under `CI=true`, where it panics:
 /// CI must run every lab test.
 pub fn lab_test_can_run(test: &str) -> bool {
+    static SWEEP: std::sync::Once = std::sync::Once::new();
     match check() {
-        Ok(()) => true,
+        Ok(()) => {
+            SWEEP.call_once(|| {
+                let removed = crate::lab::sweep();
+                if !removed.is_empty() {
+                    eprintln!("removed stale lab leftovers: {}", removed.join(", "));
+                }
+            });
+            true
+        }
         Err(why) if std::env::var("CI").is_ok_and(|v| v == "true") => {
             panic!("{test}: CI=true but the lab cannot run: {why}")
         }

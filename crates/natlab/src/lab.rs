@@ -250,6 +250,9 @@ fn delete_namespaces(plan: &LabPlan) -> Result<(), LabError> {
 /// Removes labs whose owner died without cleaning up (detached labs are kept), and lab
 /// namespaces that belong to no lab. Returns the names of what was removed.
 pub fn sweep() -> Vec<String> {
+    // Namespaces first: a lab writes its state before it creates namespaces, so every
+    // namespace in this snapshot that belongs to a live lab has its state in the listing below.
+    let namespaces = netns::list();
     let mut removed = Vec::new();
     let mut live = std::collections::BTreeSet::new();
     for state in list() {
@@ -259,12 +262,12 @@ pub fn sweep() -> Vec<String> {
             removed.push(state.plan.lab.clone());
         }
     }
-    for ns in netns::list() {
+    for ns in namespaces {
         let Some(rest) = ns.strip_prefix(defaults::NETNS_PREFIX) else {
             continue;
         };
         let lab = rest.split('.').next().unwrap_or_default();
-        if !live.contains(lab) && netns::delete(&ns).is_ok() {
+        if !live.contains(lab) && netns::exists(&ns) && netns::delete(&ns).is_ok() {
             removed.push(ns);
         }
     }
