@@ -81,7 +81,8 @@ pub(crate) struct SelftestArgs {
     /// Print `{"presets":[…]}` as JSON instead of a table.
     #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
     json: bool,
-    /// Test only these presets (repeatable) [default: all].
+    /// Test only these presets: open, full-cone, restricted-cone, port-restricted, symmetric,
+    /// cgnat (comma-separated or repeated) [default: all].
     #[arg(long = "preset", env = "NATPUNCH_LAB_PRESETS", value_delimiter = ',')]
     presets: Vec<Preset>,
 }
