@@ -244,6 +244,36 @@ impl FromStr for Preset {
     }
 }
 
+/// RFC 4787's abbreviation of a kebab-case behaviour name: the initials of its words without
+/// "and", then the axis letter (`address-and-port-dependent`, `M` → `APDM`); `none` stays.
+fn abbreviate(kebab: &str, axis: char) -> String {
+    if kebab == "none" {
+        return kebab.to_owned();
+    }
+    let mut short: String = kebab
+        .split('-')
+        .filter(|w| *w != "and")
+        .filter_map(|w| w.chars().next())
+        .map(|c| c.to_ascii_uppercase())
+        .collect();
+    short.push(axis);
+    short
+}
+
+impl Mapping {
+    /// `EIM`, `ADM`, `APDM` or `none`.
+    pub fn abbreviation(self) -> String {
+        abbreviate(&self.to_string(), 'M')
+    }
+}
+
+impl Filtering {
+    /// `EIF`, `ADF`, `APDF` or `none`.
+    pub fn abbreviation(self) -> String {
+        abbreviate(&self.to_string(), 'F')
+    }
+}
+
 /// Words in kebab-case for the axes, as used in tables and JSON.
 macro_rules! kebab_display {
     ($($ty:ty),*) => {$(
@@ -294,6 +324,10 @@ mod tests {
         );
         assert_eq!(PortAllocation::Sequential.to_string(), "sequential");
         assert_eq!(Mapping::None.to_string(), "none");
+        assert_eq!(Mapping::AddressAndPortDependent.abbreviation(), "APDM");
+        assert_eq!(Mapping::EndpointIndependent.abbreviation(), "EIM");
+        assert_eq!(Filtering::AddressDependent.abbreviation(), "ADF");
+        assert_eq!(Filtering::None.abbreviation(), "none");
     }
 
     #[test]

@@ -372,25 +372,6 @@ fn run_selftest(args: SelftestArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Short RFC 4787 names for the table (JSON keeps the full words).
-fn short_mapping(m: natlab::Mapping) -> &'static str {
-    match m {
-        natlab::Mapping::None => "none",
-        natlab::Mapping::EndpointIndependent => "EIM",
-        natlab::Mapping::AddressDependent => "ADM",
-        natlab::Mapping::AddressAndPortDependent => "APDM",
-    }
-}
-
-fn short_filtering(f: natlab::Filtering) -> &'static str {
-    match f {
-        natlab::Filtering::None => "none",
-        natlab::Filtering::EndpointIndependent => "EIF",
-        natlab::Filtering::AddressDependent => "ADF",
-        natlab::Filtering::AddressAndPortDependent => "APDF",
-    }
-}
-
 /// `configured` when the measurement agrees, `configured≠measured` when it does not.
 fn cell<T: PartialEq + ToString>(configured: T, measured: Option<T>) -> String {
     match measured {
@@ -436,22 +417,22 @@ fn print_report(report: &selftest::SelftestReport) {
             "{:<16} {:<10} {:<10} {:<10} {:<8} {:<10} {:<10} {:<11} {:<14} {}",
             r.name.to_string(),
             cell(
-                short_mapping(c.mapping),
-                m.map(|m| short_mapping(m.mapping))
+                c.mapping.abbreviation(),
+                m.map(|m| m.mapping.abbreviation())
             ),
             cell(
-                short_filtering(c.filtering),
-                m.map(|m| short_filtering(m.filtering))
+                c.filtering.abbreviation(),
+                m.map(|m| m.filtering.abbreviation())
             ),
             cell(c.port_allocation, m.map(|m| m.port_allocation)),
             cell(on_off(c.hairpin), m.map(|m| on_off(m.hairpin))),
             cell(
-                short_mapping(tc.mapping),
-                tm.map(|m| short_mapping(m.mapping))
+                tc.mapping.abbreviation(),
+                tm.map(|m| m.mapping.abbreviation())
             ),
             cell(
-                short_filtering(tc.filtering),
-                tm.map(|m| short_filtering(m.filtering))
+                tc.filtering.abbreviation(),
+                tm.map(|m| m.filtering.abbreviation())
             ),
             cell(tc.unsolicited, tm.map(|m| m.unsolicited)),
             idle,
