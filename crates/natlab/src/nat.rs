@@ -8,49 +8,10 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+pub use behaviour::{Filtering, Mapping, PortAllocation};
 use serde::{Deserialize, Serialize};
 
 use crate::defaults;
-
-/// How a NAT chooses the external endpoint of an outbound flow (RFC 4787 §4.1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mapping {
-    /// No translation at all: the host's own address is its public address.
-    None,
-    /// EIM: one external endpoint per internal endpoint, whatever the destination.
-    EndpointIndependent,
-    /// ADM: a new external endpoint per destination IP address.
-    AddressDependent,
-    /// APDM: a new external endpoint per destination IP address and port ("symmetric").
-    AddressAndPortDependent,
-}
-
-/// Which unsolicited inbound packets a NAT lets through to a mapped endpoint (RFC 4787 §5).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Filtering {
-    /// No filtering at all (no NAT, no firewall).
-    None,
-    /// EIF: anyone may send to a mapped endpoint ("full cone").
-    EndpointIndependent,
-    /// ADF: only IP addresses the internal endpoint has sent to ("restricted cone").
-    AddressDependent,
-    /// APDF: only the exact IP address and port the internal endpoint has sent to.
-    AddressAndPortDependent,
-}
-
-/// How a NAT picks the external port of a new mapping (RFC 4787 §4.2.1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum PortAllocation {
-    /// Keep the internal port when it is free on the NAT; otherwise pick a random port.
-    Preserve,
-    /// A uniformly random port for every new mapping.
-    Random,
-    /// One more than the previous mapping's port (a global counter, Δ = 1).
-    Sequential,
-}
 
 /// What a router does with an unsolicited inbound packet that matches no mapping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -244,36 +205,6 @@ impl FromStr for Preset {
     }
 }
 
-/// RFC 4787's abbreviation of a kebab-case behaviour name: the initials of its words without
-/// "and", then the axis letter (`address-and-port-dependent`, `M` → `APDM`); `none` stays.
-fn abbreviate(kebab: &str, axis: char) -> String {
-    if kebab == "none" {
-        return kebab.to_owned();
-    }
-    let mut short: String = kebab
-        .split('-')
-        .filter(|w| *w != "and")
-        .filter_map(|w| w.chars().next())
-        .map(|c| c.to_ascii_uppercase())
-        .collect();
-    short.push(axis);
-    short
-}
-
-impl Mapping {
-    /// `EIM`, `ADM`, `APDM` or `none`.
-    pub fn abbreviation(self) -> String {
-        abbreviate(&self.to_string(), 'M')
-    }
-}
-
-impl Filtering {
-    /// `EIF`, `ADF`, `APDF` or `none`.
-    pub fn abbreviation(self) -> String {
-        abbreviate(&self.to_string(), 'F')
-    }
-}
-
 /// Words in kebab-case for the axes, as used in tables and JSON.
 macro_rules! kebab_display {
     ($($ty:ty),*) => {$(
@@ -285,7 +216,7 @@ macro_rules! kebab_display {
         }
     )*};
 }
-kebab_display!(Mapping, Filtering, PortAllocation, Unsolicited);
+kebab_display!(Unsolicited);
 
 #[cfg(test)]
 mod tests {
@@ -310,24 +241,6 @@ mod tests {
             let config = p.config().expect("router preset");
             assert_eq!(config.validate(), Ok(()), "{p}");
         }
-    }
-
-    #[test]
-    fn axes_print_in_rfc_4787_kebab_case() {
-        assert_eq!(
-            Mapping::AddressAndPortDependent.to_string(),
-            "address-and-port-dependent"
-        );
-        assert_eq!(
-            Filtering::EndpointIndependent.to_string(),
-            "endpoint-independent"
-        );
-        assert_eq!(PortAllocation::Sequential.to_string(), "sequential");
-        assert_eq!(Mapping::None.to_string(), "none");
-        assert_eq!(Mapping::AddressAndPortDependent.abbreviation(), "APDM");
-        assert_eq!(Mapping::EndpointIndependent.abbreviation(), "EIM");
-        assert_eq!(Filtering::AddressDependent.abbreviation(), "ADF");
-        assert_eq!(Filtering::None.abbreviation(), "none");
     }
 
     #[test]
