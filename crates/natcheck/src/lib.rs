@@ -1,1 +1,17 @@
-//! placeholder
+//! natcheck: NAT behaviour discovery over UDP, the tokio shell around the sans-IO `stun` crate.
+//!
+//! * [`server::StunServer`]: the RFC 5780 server (`natpunch stun-server`) on two IP addresses ×
+//!   two ports.
+//! * [`client::check`]: the discovery client (`natpunch nat check`): public addresses, NAT
+//!   presence, mapping, filtering, port allocation, hairpinning, optionally the UDP mapping
+//!   lifetime, and a verdict, as a [`client::NatReport`] usable by the other roles.
+//!
+//! What it does not do: TCP behaviour, IPv6-specific tests, port-mapping protocols (the
+//! `portmap` work), or several servers at once; results describe the NAT's behaviour towards
+//! the one server asked and are upper bounds (RFC 5780 §1).
+
+pub mod client;
+pub mod server;
+
+pub use client::{CheckOptions, NatReport, check};
+pub use server::StunServer;

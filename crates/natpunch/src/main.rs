@@ -2,6 +2,7 @@
 //! logging and hands over to the role's module; the logic lives in the library crates.
 
 mod lab;
+mod nat;
 
 use std::process::ExitCode;
 
@@ -28,6 +29,12 @@ enum Command {
     /// NAT lab: build NAT topologies in network namespaces, run programs in them, self-test.
     #[command(subcommand, display_order = 10)]
     Lab(lab::LabCommand),
+    /// NAT discovery: what NAT is this host behind, and can it be hole-punched?
+    #[command(subcommand, display_order = 20)]
+    Nat(nat::NatCommand),
+    /// Run an RFC 5780 STUN server on two addresses × two ports (for `nat check`).
+    #[command(display_order = 21)]
+    StunServer(nat::StunServerArgs),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +45,8 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Lab(cmd) => lab::run(cmd),
+        Command::Nat(cmd) => nat::run(cmd),
+        Command::StunServer(args) => nat::stun_server(args),
     };
     match result {
         Ok(code) => code,

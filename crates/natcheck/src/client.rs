@@ -1,0 +1,385 @@
+//! `nat check`: RFC 5780 discovery against one server with two addresses.
+//!
+//! The tests, in order: mapping (RFC 5780 §4.3, one socket to three server addresses), filtering
+//! (§4.4, a fresh socket asking for answers from changed addresses), port allocation (fresh
+//! sockets, local against mapped port), hairpinning (a Binding request sent to one's own mapped
+//! address), and with `lifetime` the UDP mapping lifetime (§4.6: many mappings made at once,
+//! each probed once after a growing idle time through RESPONSE-PORT). Classification is the
+//! `stun::classify` functions; anything a lost test leaves open is reported as unknown.
+
+use std::collections::BTreeSet;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use behaviour::{Filtering, Mapping, PortAllocation};
+use serde::Serialize;
+use stun::BindingResponse;
+use stun::classify::{self, Verdict};
+use tokio::net::UdpSocket;
+use tokio::time::{sleep_until, timeout_at};
+
+/// How to run a check.
+#[derive(Debug, Clone)]
+pub struct CheckOptions {
+    /// The server's primary address.
+    pub server: SocketAddr,
+    /// First retransmission timeout; doubled on each retry.
+    pub rto: Duration,
+    /// Sends per transaction before giving up.
+    pub attempts: u32,
+    /// Fresh sockets for the port-allocation test.
+    pub port_samples: usize,
+    /// Measure the mapping lifetime, up to this long (it takes about that long).
+    pub lifetime: Option<Duration>,
+}
+
+impl CheckOptions {
+    /// Defaults for `server`: 200 ms first RTO, 3 sends (1.4 s until a test counts as
+    /// unanswered), 5 port samples, no lifetime test.
+    pub fn new(server: SocketAddr) -> Self {
+        Self {
+            server,
+            rto: Duration::from_millis(200),
+            attempts: 3,
+            port_samples: 5,
+            lifetime: None,
+        }
+    }
+}
+
+/// The UDP mapping lifetime, bracketed by probes.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Lifetime {
+    /// Longest idle time after which a mapping still answered.
+    pub alive_secs: Option<f64>,
+    /// Shortest idle time after which a mapping was gone (`None`: none died within the limit).
+    pub gone_secs: Option<f64>,
+    /// The middle of the bracket, when both ends are known.
+    pub estimate_secs: Option<f64>,
+}
+
+/// What `nat check` found. `None` means unknown.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NatReport {
+    /// The server asked.
+    pub server: SocketAddr,
+    /// Whether the server supports RFC 5780 (sent OTHER-ADDRESS).
+    pub rfc5780: bool,
+    /// The local address used towards the server.
+    pub local_address: Option<SocketAddr>,
+    /// Every public IP address the server saw.
+    pub public_addresses: Vec<IpAddr>,
+    /// Whether a NAT translates this host's traffic.
+    pub nat: Option<bool>,
+    /// Mapping behaviour.
+    pub mapping: Option<Mapping>,
+    /// Filtering behaviour.
+    pub filtering: Option<Filtering>,
+    /// Port allocation.
+    pub port_allocation: Option<PortAllocation>,
+    /// Step between consecutive mappings, for sequential allocation.
+    pub port_delta: Option<i32>,
+    /// Whether one's own mapped address reaches back in (hairpinning).
+    pub hairpin: Option<bool>,
+    /// Mapping lifetime, with `--lifetime`.
+    pub mapping_lifetime: Option<Lifetime>,
+    /// The one-word verdict.
+    pub verdict: Verdict,
+    /// The verdict for people.
+    pub summary: &'static str,
+}
+
+/// Why a check could not run at all.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CheckError {
+    /// A local socket could not be made.
+    #[error("local socket: {0}")]
+    Socket(#[from] io::Error),
+}
+
+/// A transaction ID nobody else uses: time, process and a counter through SplitMix64.
+fn transaction_id() -> [u8; 12] {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut x =
+        nanos ^ (u64::from(std::process::id()) << 40) ^ COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut next = || {
+        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let (a, b) = (next().to_be_bytes(), next().to_be_bytes());
+    let mut id = [0u8; 12];
+    id[..8].copy_from_slice(&a);
+    id[8..].copy_from_slice(&b[..4]);
+    id
+}
+
+async fn fresh_socket(server: SocketAddr) -> io::Result<UdpSocket> {
+    let any: SocketAddr = if server.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .map_err(io::Error::other)?;
+    UdpSocket::bind(any).await
+}
+
+/// Waits on `sock` until `deadline` for a Binding response with transaction ID `id`.
+async fn await_response(
+    sock: &UdpSocket,
+    id: [u8; 12],
+    deadline: Instant,
+) -> Option<BindingResponse> {
+    let mut buf = [0u8; 1500];
+    loop {
+        let received = timeout_at(deadline.into(), sock.recv_from(&mut buf))
+            .await
+            .ok()?;
+        let Ok((n, _)) = received else { continue };
+        if let Ok(r) = stun::parse_binding_response(&buf[..n])
+            && r.transaction_id == id
+        {
+            return Some(r);
+        }
+    }
+}
+
+impl CheckOptions {
+    /// One Binding transaction: sends from `sock` to `to` (retransmitting) and waits for the
+    /// answer on `answer_on` (normally `sock`).
+    async fn transact(
+        &self,
+        sock: &UdpSocket,
+        to: SocketAddr,
+        change: Option<(bool, bool)>,
+        response_port: Option<u16>,
+        answer_on: &UdpSocket,
+    ) -> Option<BindingResponse> {
+        let id = transaction_id();
+        let request = stun::binding_request(id, change, response_port);
+        let mut rto = self.rto;
+        for _ in 0..self.attempts.max(1) {
+            if sock.send_to(&request, to).await.is_err() {
+                return None;
+            }
+            if let Some(r) = await_response(answer_on, id, Instant::now() + rto).await {
+                return Some(r);
+            }
+            rto *= 2;
+        }
+        None
+    }
+
+    async fn binding(&self, sock: &UdpSocket, to: SocketAddr) -> Option<BindingResponse> {
+        self.transact(sock, to, None, None, sock).await
+    }
+}
+
+/// Runs every test against `options.server`; `progress` hears each step.
+pub async fn check(
+    options: &CheckOptions,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<NatReport, CheckError> {
+    let primary = options.server;
+    let mut seen = BTreeSet::new();
+
+    // The local address towards the server, for "no NAT" detection.
+    let probe = fresh_socket(primary).await?;
+    probe.connect(primary).await?;
+    let local_ip = probe.local_addr()?.ip();
+    drop(probe);
+
+    progress("mapping: binding to three server addresses from one socket");
+    let s1 = fresh_socket(primary).await?;
+    let local_port = s1.local_addr()?.port();
+    let t1 = options.binding(&s1, primary).await;
+    let other = t1.and_then(|r| r.other_address);
+    let (mut t2, mut t3) = (None, None);
+    if let Some(alt) = other {
+        t2 = options
+            .binding(&s1, SocketAddr::new(alt.ip(), primary.port()))
+            .await;
+        t3 = options.binding(&s1, alt).await;
+    }
+    for r in [t1, t2, t3].into_iter().flatten() {
+        seen.insert(r.mapped.ip());
+    }
+    let mapped = |r: Option<BindingResponse>| r.map(|r| r.mapped);
+    let mapping = if t1.is_some() && other.is_none() {
+        // Without RFC 5780 support only "no NAT" can be told.
+        classify::mapping(&[local_ip], local_port, mapped(t1), None, None)
+            .filter(|m| *m == Mapping::None)
+    } else {
+        classify::mapping(&[local_ip], local_port, mapped(t1), mapped(t2), mapped(t3))
+    };
+    let udp_works = t1.is_some();
+
+    let mut filtering = None;
+    let mut allocation = (None, None);
+    let mut hairpin = None;
+    let mut lifetime = None;
+    if udp_works {
+        if other.is_some() {
+            progress("filtering: asking for answers from changed addresses");
+            let s2 = fresh_socket(primary).await?;
+            let both = options
+                .transact(&s2, primary, Some((true, true)), None, &s2)
+                .await
+                .is_some();
+            let port_only = if both {
+                None
+            } else {
+                Some(
+                    options
+                        .transact(&s2, primary, Some((false, true)), None, &s2)
+                        .await
+                        .is_some(),
+                )
+            };
+            filtering = classify::filtering(mapping, Some(both), port_only);
+        }
+
+        progress("port allocation: mapping fresh sockets");
+        let mut samples = Vec::new();
+        for _ in 0..options.port_samples {
+            let s = fresh_socket(primary).await?;
+            let local = s.local_addr()?.port();
+            if let Some(r) = options.binding(&s, primary).await {
+                seen.insert(r.mapped.ip());
+                samples.push((local, r.mapped.port()));
+            }
+        }
+        allocation = classify::port_allocation(&samples);
+
+        progress("hairpinning: sending to our own mapped address");
+        let s4 = fresh_socket(primary).await?;
+        if let Some(r) = options.binding(&s4, primary).await {
+            hairpin = Some(hairpins(options, &s4, r.mapped).await);
+        }
+
+        if let Some(max) = options.lifetime {
+            progress(&format!(
+                "mapping lifetime: probing for up to {} s",
+                max.as_secs()
+            ));
+            lifetime = Some(mapping_lifetime(options, max).await?);
+        }
+    }
+    let verdict = classify::verdict(udp_works, mapping, filtering, allocation.0);
+    Ok(NatReport {
+        server: primary,
+        rfc5780: other.is_some(),
+        local_address: Some(SocketAddr::new(local_ip, local_port)),
+        public_addresses: seen.into_iter().collect(),
+        nat: mapping.map(|m| m != Mapping::None),
+        mapping,
+        filtering,
+        port_allocation: allocation.0,
+        port_delta: allocation.1,
+        hairpin,
+        mapping_lifetime: lifetime,
+        verdict,
+        summary: verdict.sentence(),
+    })
+}
+
+/// Sends a Binding request to our own mapped address and watches for it to come back.
+async fn hairpins(options: &CheckOptions, sock: &UdpSocket, mapped: SocketAddr) -> bool {
+    let id = transaction_id();
+    let request = stun::binding_request(id, None, None);
+    let mut buf = [0u8; 1500];
+    let mut rto = options.rto;
+    for _ in 0..options.attempts.max(1) {
+        if sock.send_to(&request, mapped).await.is_err() {
+            return false;
+        }
+        let deadline = Instant::now() + rto;
+        while let Ok(Ok((n, _))) = timeout_at(deadline.into(), sock.recv_from(&mut buf)).await {
+            if stun::message::binding_request_id(&buf[..n]) == Some(id) {
+                return true;
+            }
+        }
+        rto *= 2;
+    }
+    false
+}
+
+/// Idle times probed: from 2 s, each 20 % longer than the last, up to `max`. A bracket of two
+/// neighbours is at most 20 % wide, so its middle is within 10 % of the truth.
+pub fn lifetime_schedule(max: Duration) -> Vec<Duration> {
+    let mut out = Vec::new();
+    let mut t = 2.0f64;
+    while t <= max.as_secs_f64() {
+        out.push(Duration::from_secs_f64(t));
+        t *= 1.2;
+    }
+    out
+}
+
+/// Makes one mapping per scheduled idle time at once, then probes each once when its time has
+/// come, from another socket with RESPONSE-PORT set to the mapping's port (RFC 5780 §4.6);
+/// stops at the first mapping that is gone.
+async fn mapping_lifetime(options: &CheckOptions, max: Duration) -> Result<Lifetime, CheckError> {
+    let primary = options.server;
+    let schedule = lifetime_schedule(max);
+    let mut mappings = Vec::new();
+    let t0 = Instant::now();
+    for _ in &schedule {
+        let s = fresh_socket(primary).await?;
+        if let Some(r) = options.binding(&s, primary).await {
+            mappings.push((s, r.mapped));
+        }
+    }
+    let prober = fresh_socket(primary).await?;
+    let mut probes = Vec::new();
+    for ((sock, mapped), idle) in mappings.iter().zip(&schedule) {
+        sleep_until((t0 + *idle).into()).await;
+        let alive = options
+            .transact(&prober, primary, None, Some(mapped.port()), sock)
+            .await
+            .is_some();
+        probes.push((idle.as_secs_f64(), alive));
+        if !alive {
+            break;
+        }
+    }
+    let (alive_secs, gone_secs) = classify::lifetime_bounds(&probes);
+    let estimate_secs = alive_secs.zip(gone_secs).map(|(a, g)| (a + g) / 2.0);
+    Ok(Lifetime {
+        alive_secs,
+        gone_secs,
+        estimate_secs,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lifetime_schedule_grows_by_a_fifth_and_stops_at_the_limit() {
+        let s = lifetime_schedule(Duration::from_secs(60));
+        assert_eq!(s[0], Duration::from_secs(2));
+        assert!(
+            s.windows(2)
+                .all(|w| (w[1].as_secs_f64() / w[0].as_secs_f64() - 1.2).abs() < 1e-9)
+        );
+        assert!(s.last().is_some_and(|t| *t <= Duration::from_secs(60)));
+        assert!(s.len() >= 18, "{} probes", s.len());
+    }
+
+    #[test]
+    fn transaction_ids_differ() {
+        let ids: BTreeSet<[u8; 12]> = (0..1000).map(|_| transaction_id()).collect();
+        assert_eq!(ids.len(), 1000);
+    }
+}

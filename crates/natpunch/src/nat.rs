@@ -1,0 +1,177 @@
+//! `natpunch stun-server` and `natpunch nat …`: wiring to the natcheck library.
+
+use std::net::{SocketAddr, ToSocketAddrs as _};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::builder::BoolishValueParser;
+use clap::{Args, Subcommand};
+use natcheck::{CheckOptions, NatReport, StunServer};
+
+#[derive(Debug, Args)]
+pub(crate) struct StunServerArgs {
+    /// Primary address (IP:PORT) that clients ask first.
+    #[arg(long, env = "NATPUNCH_STUN_PRIMARY")]
+    primary: SocketAddr,
+    /// Alternate address: a second IP address of this host and a second port (RFC 5780).
+    #[arg(long, env = "NATPUNCH_STUN_ALTERNATE")]
+    alternate: SocketAddr,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum NatCommand {
+    /// Discover the NAT in front of this host with an RFC 5780 STUN server (natpunch stun-server
+    /// or coturn with two addresses).
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CheckArgs {
+    /// The server's primary address (HOST:PORT).
+    #[arg(long, env = "NATPUNCH_STUN_SERVER")]
+    server: String,
+    /// Print the report as JSON.
+    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
+    json: bool,
+    /// Also measure the UDP mapping lifetime (takes as long as the lifetime, up to --lifetime-max).
+    #[arg(long, env = "NATPUNCH_NAT_LIFETIME", value_parser = BoolishValueParser::new())]
+    lifetime: bool,
+    /// Longest lifetime to look for, in seconds.
+    #[arg(long, env = "NATPUNCH_NAT_LIFETIME_MAX", default_value_t = 180)]
+    lifetime_max: u64,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+pub(crate) fn stun_server(args: StunServerArgs) -> anyhow::Result<ExitCode> {
+    runtime()?.block_on(async {
+        let software = format!("natpunch {}", env!("CARGO_PKG_VERSION"));
+        let server = StunServer::bind(args.primary, args.alternate, &software).await?;
+        let endpoints: Vec<String> = server.endpoints().iter().map(ToString::to_string).collect();
+        println!("stun-server listening on {}", endpoints.join(", "));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let running = tokio::spawn(server.run(stop_rx));
+        shutdown_signal().await?;
+        let _ = stop_tx.send(true);
+        let counters = running.await.context("server task")?;
+        println!("{}", serde_json::json!({ "counters": counters }));
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+pub(crate) fn run(cmd: NatCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        NatCommand::Check(args) => check(args),
+    }
+}
+
+fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let server = args
+        .server
+        .to_socket_addrs()
+        .with_context(|| {
+            format!(
+                "cannot resolve STUN server `{}` (expected HOST:PORT)",
+                args.server
+            )
+        })?
+        .next()
+        .with_context(|| format!("`{}` has no address", args.server))?;
+    let mut options = CheckOptions::new(server);
+    if args.lifetime {
+        options.lifetime = Some(Duration::from_secs(args.lifetime_max));
+    }
+    let progress = |msg: &str| eprintln!("nat check: {msg}");
+    let report = runtime()?.block_on(natcheck::check(&options, &progress))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn or_unknown<T: ToString>(v: Option<T>) -> String {
+    v.map_or_else(|| "unknown".to_owned(), |v| v.to_string())
+}
+
+fn print_report(r: &NatReport) {
+    let row = |k: &str, v: String| println!("{k:<18} {v}");
+    row(
+        "server",
+        format!(
+            "{} (RFC 5780: {})",
+            r.server,
+            if r.rfc5780 { "yes" } else { "no" }
+        ),
+    );
+    row("local address", or_unknown(r.local_address));
+    let public: Vec<String> = r.public_addresses.iter().map(ToString::to_string).collect();
+    row(
+        "public address",
+        if public.is_empty() {
+            "unknown".into()
+        } else {
+            public.join(", ")
+        },
+    );
+    row(
+        "NAT",
+        r.nat.map_or("unknown".into(), |n| {
+            if n { "present".into() } else { "none".into() }
+        }),
+    );
+    row(
+        "mapping",
+        r.mapping
+            .map_or("unknown".into(), |m| format!("{m} ({})", m.abbreviation())),
+    );
+    row(
+        "filtering",
+        r.filtering
+            .map_or("unknown".into(), |f| format!("{f} ({})", f.abbreviation())),
+    );
+    let delta = r
+        .port_delta
+        .map(|d| format!(", delta {d:+}"))
+        .unwrap_or_default();
+    row(
+        "port allocation",
+        format!("{}{delta}", or_unknown(r.port_allocation)),
+    );
+    row(
+        "hairpin",
+        r.hairpin.map_or(
+            "unknown".into(),
+            |h| if h { "yes".into() } else { "no".into() },
+        ),
+    );
+    if let Some(l) = &r.mapping_lifetime {
+        let text = match (l.alive_secs, l.gone_secs, l.estimate_secs) {
+            (Some(a), Some(g), Some(e)) => {
+                format!("about {e:.0} s (alive after {a:.1} s, gone after {g:.1} s)")
+            }
+            (Some(a), None, _) => format!("longer than {a:.0} s"),
+            (None, Some(g), _) => format!("shorter than {g:.0} s"),
+            _ => "unknown".into(),
+        };
+        row("mapping lifetime", text);
+    }
+    row("verdict", r.summary.to_owned());
+}
