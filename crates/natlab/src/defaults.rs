@@ -43,7 +43,7 @@ pub const SEQUENTIAL_FIRST_PORT: u16 = 20000;
 pub const SEQUENTIAL_PORTS: u16 = 1000;
 
 /// Prefix of every namespace the lab creates; a sweep removes stale ones by it.
-pub const NETNS_PREFIX: &str = "np.";
+pub const NETNS_PREFIX: &str = "natlab.";
 /// Where the lab keeps one state file per lab (tmpfs: gone after a reboot, like the namespaces).
 pub const STATE_DIR: &str = "/run/natpunch/labs";
 

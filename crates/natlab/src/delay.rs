@@ -120,7 +120,16 @@ impl DelayLine {
         };
         let thread = netns::spawn(&netns, format!("delay {}", node.name), {
             let stop = Arc::clone(&stop);
-            move || run(cond, seed, &stop, &ready_tx)
+            move || {
+                let result = run(cond, seed, &stop, &ready_tx);
+                if let Err(e) = &result {
+                    // Fail open: without this thread the queue would drop every packet of the
+                    // link. The child process inherits this thread's namespace.
+                    tracing::error!("delay line failed: {e}; its rules are removed, the link is no longer delayed");
+                    let _ = std::process::Command::new("iptables").args(["-w", "-t", "raw", "-F"]).status();
+                }
+                result
+            }
         })
         .map_err(queue_err)?;
         // Wait until the queues are bound: rules without a listener would drop every packet.

@@ -154,6 +154,7 @@ fn state_path(lab: &str) -> PathBuf {
 
 /// Reads the state of lab `lab`.
 pub fn load_state(lab: &str) -> Result<LabState, LabError> {
+    validate_name(lab, MAX_LAB_NAME)?;
     let path = state_path(lab);
     let text = match fs::read_to_string(&path) {
         Ok(text) => text,
@@ -166,6 +167,25 @@ pub fn load_state(lab: &str) -> Result<LabState, LabError> {
         what: format!("reading {}", path.display()),
         source: io::Error::new(io::ErrorKind::InvalidData, e),
     })
+}
+
+/// Claims the name of a new lab by creating its state file; fails with [`LabError::Exists`]
+/// if the name is taken (also by a build running at the same moment).
+fn claim(state: &LabState) -> Result<(), LabError> {
+    fs::create_dir_all(defaults::STATE_DIR)
+        .map_err(io_err(format!("creating {}", defaults::STATE_DIR)))?;
+    let path = state_path(&state.plan.lab);
+    match fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+    {
+        Ok(_) => save_state(state),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            Err(LabError::Exists(state.plan.lab.clone()))
+        }
+        Err(e) => Err(io_err(format!("writing {}", path.display()))(e)),
+    }
 }
 
 /// Writes the state of a lab (atomically, through a temporary file).
@@ -182,12 +202,12 @@ pub fn save_state(state: &LabState) -> Result<(), LabError> {
     fs::rename(&tmp, &path).map_err(io_err(format!("writing {}", path.display())))
 }
 
-/// The states of every lab on the machine, by name.
-pub fn list() -> Vec<LabState> {
+/// The names of every lab with a state file, readable or not.
+fn state_names() -> Vec<String> {
     let Ok(dir) = fs::read_dir(defaults::STATE_DIR) else {
         return Vec::new();
     };
-    let mut labs: Vec<LabState> = dir
+    let mut names: Vec<String> = dir
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             e.file_name()
@@ -195,10 +215,17 @@ pub fn list() -> Vec<LabState> {
                 .strip_suffix(".json")
                 .map(str::to_owned)
         })
-        .filter_map(|name| load_state(&name).ok())
         .collect();
-    labs.sort_by(|a, b| a.plan.lab.cmp(&b.plan.lab));
-    labs
+    names.sort();
+    names
+}
+
+/// The states of every lab on the machine, by name (unreadable state files are left out).
+pub fn list() -> Vec<LabState> {
+    state_names()
+        .iter()
+        .filter_map(|name| load_state(name).ok())
+        .collect()
 }
 
 /// Removes lab `lab`: ends its holder process, deletes its namespaces and its state file.
@@ -236,9 +263,26 @@ fn stop_process(id: ProcessId) {
     }
 }
 
+/// Ends every process still inside the lab's namespaces (they were started there by the lab or
+/// through `natpunch lab exec`; left alive they would keep a deleted namespace, its veths and
+/// nft tables in existence), then deletes the namespaces. Only names of this lab are touched.
 fn delete_namespaces(plan: &LabPlan) -> Result<(), LabError> {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let own = format!("{}{}.", defaults::NETNS_PREFIX, plan.lab);
+    let namespaces: Vec<&str> = plan
+        .namespaces()
+        .filter(|ns| ns.starts_with(&own))
+        .collect();
+    for ns in &namespaces {
+        let Ok(pids) = netns::ip(None, &["netns", "pids", ns]) else {
+            continue;
+        };
+        for pid in pids.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
     let mut first_err = None;
-    let namespaces: Vec<&str> = plan.namespaces().collect();
     for ns in namespaces.into_iter().rev() {
         if let Err(e) = netns::delete(ns) {
             first_err.get_or_insert(e);
@@ -255,11 +299,17 @@ pub fn sweep() -> Vec<String> {
     let namespaces = netns::list();
     let mut removed = Vec::new();
     let mut live = std::collections::BTreeSet::new();
-    for state in list() {
-        if state.detached || state.owner.is_alive() {
-            live.insert(state.plan.lab.clone());
-        } else if down(&state.plan.lab).is_ok() {
-            removed.push(state.plan.lab.clone());
+    for name in state_names() {
+        match load_state(&name) {
+            Ok(state) if !state.detached && !state.owner.is_alive() => {
+                if down(&name).is_ok() {
+                    removed.push(name);
+                }
+            }
+            // Live, detached, or unreadable (then `lab down` may still know better): keep.
+            _ => {
+                live.insert(name);
+            }
         }
     }
     for ns in namespaces {
@@ -303,7 +353,7 @@ impl Lab {
         let name = options.name.unwrap_or_else(random_name);
         validate_name(&name, MAX_LAB_NAME)?;
         let plan = topology.plan(&name)?;
-        if state_path(&name).exists() || plan.namespaces().any(netns::exists) {
+        if plan.namespaces().any(netns::exists) {
             return Err(LabError::Exists(name));
         }
         let state = LabState {
@@ -313,7 +363,7 @@ impl Lab {
             holder: None,
             seed: options.seed,
         };
-        save_state(&state)?;
+        claim(&state)?;
         let mut lab = Self {
             state,
             delay_lines: Vec::new(),
@@ -472,6 +522,9 @@ impl Lab {
     /// that independent trials do not see each other's state.
     pub fn flush_nat_state(&self) -> Result<(), LabError> {
         for node in self.state.plan.nodes.iter().filter(|n| n.is_router()) {
+            // Conntrack first: a packet between the two steps must not re-learn a flushed entry.
+            // (conntrack -F exits non-zero on an empty table with some versions: ignore that.)
+            let _ = netns::run(Some(&node.netns), "conntrack", &["-F"], None);
             let sets = node
                 .router
                 .as_ref()
@@ -481,8 +534,6 @@ impl Lab {
                 let args = ["flush", kind, "ip", nft::TABLE, name];
                 netns::run(Some(&node.netns), "nft", &args, None)?;
             }
-            // conntrack -F exits non-zero when the table was empty on some versions: ignore that.
-            let _ = netns::run(Some(&node.netns), "conntrack", &["-F"], None);
         }
         Ok(())
     }

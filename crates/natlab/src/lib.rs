@@ -11,7 +11,7 @@
 //! non-deterministic "bad NAT" modes. Port-mapping routers (miniupnpd) come with natpunch's port
 //! mapping work.
 //!
-//! Safety: every namespace carries the prefix `np.LAB.`; veths are created inside lab namespaces
+//! Safety: every namespace carries the prefix `natlab.LAB.`; veths are created inside lab namespaces
 //! only, so lab traffic never reaches the root namespace, and the internet namespace does not
 //! forward, so nothing addressed outside the lab goes anywhere. A dropped [`Lab`] removes all
 //! of it, and [`lab::sweep`] removes what crashed runs left behind.

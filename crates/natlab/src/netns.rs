@@ -27,6 +27,14 @@ pub enum CommandError {
         #[source]
         source: io::Error,
     },
+    /// The program did not finish in time and was ended.
+    #[error("`{command}` did not finish within {timeout:?} and was ended")]
+    Timeout {
+        /// The command line.
+        command: String,
+        /// How long it had.
+        timeout: std::time::Duration,
+    },
     /// The program ran and failed.
     #[error("`{command}` failed ({status}): {stderr}")]
     Failed {
@@ -80,11 +88,28 @@ pub fn run(
     if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
         pipe.write_all(text.as_bytes()).map_err(spawn_err)?;
     }
+    // Wait on a helper thread so that a hung command (an xtables lock, a stuck netlink call)
+    // cannot hang the lab: after the timeout it is ended, by its PID, which we started.
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let timeout = crate::defaults::SETUP_COMMAND_TIMEOUT;
     let Output {
         status,
         stdout,
         stderr,
-    } = child.wait_with_output().map_err(spawn_err)?;
+    } = match rx.recv_timeout(timeout) {
+        Ok(result) => result.map_err(spawn_err)?,
+        Err(_) => {
+            if let Ok(raw) = i32::try_from(pid) {
+                use nix::sys::signal::{Signal, kill};
+                let _ = kill(nix::unistd::Pid::from_raw(raw), Signal::SIGKILL);
+            }
+            return Err(CommandError::Timeout { command, timeout });
+        }
+    };
     if !status.success() {
         let stderr = String::from_utf8_lossy(&stderr).trim().to_owned();
         return Err(CommandError::Failed {

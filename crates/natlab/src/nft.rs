@@ -18,8 +18,9 @@
 //!   port that another internal endpoint holds (two LAN hosts on the same internal port: the
 //!   second one gets a random port).
 //!
-//! Entries expire after the configured idle timeout and are refreshed by outbound packets only
-//! (RFC 4787 REQ-6: outbound refresh is required, inbound refresh optional). The router's
+//! Entries expire after the configured idle timeout and are refreshed by packets in both
+//! directions (RFC 4787 REQ-6 requires outbound refresh and allows inbound refresh; conntrack
+//! does both, and the tables follow it so that the two never disagree). The router's
 //! conntrack timeouts (set separately, per namespace) equal those idle timeouts.
 //!
 //! APDF needs no map: conntrack only lets the exact remote endpoint's replies through.
@@ -64,7 +65,7 @@ pub fn render(r: &RouterRules<'_>) -> String {
     };
 
     // The key of a mapping table: the internal endpoint, plus the remote for ADM and APDM.
-    // `key_remote` reads the same before translation (nat chain) and after it (track chain).
+    // `key_remote` is the remote as the nat chain sees it, before translation.
     // Tables are per protocol: nft 1.0 cannot linearise five-part keys with `th` fields.
     let (key_type, key_remote) = match nat.mapping {
         Mapping::AddressDependent => ("ipv4_addr . inet_service . ipv4_addr", " . ip daddr"),
@@ -75,10 +76,6 @@ pub fn render(r: &RouterRules<'_>) -> String {
         // `None` never reaches here (validated); treat it like EIM rather than panic.
         Mapping::EndpointIndependent | Mapping::None => ("ipv4_addr . inet_service", ""),
     };
-    let internal = [
-        ("original", "ct original ip saddr . ct original proto-src"),
-        ("reply", "ct reply ip saddr . ct reply proto-src"),
-    ];
     let protocols = [("udp", nat.udp_timeout_secs), ("tcp", nat.tcp_timeout_secs)];
     let adf = nat.filtering == Filtering::AddressDependent;
     let dynamic = "flags dynamic,timeout; size 65535;";
@@ -172,29 +169,81 @@ pub fn render(r: &RouterRules<'_>) -> String {
     line(&format!("    snat ip to {wan_ip}"));
     line("  }");
 
-    // After translation: learn and refresh the mapping each flow really got.
-    line("  chain track {");
-    line("    type filter hook postrouting priority srcnat + 10; policy accept;");
-    for (p, secs) in protocols {
-        let m = format!("oifname \"{wan}\" meta l4proto {p}");
-        for (dir, int) in internal {
-            line(&format!(
-                "    {m} ct direction {dir} update @mapping_{p} {{ {int}{key_remote} timeout {secs}s : th sport }}"
-            ));
-            line(&format!(
-                "    {m} ct direction {dir} update @reverse_{p} {{ th sport timeout {secs}s : {int} }}"
-            ));
+    // After translation: learn and refresh the mapping each flow really got, from packets in
+    // both directions (conntrack refreshes on both, so the tables do too). Each view names the
+    // internal endpoint, the external port and the remote as that hook sees them. Only
+    // translated flows count: the router's own traffic (such as the RST answering a rejected
+    // SYN) must not teach the tables anything.
+    let outbound = [
+        (
+            "original ct status snat",
+            "ct original ip saddr . ct original proto-src",
+            "th sport",
+            ("ip daddr", "th dport"),
+        ),
+        (
+            "reply ct status dnat",
+            "ct reply ip saddr . ct reply proto-src",
+            "th sport",
+            ("ip daddr", "th dport"),
+        ),
+    ];
+    let inbound = [
+        (
+            "reply ct status snat",
+            "ct original ip saddr . ct original proto-src",
+            "ct reply proto-dst",
+            ("ct original ip daddr", "ct original proto-dst"),
+        ),
+        (
+            "original ct status dnat",
+            "ct reply ip saddr . ct reply proto-src",
+            "ct original proto-dst",
+            ("ct original ip saddr", "ct original proto-src"),
+        ),
+    ];
+    for (chain, hook, iface, views) in [
+        (
+            "track_out",
+            "postrouting priority srcnat + 10",
+            format!("oifname \"{wan}\""),
+            outbound,
+        ),
+        (
+            "track_in",
+            "prerouting priority dstnat + 10",
+            format!("iifname \"{wan}\""),
+            inbound,
+        ),
+    ] {
+        line(&format!("  chain {chain} {{"));
+        line(&format!("    type filter hook {hook}; policy accept;"));
+        for (p, secs) in protocols {
+            for (dir, int, ext, (rip, rport)) in views {
+                let m = format!("{iface} meta l4proto {p} ct direction {dir}");
+                let remote = match nat.mapping {
+                    Mapping::AddressDependent => format!(" . {rip}"),
+                    Mapping::AddressAndPortDependent => format!(" . {rip} . {rport}"),
+                    Mapping::EndpointIndependent | Mapping::None => String::new(),
+                };
+                line(&format!(
+                    "    {m} update @mapping_{p} {{ {int}{remote} timeout {secs}s : {ext} }}"
+                ));
+                line(&format!(
+                    "    {m} update @reverse_{p} {{ {ext} timeout {secs}s : {int} }}"
+                ));
+                line(&format!(
+                    "    {m} update @ports_{p} {{ {ext} timeout {secs}s }}"
+                ));
+                if adf {
+                    line(&format!(
+                        "    {m} update @contacted_{p} {{ {ext} . {rip} timeout {secs}s }}"
+                    ));
+                }
+            }
         }
-        line(&format!(
-            "    {m} update @ports_{p} {{ th sport timeout {secs}s }}"
-        ));
-        if adf {
-            line(&format!(
-                "    {m} update @contacted_{p} {{ th sport . ip daddr timeout {secs}s }}"
-            ));
-        }
+        line("  }");
     }
-    line("  }");
 
     line("  chain forward {");
     line("    type filter hook forward priority filter; policy drop;");
@@ -298,6 +347,9 @@ mod tests {
         );
         assert!(r.contains("th sport . ip daddr . th dport map @mapping_tcp"));
         assert!(r.contains("ct original proto-src . ip daddr . th dport timeout 180s : th sport"));
+        assert!(r.contains(
+            "ct original proto-src . ct original ip daddr . ct original proto-dst timeout 180s : ct reply proto-dst"
+        ));
     }
 
     #[test]
@@ -311,6 +363,9 @@ mod tests {
         let adf = rules_for(&preset(Preset::RestrictedCone));
         assert!(adf.contains("meta l4proto tcp th dport . ip saddr @contacted_tcp dnat ip to"));
         assert!(adf.contains("update @contacted_udp { th sport . ip daddr timeout 120s }"));
+        assert!(adf.contains(
+            "update @contacted_udp { ct reply proto-dst . ct original ip daddr timeout 120s }"
+        ));
 
         let apdf = rules_for(&preset(Preset::PortRestricted));
         assert!(!apdf.contains("iifname \"wan\" meta l4proto udp dnat"));
@@ -352,14 +407,32 @@ mod tests {
     #[test]
     fn timeouts_apply_per_protocol() {
         let r = rules_for(&preset(Preset::Cgnat));
-        assert!(r.contains("meta l4proto udp update @ports_udp { th sport timeout 30s }"));
-        assert!(r.contains("meta l4proto tcp update @ports_tcp { th sport timeout 7440s }"));
+        assert!(r.contains(
+            "meta l4proto udp ct direction original ct status snat update @ports_udp { th sport timeout 30s }"
+        ));
+        assert!(r.contains(
+            "meta l4proto tcp ct direction reply ct status dnat update @ports_tcp { th sport timeout 7440s }"
+        ));
         let sysctls = conntrack_sysctls(&preset(Preset::Cgnat));
         assert_eq!(
             sysctls[0],
             ("net.netfilter.nf_conntrack_udp_timeout", "30".to_owned())
         );
         assert_eq!(sysctls[1].1, "30");
+    }
+
+    #[test]
+    fn inbound_packets_refresh_the_tables_too() {
+        let r = rules_for(&preset(Preset::PortRestricted));
+        assert!(
+            r.contains("chain track_in {\n    type filter hook prerouting priority dstnat + 10;")
+        );
+        assert!(r.contains(
+            "iifname \"wan\" meta l4proto udp ct direction reply ct status snat update @reverse_udp { ct reply proto-dst timeout 120s : ct original ip saddr . ct original proto-src }"
+        ));
+        assert!(r.contains(
+            "iifname \"wan\" meta l4proto tcp ct direction original ct status dnat update @ports_tcp { ct original proto-dst timeout 7440s }"
+        ));
     }
 
     #[test]

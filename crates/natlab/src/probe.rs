@@ -276,18 +276,25 @@ pub fn udp_mapping(sock: &UdpSocket, to: SocketAddrV4) -> io::Result<SocketAddrV
     ))
 }
 
+/// How long to wait before concluding that a packet will not come: at least
+/// [`PROBE_SILENCE`], and three times the exchange that took `rtt` on slow links.
+fn silence_after(rtt: Duration) -> Duration {
+    PROBE_SILENCE.max(rtt * 3)
+}
+
 /// Whether an unsolicited datagram from reflector endpoint `from` reaches `sock` via `mapped`.
 fn udp_reaches(
     reflector: &Reflector,
     sock: &UdpSocket,
     from: SocketAddrV4,
     mapped: SocketAddrV4,
+    silence: Duration,
 ) -> io::Result<bool> {
     let n = nonce();
     // Twice, so that one lost packet on an impaired link does not read as filtering.
     for _ in 0..2 {
         reflector.send_from(from, mapped, format!("{MAGIC} {n} unsolicited").as_bytes())?;
-        if await_nonce(sock, &n, PROBE_SILENCE)?.is_some() {
+        if await_nonce(sock, &n, silence)?.is_some() {
             return Ok(true);
         }
     }
@@ -316,7 +323,9 @@ pub fn measure_udp(reflector: &Reflector, local_ip: Ipv4Addr) -> io::Result<UdpB
 
     let sock = udp_socket()?;
     let local_port = sock.local_addr()?.port();
+    let started = Instant::now();
     let m1 = udp_mapping(&sock, ep.primary)?;
+    let silence = silence_after(started.elapsed());
     let m2 = udp_mapping(&sock, ep.other_ip)?;
     let m3 = udp_mapping(&sock, ep.same_ip_other_port)?;
     let mapping = if m1 == SocketAddrV4::new(local_ip, local_port) {
@@ -331,15 +340,15 @@ pub fn measure_udp(reflector: &Reflector, local_ip: Ipv4Addr) -> io::Result<UdpB
 
     let sock = udp_socket()?;
     let mapped = udp_mapping(&sock, ep.primary)?;
-    let filtering = if udp_reaches(reflector, &sock, ep.other_ip_other_port, mapped)? {
+    let filtering = if udp_reaches(reflector, &sock, ep.other_ip_other_port, mapped, silence)? {
         if mapping == Mapping::None {
             Filtering::None
         } else {
             Filtering::EndpointIndependent
         }
-    } else if udp_reaches(reflector, &sock, ep.same_ip_other_port, mapped)? {
+    } else if udp_reaches(reflector, &sock, ep.same_ip_other_port, mapped, silence)? {
         Filtering::AddressDependent
-    } else if udp_reaches(reflector, &sock, ep.primary, mapped)? {
+    } else if udp_reaches(reflector, &sock, ep.primary, mapped, silence)? {
         Filtering::AddressAndPortDependent
     } else {
         return Err(io::Error::other(format!(
@@ -368,7 +377,7 @@ pub fn measure_udp(reflector: &Reflector, local_ip: Ipv4Addr) -> io::Result<UdpB
     let mut hairpin = false;
     for _ in 0..2 {
         sock.send_to(format!("{MAGIC} {n} hairpin").as_bytes(), own)?;
-        if await_nonce(&sock, &n, PROBE_SILENCE)?.is_some() {
+        if await_nonce(&sock, &n, silence)?.is_some() {
             hairpin = true;
             break;
         }
@@ -396,9 +405,9 @@ pub fn udp_mapping_lifetime(
     let ma = udp_mapping(&a, ep.primary)?;
     let mb = udp_mapping(&b, ep.primary)?;
     thread::sleep(before.saturating_sub(t0.elapsed()));
-    let alive_before = udp_reaches(reflector, &a, ep.primary, ma)?;
+    let alive_before = udp_reaches(reflector, &a, ep.primary, ma, PROBE_SILENCE)?;
     thread::sleep(after.saturating_sub(t0.elapsed()));
-    let alive_after = udp_reaches(reflector, &b, ep.primary, mb)?;
+    let alive_after = udp_reaches(reflector, &b, ep.primary, mb, PROBE_SILENCE)?;
     Ok((alive_before, alive_after))
 }
 
@@ -439,7 +448,9 @@ pub fn measure_tcp(reflector: &Reflector, local_ip: Ipv4Addr) -> io::Result<TcpB
     };
     let socket = any_port()?;
     let port = port_of(&socket)?;
+    let started = Instant::now();
     let m1 = tcp_observed(port, ep.primary)?;
+    let silence = silence_after(started.elapsed());
     let m2 = tcp_observed(port, ep.other_ip)?;
     let m3 = tcp_observed(port, ep.same_ip_other_port)?;
     drop(socket);
@@ -457,7 +468,9 @@ pub fn measure_tcp(reflector: &Reflector, local_ip: Ipv4Addr) -> io::Result<TcpB
     let listener = any_port()?;
     listener.listen(8)?;
     let mapped = tcp_observed(port_of(&listener)?, ep.primary)?;
-    let reaches = |from: Ipv4Addr| reflector.connect_from(from, mapped, PROBE_SILENCE).is_ok();
+    // Twice, so that one lost SYN on an impaired link does not read as filtering.
+    let reaches =
+        |from: Ipv4Addr| (0..2).any(|_| reflector.connect_from(from, mapped, silence).is_ok());
     let filtering = if reaches(*ep.other_ip.ip()) {
         if mapping == Mapping::None {
             Filtering::None
@@ -470,14 +483,11 @@ pub fn measure_tcp(reflector: &Reflector, local_ip: Ipv4Addr) -> io::Result<TcpB
         Filtering::AddressAndPortDependent
     };
     // Port 9 (discard) is mapped by nobody in the lab.
-    let unsolicited = match reflector.connect_from(
-        *ep.other_ip.ip(),
-        SocketAddrV4::new(*m1.ip(), 9),
-        PROBE_SILENCE,
-    ) {
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Unsolicited::Reject,
-        _ => Unsolicited::Drop,
-    };
+    let unsolicited =
+        match reflector.connect_from(*ep.other_ip.ip(), SocketAddrV4::new(*m1.ip(), 9), silence) {
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Unsolicited::Reject,
+            _ => Unsolicited::Drop,
+        };
     drop(listener);
     Ok(TcpBehaviour {
         mapping,

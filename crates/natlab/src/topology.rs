@@ -754,13 +754,13 @@ mod tests {
         assert_eq!(names, ["cgn", "home-a", "home-b", "alice", "bob", "relay"]);
         let cgn = plan.node("cgn").expect("cgn");
         assert_eq!(cgn.addr(), Ipv4Addr::new(11, 99, 0, 10));
-        assert_eq!(cgn.netns, "np.t1.cgn");
+        assert_eq!(cgn.netns, "natlab.t1.cgn");
         let cgn_lan = cgn.router.as_ref().expect("router").lan_net;
         assert_eq!(cgn_lan.to_string(), "100.64.1.0/24");
         let home_a = plan.node("home-a").expect("home-a");
         assert_eq!(home_a.addr(), Ipv4Addr::new(100, 64, 1, 2));
         assert_eq!(home_a.uplink.gateway, Ipv4Addr::new(100, 64, 1, 1));
-        assert_eq!(home_a.uplink.peer_netns, "np.t1.cgn");
+        assert_eq!(home_a.uplink.peer_netns, "natlab.t1.cgn");
         assert_eq!(
             home_a.router.as_ref().expect("router").lan_net.to_string(),
             "192.168.2.0/24"

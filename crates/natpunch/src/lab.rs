@@ -17,7 +17,8 @@ pub(crate) enum LabCommand {
     Up(UpArgs),
     /// Run a command inside a node of a running lab (with the terminal attached).
     Exec(ExecArgs),
-    /// Remove a running lab (every namespace, veth, nft table and process it made).
+    /// Remove a running lab: its namespaces with their veths and nft tables, and every process
+    /// still running inside them.
     Down(DownArgs),
     /// List running labs.
     List(ListArgs),
@@ -64,7 +65,7 @@ pub(crate) struct DownArgs {
     /// Lab name.
     #[arg(required_unless_present = "all", conflicts_with = "all")]
     lab: Option<String>,
-    /// Remove every lab on this machine.
+    /// Remove every detached or stale lab on this machine (labs owned by running programs stay).
     #[arg(long, env = "NATPUNCH_LAB_ALL", value_parser = BoolishValueParser::new())]
     all: bool,
 }
@@ -231,23 +232,34 @@ fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn down(args: DownArgs) -> anyhow::Result<ExitCode> {
-    let names: Vec<String> = match args.lab {
-        Some(name) => vec![name],
-        None => lab::list().into_iter().map(|s| s.plan.lab).collect(),
-    };
-    for name in &names {
-        lab::down(name)?;
-        println!("removed lab {name}");
-    }
-    if args.all {
+    let Some(name) = args.lab else {
+        // --all: every detached lab and every stale one; labs that a running program (a test, a
+        // self-test) owns are its to remove.
+        let mut removed = 0;
+        for state in lab::list() {
+            let name = &state.plan.lab;
+            if !state.detached && state.owner.is_alive() {
+                println!(
+                    "kept lab {name}: owned by running process {}",
+                    state.owner.pid
+                );
+                continue;
+            }
+            lab::down(name)?;
+            println!("removed lab {name}");
+            removed += 1;
+        }
         let swept = lab::sweep();
         if !swept.is_empty() {
             println!("removed stale {}", swept.join(", "));
         }
-        if names.is_empty() && swept.is_empty() {
-            println!("no labs");
+        if removed == 0 && swept.is_empty() {
+            println!("no labs to remove");
         }
-    }
+        return Ok(ExitCode::SUCCESS);
+    };
+    lab::down(&name)?;
+    println!("removed lab {name}");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -330,7 +342,7 @@ fn describe_node(n: &NodePlan) -> String {
 
 fn print_plan(plan: &LabPlan) {
     println!(
-        "lab {}: {} nodes; namespaces np.{}.*",
+        "lab {}: {} nodes; namespaces natlab.{}.*",
         plan.lab,
         plan.nodes.len(),
         plan.lab
