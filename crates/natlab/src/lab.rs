@@ -441,12 +441,13 @@ impl Lab {
         node_of(&self.state.plan, name)
     }
 
-    /// Runs `program args…` in node `node` and returns its stdout.
+    /// Runs `program args…` in node `node` to its end and returns its stdout.
     pub fn exec(&self, node: &str, program: &str, args: &[&str]) -> Result<String, LabError> {
-        Ok(netns::run(
+        Ok(netns::run_for(
             Some(&self.node(node)?.netns),
             program,
             args,
+            None,
             None,
         )?)
     }

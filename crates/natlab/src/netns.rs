@@ -54,13 +54,31 @@ fn describe(program: &str, args: &[&str]) -> String {
         .join(" ")
 }
 
-/// Runs `program args…` (in namespace `ns` when given) with `stdin` as input and returns its
-/// stdout; a non-zero exit becomes [`CommandError::Failed`] with the program's stderr.
+/// Runs a lab setup command: `program args…` (in namespace `ns` when given) with `stdin` as
+/// input, ended after [`crate::defaults::SETUP_COMMAND_TIMEOUT`]; returns its stdout. A non-zero
+/// exit becomes [`CommandError::Failed`] with the program's stderr.
 pub fn run(
     ns: Option<&str>,
     program: &str,
     args: &[&str],
     stdin: Option<&str>,
+) -> Result<String, CommandError> {
+    run_for(
+        ns,
+        program,
+        args,
+        stdin,
+        Some(crate::defaults::SETUP_COMMAND_TIMEOUT),
+    )
+}
+
+/// Like [`run`], with a timeout of the caller's choice (`None`: wait as long as it takes).
+pub fn run_for(
+    ns: Option<&str>,
+    program: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+    timeout: Option<std::time::Duration>,
 ) -> Result<String, CommandError> {
     let mut cmd = match ns {
         Some(ns) => {
@@ -95,18 +113,22 @@ pub fn run(
     thread::spawn(move || {
         let _ = tx.send(child.wait_with_output());
     });
-    let timeout = crate::defaults::SETUP_COMMAND_TIMEOUT;
+    let received = match timeout {
+        Some(t) => rx.recv_timeout(t).ok(),
+        None => rx.recv().ok(),
+    };
     let Output {
         status,
         stdout,
         stderr,
-    } = match rx.recv_timeout(timeout) {
-        Ok(result) => result.map_err(spawn_err)?,
-        Err(_) => {
+    } = match received {
+        Some(result) => result.map_err(spawn_err)?,
+        None => {
             if let Ok(raw) = i32::try_from(pid) {
                 use nix::sys::signal::{Signal, kill};
                 let _ = kill(nix::unistd::Pid::from_raw(raw), Signal::SIGKILL);
             }
+            let timeout = timeout.unwrap_or_default();
             return Err(CommandError::Timeout { command, timeout });
         }
     };

@@ -233,3 +233,107 @@ fn selftest_json_reports_every_preset_as_configured() {
     );
     assert!(out.status.success(), "exit code 0 when every row matches");
 }
+
+/// `natpunch nat check` behind every lab preset (and the CGNAT chain) against `natpunch
+/// stun-server` on a public host with two addresses: the classification equals what the
+/// routers are configured to do, and `--lifetime` finds the CGNAT's 30 s UDP timeout.
+#[test]
+fn nat_check_classifies_every_lab_preset_as_configured() {
+    use natlab::selftest::{expected_through, path_of, topology};
+    use natlab::{Lab, LabOptions, Preset};
+    if !natlab::environment::lab_test_can_run("nat_check_classifies_every_lab_preset_as_configured")
+    {
+        return;
+    }
+    let lab = Lab::build(&topology(&Preset::ALL), LabOptions::default()).expect("lab");
+    let addrs = lab
+        .node("reflector")
+        .expect("reflector")
+        .uplink
+        .addrs
+        .clone();
+    let (primary, alternate) = (format!("{}:3478", addrs[0]), format!("{}:3479", addrs[1]));
+    let exe = env!("CARGO_BIN_EXE_natpunch");
+    let server = lab
+        .spawn(
+            "reflector",
+            exe,
+            &[
+                "stun-server",
+                "--primary",
+                &primary,
+                "--alternate",
+                &alternate,
+            ],
+        )
+        .expect("server starts");
+    server
+        .wait_for("listening on", std::time::Duration::from_secs(10))
+        .expect("server ready");
+
+    let check = |preset: Preset, extra: &[&str]| -> Value {
+        let host = format!("h-{preset}");
+        let mut args = vec!["nat", "check", "--server", &primary, "--json"];
+        args.extend_from_slice(extra);
+        let out = lab
+            .exec(&host, exe, &args)
+            .unwrap_or_else(|e| panic!("{preset}: {e}"));
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{preset}: {e}: {out}"))
+    };
+    std::thread::scope(|s| {
+        let lifetime = s.spawn(|| check(Preset::Cgnat, &["--lifetime", "--lifetime-max", "45"]));
+        let rows: Vec<_> = Preset::ALL
+            .iter()
+            .map(|&p| (p, s.spawn(move || check(p, &[]))))
+            .collect();
+        for (preset, row) in rows {
+            let report = row.join().expect("check thread");
+            let chain: Vec<_> = path_of(preset).iter().filter_map(|p| p.config()).collect();
+            let (want, _) = expected_through(&chain);
+            let json = |v: &dyn erased::Json| v.to_json();
+            assert_eq!(report["mapping"], json(&want.mapping), "{preset}: {report}");
+            assert_eq!(
+                report["filtering"],
+                json(&want.filtering),
+                "{preset}: {report}"
+            );
+            assert_eq!(
+                report["port_allocation"],
+                json(&want.port_allocation),
+                "{preset}: {report}"
+            );
+            assert_eq!(report["hairpin"], want.hairpin, "{preset}: {report}");
+            assert_eq!(report["rfc5780"], true);
+            let public = lab
+                .public_addr(&format!("h-{preset}"))
+                .expect("public address");
+            assert_eq!(
+                report["public_addresses"][0],
+                public.to_string(),
+                "{preset}"
+            );
+        }
+        let report = lifetime.join().expect("lifetime thread");
+        let estimate = report["mapping_lifetime"]["estimate_secs"]
+            .as_f64()
+            .expect("an estimate");
+        assert!(
+            (24.0..=36.0).contains(&estimate),
+            "30 s timeout estimated as {estimate} s: {report}"
+        );
+    });
+    drop(server);
+}
+
+/// Serialising a value to a JSON value, for comparing with parsed output.
+mod erased {
+    pub(crate) trait Json {
+        fn to_json(&self) -> serde_json::Value;
+    }
+
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> serde_json::Value {
+            serde_json::to_value(self).expect("serialisable")
+        }
+    }
+}
