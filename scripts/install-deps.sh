@@ -3,7 +3,7 @@
 # Sourced by ./run and ./test; safe to run on its own.
 set -euo pipefail
 
-packages=(iproute2 nftables iptables conntrack procps)
+packages=(iproute2 nftables iptables conntrack procps coturn)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -313,6 +313,54 @@ fn nat_check_classifies_every_lab_preset_as_configured() {
                 "{preset}"
             );
         }
+        // coturn's RFC 5780 client agrees with our server about our routers.
+        let natdiscovery = std::path::Path::new("/usr/bin/turnutils_natdiscovery").exists();
+        if !natdiscovery {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true needs coturn's natdiscovery"
+            );
+            eprintln!(
+                "skipping the coturn interop part: turnutils_natdiscovery (coturn) is not installed"
+            );
+        }
+        for (preset, mapping, filtering) in [
+            (
+                Preset::FullCone,
+                "Endpoint Independent",
+                "Endpoint Independent",
+            ),
+            (
+                Preset::RestrictedCone,
+                "Endpoint Independent",
+                "Address Dependent",
+            ),
+            (
+                Preset::Symmetric,
+                "Address and Port Dependent",
+                "Address and Port Dependent",
+            ),
+        ]
+        .into_iter()
+        .filter(|_| natdiscovery)
+        {
+            let ip = addrs[0].to_string();
+            let out = lab
+                .exec(
+                    &format!("h-{preset}"),
+                    "turnutils_natdiscovery",
+                    &["-m", "-f", &ip],
+                )
+                .unwrap_or_else(|e| panic!("{preset}: natdiscovery: {e}"));
+            assert!(
+                out.contains(&format!("NAT with {mapping} Mapping!")),
+                "{preset}: {out}"
+            );
+            assert!(
+                out.contains(&format!("NAT with {filtering} Filtering!")),
+                "{preset}: {out}"
+            );
+        }
         let report = lifetime.join().expect("lifetime thread");
         let estimate = report["mapping_lifetime"]["estimate_secs"]
             .as_f64()
