@@ -314,7 +314,7 @@ fn nat_check_classifies_every_lab_preset_as_configured() {
             );
         }
         // coturn's RFC 5780 client agrees with our server about our routers.
-        let natdiscovery = std::path::Path::new("/usr/bin/turnutils_natdiscovery").exists();
+        let natdiscovery = Path::new("/usr/bin/turnutils_natdiscovery").exists();
         if !natdiscovery {
             assert!(
                 std::env::var("CI").as_deref() != Ok("true"),
