@@ -205,18 +205,14 @@ impl FromStr for Preset {
     }
 }
 
-/// Words in kebab-case for the axes, as used in tables and JSON.
-macro_rules! kebab_display {
-    ($($ty:ty),*) => {$(
-        impl fmt::Display for $ty {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                let value = serde_json::to_value(self).map_err(|_| fmt::Error)?;
-                f.write_str(value.as_str().ok_or(fmt::Error)?)
-            }
-        }
-    )*};
+impl fmt::Display for Unsolicited {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Drop => "drop",
+            Self::Reject => "reject",
+        })
+    }
 }
-kebab_display!(Unsolicited);
 
 #[cfg(test)]
 mod tests {
