@@ -10,6 +10,7 @@
 //! `portmap` work), or several servers at once; results describe the NAT's behaviour towards
 //! the one server asked and are upper bounds (RFC 5780 §1).
 
+pub mod bench;
 pub mod client;
 pub mod server;
 

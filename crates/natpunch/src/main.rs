@@ -1,6 +1,7 @@
 //! `natpunch`: one binary, one subcommand per role. This file parses the command line, sets up
 //! logging and hands over to the role's module; the logic lives in the library crates.
 
+mod bench;
 mod lab;
 mod nat;
 
@@ -35,6 +36,9 @@ enum Command {
     /// Run an RFC 5780 STUN server on two addresses × two ports (for `nat check`).
     #[command(display_order = 21)]
     StunServer(nat::StunServerArgs),
+    /// Benchmarks, each against a baseline in the same run.
+    #[command(subcommand, display_order = 90)]
+    Bench(bench::BenchCommand),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +51,7 @@ fn main() -> ExitCode {
         Command::Lab(cmd) => lab::run(cmd),
         Command::Nat(cmd) => nat::run(cmd),
         Command::StunServer(args) => nat::stun_server(args),
+        Command::Bench(cmd) => bench::run(cmd),
     };
     match result {
         Ok(code) => code,

@@ -385,3 +385,41 @@ mod erased {
         }
     }
 }
+
+/// `natpunch bench stun` drives both servers and reports a ratio (figures are not asserted:
+/// performance is measured, in docs/benchmarks.md).
+#[test]
+fn bench_stun_measures_both_servers_and_reports_a_ratio() {
+    if !Path::new("/usr/bin/turnserver").exists() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true needs coturn"
+        );
+        eprintln!(
+            "skipping bench_stun_measures_both_servers_and_reports_a_ratio: coturn is not installed"
+        );
+        return;
+    }
+    let out = natpunch(&[
+        "bench",
+        "stun",
+        "--secs",
+        "1",
+        "--rounds",
+        "1",
+        "--clients",
+        "2",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: Value = serde_json::from_str(&stdout(&out)).expect("JSON");
+    let turn = &report["turns"][0];
+    assert!(turn["natpunch"]["answered"].as_u64() > Some(0), "{report}");
+    assert!(turn["coturn"]["answered"].as_u64() > Some(0), "{report}");
+    assert!(
+        report["median_ratio"]
+            .as_f64()
+            .is_some_and(|r| r > 0.0 && r.is_finite()),
+        "{report}"
+    );
+}

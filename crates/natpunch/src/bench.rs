@@ -1,0 +1,186 @@
+//! `natpunch bench …`: side-by-side measurements, each against a baseline in the same run.
+
+use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::builder::BoolishValueParser;
+use clap::{Args, Subcommand};
+use natcheck::StunServer;
+use natcheck::bench::{Load, binding_load};
+use serde::Serialize;
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum BenchCommand {
+    /// Binding throughput of natpunch's STUN server against coturn's, on loopback, in turns.
+    Stun(StunArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct StunArgs {
+    /// Seconds of load per turn.
+    #[arg(long, env = "NATPUNCH_BENCH_SECS", default_value_t = 3)]
+    secs: u64,
+    /// Turns per server (natpunch and coturn alternate).
+    #[arg(long, env = "NATPUNCH_BENCH_ROUNDS", default_value_t = 3)]
+    rounds: usize,
+    /// Concurrent clients, each with one request in flight.
+    #[arg(long, env = "NATPUNCH_BENCH_CLIENTS", default_value_t = 16)]
+    clients: usize,
+    /// The coturn server binary.
+    #[arg(long, env = "NATPUNCH_BENCH_COTURN", default_value = "turnserver")]
+    coturn: String,
+    /// Print JSON.
+    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
+    json: bool,
+}
+
+pub(crate) fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        BenchCommand::Stun(args) => stun(args),
+    }
+}
+
+/// A free UDP port on `ip` (free a moment ago).
+fn free_port(ip: &str) -> anyhow::Result<u16> {
+    Ok(StdUdpSocket::bind((ip, 0))?.local_addr()?.port())
+}
+
+/// Ends the coturn child (ours, by PID) when the benchmark ends, however it ends.
+struct Coturn(Child);
+
+impl Drop for Coturn {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Turn {
+    natpunch: Load,
+    coturn: Load,
+    ratio: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    clients: usize,
+    secs_per_turn: u64,
+    turns: Vec<Turn>,
+    median_ratio: f64,
+}
+
+async fn wait_ready(server: SocketAddr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if binding_load(server, 1, Duration::from_millis(200))
+            .await?
+            .answered
+            > 0
+        {
+            return Ok(());
+        }
+    }
+    bail!("the server on {server} never answered")
+}
+
+fn stun(args: StunArgs) -> anyhow::Result<ExitCode> {
+    let ours = SocketAddr::new([127, 0, 0, 1].into(), free_port("127.0.0.1")?);
+    let alternate = SocketAddr::new([127, 0, 0, 2].into(), free_port("127.0.0.2")?);
+    let theirs = SocketAddr::new([127, 0, 0, 1].into(), free_port("127.0.0.1")?);
+    let coturn = Command::new(&args.coturn)
+        .args([
+            "-L",
+            "127.0.0.1",
+            "--listening-port",
+            &theirs.port().to_string(),
+        ])
+        .args([
+            "--stun-only",
+            "--no-tls",
+            "--no-dtls",
+            "--no-cli",
+            "-z",
+            "--no-rfc5780",
+            "--log-file",
+            "stdout",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| {
+            format!(
+                "starting coturn (`{}`; apt-get install coturn)",
+                args.coturn
+            )
+        })?;
+    let _coturn = Coturn(coturn);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(async {
+        let server = StunServer::bind(ours, alternate, "natpunch bench").await?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let running = tokio::spawn(server.run(stop_rx));
+        wait_ready(ours).await?;
+        wait_ready(theirs).await?;
+        let d = Duration::from_secs(args.secs);
+        let mut turns = Vec::new();
+        for round in 1..=args.rounds {
+            eprintln!("bench stun: turn {round}/{}", args.rounds);
+            let natpunch = binding_load(ours, args.clients, d).await?;
+            let coturn = binding_load(theirs, args.clients, d).await?;
+            let ratio = if coturn.per_sec > 0.0 {
+                natpunch.per_sec / coturn.per_sec
+            } else {
+                f64::INFINITY
+            };
+            turns.push(Turn {
+                natpunch,
+                coturn,
+                ratio,
+            });
+        }
+        let _ = stop_tx.send(true);
+        let _ = running.await;
+        let mut ratios: Vec<f64> = turns.iter().map(|t| t.ratio).collect();
+        ratios.sort_by(f64::total_cmp);
+        let median_ratio = ratios.get(ratios.len() / 2).copied().unwrap_or(f64::NAN);
+        anyhow::Ok(Report {
+            clients: args.clients,
+            secs_per_turn: args.secs,
+            turns,
+            median_ratio,
+        })
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "Binding throughput on loopback, {} clients with one request in flight each, {} s per turn",
+        report.clients, report.secs_per_turn
+    );
+    println!(
+        "{:<5} {:>14} {:>9} {:>9} {:>14} {:>9} {:>9} {:>7}",
+        "TURN", "NATPUNCH req/s", "p50 µs", "p99 µs", "COTURN req/s", "p50 µs", "p99 µs", "RATIO"
+    );
+    for (i, t) in report.turns.iter().enumerate() {
+        println!(
+            "{:<5} {:>14.0} {:>9} {:>9} {:>14.0} {:>9} {:>9} {:>7.2}",
+            i + 1,
+            t.natpunch.per_sec,
+            t.natpunch.p50_us,
+            t.natpunch.p99_us,
+            t.coturn.per_sec,
+            t.coturn.p50_us,
+            t.coturn.p99_us,
+            t.ratio
+        );
+    }
+    println!("median ratio natpunch/coturn: {:.2}", report.median_ratio);
+    Ok(ExitCode::SUCCESS)
+}
