@@ -423,3 +423,84 @@ fn bench_stun_measures_both_servers_and_reports_a_ratio() {
         "{report}"
     );
 }
+
+/// Garbage never stops `natpunch stun-server`: every kind of bad datagram is counted, a valid
+/// request after them is still answered, and SIGTERM prints the counters.
+#[test]
+fn stun_server_counts_garbage_and_keeps_answering() {
+    use std::io::{BufRead as _, BufReader};
+    use std::net::UdpSocket;
+    let free = |ip: &str| {
+        UdpSocket::bind((ip, 0))
+            .and_then(|s| s.local_addr())
+            .expect("port")
+            .port()
+    };
+    let primary = format!("127.0.0.1:{}", free("127.0.0.1"));
+    let alternate = format!("127.0.0.2:{}", free("127.0.0.2"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_natpunch"))
+        .args([
+            "stun-server",
+            "--primary",
+            &primary,
+            "--alternate",
+            &alternate,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("server starts");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let ready = lines.next().expect("a line").expect("text");
+    assert!(ready.contains("listening on"), "{ready}");
+
+    let client = UdpSocket::bind("127.0.0.1:0").expect("client");
+    client
+        .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .expect("timeout");
+    let good = stun::binding_request([7; 12], None, None);
+    let mut bad_fingerprint = good.clone();
+    let last = bad_fingerprint.len() - 1;
+    bad_fingerprint[last] ^= 0x55;
+    let garbage: [&[u8]; 5] = [
+        b"GET / HTTP/1.1\r\n\r\n",
+        &good[..12],
+        &[0u8; 1400],
+        &bad_fingerprint,
+        &[],
+    ];
+    for g in garbage {
+        client.send_to(g, &primary).expect("send");
+    }
+    client.send_to(&good, &primary).expect("send");
+    let mut buf = [0u8; 1500];
+    let (n, _) = client.recv_from(&mut buf).expect("still answers");
+    let answer = stun::parse_binding_response(&buf[..n]).expect("a Binding response");
+    assert_eq!(answer.transaction_id, [7; 12]);
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid")),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let counters: Value =
+        serde_json::from_str(&lines.next().expect("counters line").expect("text")).expect("JSON");
+    assert!(child.wait().expect("exits").success());
+    let c = &counters["counters"];
+    assert_eq!(
+        (
+            &c["not_stun"],
+            &c["truncated"],
+            &c["oversized"],
+            &c["malformed"],
+            &c["answered"]
+        ),
+        (
+            &Value::from(1),
+            &Value::from(2),
+            &Value::from(1),
+            &Value::from(1),
+            &Value::from(1)
+        ),
+        "{counters}"
+    );
+}
