@@ -20,7 +20,6 @@
 //! `docs/lab.md` documents the format and the address plan.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
@@ -460,7 +459,12 @@ impl Topology {
                     return Err(TopologyError::RouterLoop(path[start..].join(" -> ")));
                 }
                 path.push(up);
-                cur = self.node(up).ok_or(TopologyError::Empty)?;
+                cur = self
+                    .node(up)
+                    .ok_or_else(|| TopologyError::MissingUpstream {
+                        node: cur.name.clone(),
+                        upstream: up.to_owned(),
+                    })?;
             }
         }
         Ok(())
@@ -523,7 +527,12 @@ impl Topology {
                     }
                 }
                 Some(up) => {
-                    let (net, next) = lans.get_mut(up).ok_or(TopologyError::Empty)?;
+                    let (net, next) =
+                        lans.get_mut(up)
+                            .ok_or_else(|| TopologyError::MissingUpstream {
+                                node: n.name.clone(),
+                                upstream: up.to_owned(),
+                            })?;
                     let addr = net
                         .nth(*next)
                         .filter(|_| *next < 255)
@@ -533,7 +542,9 @@ impl Topology {
                         iface: if is_router { "wan" } else { "eth0" }.to_owned(),
                         addrs: vec![addr],
                         net: *net,
-                        gateway: net.nth(1).ok_or(TopologyError::Empty)?,
+                        gateway: net
+                            .nth(1)
+                            .ok_or(TopologyError::TooMany("addresses in a LAN"))?,
                         peer_netns: netns_name(lab, up),
                         peer_iface,
                         peer_bridge: LAN_BRIDGE.to_owned(),
@@ -562,7 +573,9 @@ impl Topology {
                         nat: *nat,
                         preset: *preset,
                         lan_net,
-                        lan_addr: lan_net.nth(1).ok_or(TopologyError::Empty)?,
+                        lan_addr: lan_net
+                            .nth(1)
+                            .ok_or(TopologyError::TooMany("addresses in a LAN"))?,
                     })
                 }
                 NodeKind::Host { .. } => None,
@@ -688,15 +701,6 @@ impl LabPlan {
             cur = self.node(up)?;
         }
         Some(cur.addr())
-    }
-}
-
-impl fmt::Display for NodeKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Router { .. } => f.write_str("router"),
-            Self::Host { .. } => f.write_str("host"),
-        }
     }
 }
 
