@@ -1,6 +1,7 @@
 //! `natpunch bench …`: side-by-side measurements, each against a baseline in the same run.
 
 use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
@@ -47,13 +48,18 @@ fn free_port(ip: &str) -> anyhow::Result<u16> {
     Ok(StdUdpSocket::bind((ip, 0))?.local_addr()?.port())
 }
 
-/// Ends the coturn child (ours, by PID) when the benchmark ends, however it ends.
-struct Coturn(Child);
+/// Ends the coturn child (ours, by PID) and removes its PID file when the benchmark ends,
+/// however it ends.
+struct Coturn {
+    child: Child,
+    pidfile: PathBuf,
+}
 
 impl Drop for Coturn {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.pidfile);
     }
 }
 
@@ -90,20 +96,23 @@ fn stun(args: StunArgs) -> anyhow::Result<ExitCode> {
     let ours = SocketAddr::new([127, 0, 0, 1].into(), free_port("127.0.0.1")?);
     let alternate = SocketAddr::new([127, 0, 0, 2].into(), free_port("127.0.0.2")?);
     let theirs = SocketAddr::new([127, 0, 0, 1].into(), free_port("127.0.0.1")?);
+    // Like for like: coturn also runs RFC 5780 on two addresses, so both answers carry
+    // OTHER-ADDRESS and RESPONSE-ORIGIN. An empty configuration keeps a system-wide
+    // turnserver.conf (Debian's turns RFC 5780 off) out of the comparison.
+    let pidfile =
+        std::env::temp_dir().join(format!("natpunch-bench-coturn-{}.pid", std::process::id()));
     let coturn = Command::new(&args.coturn)
-        .args([
-            "-L",
-            "127.0.0.1",
-            "--listening-port",
-            &theirs.port().to_string(),
-        ])
+        .args(["-c", "/dev/null", "-L", "127.0.0.1", "-L", "127.0.0.2"])
+        .arg("--pidfile")
+        .arg(&pidfile)
+        .args(["--listening-port", &theirs.port().to_string()])
+        .args(["--alt-listening-port", &free_port("127.0.0.1")?.to_string()])
         .args([
             "--stun-only",
             "--no-tls",
             "--no-dtls",
             "--no-cli",
             "-z",
-            "--no-rfc5780",
             "--log-file",
             "stdout",
         ])
@@ -117,7 +126,10 @@ fn stun(args: StunArgs) -> anyhow::Result<ExitCode> {
                 args.coturn
             )
         })?;
-    let _coturn = Coturn(coturn);
+    let _coturn = Coturn {
+        child: coturn,
+        pidfile,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

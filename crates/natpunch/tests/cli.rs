@@ -270,48 +270,100 @@ fn nat_check_classifies_every_lab_preset_as_configured() {
     server
         .wait_for("listening on", std::time::Duration::from_secs(10))
         .expect("server ready");
+    // coturn as the other RFC 5780 server, on the same two addresses and other ports. Debian's
+    // /etc/turnserver.conf says `no-rfc5780`, so coturn gets an empty configuration instead.
+    let coturn_present = Path::new("/usr/bin/turnserver").exists();
+    if !coturn_present {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true needs coturn"
+        );
+        eprintln!("skipping the coturn interop part: turnserver (coturn) is not installed");
+    }
+    let coturn_primary = format!("{}:4478", addrs[0]);
+    let pidfile = std::env::temp_dir().join(format!("natpunch-coturn-{}.pid", std::process::id()));
+    let coturn = coturn_present.then(|| {
+        let (ip0, ip1) = (addrs[0].to_string(), addrs[1].to_string());
+        let coturn = lab
+            .spawn(
+                "reflector",
+                "turnserver",
+                &[
+                    "-c",
+                    "/dev/null",
+                    "-L",
+                    &ip0,
+                    "-L",
+                    &ip1,
+                    "--listening-port",
+                    "4478",
+                    "--alt-listening-port",
+                    "4479",
+                    "--stun-only",
+                    "--no-tls",
+                    "--no-dtls",
+                    "--no-cli",
+                    "-z",
+                    "--pidfile",
+                    pidfile.to_str().expect("UTF-8 temp dir"),
+                    "--log-file",
+                    "stdout",
+                ],
+            )
+            .expect("coturn starts");
+        coturn
+            .wait_for("Total General servers", std::time::Duration::from_secs(10))
+            .expect("coturn ready");
+        coturn
+    });
 
-    let check = |preset: Preset, extra: &[&str]| -> Value {
+    let check_against = |server: &str, preset: Preset, extra: &[&str]| -> Value {
         let host = format!("h-{preset}");
-        let mut args = vec!["nat", "check", "--server", &primary, "--json"];
+        let mut args = vec!["nat", "check", "--server", server, "--json"];
         args.extend_from_slice(extra);
         let out = lab
             .exec(&host, exe, &args)
             .unwrap_or_else(|e| panic!("{preset}: {e}"));
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("{preset}: {e}: {out}"))
     };
+    let check = |preset: Preset, extra: &[&str]| check_against(&primary, preset, extra);
     std::thread::scope(|s| {
         let lifetime = s.spawn(|| check(Preset::Cgnat, &["--lifetime", "--lifetime-max", "45"]));
-        let rows: Vec<_> = Preset::ALL
+        let mut rows: Vec<_> = Preset::ALL
             .iter()
-            .map(|&p| (p, s.spawn(move || check(p, &[]))))
+            .map(|&p| (p, "natpunch", s.spawn(move || check(p, &[]))))
             .collect();
-        for (preset, row) in rows {
+        if coturn.is_some() {
+            let coturn_primary = &coturn_primary;
+            let check_against = &check_against;
+            rows.extend(Preset::ALL.iter().map(|&p| {
+                let row = s.spawn(move || check_against(coturn_primary, p, &[]));
+                (p, "coturn", row)
+            }));
+        }
+        for (preset, server, row) in rows {
             let report = row.join().expect("check thread");
+            let label = format!("{preset} against {server}");
             let chain: Vec<_> = path_of(preset).iter().filter_map(|p| p.config()).collect();
             let (want, _) = expected_through(&chain);
             let json = |v: &dyn erased::Json| v.to_json();
-            assert_eq!(report["mapping"], json(&want.mapping), "{preset}: {report}");
+            assert_eq!(report["mapping"], json(&want.mapping), "{label}: {report}");
             assert_eq!(
                 report["filtering"],
                 json(&want.filtering),
-                "{preset}: {report}"
+                "{label}: {report}"
             );
             assert_eq!(
                 report["port_allocation"],
                 json(&want.port_allocation),
-                "{preset}: {report}"
+                "{label}: {report}"
             );
-            assert_eq!(report["hairpin"], want.hairpin, "{preset}: {report}");
-            assert_eq!(report["rfc5780"], true);
+            assert_eq!(report["hairpin"], want.hairpin, "{label}: {report}");
+            assert_eq!(report["rfc5780"], true, "{label}: {report}");
             let public = lab
                 .public_addr(&format!("h-{preset}"))
                 .expect("public address");
-            assert_eq!(
-                report["public_addresses"][0],
-                public.to_string(),
-                "{preset}"
-            );
+            assert_eq!(report["public_addresses"][0], public.to_string(), "{label}");
         }
         // coturn's RFC 5780 client agrees with our server about our routers.
         let natdiscovery = Path::new("/usr/bin/turnutils_natdiscovery").exists();
@@ -370,7 +422,9 @@ fn nat_check_classifies_every_lab_preset_as_configured() {
             "30 s timeout estimated as {estimate} s: {report}"
         );
     });
+    drop(coturn);
     drop(server);
+    let _ = std::fs::remove_file(pidfile);
 }
 
 /// Serialising a value to a JSON value, for comparing with parsed output.

@@ -97,7 +97,9 @@ impl Verdict {
     pub fn sentence(self) -> &'static str {
         match self {
             Self::DirectlyReachable => "directly reachable: no NAT, no filtering",
-            Self::EasyToHolePunch => "easy to hole-punch: the NAT keeps one mapping per socket",
+            Self::EasyToHolePunch => {
+                "easy to hole-punch: each socket keeps one public address and port for every peer"
+            }
             Self::NeedsPortPrediction => {
                 "needs port prediction: the NAT maps per destination but allocates predictably"
             }

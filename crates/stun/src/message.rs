@@ -118,15 +118,36 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
 }
 
 /// Encodes `message`, appending a FINGERPRINT attribute when `fingerprint` is set.
-pub fn encode(mut message: Message, fingerprint: bool) -> Vec<u8> {
-    if fingerprint && let Ok(fp) = Fingerprint::new(&message) {
-        message.add_attribute(fp);
-    }
+///
+/// The fingerprint is computed over the encoded bytes here: stun_codec's `Fingerprint::new`
+/// encodes the whole message a second time to get them, which doubled a server's encode work.
+pub fn encode(message: Message, fingerprint: bool) -> Vec<u8> {
     // Encoding a message built from valid attribute values cannot fail; an empty datagram is
     // what a caller would send if it did, and receivers drop it as truncated.
-    MessageEncoder::<Attribute>::new()
-        .encode_into_bytes(message)
-        .unwrap_or_default()
+    let Ok(mut bytes) = MessageEncoder::<Attribute>::new().encode_into_bytes(message) else {
+        return Vec::new();
+    };
+    if fingerprint && bytes.len() >= HEADER_LEN {
+        append_fingerprint(&mut bytes);
+    }
+    bytes
+}
+
+/// FINGERPRINT's attribute type (RFC 8489 §14.7).
+const FINGERPRINT: u16 = 0x8028;
+/// What the CRC-32 is XORed with (RFC 8489 §14.7): "STUN" in ASCII.
+const FINGERPRINT_XOR: u32 = 0x5354_554e;
+
+/// Appends FINGERPRINT to an encoded message: the header's length first counts the attribute,
+/// then the CRC-32 of everything before it is taken.
+fn append_fingerprint(bytes: &mut Vec<u8>) {
+    const CRC32: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
+    let length = (bytes.len() - HEADER_LEN + 8) as u16;
+    bytes[2..4].copy_from_slice(&length.to_be_bytes());
+    let value = CRC32.checksum(bytes) ^ FINGERPRINT_XOR;
+    bytes.extend_from_slice(&FINGERPRINT.to_be_bytes());
+    bytes.extend_from_slice(&4u16.to_be_bytes());
+    bytes.extend_from_slice(&value.to_be_bytes());
 }
 
 /// A Binding request, optionally with CHANGE-REQUEST flags and a RESPONSE-PORT.
@@ -247,6 +268,27 @@ mod tests {
         );
         assert!(m.get_attribute::<Fingerprint>().is_some());
         assert_eq!(binding_request_id(&bytes), Some([7; 12]));
+    }
+
+    #[test]
+    fn our_fingerprint_equals_stun_codecs() {
+        let message = || {
+            let mut m = Message::new(
+                MessageClass::SuccessResponse,
+                BINDING,
+                TransactionId::new([9; 12]),
+            );
+            m.add_attribute(Software::new("natpunch test".to_owned()).expect("software"));
+            m.add_attribute(ResponsePort(3479));
+            m
+        };
+        let mut theirs = message();
+        theirs.add_attribute(Fingerprint::new(&theirs).expect("fingerprint"));
+        let theirs = MessageEncoder::<Attribute>::new()
+            .encode_into_bytes(theirs)
+            .expect("encodes");
+        assert_eq!(encode(message(), true), theirs);
+        assert_eq!(encode(message(), false).len() + 8, theirs.len());
     }
 
     #[test]
