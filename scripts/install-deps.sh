@@ -3,7 +3,9 @@
 # Sourced by ./run and ./test; safe to run on its own.
 set -euo pipefail
 
-packages=(iproute2 nftables iptables conntrack procps coturn)
+# miniupnpd-nftables before miniupnpd: it satisfies miniupnpd's backend dependency the way
+# Debian recommends (nftables, not iptables).
+packages=(iproute2 nftables iptables conntrack procps coturn miniupnpd-nftables miniupnpd)
 
 missing=()
 for p in "${packages[@]}"; do

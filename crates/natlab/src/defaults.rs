@@ -55,3 +55,8 @@ pub const PROBE_REPLY_TIMEOUT: Duration = Duration::from_millis(1500);
 pub const PROBE_SILENCE: Duration = Duration::from_millis(400);
 /// Largest queue a delay line lets the kernel hold per direction.
 pub const DELAY_QUEUE_MAX_LEN: u32 = 4096;
+
+/// How long miniupnpd may take to start serving on a port-mapping router (it takes a few ms).
+pub const PORTMAP_START_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a simulated router reboot keeps the router dark, by default.
+pub const REBOOT_DOWNTIME: Duration = Duration::from_secs(1);

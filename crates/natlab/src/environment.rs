@@ -38,6 +38,22 @@ pub fn check() -> Result<(), String> {
     Ok(())
 }
 
+/// For tests that need a port-mapping router: [`lab_test_can_run`], plus miniupnpd.
+pub fn portmap_test_can_run(test: &str) -> bool {
+    if !lab_test_can_run(test) {
+        return false;
+    }
+    if Path::new(crate::portmap::MINIUPNPD).is_file() {
+        return true;
+    }
+    let why = "miniupnpd is not installed (apt-get install miniupnpd-nftables miniupnpd)";
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test}: CI=true but {why}");
+    }
+    eprintln!("skipping {test}: {why}");
+    false
+}
+
 /// For tests that need a lab: `true` if they can run. The first call also sweeps away labs
 /// that crashed earlier runs left behind. Without a usable environment this prints
 /// why and returns `false` (the test then skips), except under `CI=true`, where it panics:

@@ -6,6 +6,7 @@
 //! which takes every veth and nft table with them. [`sweep`] removes what crashed processes left.
 //! A lab made with [`Lab::detach`] outlives its process until [`down`] removes it.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead as _, BufReader, Read};
 use std::net::Ipv4Addr;
 use std::os::unix::process::CommandExt as _;
@@ -21,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::delay::{DelayError, DelayLine};
 use crate::netns::{self, CommandError};
 use crate::nft::{self, RouterRules};
+use crate::portmap::{self, Files, RouterSide};
 use crate::topology::{
     INTERNET_BRIDGE, LAN_BRIDGE, LabPlan, NodePlan, Topology, TopologyError, validate_name,
 };
@@ -70,6 +72,12 @@ pub enum LabError {
     /// A lab of that name exists already.
     #[error("a lab named `{0}` exists already: pick another --name or run `natpunch lab down {0}`")]
     Exists(String),
+    /// An operation for routers named a host.
+    #[error("`{0}` is a host; only routers can be rebooted or renumbered")]
+    NotARouter(String),
+    /// An address that cannot be used.
+    #[error("{0}")]
+    BadAddress(String),
     /// A spawned process did not print what was awaited in time.
     #[error("`{process}` did not print `{needle}` within {timeout:?}; output so far:\n{output}")]
     NotReady {
@@ -239,6 +247,15 @@ pub fn down(lab: &str) -> Result<(), LabError> {
 }
 
 fn remove_state(lab: &str) -> Result<(), LabError> {
+    // The routers' files (miniupnpd configurations, leases, logs) go first, the state last:
+    // a lab without state is what a sweep looks for.
+    let files = PathBuf::from(defaults::STATE_DIR).join(format!("{lab}.d"));
+    match fs::remove_dir_all(&files) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            return Err(io_err(format!("removing {}", files.display()))(e));
+        }
+        _ => {}
+    }
     match fs::remove_file(state_path(lab)) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err("removing lab state")(e)),
         _ => Ok(()),
@@ -342,6 +359,8 @@ pub struct Lab {
     state: LabState,
     delay_lines: Vec<DelayLine>,
     children: Mutex<Vec<Arc<Mutex<Child>>>>,
+    /// The miniupnpd of each port-mapping router, by router name.
+    daemons: Mutex<BTreeMap<String, Child>>,
     /// Set once the namespaces exist, so that Drop knows there is something to remove.
     built: bool,
 }
@@ -353,6 +372,16 @@ impl Lab {
         let name = options.name.unwrap_or_else(random_name);
         validate_name(&name, MAX_LAB_NAME)?;
         let plan = topology.plan(&name)?;
+        let maps_ports = plan
+            .nodes
+            .iter()
+            .any(|n| n.router.as_ref().is_some_and(|r| r.portmap.is_some()));
+        if maps_ports && !std::path::Path::new(portmap::MINIUPNPD).is_file() {
+            return Err(LabError::Environment(format!(
+                "port-mapping routers need {} (apt-get install miniupnpd-nftables miniupnpd)",
+                portmap::MINIUPNPD
+            )));
+        }
         if plan.namespaces().any(netns::exists) {
             return Err(LabError::Exists(name));
         }
@@ -368,6 +397,7 @@ impl Lab {
             state,
             delay_lines: Vec::new(),
             children: Mutex::new(Vec::new()),
+            daemons: Mutex::new(BTreeMap::new()),
             built: true,
         };
         lab.create()?;
@@ -413,7 +443,46 @@ impl Lab {
         for node in &plan.nodes {
             create_node(node)?;
         }
+        for node in &plan.nodes {
+            if let Some(child) = start_portmap(&plan.lab, node)? {
+                self.keep_daemon(&node.name, child);
+            }
+        }
         Ok(())
+    }
+
+    fn keep_daemon(&self, router: &str, child: Child) {
+        if let Ok(mut daemons) = self.daemons.lock() {
+            if let Some(mut old) = daemons.insert(router.to_owned(), child) {
+                end_group(&mut old);
+            }
+        }
+    }
+
+    /// Power-cycles router `router`: it goes dark for `downtime`, forgets every NAT mapping and
+    /// port mapping (conntrack, the lab's tables, miniupnpd's rules and lease file), and comes
+    /// back with a fresh miniupnpd whose epoch starts again from zero. See [`reboot_router`].
+    pub fn reboot_router(&self, router: &str, downtime: Duration) -> Result<(), LabError> {
+        // Our own child is ended and reaped here; `reboot_router` then finds it gone.
+        if let Ok(mut daemons) = self.daemons.lock()
+            && let Some(mut old) = daemons.remove(router)
+        {
+            end_group(&mut old);
+        }
+        if let Some(child) = reboot_router(&self.state.plan, router, downtime)? {
+            self.keep_daemon(router, child);
+        }
+        Ok(())
+    }
+
+    /// Gives router `router` a new external address (`new`, or a free one on its uplink) and
+    /// returns it. See [`renumber_router`].
+    pub fn renumber_router(
+        &mut self,
+        router: &str,
+        new: Option<Ipv4Addr>,
+    ) -> Result<Ipv4Addr, LabError> {
+        renumber_router(&mut self.state, router, new)
     }
 
     /// Keeps the lab after this value is dropped, until `natpunch lab down` (or [`down`]).
@@ -523,18 +592,7 @@ impl Lab {
     /// that independent trials do not see each other's state.
     pub fn flush_nat_state(&self) -> Result<(), LabError> {
         for node in self.state.plan.nodes.iter().filter(|n| n.is_router()) {
-            // Conntrack first: a packet between the two steps must not re-learn a flushed entry.
-            // (conntrack -F exits non-zero on an empty table with some versions: ignore that.)
-            let _ = netns::run(Some(&node.netns), "conntrack", &["-F"], None);
-            let sets = node
-                .router
-                .as_ref()
-                .map(|r| nft::state_sets(&r.nat))
-                .unwrap_or_default();
-            for (kind, name) in &sets {
-                let args = ["flush", kind, "ip", nft::TABLE, name];
-                netns::run(Some(&node.netns), "nft", &args, None)?;
-            }
+            flush_router_state(node)?;
         }
         Ok(())
     }
@@ -554,6 +612,11 @@ impl Lab {
                 if let Ok(mut c) = child.lock() {
                     end_group(&mut c);
                 }
+            }
+        }
+        if let Ok(mut daemons) = self.daemons.lock() {
+            for (_, mut child) in std::mem::take(&mut *daemons) {
+                end_group(&mut child);
             }
         }
         self.delay_lines.clear();
@@ -597,6 +660,222 @@ pub fn start_delay_lines(plan: &LabPlan, seed: u64) -> Result<Vec<DelayLine>, La
         lines.push(DelayLine::start(node, seed.wrapping_add(i as u64))?);
     }
     Ok(lines)
+}
+
+/// Starts miniupnpd on `node` if it is a port-mapping router: writes its configuration, loads
+/// its nft table (emptying its chains), starts it and records its process. `None` for other
+/// nodes.
+fn start_portmap(lab: &str, node: &NodePlan) -> Result<Option<Child>, LabError> {
+    let Some((router, cfg)) = node
+        .router
+        .as_ref()
+        .and_then(|r| r.portmap.as_ref().map(|p| (r, p)))
+    else {
+        return Ok(None);
+    };
+    let files = Files::of(lab, &node.name);
+    fs::create_dir_all(&files.dir).map_err(io_err(format!("creating {}", files.dir.display())))?;
+    let side = RouterSide {
+        wan_if: &node.uplink.iface,
+        lan_if: LAN_BRIDGE,
+        lan_net: router.lan_net,
+    };
+    let config = portmap::render_config(cfg, side, &files, &portmap::uuid_for(lab, &node.name));
+    fs::write(files.config(), config)
+        .map_err(io_err(format!("writing {}", files.config().display())))?;
+    let table = portmap::render_table(cfg, LAN_BRIDGE);
+    netns::run(Some(&node.netns), "nft", &["-f", "-"], Some(&table))?;
+    let child = portmap::spawn(&node.netns, cfg, &files)
+        .map_err(io_err(format!("starting miniupnpd on {}", node.name)))?;
+    if let Some(id) = ProcessId::of(child.id()) {
+        let text = serde_json::to_string(&id).map_err(|e| LabError::Io {
+            what: "encoding a process record".into(),
+            source: io::Error::other(e),
+        })?;
+        fs::write(files.process(), text)
+            .map_err(io_err(format!("writing {}", files.process().display())))?;
+    }
+    Ok(Some(child))
+}
+
+/// Ends the miniupnpd that the lab recorded for router `router` of lab `lab`, if it still runs.
+fn stop_portmap(lab: &str, router: &str) {
+    let files = Files::of(lab, router);
+    let id = fs::read_to_string(files.process())
+        .ok()
+        .and_then(|text| serde_json::from_str::<ProcessId>(&text).ok());
+    // The start time in the record makes sure a reused PID is never signalled.
+    if let Some(id) = id.filter(ProcessId::is_alive) {
+        stop_process(id);
+    }
+}
+
+/// Power-cycles router `router` of a running lab (also a detached one, from another process).
+///
+/// For `downtime` the router forwards, accepts and sends nothing (an nft table that drops
+/// everything, ahead of all others). Meanwhile it loses what a reboot loses: conntrack, the
+/// lab's mapping tables and, on a port-mapping router, miniupnpd with its rules and lease
+/// file. Then it comes back: traffic flows again and a fresh miniupnpd starts (its epoch from
+/// zero) and announces itself on the LAN. Returns that miniupnpd's process, if any.
+pub fn reboot_router(
+    plan: &LabPlan,
+    router: &str,
+    downtime: Duration,
+) -> Result<Option<Child>, LabError> {
+    let node = router_of(plan, router)?;
+    let ns = node.netns.as_str();
+    let dark = format!(
+        "table inet {DARK} {{\n\
+           chain input {{ type filter hook input priority raw - 10; policy drop; }}\n\
+           chain forward {{ type filter hook forward priority raw - 10; policy drop; }}\n\
+           chain output {{ type filter hook output priority raw - 10; policy drop; }}\n\
+         }}\n"
+    );
+    netns::run(Some(ns), "nft", &["-f", "-"], Some(&dark))?;
+    let result = (|| {
+        stop_portmap(&plan.lab, router);
+        flush_router_state(node)?;
+        if let Some(cfg) = node.router.as_ref().and_then(|r| r.portmap.as_ref()) {
+            netns::run(
+                Some(ns),
+                "nft",
+                &["-f", "-"],
+                Some(&portmap::render_table(cfg, LAN_BRIDGE)),
+            )?;
+            let leases = Files::of(&plan.lab, router).leases();
+            match fs::remove_file(&leases) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(io_err(format!("removing {}", leases.display()))(e));
+                }
+                _ => {}
+            }
+        }
+        thread::sleep(downtime);
+        Ok(())
+    })();
+    // Back on, whatever happened above: a lab must not keep a dark router by accident.
+    netns::run(Some(ns), "nft", &["delete", "table", "inet", DARK], None)?;
+    result?;
+    start_portmap(&plan.lab, node)
+}
+
+/// The nft table that keeps a rebooting router dark.
+const DARK: &str = "natlab_dark";
+
+/// Gives router `router` a new external address and returns it: `new`, or the highest free
+/// address of its uplink network. The old address goes (the new one is promoted in its place),
+/// the lab's NAT rules are reloaded for the new address with empty tables, conntrack is flushed,
+/// and the lab's state records the change. miniupnpd notices by itself (netlink), announces the
+/// new address on the LAN and restarts its epoch; its port forwardings keep working.
+pub fn renumber_router(
+    state: &mut LabState,
+    router: &str,
+    new: Option<Ipv4Addr>,
+) -> Result<Ipv4Addr, LabError> {
+    let node = router_of(&state.plan, router)?.clone();
+    let up = &node.uplink;
+    let used = |ip: Ipv4Addr| {
+        ip == up.gateway
+            || state.plan.nodes.iter().any(|n| {
+                n.uplink.addrs.contains(&ip) || n.router.as_ref().is_some_and(|r| r.lan_addr == ip)
+            })
+    };
+    let size = 1u32 << (32 - u32::from(up.net.prefix()).min(31));
+    let broadcast = up.net.nth(size - 1);
+    let new = match new {
+        Some(ip) if !up.net.contains(ip) || ip == up.net.addr() || Some(ip) == broadcast => {
+            return Err(LabError::BadAddress(format!(
+                "{ip} is not a host address of {router}'s uplink network {}",
+                up.net
+            )));
+        }
+        Some(ip) if used(ip) => {
+            return Err(LabError::BadAddress(format!(
+                "{ip} is in use in lab {}",
+                state.plan.lab
+            )));
+        }
+        Some(ip) => ip,
+        None => {
+            (2..size - 1)
+                .rev()
+                .filter_map(|n| up.net.nth(n))
+                .find(|ip| !used(*ip))
+                .ok_or_else(|| LabError::BadAddress(format!("no free address in {}", up.net)))?
+        }
+    };
+    let ns = node.netns.as_str();
+    let old = up.addrs[0];
+    let prefix = up.net.prefix();
+    netns::run(
+        Some(ns),
+        "sysctl",
+        &[
+            "-qw",
+            &format!("net.ipv4.conf.{}.promote_secondaries=1", up.iface),
+        ],
+        None,
+    )?;
+    netns::ip(
+        Some(ns),
+        &["addr", "add", &format!("{new}/{prefix}"), "dev", &up.iface],
+    )?;
+    netns::ip(
+        Some(ns),
+        &["addr", "del", &format!("{old}/{prefix}"), "dev", &up.iface],
+    )?;
+    netns::ip(
+        Some(ns),
+        &[
+            "route",
+            "replace",
+            "default",
+            "via",
+            &up.gateway.to_string(),
+        ],
+    )?;
+    if let Some(r) = &node.router {
+        let rules = nft::render(&RouterRules {
+            nat: &r.nat,
+            wan_if: &up.iface,
+            wan_ip: new,
+            lan_if: LAN_BRIDGE,
+            lan_net: r.lan_net,
+        });
+        netns::run(Some(ns), "nft", &["-f", "-"], Some(&rules))?;
+    }
+    let _ = netns::run(Some(ns), "conntrack", &["-F"], None);
+    if let Some(n) = state.plan.nodes.iter_mut().find(|n| n.name == router) {
+        n.uplink.addrs[0] = new;
+    }
+    save_state(state)?;
+    Ok(new)
+}
+
+fn router_of<'a>(plan: &'a LabPlan, name: &str) -> Result<&'a NodePlan, LabError> {
+    let node = node_of(plan, name)?;
+    if node.is_router() {
+        Ok(node)
+    } else {
+        Err(LabError::NotARouter(name.to_owned()))
+    }
+}
+
+/// Forgets one router's NAT state: conntrack, then the lab's mapping tables.
+fn flush_router_state(node: &NodePlan) -> Result<(), LabError> {
+    // Conntrack first: a packet between the two steps must not re-learn a flushed entry.
+    // (conntrack -F exits non-zero on an empty table with some versions: ignore that.)
+    let _ = netns::run(Some(&node.netns), "conntrack", &["-F"], None);
+    let sets = node
+        .router
+        .as_ref()
+        .map(|r| nft::state_sets(&r.nat))
+        .unwrap_or_default();
+    for (kind, name) in &sets {
+        let args = ["flush", kind, "ip", nft::TABLE, name];
+        netns::run(Some(&node.netns), "nft", &args, None)?;
+    }
+    Ok(())
 }
 
 fn create_node(node: &NodePlan) -> Result<(), LabError> {

@@ -8,8 +8,8 @@
 //! runs on often lack `sch_netem`. The lab measures itself ([`selftest`]).
 //!
 //! What it does not do: IPv6, port-block allocation, firewall profiles beyond NAT filtering, and
-//! non-deterministic "bad NAT" modes. Port-mapping routers (miniupnpd) come with natpunch's port
-//! mapping work.
+//! non-deterministic "bad NAT" modes. Routers can also run real miniupnpd for UPnP IGD, NAT-PMP
+//! and PCP ([`portmap`]), and be rebooted or renumbered while a lab runs.
 //!
 //! Safety: every namespace carries the prefix `natlab.LAB.`; veths are created inside lab namespaces
 //! only, so lab traffic never reaches the root namespace, and the internet namespace does not
@@ -37,6 +37,7 @@ pub mod nat;
 pub mod net;
 pub mod netns;
 pub mod nft;
+pub mod portmap;
 pub mod probe;
 pub mod selftest;
 pub mod topology;

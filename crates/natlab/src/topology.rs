@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::defaults;
 use crate::nat::{NatConfig, NatConfigError, Preset, UnknownPreset};
 use crate::net::Ipv4Net;
+use crate::portmap::PortMapConfig;
 
 /// Conditions of a node's uplink, applied in both directions (so the RTT over the link grows by
 /// twice `delay_ms`).
@@ -74,6 +75,9 @@ pub enum NodeKind {
         nat: NatConfig,
         /// The preset it came from, if any (informational).
         preset: Option<Preset>,
+        /// Port mapping (miniupnpd), if the router offers it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        portmap: Option<PortMapConfig>,
     },
     /// An end host: behind a router, or public (on the internet) when it has no upstream.
     Host {
@@ -181,6 +185,14 @@ pub enum TopologyError {
         /// What is wrong.
         reason: &'static str,
     },
+    /// A port-mapping router that cannot work.
+    #[error("router `{node}`: {reason}")]
+    BadPortMap {
+        /// The router.
+        node: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
     /// More nodes than the address plan has room for.
     #[error("too many {0} for the lab's address plan")]
     TooMany(&'static str),
@@ -199,6 +211,7 @@ struct FileFormat {
 #[serde(deny_unknown_fields)]
 struct RouterEntry {
     nat: toml::Value,
+    portmap: Option<toml::Value>,
     upstream: Option<String>,
     #[serde(default)]
     link: LinkCondition,
@@ -289,6 +302,28 @@ fn parse_nat(node: &str, value: toml::Value) -> Result<(NatConfig, Option<Preset
     Ok((config, preset))
 }
 
+/// Why port mapping needs a router on the internet.
+const PORTMAP_BEHIND_NAT: &str = "portmap needs a router on the internet: miniupnpd refuses to \
+     map ports when its WAN address is private or in 100.64/10";
+
+fn parse_portmap(node: &str, value: toml::Value) -> Result<Option<PortMapConfig>, TopologyError> {
+    match value {
+        toml::Value::Boolean(on) => Ok(on.then(PortMapConfig::default)),
+        table @ toml::Value::Table(_) => {
+            table.try_into().map(Some).map_err(|e: toml::de::Error| {
+                TopologyError::Parse(format!(
+                    "router `{node}`: portmap: {}",
+                    e.to_string().trim()
+                ))
+            })
+        }
+        other => Err(TopologyError::Parse(format!(
+            "router `{node}`: portmap must be true, false or a table, not {}",
+            other.type_str()
+        ))),
+    }
+}
+
 /// Checks a node or lab name: lowercase ASCII letters, digits and `-`, starting with a letter
 /// or digit, at most `max` characters.
 pub fn validate_name(name: &str, max: usize) -> Result<(), TopologyError> {
@@ -332,8 +367,17 @@ impl Topology {
         let mut nodes = Vec::new();
         for (name, r) in file.router {
             let (nat, preset) = parse_nat(&name, r.nat)?;
+            let portmap = r
+                .portmap
+                .map(|v| parse_portmap(&name, v))
+                .transpose()?
+                .flatten();
             nodes.push(Node {
-                kind: NodeKind::Router { nat, preset },
+                kind: NodeKind::Router {
+                    nat,
+                    preset,
+                    portmap,
+                },
                 upstream: r.upstream,
                 link: r.link,
                 name,
@@ -363,10 +407,26 @@ impl Topology {
         let preset = Preset::ALL.into_iter().find(|p| p.config() == Some(nat));
         self.nodes.push(Node {
             name: name.to_owned(),
-            kind: NodeKind::Router { nat, preset },
+            kind: NodeKind::Router {
+                nat,
+                preset,
+                portmap: None,
+            },
             upstream: upstream.map(str::to_owned),
             link: LinkCondition::default(),
         });
+        self
+    }
+
+    /// Makes router `name` a port-mapping router (no effect on hosts or unknown names).
+    pub fn portmap(mut self, name: &str, config: PortMapConfig) -> Self {
+        if let Some(Node {
+            kind: NodeKind::Router { portmap, .. },
+            ..
+        }) = self.nodes.iter_mut().find(|n| n.name == name)
+        {
+            *portmap = Some(config);
+        }
         self
     }
 
@@ -410,11 +470,25 @@ impl Topology {
                 reason,
             })?;
             match &n.kind {
-                NodeKind::Router { nat, .. } => {
+                NodeKind::Router { nat, portmap, .. } => {
                     nat.validate().map_err(|source| TopologyError::InvalidNat {
                         node: n.name.clone(),
                         source,
-                    })?
+                    })?;
+                    if let Some(portmap) = portmap {
+                        portmap
+                            .validate()
+                            .map_err(|reason| TopologyError::BadPortMap {
+                                node: n.name.clone(),
+                                reason,
+                            })?;
+                        if n.upstream.is_some() {
+                            return Err(TopologyError::BadPortMap {
+                                node: n.name.clone(),
+                                reason: PORTMAP_BEHIND_NAT,
+                            });
+                        }
+                    }
                 }
                 NodeKind::Host { addresses } => {
                     if n.upstream.is_some() && *addresses != 1 {
@@ -552,7 +626,11 @@ impl Topology {
                 }
             };
             let router = match &n.kind {
-                NodeKind::Router { nat, preset } => {
+                NodeKind::Router {
+                    nat,
+                    preset,
+                    portmap,
+                } => {
                     let k = u8::try_from(lans.len() + 1)
                         .map_err(|_| TopologyError::TooMany("routers"))?;
                     if k == 255 {
@@ -572,6 +650,7 @@ impl Topology {
                     Some(RouterPlan {
                         nat: *nat,
                         preset: *preset,
+                        portmap: portmap.clone(),
                         lan_net,
                         lan_addr: lan_net
                             .nth(1)
@@ -639,6 +718,9 @@ pub struct RouterPlan {
     pub lan_net: Ipv4Net,
     /// The router's own LAN address (the LAN's gateway).
     pub lan_addr: Ipv4Addr,
+    /// Port mapping (miniupnpd), if the router offers it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub portmap: Option<PortMapConfig>,
 }
 
 /// Everything needed to create one node.
@@ -793,7 +875,7 @@ mod tests {
     fn overriding_a_preset_drops_its_name() {
         let t = Topology::from_toml(CHAIN).expect("valid");
         let Some(Node {
-            kind: NodeKind::Router { nat, preset },
+            kind: NodeKind::Router { nat, preset, .. },
             ..
         }) = t.node("home-b")
         else {
@@ -809,6 +891,60 @@ mod tests {
             panic!("home-a is a router")
         };
         assert_eq!(*preset, Some(Preset::PortRestricted));
+    }
+
+    #[test]
+    fn portmap_is_true_or_a_table_and_only_on_the_internet() {
+        let portmap_of = |text: &str| {
+            let t = Topology::from_toml(text)?;
+            let plan = t.plan("t")?;
+            Ok::<_, TopologyError>(
+                plan.node("r")
+                    .and_then(|n| n.router.as_ref())
+                    .and_then(|r| r.portmap.clone()),
+            )
+        };
+        assert_eq!(
+            portmap_of("[router.r]\nnat = \"port-restricted\"\nportmap = true\n"),
+            Ok(Some(PortMapConfig::default()))
+        );
+        assert_eq!(
+            portmap_of("[router.r]\nnat = \"port-restricted\"\nportmap = false\n"),
+            Ok(None)
+        );
+        let custom = portmap_of(
+            "[router.r]\nnat = \"port-restricted\"\n[router.r.portmap]\nupnp = false\n\
+             max_lifetime_secs = 600\nrules = [\"allow 2000-3000 192.168.1.0/24 2000-3000\"]\n",
+        )
+        .expect("valid")
+        .expect("portmap");
+        assert!(!custom.upnp && custom.natpmp && custom.pcp);
+        assert_eq!(custom.max_lifetime_secs, 600);
+        assert_eq!(custom.rules.len(), 1);
+        for (text, needle) in [
+            ("portmap = 3", "must be true, false or a table"),
+            ("portmap = { upnpp = true }", "unknown field"),
+            (
+                "portmap = { rules = [\"allow everything\"] }",
+                "permission rule",
+            ),
+            (
+                "portmap = { upnp = false, natpmp = false, pcp = false }",
+                "at least one",
+            ),
+        ] {
+            let err = portmap_of(&format!("[router.r]\nnat = \"port-restricted\"\n{text}\n"))
+                .expect_err(text)
+                .to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+        let behind = portmap_of(
+            "[router.cgn]\nnat = \"cgnat\"\n[router.r]\nnat = \"port-restricted\"\n\
+             upstream = \"cgn\"\nportmap = true\n",
+        )
+        .expect_err("behind a NAT")
+        .to_string();
+        assert!(behind.contains("on the internet"), "{behind}");
     }
 
     #[test]

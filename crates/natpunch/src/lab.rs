@@ -26,6 +26,11 @@ pub(crate) enum LabCommand {
     Selftest(SelftestArgs),
     /// Remove labs left behind by crashed runs (detached labs are kept).
     Sweep,
+    /// Power-cycle a router: it goes dark, forgets its NAT and port mappings, and comes back
+    /// with a fresh miniupnpd (epoch from zero) if it maps ports.
+    Reboot(RebootArgs),
+    /// Give a router a new external address (its NAT rules follow; miniupnpd announces it).
+    Renumber(RenumberArgs),
     /// Run the delay lines of a detached lab until terminated (started by `lab up`).
     #[command(hide = true)]
     Hold {
@@ -71,6 +76,31 @@ pub(crate) struct DownArgs {
 }
 
 #[derive(Debug, Args)]
+pub(crate) struct RebootArgs {
+    /// Lab name.
+    lab: String,
+    /// Router name.
+    router: String,
+    /// How long the router stays dark, in seconds.
+    #[arg(long, env = "NATPUNCH_LAB_DOWN_SECS", default_value_t = natlab::defaults::REBOOT_DOWNTIME.as_secs_f64())]
+    down_secs: f64,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RenumberArgs {
+    /// Lab name.
+    lab: String,
+    /// Router name.
+    router: String,
+    /// The new address [default: the highest free address of the router's uplink network].
+    #[arg(long, env = "NATPUNCH_LAB_IP")]
+    ip: Option<std::net::Ipv4Addr>,
+    /// Print `{"router":…,"old":…,"new":…}` as JSON.
+    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
 pub(crate) struct ListArgs {
     /// Print JSON.
     #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
@@ -102,6 +132,34 @@ pub(crate) fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
                 removed.len(),
                 fmt_list(&removed)
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Reboot(args) => {
+            let state = lab::load_state(&args.lab)?;
+            let downtime = std::time::Duration::try_from_secs_f64(args.down_secs)
+                .context("--down-secs must be a non-negative number of seconds")?;
+            // A restarted miniupnpd outlives this process, as the lab does.
+            drop(lab::reboot_router(&state.plan, &args.router, downtime)?);
+            println!(
+                "rebooted {} in lab {} ({} s dark)",
+                args.router, args.lab, args.down_secs
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Renumber(args) => {
+            let mut state = lab::load_state(&args.lab)?;
+            let old = state
+                .plan
+                .node(&args.router)
+                .map(|n| n.addr())
+                .with_context(|| format!("lab {} has no node {}", args.lab, args.router))?;
+            let new = lab::renumber_router(&mut state, &args.router, args.ip)?;
+            if args.json {
+                let report = serde_json::json!({"router": args.router, "old": old, "new": new});
+                println!("{report}");
+            } else {
+                println!("{}: external address {old} -> {new}", args.router);
+            }
             Ok(ExitCode::SUCCESS)
         }
         LabCommand::Hold { name } => hold(&name),
@@ -330,6 +388,9 @@ fn describe_node(n: &NodePlan) -> String {
             nat.unsolicited,
             r.lan_net
         ));
+        if let Some(p) = &r.portmap {
+            parts.push(p.summary());
+        }
     }
     if n.link.is_impaired() {
         parts.push(format!(
