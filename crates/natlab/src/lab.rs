@@ -796,13 +796,11 @@ pub fn renumber_router(
             )));
         }
         Some(ip) => ip,
-        None => {
-            (2..size - 1)
-                .rev()
-                .filter_map(|n| up.net.nth(n))
-                .find(|ip| !used(*ip))
-                .ok_or_else(|| LabError::BadAddress(format!("no free address in {}", up.net)))?
-        }
+        None => (2..size - 1)
+            .rev()
+            .filter_map(|n| up.net.nth(n))
+            .find(|ip| !used(*ip))
+            .ok_or_else(|| LabError::BadAddress(format!("no free address in {}", up.net)))?,
     };
     let ns = node.netns.as_str();
     let old = up.addrs[0];

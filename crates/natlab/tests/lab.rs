@@ -449,3 +449,85 @@ fn flushing_nat_state_forgets_mappings() {
     assert_ne!(before.port(), after.port());
     assert_eq!(before.ip(), after.ip());
 }
+
+/// `renumber_router` moves a router to a new external address: traffic from behind it shows
+/// the new address, the lab state says so, and a port-mapping router's miniupnpd keeps running.
+/// `reboot_router` wipes mappings: after it, the same socket gets a fresh mapping (the old
+/// conntrack entry is gone, so the reflector sees traffic again only through a new mapping),
+/// and miniupnpd is a new process.
+#[test]
+fn renumber_and_reboot_change_what_the_internet_sees() {
+    if !natlab::environment::portmap_test_can_run(
+        "renumber_and_reboot_change_what_the_internet_sees",
+    ) {
+        return;
+    }
+    let t = Topology::default()
+        .host("reflector", None, 2)
+        .router("r", preset(Preset::Symmetric), None)
+        .portmap("r", natlab::portmap::PortMapConfig::default())
+        .host("h", Some("r"), 1);
+    let mut lab = Lab::build(&t, LabOptions::default()).expect("lab");
+    let reflector = Reflector::start(&lab, "reflector", PORTS).expect("reflector");
+    let to = reflector.endpoints().primary;
+    let sock = lab
+        .run_in("h", || UdpSocket::bind("0.0.0.0:0"))
+        .expect("enter h")
+        .expect("socket");
+    let seen = |lab: &Lab| {
+        lab.run_in("h", || probe::udp_mapping(&sock, to))
+            .expect("enter h")
+            .expect("mapping")
+    };
+    let record = natlab::portmap::Files::of(lab.name(), "r").process();
+    let daemon = || {
+        let text = std::fs::read_to_string(&record).expect("process record");
+        serde_json::from_str::<ProcessId>(&text).expect("process id")
+    };
+    let first_daemon = daemon();
+    assert!(first_daemon.is_alive());
+
+    let before = seen(&lab);
+    assert_eq!(*before.ip(), lab.public_addr("h").expect("public"));
+    let new = lab.renumber_router("r", None).expect("renumber");
+    assert_ne!(new, *before.ip());
+    assert_eq!(lab.public_addr("h").expect("public"), new);
+    assert_eq!(
+        lab::load_state(lab.name())
+            .expect("state")
+            .plan
+            .node("r")
+            .expect("r")
+            .addr(),
+        new
+    );
+    let after = seen(&lab);
+    assert_eq!(*after.ip(), new, "the internet sees the new address");
+    assert!(
+        first_daemon.is_alive(),
+        "miniupnpd survives an address change"
+    );
+
+    // Symmetric + random ports: a fresh mapping after the reboot gets another random port,
+    // while without the reboot the socket keeps its mapping.
+    assert_eq!(seen(&lab), after, "no reboot: the mapping stays");
+    lab.reboot_router("r", Duration::from_millis(300))
+        .expect("reboot");
+    let rebooted = seen(&lab);
+    assert_eq!(*rebooted.ip(), new);
+    assert_ne!(
+        rebooted.port(),
+        after.port(),
+        "the reboot forgot the mapping"
+    );
+    assert!(!first_daemon.is_alive(), "the old miniupnpd is gone");
+    assert!(daemon().is_alive(), "a new miniupnpd runs");
+    assert_ne!(daemon(), first_daemon);
+    assert!(
+        matches!(
+            lab.renumber_router("reflector", None),
+            Err(natlab::LabError::NotARouter(_))
+        ),
+        "hosts cannot be renumbered"
+    );
+}
