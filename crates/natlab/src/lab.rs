@@ -452,10 +452,10 @@ impl Lab {
     }
 
     fn keep_daemon(&self, router: &str, child: Child) {
-        if let Ok(mut daemons) = self.daemons.lock() {
-            if let Some(mut old) = daemons.insert(router.to_owned(), child) {
-                end_group(&mut old);
-            }
+        if let Ok(mut daemons) = self.daemons.lock()
+            && let Some(mut old) = daemons.insert(router.to_owned(), child)
+        {
+            end_group(&mut old);
         }
     }
 
