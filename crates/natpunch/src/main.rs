@@ -3,6 +3,7 @@
 
 mod bench;
 mod lab;
+mod map;
 mod nat;
 
 use std::process::ExitCode;
@@ -36,6 +37,9 @@ enum Command {
     /// Run an RFC 5780 STUN server on two addresses × two ports (for `nat check`).
     #[command(display_order = 21)]
     StunServer(nat::StunServerArgs),
+    /// Port mapping on the local router: PCP, NAT-PMP or UPnP IGD (probe, list, add, delete).
+    #[command(subcommand, display_order = 30)]
+    Map(map::MapCommand),
     /// Benchmarks, each against a baseline in the same run.
     #[command(subcommand, display_order = 90)]
     Bench(bench::BenchCommand),
@@ -51,6 +55,7 @@ fn main() -> ExitCode {
         Command::Lab(cmd) => lab::run(cmd),
         Command::Nat(cmd) => nat::run(cmd),
         Command::StunServer(args) => nat::stun_server(args),
+        Command::Map(cmd) => map::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
     };
     match result {

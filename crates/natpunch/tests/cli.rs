@@ -558,3 +558,180 @@ fn stun_server_counts_garbage_and_keeps_answering() {
         "{counters}"
     );
 }
+
+/// `natpunch map` against real miniupnpd, for each of PCP, NAT-PMP and UPnP: add (UDP and TCP),
+/// a host on the lab internet reaches the mapped ports, list shows the mapping, asking again
+/// keeps the external port, a second LAN host asking for the same port gets another one without
+/// breaking the first, delete removes it from the router.
+#[test]
+fn map_add_list_renew_conflict_delete_with_every_protocol() {
+    use std::io::{Read as _, Write as _};
+    use std::net::{SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+    use std::time::Duration;
+
+    use natlab::{Lab, LabOptions, Topology};
+    if !natlab::environment::portmap_test_can_run(
+        "map_add_list_renew_conflict_delete_with_every_protocol",
+    ) {
+        return;
+    }
+    let text =
+        std::fs::read_to_string(repo_file("examples/labs/portmap-home.toml")).expect("example");
+    let topology = Topology::from_toml(&text).expect("topology");
+    let lab = Lab::build(&topology, LabOptions::default()).expect("lab");
+    let exe = env!("CARGO_BIN_EXE_natpunch");
+    let state_dir = std::env::temp_dir().join(format!("natpunch-map-test-{}", std::process::id()));
+    let map = |host: &str, args: &[&str]| -> Value {
+        let state = state_dir.join(format!("{host}.json"));
+        let mut all = vec!["map"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--json", "--state", state.to_str().expect("utf-8")]);
+        let out = lab
+            .exec(host, exe, &all)
+            .unwrap_or_else(|e| panic!("{host}: natpunch {all:?}: {e}"));
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{all:?}: {e}: {out}"))
+    };
+    let public = lab.public_addr("alice").expect("public address");
+
+    let probe = map("alice", &["probe"]);
+    for p in ["pcp", "nat_pmp", "upnp"] {
+        assert!(probe[p].is_object(), "{p} offered: {probe}");
+    }
+    assert_eq!(probe["external_ip"], public.to_string());
+    assert_eq!(probe["behind_another_nat"], false);
+
+    // Data path from the internet: a UDP datagram and a TCP connection to the mapped port.
+    let udp_reaches = |internal: u16, external: u16| -> bool {
+        let sock = lab
+            .run_in("alice", || UdpSocket::bind(("0.0.0.0", internal)))
+            .expect("enter alice")
+            .expect("bind");
+        sock.set_read_timeout(Some(Duration::from_millis(800)))
+            .expect("timeout");
+        let to = SocketAddrV4::new(public, external);
+        lab.run_in("peer", || -> std::io::Result<()> {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            s.send_to(b"through the mapping", to).map(drop)
+        })
+        .expect("enter peer")
+        .expect("send");
+        let mut buf = [0u8; 64];
+        matches!(sock.recv_from(&mut buf), Ok((n, _)) if &buf[..n] == b"through the mapping")
+    };
+    let tcp_reaches = |internal: u16, external: u16| -> bool {
+        let listener = lab
+            .run_in("alice", || TcpListener::bind(("0.0.0.0", internal)))
+            .expect("enter alice")
+            .expect("listen");
+        let to = SocketAddrV4::new(public, external);
+        let sent = lab
+            .run_in("peer", || -> std::io::Result<()> {
+                let mut s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(2))?;
+                s.write_all(b"tcp through the mapping")
+            })
+            .expect("enter peer");
+        if sent.is_err() {
+            return false;
+        }
+        let (mut conn, _) = listener.accept().expect("accept");
+        let mut got = String::new();
+        conn.read_to_string(&mut got).expect("read");
+        got == "tcp through the mapping"
+    };
+
+    for (via, port) in [("pcp", 7000u16), ("natpmp", 7100), ("upnp", 7200)] {
+        let p = port.to_string();
+        let tcp_port = (port + 1).to_string();
+        let udp = map("alice", &["add", &p, "--via", via, "--lifetime", "600"]);
+        assert_eq!(
+            udp["external_port"], port,
+            "{via}: the internal port is free: {udp}"
+        );
+        assert_eq!(udp["external_ip"], public.to_string(), "{via}: {udp}");
+        let tcp = map("alice", &["add", &tcp_port, "--via", via, "--proto", "tcp"]);
+        assert_eq!(tcp["protocol"], "tcp", "{via}: {tcp}");
+        assert!(
+            udp_reaches(port, port),
+            "{via}: UDP reaches the mapped port"
+        );
+        let tcp_external =
+            u16::try_from(tcp["external_port"].as_u64().expect("port")).expect("u16");
+        assert!(
+            tcp_reaches(port + 1, tcp_external),
+            "{via}: TCP reaches the mapped port"
+        );
+
+        let listed = map("alice", &["list"]);
+        let recorded = listed["recorded"].as_array().expect("recorded");
+        assert!(
+            recorded
+                .iter()
+                .any(|m| m["external_port"] == port && m["protocol"] == "udp"),
+            "{via}: {listed}"
+        );
+        let in_table = |listed: &Value, client: &str, external: u64| {
+            listed["upnp"]
+                .as_array()
+                .expect("upnp table")
+                .iter()
+                .any(|e| {
+                    e["internal_client"] == client
+                        && e["external_port"] == external
+                        && e["protocol"] == "udp"
+                })
+        };
+        assert!(
+            in_table(&listed, "192.168.1.2", u64::from(port)),
+            "{via}: router table: {listed}"
+        );
+
+        let renewed = map("alice", &["add", &p, "--via", via, "--lifetime", "600"]);
+        assert_eq!(
+            renewed["external_port"], port,
+            "{via}: renewal keeps the port"
+        );
+        if via == "pcp" {
+            assert_eq!(
+                renewed["nonce"], udp["nonce"],
+                "PCP renews with the same nonce"
+            );
+        }
+
+        let carol = map("carol", &["add", &p, "--via", via, "--lifetime", "600"]);
+        assert_ne!(
+            carol["external_port"], port,
+            "{via}: carol gets another port: {carol}"
+        );
+        assert!(
+            udp_reaches(port, port),
+            "{via}: alice's mapping still works"
+        );
+
+        map("alice", &["delete", &p]);
+        map("alice", &["delete", &tcp_port, "--proto", "tcp"]);
+        let listed = map("alice", &["list"]);
+        assert!(
+            !listed["recorded"]
+                .as_array()
+                .expect("recorded")
+                .iter()
+                .any(|m| m["external_port"] == port),
+            "{via}: {listed}"
+        );
+        assert!(
+            !in_table(&listed, "192.168.1.2", u64::from(port)),
+            "{via}: gone from the router: {listed}"
+        );
+        assert!(
+            !udp_reaches(port, port),
+            "{via}: the deleted mapping no longer forwards"
+        );
+        let carol_port = carol["external_port"].as_u64().expect("port");
+        assert!(
+            in_table(&listed, "192.168.1.3", carol_port),
+            "{via}: carol's stays: {listed}"
+        );
+        map("carol", &["delete", &p]);
+    }
+    let _ = std::fs::remove_dir_all(&state_dir);
+}

@@ -1,0 +1,438 @@
+//! `natpunch map …`: port mappings on the local router over PCP, NAT-PMP or UPnP IGD.
+//!
+//! Mappings this host makes are recorded in a small JSON file (PCP needs the nonce to renew or
+//! delete a mapping, and NAT-PMP has no way to list them), keyed by gateway and internal
+//! address, so that `map list` and `map delete` work across invocations.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::builder::BoolishValueParser;
+use clap::{Args, Subcommand, ValueEnum};
+use portmap::Protocol;
+use portmap::client::{self, Gateway, MapRequest, Mapped, ProbeReport};
+use portmap::keeper::Method;
+use portmap::upnp::Igd;
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum MapCommand {
+    /// Ask the router which of PCP, NAT-PMP and UPnP IGD it speaks, and its external address.
+    Probe(ProbeArgs),
+    /// Mappings this host made (from its record), and the router's UPnP table.
+    List(ListArgs),
+    /// Map an internal port of this host on the router.
+    Add(AddArgs),
+    /// Delete a mapping this host made (by internal or external port).
+    Delete(DeleteArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct Common {
+    /// The router to ask [default: the IPv4 default gateway].
+    #[arg(long, env = "NATPUNCH_MAP_GATEWAY", global = true)]
+    gateway: Option<Ipv4Addr>,
+    /// How long to wait for each protocol's answer, in milliseconds (NAT-PMP and PCP
+    /// retransmit after 250, 500, 1000 … ms within it).
+    #[arg(
+        long,
+        env = "NATPUNCH_MAP_WAIT_MS",
+        default_value_t = 2000,
+        global = true
+    )]
+    wait_ms: u64,
+    /// Where this host records its mappings [default: $XDG_STATE_HOME/natpunch/mappings.json
+    /// or ~/.local/state/natpunch/mappings.json].
+    #[arg(long, env = "NATPUNCH_MAP_STATE", global = true)]
+    state: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new(), global = true)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ProbeArgs {
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ListArgs {
+    #[command(flatten)]
+    common: Common,
+}
+
+/// Which protocol to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Via {
+    /// The best the router offers: PCP, then NAT-PMP, then UPnP.
+    Auto,
+    /// UPnP IGD.
+    Upnp,
+    /// NAT-PMP.
+    Natpmp,
+    /// PCP.
+    Pcp,
+}
+
+/// Transport protocol of a mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Proto {
+    /// UDP.
+    Udp,
+    /// TCP.
+    Tcp,
+}
+
+impl From<Proto> for Protocol {
+    fn from(p: Proto) -> Self {
+        match p {
+            Proto::Udp => Self::Udp,
+            Proto::Tcp => Self::Tcp,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct AddArgs {
+    /// The port on this host.
+    internal_port: u16,
+    /// The external port to ask for [default: the internal port]. The router may give another.
+    #[arg(long, env = "NATPUNCH_MAP_EXTERNAL_PORT")]
+    external_port: Option<u16>,
+    /// Transport protocol.
+    #[arg(long, env = "NATPUNCH_MAP_PROTO", value_enum, default_value_t = Proto::Udp)]
+    proto: Proto,
+    /// Lifetime to ask for, in seconds (routers clamp it; 0 asks UPnP for a permanent lease).
+    #[arg(long, env = "NATPUNCH_MAP_LIFETIME", default_value_t = 7200)]
+    lifetime: u32,
+    /// Protocol to map with.
+    #[arg(long, env = "NATPUNCH_MAP_VIA", value_enum, default_value_t = Via::Auto)]
+    via: Via,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct DeleteArgs {
+    /// Internal (or else external) port of the mapping.
+    port: u16,
+    /// Transport protocol.
+    #[arg(long, env = "NATPUNCH_MAP_PROTO", value_enum, default_value_t = Proto::Udp)]
+    proto: Proto,
+    #[command(flatten)]
+    common: Common,
+}
+
+pub(crate) fn run(cmd: MapCommand) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        match cmd {
+            MapCommand::Probe(a) => probe(a.common).await,
+            MapCommand::List(a) => list(a.common).await,
+            MapCommand::Add(a) => add(a).await,
+            MapCommand::Delete(a) => delete(a).await,
+        }
+    })
+}
+
+impl Common {
+    fn gateway(&self) -> anyhow::Result<Gateway> {
+        Gateway::find(self.gateway).context("finding the router")
+    }
+
+    fn wait(&self) -> Duration {
+        Duration::from_millis(self.wait_ms.max(1))
+    }
+
+    fn record(&self) -> anyhow::Result<Record> {
+        let path = match &self.state {
+            Some(p) => p.clone(),
+            None => default_state_path()?,
+        };
+        Record::load(path)
+    }
+}
+
+fn default_state_path() -> anyhow::Result<PathBuf> {
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .context("neither XDG_STATE_HOME nor HOME is set: pass --state FILE")?;
+    Ok(base.join("natpunch").join("mappings.json"))
+}
+
+/// The mappings this host made, on disk.
+#[derive(Debug)]
+struct Record {
+    path: PathBuf,
+    mappings: Vec<Mapped>,
+}
+
+impl Record {
+    fn load(path: PathBuf) -> anyhow::Result<Self> {
+        let mappings = match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a mapping record", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        Ok(Self { path, mappings })
+    }
+
+    fn save(&self) -> anyhow::Result<()> {
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let tmp = self.path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&self.mappings)?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &self.path)
+            .with_context(|| format!("writing {}", self.path.display()))
+    }
+
+    /// This host's mappings on `gw`.
+    fn on(&self, gw: Gateway) -> impl Iterator<Item = &Mapped> {
+        self.mappings
+            .iter()
+            .filter(move |m| m.gateway == gw.addr && *m.internal.ip() == gw.local)
+    }
+
+    /// Replaces the record of the same mapping (gateway, internal endpoint, protocol).
+    fn put(&mut self, m: Mapped) {
+        self.mappings.retain(|o| !same(o, &m));
+        self.mappings.push(m);
+    }
+}
+
+fn same(a: &Mapped, b: &Mapped) -> bool {
+    a.gateway == b.gateway && a.internal == b.internal && a.protocol == b.protocol
+}
+
+async fn probe(common: Common) -> anyhow::Result<ExitCode> {
+    let gw = common.gateway()?;
+    eprintln!(
+        "map probe: asking {} (from {}) over PCP, NAT-PMP and UPnP",
+        gw.addr, gw.local
+    );
+    let report = client::probe(gw, common.wait()).await;
+    if common.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_probe(&report);
+    }
+    Ok(if report.methods().is_empty() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn print_probe(r: &ProbeReport) {
+    println!(
+        "gateway      {} (this host {})",
+        r.gateway.addr, r.gateway.local
+    );
+    let row = |name: &str, offer: &Option<client::Offer>| match offer {
+        Some(o) => {
+            let mut parts = vec!["yes".to_owned()];
+            if let Some(e) = o.epoch {
+                parts.push(format!("epoch {e}"));
+            }
+            if let Some(c) = o.control {
+                parts.push(format!("control {c}"));
+            }
+            println!("{name:<12} {}", parts.join(", "));
+        }
+        None => println!("{name:<12} no"),
+    };
+    row("pcp", &r.pcp);
+    row("nat-pmp", &r.nat_pmp);
+    row("upnp", &r.upnp);
+    match r.external_ip {
+        Some(ip) if r.behind_another_nat => println!(
+            "external ip  {ip} (not global: another NAT is in front of this router; mappings \
+             here are not reachable from the internet)"
+        ),
+        Some(ip) => println!("external ip  {ip}"),
+        None => println!("external ip  unknown"),
+    }
+    for p in &r.problems {
+        println!("  {p}");
+    }
+}
+
+async fn list(common: Common) -> anyhow::Result<ExitCode> {
+    let gw = common.gateway()?;
+    let record = common.record()?;
+    let ours: Vec<&Mapped> = record.on(gw).collect();
+    let upnp = match Igd::discover(gw.local, common.wait()).await {
+        Ok(igd) => Some(
+            igd.list()
+                .await
+                .context("reading the router's UPnP table")?,
+        ),
+        Err(_) => None,
+    };
+    if common.json {
+        let report = serde_json::json!({"gateway": gw, "recorded": ours, "upnp": upnp});
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "mappings this host made on {} ({}):",
+        gw.addr,
+        record.path.display()
+    );
+    if ours.is_empty() {
+        println!("  none");
+    }
+    for m in &ours {
+        println!("  {}", describe(m));
+    }
+    match upnp {
+        Some(entries) => {
+            println!("the router's UPnP table:");
+            if entries.is_empty() {
+                println!("  empty");
+            }
+            for e in entries {
+                println!(
+                    "  {} {} -> {}:{} lease {} s \"{}\"",
+                    e.protocol,
+                    e.external_port,
+                    e.internal_client,
+                    e.internal_port,
+                    e.lease_secs,
+                    e.description
+                );
+            }
+        }
+        None => println!("the router answers no UPnP search"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn describe(m: &Mapped) -> String {
+    let external = m.external_ip.map_or_else(
+        || format!("?:{}", m.external_port),
+        |ip| SocketAddrV4::new(ip, m.external_port).to_string(),
+    );
+    let lifetime = if m.lifetime_secs == 0 {
+        "permanent".to_owned()
+    } else {
+        format!("{} s", m.lifetime_secs)
+    };
+    format!(
+        "{} {external} -> {} ({lifetime}, via {})",
+        m.protocol, m.internal, m.method
+    )
+}
+
+async fn add(args: AddArgs) -> anyhow::Result<ExitCode> {
+    let common = &args.common;
+    let gw = common.gateway()?;
+    let wait = common.wait();
+    let mut record = common.record()?;
+    let protocol = Protocol::from(args.proto);
+    let methods = match args.via {
+        Via::Auto => {
+            eprintln!("map add: asking {} which protocols it speaks", gw.addr);
+            let report = client::probe(gw, wait).await;
+            if report.behind_another_nat {
+                eprintln!(
+                    "map add: warning: the router's external address {} is not global; another \
+                     NAT is in front of it",
+                    report
+                        .external_ip
+                        .map(|ip| ip.to_string())
+                        .unwrap_or_default()
+                );
+            }
+            report.methods()
+        }
+        Via::Pcp => vec![Method::Pcp],
+        Via::Natpmp => vec![Method::NatPmp],
+        Via::Upnp => vec![Method::Upnp],
+    };
+    if methods.is_empty() {
+        bail!(client::ClientError::NoProtocol(gw.addr));
+    }
+    // Renewing a mapping this host already holds keeps its port and, for PCP, its nonce.
+    let previous = record
+        .on(gw)
+        .find(|m| m.internal.port() == args.internal_port && m.transport() == protocol)
+        .cloned();
+    let request = MapRequest {
+        protocol,
+        internal_port: args.internal_port,
+        external_port: args
+            .external_port
+            .or(previous.as_ref().map(|m| m.external_port)),
+        lifetime_secs: args.lifetime,
+    };
+    let mut errors = Vec::new();
+    for method in methods {
+        let nonce = match previous.as_ref().filter(|m| m.method == method) {
+            Some(m) => m.nonce_bytes(),
+            None => None,
+        };
+        let nonce = match nonce {
+            Some(n) => n,
+            None => client::random_nonce()?,
+        };
+        match client::map(gw, method, request, nonce, wait).await {
+            Ok(m) => {
+                record.put(m.clone());
+                record.save()?;
+                if common.json {
+                    println!("{}", serde_json::to_string_pretty(&m)?);
+                } else {
+                    println!("mapped {}", describe(&m));
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            Err(e) => {
+                eprintln!("map add: {e}");
+                errors.push(e.to_string());
+            }
+        }
+    }
+    bail!("no protocol could map the port: {}", errors.join("; "))
+}
+
+async fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
+    let common = &args.common;
+    let gw = common.gateway()?;
+    let mut record = common.record()?;
+    let protocol = Protocol::from(args.proto);
+    let ours: Vec<&Mapped> = record
+        .on(gw)
+        .filter(|m| m.transport() == protocol)
+        .collect();
+    let found = ours
+        .iter()
+        .find(|m| m.internal.port() == args.port)
+        .or_else(|| ours.iter().find(|m| m.external_port == args.port))
+        .map(|m| (*m).clone());
+    let Some(m) = found else {
+        bail!(
+            "this host has no recorded {protocol} mapping with port {} on {} (see `natpunch map list`)",
+            args.port,
+            gw.addr
+        );
+    };
+    client::delete(gw, &m, common.wait()).await?;
+    record.mappings.retain(|o| !same(o, &m));
+    record.save()?;
+    if common.json {
+        println!("{}", serde_json::json!({"deleted": m}));
+    } else {
+        println!("deleted {}", describe(&m));
+    }
+    Ok(ExitCode::SUCCESS)
+}
