@@ -176,13 +176,29 @@ pub async fn probe(gateway: Gateway, wait: Duration) -> ProbeReport {
 
 async fn probe_pcp(gw: Gateway, wait: Duration) -> Result<Offer, ClientError> {
     let request = pcp::announce_request(IpAddr::V4(gw.local));
+    let response = pcp_exchange(gw, &request, wait, |r| r.opcode == pcp::Opcode::Announce).await?;
+    Ok(Offer {
+        epoch: Some(response.epoch),
+        external_ip: None,
+        control: None,
+    })
+}
+
+/// A PCP request and its successful answer: the first decodable response `ours` accepts.
+/// A NAT-PMP-only gateway's answer and PCP result codes other than SUCCESS are errors.
+async fn pcp_exchange(
+    gw: Gateway,
+    request: &[u8],
+    wait: Duration,
+    ours: impl Fn(&pcp::Response) -> bool,
+) -> Result<pcp::Response, ClientError> {
     let response = exchange(
         gw,
         Method::Pcp,
-        &request,
+        request,
         wait,
         |bytes| match pcp::decode_response(bytes) {
-            Ok(r) if r.opcode == pcp::Opcode::Announce => Some(Ok(r)),
+            Ok(r) if ours(&r) => Some(Ok(r)),
             Err(DecodeError::NatPmpOnly { .. }) => Some(Err(ClientError::NatPmpOnly)),
             _ => None,
         },
@@ -194,11 +210,7 @@ async fn probe_pcp(gw: Gateway, wait: Duration) -> Result<Offer, ClientError> {
             reason: response.result.to_string(),
         });
     }
-    Ok(Offer {
-        epoch: Some(response.epoch),
-        external_ip: None,
-        control: None,
-    })
+    Ok(response)
 }
 
 /// NAT-PMP's external address and epoch.
@@ -463,26 +475,14 @@ async fn pcp_map(
         client_ip: IpAddr::V4(gw.local),
         prefer_failure: false,
     });
-    let response = exchange(gw, Method::Pcp, &request, wait, |bytes| {
-        match pcp::decode_response(bytes) {
-            Ok(r) if r.opcode == pcp::Opcode::Map => {
-                // Only the answer to this request: same nonce, protocol and internal port.
-                let ours = r.mapping.as_ref().is_none_or(|m| {
-                    m.nonce == nonce && m.protocol == protocol && m.internal_port == internal_port
-                });
-                ours.then_some(Ok(r))
-            }
-            Err(DecodeError::NatPmpOnly { .. }) => Some(Err(ClientError::NatPmpOnly)),
-            _ => None,
-        }
+    // Only the answer to this request: same nonce, protocol and internal port.
+    let response = pcp_exchange(gw, &request, wait, |r| {
+        r.opcode == pcp::Opcode::Map
+            && r.mapping.as_ref().is_none_or(|m| {
+                m.nonce == nonce && m.protocol == protocol && m.internal_port == internal_port
+            })
     })
-    .await??;
-    if response.result != pcp::ResultCode::Success {
-        return Err(ClientError::Refused {
-            method: Method::Pcp,
-            reason: response.result.to_string(),
-        });
-    }
+    .await?;
     let mapping = response.mapping.ok_or_else(|| ClientError::Refused {
         method: Method::Pcp,
         reason: "a MAP answer without its mapping".into(),
