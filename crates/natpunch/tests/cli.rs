@@ -735,3 +735,68 @@ fn map_add_list_renew_conflict_delete_with_every_protocol() {
     }
     let _ = std::fs::remove_dir_all(&state_dir);
 }
+
+/// `natpunch lab renumber` and `lab reboot` on a detached lab: the new address is reported and
+/// recorded, a bad address or a host is refused with a clear error, and a reboot leaves a
+/// fresh miniupnpd answering.
+#[test]
+fn lab_renumber_and_reboot_commands_act_on_a_detached_lab() {
+    if !natlab::environment::portmap_test_can_run(
+        "lab_renumber_and_reboot_commands_act_on_a_detached_lab",
+    ) {
+        return;
+    }
+    let name = natlab::lab::random_name();
+    let file = repo_file("examples/labs/portmap-home.toml");
+    let up = natpunch(&["lab", "up", file.to_str().expect("utf-8"), "--name", &name]);
+    let _down = Down(name.clone());
+    assert!(up.status.success(), "{}", stderr(&up));
+    let run = |args: &[&str]| {
+        let out = natpunch(args);
+        (out.status.success(), stdout(&out), stderr(&out))
+    };
+    let (ok, out, err) = run(&[
+        "lab",
+        "renumber",
+        &name,
+        "home",
+        "--ip",
+        "11.99.7.7",
+        "--json",
+    ]);
+    let report: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}"));
+    assert!(ok);
+    assert_eq!(report["old"], "11.99.0.10");
+    assert_eq!(report["new"], "11.99.7.7");
+    let state = natlab::lab::load_state(&name).expect("state");
+    assert_eq!(
+        state.plan.public_addr_of("alice").map(|a| a.to_string()),
+        Some("11.99.7.7".to_owned())
+    );
+    let (ok, _, err) = run(&["lab", "renumber", &name, "home", "--ip", "11.99.0.11"]);
+    assert!(
+        !ok && err.contains("in use"),
+        "peer's address is taken: {err}"
+    );
+    let (ok, _, err) = run(&["lab", "renumber", &name, "alice"]);
+    assert!(!ok && err.contains("only routers"), "{err}");
+    let record = natlab::portmap::Files::of(&name, "home").process();
+    let daemon = || std::fs::read_to_string(&record).expect("miniupnpd's process record");
+    let before = daemon();
+    let (ok, out, err) = run(&["lab", "reboot", &name, "home", "--down-secs", "0.2"]);
+    assert!(ok && out.contains("rebooted home"), "{out} {err}");
+    assert_ne!(daemon(), before, "the reboot started another miniupnpd");
+    let exe = env!("CARGO_BIN_EXE_natpunch");
+    let (ok, out, err) = run(&[
+        "lab", "exec", &name, "alice", "--", exe, "map", "probe", "--json",
+    ]);
+    let probe: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}"));
+    assert!(ok, "{err}");
+    assert_eq!(
+        probe["external_ip"], "11.99.7.7",
+        "the new miniupnpd answers: {probe}"
+    );
+    let down = natpunch(&["lab", "down", &name]);
+    assert!(down.status.success(), "{}", stderr(&down));
+    assert!(namespaces_of(&name).is_empty());
+}

@@ -233,21 +233,6 @@ impl Keeper {
         self.slots.get(id).filter(|s| s.live).and_then(|s| s.port)
     }
 
-    /// The ids and ports of every live mapping (what to release on shutdown).
-    pub fn live(&self) -> Vec<(usize, Protocol, u16, u16)> {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.live)
-            .filter_map(|(id, s)| Some((id, s.want.protocol, s.want.internal_port, s.port?)))
-            .collect()
-    }
-
-    /// The external address last reported.
-    pub fn external_ip(&self) -> Option<Ipv4Addr> {
-        self.external_ip
-    }
-
     /// The gateway granted mapping `id`.
     pub fn on_granted(&mut self, id: usize, grant: Grant, now: Duration) -> Vec<Event> {
         let mut events = Vec::new();
