@@ -14,7 +14,8 @@ use clap::builder::BoolishValueParser;
 use clap::{Args, Subcommand, ValueEnum};
 use portmap::Protocol;
 use portmap::client::{self, Gateway, MapRequest, Mapped, ProbeReport};
-use portmap::keeper::Method;
+use portmap::hold::{HoldConfig, Holder, Update};
+use portmap::keeper::{Event, Method, Want};
 use portmap::upnp::Igd;
 
 #[derive(Debug, Subcommand)]
@@ -27,6 +28,9 @@ pub(crate) enum MapCommand {
     Add(AddArgs),
     /// Delete a mapping this host made (by internal or external port).
     Delete(DeleteArgs),
+    /// Hold mappings until Ctrl-C: renew them, re-create them when the router loses them
+    /// (reboot, new external address), print every change, delete them at the end.
+    Keep(KeepArgs),
 }
 
 #[derive(Debug, Args)]
@@ -126,6 +130,68 @@ pub(crate) struct DeleteArgs {
     common: Common,
 }
 
+#[derive(Debug, Args)]
+#[command(
+    after_help = "How changes are noticed: PCP and NAT-PMP routers announce a reboot or a \
+new external address on 224.0.0.1:5350, and UPnP routers multicast SSDP NOTIFYs when they start; \
+either makes natpunch ask the router at once (miniupnpd: about a second). A router that says \
+nothing is caught by the check every --check-secs (UPnP has no announcement of an external \
+address change, so that waits for the check)."
+)]
+pub(crate) struct KeepArgs {
+    /// Mappings to hold: INTERNAL_PORT[:EXTERNAL_PORT][/udp|/tcp], e.g. `6000`, `6000/tcp`,
+    /// `6000:16000/udp`.
+    #[arg(required = true, value_parser = parse_spec)]
+    ports: Vec<Spec>,
+    /// Transport protocol of ports given without /udp or /tcp.
+    #[arg(long, env = "NATPUNCH_MAP_PROTO", value_enum, default_value_t = Proto::Udp)]
+    proto: Proto,
+    /// Lifetime to ask for, in seconds; mappings are renewed at half the lifetime granted.
+    #[arg(long, env = "NATPUNCH_MAP_LIFETIME", default_value_t = 7200)]
+    lifetime: u32,
+    /// Protocol to map with.
+    #[arg(long, env = "NATPUNCH_MAP_VIA", value_enum, default_value_t = Via::Auto)]
+    via: Via,
+    /// Seconds between checks that the router still has the mappings (PCP ANNOUNCE, NAT-PMP
+    /// external address, or the UPnP external address and mapping table).
+    #[arg(long, env = "NATPUNCH_MAP_CHECK_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    check_secs: u64,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// One mapping to hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Spec {
+    internal: u16,
+    external: Option<u16>,
+    proto: Option<Proto>,
+}
+
+fn parse_spec(text: &str) -> Result<Spec, String> {
+    let (ports, proto) = match text.split_once('/') {
+        Some((ports, "udp")) => (ports, Some(Proto::Udp)),
+        Some((ports, "tcp")) => (ports, Some(Proto::Tcp)),
+        Some((_, other)) => return Err(format!("unknown protocol `{other}` (udp or tcp)")),
+        None => (text, None),
+    };
+    let port = |p: &str| {
+        p.parse::<u16>()
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| format!("`{p}` is not a port (1-65535)"))
+    };
+    let (internal, external) = match ports.split_once(':') {
+        Some((i, e)) => (port(i)?, Some(port(e)?)),
+        None => (port(ports)?, None),
+    };
+    Ok(Spec {
+        internal,
+        external,
+        proto,
+    })
+}
+
 pub(crate) fn run(cmd: MapCommand) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -136,6 +202,7 @@ pub(crate) fn run(cmd: MapCommand) -> anyhow::Result<ExitCode> {
             MapCommand::List(a) => list(a.common).await,
             MapCommand::Add(a) => add(a).await,
             MapCommand::Delete(a) => delete(a).await,
+            MapCommand::Keep(a) => keep(a).await,
         }
     })
 }
@@ -339,29 +406,7 @@ async fn add(args: AddArgs) -> anyhow::Result<ExitCode> {
     let wait = common.wait();
     let mut record = common.record()?;
     let protocol = Protocol::from(args.proto);
-    let methods = match args.via {
-        Via::Auto => {
-            eprintln!("map add: asking {} which protocols it speaks", gw.addr);
-            let report = client::probe(gw, wait).await;
-            if report.behind_another_nat {
-                eprintln!(
-                    "map add: warning: the router's external address {} is not global; another \
-                     NAT is in front of it",
-                    report
-                        .external_ip
-                        .map(|ip| ip.to_string())
-                        .unwrap_or_default()
-                );
-            }
-            report.methods()
-        }
-        Via::Pcp => vec![Method::Pcp],
-        Via::Natpmp => vec![Method::NatPmp],
-        Via::Upnp => vec![Method::Upnp],
-    };
-    if methods.is_empty() {
-        bail!(client::ClientError::NoProtocol(gw.addr));
-    }
+    let methods = methods(args.via, gw, wait, "map add").await?;
     // Renewing a mapping this host already holds keeps its port and, for PCP, its nonce.
     let previous = record
         .on(gw)
@@ -403,6 +448,147 @@ async fn add(args: AddArgs) -> anyhow::Result<ExitCode> {
         }
     }
     bail!("no protocol could map the port: {}", errors.join("; "))
+}
+
+/// The protocols to try, best first: the one asked for, or (auto) those the router offers.
+async fn methods(via: Via, gw: Gateway, wait: Duration, cmd: &str) -> anyhow::Result<Vec<Method>> {
+    let methods = match via {
+        Via::Auto => {
+            eprintln!("{cmd}: asking {} which protocols it speaks", gw.addr);
+            let report = client::probe(gw, wait).await;
+            if report.behind_another_nat {
+                eprintln!(
+                    "{cmd}: warning: the router's external address {} is not global; another \
+                     NAT is in front of it",
+                    report
+                        .external_ip
+                        .map(|ip| ip.to_string())
+                        .unwrap_or_default()
+                );
+            }
+            report.methods()
+        }
+        Via::Pcp => vec![Method::Pcp],
+        Via::Natpmp => vec![Method::NatPmp],
+        Via::Upnp => vec![Method::Upnp],
+    };
+    if methods.is_empty() {
+        bail!(client::ClientError::NoProtocol(gw.addr));
+    }
+    Ok(methods)
+}
+
+async fn keep(args: KeepArgs) -> anyhow::Result<ExitCode> {
+    let common = &args.common;
+    let gw = common.gateway()?;
+    let wait = common.wait();
+    let mut record = common.record()?;
+    let method = methods(args.via, gw, wait, "map keep").await?[0];
+    let wants: Vec<Want> = args
+        .ports
+        .iter()
+        .map(|s| Want {
+            protocol: s.proto.unwrap_or(args.proto).into(),
+            internal_port: s.internal,
+            external_port: s.external,
+            lifetime: Duration::from_secs(u64::from(args.lifetime)),
+        })
+        .collect();
+    let prior: Vec<Option<Mapped>> = wants
+        .iter()
+        .map(|w| {
+            record
+                .on(gw)
+                .find(|m| m.internal.port() == w.internal_port && m.transport() == w.protocol)
+                .cloned()
+        })
+        .collect();
+    let config = HoldConfig {
+        method,
+        wait,
+        check_interval: Duration::from_secs(args.check_secs),
+    };
+    let mut holder = Holder::new(gw, config, wants, &prior)?;
+    eprintln!(
+        "map keep: holding {} mapping(s) on {} via {method}, checking every {} s; Ctrl-C \
+         deletes them",
+        args.ports.len(),
+        gw.addr,
+        args.check_secs
+    );
+    let start = std::time::Instant::now();
+    let json = common.json;
+    let mut report = |u: Update| {
+        let elapsed = start.elapsed().as_secs_f64();
+        if json {
+            let mut value = serde_json::to_value(&u).unwrap_or_default();
+            if let Some(obj) = value.as_object_mut() {
+                obj.insert("elapsed_secs".into(), serde_json::json!(elapsed));
+            }
+            println!("{value}");
+        } else {
+            println!("[{elapsed:8.1} s] {}", describe_update(&u));
+        }
+        if let Some(m) = &u.mapping {
+            match u.event {
+                Event::Mapped { .. } | Event::Renewed { .. } | Event::Remapped { .. } => {
+                    record.put(m.clone());
+                }
+                Event::Released { .. } => record.mappings.retain(|o| !same(o, m)),
+                _ => return,
+            }
+            if let Err(e) = record.save() {
+                eprintln!("map keep: {e:#}");
+            }
+        }
+    };
+    let stop = async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            Some(()) = async { term.as_mut()?.recv().await } => {}
+        }
+    };
+    for p in holder.problems() {
+        eprintln!("map keep: {p}");
+    }
+    holder.run(stop, &mut report).await;
+    eprintln!("map keep: stopping; deleting the mappings");
+    holder.release(&mut report).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn describe_update(u: &Update) -> String {
+    let what = u.mapping.as_ref().map(describe).unwrap_or_default();
+    match &u.event {
+        Event::Mapped { .. } => format!("mapped {what}"),
+        Event::Renewed {
+            previous_port,
+            external_port,
+            ..
+        } if previous_port != external_port => {
+            format!("renewed {what}; the router moved it from port {previous_port}")
+        }
+        Event::Renewed { .. } => format!("renewed {what}"),
+        Event::Remapped { previous_port, .. } => {
+            format!("re-mapped {what} (it had port {previous_port})")
+        }
+        Event::GatewayLostState { reason } => format!("the router lost the mappings: {reason}"),
+        Event::ExternalIpChanged { old, new } => {
+            format!("external address changed: {old} -> {new}")
+        }
+        Event::CheckFailed { error } => format!("check failed: {error}"),
+        Event::Released { .. } => format!("deleted {what}"),
+        Event::ReleaseFailed { error, .. } => format!("could not delete {what}: {error}"),
+        Event::Failed {
+            error,
+            retry_in_secs,
+            ..
+        } => {
+            format!("request failed: {error}; retrying in {retry_in_secs} s")
+        }
+    }
 }
 
 async fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {

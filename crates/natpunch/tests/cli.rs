@@ -54,6 +54,26 @@ fn help_and_version_describe_the_tool() {
         up_help.contains("NATPUNCH_LAB_NAME"),
         "flags show their environment variable: {up_help}"
     );
+    let map_help = stdout(&natpunch(&["map", "--help"]));
+    for cmd in ["probe", "list", "add", "delete", "keep"] {
+        assert!(
+            map_help.contains(cmd),
+            "`map --help` lacks {cmd}: {map_help}"
+        );
+    }
+    for (spec, problem) in [
+        ("0", "not a port"),
+        ("70000", "not a port"),
+        ("6000:", "not a port"),
+        ("6000/sctp", "unknown protocol `sctp`"),
+    ] {
+        let out = natpunch(&["map", "keep", spec]);
+        assert!(
+            !out.status.success() && stderr(&out).contains(problem),
+            "{spec}: {}",
+            stderr(&out)
+        );
+    }
     let version = natpunch(&["--version"]);
     assert_eq!(
         stdout(&version).trim(),
@@ -559,15 +579,57 @@ fn stun_server_counts_garbage_and_keeps_answering() {
     );
 }
 
+/// Whether a datagram from the lab internet (node `peer`) to `to` arrives at alice's UDP port
+/// `internal`.
+fn udp_reaches(lab: &natlab::Lab, internal: u16, to: std::net::SocketAddrV4) -> bool {
+    use std::net::UdpSocket;
+    let sock = lab
+        .run_in("alice", || UdpSocket::bind(("0.0.0.0", internal)))
+        .expect("enter alice")
+        .expect("bind");
+    sock.set_read_timeout(Some(std::time::Duration::from_millis(800)))
+        .expect("timeout");
+    lab.run_in("peer", || -> std::io::Result<()> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.send_to(b"through the mapping", to).map(drop)
+    })
+    .expect("enter peer")
+    .expect("send");
+    let mut buf = [0u8; 64];
+    matches!(sock.recv_from(&mut buf), Ok((n, _)) if &buf[..n] == b"through the mapping")
+}
+
+/// Whether a TCP connection from the lab internet (node `peer`) to `to` reaches alice's port
+/// `internal` and carries data.
+fn tcp_reaches(lab: &natlab::Lab, internal: u16, to: std::net::SocketAddrV4) -> bool {
+    use std::io::{Read as _, Write as _};
+    use std::net::{TcpListener, TcpStream};
+    let listener = lab
+        .run_in("alice", || TcpListener::bind(("0.0.0.0", internal)))
+        .expect("enter alice")
+        .expect("listen");
+    let sent = lab
+        .run_in("peer", || -> std::io::Result<()> {
+            let mut s = TcpStream::connect_timeout(&to.into(), std::time::Duration::from_secs(2))?;
+            s.write_all(b"tcp through the mapping")
+        })
+        .expect("enter peer");
+    if sent.is_err() {
+        return false;
+    }
+    let (mut conn, _) = listener.accept().expect("accept");
+    let mut got = String::new();
+    conn.read_to_string(&mut got).expect("read");
+    got == "tcp through the mapping"
+}
+
 /// `natpunch map` against real miniupnpd, for each of PCP, NAT-PMP and UPnP: add (UDP and TCP),
 /// a host on the lab internet reaches the mapped ports, list shows the mapping, asking again
 /// keeps the external port, a second LAN host asking for the same port gets another one without
 /// breaking the first, delete removes it from the router.
 #[test]
 fn map_add_list_renew_conflict_delete_with_every_protocol() {
-    use std::io::{Read as _, Write as _};
-    use std::net::{SocketAddrV4, TcpListener, TcpStream, UdpSocket};
-    use std::time::Duration;
+    use std::net::SocketAddrV4;
 
     use natlab::{Lab, LabOptions, Topology};
     if !natlab::environment::portmap_test_can_run(
@@ -600,45 +662,6 @@ fn map_add_list_renew_conflict_delete_with_every_protocol() {
     assert_eq!(probe["external_ip"], public.to_string());
     assert_eq!(probe["behind_another_nat"], false);
 
-    // Data path from the internet: a UDP datagram and a TCP connection to the mapped port.
-    let udp_reaches = |internal: u16, external: u16| -> bool {
-        let sock = lab
-            .run_in("alice", || UdpSocket::bind(("0.0.0.0", internal)))
-            .expect("enter alice")
-            .expect("bind");
-        sock.set_read_timeout(Some(Duration::from_millis(800)))
-            .expect("timeout");
-        let to = SocketAddrV4::new(public, external);
-        lab.run_in("peer", || -> std::io::Result<()> {
-            let s = UdpSocket::bind("0.0.0.0:0")?;
-            s.send_to(b"through the mapping", to).map(drop)
-        })
-        .expect("enter peer")
-        .expect("send");
-        let mut buf = [0u8; 64];
-        matches!(sock.recv_from(&mut buf), Ok((n, _)) if &buf[..n] == b"through the mapping")
-    };
-    let tcp_reaches = |internal: u16, external: u16| -> bool {
-        let listener = lab
-            .run_in("alice", || TcpListener::bind(("0.0.0.0", internal)))
-            .expect("enter alice")
-            .expect("listen");
-        let to = SocketAddrV4::new(public, external);
-        let sent = lab
-            .run_in("peer", || -> std::io::Result<()> {
-                let mut s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(2))?;
-                s.write_all(b"tcp through the mapping")
-            })
-            .expect("enter peer");
-        if sent.is_err() {
-            return false;
-        }
-        let (mut conn, _) = listener.accept().expect("accept");
-        let mut got = String::new();
-        conn.read_to_string(&mut got).expect("read");
-        got == "tcp through the mapping"
-    };
-
     for (via, port) in [("pcp", 7000u16), ("natpmp", 7100), ("upnp", 7200)] {
         let p = port.to_string();
         let tcp_port = (port + 1).to_string();
@@ -651,13 +674,13 @@ fn map_add_list_renew_conflict_delete_with_every_protocol() {
         let tcp = map("alice", &["add", &tcp_port, "--via", via, "--proto", "tcp"]);
         assert_eq!(tcp["protocol"], "tcp", "{via}: {tcp}");
         assert!(
-            udp_reaches(port, port),
+            udp_reaches(&lab, port, SocketAddrV4::new(public, port)),
             "{via}: UDP reaches the mapped port"
         );
         let tcp_external =
             u16::try_from(tcp["external_port"].as_u64().expect("port")).expect("u16");
         assert!(
-            tcp_reaches(port + 1, tcp_external),
+            tcp_reaches(&lab, port + 1, SocketAddrV4::new(public, tcp_external)),
             "{via}: TCP reaches the mapped port"
         );
 
@@ -703,7 +726,7 @@ fn map_add_list_renew_conflict_delete_with_every_protocol() {
             "{via}: carol gets another port: {carol}"
         );
         assert!(
-            udp_reaches(port, port),
+            udp_reaches(&lab, port, SocketAddrV4::new(public, port)),
             "{via}: alice's mapping still works"
         );
 
@@ -723,7 +746,7 @@ fn map_add_list_renew_conflict_delete_with_every_protocol() {
             "{via}: gone from the router: {listed}"
         );
         assert!(
-            !udp_reaches(port, port),
+            !udp_reaches(&lab, port, SocketAddrV4::new(public, port)),
             "{via}: the deleted mapping no longer forwards"
         );
         let carol_port = carol["external_port"].as_u64().expect("port");
@@ -799,4 +822,213 @@ fn lab_renumber_and_reboot_commands_act_on_a_detached_lab() {
     let down = natpunch(&["lab", "down", &name]);
     assert!(down.status.success(), "{}", stderr(&down));
     assert!(namespaces_of(&name).is_empty());
+}
+
+/// `natpunch map keep` against real miniupnpd, for each of PCP, NAT-PMP and UPnP: the mappings
+/// are made and forward; the router reboots and they are made again within 5 s of it being
+/// back, with their ports; the router gets a new external address and the change is reported
+/// within 5 s, with the mappings forwarding at the new address; Ctrl-C deletes them on the
+/// router and in the record. The check runs every 60 s, so what is measured is the
+/// announcements, NOTIFYs and epochs.
+#[test]
+fn map_keep_survives_router_reboot_and_renumbering_with_every_protocol() {
+    use std::net::SocketAddrV4;
+    use std::time::{Duration, Instant};
+
+    use natlab::{Lab, LabOptions, LabProcess, Topology};
+    if !natlab::environment::portmap_test_can_run(
+        "map_keep_survives_router_reboot_and_renumbering_with_every_protocol",
+    ) {
+        return;
+    }
+    /// Waits until the JSON lines `keep` printed after the first `skip` satisfy `done`.
+    fn wait_events(
+        keep: &LabProcess,
+        skip: usize,
+        limit: Duration,
+        done: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let events: Vec<Value> = keep
+                .output()
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .skip(skip)
+                .collect();
+            if done(&events) {
+                return events;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not within {limit:?}: {}",
+                keep.output()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let of_kind = |events: &[Value], kind: &str| -> Vec<Value> {
+        events
+            .iter()
+            .filter(|e| e["event"] == kind)
+            .cloned()
+            .collect()
+    };
+    let count = |keep: &LabProcess| {
+        keep.output()
+            .lines()
+            .filter(|l| serde_json::from_str::<Value>(l).is_ok())
+            .count()
+    };
+    let text =
+        std::fs::read_to_string(repo_file("examples/labs/portmap-home.toml")).expect("example");
+    let topology = Topology::from_toml(&text).expect("topology");
+    let mut lab = Lab::build(&topology, LabOptions::default()).expect("lab");
+    let exe = env!("CARGO_BIN_EXE_natpunch");
+    let state =
+        std::env::temp_dir().join(format!("natpunch-keep-test-{}.json", std::process::id()));
+    let state_arg = state.to_str().expect("utf-8").to_owned();
+
+    for (via, udp) in [("pcp", 8000u16), ("natpmp", 8100), ("upnp", 8200)] {
+        let tcp = udp + 1;
+        let specs = [format!("{udp}/udp"), format!("{tcp}/tcp")];
+        let keep = lab
+            .spawn(
+                "alice",
+                exe,
+                &[
+                    "map",
+                    "keep",
+                    &specs[0],
+                    &specs[1],
+                    "--via",
+                    via,
+                    "--lifetime",
+                    "120",
+                    "--check-secs",
+                    "60",
+                    "--json",
+                    "--state",
+                    &state_arg,
+                ],
+            )
+            .expect("map keep");
+        let mapped = wait_events(&keep, 0, Duration::from_secs(10), |e| {
+            of_kind(e, "mapped").len() == 2
+        });
+        let public = lab.public_addr("alice").expect("public address");
+        for m in of_kind(&mapped, "mapped") {
+            assert_eq!(
+                m["mapping"]["method"],
+                if via == "natpmp" { "nat-pmp" } else { via }
+            );
+            assert_eq!(
+                m["mapping"]["external_ip"],
+                public.to_string(),
+                "{via}: {m}"
+            );
+        }
+        assert!(
+            udp_reaches(&lab, udp, SocketAddrV4::new(public, udp)),
+            "{via}: UDP forwards"
+        );
+        assert!(
+            tcp_reaches(&lab, tcp, SocketAddrV4::new(public, tcp)),
+            "{via}: TCP forwards"
+        );
+
+        // Reboot: the mappings are gone until keep makes them again. A router that restarts
+        // within two seconds of its last answer cannot be told from clock jitter by the epoch
+        // (RFC 6887 §8.5; keep renews on the announcement then), so let the clock run first.
+        std::thread::sleep(Duration::from_millis(2500));
+        let seen = count(&keep);
+        lab.reboot_router("home", Duration::from_secs(1))
+            .expect("reboot");
+        let back = Instant::now();
+        let after = wait_events(&keep, seen, Duration::from_secs(5), |e| {
+            of_kind(e, "remapped").len() == 2
+        });
+        println!(
+            "{via}: re-mapped {:?} after the router was back",
+            back.elapsed()
+        );
+        assert!(
+            !of_kind(&after, "gateway-lost-state").is_empty(),
+            "{via}: the loss is reported: {after:?}"
+        );
+        for r in of_kind(&after, "remapped") {
+            assert_eq!(
+                r["external_port"], r["previous_port"],
+                "{via}: same port: {r}"
+            );
+        }
+        assert!(
+            udp_reaches(&lab, udp, SocketAddrV4::new(public, udp)),
+            "{via}: UDP after reboot"
+        );
+        assert!(
+            tcp_reaches(&lab, tcp, SocketAddrV4::new(public, tcp)),
+            "{via}: TCP after reboot"
+        );
+
+        // A new external address: reported, and the mappings forward at it.
+        let seen = count(&keep);
+        let moved = Instant::now();
+        let new = lab.renumber_router("home", None).expect("renumber");
+        let new_text = new.to_string();
+        let after = wait_events(&keep, seen, Duration::from_secs(5), |e| {
+            let reported = e
+                .iter()
+                .any(|x| x["event"] == "external-ip-changed" && x["new"] == new_text.as_str());
+            // Both mappings answered at the new address since.
+            let at_new = |proto: &str| {
+                e.iter().any(|x| {
+                    x["mapping"]["external_ip"] == new_text.as_str()
+                        && x["mapping"]["protocol"] == proto
+                })
+            };
+            reported && at_new("udp") && at_new("tcp")
+        });
+        println!(
+            "{via}: new address {new} reported {:?} after the change",
+            moved.elapsed()
+        );
+        assert!(
+            of_kind(&after, "failed").is_empty(),
+            "{via}: nothing failed: {after:?}"
+        );
+        assert!(
+            udp_reaches(&lab, udp, SocketAddrV4::new(new, udp)),
+            "{via}: UDP at {new}"
+        );
+        assert!(
+            tcp_reaches(&lab, tcp, SocketAddrV4::new(new, tcp)),
+            "{via}: TCP at {new}"
+        );
+
+        // Ctrl-C: both deleted on the router, the record emptied, a clean exit.
+        let pid = keep.pid().expect("pid");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid")),
+            nix::sys::signal::Signal::SIGINT,
+        )
+        .expect("SIGINT");
+        wait_events(&keep, 0, Duration::from_secs(5), |e| {
+            of_kind(e, "released").len() == 2
+        });
+        let code = keep.wait().expect("wait");
+        assert_eq!(code, Some(0), "{via}: map keep exits cleanly");
+        assert!(
+            !udp_reaches(&lab, udp, SocketAddrV4::new(new, udp)),
+            "{via}: deleted"
+        );
+        let record: Value =
+            serde_json::from_str(&std::fs::read_to_string(&state).expect("record")).expect("json");
+        assert_eq!(
+            record,
+            serde_json::json!([]),
+            "{via}: the record is empty again"
+        );
+    }
+    let _ = std::fs::remove_file(&state);
 }

@@ -174,11 +174,16 @@ pub async fn probe(gateway: Gateway, wait: Duration) -> ProbeReport {
     }
 }
 
-async fn probe_pcp(gw: Gateway, wait: Duration) -> Result<Offer, ClientError> {
+/// PCP's epoch, from an ANNOUNCE request.
+pub async fn pcp_announce(gw: Gateway, wait: Duration) -> Result<u32, ClientError> {
     let request = pcp::announce_request(IpAddr::V4(gw.local));
     let response = pcp_exchange(gw, &request, wait, |r| r.opcode == pcp::Opcode::Announce).await?;
+    Ok(response.epoch)
+}
+
+async fn probe_pcp(gw: Gateway, wait: Duration) -> Result<Offer, ClientError> {
     Ok(Offer {
-        epoch: Some(response.epoch),
+        epoch: Some(pcp_announce(gw, wait).await?),
         external_ip: None,
         control: None,
     })

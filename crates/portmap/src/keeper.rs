@@ -15,7 +15,9 @@
 //!   still asking for its old port;
 //! * a periodic check (the driver's cheapest question: NAT-PMP external address, PCP ANNOUNCE,
 //!   UPnP GetExternalIPAddress plus the mapping list) notices what no announcement told;
-//! * a changed external address is reported once.
+//! * a changed external address is reported once, and every mapping is renewed at once so that
+//!   the gateway's answers (and the program's record) carry the new address;
+//! * a released mapping is never asked for again.
 
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -138,6 +140,25 @@ pub enum Event {
         /// Now.
         new: Ipv4Addr,
     },
+    /// The periodic check got no usable answer; the mappings are kept as they are.
+    CheckFailed {
+        /// What went wrong.
+        error: String,
+    },
+    /// A mapping was deleted on the gateway (the program is stopping).
+    Released {
+        /// The mapping.
+        id: usize,
+        /// The external port it had.
+        external_port: u16,
+    },
+    /// Deleting a mapping failed (the program is stopping; it is not retried).
+    ReleaseFailed {
+        /// The mapping.
+        id: usize,
+        /// What went wrong.
+        error: String,
+    },
     /// A request failed; it will be retried.
     Failed {
         /// The mapping.
@@ -162,6 +183,8 @@ struct Slot {
     due: Duration,
     /// A request is out and not yet answered.
     in_flight: bool,
+    /// Deleted on purpose: never asked for again.
+    released: bool,
     failures: u32,
 }
 
@@ -190,6 +213,7 @@ impl Keeper {
                     lost: false,
                     due: now,
                     in_flight: false,
+                    released: false,
                     failures: 0,
                 })
                 .collect(),
@@ -205,7 +229,7 @@ impl Keeper {
     pub fn poll(&mut self, now: Duration) -> Vec<Action> {
         let mut actions = Vec::new();
         for (id, slot) in self.slots.iter_mut().enumerate() {
-            if !slot.in_flight && slot.due <= now {
+            if !slot.in_flight && !slot.released && slot.due <= now {
                 slot.in_flight = true;
                 let external_port = slot
                     .port
@@ -223,7 +247,11 @@ impl Keeper {
 
     /// When [`Keeper::poll`] next has something to do (at the latest).
     pub fn next_wakeup(&self) -> Duration {
-        let slots = self.slots.iter().filter(|s| !s.in_flight).map(|s| s.due);
+        let slots = self
+            .slots
+            .iter()
+            .filter(|s| !s.in_flight && !s.released)
+            .map(|s| s.due);
         let check = (!self.check_in_flight).then_some(self.next_check);
         slots.chain(check).min().unwrap_or(self.next_check)
     }
@@ -305,7 +333,35 @@ impl Keeper {
 
     /// Run the check now (an announcement arrived, or the network changed).
     pub fn check_soon(&mut self, now: Duration) {
-        self.next_check = self.next_check.min(now);
+        self.check_by(now);
+    }
+
+    /// Run the check at `at` at the latest. A burst of hints (a router multicasts a dozen SSDP
+    /// NOTIFYs when it starts) collapses into one check when each asks for a moment later.
+    pub fn check_by(&mut self, at: Duration) {
+        self.next_check = self.next_check.min(at);
+    }
+
+    /// Renew every live mapping at `at` at the latest: the gateway said something unasked (an
+    /// announcement), which it does after it restarted or changed address. The epoch test
+    /// cannot tell a restart within two seconds of the last answer from clock jitter, so the
+    /// renewal is what makes sure the mappings exist.
+    pub fn renew_by(&mut self, at: Duration) {
+        for slot in self.slots.iter_mut().filter(|s| s.live) {
+            slot.due = slot.due.min(at);
+        }
+    }
+
+    /// Mapping `id` was deleted on the gateway: it is not live and never asked for again.
+    pub fn on_released(&mut self, id: usize) -> Vec<Event> {
+        let Some(slot) = self.slots.get_mut(id).filter(|s| !s.released) else {
+            return Vec::new();
+        };
+        slot.released = true;
+        slot.live = false;
+        slot.port.map_or_else(Vec::new, |external_port| {
+            vec![Event::Released { id, external_port }]
+        })
     }
 
     /// The gateway reported `epoch` (in a response or an announcement). If it lost its state,
@@ -330,17 +386,21 @@ impl Keeper {
         }]
     }
 
-    /// The gateway's external address is `ip`.
-    pub fn on_external_ip(&mut self, ip: Ipv4Addr, _now: Duration) -> Vec<Event> {
+    /// The gateway's external address is `ip`. When it changed, every live mapping is renewed
+    /// at once (RFC 6887 §14.1.3 asks the same after an ANNOUNCE).
+    pub fn on_external_ip(&mut self, ip: Ipv4Addr, now: Duration) -> Vec<Event> {
         let old = self.external_ip.replace(ip);
         match old {
-            Some(old) if old != ip => vec![Event::ExternalIpChanged { old, new: ip }],
+            Some(old) if old != ip => {
+                self.renew_by(now);
+                vec![Event::ExternalIpChanged { old, new: ip }]
+            }
             _ => Vec::new(),
         }
     }
 
     fn lose_all(&mut self, reason: &str, now: Duration) -> Vec<Event> {
-        for slot in &mut self.slots {
+        for slot in self.slots.iter_mut().filter(|s| !s.released) {
             if slot.live {
                 slot.live = false;
                 slot.lost = true;
@@ -534,5 +594,99 @@ mod tests {
         assert_eq!(k.next_wakeup(), 61 * S);
         k.check_soon(40 * S);
         assert_eq!(k.poll(40 * S), [Action::Check]);
+    }
+
+    #[test]
+    fn an_address_change_renews_every_live_mapping_now() {
+        let mut k = Keeper::new(&[want(6000), want(6001)], 3600 * S, Duration::ZERO);
+        k.poll(Duration::ZERO);
+        k.on_granted(0, grant(6000, 7200, 10), Duration::ZERO);
+        k.on_failed(1, "timeout", Duration::ZERO);
+        assert!(
+            k.poll(10 * S)
+                .iter()
+                .all(|a| matches!(a, Action::Map { id: 1, .. }))
+        );
+        k.on_failed(1, "timeout", 10 * S);
+        let ev = k.on_external_ip(Ipv4Addr::new(11, 99, 0, 20), 11 * S);
+        assert!(
+            matches!(ev[..], [Event::ExternalIpChanged { .. }]),
+            "{ev:?}"
+        );
+        assert_eq!(
+            k.poll(11 * S),
+            [Action::Map {
+                id: 0,
+                external_port: 6000
+            }],
+            "the live mapping is renewed at once; the failing one keeps its backoff"
+        );
+    }
+
+    #[test]
+    fn released_mappings_are_never_asked_for_again() {
+        let mut k = Keeper::new(&[want(6000)], 30 * S, Duration::ZERO);
+        k.poll(Duration::ZERO);
+        k.on_granted(0, grant(6000, 120, 10), Duration::ZERO);
+        assert_eq!(
+            k.on_released(0),
+            [Event::Released {
+                id: 0,
+                external_port: 6000
+            }]
+        );
+        assert!(k.on_released(0).is_empty(), "released once");
+        assert_eq!(k.port(0), None);
+        assert!(k.on_epoch(0, 40 * S).len() == 1, "the gateway lost state");
+        assert_eq!(
+            k.poll(40 * S),
+            [Action::Check],
+            "but the mapping stays released"
+        );
+        k.on_check_done(41 * S);
+        assert_eq!(k.next_wakeup(), 71 * S, "only the next check is pending");
+    }
+
+    #[test]
+    fn a_burst_of_hints_makes_one_check() {
+        let mut k = Keeper::new(&[], 600 * S, Duration::ZERO);
+        for ms in [0u64, 3, 7, 12] {
+            k.check_by(Duration::from_millis(ms + 500));
+        }
+        assert!(k.poll(Duration::from_millis(499)).is_empty());
+        assert_eq!(k.poll(Duration::from_millis(500)), [Action::Check]);
+        k.check_by(Duration::from_millis(900));
+        assert!(
+            k.poll(Duration::from_millis(900)).is_empty(),
+            "one at a time"
+        );
+        k.on_check_done(Duration::from_millis(950));
+        assert_eq!(k.next_wakeup(), Duration::from_millis(950) + 600 * S);
+    }
+
+    #[test]
+    fn a_hint_renews_live_mappings_but_not_sooner_than_due() {
+        let mut k = Keeper::new(&[want(6000), want(6001)], 600 * S, Duration::ZERO);
+        k.poll(Duration::ZERO);
+        k.on_granted(0, grant(6000, 7200, 10), Duration::ZERO);
+        k.on_failed(1, "timeout", Duration::ZERO);
+        k.poll(S);
+        k.on_granted(1, grant(6001, 4, 11), S);
+        // Mapping 1 is due at 3 s anyway; mapping 0 only at 3600 s.
+        k.renew_by(5 * S);
+        assert_eq!(
+            k.poll(3 * S),
+            [Action::Map {
+                id: 1,
+                external_port: 6001
+            }]
+        );
+        assert_eq!(
+            k.poll(5 * S),
+            [Action::Map {
+                id: 0,
+                external_port: 6000
+            }]
+        );
     }
 }

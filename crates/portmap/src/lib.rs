@@ -22,6 +22,8 @@
 //! * [`upnp`]: UPnP IGD on igd-next, with the retries real routers need (lease 0 on 725/402,
 //!   any port on 718, 714 on delete is success).
 //! * [`client`]: probe all three protocols at once; map and delete with any of them.
+//! * [`hold`]: the keeper driven over the network, listening for announcements and SSDP
+//!   NOTIFYs, releasing every mapping at the end.
 //!
 //! What it does not do: IPv6 mappings and pinholes, PCP PEER requests, the THIRD_PARTY and
 //! FILTER options, PCP authentication (RFC 7652), the server side.
@@ -34,6 +36,7 @@ use serde::Serialize;
 pub mod client;
 pub mod epoch;
 pub mod gateway;
+pub mod hold;
 pub mod keeper;
 pub mod pcp;
 pub mod pmp;
