@@ -50,10 +50,10 @@ pub struct PortMapConfig {
     pub natpmp: bool,
     /// PCP (RFC 6887) on UDP 5351.
     pub pcp: bool,
-    /// Shortest lifetime granted to PCP and UPnP requests (miniupnpd's `min_lifetime`; it does
-    /// not apply to NAT-PMP).
+    /// Shortest lifetime granted to PCP requests (miniupnpd's `min_lifetime`; miniupnpd 2.3
+    /// grants NAT-PMP and UPnP requests the lifetime they ask for).
     pub min_lifetime_secs: u32,
-    /// Longest lifetime granted (miniupnpd's `max_lifetime`).
+    /// Longest lifetime granted to PCP requests (miniupnpd's `max_lifetime`).
     pub max_lifetime_secs: u32,
     /// A client may only map ports to its own address.
     pub secure_mode: bool,
@@ -119,12 +119,14 @@ impl PortMapConfig {
         .into_iter()
         .filter_map(|(on, name)| on.then_some(name))
         .collect();
-        format!(
-            "port mapping: {} (lifetimes {}–{} s)",
-            on.join("+"),
-            self.min_lifetime_secs,
-            self.max_lifetime_secs
-        )
+        let mut text = format!("port mapping: {}", on.join("+"));
+        if self.pcp {
+            text += &format!(
+                " (pcp lifetimes {}–{} s)",
+                self.min_lifetime_secs, self.max_lifetime_secs
+            );
+        }
+        text
     }
 }
 

@@ -1032,3 +1032,94 @@ fn map_keep_survives_router_reboot_and_renumbering_with_every_protocol() {
     }
     let _ = std::fs::remove_file(&state);
 }
+
+/// Three miniupnpd routers: one speaking everything with PCP lifetimes clamped to 120–3600 s,
+/// one without PCP, one with UPnP only. PCP lifetimes are clamped (NAT-PMP and UPnP get what
+/// they ask for from miniupnpd); `--via auto` takes the best protocol each router speaks; asking
+/// for a protocol the router lacks fails with the protocol named.
+#[test]
+fn map_add_clamps_pcp_lifetimes_and_falls_back_to_what_the_router_speaks() {
+    use natlab::{Lab, LabOptions, Topology};
+    if !natlab::environment::portmap_test_can_run(
+        "map_add_clamps_pcp_lifetimes_and_falls_back_to_what_the_router_speaks",
+    ) {
+        return;
+    }
+    let topology = Topology::from_toml(
+        r#"
+        [router.full]
+        nat = "port-restricted"
+        [router.full.portmap]
+        min_lifetime_secs = 120
+        max_lifetime_secs = 3600
+        [router.pmp]
+        nat = "port-restricted"
+        [router.pmp.portmap]
+        pcp = false
+        [router.igd]
+        nat = "port-restricted"
+        [router.igd.portmap]
+        pcp = false
+        natpmp = false
+        [host.a]
+        upstream = "full"
+        [host.b]
+        upstream = "pmp"
+        [host.c]
+        upstream = "igd"
+        "#,
+    )
+    .expect("topology");
+    let lab = Lab::build(&topology, LabOptions::default()).expect("lab");
+    let exe = env!("CARGO_BIN_EXE_natpunch");
+    let dir = std::env::temp_dir().join(format!("natpunch-fallback-{}", std::process::id()));
+    let map = |host: &str, args: &[&str]| -> (bool, String, String) {
+        let state = dir.join(format!("{host}.json"));
+        let mut cmd = lab.command(host, exe).expect("command");
+        cmd.arg("map").args(args).args([
+            "--json",
+            "--wait-ms",
+            "600",
+            "--state",
+            state.to_str().expect("utf-8"),
+        ]);
+        let out = cmd.output().expect("natpunch runs");
+        (out.status.success(), stdout(&out), stderr(&out))
+    };
+    let json = |(ok, out, err): (bool, String, String)| -> Value {
+        assert!(ok, "{out} {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    };
+
+    for (via, asked, granted) in [
+        ("pcp", "30", 120),
+        ("pcp", "100000", 3600),
+        ("natpmp", "30", 30),
+        ("upnp", "100000", 100_000),
+    ] {
+        let m = json(map(
+            "a",
+            &["add", "9000", "--via", via, "--lifetime", asked],
+        ));
+        assert_eq!(m["lifetime_secs"], granted, "{via} asked {asked}: {m}");
+    }
+
+    let probe = json(map("b", &["probe"]));
+    assert!(
+        probe["pcp"].is_null() && probe["nat_pmp"].is_object(),
+        "{probe}"
+    );
+    let problems = probe["problems"].to_string();
+    assert!(problems.contains("pcp: no answer"), "{problems}");
+    assert!(!problems.contains("pcp: pcp:"), "named once: {problems}");
+    let m = json(map("b", &["add", "9000"]));
+    assert_eq!(m["method"], "nat-pmp", "{m}");
+    let m = json(map("c", &["add", "9000"]));
+    assert_eq!(m["method"], "upnp", "{m}");
+    let (ok, _, err) = map("c", &["add", "9001", "--via", "natpmp"]);
+    assert!(
+        !ok && err.contains("nat-pmp: no answer from 192.168."),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -149,16 +149,17 @@ pub async fn probe(gateway: Gateway, wait: Duration) -> ProbeReport {
         probe_upnp(gateway, wait)
     );
     let mut problems = Vec::new();
-    let mut keep = |r: Result<Offer, ClientError>, name: &str| match r {
+    // Each error names its protocol.
+    let mut keep = |r: Result<Offer, ClientError>| match r {
         Ok(o) => Some(o),
         Err(e) => {
-            problems.push(format!("{name}: {e}"));
+            problems.push(e.to_string());
             None
         }
     };
-    let pcp = keep(pcp, "pcp");
-    let nat_pmp = keep(pmp, "nat-pmp");
-    let upnp = keep(upnp, "upnp");
+    let pcp = keep(pcp);
+    let nat_pmp = keep(pmp);
+    let upnp = keep(upnp);
     let external_ip = nat_pmp
         .as_ref()
         .and_then(|o| o.external_ip)
