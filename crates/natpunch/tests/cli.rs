@@ -1123,3 +1123,101 @@ fn map_add_clamps_pcp_lifetimes_and_falls_back_to_what_the_router_speaks() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// What miniupnpd never does, from testkit's fake IGD running in a lab router's namespace: an
+/// external address in 100.64/10 is flagged as behind another NAT, and a router that only grants
+/// permanent leases (725) gets one after the limited lease is refused.
+#[test]
+fn map_handles_an_igd_behind_cgnat_that_only_grants_permanent_leases() {
+    use natlab::{Lab, LabOptions, Topology};
+    use testkit::igd::{FakeIgd, FakeIgdConfig};
+    if !natlab::environment::lab_test_can_run(
+        "map_handles_an_igd_behind_cgnat_that_only_grants_permanent_leases",
+    ) {
+        return;
+    }
+    let topology = Topology::from_toml(
+        r#"
+        [router.home]
+        nat = "port-restricted"
+        [host.alice]
+        upstream = "home"
+        "#,
+    )
+    .expect("topology");
+    let lab = Lab::build(&topology, LabOptions::default()).expect("lab");
+    let lan_ip = lab.node("alice").expect("alice").uplink.gateway;
+    let igd = lab
+        .run_in("home", || {
+            FakeIgd::start(FakeIgdConfig {
+                lan_ip,
+                external_ip: "100.64.0.7".parse().expect("ip"),
+                only_permanent_leases: true,
+                multicast_ssdp: true,
+                ssdp_unicast_port: None,
+            })
+        })
+        .expect("enter home")
+        .expect("fake IGD");
+    let exe = env!("CARGO_BIN_EXE_natpunch");
+    let state = std::env::temp_dir().join(format!("natpunch-fake-igd-{}.json", std::process::id()));
+    let map = |args: &[&str]| -> (bool, String, String) {
+        let mut cmd = lab.command("alice", exe).expect("command");
+        cmd.arg("map").args(args).args([
+            "--wait-ms",
+            "600",
+            "--state",
+            state.to_str().expect("utf-8"),
+        ]);
+        let out = cmd.output().expect("natpunch runs");
+        (out.status.success(), stdout(&out), stderr(&out))
+    };
+
+    let (ok, out, err) = map(&["probe", "--json"]);
+    let probe: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}"));
+    assert!(ok && probe["upnp"].is_object(), "{probe}");
+    assert_eq!(probe["external_ip"], "100.64.0.7");
+    assert_eq!(probe["behind_another_nat"], true, "{probe}");
+    let (_, text, _) = map(&["probe"]);
+    assert!(text.contains("another NAT is in front"), "{text}");
+
+    let (ok, out, err) = map(&["add", "6000", "--lifetime", "600", "--json"]);
+    assert!(ok, "{out} {err}");
+    assert!(
+        err.contains("not global; another NAT is in front"),
+        "auto warns: {err}"
+    );
+    let mapped: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(mapped["method"], "upnp");
+    assert_eq!(mapped["lifetime_secs"], 0, "a permanent lease: {mapped}");
+    let adds: Vec<(Option<u16>, String)> = igd
+        .requests()
+        .into_iter()
+        .filter(|c| c.action == "AddPortMapping")
+        .map(|c| {
+            let lease = c
+                .args
+                .iter()
+                .find(|(k, _)| k == "NewLeaseDuration")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default();
+            (c.error_code, lease)
+        })
+        .collect();
+    assert_eq!(
+        adds,
+        [(Some(725), "600".to_owned()), (None, "0".to_owned())],
+        "refused with 725, then asked for a permanent lease"
+    );
+    let table = igd.mappings();
+    assert!(
+        table.iter().any(|m| m.external_port == 6000
+            && m.internal_client == "192.168.1.2"
+            && m.lease_secs == 0),
+        "{table:?}"
+    );
+    let (ok, _, err) = map(&["delete", "6000"]);
+    assert!(ok, "{err}");
+    assert!(igd.mappings().is_empty(), "deleted on the IGD");
+    let _ = std::fs::remove_file(&state);
+}
