@@ -5,8 +5,12 @@ mod bench;
 mod lab;
 mod map;
 mod nat;
+mod relay;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+
+use anyhow::Context as _;
 
 use clap::{Parser, Subcommand};
 
@@ -40,6 +44,9 @@ enum Command {
     /// Port mapping on the local router: PCP, NAT-PMP or UPnP IGD (probe, list, add, delete).
     #[command(subcommand, display_order = 30)]
     Map(map::MapCommand),
+    /// Run a libp2p circuit relay v2 server (with identify, ping and AutoNAT v2) for hole punching.
+    #[command(display_order = 40)]
+    Relay(relay::RelayArgs),
     /// Benchmarks, each against a baseline in the same run.
     #[command(subcommand, display_order = 90)]
     Bench(bench::BenchCommand),
@@ -56,6 +63,7 @@ fn main() -> ExitCode {
         Command::Nat(cmd) => nat::run(cmd),
         Command::StunServer(args) => nat::stun_server(args),
         Command::Map(cmd) => map::run(cmd),
+        Command::Relay(args) => relay::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     };
     match result {
@@ -64,5 +72,24 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Where natpunch keeps state on this host: $XDG_STATE_HOME/natpunch or ~/.local/state/natpunch.
+fn state_dir() -> anyhow::Result<PathBuf> {
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .context("neither XDG_STATE_HOME nor HOME is set: name the file with its flag")?;
+    Ok(base.join("natpunch"))
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        Some(()) = async { term.as_mut()?.recv().await } => {}
     }
 }

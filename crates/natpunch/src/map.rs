@@ -219,18 +219,10 @@ impl Common {
     fn record(&self) -> anyhow::Result<Record> {
         let path = match &self.state {
             Some(p) => p.clone(),
-            None => default_state_path()?,
+            None => crate::state_dir()?.join("mappings.json"),
         };
         Record::load(path)
     }
-}
-
-fn default_state_path() -> anyhow::Result<PathBuf> {
-    let base = std::env::var_os("XDG_STATE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
-        .context("neither XDG_STATE_HOME nor HOME is set: pass --state FILE")?;
-    Ok(base.join("natpunch").join("mappings.json"))
 }
 
 /// The mappings this host made, on disk.
@@ -542,14 +534,7 @@ async fn keep(args: KeepArgs) -> anyhow::Result<ExitCode> {
             }
         }
     };
-    let stop = async {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            Some(()) = async { term.as_mut()?.recv().await } => {}
-        }
-    };
+    let stop = crate::stop_signal();
     for p in holder.problems() {
         eprintln!("map keep: {p}");
     }

@@ -1,0 +1,189 @@
+//! `natpunch relay`: a circuit relay v2 server for hole punching.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+use clap::builder::BoolishValueParser;
+use libp2p::Multiaddr;
+use libp2p::multiaddr::Protocol;
+use p2p::relay::{Limits, Rate, Relay, RelayConfig, RelayEvent};
+
+#[derive(Debug, Args)]
+#[command(after_help = "Defaults are rust-libp2p's limits. A measurement lab, where every trial \
+comes from the same few NAT addresses, wants the per-IP rates off and longer, larger circuits: \
+--reservation-rate-per-ip off --circuit-rate-per-ip off --max-circuit-secs 600 \
+--max-circuit-bytes 67108864.")]
+pub(crate) struct RelayArgs {
+    /// Address to listen on (TCP and QUIC).
+    #[arg(long, env = "NATPUNCH_RELAY_LISTEN_IP", default_value = "0.0.0.0")]
+    listen_ip: IpAddr,
+    /// Port to listen on, TCP and UDP (QUIC) alike.
+    #[arg(long, env = "NATPUNCH_RELAY_PORT", default_value_t = 4001)]
+    port: u16,
+    /// The relay's key file, created on first start [default: $XDG_STATE_HOME/natpunch/relay.key
+    /// or ~/.local/state/natpunch/relay.key].
+    #[arg(long, env = "NATPUNCH_RELAY_IDENTITY")]
+    identity: Option<PathBuf>,
+    /// Address to announce as the relay's own (repeatable) [default: every listen address
+    /// except loopback].
+    #[arg(long = "external-addr", env = "NATPUNCH_RELAY_EXTERNAL_ADDRS", value_delimiter = ',')]
+    external: Vec<Multiaddr>,
+    /// Reservations held at once.
+    #[arg(long, default_value_t = Limits::default().max_reservations)]
+    max_reservations: usize,
+    /// Reservations one peer may hold.
+    #[arg(long, default_value_t = Limits::default().max_reservations_per_peer)]
+    max_reservations_per_peer: usize,
+    /// Seconds a reservation lasts before the peer must renew it.
+    #[arg(long, default_value_t = Limits::default().reservation_duration.as_secs())]
+    reservation_secs: u64,
+    /// Circuits open at once.
+    #[arg(long, default_value_t = Limits::default().max_circuits)]
+    max_circuits: usize,
+    /// Circuits one peer may have open.
+    #[arg(long, default_value_t = Limits::default().max_circuits_per_peer)]
+    max_circuits_per_peer: usize,
+    /// Seconds a circuit may last.
+    #[arg(long, default_value_t = Limits::default().max_circuit_duration.as_secs())]
+    max_circuit_secs: u64,
+    /// Bytes a circuit may carry in each direction.
+    #[arg(long, default_value_t = Limits::default().max_circuit_bytes)]
+    max_circuit_bytes: u64,
+    /// Reservation requests per peer: COUNT/SECONDS, or `off`.
+    #[arg(long, default_value = "30/120", value_parser = parse_rate)]
+    reservation_rate_per_peer: RateArg,
+    /// Reservation requests per source IP: COUNT/SECONDS, or `off`.
+    #[arg(long, default_value = "60/60", value_parser = parse_rate)]
+    reservation_rate_per_ip: RateArg,
+    /// Circuit requests per source peer: COUNT/SECONDS, or `off`.
+    #[arg(long, default_value = "30/120", value_parser = parse_rate)]
+    circuit_rate_per_peer: RateArg,
+    /// Circuit requests per source IP: COUNT/SECONDS, or `off`.
+    #[arg(long, default_value = "60/60", value_parser = parse_rate)]
+    circuit_rate_per_ip: RateArg,
+    /// Host of the telemetry port (/metrics, /health).
+    #[arg(long, env = "NATPUNCH_TELEMETRY_HOST", default_value = "127.0.0.1")]
+    telemetry_host: IpAddr,
+    /// Telemetry port; 0 turns it off.
+    #[arg(long, env = "NATPUNCH_TELEMETRY_PORT", default_value_t = 9464)]
+    telemetry_port: u16,
+    /// Print one JSON object per event.
+    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
+    json: bool,
+}
+
+/// A rate, or none.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RateArg(Option<Rate>);
+
+fn parse_rate(s: &str) -> Result<RateArg, String> {
+    if s == "off" {
+        return Ok(RateArg(None));
+    }
+    s.parse().map(|r| RateArg(Some(r)))
+}
+
+impl RelayArgs {
+    fn config(&self) -> RelayConfig {
+        let ip = match self.listen_ip {
+            IpAddr::V4(ip) => Protocol::Ip4(ip),
+            IpAddr::V6(ip) => Protocol::Ip6(ip),
+        };
+        let base = Multiaddr::empty().with(ip);
+        RelayConfig {
+            listen: vec![
+                base.clone().with(Protocol::Tcp(self.port)),
+                base.with(Protocol::Udp(self.port)).with(Protocol::QuicV1),
+            ],
+            external: self.external.clone(),
+            limits: Limits {
+                max_reservations: self.max_reservations,
+                max_reservations_per_peer: self.max_reservations_per_peer,
+                reservation_duration: Duration::from_secs(self.reservation_secs),
+                max_circuits: self.max_circuits,
+                max_circuits_per_peer: self.max_circuits_per_peer,
+                max_circuit_duration: Duration::from_secs(self.max_circuit_secs),
+                max_circuit_bytes: self.max_circuit_bytes,
+                reservation_rate_per_peer: self.reservation_rate_per_peer.0,
+                reservation_rate_per_ip: self.reservation_rate_per_ip.0,
+                circuit_rate_per_peer: self.circuit_rate_per_peer.0,
+                circuit_rate_per_ip: self.circuit_rate_per_ip.0,
+            },
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+pub(crate) fn run(args: RelayArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: RelayArgs) -> anyhow::Result<ExitCode> {
+    let path = match &args.identity {
+        Some(p) => p.clone(),
+        None => crate::state_dir()?.join("relay.key"),
+    };
+    let (key, created) = p2p::identity::load_or_create(&path)?;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let mut relay = Relay::new(key, args.config(), &mut registry)?;
+    eprintln!(
+        "relay: peer id {} ({} key {})",
+        relay.peer_id(),
+        if created { "new" } else { "from" },
+        path.display()
+    );
+    let registry = Arc::new(Mutex::new(registry));
+    if args.telemetry_port != 0 {
+        let addr = SocketAddr::new(args.telemetry_host, args.telemetry_port);
+        let listener = p2p::telemetry::bind(addr)
+            .await
+            .with_context(|| format!("binding the telemetry port {addr}"))?;
+        eprintln!("relay: metrics on http://{addr}/metrics");
+        tokio::spawn(p2p::telemetry::serve(listener, Arc::clone(&registry)));
+    }
+    let json = args.json;
+    let mut report = |e: RelayEvent| {
+        if json {
+            println!("{}", serde_json::to_string(&e).unwrap_or_default());
+        } else {
+            println!("{}", describe(&e));
+        }
+    };
+    relay.run(crate::stop_signal(), &mut report).await;
+    eprintln!("relay: stopping");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn describe(e: &RelayEvent) -> String {
+    match e {
+        RelayEvent::Listening { address } => format!("listening on {address}"),
+        RelayEvent::ExternalAddress { address } => format!("announcing {address}"),
+        RelayEvent::ReservationAccepted { peer, renewed } => {
+            format!("reservation {} for {peer}", if *renewed { "renewed" } else { "accepted" })
+        }
+        RelayEvent::ReservationDenied { peer, status } => {
+            format!("reservation refused for {peer}: {status}")
+        }
+        RelayEvent::ReservationEnded { peer, timed_out } => format!(
+            "reservation of {peer} {}",
+            if *timed_out { "timed out" } else { "closed" }
+        ),
+        RelayEvent::CircuitAccepted { src, dst } => format!("circuit {src} -> {dst}"),
+        RelayEvent::CircuitDenied { src, dst, status } => {
+            format!("circuit {src} -> {dst} refused: {status}")
+        }
+        RelayEvent::CircuitClosed { src, dst, error } => match error {
+            Some(e) => format!("circuit {src} -> {dst} closed: {e}"),
+            None => format!("circuit {src} -> {dst} closed"),
+        },
+    }
+}

@@ -1,0 +1,118 @@
+//! The telemetry port: `GET /metrics` (Prometheus text format) and `GET /health`.
+//!
+//! A deliberately small HTTP/1.1 responder: one request per connection, a bounded request
+//! head, a short read deadline. Anything else gets 404, 405 or 400.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The longest request head read.
+const MAX_HEAD: usize = 8 * 1024;
+/// How long a client may take to send its request.
+const READ_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Serves `registry` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, registry: Arc<Mutex<Registry>>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let registry = Arc::clone(&registry);
+        tokio::spawn(async move {
+            let _ = answer(stream, &registry).await;
+        });
+    }
+}
+
+/// Binds the telemetry address.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+async fn answer(mut stream: TcpStream, registry: &Mutex<Registry>) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    let read = async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_HEAD {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(buf.get(..n).unwrap_or_default());
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    if tokio::time::timeout(READ_DEADLINE, read).await.is_err() {
+        return Ok(());
+    }
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, kind, body) = match (method, path) {
+        ("GET", "/metrics") => {
+            let mut text = String::new();
+            let encoded = match registry.lock() {
+                Ok(r) => prometheus_client::encoding::text::encode(&mut text, &r).is_ok(),
+                Err(_) => false,
+            };
+            if encoded {
+                (
+                    "200 OK",
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    text,
+                )
+            } else {
+                ("500 Internal Server Error", "text/plain", "encoding failed\n".into())
+            }
+        }
+        ("GET", "/health") => ("200 OK", "text/plain", "ok\n".into()),
+        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".into()),
+        ("", _) => ("400 Bad Request", "text/plain", "bad request\n".into()),
+        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn get(addr: SocketAddr, request: &[u8]) -> String {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(request).await.expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("read");
+        out
+    }
+
+    #[tokio::test]
+    async fn metrics_health_and_errors() {
+        let mut registry = Registry::default();
+        let counter = prometheus_client::metrics::counter::Counter::<u64>::default();
+        registry.register("natpunch_test_things", "Things", counter.clone());
+        counter.inc_by(3);
+        let listener = bind("127.0.0.1:0".parse().expect("addr")).await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(serve(listener, Arc::new(Mutex::new(registry))));
+        let metrics = get(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+        assert!(metrics.contains("natpunch_test_things_total 3"), "{metrics}");
+        let health = get(addr, b"GET /health HTTP/1.1\r\n\r\n").await;
+        assert!(health.starts_with("HTTP/1.1 200") && health.ends_with("ok\n"), "{health}");
+        assert!(get(addr, b"POST /metrics HTTP/1.1\r\n\r\n").await.contains("405"));
+        assert!(get(addr, b"GET /nope HTTP/1.1\r\n\r\n").await.contains("404"));
+        assert!(get(addr, b"\r\n\r\n").await.contains("400"));
+        task.abort();
+    }
+}
