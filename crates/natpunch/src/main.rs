@@ -5,6 +5,7 @@ mod bench;
 mod lab;
 mod map;
 mod nat;
+mod peer;
 mod relay;
 
 use std::path::PathBuf;
@@ -47,6 +48,9 @@ enum Command {
     /// Run a libp2p circuit relay v2 server (with identify, ping and AutoNAT v2) for hole punching.
     #[command(display_order = 40)]
     Relay(relay::RelayArgs),
+    /// A libp2p peer that hole-punches through a relay (DCUtR over TCP and QUIC).
+    #[command(subcommand, display_order = 41)]
+    Peer(peer::PeerCommand),
     /// Benchmarks, each against a baseline in the same run.
     #[command(subcommand, display_order = 90)]
     Bench(bench::BenchCommand),
@@ -64,6 +68,7 @@ fn main() -> ExitCode {
         Command::StunServer(args) => nat::stun_server(args),
         Command::Map(cmd) => map::run(cmd),
         Command::Relay(args) => relay::run(args),
+        Command::Peer(cmd) => peer::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
     };
     match result {

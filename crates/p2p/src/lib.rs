@@ -2,12 +2,20 @@
 //!
 //! * [`relay`]: the circuit relay v2 server (with identify, ping and the AutoNAT v2 server),
 //!   every limit configurable, Prometheus metrics;
+//! * [`peer`]: the hole-punching peer (relay reservation or relayed dial, then DCUtR), with our
+//!   own DCUtR engine or rust-libp2p's, and [`record`]: what each side saw of a hole punch;
+//! * [`candidates`]: hands the swarm the addresses the relay observed, untouched;
 //! * [`identity`]: keys kept in files, created on first use;
-//! * [`telemetry`]: the `/metrics` and `/health` port.
+//! * [`telemetry`]: the `/metrics` and `/health` port;
+//! * [`wire`]: a sans-IO codec for the DCUtR messages (length-prefixed protobuf).
 //!
 //! Everything here speaks the real libp2p wire protocols (rust-libp2p 0.57), so go, js and nim
 //! peers and punchr's clients interoperate with it.
 
+pub mod candidates;
 pub mod identity;
+pub mod peer;
+pub mod record;
 pub mod relay;
 pub mod telemetry;
+pub mod wire;

@@ -1,0 +1,179 @@
+//! `natpunch peer listen|dial`: a libp2p peer that hole-punches through a relay.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::builder::BoolishValueParser;
+use clap::{Args, Subcommand, ValueEnum};
+use libp2p::{Multiaddr, PeerId};
+use p2p::peer::{Candidates, Engine, Mode, Peer, PeerConfig, PeerEvent, Transport};
+use p2p::record::{Outcome, Record};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum PeerCommand {
+    /// Reserve on the relay, print the relayed address, and accept hole punches until Ctrl-C.
+    Listen(Common),
+    /// Dial PEER_ID through the relay and hole-punch once; exit 0 on a direct connection.
+    Dial(DialArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct DialArgs {
+    /// The peer to reach (it must be listening on the same relay).
+    peer_id: PeerId,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct Common {
+    /// The relay, with /p2p/<relay id> (repeat for its TCP and QUIC addresses; a missing one
+    /// is derived with the same port).
+    #[arg(long, required = true, env = "NATPUNCH_RELAY", value_delimiter = ',')]
+    relay: Vec<Multiaddr>,
+    /// Transports to listen, reach the relay and punch with.
+    #[arg(long, value_enum, env = "NATPUNCH_TRANSPORT", default_value_t = TransportArg::Both)]
+    transport: TransportArg,
+    /// Hole-punching engine: natpunch's, or rust-libp2p's stock `dcutr` (for comparisons).
+    #[arg(long, value_enum, env = "NATPUNCH_ENGINE", default_value_t = EngineArg::Natpunch)]
+    engine: EngineArg,
+    /// Addresses offered to the remote: as the relay observed them, or identify's candidates
+    /// (listen port in place of the observed one) as stock libp2p does.
+    #[arg(long, value_enum, env = "NATPUNCH_CANDIDATES", default_value_t = CandidatesArg::Observed)]
+    candidates: CandidatesArg,
+    /// How long one attempt may take after its dial, in milliseconds (natpunch engine).
+    #[arg(long, env = "NATPUNCH_ATTEMPT_TIMEOUT_MS", default_value_t = 3000)]
+    attempt_timeout_ms: u64,
+    /// Attempts before giving up.
+    #[arg(long, default_value_t = 3)]
+    max_attempts: u32,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    listen_ip: IpAddr,
+    /// Key file [default: a fresh identity each run].
+    #[arg(long, env = "NATPUNCH_PEER_IDENTITY")]
+    identity: Option<PathBuf>,
+    /// Print one JSON object per event.
+    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
+    json: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum TransportArg {
+    /// TCP only.
+    Tcp,
+    /// QUIC only.
+    Quic,
+    /// Both; the first direct connection wins.
+    Both,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum EngineArg {
+    /// natpunch's DCUtR engine (every attempt recorded on both sides, bounded, one connection).
+    Natpunch,
+    /// rust-libp2p's `dcutr` behaviour.
+    Stock,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum CandidatesArg {
+    /// The addresses the relay observed.
+    Observed,
+    /// identify's candidates.
+    Stock,
+}
+
+impl Common {
+    fn config(&self) -> PeerConfig {
+        let mut c = PeerConfig::new(self.relay.clone());
+        c.listen_ip = self.listen_ip;
+        c.transport = match self.transport {
+            TransportArg::Tcp => Transport::Tcp,
+            TransportArg::Quic => Transport::Quic,
+            TransportArg::Both => Transport::Both,
+        };
+        c.engine = match self.engine {
+            EngineArg::Natpunch => Engine::Natpunch,
+            EngineArg::Stock => Engine::Stock,
+        };
+        c.candidates = match self.candidates {
+            CandidatesArg::Observed => Candidates::Observed,
+            CandidatesArg::Stock => Candidates::Stock,
+        };
+        c.attempt_timeout = Duration::from_millis(self.attempt_timeout_ms.max(100));
+        c.max_attempts = self.max_attempts.max(1);
+        c
+    }
+}
+
+pub(crate) fn run(cmd: PeerCommand) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let (common, mode) = match &cmd {
+            PeerCommand::Listen(c) => (c, Mode::Listen),
+            PeerCommand::Dial(d) => (&d.common, Mode::Dial(d.peer_id)),
+        };
+        let key = match &common.identity {
+            Some(path) => p2p::identity::load_or_create(path)?.0,
+            None => libp2p::identity::Keypair::generate_ed25519(),
+        };
+        let mut peer = Peer::new(key, common.config())?;
+        eprintln!("peer: {}", peer.peer_id());
+        let json = common.json;
+        let mut report = |e: PeerEvent| {
+            if json {
+                println!("{}", serde_json::to_string(&e).unwrap_or_default());
+            } else {
+                println!("{}", describe(&e));
+            }
+        };
+        let outcome = peer.run(mode, crate::stop_signal(), &mut report).await?;
+        Ok(match outcome {
+            Some(Outcome::Success | Outcome::ConnectionReversed) | None => ExitCode::SUCCESS,
+            Some(_) => ExitCode::FAILURE,
+        })
+    })
+}
+
+fn describe(e: &PeerEvent) -> String {
+    match e {
+        PeerEvent::RelayConnected {
+            relay, observed, ..
+        } => format!("connected to relay {relay}; it sees us at {}", observed.join(", ")),
+        PeerEvent::Reserved { address } => format!("reserved: reachable at {address}"),
+        PeerEvent::Reachability {
+            address,
+            reachable,
+            error,
+        } => match (reachable, error) {
+            (true, _) => format!("autonat: {address} is reachable"),
+            (false, Some(e)) => format!("autonat: {address} is not reachable ({e})"),
+            (false, None) => format!("autonat: {address} is not reachable"),
+        },
+        PeerEvent::HolePunch(r) => describe_record(r),
+    }
+}
+
+fn describe_record(r: &Record) -> String {
+    let mut text = format!(
+        "hole punch with {} ({:?} side): {:?}",
+        r.remote_peer, r.side, r.outcome
+    );
+    if let (Some(t), Some(ms)) = (&r.transport, r.time_to_direct_ms) {
+        text += &format!(" over {t} after {ms:.0} ms");
+    }
+    if let Some(rtt) = r.direct_rtt_ms {
+        text += &format!(", direct rtt {rtt:.1} ms");
+    }
+    text += &format!(", {} attempt(s)", r.attempts.len());
+    if let Some(e) = &r.error {
+        text += &format!(": {e}");
+    }
+    text
+}

@@ -1,0 +1,1357 @@
+//! The hole-punching peer: relay reservation or relayed dial, then DCUtR to a direct
+//! connection, with a [`Record`] of every hole punch on both sides.
+//!
+//! Two engines drive the punch:
+//! * **natpunch** (the default) speaks the DCUtR wire protocol itself (see [`crate::wire`]), so
+//!   it sees every step: the CONNECT round trip, the addresses exchanged, each dial and its
+//!   errors, on *both* sides. Its attempts are bounded by `attempt_timeout`, it does not retry
+//!   once a direct connection exists, it negotiates its streams optimistically (no round trip
+//!   for multistream-select when the protocol is known), and of the two QUIC connections a
+//!   simultaneous dial makes it keeps exactly one (the one the relayed connection's dialer made).
+//! * **stock** is rust-libp2p's `dcutr` behaviour, tracked from the outside through swarm
+//!   events, for side-by-side comparisons.
+//!
+//! The addresses offered in CONNECT are, with `Candidates::Observed`, the addresses the relay
+//! observed (identify's `observed_addr`, untouched), or with `Candidates::Stock` identify's
+//! candidates, which replace the observed port with the listen port and so point at a port the
+//! NAT never mapped when it does not preserve ports.
+//!
+//! Order of operations (each step waits for the one before): listen on each transport until a
+//! non-loopback address is up (TCP port reuse needs it), connect to the relay over each
+//! transport, learn the observed addresses from identify, then reserve (listener) or dial
+//! through the relay (dialer).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt as _;
+use libp2p::core::ConnectedPoint;
+use libp2p::core::Endpoint;
+use libp2p::core::upgrade::Version;
+use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{ConnectionId, DialError, NetworkBehaviour, SwarmEvent};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, autonat, dcutr, identify, noise, ping, relay, tcp,
+    yamux,
+};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::candidates::CandidateFeed;
+use crate::record::{Attempt, AttemptOutcome, DialFailure, Outcome, Record, Side};
+use crate::relay::{PROTOCOL_VERSION, agent_version};
+use crate::wire::{self, HolePunch, Kind};
+
+/// The DCUtR protocol.
+pub const DCUTR: StreamProtocol = StreamProtocol::new("/libp2p/dcutr");
+
+/// Which transports to listen, reach the relay and punch with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    /// TCP only.
+    Tcp,
+    /// QUIC only.
+    Quic,
+    /// Both; whichever punches through first wins.
+    Both,
+}
+
+impl Transport {
+    fn tcp(self) -> bool {
+        matches!(self, Self::Tcp | Self::Both)
+    }
+
+    fn quic(self) -> bool {
+        matches!(self, Self::Quic | Self::Both)
+    }
+}
+
+/// Who drives the hole punch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Engine {
+    /// natpunch's own DCUtR engine.
+    Natpunch,
+    /// rust-libp2p's `dcutr` behaviour.
+    Stock,
+}
+
+/// Where the addresses offered in CONNECT come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Candidates {
+    /// The addresses the relay observed.
+    Observed,
+    /// identify's candidates (the observed IP with the listen port).
+    Stock,
+}
+
+/// What the peer does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Reserve on the relay and accept hole punches from whoever dials through it.
+    Listen,
+    /// Dial this peer through the relay and punch once.
+    Dial(PeerId),
+}
+
+/// How to run a peer.
+#[derive(Debug, Clone)]
+pub struct PeerConfig {
+    /// The relay's addresses, with `/p2p/<relay>`: one per transport in use (a missing one is
+    /// derived from another with the same port).
+    pub relays: Vec<Multiaddr>,
+    /// Address to listen on.
+    pub listen_ip: IpAddr,
+    /// Transports.
+    pub transport: Transport,
+    /// The engine.
+    pub engine: Engine,
+    /// The candidate source.
+    pub candidates: Candidates,
+    /// How long one attempt may take from its dial (natpunch engine).
+    pub attempt_timeout: Duration,
+    /// Attempts before giving up (the spec says 3).
+    pub max_attempts: u32,
+    /// How long each start-up step (listen, relay, reservation) may take.
+    pub setup_timeout: Duration,
+    /// How long a dialer stays after its hole punch, so that the listener sees the direct
+    /// connection settle too.
+    pub linger: Duration,
+}
+
+impl PeerConfig {
+    /// A configuration with natpunch's defaults for `relays`.
+    pub fn new(relays: Vec<Multiaddr>) -> Self {
+        Self {
+            relays,
+            listen_ip: IpAddr::from([0, 0, 0, 0]),
+            transport: Transport::Both,
+            engine: Engine::Natpunch,
+            candidates: Candidates::Observed,
+            attempt_timeout: Duration::from_secs(3),
+            max_attempts: 3,
+            setup_timeout: Duration::from_secs(15),
+            linger: Duration::from_millis(500),
+        }
+    }
+}
+
+/// What a peer reports.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum PeerEvent {
+    /// Connected to the relay; the addresses it observed.
+    RelayConnected {
+        /// This peer.
+        peer_id: String,
+        /// The relay.
+        relay: String,
+        /// The addresses the relay observed, one per transport.
+        observed: Vec<String>,
+    },
+    /// The reservation is up: others reach this peer at `address`.
+    Reserved {
+        /// The relayed address.
+        address: String,
+    },
+    /// AutoNAT v2 tested an address.
+    Reachability {
+        /// The address tested.
+        address: String,
+        /// Whether the server could dial it.
+        reachable: bool,
+        /// Why not.
+        error: Option<String>,
+    },
+    /// A hole punch ended.
+    HolePunch(Box<Record>),
+}
+
+/// Why the peer stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// The swarm could not be built.
+    #[error("building the peer: {0}")]
+    Build(String),
+    /// A relay address is unusable.
+    #[error("relay address {0}: {1}")]
+    RelayAddress(Multiaddr, String),
+    /// A start-up step failed.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// The peer's behaviours.
+#[derive(NetworkBehaviour)]
+#[expect(
+    missing_debug_implementations,
+    reason = "libp2p's behaviours do not implement Debug"
+)]
+pub struct PeerBehaviour {
+    relay_client: relay::client::Behaviour,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    autonat: autonat::v2::client::Behaviour,
+    stream: libp2p_stream::Behaviour,
+    dcutr: Toggle<dcutr::Behaviour>,
+    feed: CandidateFeed,
+}
+
+/// A message from a handshake task to the event loop.
+#[derive(Debug)]
+enum Step {
+    /// The handshake is done: dial now.
+    Dial {
+        peer: PeerId,
+        remote: Vec<Multiaddr>,
+        rtt: Option<Duration>,
+    },
+    /// The handshake failed.
+    Failed {
+        peer: PeerId,
+        error: String,
+        timeout: bool,
+    },
+}
+
+/// One hole punch in progress.
+#[derive(Debug)]
+struct Session {
+    side: Side,
+    relayed_at: Instant,
+    started_unix_ms: u64,
+    attempts: Vec<Attempt>,
+    /// The dial of the current attempt, and its attempt index.
+    dial: Option<(ConnectionId, usize)>,
+    /// When the current attempt gives up.
+    attempt_deadline: Option<Instant>,
+    /// When the session gives up waiting (dialer: for the next stream).
+    deadline: Instant,
+    /// A handshake task is running.
+    handshaking: bool,
+    /// The first direct connection.
+    direct: Option<(ConnectionId, Instant)>,
+    transport: Option<String>,
+    dialed_by: Option<String>,
+    relay_rtt: Option<Duration>,
+    direct_rtt: Option<Duration>,
+    /// After a success: the record closes at the first direct ping or at this time.
+    close_by: Option<Instant>,
+    local_addrs: Vec<String>,
+    remote_addrs: Vec<String>,
+    result: Option<(Outcome, Option<String>)>,
+}
+
+impl Session {
+    fn new(side: Side, wait: Duration) -> Self {
+        let now = Instant::now();
+        Self {
+            side,
+            relayed_at: now,
+            started_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            attempts: Vec::new(),
+            dial: None,
+            attempt_deadline: None,
+            deadline: now + wait,
+            handshaking: false,
+            direct: None,
+            transport: None,
+            dialed_by: None,
+            relay_rtt: None,
+            direct_rtt: None,
+            close_by: None,
+            local_addrs: Vec::new(),
+            remote_addrs: Vec::new(),
+            result: None,
+        }
+    }
+
+    fn ms(&self, at: Instant) -> f64 {
+        at.saturating_duration_since(self.relayed_at).as_secs_f64() * 1000.0
+    }
+
+    fn start_attempt(&mut self, rtt: Option<Duration>) -> usize {
+        let number = u32::try_from(self.attempts.len() + 1).unwrap_or(u32::MAX);
+        self.attempts.push(Attempt {
+            number,
+            started_ms: self.ms(Instant::now()),
+            rtt_ms: rtt.map(|r| r.as_secs_f64() * 1000.0),
+            dialed_ms: None,
+            dialed: Vec::new(),
+            remote_addrs: Vec::new(),
+            outcome: AttemptOutcome::Unknown,
+            error: None,
+            dial_errors: Vec::new(),
+            ended_ms: 0.0,
+        });
+        self.attempts.len() - 1
+    }
+
+    fn end_attempt(&mut self, index: usize, outcome: AttemptOutcome, error: Option<String>) {
+        let now = self.ms(Instant::now());
+        if let Some(a) = self.attempts.get_mut(index)
+            && a.outcome == AttemptOutcome::Unknown
+        {
+            a.outcome = outcome;
+            a.error = error;
+            a.ended_ms = now;
+        }
+        if self.dial.is_some_and(|(_, i)| i == index) {
+            self.dial = None;
+            self.attempt_deadline = None;
+        }
+    }
+
+    fn record(&self, me: PeerId, remote: PeerId, relay: PeerId, config: &PeerConfig) -> Record {
+        let (outcome, error) = self.result.clone().unwrap_or((Outcome::Unknown, None));
+        let mut attempts = self.attempts.clone();
+        let end = self.ms(Instant::now());
+        for a in &mut attempts {
+            if a.outcome == AttemptOutcome::Unknown {
+                a.outcome = AttemptOutcome::Cancelled;
+                a.ended_ms = end;
+            }
+        }
+        Record {
+            side: self.side,
+            engine: format!("{:?}", config.engine).to_lowercase(),
+            candidates: format!("{:?}", config.candidates).to_lowercase(),
+            local_peer: me.to_string(),
+            remote_peer: remote.to_string(),
+            relay: relay.to_string(),
+            started_unix_ms: self.started_unix_ms,
+            outcome,
+            transport: self.transport.clone(),
+            dialed_by: self.dialed_by.clone(),
+            time_to_direct_ms: self.direct.map(|(_, at)| self.ms(at)),
+            relay_rtt_ms: self.relay_rtt.map(|d| d.as_secs_f64() * 1000.0),
+            direct_rtt_ms: self.direct_rtt.map(|d| d.as_secs_f64() * 1000.0),
+            local_addrs: self.local_addrs.clone(),
+            remote_addrs: self.remote_addrs.clone(),
+            attempts,
+            direct_connections: 0,
+            error,
+            ended_ms: end,
+        }
+    }
+}
+
+/// A direct connection to a remote.
+#[derive(Debug, Clone)]
+struct Direct {
+    id: ConnectionId,
+    endpoint: ConnectedPoint,
+}
+
+/// A hole-punching peer.
+pub struct Peer {
+    swarm: Swarm<PeerBehaviour>,
+    config: PeerConfig,
+    relay: PeerId,
+    relay_addrs: Vec<Multiaddr>,
+    control: libp2p_stream::Control,
+    steps_tx: mpsc::UnboundedSender<Step>,
+    steps: mpsc::UnboundedReceiver<Step>,
+    /// Observed addresses, from identify on the relay connections.
+    observed: Vec<Multiaddr>,
+    /// identify's candidates (stock).
+    stock_candidates: Vec<Multiaddr>,
+    sessions: HashMap<PeerId, Session>,
+    /// Which side of the relayed connection we are, per remote.
+    sides: HashMap<PeerId, Side>,
+    directs: HashMap<PeerId, Vec<Direct>>,
+    relayed: HashMap<ConnectionId, PeerId>,
+}
+
+impl fmt::Debug for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Peer")
+            .field("peer_id", self.swarm.local_peer_id())
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The relay address for each transport in use.
+fn relay_addrs(config: &PeerConfig) -> Result<(PeerId, Vec<Multiaddr>), PeerError> {
+    let first = config
+        .relays
+        .first()
+        .ok_or_else(|| PeerError::Setup("no relay address given".into()))?;
+    let relay = match first.iter().last() {
+        Some(Protocol::P2p(id)) => id,
+        _ => {
+            return Err(PeerError::RelayAddress(
+                first.clone(),
+                "needs /p2p/<relay peer id> at the end".into(),
+            ));
+        }
+    };
+    let is_quic = |a: &Multiaddr| a.iter().any(|p| matches!(p, Protocol::QuicV1));
+    let mut out = Vec::new();
+    let port_of = |a: &Multiaddr| {
+        a.iter().find_map(|p| match p {
+            Protocol::Tcp(port) | Protocol::Udp(port) => Some(port),
+            _ => None,
+        })
+    };
+    let ip_of = |a: &Multiaddr| -> Option<Protocol<'static>> {
+        a.iter()
+            .find(|p| matches!(p, Protocol::Ip4(_) | Protocol::Ip6(_) | Protocol::Dns(_)))
+            .map(|p| p.acquire())
+    };
+    let derive = |quic: bool| -> Result<Multiaddr, PeerError> {
+        let base = first;
+        let ip = ip_of(base)
+            .ok_or_else(|| PeerError::RelayAddress(base.clone(), "no IP address".into()))?;
+        let port =
+            port_of(base).ok_or_else(|| PeerError::RelayAddress(base.clone(), "no port".into()))?;
+        let mut a = Multiaddr::empty().with(ip);
+        a = if quic {
+            a.with(Protocol::Udp(port)).with(Protocol::QuicV1)
+        } else {
+            a.with(Protocol::Tcp(port))
+        };
+        Ok(a.with(Protocol::P2p(relay)))
+    };
+    for quic in [false, true] {
+        let wanted = if quic {
+            config.transport.quic()
+        } else {
+            config.transport.tcp()
+        };
+        if !wanted {
+            continue;
+        }
+        match config.relays.iter().find(|a| is_quic(a) == quic) {
+            Some(a) => out.push(a.clone()),
+            None => out.push(derive(quic)?),
+        }
+    }
+    Ok((relay, out))
+}
+
+fn is_relayed(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
+}
+
+fn endpoint_relayed(e: &ConnectedPoint) -> bool {
+    match e {
+        ConnectedPoint::Dialer { address, .. } => is_relayed(address),
+        ConnectedPoint::Listener { local_addr, .. } => is_relayed(local_addr),
+    }
+}
+
+fn transport_of(addr: &Multiaddr) -> &'static str {
+    if addr.iter().any(|p| matches!(p, Protocol::QuicV1)) {
+        "quic"
+    } else {
+        "tcp"
+    }
+}
+
+fn remote_addr(e: &ConnectedPoint) -> &Multiaddr {
+    match e {
+        ConnectedPoint::Dialer { address, .. } => address,
+        ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr,
+    }
+}
+
+/// Whether the relayed connection's dialer (A) made this direct connection.
+fn made_by_a(side: Side, e: &ConnectedPoint) -> bool {
+    match (side, e) {
+        (Side::Dialer, ConnectedPoint::Dialer { role_override, .. }) => {
+            *role_override == Endpoint::Dialer
+        }
+        (Side::Dialer, ConnectedPoint::Listener { .. }) => false,
+        (Side::Listener, ConnectedPoint::Listener { .. }) => true,
+        (Side::Listener, ConnectedPoint::Dialer { .. }) => false,
+    }
+}
+
+/// The address without a trailing `/p2p/…`.
+fn without_p2p(mut a: Multiaddr) -> Multiaddr {
+    if matches!(a.iter().last(), Some(Protocol::P2p(_))) {
+        a.pop();
+    }
+    a
+}
+
+/// A direct, dialable IP address (not relayed, not loopback, not unspecified).
+fn dialable(a: &Multiaddr) -> bool {
+    let ip_ok = a.iter().any(|p| match p {
+        Protocol::Ip4(ip) => !ip.is_loopback() && !ip.is_unspecified(),
+        Protocol::Ip6(ip) => !ip.is_loopback() && !ip.is_unspecified(),
+        _ => false,
+    });
+    ip_ok && !is_relayed(a)
+}
+
+impl Peer {
+    /// Builds the peer (inside a tokio runtime).
+    pub fn new(key: Keypair, config: PeerConfig) -> Result<Self, PeerError> {
+        let (relay, relay_addrs) = relay_addrs(&config)?;
+        let build = |e: &dyn fmt::Display| PeerError::Build(e.to_string());
+        let stock = config.engine == Engine::Stock;
+        let mut quic = libp2p::quic::Config::new(&key);
+        quic.handshake_timeout = if stock {
+            quic.handshake_timeout
+        } else {
+            config.attempt_timeout
+        };
+        let connection_timeout = if stock {
+            Duration::from_secs(10)
+        } else {
+            config.attempt_timeout + Duration::from_secs(1)
+        };
+        let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default(),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(|e| build(&e))?
+            .with_quic_config(|_| quic)
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .map_err(|e| build(&e))?
+            .with_behaviour(|key, relay_client| PeerBehaviour {
+                relay_client,
+                identify: identify::Behaviour::new(
+                    identify::Config::new(PROTOCOL_VERSION.into(), key.public())
+                        .with_agent_version(agent_version()),
+                ),
+                ping: ping::Behaviour::new(
+                    ping::Config::new().with_interval(Duration::from_secs(5)),
+                ),
+                autonat: autonat::v2::client::Behaviour::default(),
+                stream: libp2p_stream::Behaviour::new(),
+                dcutr: Toggle::from(stock.then(|| dcutr::Behaviour::new(key.public().to_peer_id()))),
+                feed: CandidateFeed::default(),
+            })
+            .map_err(|e| build(&e))?
+            .with_swarm_config(|c| {
+                let c = c.with_idle_connection_timeout(Duration::from_secs(60));
+                if stock {
+                    c
+                } else {
+                    c.with_substream_upgrade_protocol_override(Version::V1Lazy)
+                }
+            })
+            .with_connection_timeout(connection_timeout)
+            .build();
+        let control = swarm.behaviour().stream.new_control();
+        let (steps_tx, steps) = mpsc::unbounded_channel();
+        Ok(Self {
+            swarm,
+            config,
+            relay,
+            relay_addrs,
+            control,
+            steps_tx,
+            steps,
+            observed: Vec::new(),
+            stock_candidates: Vec::new(),
+            sessions: HashMap::new(),
+            sides: HashMap::new(),
+            directs: HashMap::new(),
+            relayed: HashMap::new(),
+        })
+    }
+
+    /// This peer's ID.
+    pub fn peer_id(&self) -> PeerId {
+        *self.swarm.local_peer_id()
+    }
+
+    /// Runs `mode` until `stop` completes (listen) or the one hole punch ends (dial), reporting
+    /// to `report`. Returns the dial's outcome.
+    pub async fn run(
+        &mut self,
+        mode: Mode,
+        stop: impl Future<Output = ()>,
+        report: &mut impl FnMut(PeerEvent),
+    ) -> Result<Option<Outcome>, PeerError> {
+        tokio::pin!(stop);
+        tokio::select! {
+            r = self.setup(mode, report) => r?,
+            () = &mut stop => return Ok(None),
+        }
+        let mut incoming = self
+            .control
+            .accept(DCUTR)
+            .map_err(|e| PeerError::Setup(format!("accepting {DCUTR}: {e}")))?;
+        if let Mode::Dial(target) = mode {
+            let addr = self.relay_addrs[0]
+                .clone()
+                .with(Protocol::P2pCircuit)
+                .with(Protocol::P2p(target));
+            let opts = DialOpts::peer_id(target)
+                .addresses(vec![addr])
+                .condition(PeerCondition::Always)
+                .build();
+            let id = opts.connection_id();
+            if let Err(e) = self.swarm.dial(opts) {
+                return Ok(Some(self.no_connection(target, &e.to_string(), report)));
+            }
+            self.relayed.insert(id, target);
+        }
+        loop {
+            let wake = self.next_deadline();
+            tokio::select! {
+                () = &mut stop => return Ok(None),
+                event = self.swarm.select_next_some() => {
+                    if let Some(outcome) = self.on_swarm(event, mode, report) {
+                        return Ok(Some(outcome));
+                    }
+                }
+                Some(step) = self.steps.recv() => self.on_step(step),
+                Some((peer, stream)) = incoming.next() => self.on_inbound_stream(peer, stream),
+                () = sleep_until(wake) => {}
+            }
+            if let Some(outcome) = self.close_sessions(mode, report) {
+                self.linger(&mut stop).await;
+                return Ok(Some(outcome));
+            }
+        }
+    }
+
+    /// Keeps the swarm running for `linger` (or until `stop`).
+    async fn linger(&mut self, stop: &mut std::pin::Pin<&mut impl Future<Output = ()>>) {
+        let until = tokio::time::Instant::now() + self.config.linger;
+        loop {
+            tokio::select! {
+                () = stop.as_mut() => return,
+                () = tokio::time::sleep_until(until) => return,
+                _ = self.swarm.select_next_some() => {}
+            }
+        }
+    }
+
+    fn no_connection(
+        &mut self,
+        target: PeerId,
+        error: &str,
+        report: &mut impl FnMut(PeerEvent),
+    ) -> Outcome {
+        let mut s = Session::new(Side::Dialer, Duration::ZERO);
+        s.result = Some((Outcome::NoConnection, Some(error.to_owned())));
+        let record = s.record(self.peer_id(), target, self.relay, &self.config);
+        report(PeerEvent::HolePunch(Box::new(record)));
+        Outcome::NoConnection
+    }
+
+    /// Listen, connect to the relay, learn the observed addresses, reserve (listen mode).
+    async fn setup(&mut self, mode: Mode, report: &mut impl FnMut(PeerEvent)) -> Result<(), PeerError> {
+        let ip = match self.config.listen_ip {
+            IpAddr::V4(ip) => Protocol::Ip4(ip),
+            IpAddr::V6(ip) => Protocol::Ip6(ip),
+        };
+        let mut want_tcp = self.config.transport.tcp();
+        let mut want_quic = self.config.transport.quic();
+        if want_tcp {
+            let a = Multiaddr::empty().with(ip.clone()).with(Protocol::Tcp(0));
+            self.swarm.listen_on(a).map_err(|e| PeerError::Setup(format!("listen tcp: {e}")))?;
+        }
+        if want_quic {
+            let a = Multiaddr::empty()
+                .with(ip)
+                .with(Protocol::Udp(0))
+                .with(Protocol::QuicV1);
+            self.swarm.listen_on(a).map_err(|e| PeerError::Setup(format!("listen quic: {e}")))?;
+        }
+        let step_timeout = self.config.setup_timeout;
+        let deadline = Instant::now() + step_timeout;
+        // 1. A non-loopback listen address per transport.
+        while want_tcp || want_quic {
+            match self.next_setup_event(deadline, "listening").await? {
+                SwarmEvent::NewListenAddr { address, .. } if dialable(&address) => {
+                    if transport_of(&address) == "quic" {
+                        want_quic = false;
+                    } else {
+                        want_tcp = false;
+                    }
+                }
+                SwarmEvent::ListenerError { error, .. } => {
+                    return Err(PeerError::Setup(format!("listening: {error}")));
+                }
+                _ => {}
+            }
+        }
+        // 2. The relay over each transport, and what it observed.
+        let mut waiting: Vec<ConnectionId> = Vec::new();
+        for addr in self.relay_addrs.clone() {
+            let opts = DialOpts::peer_id(self.relay)
+                .addresses(vec![without_p2p(addr.clone())])
+                .condition(PeerCondition::Always)
+                .build();
+            waiting.push(opts.connection_id());
+            self.swarm
+                .dial(opts)
+                .map_err(|e| PeerError::Setup(format!("dialing the relay at {addr}: {e}")))?;
+        }
+        let deadline = Instant::now() + step_timeout;
+        while !waiting.is_empty() {
+            match self.next_setup_event(deadline, "connecting to the relay").await? {
+                SwarmEvent::OutgoingConnectionError {
+                    connection_id, error, ..
+                } if waiting.contains(&connection_id) => {
+                    return Err(PeerError::Setup(format!("the relay: {error}")));
+                }
+                SwarmEvent::Behaviour(PeerBehaviourEvent::Identify(identify::Event::Received {
+                    connection_id,
+                    peer_id,
+                    info,
+                })) if peer_id == self.relay => {
+                    waiting.retain(|c| *c != connection_id);
+                    let observed = info.observed_addr;
+                    if !self.observed.contains(&observed) {
+                        self.observed.push(observed.clone());
+                        if self.config.engine == Engine::Stock
+                            && self.config.candidates == Candidates::Observed
+                        {
+                            self.swarm.behaviour_mut().feed.push(observed);
+                        }
+                    }
+                }
+                other => self.on_background(other),
+            }
+        }
+        report(PeerEvent::RelayConnected {
+            peer_id: self.peer_id().to_string(),
+            relay: self.relay.to_string(),
+            observed: self.observed.iter().map(ToString::to_string).collect(),
+        });
+        // 3. The reservation.
+        if mode == Mode::Listen {
+            let circuit = self.relay_addrs[0].clone().with(Protocol::P2pCircuit);
+            self.swarm
+                .listen_on(circuit.clone())
+                .map_err(|e| PeerError::Setup(format!("reserving on the relay: {e}")))?;
+            let deadline = Instant::now() + step_timeout;
+            loop {
+                match self.next_setup_event(deadline, "reserving on the relay").await? {
+                    SwarmEvent::Behaviour(PeerBehaviourEvent::RelayClient(
+                        relay::client::Event::ReservationReqAccepted { .. },
+                    )) => break,
+                    SwarmEvent::ListenerClosed {
+                        reason: Err(e), ..
+                    } => return Err(PeerError::Setup(format!("the reservation failed: {e}"))),
+                    other => self.on_background(other),
+                }
+            }
+            report(PeerEvent::Reserved {
+                address: circuit.with(Protocol::P2p(self.peer_id())).to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    async fn next_setup_event(
+        &mut self,
+        deadline: Instant,
+        what: &str,
+    ) -> Result<SwarmEvent<PeerBehaviourEvent>, PeerError> {
+        match tokio::time::timeout_at(deadline.into(), self.swarm.select_next_some()).await {
+            Ok(e) => Ok(e),
+            Err(_) => Err(PeerError::Setup(format!(
+                "{what}: nothing within {:?}",
+                self.config.setup_timeout
+            ))),
+        }
+    }
+
+    /// Events that matter in every phase.
+    fn on_background(&mut self, event: SwarmEvent<PeerBehaviourEvent>) {
+        if let SwarmEvent::NewExternalAddrCandidate { address } = event
+            && dialable(&address)
+            && !self.stock_candidates.contains(&address)
+        {
+            self.stock_candidates.push(address);
+        }
+    }
+
+    /// The addresses this peer offers in CONNECT.
+    fn offered(&self) -> Vec<Multiaddr> {
+        let source = match self.config.candidates {
+            Candidates::Observed => &self.observed,
+            Candidates::Stock => &self.stock_candidates,
+        };
+        source
+            .iter()
+            .filter(|a| dialable(a))
+            .map(|a| without_p2p(a.clone()).with(Protocol::P2p(self.peer_id())))
+            .collect()
+    }
+
+    fn next_deadline(&self) -> Instant {
+        let far = Instant::now() + Duration::from_secs(3600);
+        self.sessions
+            .values()
+            .flat_map(|s| [Some(s.deadline), s.attempt_deadline, s.close_by])
+            .flatten()
+            .min()
+            .unwrap_or(far)
+    }
+
+    fn on_swarm(
+        &mut self,
+        event: SwarmEvent<PeerBehaviourEvent>,
+        mode: Mode,
+        report: &mut impl FnMut(PeerEvent),
+    ) -> Option<Outcome> {
+        match event {
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => {
+                if peer_id == self.relay {
+                    return None;
+                }
+                if endpoint_relayed(&endpoint) {
+                    self.on_relayed(peer_id, connection_id, &endpoint);
+                } else {
+                    self.on_direct(peer_id, connection_id, endpoint);
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                cause,
+                ..
+            } => {
+                tracing::debug!(%peer_id, ?connection_id, ?cause, "connection closed");
+                if let Some(list) = self.directs.get_mut(&peer_id) {
+                    list.retain(|d| d.id != connection_id);
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                peer_id,
+                error,
+            } => {
+                if let Some(target) = self.relayed.remove(&connection_id)
+                    && let Mode::Dial(t) = mode
+                    && t == target
+                {
+                    return Some(self.no_connection(target, &error.to_string(), report));
+                }
+                if let Some(peer) = peer_id {
+                    self.on_dial_error(peer, connection_id, &error);
+                }
+            }
+            SwarmEvent::Dialing {
+                peer_id: Some(peer),
+                connection_id,
+            } => self.on_dialing(peer, connection_id),
+            SwarmEvent::Behaviour(PeerBehaviourEvent::Ping(ping::Event {
+                peer,
+                connection,
+                result: Ok(rtt),
+            })) => self.on_ping(peer, connection, rtt),
+            SwarmEvent::Behaviour(PeerBehaviourEvent::Autonat(e)) if !is_relayed(&e.tested_addr) => {
+                report(PeerEvent::Reachability {
+                    address: e.tested_addr.to_string(),
+                    reachable: e.result.is_ok(),
+                    error: e.result.err().map(|e| e.to_string()),
+                });
+            }
+            SwarmEvent::Behaviour(PeerBehaviourEvent::Dcutr(e)) => self.on_stock_result(e),
+            other => self.on_background(other),
+        }
+        None
+    }
+
+    fn on_relayed(&mut self, peer: PeerId, id: ConnectionId, endpoint: &ConnectedPoint) {
+        let side = if endpoint.is_dialer() {
+            Side::Dialer
+        } else {
+            Side::Listener
+        };
+        self.relayed.remove(&id);
+        self.sides.insert(peer, side);
+        if self.sessions.contains_key(&peer) {
+            return;
+        }
+        let stock = self.config.engine == Engine::Stock;
+        // The dialer waits for the listener's first stream; with the stock engine it cannot
+        // tell a failure, so it waits out the stock attempts (3 × 10 s).
+        let wait = if stock {
+            Duration::from_secs(35)
+        } else {
+            self.config.attempt_timeout * self.config.max_attempts.max(1) + Duration::from_secs(2)
+        };
+        let mut session = Session::new(side, wait);
+        session.local_addrs = self.offered().iter().map(ToString::to_string).collect();
+        self.sessions.insert(peer, session);
+        if side == Side::Listener && !stock {
+            self.start_handshake(peer);
+        }
+    }
+
+    /// Listener: open a stream and run one CONNECT/SYNC round.
+    fn start_handshake(&mut self, peer: PeerId) {
+        let Some(session) = self.sessions.get_mut(&peer) else {
+            return;
+        };
+        session.handshaking = true;
+        let ours = self.offered();
+        let mut control = self.control.clone();
+        let tx = self.steps_tx.clone();
+        let limit = self.config.attempt_timeout;
+        tokio::spawn(async move {
+            let run = async {
+                let mut stream = control
+                    .open_stream(peer, DCUTR)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let connect = HolePunch {
+                    kind: Kind::Connect,
+                    addrs: ours.iter().map(|a| a.to_vec()).collect(),
+                };
+                let sent = Instant::now();
+                wire::write_message(&mut stream, &connect)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let reply = wire::read_message(&mut stream)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let rtt = sent.elapsed();
+                if reply.kind != Kind::Connect {
+                    return Err("the remote answered CONNECT with SYNC".to_owned());
+                }
+                let sync = HolePunch {
+                    kind: Kind::Sync,
+                    addrs: Vec::new(),
+                };
+                wire::write_message(&mut stream, &sync)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::time::sleep(rtt / 2).await;
+                Ok((reply.addrs, rtt))
+            };
+            let step = match tokio::time::timeout(limit, run).await {
+                Ok(Ok((addrs, rtt))) => Step::Dial {
+                    peer,
+                    remote: parse_addrs(&addrs),
+                    rtt: Some(rtt),
+                },
+                Ok(Err(error)) => Step::Failed {
+                    peer,
+                    error,
+                    timeout: false,
+                },
+                Err(_) => Step::Failed {
+                    peer,
+                    error: format!("no answer to CONNECT within {limit:?}"),
+                    timeout: true,
+                },
+            };
+            let _ = tx.send(step);
+        });
+    }
+
+    /// Dialer: the listener opened a stream; answer its CONNECT and dial on SYNC.
+    fn on_inbound_stream(&mut self, peer: PeerId, mut stream: libp2p::Stream) {
+        let Some(session) = self.sessions.get_mut(&peer) else {
+            return;
+        };
+        if session.direct.is_some() || session.result.is_some() {
+            return;
+        }
+        session.handshaking = true;
+        let ours = self.offered();
+        let tx = self.steps_tx.clone();
+        let limit = self.config.attempt_timeout;
+        tokio::spawn(async move {
+            let run = async {
+                let connect = wire::read_message(&mut stream)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if connect.kind != Kind::Connect {
+                    return Err("the stream opened with SYNC".to_owned());
+                }
+                let reply = HolePunch {
+                    kind: Kind::Connect,
+                    addrs: ours.iter().map(|a| a.to_vec()).collect(),
+                };
+                wire::write_message(&mut stream, &reply)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let sync = wire::read_message(&mut stream)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if sync.kind != Kind::Sync {
+                    return Err("a second CONNECT instead of SYNC".to_owned());
+                }
+                Ok(connect.addrs)
+            };
+            let step = match tokio::time::timeout(limit, run).await {
+                Ok(Ok(addrs)) => Step::Dial {
+                    peer,
+                    remote: parse_addrs(&addrs),
+                    rtt: None,
+                },
+                Ok(Err(error)) => Step::Failed {
+                    peer,
+                    error,
+                    timeout: false,
+                },
+                Err(_) => Step::Failed {
+                    peer,
+                    error: format!("no SYNC within {limit:?}"),
+                    timeout: true,
+                },
+            };
+            let _ = tx.send(step);
+        });
+    }
+
+    fn on_step(&mut self, step: Step) {
+        let usable = |a: &Multiaddr, t: Transport| {
+            dialable(a)
+                && match transport_of(a) {
+                    "quic" => t.quic(),
+                    _ => t.tcp(),
+                }
+        };
+        match step {
+            Step::Dial {
+                peer,
+                remote,
+                rtt,
+            } => {
+                let transport = self.config.transport;
+                let attempt_timeout = self.config.attempt_timeout;
+                let Some(session) = self.sessions.get_mut(&peer) else {
+                    return;
+                };
+                session.handshaking = false;
+                let index = session.start_attempt(rtt);
+                if session.side == Side::Dialer {
+                    // Wait for this attempt, then for the listener's next one.
+                    session.deadline = session
+                        .deadline
+                        .max(Instant::now() + attempt_timeout * 2 + Duration::from_secs(1));
+                }
+                session.remote_addrs = remote.iter().map(ToString::to_string).collect();
+                if let Some(a) = session.attempts.get_mut(index) {
+                    a.remote_addrs.clone_from(&session.remote_addrs);
+                }
+                if session.direct.is_some() {
+                    session.end_attempt(
+                        index,
+                        AttemptOutcome::Cancelled,
+                        Some("a direct connection already exists".into()),
+                    );
+                    return;
+                }
+                let targets: Vec<Multiaddr> = remote
+                    .into_iter()
+                    .filter(|a| usable(a, transport))
+                    .map(without_p2p)
+                    .collect();
+                if targets.is_empty() {
+                    session.end_attempt(
+                        index,
+                        AttemptOutcome::ProtocolError,
+                        Some("the remote offered no address this peer can dial".into()),
+                    );
+                    return;
+                }
+                let mut opts = DialOpts::peer_id(peer)
+                    .addresses(targets.clone())
+                    .condition(PeerCondition::Always);
+                if session.side == Side::Listener {
+                    opts = opts.override_role();
+                }
+                let opts = opts.build();
+                let id = opts.connection_id();
+                let now = Instant::now();
+                let at = session.ms(now);
+                if let Some(a) = session.attempts.get_mut(index) {
+                    a.dialed_ms = Some(at);
+                    a.dialed = targets.iter().map(ToString::to_string).collect();
+                }
+                session.dial = Some((id, index));
+                session.attempt_deadline = Some(now + attempt_timeout);
+                if let Err(e) = self.swarm.dial(opts) {
+                    if let Some(s) = self.sessions.get_mut(&peer) {
+                        s.end_attempt(index, AttemptOutcome::Failed, Some(e.to_string()));
+                    }
+                }
+            }
+            Step::Failed {
+                peer,
+                error,
+                timeout,
+            } => {
+                let Some(session) = self.sessions.get_mut(&peer) else {
+                    return;
+                };
+                session.handshaking = false;
+                let index = session.start_attempt(None);
+                let outcome = if timeout {
+                    AttemptOutcome::Timeout
+                } else {
+                    AttemptOutcome::ProtocolError
+                };
+                session.end_attempt(index, outcome, Some(error));
+            }
+        }
+    }
+
+    fn on_dialing(&mut self, peer: PeerId, id: ConnectionId) {
+        // Only the stock engine's dials are learnt this way; ours are known when made.
+        if self.config.engine != Engine::Stock {
+            return;
+        }
+        let timeout = self.config.attempt_timeout;
+        if let Some(session) = self.sessions.get_mut(&peer)
+            && session.direct.is_none()
+            && session.result.is_none()
+        {
+            let index = session.start_attempt(None);
+            let now = Instant::now();
+            let at = session.ms(now);
+            if let Some(a) = session.attempts.get_mut(index) {
+                a.dialed_ms = Some(at);
+            }
+            session.dial = Some((id, index));
+            // The stock engine's own timeouts end its dials; ours only keeps the record open.
+            session.attempt_deadline = Some(now + timeout.max(Duration::from_secs(12)));
+        }
+    }
+
+    fn on_dial_error(&mut self, peer: PeerId, id: ConnectionId, error: &DialError) {
+        let Some(session) = self.sessions.get_mut(&peer) else {
+            return;
+        };
+        let Some((dial, index)) = session.dial else {
+            return;
+        };
+        if dial != id {
+            return;
+        }
+        let failures: Vec<DialFailure> = match error {
+            DialError::Transport(list) => list
+                .iter()
+                .map(|(addr, e)| DialFailure {
+                    addr: addr.to_string(),
+                    error: error_chain(e),
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        if let Some(a) = session.attempts.get_mut(index) {
+            a.dial_errors = failures;
+            if a.dialed.is_empty() {
+                a.dialed = a.dial_errors.iter().map(|f| f.addr.clone()).collect();
+            }
+        }
+        let timed_out = error_chain(error).to_lowercase().contains("timeout")
+            || error_chain(error).to_lowercase().contains("timed out");
+        let outcome = if timed_out {
+            AttemptOutcome::Timeout
+        } else {
+            AttemptOutcome::Failed
+        };
+        session.end_attempt(index, outcome, Some(error_chain(error)));
+    }
+
+    fn on_direct(&mut self, peer: PeerId, id: ConnectionId, endpoint: ConnectedPoint) {
+        let side = self.sides.get(&peer).copied();
+        tracing::debug!(%peer, ?id, ?endpoint, ?side, "direct connection");
+        let list = self.directs.entry(peer).or_default();
+        list.push(Direct {
+            id,
+            endpoint: endpoint.clone(),
+        });
+        // Of simultaneous direct connections keep the one the relayed connection's dialer made,
+        // on both sides alike (QUIC punches make two).
+        if self.config.engine == Engine::Natpunch
+            && let Some(side) = side
+            && list.iter().any(|d| made_by_a(side, &d.endpoint))
+        {
+            let extra: Vec<ConnectionId> = list
+                .iter()
+                .filter(|d| !made_by_a(side, &d.endpoint))
+                .map(|d| d.id)
+                .collect();
+            for c in extra {
+                tracing::debug!(%peer, ?c, "closing the second direct connection");
+                self.swarm.close_connection(c);
+            }
+        }
+        let attempt_timeout = self.config.attempt_timeout;
+        let Some(session) = self.sessions.get_mut(&peer) else {
+            return;
+        };
+        if session.direct.is_some() || session.result.is_some() {
+            return;
+        }
+        let now = Instant::now();
+        session.direct = Some((id, now));
+        session.transport = Some(transport_of(remote_addr(&endpoint)).to_owned());
+        let ours = matches!(endpoint, ConnectedPoint::Dialer { .. });
+        session.dialed_by = Some(if ours { "local" } else { "remote" }.to_owned());
+        let reversed = session.attempts.is_empty() && !session.handshaking;
+        if let Some((_, index)) = session.dial {
+            session.end_attempt(index, AttemptOutcome::Success, None);
+        } else if let Some(last) = session.attempts.len().checked_sub(1) {
+            session.end_attempt(last, AttemptOutcome::Success, None);
+        }
+        session.result = Some(if reversed {
+            (Outcome::ConnectionReversed, None)
+        } else {
+            (Outcome::Success, None)
+        });
+        session.close_by = Some(now + attempt_timeout.min(Duration::from_secs(2)));
+    }
+
+    fn on_ping(&mut self, peer: PeerId, connection: ConnectionId, rtt: Duration) {
+        if peer == self.relay {
+            return;
+        }
+        let direct = self
+            .directs
+            .get(&peer)
+            .is_some_and(|l| l.iter().any(|d| d.id == connection));
+        let Some(session) = self.sessions.get_mut(&peer) else {
+            return;
+        };
+        if direct {
+            session.direct_rtt.get_or_insert(rtt);
+        } else {
+            session.relay_rtt.get_or_insert(rtt);
+        }
+    }
+
+    fn on_stock_result(&mut self, e: dcutr::Event) {
+        let Some(session) = self.sessions.get_mut(&e.remote_peer_id) else {
+            return;
+        };
+        if let Err(error) = e.result
+            && session.direct.is_none()
+            && session.result.is_none()
+        {
+            session.result = Some((Outcome::Failed, Some(error.to_string())));
+        }
+    }
+
+    /// Closes the sessions that are over; returns the dial's outcome when its session closed.
+    fn close_sessions(&mut self, mode: Mode, report: &mut impl FnMut(PeerEvent)) -> Option<Outcome> {
+        let now = Instant::now();
+        let max = self.config.max_attempts;
+        let stock = self.config.engine == Engine::Stock;
+        let mut restart = Vec::new();
+        let mut done = Vec::new();
+        for (peer, s) in &mut self.sessions {
+            // A timed-out attempt.
+            if let (Some((_, index)), Some(deadline)) = (s.dial, s.attempt_deadline)
+                && now >= deadline
+            {
+                s.end_attempt(
+                    index,
+                    AttemptOutcome::Timeout,
+                    Some("no direct connection within the attempt's time".into()),
+                );
+            }
+            let busy = s.dial.is_some() || s.handshaking;
+            let attempts = u32::try_from(s.attempts.len()).unwrap_or(u32::MAX);
+            if s.result.is_none() && !busy && !stock {
+                match s.side {
+                    Side::Listener if attempts < max => restart.push(*peer),
+                    Side::Listener => {
+                        s.result = Some((Outcome::Failed, Some(format!("{attempts} attempts failed"))));
+                    }
+                    Side::Dialer if attempts >= max => {
+                        s.result = Some((Outcome::Failed, Some(format!("{attempts} attempts failed"))));
+                    }
+                    Side::Dialer => {}
+                }
+            }
+            let watched = stock || s.side == Side::Dialer;
+            if s.result.is_none() && watched && now >= s.deadline && !busy {
+                s.result = Some(if s.attempts.is_empty() {
+                    (
+                        Outcome::NoStream,
+                        Some("the remote never started a hole punch".into()),
+                    )
+                } else {
+                    (
+                        Outcome::Failed,
+                        Some(format!("{} attempts failed", s.attempts.len())),
+                    )
+                });
+            }
+            let closing = match (&s.result, s.direct) {
+                (Some(_), Some(_)) => {
+                    s.direct_rtt.is_some() || s.close_by.is_some_and(|t| now >= t)
+                }
+                (Some(_), None) => true,
+                _ => false,
+            };
+            if closing {
+                done.push(*peer);
+            }
+        }
+        for peer in restart {
+            self.start_handshake(peer);
+        }
+        let mut finished = None;
+        for peer in done {
+            let Some(s) = self.sessions.remove(&peer) else {
+                continue;
+            };
+            let mut record = s.record(self.peer_id(), peer, self.relay, &self.config);
+            record.direct_connections = self
+                .directs
+                .get(&peer)
+                .map_or(0, |l| u32::try_from(l.len()).unwrap_or(u32::MAX));
+            let outcome = record.outcome;
+            report(PeerEvent::HolePunch(Box::new(record)));
+            if mode == Mode::Dial(peer) {
+                finished = Some(outcome);
+            }
+        }
+        finished
+    }
+}
+
+async fn sleep_until(at: Instant) {
+    tokio::time::sleep_until(at.into()).await;
+}
+
+fn parse_addrs(raw: &[Vec<u8>]) -> Vec<Multiaddr> {
+    raw.iter()
+        .filter_map(|b| Multiaddr::try_from(b.clone()).ok())
+        .filter(|a| !is_relayed(a))
+        .collect()
+}
+
+/// An error with its sources, on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
+}

@@ -1,0 +1,152 @@
+//! The record of one hole punch, as each side saw it.
+//!
+//! Outcome and attempt names are punchr's (the field's vocabulary, see `MEASUREMENT.md`); the
+//! rest is what natpunch adds: which side this is, the engine and candidate source in use, the
+//! addresses exchanged, per-attempt timings and errors, the transport that won, the time from
+//! the relayed connection to the direct one, and the direct RTT after the punch.
+
+use serde::{Deserialize, Serialize};
+
+/// How a hole punch ended (punchr's `HolePunchOutcome`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Outcome {
+    /// Not known (the run was cut short).
+    Unknown,
+    /// The remote could not be reached even through the relay.
+    NoConnection,
+    /// The relayed connection was up, but no hole-punch stream came within the wait.
+    NoStream,
+    /// The remote connected to us directly without a punch.
+    ConnectionReversed,
+    /// Stopped before it ended.
+    Cancelled,
+    /// Every attempt failed.
+    Failed,
+    /// An attempt gave a direct connection.
+    Success,
+}
+
+/// How one attempt (one CONNECT/SYNC round and its dials) ended (punchr's
+/// `HolePunchAttemptOutcome`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AttemptOutcome {
+    /// Not known.
+    Unknown,
+    /// A direct dial without a punch.
+    DirectDial,
+    /// The handshake broke the protocol (or the remote does not speak it).
+    ProtocolError,
+    /// Stopped, e.g. because a direct connection already existed.
+    Cancelled,
+    /// No answer within the attempt's time.
+    Timeout,
+    /// The dials failed.
+    Failed,
+    /// This attempt gave the direct connection.
+    Success,
+}
+
+/// Which end of the relayed connection this peer is (the DCUtR spec's A and B).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Side {
+    /// A: dialed the remote through the relay (`natpunch peer dial`).
+    Dialer,
+    /// B: was dialed through the relay (`natpunch peer listen`); it drives the handshake.
+    Listener,
+}
+
+/// One dial that failed, with its error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DialFailure {
+    /// The address dialed.
+    pub addr: String,
+    /// The error.
+    pub error: String,
+}
+
+/// One attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// 1, 2, 3 …
+    pub number: u32,
+    /// When it started, ms after the relayed connection.
+    pub started_ms: f64,
+    /// The CONNECT round trip the listener measured (it sets the SYNC timing).
+    pub rtt_ms: Option<f64>,
+    /// When this side dialed, ms after the relayed connection.
+    pub dialed_ms: Option<f64>,
+    /// What this side dialed.
+    pub dialed: Vec<String>,
+    /// The addresses the remote sent in its CONNECT.
+    pub remote_addrs: Vec<String>,
+    /// How it ended.
+    pub outcome: AttemptOutcome,
+    /// Why, when it did not succeed.
+    pub error: Option<String>,
+    /// Per-address dial errors.
+    pub dial_errors: Vec<DialFailure>,
+    /// When it ended, ms after the relayed connection.
+    pub ended_ms: f64,
+}
+
+/// The record of one hole punch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// This side.
+    pub side: Side,
+    /// `natpunch` (our DCUtR engine) or `stock` (rust-libp2p's `dcutr` behaviour).
+    pub engine: String,
+    /// Where the addresses sent in CONNECT came from: `observed` (as the relay saw them) or
+    /// `stock` (identify's candidates).
+    pub candidates: String,
+    /// This peer.
+    pub local_peer: String,
+    /// The remote peer.
+    pub remote_peer: String,
+    /// The relay.
+    pub relay: String,
+    /// Wall clock at the relayed connection, ms since the Unix epoch.
+    pub started_unix_ms: u64,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// The transport of the direct connection (`tcp`, `quic`).
+    pub transport: Option<String>,
+    /// Which side's dial produced the direct connection (`local`, `remote`; a TCP simultaneous
+    /// open is `local` on both).
+    pub dialed_by: Option<String>,
+    /// From the relayed connection to the direct connection, ms.
+    pub time_to_direct_ms: Option<f64>,
+    /// The relayed connection's round trip (ping), ms.
+    pub relay_rtt_ms: Option<f64>,
+    /// The direct connection's first ping, ms.
+    pub direct_rtt_ms: Option<f64>,
+    /// The addresses this side offered.
+    pub local_addrs: Vec<String>,
+    /// The addresses the remote offered (from its last CONNECT).
+    pub remote_addrs: Vec<String>,
+    /// Every attempt, in order.
+    pub attempts: Vec<Attempt>,
+    /// Direct connections to the remote open at the end (1 after a success).
+    pub direct_connections: u32,
+    /// Why it ended the way it did, when not a success.
+    pub error: Option<String>,
+    /// When the record was closed, ms after the relayed connection.
+    pub ended_ms: f64,
+}
+
+impl Record {
+    /// Whether every field a finished record must have is there: an outcome other than
+    /// `UNKNOWN`, each attempt ended with an outcome, and a success with its transport and time.
+    pub fn is_complete(&self) -> bool {
+        let attempts_done = self
+            .attempts
+            .iter()
+            .all(|a| a.outcome != AttemptOutcome::Unknown && a.ended_ms >= a.started_ms);
+        let success_ok = self.outcome != Outcome::Success
+            || (self.transport.is_some() && self.time_to_direct_ms.is_some());
+        self.outcome != Outcome::Unknown && attempts_done && success_ok
+    }
+}
