@@ -31,6 +31,9 @@ pub(crate) enum LabCommand {
     Reboot(RebootArgs),
     /// Give a router a new external address (its NAT rules follow; miniupnpd announces it).
     Renumber(RenumberArgs),
+    /// Hole punches between every pair of NAT presets (fresh peers and NAT state per trial):
+    /// success rate, outcomes, time to direct, attempts needed, per transport.
+    Matrix(crate::matrix::MatrixArgs),
     /// Run the delay lines of a detached lab until terminated (started by `lab up`).
     #[command(hide = true)]
     Hold {
@@ -121,6 +124,7 @@ pub(crate) struct SelftestArgs {
 pub(crate) fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         LabCommand::Up(args) => up(args),
+        LabCommand::Matrix(args) => crate::matrix::run(args),
         LabCommand::Exec(args) => exec(args),
         LabCommand::Down(args) => down(args),
         LabCommand::List(args) => list(args),

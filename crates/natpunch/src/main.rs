@@ -4,6 +4,7 @@
 mod bench;
 mod lab;
 mod map;
+mod matrix;
 mod nat;
 mod peer;
 mod relay;

@@ -70,6 +70,26 @@ pub(crate) enum TransportArg {
     Both,
 }
 
+impl EngineArg {
+    /// The name on the command line.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Natpunch => "natpunch",
+            Self::Stock => "stock",
+        }
+    }
+}
+
+impl CandidatesArg {
+    /// The name on the command line.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Observed => "observed",
+            Self::Stock => "stock",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub(crate) enum EngineArg {
     /// natpunch's DCUtR engine (every attempt recorded on both sides, bounded, one connection).

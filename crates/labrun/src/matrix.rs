@@ -1,0 +1,532 @@
+//! The NAT-pair matrix: hole punches between hosts behind every pair of NAT presets.
+//!
+//! Each worker builds its own lab: a relay on the internet and, for each preset, one host
+//! behind it on the dialing side (`a`) and one on the listening side (`b`), every path's outer
+//! link delayed by a quarter of the host-to-host RTT each way. A trial flushes the lab's NAT
+//! state, starts a fresh listener (new identity) behind `b`'s preset, runs one dial from behind
+//! `a`'s preset, and keeps both sides' records. Workers run in parallel, one trial at a time each.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use natlab::selftest::path_of;
+use natlab::{Lab, LabError, LabOptions, LinkCondition, Preset, Topology};
+use p2p::record::{Outcome, Record};
+use serde::Serialize;
+
+use crate::stats::{quantile, wilson95};
+
+/// How long a listener may take to reserve on the relay.
+const RESERVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the listener's record may take after the dialer's.
+const LISTENER_RECORD_TIMEOUT: Duration = Duration::from_secs(40);
+/// The relay's port.
+const RELAY_PORT: u16 = 4001;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct MatrixConfig {
+    /// The `natpunch` binary.
+    pub exe: PathBuf,
+    /// The presets; every ordered pair (dialer's, listener's) is a row of the matrix.
+    pub presets: Vec<Preset>,
+    /// Only these (dialer, listener) pairs, when not empty.
+    pub pairs: Vec<(Preset, Preset)>,
+    /// Transports, each its own cells: `tcp`, `quic`.
+    pub transports: Vec<String>,
+    /// Trials per cell.
+    pub trials: u32,
+    /// Host-to-host round trip through the lab's internet, in ms.
+    pub rtt_ms: u32,
+    /// Labs running trials at once.
+    pub parallel: usize,
+    /// `natpunch` or `stock`.
+    pub engine: String,
+    /// `observed` or `stock`.
+    pub candidates: String,
+    /// Each attempt's time, in ms (natpunch engine).
+    pub attempt_timeout_ms: u64,
+}
+
+/// One trial's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct Trial {
+    /// The dialer's preset.
+    pub a: String,
+    /// The listener's preset.
+    pub b: String,
+    /// The transport.
+    pub transport: String,
+    /// The dialer's record.
+    pub dialer: Option<Record>,
+    /// The listener's record.
+    pub listener: Option<Record>,
+    /// What went wrong outside the hole punch (a role that did not start, a missing record).
+    pub error: Option<String>,
+    /// The trial's wall-clock time, ms.
+    pub duration_ms: f64,
+}
+
+impl Trial {
+    /// The trial's outcome: the dialer's, or the listener's when the dialer has none.
+    pub fn outcome(&self) -> Outcome {
+        self.dialer
+            .as_ref()
+            .or(self.listener.as_ref())
+            .map_or(Outcome::Unknown, |r| r.outcome)
+    }
+}
+
+/// One cell of the matrix.
+#[derive(Debug, Clone, Serialize)]
+pub struct Cell {
+    /// The dialer's preset.
+    pub a: String,
+    /// The listener's preset.
+    pub b: String,
+    /// The transport.
+    pub transport: String,
+    /// Trials run.
+    pub trials: u32,
+    /// Trials that ended with a direct connection.
+    pub success: u32,
+    /// The success rate's 95% Wilson interval.
+    pub success_ci95: (f64, f64),
+    /// Outcomes on the dialing side.
+    pub outcomes: BTreeMap<String, u32>,
+    /// Outcomes on the listening side.
+    pub listener_outcomes: BTreeMap<String, u32>,
+    /// Median time to direct (dialer), ms.
+    pub median_ms: Option<f64>,
+    /// 95th percentile time to direct (dialer), ms.
+    pub p95_ms: Option<f64>,
+    /// Which attempt succeeded: attempt number → count.
+    pub attempts_needed: BTreeMap<u32, u32>,
+    /// Median time until a failed hole punch was declared failed (dialer), ms.
+    pub median_fail_ms: Option<f64>,
+    /// Trials where both records are complete.
+    pub complete_records: u32,
+    /// Successful trials that left exactly one direct connection on both sides.
+    pub one_direct_connection: u32,
+}
+
+/// The whole run.
+#[derive(Debug, Clone, Serialize)]
+pub struct MatrixReport {
+    /// Cells, in preset order.
+    pub cells: Vec<Cell>,
+    /// Every trial.
+    #[serde(skip)]
+    pub trials: Vec<Trial>,
+    /// The conditions, to repeat the run.
+    pub conditions: Conditions,
+}
+
+/// The conditions of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Conditions {
+    /// Host-to-host RTT, ms.
+    pub rtt_ms: u32,
+    /// Trials per cell.
+    pub trials: u32,
+    /// Engine.
+    pub engine: String,
+    /// Candidate source.
+    pub candidates: String,
+    /// Attempt timeout, ms.
+    pub attempt_timeout_ms: u64,
+    /// natpunch's version.
+    pub version: String,
+    /// Wall-clock time of the run, s.
+    pub elapsed_secs: f64,
+}
+
+/// Why the matrix could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum MatrixError {
+    /// A lab could not be built.
+    #[error("building a lab: {0}")]
+    Lab(#[from] LabError),
+    /// The relay did not start.
+    #[error("the relay did not start: {0}")]
+    Relay(String),
+    /// A worker died.
+    #[error("a worker stopped: {0}")]
+    Worker(String),
+}
+
+fn code(p: Preset) -> &'static str {
+    match p {
+        Preset::Open => "op",
+        Preset::FullCone => "fc",
+        Preset::RestrictedCone => "rc",
+        Preset::PortRestricted => "pr",
+        Preset::Symmetric => "sy",
+        Preset::Cgnat => "cg",
+    }
+}
+
+/// The host behind `preset` on `side` (`a` or `b`).
+pub fn host(side: char, preset: Preset) -> String {
+    format!("h{side}-{}", code(preset))
+}
+
+/// The matrix lab: a relay, and a host behind each preset on each side.
+pub fn topology(presets: &[Preset], rtt_ms: u32) -> Topology {
+    let delay = LinkCondition {
+        delay_ms: rtt_ms / 4,
+        jitter_ms: 0,
+        loss_pct: 0.0,
+    };
+    let mut t = Topology::default().host("relay", None, 1);
+    for side in ['a', 'b'] {
+        for &p in presets {
+            let mut upstream: Option<String> = None;
+            for (i, config) in path_of(p)
+                .iter()
+                .rev()
+                .filter_map(|hop| hop.config())
+                .enumerate()
+            {
+                let name = format!("r{side}-{}{}", code(p), if i == 0 { String::new() } else { i.to_string() });
+                t = t.router(&name, config, upstream.as_deref());
+                if i == 0 && delay.is_impaired() {
+                    t = t.link(&name, delay);
+                }
+                upstream = Some(name);
+            }
+            let h = host(side, p);
+            t = t.host(&h, upstream.as_deref(), 1);
+            if upstream.is_none() && delay.is_impaired() {
+                t = t.link(&h, delay);
+            }
+        }
+    }
+    t
+}
+
+#[derive(Debug, Clone)]
+struct Job {
+    a: Preset,
+    b: Preset,
+    transport: String,
+}
+
+/// Runs the matrix; `progress` hears every finished trial (and how many are left).
+pub fn run(
+    config: &MatrixConfig,
+    progress: &(dyn Fn(&Trial, usize, usize) + Sync),
+) -> Result<MatrixReport, MatrixError> {
+    let started = Instant::now();
+    let mut jobs = VecDeque::new();
+    let pairs = pairs(config);
+    for _ in 0..config.trials {
+        for &(a, b) in &pairs {
+            {
+                for t in &config.transports {
+                    jobs.push_back(Job {
+                        a,
+                        b,
+                        transport: t.clone(),
+                    });
+                }
+            }
+        }
+    }
+    let total = jobs.len();
+    let jobs = Arc::new(Mutex::new(jobs));
+    let (tx, rx) = mpsc::channel::<Result<Trial, MatrixError>>();
+    let workers = config.parallel.clamp(1, total.max(1));
+    let mut trials = Vec::with_capacity(total);
+    let mut first_error = None;
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            let jobs = Arc::clone(&jobs);
+            let tx = tx.clone();
+            scope.spawn(move || {
+                if let Err(e) = worker(config, &jobs, &tx) {
+                    let _ = tx.send(Err(e));
+                }
+            });
+        }
+        drop(tx);
+        for result in rx {
+            match result {
+                Ok(trial) => {
+                    trials.push(trial);
+                    if let Some(last) = trials.last() {
+                        progress(last, trials.len(), total);
+                    }
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+    });
+    if trials.len() < total
+        && let Some(e) = first_error
+    {
+        return Err(e);
+    }
+    let cells = cells(config, &trials);
+    Ok(MatrixReport {
+        cells,
+        trials,
+        conditions: Conditions {
+            rtt_ms: config.rtt_ms,
+            trials: config.trials,
+            engine: config.engine.clone(),
+            candidates: config.candidates.clone(),
+            attempt_timeout_ms: config.attempt_timeout_ms,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            elapsed_secs: started.elapsed().as_secs_f64(),
+        },
+    })
+}
+
+fn worker(
+    config: &MatrixConfig,
+    jobs: &Mutex<VecDeque<Job>>,
+    tx: &mpsc::Sender<Result<Trial, MatrixError>>,
+) -> Result<(), MatrixError> {
+    let mut presets = config.presets.clone();
+    for &(a, b) in &config.pairs {
+        for p in [a, b] {
+            if !presets.contains(&p) {
+                presets.push(p);
+            }
+        }
+    }
+    let lab = Lab::build(
+        &topology(&presets, config.rtt_ms),
+        LabOptions::default(),
+    )?;
+    let exe = config.exe.to_string_lossy().into_owned();
+    let key = std::env::temp_dir().join(format!("natpunch-matrix-{}.key", lab.name()));
+    let result = serve(config, jobs, tx, &lab, &exe, &key);
+    let _ = std::fs::remove_file(&key);
+    result
+}
+
+fn serve(
+    config: &MatrixConfig,
+    jobs: &Mutex<VecDeque<Job>>,
+    tx: &mpsc::Sender<Result<Trial, MatrixError>>,
+    lab: &Lab,
+    exe: &str,
+    key: &std::path::Path,
+) -> Result<(), MatrixError> {
+    let relay = lab.spawn(
+        "relay",
+        &exe,
+        &[
+            "relay",
+            "--json",
+            "--telemetry-port",
+            "0",
+            "--identity",
+            &key.to_string_lossy(),
+            "--reservation-rate-per-ip",
+            "off",
+            "--reservation-rate-per-peer",
+            "off",
+            "--circuit-rate-per-ip",
+            "off",
+            "--circuit-rate-per-peer",
+            "off",
+            "--max-circuit-secs",
+            "600",
+            "--max-circuit-bytes",
+            "67108864",
+            "--port",
+            &RELAY_PORT.to_string(),
+        ],
+    )?;
+    let line = relay
+        .wait_for("\"event\":\"external-address\"", Duration::from_secs(20))
+        .map_err(|e| MatrixError::Relay(e.to_string()))?;
+    let address = serde_json::from_str::<serde_json::Value>(&line)
+        .ok()
+        .and_then(|v| v["address"].as_str().map(str::to_owned))
+        .ok_or_else(|| MatrixError::Relay(format!("unexpected line: {line}")))?;
+    loop {
+        let job = match jobs.lock() {
+            Ok(mut q) => q.pop_front(),
+            Err(_) => return Err(MatrixError::Worker("the job queue is poisoned".into())),
+        };
+        let Some(job) = job else {
+            return Ok(());
+        };
+        let trial = run_trial(lab, config, exe, &address, &job);
+        if tx.send(Ok(trial)).is_err() {
+            return Ok(());
+        }
+    }
+}
+
+fn run_trial(lab: &Lab, config: &MatrixConfig, exe: &str, relay: &str, job: &Job) -> Trial {
+    let started = Instant::now();
+    let mut trial = Trial {
+        a: job.a.name().to_owned(),
+        b: job.b.name().to_owned(),
+        transport: job.transport.clone(),
+        dialer: None,
+        listener: None,
+        error: None,
+        duration_ms: 0.0,
+    };
+    let result = (|| -> Result<(), String> {
+        lab.flush_nat_state().map_err(|e| e.to_string())?;
+        let timeout = config.attempt_timeout_ms.to_string();
+        let common = [
+            "--relay",
+            relay,
+            "--transport",
+            &job.transport,
+            "--engine",
+            &config.engine,
+            "--candidates",
+            &config.candidates,
+            "--attempt-timeout-ms",
+            &timeout,
+            "--json",
+        ];
+        let mut args = vec!["peer", "listen"];
+        args.extend_from_slice(&common);
+        let listener = lab
+            .spawn(&host('b', job.b), exe, &args)
+            .map_err(|e| e.to_string())?;
+        let reserved = listener
+            .wait_for("\"event\":\"reserved\"", RESERVE_TIMEOUT)
+            .map_err(|e| format!("the listener did not reserve: {e}"))?;
+        let peer_id = serde_json::from_str::<serde_json::Value>(&reserved)
+            .ok()
+            .and_then(|v| v["address"].as_str().map(str::to_owned))
+            .and_then(|a| a.rsplit('/').next().map(str::to_owned))
+            .ok_or_else(|| format!("unexpected line: {reserved}"))?;
+        let mut cmd = lab
+            .command(&host('a', job.a), exe)
+            .map_err(|e| e.to_string())?;
+        cmd.args(["peer", "dial", &peer_id]).args(common);
+        let out = cmd.output().map_err(|e| format!("running the dialer: {e}"))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        trial.dialer = record_in(&stdout);
+        let line = listener.wait_for("\"event\":\"hole-punch\"", LISTENER_RECORD_TIMEOUT);
+        trial.listener = line.ok().as_deref().and_then(record_in);
+        if trial.dialer.is_none() {
+            return Err(format!(
+                "the dialer left no record: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        if trial.listener.is_none() {
+            return Err("the listener left no record".into());
+        }
+        Ok(())
+    })();
+    trial.error = result.err();
+    trial.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+    trial
+}
+
+/// The hole-punch record among JSON lines.
+fn record_in(text: &str) -> Option<Record> {
+    text.lines()
+        .filter(|l| l.contains("\"event\":\"hole-punch\""))
+        .find_map(|l| serde_json::from_str(l).ok())
+}
+
+/// The (dialer, listener) pairs to run.
+fn pairs(config: &MatrixConfig) -> Vec<(Preset, Preset)> {
+    if !config.pairs.is_empty() {
+        return config.pairs.clone();
+    }
+    let mut out = Vec::new();
+    for &a in &config.presets {
+        for &b in &config.presets {
+            out.push((a, b));
+        }
+    }
+    out
+}
+
+fn cells(config: &MatrixConfig, trials: &[Trial]) -> Vec<Cell> {
+    let mut out = Vec::new();
+    for (a, b) in pairs(config) {
+        {
+            for t in &config.transports {
+                let these: Vec<&Trial> = trials
+                    .iter()
+                    .filter(|x| x.a == a.name() && x.b == b.name() && &x.transport == t)
+                    .collect();
+                out.push(cell(a, b, t, &these));
+            }
+        }
+    }
+    out
+}
+
+fn name(o: Outcome) -> String {
+    serde_json::to_value(o)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_else(|| "UNKNOWN".into())
+}
+
+fn cell(a: Preset, b: Preset, transport: &str, trials: &[&Trial]) -> Cell {
+    let mut outcomes = BTreeMap::new();
+    let mut listener_outcomes = BTreeMap::new();
+    let mut attempts_needed = BTreeMap::new();
+    let mut times = Vec::new();
+    let mut fail_times = Vec::new();
+    let mut success = 0;
+    let mut complete = 0;
+    let mut one = 0;
+    for t in trials {
+        *outcomes.entry(name(t.outcome())).or_insert(0) += 1;
+        if let Some(l) = &t.listener {
+            *listener_outcomes.entry(name(l.outcome)).or_insert(0) += 1;
+        }
+        let both = t.dialer.as_ref().zip(t.listener.as_ref());
+        if both.is_some_and(|(d, l)| d.is_complete() && l.is_complete()) {
+            complete += 1;
+        }
+        let Some(d) = &t.dialer else { continue };
+        match d.outcome {
+            Outcome::Success | Outcome::ConnectionReversed => {
+                success += 1;
+                times.extend(d.time_to_direct_ms);
+                let n = d
+                    .attempts
+                    .iter()
+                    .find(|x| x.outcome == p2p::record::AttemptOutcome::Success)
+                    .map_or(0, |x| x.number);
+                *attempts_needed.entry(n).or_insert(0) += 1;
+                if both.is_some_and(|(d, l)| d.direct_connections == 1 && l.direct_connections == 1) {
+                    one += 1;
+                }
+            }
+            _ => fail_times.push(d.ended_ms),
+        }
+    }
+    let n = u32::try_from(trials.len()).unwrap_or(u32::MAX);
+    Cell {
+        a: a.name().to_owned(),
+        b: b.name().to_owned(),
+        transport: transport.to_owned(),
+        trials: n,
+        success,
+        success_ci95: wilson95(success, n),
+        outcomes,
+        listener_outcomes,
+        median_ms: quantile(&times, 0.5),
+        p95_ms: quantile(&times, 0.95),
+        attempts_needed,
+        median_fail_ms: quantile(&fail_times, 0.5),
+        complete_records: complete,
+        one_direct_connection: one,
+    }
+}

@@ -1,0 +1,182 @@
+//! `natpunch lab matrix`: hole punches between every pair of NAT presets, summed up per cell.
+
+use std::io::Write as _;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Args;
+use clap::builder::BoolishValueParser;
+use labrun::matrix::{self, Cell, MatrixConfig, MatrixReport, Trial};
+use natlab::Preset;
+
+use crate::peer::{CandidatesArg, EngineArg, TransportArg};
+
+#[derive(Debug, Args)]
+pub(crate) struct MatrixArgs {
+    /// Trials per cell (dialer preset × listener preset × transport).
+    #[arg(long, env = "NATPUNCH_MATRIX_TRIALS", default_value_t = 5)]
+    trials: u32,
+    /// Transports: each gets its own cells (`both` means a TCP and a QUIC cell).
+    #[arg(long, value_enum, default_value_t = TransportArg::Both)]
+    transport: TransportArg,
+    /// Host-to-host round trip through the lab's internet, in ms.
+    #[arg(long, default_value_t = 100)]
+    rtt_ms: u32,
+    /// Presets to pair (comma-separated) [default: all].
+    #[arg(long, value_delimiter = ',', value_parser = parse_preset)]
+    presets: Vec<Preset>,
+    /// Only these pairs, as DIALER:LISTENER (comma-separated), e.g.
+    /// `port-restricted:port-restricted,symmetric:symmetric` [default: every pair of --presets].
+    #[arg(long, value_delimiter = ',', value_parser = parse_pair)]
+    pairs: Vec<(Preset, Preset)>,
+    /// Labs running trials at once.
+    #[arg(long, default_value_t = 4)]
+    parallel: usize,
+    /// Hole-punching engine.
+    #[arg(long, value_enum, default_value_t = EngineArg::Natpunch)]
+    engine: EngineArg,
+    /// Addresses the peers offer.
+    #[arg(long, value_enum, default_value_t = CandidatesArg::Observed)]
+    candidates: CandidatesArg,
+    /// Each attempt's time after its dial, in ms.
+    #[arg(long, default_value_t = 3000)]
+    attempt_timeout_ms: u64,
+    /// Print the report as JSON (`{"cells":[…]}`).
+    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
+    json: bool,
+    /// Also write every trial, both sides' records, as JSON lines to this file.
+    #[arg(long)]
+    trials_out: Option<std::path::PathBuf>,
+}
+
+fn parse_preset(s: &str) -> Result<Preset, String> {
+    Preset::ALL
+        .into_iter()
+        .find(|p| p.name() == s)
+        .ok_or_else(|| {
+            let names: Vec<&str> = Preset::ALL.iter().map(|p| p.name()).collect();
+            format!("unknown preset `{s}` (one of {})", names.join(", "))
+        })
+}
+
+fn parse_pair(s: &str) -> Result<(Preset, Preset), String> {
+    let (a, b) = s
+        .split_once(':')
+        .ok_or_else(|| format!("`{s}` is not a pair: DIALER:LISTENER, e.g. symmetric:open"))?;
+    Ok((parse_preset(a)?, parse_preset(b)?))
+}
+
+pub(crate) fn run(args: MatrixArgs) -> anyhow::Result<ExitCode> {
+    natlab::environment::check().map_err(anyhow::Error::msg)?;
+    let presets = if args.presets.is_empty() && args.pairs.is_empty() {
+        Preset::ALL.to_vec()
+    } else {
+        args.presets.clone()
+    };
+    let transports = match args.transport {
+        TransportArg::Tcp => vec!["tcp".to_owned()],
+        TransportArg::Quic => vec!["quic".to_owned()],
+        TransportArg::Both => vec!["tcp".to_owned(), "quic".to_owned()],
+    };
+    let config = MatrixConfig {
+        exe: std::env::current_exe().context("finding the natpunch binary")?,
+        presets,
+        pairs: args.pairs.clone(),
+        transports,
+        trials: args.trials.max(1),
+        rtt_ms: args.rtt_ms,
+        parallel: args.parallel.max(1),
+        engine: args.engine.name().to_owned(),
+        candidates: args.candidates.name().to_owned(),
+        attempt_timeout_ms: args.attempt_timeout_ms,
+    };
+    let pairs = if config.pairs.is_empty() {
+        config.presets.len().pow(2)
+    } else {
+        config.pairs.len()
+    };
+    let cells = pairs * config.transports.len();
+    eprintln!(
+        "lab matrix: {cells} cells × {} trials, {} labs in parallel, {} ms RTT, engine {}, \
+         candidates {}",
+        config.trials, config.parallel, config.rtt_ms, config.engine, config.candidates
+    );
+    let progress = |t: &Trial, done: usize, total: usize| {
+        let ms = t
+            .dialer
+            .as_ref()
+            .and_then(|r| r.time_to_direct_ms)
+            .map(|m| format!(" {m:.0} ms"))
+            .unwrap_or_default();
+        let err = t.error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default();
+        eprintln!(
+            "[{done:>4}/{total}] {} × {} {}: {:?}{ms}{err}",
+            t.a,
+            t.b,
+            t.transport,
+            t.outcome()
+        );
+    };
+    let report = matrix::run(&config, &progress)?;
+    if let Some(path) = &args.trials_out {
+        let mut file = std::fs::File::create(path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        for t in &report.trials {
+            writeln!(file, "{}", serde_json::to_string(t)?)?;
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_table(r: &MatrixReport) {
+    let c = &r.conditions;
+    println!(
+        "NAT-pair matrix: {} trials per cell, {} ms host-to-host RTT, engine {}, candidates {}, \
+         {:.0} s",
+        c.trials, c.rtt_ms, c.engine, c.candidates, c.elapsed_secs
+    );
+    println!(
+        "{:<16} {:<16} {:<5} {:>7} {:>13} {:>8} {:>8} {:>9} {:>9}  outcomes",
+        "dialer (A)", "listener (B)", "tr", "success", "95% CI", "median", "p95", "attempts", "fail at"
+    );
+    for cell in &r.cells {
+        println!("{}", row(cell));
+    }
+}
+
+fn row(c: &Cell) -> String {
+    let ms = |v: Option<f64>| v.map_or("-".to_owned(), |m| format!("{m:.0} ms"));
+    let attempts: Vec<String> = c
+        .attempts_needed
+        .iter()
+        .map(|(n, k)| format!("{n}:{k}"))
+        .collect();
+    let outcomes: Vec<String> = c.outcomes.iter().map(|(o, k)| format!("{o} {k}")).collect();
+    format!(
+        "{:<16} {:<16} {:<5} {:>3}/{:<3} {:>13} {:>8} {:>8} {:>9} {:>9}  {}",
+        c.a,
+        c.b,
+        c.transport,
+        c.success,
+        c.trials,
+        format!(
+            "{:.0}–{:.0}%",
+            c.success_ci95.0 * 100.0,
+            c.success_ci95.1 * 100.0
+        ),
+        ms(c.median_ms),
+        ms(c.p95_ms),
+        if attempts.is_empty() {
+            "-".to_owned()
+        } else {
+            attempts.join(",")
+        },
+        ms(c.median_fail_ms),
+        outcomes.join(", ")
+    )
+}
