@@ -190,7 +190,11 @@ pub fn topology(presets: &[Preset], rtt_ms: u32) -> Topology {
                 .filter_map(|hop| hop.config())
                 .enumerate()
             {
-                let name = format!("r{side}-{}{}", code(p), if i == 0 { String::new() } else { i.to_string() });
+                let name = format!(
+                    "r{side}-{}{}",
+                    code(p),
+                    if i == 0 { String::new() } else { i.to_string() }
+                );
                 t = t.router(&name, config, upstream.as_deref());
                 if i == 0 && delay.is_impaired() {
                     t = t.link(&name, delay);
@@ -300,10 +304,7 @@ fn worker(
             }
         }
     }
-    let lab = Lab::build(
-        &topology(&presets, config.rtt_ms),
-        LabOptions::default(),
-    )?;
+    let lab = Lab::build(&topology(&presets, config.rtt_ms), LabOptions::default())?;
     let exe = config.exe.to_string_lossy().into_owned();
     let key = std::env::temp_dir().join(format!("natpunch-matrix-{}.key", lab.name()));
     let result = serve(config, jobs, tx, &lab, &exe, &key);
@@ -321,7 +322,7 @@ fn serve(
 ) -> Result<(), MatrixError> {
     let relay = lab.spawn(
         "relay",
-        &exe,
+        exe,
         &[
             "relay",
             "--json",
@@ -411,7 +412,9 @@ fn run_trial(lab: &Lab, config: &MatrixConfig, exe: &str, relay: &str, job: &Job
             .command(&host('a', job.a), exe)
             .map_err(|e| e.to_string())?;
         cmd.args(["peer", "dial", &peer_id]).args(common);
-        let out = cmd.output().map_err(|e| format!("running the dialer: {e}"))?;
+        let out = cmd
+            .output()
+            .map_err(|e| format!("running the dialer: {e}"))?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         trial.dialer = record_in(&stdout);
         let line = listener.wait_for("\"event\":\"hole-punch\"", LISTENER_RECORD_TIMEOUT);
@@ -505,7 +508,8 @@ fn cell(a: Preset, b: Preset, transport: &str, trials: &[&Trial]) -> Cell {
                     .find(|x| x.outcome == p2p::record::AttemptOutcome::Success)
                     .map_or(0, |x| x.number);
                 *attempts_needed.entry(n).or_insert(0) += 1;
-                if both.is_some_and(|(d, l)| d.direct_connections == 1 && l.direct_connections == 1) {
+                if both.is_some_and(|(d, l)| d.direct_connections == 1 && l.direct_connections == 1)
+                {
                     one += 1;
                 }
             }

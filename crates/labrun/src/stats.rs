@@ -49,7 +49,10 @@ mod tests {
         assert!((hi - 1.0).abs() < 1e-9);
         // 5/10: about [0.237, 0.763].
         let (lo, hi) = wilson95(5, 10);
-        assert!((lo - 0.2366).abs() < 1e-3 && (hi - 0.7634).abs() < 1e-3, "{lo} {hi}");
+        assert!(
+            (lo - 0.2366).abs() < 1e-3 && (hi - 0.7634).abs() < 1e-3,
+            "{lo} {hi}"
+        );
         assert_eq!(wilson95(0, 0), (0.0, 1.0));
     }
 }

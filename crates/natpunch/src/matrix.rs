@@ -108,7 +108,11 @@ pub(crate) fn run(args: MatrixArgs) -> anyhow::Result<ExitCode> {
             .and_then(|r| r.time_to_direct_ms)
             .map(|m| format!(" {m:.0} ms"))
             .unwrap_or_default();
-        let err = t.error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default();
+        let err = t
+            .error
+            .as_deref()
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default();
         eprintln!(
             "[{done:>4}/{total}] {} × {} {}: {:?}{ms}{err}",
             t.a,
@@ -119,8 +123,8 @@ pub(crate) fn run(args: MatrixArgs) -> anyhow::Result<ExitCode> {
     };
     let report = matrix::run(&config, &progress)?;
     if let Some(path) = &args.trials_out {
-        let mut file = std::fs::File::create(path)
-            .with_context(|| format!("creating {}", path.display()))?;
+        let mut file =
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
         for t in &report.trials {
             writeln!(file, "{}", serde_json::to_string(t)?)?;
         }
@@ -142,7 +146,15 @@ fn print_table(r: &MatrixReport) {
     );
     println!(
         "{:<16} {:<16} {:<5} {:>7} {:>13} {:>8} {:>8} {:>9} {:>9}  outcomes",
-        "dialer (A)", "listener (B)", "tr", "success", "95% CI", "median", "p95", "attempts", "fail at"
+        "dialer (A)",
+        "listener (B)",
+        "tr",
+        "success",
+        "95% CI",
+        "median",
+        "p95",
+        "attempts",
+        "fail at"
     );
     for cell in &r.cells {
         println!("{}", row(cell));

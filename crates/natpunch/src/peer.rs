@@ -165,7 +165,10 @@ fn describe(e: &PeerEvent) -> String {
     match e {
         PeerEvent::RelayConnected {
             relay, observed, ..
-        } => format!("connected to relay {relay}; it sees us at {}", observed.join(", ")),
+        } => format!(
+            "connected to relay {relay}; it sees us at {}",
+            observed.join(", ")
+        ),
         PeerEvent::Reserved { address } => format!("reserved: reachable at {address}"),
         PeerEvent::Reachability {
             address,

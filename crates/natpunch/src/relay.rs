@@ -14,10 +14,12 @@ use libp2p::multiaddr::Protocol;
 use p2p::relay::{Limits, Rate, Relay, RelayConfig, RelayEvent};
 
 #[derive(Debug, Args)]
-#[command(after_help = "Defaults are rust-libp2p's limits. A measurement lab, where every trial \
+#[command(
+    after_help = "Defaults are rust-libp2p's limits. A measurement lab, where every trial \
 comes from the same few NAT addresses, wants the per-IP rates off and longer, larger circuits: \
 --reservation-rate-per-ip off --circuit-rate-per-ip off --max-circuit-secs 600 \
---max-circuit-bytes 67108864.")]
+--max-circuit-bytes 67108864."
+)]
 pub(crate) struct RelayArgs {
     /// Address to listen on (TCP and QUIC).
     #[arg(long, env = "NATPUNCH_RELAY_LISTEN_IP", default_value = "0.0.0.0")]
@@ -31,7 +33,11 @@ pub(crate) struct RelayArgs {
     identity: Option<PathBuf>,
     /// Address to announce as the relay's own (repeatable) [default: every listen address
     /// except loopback].
-    #[arg(long = "external-addr", env = "NATPUNCH_RELAY_EXTERNAL_ADDRS", value_delimiter = ',')]
+    #[arg(
+        long = "external-addr",
+        env = "NATPUNCH_RELAY_EXTERNAL_ADDRS",
+        value_delimiter = ','
+    )]
     external: Vec<Multiaddr>,
     /// Reservations held at once.
     #[arg(long, default_value_t = Limits::default().max_reservations)]
@@ -168,7 +174,10 @@ fn describe(e: &RelayEvent) -> String {
         RelayEvent::Listening { address } => format!("listening on {address}"),
         RelayEvent::ExternalAddress { address } => format!("announcing {address}"),
         RelayEvent::ReservationAccepted { peer, renewed } => {
-            format!("reservation {} for {peer}", if *renewed { "renewed" } else { "accepted" })
+            format!(
+                "reservation {} for {peer}",
+                if *renewed { "renewed" } else { "accepted" }
+            )
         }
         RelayEvent::ReservationDenied { peer, status } => {
             format!("reservation refused for {peer}: {status}")

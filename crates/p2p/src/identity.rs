@@ -47,9 +47,9 @@ pub fn load_or_create(path: &Path) -> Result<(Keypair, bool), IdentityError> {
             }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = Keypair::generate_ed25519();
-            let bytes = key.to_protobuf_encoding().map_err(|e| {
-                io(std::io::Error::other(format!("encoding the new key: {e}")))
-            })?;
+            let bytes = key
+                .to_protobuf_encoding()
+                .map_err(|e| io(std::io::Error::other(format!("encoding the new key: {e}"))))?;
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).map_err(io)?;
             }
@@ -84,10 +84,16 @@ mod tests {
         assert!(!created);
         assert_eq!(a.public().to_peer_id(), b.public().to_peer_id());
         let mode = std::fs::metadata(&path).expect("meta").permissions();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
         std::fs::write(&path, b"not a key").expect("write");
         let err = load_or_create(&path).expect_err("garbage");
-        assert!(err.to_string().contains("is not a libp2p private key"), "{err}");
+        assert!(
+            err.to_string().contains("is not a libp2p private key"),
+            "{err}"
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 }

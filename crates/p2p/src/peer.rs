@@ -387,14 +387,11 @@ fn relay_addrs(config: &PeerConfig) -> Result<(PeerId, Vec<Multiaddr>), PeerErro
         .relays
         .first()
         .ok_or_else(|| PeerError::Setup("no relay address given".into()))?;
-    let relay = match first.iter().last() {
-        Some(Protocol::P2p(id)) => id,
-        _ => {
-            return Err(PeerError::RelayAddress(
-                first.clone(),
-                "needs /p2p/<relay peer id> at the end".into(),
-            ));
-        }
+    let Some(Protocol::P2p(relay)) = first.iter().last() else {
+        return Err(PeerError::RelayAddress(
+            first.clone(),
+            "needs /p2p/<relay peer id> at the end".into(),
+        ));
     };
     let is_quic = |a: &Multiaddr| a.iter().any(|p| matches!(p, Protocol::QuicV1));
     let mut out = Vec::new();
@@ -535,7 +532,9 @@ impl Peer {
                 ),
                 autonat: autonat::v2::client::Behaviour::default(),
                 stream: libp2p_stream::Behaviour::new(),
-                dcutr: Toggle::from(stock.then(|| dcutr::Behaviour::new(key.public().to_peer_id()))),
+                dcutr: Toggle::from(
+                    stock.then(|| dcutr::Behaviour::new(key.public().to_peer_id())),
+                ),
                 feed: CandidateFeed::default(),
             })
             .map_err(|e| build(&e))?
@@ -651,7 +650,11 @@ impl Peer {
     }
 
     /// Listen, connect to the relay, learn the observed addresses, reserve (listen mode).
-    async fn setup(&mut self, mode: Mode, report: &mut impl FnMut(PeerEvent)) -> Result<(), PeerError> {
+    async fn setup(
+        &mut self,
+        mode: Mode,
+        report: &mut impl FnMut(PeerEvent),
+    ) -> Result<(), PeerError> {
         let ip = match self.config.listen_ip {
             IpAddr::V4(ip) => Protocol::Ip4(ip),
             IpAddr::V6(ip) => Protocol::Ip6(ip),
@@ -660,14 +663,18 @@ impl Peer {
         let mut want_quic = self.config.transport.quic();
         if want_tcp {
             let a = Multiaddr::empty().with(ip.clone()).with(Protocol::Tcp(0));
-            self.swarm.listen_on(a).map_err(|e| PeerError::Setup(format!("listen tcp: {e}")))?;
+            self.swarm
+                .listen_on(a)
+                .map_err(|e| PeerError::Setup(format!("listen tcp: {e}")))?;
         }
         if want_quic {
             let a = Multiaddr::empty()
                 .with(ip)
                 .with(Protocol::Udp(0))
                 .with(Protocol::QuicV1);
-            self.swarm.listen_on(a).map_err(|e| PeerError::Setup(format!("listen quic: {e}")))?;
+            self.swarm
+                .listen_on(a)
+                .map_err(|e| PeerError::Setup(format!("listen quic: {e}")))?;
         }
         let step_timeout = self.config.setup_timeout;
         let deadline = Instant::now() + step_timeout;
@@ -701,17 +708,24 @@ impl Peer {
         }
         let deadline = Instant::now() + step_timeout;
         while !waiting.is_empty() {
-            match self.next_setup_event(deadline, "connecting to the relay").await? {
+            match self
+                .next_setup_event(deadline, "connecting to the relay")
+                .await?
+            {
                 SwarmEvent::OutgoingConnectionError {
-                    connection_id, error, ..
+                    connection_id,
+                    error,
+                    ..
                 } if waiting.contains(&connection_id) => {
                     return Err(PeerError::Setup(format!("the relay: {error}")));
                 }
-                SwarmEvent::Behaviour(PeerBehaviourEvent::Identify(identify::Event::Received {
-                    connection_id,
-                    peer_id,
-                    info,
-                })) if peer_id == self.relay => {
+                SwarmEvent::Behaviour(PeerBehaviourEvent::Identify(
+                    identify::Event::Received {
+                        connection_id,
+                        peer_id,
+                        info,
+                    },
+                )) if peer_id == self.relay => {
                     waiting.retain(|c| *c != connection_id);
                     let observed = info.observed_addr;
                     if !self.observed.contains(&observed) {
@@ -739,13 +753,16 @@ impl Peer {
                 .map_err(|e| PeerError::Setup(format!("reserving on the relay: {e}")))?;
             let deadline = Instant::now() + step_timeout;
             loop {
-                match self.next_setup_event(deadline, "reserving on the relay").await? {
+                match self
+                    .next_setup_event(deadline, "reserving on the relay")
+                    .await?
+                {
                     SwarmEvent::Behaviour(PeerBehaviourEvent::RelayClient(
                         relay::client::Event::ReservationReqAccepted { .. },
                     )) => break,
-                    SwarmEvent::ListenerClosed {
-                        reason: Err(e), ..
-                    } => return Err(PeerError::Setup(format!("the reservation failed: {e}"))),
+                    SwarmEvent::ListenerClosed { reason: Err(e), .. } => {
+                        return Err(PeerError::Setup(format!("the reservation failed: {e}")));
+                    }
                     other => self.on_background(other),
                 }
             }
@@ -860,7 +877,9 @@ impl Peer {
                 connection,
                 result: Ok(rtt),
             })) => self.on_ping(peer, connection, rtt),
-            SwarmEvent::Behaviour(PeerBehaviourEvent::Autonat(e)) if !is_relayed(&e.tested_addr) => {
+            SwarmEvent::Behaviour(PeerBehaviourEvent::Autonat(e))
+                if !is_relayed(&e.tested_addr) =>
+            {
                 report(PeerEvent::Reachability {
                     address: e.tested_addr.to_string(),
                     reachable: e.result.is_ok(),
@@ -1027,11 +1046,7 @@ impl Peer {
                 }
         };
         match step {
-            Step::Dial {
-                peer,
-                remote,
-                rtt,
-            } => {
+            Step::Dial { peer, remote, rtt } => {
                 let transport = self.config.transport;
                 let attempt_timeout = self.config.attempt_timeout;
                 let Some(session) = self.sessions.get_mut(&peer) else {
@@ -1086,10 +1101,10 @@ impl Peer {
                 }
                 session.dial = Some((id, index));
                 session.attempt_deadline = Some(now + attempt_timeout);
-                if let Err(e) = self.swarm.dial(opts) {
-                    if let Some(s) = self.sessions.get_mut(&peer) {
-                        s.end_attempt(index, AttemptOutcome::Failed, Some(e.to_string()));
-                    }
+                if let Err(e) = self.swarm.dial(opts)
+                    && let Some(s) = self.sessions.get_mut(&peer)
+                {
+                    s.end_attempt(index, AttemptOutcome::Failed, Some(e.to_string()));
                 }
             }
             Step::Failed {
@@ -1251,7 +1266,11 @@ impl Peer {
     }
 
     /// Closes the sessions that are over; returns the dial's outcome when its session closed.
-    fn close_sessions(&mut self, mode: Mode, report: &mut impl FnMut(PeerEvent)) -> Option<Outcome> {
+    fn close_sessions(
+        &mut self,
+        mode: Mode,
+        report: &mut impl FnMut(PeerEvent),
+    ) -> Option<Outcome> {
         let now = Instant::now();
         let max = self.config.max_attempts;
         let stock = self.config.engine == Engine::Stock;
@@ -1274,10 +1293,12 @@ impl Peer {
                 match s.side {
                     Side::Listener if attempts < max => restart.push(*peer),
                     Side::Listener => {
-                        s.result = Some((Outcome::Failed, Some(format!("{attempts} attempts failed"))));
+                        s.result =
+                            Some((Outcome::Failed, Some(format!("{attempts} attempts failed"))));
                     }
                     Side::Dialer if attempts >= max => {
-                        s.result = Some((Outcome::Failed, Some(format!("{attempts} attempts failed"))));
+                        s.result =
+                            Some((Outcome::Failed, Some(format!("{attempts} attempts failed"))));
                     }
                     Side::Dialer => {}
                 }

@@ -49,7 +49,11 @@ impl FromStr for Rate {
         let bad = || format!("`{s}` is not a rate: COUNT/SECONDS, e.g. 30/120");
         let (count, secs) = s.split_once('/').ok_or_else(bad)?;
         let count = count.trim().parse::<NonZeroU32>().map_err(|_| bad())?;
-        let secs = secs.trim().trim_end_matches('s').parse::<u64>().map_err(|_| bad())?;
+        let secs = secs
+            .trim()
+            .trim_end_matches('s')
+            .parse::<u64>()
+            .map_err(|_| bad())?;
         if secs == 0 {
             return Err(bad());
         }
@@ -277,11 +281,19 @@ pub enum RelayError {
 impl Relay {
     /// Builds the relay (within a tokio runtime) and starts listening. Its metrics are
     /// registered in `registry`.
-    pub fn new(key: Keypair, config: RelayConfig, registry: &mut Registry) -> Result<Self, RelayError> {
+    pub fn new(
+        key: Keypair,
+        config: RelayConfig,
+        registry: &mut Registry,
+    ) -> Result<Self, RelayError> {
         let metrics = Metrics::new(registry);
         let natpunch = registry.sub_registry_with_prefix("natpunch_relay");
         let reservations = Gauge::default();
-        natpunch.register("reservations", "Reservations held now", reservations.clone());
+        natpunch.register(
+            "reservations",
+            "Reservations held now",
+            reservations.clone(),
+        );
         let circuits = Gauge::default();
         natpunch.register("circuits", "Circuits open now", circuits.clone());
         let limits = config.limits.to_config();
@@ -308,10 +320,12 @@ impl Relay {
             .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
             .build();
         for addr in &config.listen {
-            swarm.listen_on(addr.clone()).map_err(|e| RelayError::Listen {
-                addr: addr.clone(),
-                reason: e.to_string(),
-            })?;
+            swarm
+                .listen_on(addr.clone())
+                .map_err(|e| RelayError::Listen {
+                    addr: addr.clone(),
+                    reason: e.to_string(),
+                })?;
         }
         for addr in &config.external {
             swarm.add_external_address(addr.clone());
@@ -399,11 +413,17 @@ impl Relay {
         events
     }
 
-    #[allow(deprecated, reason = "the deprecated *Failed events still arrive and are ignored")]
+    #[allow(
+        deprecated,
+        reason = "the deprecated *Failed events still arrive and are ignored"
+    )]
     fn on_relay_event(&mut self, e: relay::Event) -> Option<RelayEvent> {
         use relay::Event as E;
         Some(match e {
-            E::ReservationReqAccepted { src_peer_id, renewed } => {
+            E::ReservationReqAccepted {
+                src_peer_id,
+                renewed,
+            } => {
                 if !renewed {
                     self.reservations.inc();
                 }
@@ -412,7 +432,10 @@ impl Relay {
                     renewed,
                 }
             }
-            E::ReservationReqDenied { src_peer_id, status } => RelayEvent::ReservationDenied {
+            E::ReservationReqDenied {
+                src_peer_id,
+                status,
+            } => RelayEvent::ReservationDenied {
                 peer: src_peer_id.to_string(),
                 status: format!("{status:?}"),
             },
@@ -430,7 +453,10 @@ impl Relay {
                     timed_out: true,
                 }
             }
-            E::CircuitReqAccepted { src_peer_id, dst_peer_id } => {
+            E::CircuitReqAccepted {
+                src_peer_id,
+                dst_peer_id,
+            } => {
                 self.circuits.inc();
                 RelayEvent::CircuitAccepted {
                     src: src_peer_id.to_string(),

@@ -68,7 +68,11 @@ async fn answer(mut stream: TcpStream, registry: &Mutex<Registry>) -> std::io::R
                     text,
                 )
             } else {
-                ("500 Internal Server Error", "text/plain", "encoding failed\n".into())
+                (
+                    "500 Internal Server Error",
+                    "text/plain",
+                    "encoding failed\n".into(),
+                )
             }
         }
         ("GET", "/health") => ("200 OK", "text/plain", "ok\n".into()),
@@ -102,16 +106,32 @@ mod tests {
         let counter = prometheus_client::metrics::counter::Counter::<u64>::default();
         registry.register("natpunch_test_things", "Things", counter.clone());
         counter.inc_by(3);
-        let listener = bind("127.0.0.1:0".parse().expect("addr")).await.expect("bind");
+        let listener = bind("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let task = tokio::spawn(serve(listener, Arc::new(Mutex::new(registry))));
         let metrics = get(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
-        assert!(metrics.contains("natpunch_test_things_total 3"), "{metrics}");
+        assert!(
+            metrics.contains("natpunch_test_things_total 3"),
+            "{metrics}"
+        );
         let health = get(addr, b"GET /health HTTP/1.1\r\n\r\n").await;
-        assert!(health.starts_with("HTTP/1.1 200") && health.ends_with("ok\n"), "{health}");
-        assert!(get(addr, b"POST /metrics HTTP/1.1\r\n\r\n").await.contains("405"));
-        assert!(get(addr, b"GET /nope HTTP/1.1\r\n\r\n").await.contains("404"));
+        assert!(
+            health.starts_with("HTTP/1.1 200") && health.ends_with("ok\n"),
+            "{health}"
+        );
+        assert!(
+            get(addr, b"POST /metrics HTTP/1.1\r\n\r\n")
+                .await
+                .contains("405")
+        );
+        assert!(
+            get(addr, b"GET /nope HTTP/1.1\r\n\r\n")
+                .await
+                .contains("404")
+        );
         assert!(get(addr, b"\r\n\r\n").await.contains("400"));
         task.abort();
     }
