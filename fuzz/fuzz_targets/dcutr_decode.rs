@@ -15,7 +15,7 @@ fn check(m: &HolePunch) {
     let frame = m.to_frame().expect("a decoded message fits in a frame");
     let mut reader = FrameReader::new();
     reader.push(&frame);
-    assert_eq!(reader.next_message().as_ref(), Ok(Some(m)));
+    assert_eq!(reader.next_message(), Ok(Some(m.clone())));
     assert_eq!(reader.buffered(), 0);
 }
 
