@@ -16,6 +16,133 @@ use serde::Serialize;
 pub(crate) enum BenchCommand {
     /// Binding throughput of natpunch's STUN server against coturn's, on loopback, in turns.
     Stun(StunArgs),
+    /// Time to a direct connection, natpunch's DCUtR engine against stock rust-libp2p, between
+    /// two port-restricted homes in the lab, each as a ratio to the floor.
+    Punch(PunchArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct PunchArgs {
+    /// Hole punches per engine and transport.
+    #[arg(long, env = "NATPUNCH_BENCH_TRIALS", default_value_t = 10)]
+    trials: u32,
+    /// Host-to-host round trip through the lab's internet, in ms.
+    #[arg(long, default_value_t = 100)]
+    rtt_ms: u32,
+    /// Print JSON.
+    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
+    json: bool,
+}
+
+/// One engine's figures on one transport.
+#[derive(Debug, Serialize)]
+struct PunchArm {
+    engine: &'static str,
+    transport: String,
+    trials: u32,
+    success: u32,
+    median_ms: Option<f64>,
+    p95_ms: Option<f64>,
+    /// The median in host-to-host RTTs.
+    median_rtts: Option<f64>,
+    /// The median over the floor.
+    ratio_to_floor: Option<f64>,
+}
+
+/// The floor of time to direct, in RTTs (MEASUREMENT.md): 1.5 relayed RTTs of signalling plus
+/// the transport's handshake (QUIC 1 RTT, TCP + Noise about 2).
+fn floor_rtts(transport: &str) -> f64 {
+    if transport == "quic" { 2.5 } else { 3.5 }
+}
+
+fn punch(args: PunchArgs) -> anyhow::Result<ExitCode> {
+    natlab::environment::check().map_err(anyhow::Error::msg)?;
+    let exe = std::env::current_exe().context("finding the natpunch binary")?;
+    let mut arms = Vec::new();
+    // One trial at a time, so that the two engines get the same machine.
+    for (engine, candidates) in [("natpunch", "observed"), ("stock", "stock")] {
+        eprintln!(
+            "bench punch: {engine} engine, {} trials per transport",
+            args.trials
+        );
+        let config = labrun::matrix::MatrixConfig {
+            exe: exe.clone(),
+            presets: Vec::new(),
+            pairs: vec![(natlab::Preset::PortRestricted, natlab::Preset::PortRestricted)],
+            transports: vec!["tcp".into(), "quic".into()],
+            trials: args.trials.max(1),
+            rtt_ms: args.rtt_ms,
+            parallel: 1,
+            engine: engine.into(),
+            candidates: candidates.into(),
+            attempt_timeout_ms: 3000,
+        };
+        let report = labrun::matrix::run(&config, &|_, done, total| {
+            eprint!("\r  {done}/{total}");
+        })?;
+        eprintln!();
+        for cell in report.cells {
+            let rtt = f64::from(args.rtt_ms.max(1));
+            let floor = floor_rtts(&cell.transport);
+            arms.push(PunchArm {
+                engine,
+                median_rtts: cell.median_ms.map(|m| m / rtt),
+                ratio_to_floor: cell.median_ms.map(|m| m / rtt / floor),
+                transport: cell.transport,
+                trials: cell.trials,
+                success: cell.success,
+                median_ms: cell.median_ms,
+                p95_ms: cell.p95_ms,
+            });
+        }
+    }
+    let ratio = |t: &str| {
+        let m = |e: &str| {
+            arms.iter()
+                .find(|a| a.engine == e && a.transport == t)
+                .and_then(|a| a.median_ms)
+        };
+        m("natpunch").zip(m("stock")).map(|(n, s)| n / s)
+    };
+    if args.json {
+        let out = serde_json::json!({
+            "rtt_ms": args.rtt_ms,
+            "arms": arms,
+            "natpunch_over_stock": {"tcp": ratio("tcp"), "quic": ratio("quic")},
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "time to direct, port-restricted × port-restricted, {} ms host-to-host RTT",
+        args.rtt_ms
+    );
+    println!(
+        "{:<9} {:<5} {:>8} {:>9} {:>9} {:>7} {:>8}",
+        "engine", "tr", "success", "median", "p95", "RTTs", "/floor"
+    );
+    let f = |v: Option<f64>, d: usize| v.map_or("-".to_owned(), |x| format!("{x:.d$}"));
+    for a in &arms {
+        println!(
+            "{:<9} {:<5} {:>4}/{:<3} {:>6} ms {:>6} ms {:>7} {:>8}",
+            a.engine,
+            a.transport,
+            a.success,
+            a.trials,
+            f(a.median_ms, 0),
+            f(a.p95_ms, 0),
+            f(a.median_rtts, 2),
+            f(a.ratio_to_floor, 2)
+        );
+    }
+    for t in ["tcp", "quic"] {
+        println!(
+            "natpunch / stock, {t}: {} (floor {} RTT)",
+            f(ratio(t), 2),
+            floor_rtts(t)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Debug, Args)]
@@ -40,6 +167,7 @@ pub(crate) struct StunArgs {
 pub(crate) fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::Stun(args) => stun(args),
+        BenchCommand::Punch(args) => punch(args),
     }
 }
 
