@@ -48,6 +48,10 @@ pub struct MatrixConfig {
     pub candidates: String,
     /// Each attempt's time, in ms (natpunch engine).
     pub attempt_timeout_ms: u64,
+    /// More arguments for `natpunch peer listen`.
+    pub listener_args: Vec<String>,
+    /// More arguments for `natpunch peer dial`.
+    pub dialer_args: Vec<String>,
 }
 
 /// One trial's result.
@@ -63,6 +67,8 @@ pub struct Trial {
     pub dialer: Option<Record>,
     /// The listener's record.
     pub listener: Option<Record>,
+    /// The dialer's throughput test, if it ran one (`natpunch peer dial --perf-bytes`).
+    pub throughput: Option<serde_json::Value>,
     /// What went wrong outside the hole punch (a role that did not start, a missing record).
     pub error: Option<String>,
     /// The trial's wall-clock time, ms.
@@ -376,6 +382,7 @@ fn run_trial(lab: &Lab, config: &MatrixConfig, exe: &str, relay: &str, job: &Job
         transport: job.transport.clone(),
         dialer: None,
         listener: None,
+        throughput: None,
         error: None,
         duration_ms: 0.0,
     };
@@ -397,6 +404,7 @@ fn run_trial(lab: &Lab, config: &MatrixConfig, exe: &str, relay: &str, job: &Job
         ];
         let mut args = vec!["peer", "listen"];
         args.extend_from_slice(&common);
+        args.extend(config.listener_args.iter().map(String::as_str));
         let listener = lab
             .spawn(&host('b', job.b), exe, &args)
             .map_err(|e| e.to_string())?;
@@ -411,12 +419,18 @@ fn run_trial(lab: &Lab, config: &MatrixConfig, exe: &str, relay: &str, job: &Job
         let mut cmd = lab
             .command(&host('a', job.a), exe)
             .map_err(|e| e.to_string())?;
-        cmd.args(["peer", "dial", &peer_id]).args(common);
+        cmd.args(["peer", "dial", &peer_id])
+            .args(common)
+            .args(&config.dialer_args);
         let out = cmd
             .output()
             .map_err(|e| format!("running the dialer: {e}"))?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         trial.dialer = record_in(&stdout);
+        trial.throughput = stdout
+            .lines()
+            .filter(|l| l.contains("\"event\":\"throughput\""))
+            .find_map(|l| serde_json::from_str(l).ok());
         let line = listener.wait_for("\"event\":\"hole-punch\"", LISTENER_RECORD_TIMEOUT);
         trial.listener = line.ok().as_deref().and_then(record_in);
         if trial.dialer.is_none() {

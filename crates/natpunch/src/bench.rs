@@ -29,9 +29,57 @@ pub(crate) struct PunchArgs {
     /// Host-to-host round trip through the lab's internet, in ms.
     #[arg(long, default_value_t = 100)]
     rtt_ms: u32,
+    /// MiB sent per throughput test (relayed circuit against the direct connection, over TCP).
+    #[arg(long, default_value_t = 8)]
+    perf_mib: u64,
+    /// Throughput tests per connection kind (0: none).
+    #[arg(long, default_value_t = 3)]
+    perf_trials: u32,
     /// Print JSON.
     #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
     json: bool,
+}
+
+/// Median throughput of `trials` transfers between two port-restricted homes, relayed or
+/// direct, in Mbit/s.
+fn throughput(
+    exe: &std::path::Path,
+    args: &PunchArgs,
+    relayed: bool,
+) -> anyhow::Result<(Option<f64>, usize)> {
+    let bytes = (args.perf_mib.max(1) << 20).to_string();
+    let mut dialer_args = vec!["--perf-bytes".to_owned(), bytes];
+    let mut listener_args = Vec::new();
+    if relayed {
+        dialer_args.push("--no-punch".into());
+        listener_args.push("--no-punch".into());
+    }
+    let config = labrun::matrix::MatrixConfig {
+        exe: exe.to_owned(),
+        presets: Vec::new(),
+        pairs: vec![(
+            natlab::Preset::PortRestricted,
+            natlab::Preset::PortRestricted,
+        )],
+        transports: vec!["tcp".into()],
+        trials: args.perf_trials,
+        rtt_ms: args.rtt_ms,
+        parallel: 1,
+        engine: "natpunch".into(),
+        candidates: "observed".into(),
+        attempt_timeout_ms: 3000,
+        listener_args,
+        dialer_args,
+    };
+    let report = labrun::matrix::run(&config, &|_, _, _| {})?;
+    let rates: Vec<f64> = report
+        .trials
+        .iter()
+        .filter_map(|t| t.throughput.as_ref())
+        .filter(|v| v["connection"] == if relayed { "relayed" } else { "direct" })
+        .filter_map(|v| v["mbit_s"].as_f64())
+        .collect();
+    Ok((labrun::stats::quantile(&rates, 0.5), rates.len()))
 }
 
 /// One engine's figures on one transport.
@@ -68,7 +116,10 @@ fn punch(args: PunchArgs) -> anyhow::Result<ExitCode> {
         let config = labrun::matrix::MatrixConfig {
             exe: exe.clone(),
             presets: Vec::new(),
-            pairs: vec![(natlab::Preset::PortRestricted, natlab::Preset::PortRestricted)],
+            pairs: vec![(
+                natlab::Preset::PortRestricted,
+                natlab::Preset::PortRestricted,
+            )],
             transports: vec!["tcp".into(), "quic".into()],
             trials: args.trials.max(1),
             rtt_ms: args.rtt_ms,
@@ -76,6 +127,8 @@ fn punch(args: PunchArgs) -> anyhow::Result<ExitCode> {
             engine: engine.into(),
             candidates: candidates.into(),
             attempt_timeout_ms: 3000,
+            listener_args: Vec::new(),
+            dialer_args: Vec::new(),
         };
         let report = labrun::matrix::run(&config, &|_, done, total| {
             eprint!("\r  {done}/{total}");
@@ -96,6 +149,19 @@ fn punch(args: PunchArgs) -> anyhow::Result<ExitCode> {
             });
         }
     }
+    let (direct, relayed) = if args.perf_trials > 0 {
+        eprintln!(
+            "bench punch: throughput, {} MiB over the circuit and direct",
+            args.perf_mib
+        );
+        (
+            throughput(&exe, &args, false)?,
+            throughput(&exe, &args, true)?,
+        )
+    } else {
+        ((None, 0), (None, 0))
+    };
+    let relay_ratio = relayed.0.zip(direct.0).map(|(r, d)| r / d);
     let ratio = |t: &str| {
         let m = |e: &str| {
             arms.iter()
@@ -109,6 +175,12 @@ fn punch(args: PunchArgs) -> anyhow::Result<ExitCode> {
             "rtt_ms": args.rtt_ms,
             "arms": arms,
             "natpunch_over_stock": {"tcp": ratio("tcp"), "quic": ratio("quic")},
+            "throughput_mbit_s": {
+                "mib": args.perf_mib,
+                "direct": direct.0, "direct_n": direct.1,
+                "relayed": relayed.0, "relayed_n": relayed.1,
+                "relayed_over_direct": relay_ratio,
+            },
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
@@ -140,6 +212,18 @@ fn punch(args: PunchArgs) -> anyhow::Result<ExitCode> {
             "natpunch / stock, {t}: {} (floor {} RTT)",
             f(ratio(t), 2),
             floor_rtts(t)
+        );
+    }
+    if args.perf_trials > 0 {
+        println!(
+            "throughput ({} MiB over TCP, median): direct {} Mbit/s (n={}), relayed {} Mbit/s \
+             (n={}), relayed / direct {}",
+            args.perf_mib,
+            f(direct.0, 1),
+            direct.1,
+            f(relayed.0, 1),
+            relayed.1,
+            f(relay_ratio, 2)
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -89,6 +89,8 @@ pub(crate) fn run(args: MatrixArgs) -> anyhow::Result<ExitCode> {
         engine: args.engine.name().to_owned(),
         candidates: args.candidates.name().to_owned(),
         attempt_timeout_ms: args.attempt_timeout_ms,
+        listener_args: Vec::new(),
+        dialer_args: Vec::new(),
     };
     let pairs = if config.pairs.is_empty() {
         config.presets.len().pow(2)

@@ -23,6 +23,10 @@ pub(crate) enum PeerCommand {
 pub(crate) struct DialArgs {
     /// The peer to reach (it must be listening on the same relay).
     peer_id: PeerId,
+    /// After the hole punch, send this many bytes to the peer over the connection left (the
+    /// direct one, or the relayed one with --no-punch) and report the throughput.
+    #[arg(long)]
+    perf_bytes: Option<u64>,
     #[command(flatten)]
     common: Common,
 }
@@ -52,6 +56,9 @@ pub(crate) struct Common {
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0")]
     listen_ip: IpAddr,
+    /// Do not hole-punch: stay on the relayed connection (to measure the relay).
+    #[arg(long)]
+    no_punch: bool,
     /// Key file [default: a fresh identity each run].
     #[arg(long, env = "NATPUNCH_PEER_IDENTITY")]
     identity: Option<PathBuf>,
@@ -125,6 +132,7 @@ impl Common {
         };
         c.attempt_timeout = Duration::from_millis(self.attempt_timeout_ms.max(100));
         c.max_attempts = self.max_attempts.max(1);
+        c.punch = !self.no_punch;
         c
     }
 }
@@ -143,7 +151,11 @@ pub(crate) fn run(cmd: PeerCommand) -> anyhow::Result<ExitCode> {
             Some(path) => p2p::identity::load_or_create(path)?.0,
             None => libp2p::identity::Keypair::generate_ed25519(),
         };
-        let mut peer = Peer::new(key, common.config())?;
+        let mut config = common.config();
+        if let PeerCommand::Dial(d) = &cmd {
+            config.perf_bytes = d.perf_bytes;
+        }
+        let mut peer = Peer::new(key, config)?;
         eprintln!("peer: {}", peer.peer_id());
         let json = common.json;
         let mut report = |e: PeerEvent| {
@@ -154,6 +166,9 @@ pub(crate) fn run(cmd: PeerCommand) -> anyhow::Result<ExitCode> {
             }
         };
         let outcome = peer.run(mode, crate::stop_signal(), &mut report).await?;
+        if common.no_punch && outcome == Some(Outcome::Cancelled) {
+            return Ok(ExitCode::SUCCESS);
+        }
         Ok(match outcome {
             Some(Outcome::Success | Outcome::ConnectionReversed) | None => ExitCode::SUCCESS,
             Some(_) => ExitCode::FAILURE,
@@ -180,6 +195,14 @@ fn describe(e: &PeerEvent) -> String {
             (false, None) => format!("autonat: {address} is not reachable"),
         },
         PeerEvent::HolePunch(r) => describe_record(r),
+        PeerEvent::Throughput {
+            connection,
+            bytes,
+            secs,
+            mbit_s,
+        } => format!(
+            "throughput over the {connection} connection: {bytes} bytes in {secs:.2} s, {mbit_s:.1} Mbit/s"
+        ),
     }
 }
 

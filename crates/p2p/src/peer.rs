@@ -49,6 +49,10 @@ use crate::wire::{self, HolePunch, Kind};
 
 /// The DCUtR protocol.
 pub const DCUTR: StreamProtocol = StreamProtocol::new("/libp2p/dcutr");
+/// natpunch's throughput protocol: an 8-byte big-endian length, that many bytes, a 1-byte ack.
+pub const PERF: StreamProtocol = StreamProtocol::new("/natpunch/perf/1.0.0");
+/// The most a throughput test may send.
+pub const MAX_PERF_BYTES: u64 = 1 << 30;
 
 /// Which transports to listen, reach the relay and punch with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -124,6 +128,12 @@ pub struct PeerConfig {
     /// How long a dialer stays after its hole punch, so that the listener sees the direct
     /// connection settle too.
     pub linger: Duration,
+    /// Hole-punch at all (off: the listener never starts DCUtR, the dialer stays relayed).
+    pub punch: bool,
+    /// Dialer: after the hole punch, send this many bytes over the connection that is left
+    /// (the direct one, the relayed one being closed; or the relayed one without a punch) and
+    /// report the throughput. The listener always accepts such transfers.
+    pub perf_bytes: Option<u64>,
 }
 
 impl PeerConfig {
@@ -139,6 +149,8 @@ impl PeerConfig {
             max_attempts: 3,
             setup_timeout: Duration::from_secs(15),
             linger: Duration::from_millis(500),
+            punch: true,
+            perf_bytes: None,
         }
     }
 }
@@ -172,6 +184,17 @@ pub enum PeerEvent {
     },
     /// A hole punch ended.
     HolePunch(Box<Record>),
+    /// A throughput test over the connection left after the hole punch.
+    Throughput {
+        /// `direct` or `relayed`.
+        connection: String,
+        /// Bytes sent.
+        bytes: u64,
+        /// Seconds from the first byte to the ack.
+        secs: f64,
+        /// Megabits per second.
+        mbit_s: f64,
+    },
 }
 
 /// Why the peer stopped.
@@ -369,7 +392,10 @@ pub struct Peer {
     /// Which side of the relayed connection we are, per remote.
     sides: HashMap<PeerId, Side>,
     directs: HashMap<PeerId, Vec<Direct>>,
+    /// Relayed dials in flight (dial mode).
     relayed: HashMap<ConnectionId, PeerId>,
+    /// Relayed connections up.
+    relayed_conns: HashMap<ConnectionId, PeerId>,
 }
 
 impl fmt::Debug for Peer {
@@ -564,6 +590,7 @@ impl Peer {
             sides: HashMap::new(),
             directs: HashMap::new(),
             relayed: HashMap::new(),
+            relayed_conns: HashMap::new(),
         })
     }
 
@@ -589,6 +616,10 @@ impl Peer {
             .control
             .accept(DCUTR)
             .map_err(|e| PeerError::Setup(format!("accepting {DCUTR}: {e}")))?;
+        let mut perf = self
+            .control
+            .accept(PERF)
+            .map_err(|e| PeerError::Setup(format!("accepting {PERF}: {e}")))?;
         if let Mode::Dial(target) = mode {
             let addr = self.relay_addrs[0]
                 .clone()
@@ -615,12 +646,73 @@ impl Peer {
                 }
                 Some(step) = self.steps.recv() => self.on_step(step),
                 Some((peer, stream)) = incoming.next() => self.on_inbound_stream(peer, stream),
+                Some((_, stream)) = perf.next() => {
+                    tokio::spawn(perf_sink(stream));
+                }
                 () = sleep_until(wake) => {}
             }
             if let Some(outcome) = self.close_sessions(mode, report) {
+                if let (Mode::Dial(target), Some(bytes)) = (mode, self.config.perf_bytes) {
+                    self.perf(target, bytes, &mut stop, report).await;
+                }
                 self.linger(&mut stop).await;
                 return Ok(Some(outcome));
             }
+        }
+    }
+
+    /// Sends `bytes` to `target` over the one connection left (closing the relayed ones when a
+    /// direct one exists) and reports the throughput.
+    async fn perf(
+        &mut self,
+        target: PeerId,
+        bytes: u64,
+        stop: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+        report: &mut impl FnMut(PeerEvent),
+    ) {
+        let direct = self.directs.get(&target).is_some_and(|l| !l.is_empty());
+        if direct {
+            let relayed: Vec<ConnectionId> = self
+                .relayed_conns
+                .iter()
+                .filter(|(_, p)| **p == target)
+                .map(|(c, _)| *c)
+                .collect();
+            for c in relayed {
+                self.swarm.close_connection(c);
+            }
+            // Wait until they are gone, so that the transfer cannot pick one of them.
+            let until = tokio::time::Instant::now() + Duration::from_secs(2);
+            while self.relayed_conns.values().any(|p| *p == target) {
+                tokio::select! {
+                    () = stop.as_mut() => return,
+                    () = tokio::time::sleep_until(until) => break,
+                    event = self.swarm.select_next_some() => {
+                        if let SwarmEvent::ConnectionClosed { connection_id, .. } = event {
+                            self.relayed_conns.remove(&connection_id);
+                        }
+                    }
+                }
+            }
+        }
+        let mut control = self.control.clone();
+        let transfer = perf_send(&mut control, target, bytes.min(MAX_PERF_BYTES));
+        tokio::pin!(transfer);
+        let result = loop {
+            tokio::select! {
+                () = stop.as_mut() => return,
+                r = &mut transfer => break r,
+                _ = self.swarm.select_next_some() => {}
+            }
+        };
+        match result {
+            Ok(secs) => report(PeerEvent::Throughput {
+                connection: if direct { "direct" } else { "relayed" }.into(),
+                bytes,
+                secs,
+                mbit_s: bytes as f64 * 8.0 / secs.max(1e-9) / 1e6,
+            }),
+            Err(e) => tracing::warn!("throughput test: {e}"),
         }
     }
 
@@ -852,6 +944,7 @@ impl Peer {
                 if let Some(list) = self.directs.get_mut(&peer_id) {
                     list.retain(|d| d.id != connection_id);
                 }
+                self.relayed_conns.remove(&connection_id);
             }
             SwarmEvent::OutgoingConnectionError {
                 connection_id,
@@ -899,6 +992,7 @@ impl Peer {
             Side::Listener
         };
         self.relayed.remove(&id);
+        self.relayed_conns.insert(id, peer);
         self.sides.insert(peer, side);
         if self.sessions.contains_key(&peer) {
             return;
@@ -913,8 +1007,11 @@ impl Peer {
         };
         let mut session = Session::new(side, wait);
         session.local_addrs = self.offered().iter().map(ToString::to_string).collect();
+        if !self.config.punch {
+            session.result = Some((Outcome::Cancelled, Some("hole punching is off".into())));
+        }
         self.sessions.insert(peer, session);
-        if side == Side::Listener && !stock {
+        if side == Side::Listener && !stock && self.config.punch {
             self.start_handshake(peer);
         }
     }
@@ -1349,6 +1446,45 @@ impl Peer {
         }
         finished
     }
+}
+
+/// Receives one throughput test: the length, the bytes, then a 1-byte ack.
+async fn perf_sink(mut stream: libp2p::Stream) -> std::io::Result<()> {
+    use futures::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut len = [0u8; 8];
+    stream.read_exact(&mut len).await?;
+    let len = u64::from_be_bytes(len).min(MAX_PERF_BYTES);
+    let copied = futures::io::copy(&mut (&mut stream).take(len), &mut futures::io::sink()).await?;
+    if copied == len {
+        stream.write_all(&[1]).await?;
+    }
+    stream.close().await
+}
+
+/// Sends one throughput test and returns its duration in seconds.
+async fn perf_send(
+    control: &mut libp2p_stream::Control,
+    peer: PeerId,
+    bytes: u64,
+) -> std::io::Result<f64> {
+    use futures::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = control
+        .open_stream(peer, PERF)
+        .await
+        .map_err(std::io::Error::other)?;
+    let start = Instant::now();
+    stream.write_all(&bytes.to_be_bytes()).await?;
+    let chunk = vec![0u8; 64 * 1024];
+    let mut left = bytes;
+    while left > 0 {
+        let n = usize::try_from(left.min(chunk.len() as u64)).unwrap_or(chunk.len());
+        stream.write_all(chunk.get(..n).unwrap_or_default()).await?;
+        left -= n as u64;
+    }
+    stream.flush().await?;
+    let mut ack = [0u8; 1];
+    stream.read_exact(&mut ack).await?;
+    Ok(start.elapsed().as_secs_f64())
 }
 
 async fn sleep_until(at: Instant) {
