@@ -1316,3 +1316,255 @@ fn lab_matrix_punches_port_restricted_pairs_and_fails_symmetric_ones_fast() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `natpunch relay` under a flood of reservation and circuit requests beyond its limits, on
+/// loopback: the excess is refused with RESOURCE_LIMIT_EXCEEDED, the relay holds no more
+/// reservations and circuits than allowed, its memory stays bounded, and a circuit that existed
+/// before the flood still carries pings after it.
+#[test]
+fn relay_refuses_a_flood_beyond_its_limits_and_keeps_existing_circuits() {
+    use std::time::{Duration, Instant};
+
+    use futures::StreamExt as _;
+    use libp2p::multiaddr::Protocol;
+    use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+    use libp2p::{Multiaddr, PeerId, Swarm, noise, ping, relay, tcp, yamux};
+
+    #[derive(NetworkBehaviour)]
+    struct Client {
+        relay: relay::client::Behaviour,
+        ping: ping::Behaviour,
+    }
+
+    fn client() -> Swarm<Client> {
+        libp2p::SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default(),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .expect("tcp")
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .expect("relay client")
+            .with_behaviour(|_, relay| Client {
+                relay,
+                ping: ping::Behaviour::new(
+                    ping::Config::new().with_interval(Duration::from_millis(300)),
+                ),
+            })
+            .expect("behaviour")
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .build()
+    }
+
+    /// The next successful ping from `from`.
+    async fn wait_ping(d: &mut Swarm<Client>, from: PeerId) {
+        loop {
+            if let SwarmEvent::Behaviour(ClientEvent::Ping(ping::Event {
+                peer,
+                result: Ok(_),
+                ..
+            })) = d.select_next_some().await
+                && peer == from
+            {
+                return;
+            }
+        }
+    }
+
+    fn rss_kib(pid: u32) -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let telemetry = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let key = std::env::temp_dir().join(format!("natpunch-flood-{}.key", std::process::id()));
+    let mut relay_proc = Command::new(env!("CARGO_BIN_EXE_natpunch"))
+        .args([
+            "relay",
+            "--listen-ip",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--external-addr",
+            &format!("/ip4/127.0.0.1/tcp/{port}"),
+            "--max-reservations",
+            "4",
+            "--max-circuits",
+            "2",
+            "--telemetry-port",
+            &telemetry.to_string(),
+            "--identity",
+            key.to_str().expect("utf-8"),
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("relay");
+    let pid = relay_proc.id();
+    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
+    let reader = {
+        let events = std::sync::Arc::clone(&events);
+        let out = relay_proc.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str(&line) {
+                    events.lock().expect("events").push(v);
+                }
+            }
+        })
+    };
+    let relay_id: PeerId = {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let found = events.lock().expect("events").iter().find_map(|e| {
+                e["address"]
+                    .as_str()
+                    .and_then(|a| a.rsplit('/').next())
+                    .and_then(|id| id.parse().ok())
+            });
+            if let Some(id) = found {
+                break id;
+            }
+            assert!(Instant::now() < deadline, "the relay did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let relay_addr: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}/p2p/{relay_id}")
+        .parse()
+        .expect("addr");
+    let circuit = relay_addr.clone().with(Protocol::P2pCircuit);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let count = |kind: &str, status: &str| {
+        events
+            .lock()
+            .expect("events")
+            .iter()
+            .filter(|e| e["event"] == kind && e["status"] == status)
+            .count()
+    };
+
+    runtime.block_on(async {
+        // A listener reserves, a dialer reaches it through the relay; both keep pinging.
+        let mut listener = client();
+        let listener_id = *listener.local_peer_id();
+        listener.listen_on(circuit.clone()).expect("reserve");
+        loop {
+            if let SwarmEvent::Behaviour(ClientEvent::Relay(
+                relay::client::Event::ReservationReqAccepted { .. },
+            )) = listener.select_next_some().await
+            {
+                break;
+            }
+        }
+        let l = tokio::spawn(async move {
+            loop {
+                listener.select_next_some().await;
+            }
+        });
+        let mut dialer = client();
+        dialer
+            .dial(circuit.clone().with(Protocol::P2p(listener_id)))
+            .expect("dial");
+        tokio::time::timeout(Duration::from_secs(10), wait_ping(&mut dialer, listener_id))
+            .await
+            .expect("a ping through the circuit");
+        let before = rss_kib(pid);
+
+        // The flood: 60 reservations and 30 circuits, all from 127.0.0.1.
+        let mut flood = Vec::new();
+        for _ in 0..60 {
+            let mut s = client();
+            s.listen_on(circuit.clone()).expect("reserve");
+            flood.push(s);
+        }
+        for _ in 0..30 {
+            let mut s = client();
+            s.dial(circuit.clone().with(Protocol::P2p(listener_id)))
+                .expect("dial");
+            flood.push(s);
+        }
+        let drive = tokio::spawn(async move {
+            let mut all = futures::stream::select_all(flood.iter_mut().map(|s| s.boxed()));
+            let deadline = tokio::time::sleep(Duration::from_secs(6));
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    () = &mut deadline => break,
+                    Some(_) = all.next() => {}
+                }
+            }
+            drop(all);
+            flood.len()
+        });
+        // Meanwhile the existing circuit keeps working.
+        let pings = tokio::time::timeout(Duration::from_secs(6), async {
+            let mut n = 0;
+            while n < 5 {
+                wait_ping(&mut dialer, listener_id).await;
+                n += 1;
+            }
+            n
+        })
+        .await
+        .expect("pings during the flood");
+        assert_eq!(pings, 5);
+        assert_eq!(drive.await.expect("flood"), 90);
+        tokio::time::timeout(Duration::from_secs(5), wait_ping(&mut dialer, listener_id))
+            .await
+            .expect("a ping through the circuit after the flood");
+        let after = rss_kib(pid);
+        assert!(
+            after < before + 64 * 1024,
+            "relay memory grew from {before} KiB to {after} KiB"
+        );
+        l.abort();
+    });
+
+    let reservations_refused = count("reservation-denied", "ResourceLimitExceeded");
+    let circuits_refused = count("circuit-denied", "ResourceLimitExceeded");
+    assert!(
+        reservations_refused >= 55,
+        "60 reservations, at most 4 held (one is the listener's): {reservations_refused} refused"
+    );
+    assert!(
+        circuits_refused >= 29,
+        "30 circuits on top of one, at most 2 open: {circuits_refused} refused"
+    );
+    let metrics = {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", telemetry)).expect("telemetry");
+        s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+            .expect("write");
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("read");
+        text
+    };
+    let gauge = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    assert!(gauge("natpunch_relay_reservations") <= 4.0, "{metrics}");
+    assert!(gauge("natpunch_relay_circuits") <= 2.0, "{metrics}");
+    let _ = relay_proc.kill();
+    let _ = relay_proc.wait();
+    let _ = reader.join();
+    let _ = std::fs::remove_file(&key);
+}
