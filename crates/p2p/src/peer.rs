@@ -1512,3 +1512,93 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn relay_id() -> PeerId {
+        Keypair::generate_ed25519().public().to_peer_id()
+    }
+
+    #[test]
+    fn a_missing_relay_address_is_derived_with_the_same_port() {
+        let id = relay_id();
+        let tcp: Multiaddr = format!("/ip4/11.99.0.12/tcp/4001/p2p/{id}")
+            .parse()
+            .expect("addr");
+        let mut config = PeerConfig::new(vec![tcp.clone()]);
+        let (relay, addrs) = relay_addrs(&config).expect("addrs");
+        assert_eq!(relay, id);
+        assert_eq!(
+            addrs,
+            [
+                tcp.clone(),
+                format!("/ip4/11.99.0.12/udp/4001/quic-v1/p2p/{id}")
+                    .parse::<Multiaddr>()
+                    .expect("addr")
+            ]
+        );
+        config.transport = Transport::Tcp;
+        assert_eq!(relay_addrs(&config).expect("addrs").1, [tcp]);
+        let bare: Multiaddr = "/ip4/11.99.0.12/tcp/4001".parse().expect("addr");
+        let err = relay_addrs(&PeerConfig::new(vec![bare])).expect_err("no peer id");
+        assert!(err.to_string().contains("/p2p/<relay peer id>"), "{err}");
+        assert!(relay_addrs(&PeerConfig::new(Vec::new())).is_err());
+    }
+
+    #[test]
+    fn both_sides_keep_the_connection_the_relayed_dialer_made() {
+        let addr: Multiaddr = "/ip4/11.99.0.11/udp/4000/quic-v1".parse().expect("addr");
+        let dialed = |role_override| ConnectedPoint::Dialer {
+            address: addr.clone(),
+            role_override,
+            port_use: libp2p::core::transport::PortUse::Reuse,
+        };
+        let inbound = ConnectedPoint::Listener {
+            local_addr: addr.clone(),
+            send_back_addr: addr.clone(),
+        };
+        // A's own dial, and B's view of it (inbound), are the one kept.
+        assert!(made_by_a(Side::Dialer, &dialed(Endpoint::Dialer)));
+        assert!(made_by_a(Side::Listener, &inbound));
+        // B's dial (as listener), and A's view of it (inbound), are closed.
+        assert!(!made_by_a(Side::Listener, &dialed(Endpoint::Listener)));
+        assert!(!made_by_a(Side::Dialer, &inbound));
+    }
+
+    #[test]
+    fn only_direct_routable_addresses_are_offered_or_dialed() {
+        for (a, ok) in [
+            ("/ip4/11.99.0.10/tcp/4000", true),
+            ("/ip4/11.99.0.10/udp/4000/quic-v1", true),
+            ("/ip4/127.0.0.1/tcp/4000", false),
+            ("/ip4/0.0.0.0/tcp/4000", false),
+            ("/ip4/11.99.0.12/tcp/4001/p2p-circuit", false),
+        ] {
+            assert_eq!(dialable(&a.parse().expect("addr")), ok, "{a}");
+        }
+        let id = relay_id();
+        let with: Multiaddr = format!("/ip4/11.99.0.10/tcp/4000/p2p/{id}")
+            .parse()
+            .expect("addr");
+        assert_eq!(
+            without_p2p(with),
+            "/ip4/11.99.0.10/tcp/4000"
+                .parse::<Multiaddr>()
+                .expect("addr")
+        );
+        let relayed: Multiaddr = format!("/ip4/11.99.0.12/tcp/4001/p2p/{id}/p2p-circuit")
+            .parse()
+            .expect("addr");
+        assert_eq!(
+            parse_addrs(&[relayed.to_vec(), vec![0xff, 0x00], with_addr().to_vec()]),
+            [with_addr()],
+            "relayed and undecodable addresses are dropped"
+        );
+    }
+
+    fn with_addr() -> Multiaddr {
+        "/ip4/11.99.0.11/udp/4002/quic-v1".parse().expect("addr")
+    }
+}
