@@ -1033,6 +1033,21 @@ fn map_keep_survives_router_reboot_and_renumbering_with_every_protocol() {
     let _ = std::fs::remove_file(&state);
 }
 
+/// `natpunch map ARGS --wait-ms 600 --state STATE` in node `host`: (success, stdout, stderr).
+fn map_in(lab: &natlab::Lab, host: &str, state: &Path, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = lab
+        .command(host, env!("CARGO_BIN_EXE_natpunch"))
+        .expect("command");
+    cmd.arg("map").args(args).args([
+        "--wait-ms",
+        "600",
+        "--state",
+        state.to_str().expect("utf-8"),
+    ]);
+    let out = cmd.output().expect("natpunch runs");
+    (out.status.success(), stdout(&out), stderr(&out))
+}
+
 /// Three miniupnpd routers: one speaking everything with PCP lifetimes clamped to 120–3600 s,
 /// one without PCP, one with UPnP only. PCP lifetimes are clamped (NAT-PMP and UPnP get what
 /// they ask for from miniupnpd); `--via auto` takes the best protocol each router speaks; asking
@@ -1071,20 +1086,11 @@ fn map_add_clamps_pcp_lifetimes_and_falls_back_to_what_the_router_speaks() {
     )
     .expect("topology");
     let lab = Lab::build(&topology, LabOptions::default()).expect("lab");
-    let exe = env!("CARGO_BIN_EXE_natpunch");
     let dir = std::env::temp_dir().join(format!("natpunch-fallback-{}", std::process::id()));
-    let map = |host: &str, args: &[&str]| -> (bool, String, String) {
-        let state = dir.join(format!("{host}.json"));
-        let mut cmd = lab.command(host, exe).expect("command");
-        cmd.arg("map").args(args).args([
-            "--json",
-            "--wait-ms",
-            "600",
-            "--state",
-            state.to_str().expect("utf-8"),
-        ]);
-        let out = cmd.output().expect("natpunch runs");
-        (out.status.success(), stdout(&out), stderr(&out))
+    let map = |host: &str, args: &[&str]| {
+        let mut all = args.to_vec();
+        all.push("--json");
+        map_in(&lab, host, &dir.join(format!("{host}.json")), &all)
     };
     let json = |(ok, out, err): (bool, String, String)| -> Value {
         assert!(ok, "{out} {err}");
@@ -1159,19 +1165,8 @@ fn map_handles_an_igd_behind_cgnat_that_only_grants_permanent_leases() {
         })
         .expect("enter home")
         .expect("fake IGD");
-    let exe = env!("CARGO_BIN_EXE_natpunch");
     let state = std::env::temp_dir().join(format!("natpunch-fake-igd-{}.json", std::process::id()));
-    let map = |args: &[&str]| -> (bool, String, String) {
-        let mut cmd = lab.command("alice", exe).expect("command");
-        cmd.arg("map").args(args).args([
-            "--wait-ms",
-            "600",
-            "--state",
-            state.to_str().expect("utf-8"),
-        ]);
-        let out = cmd.output().expect("natpunch runs");
-        (out.status.success(), stdout(&out), stderr(&out))
-    };
+    let map = |args: &[&str]| map_in(&lab, "alice", &state, args);
 
     let (ok, out, err) = map(&["probe", "--json"]);
     let probe: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}"));

@@ -1055,25 +1055,11 @@ impl Peer {
                     .await
                     .map_err(|e| e.to_string())?;
                 tokio::time::sleep(rtt / 2).await;
-                Ok((reply.addrs, rtt))
+                Ok((reply.addrs, Some(rtt)))
             };
-            let step = match tokio::time::timeout(limit, run).await {
-                Ok(Ok((addrs, rtt))) => Step::Dial {
-                    peer,
-                    remote: parse_addrs(&addrs),
-                    rtt: Some(rtt),
-                },
-                Ok(Err(error)) => Step::Failed {
-                    peer,
-                    error,
-                    timeout: false,
-                },
-                Err(_) => Step::Failed {
-                    peer,
-                    error: format!("no answer to CONNECT within {limit:?}"),
-                    timeout: true,
-                },
-            };
+            let step = to_step(peer, tokio::time::timeout(limit, run).await, || {
+                format!("no answer to CONNECT within {limit:?}")
+            });
             let _ = tx.send(step);
         });
     }
@@ -1111,25 +1097,11 @@ impl Peer {
                 if sync.kind != Kind::Sync {
                     return Err("a second CONNECT instead of SYNC".to_owned());
                 }
-                Ok(connect.addrs)
+                Ok((connect.addrs, None))
             };
-            let step = match tokio::time::timeout(limit, run).await {
-                Ok(Ok(addrs)) => Step::Dial {
-                    peer,
-                    remote: parse_addrs(&addrs),
-                    rtt: None,
-                },
-                Ok(Err(error)) => Step::Failed {
-                    peer,
-                    error,
-                    timeout: false,
-                },
-                Err(_) => Step::Failed {
-                    peer,
-                    error: format!("no SYNC within {limit:?}"),
-                    timeout: true,
-                },
-            };
+            let step = to_step(peer, tokio::time::timeout(limit, run).await, || {
+                format!("no SYNC within {limit:?}")
+            });
             let _ = tx.send(step);
         });
     }
@@ -1489,6 +1461,32 @@ async fn perf_send(
 
 async fn sleep_until(at: Instant) {
     tokio::time::sleep_until(at.into()).await;
+}
+
+/// What a handshake task tells the event loop: dial the addresses it got (with the CONNECT
+/// round trip, when this side measured it), or why it failed.
+fn to_step(
+    peer: PeerId,
+    result: Result<Result<(Vec<Vec<u8>>, Option<Duration>), String>, tokio::time::error::Elapsed>,
+    timed_out: impl FnOnce() -> String,
+) -> Step {
+    match result {
+        Ok(Ok((addrs, rtt))) => Step::Dial {
+            peer,
+            remote: parse_addrs(&addrs),
+            rtt,
+        },
+        Ok(Err(error)) => Step::Failed {
+            peer,
+            error,
+            timeout: false,
+        },
+        Err(_) => Step::Failed {
+            peer,
+            error: timed_out(),
+            timeout: true,
+        },
+    }
 }
 
 fn parse_addrs(raw: &[Vec<u8>]) -> Vec<Multiaddr> {
