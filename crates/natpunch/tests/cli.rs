@@ -1220,7 +1220,8 @@ fn map_handles_an_igd_behind_cgnat_that_only_grants_permanent_leases() {
 /// `natpunch lab matrix` with natpunch's engine: port-restricted pairs punch through over TCP
 /// and over QUIC in at least 19 of 20 trials each and leave exactly one direct connection;
 /// symmetric pairs end FAILED on both sides, every attempt recorded, well before stock
-/// rust-libp2p gives up (30.8 s over TCP, 15.8 s over QUIC).
+/// rust-libp2p gives up (30.8 s over TCP, 15.8 s over QUIC); a TCP punch towards a symmetric
+/// listener succeeds in its reversed second attempt.
 #[test]
 fn lab_matrix_punches_port_restricted_pairs_and_fails_symmetric_ones_fast() {
     if !natlab::environment::lab_test_can_run(
@@ -1231,11 +1232,14 @@ fn lab_matrix_punches_port_restricted_pairs_and_fails_symmetric_ones_fast() {
     let dir = std::env::temp_dir().join(format!("natpunch-matrix-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let matrix = |pair: &str, trials: &str, out: &Path| -> Value {
+        let (pair, transport) = pair.split_once('/').unwrap_or((pair, "both"));
         let o = natpunch(&[
             "lab",
             "matrix",
             "--pairs",
             pair,
+            "--transport",
+            transport,
             "--trials",
             trials,
             "--parallel",
@@ -1308,6 +1312,24 @@ fn lab_matrix_punches_port_restricted_pairs_and_fails_symmetric_ones_fast() {
             let ended = r["ended_ms"].as_f64().expect("ended");
             assert!(ended < 15_800.0, "{side} gave up after {ended} ms: {t}");
         }
+    }
+
+    // A public dialer and a symmetric listener: the TCP simultaneous open cannot work (the
+    // listener's packets arrive from a port the dialer never aimed at, on its listener), so the
+    // second attempt is reversed and succeeds.
+    let os = dir.join("os.jsonl");
+    let report = matrix("open:symmetric/tcp", "2", &os);
+    let cell = &report["cells"][0];
+    assert_eq!(cell["success"], 2, "{cell}");
+    assert_eq!(
+        cell["attempts_needed"],
+        serde_json::json!({"2": 2}),
+        "{cell}"
+    );
+    for t in trials_of(&os) {
+        let attempts = t["dialer"]["attempts"].as_array().expect("attempts");
+        assert_eq!(attempts[1]["reversed"], true, "{t}");
+        assert_eq!(attempts[1]["outcome"], "SUCCESS", "{t}");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

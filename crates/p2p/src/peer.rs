@@ -235,6 +235,7 @@ enum Step {
         peer: PeerId,
         remote: Vec<Multiaddr>,
         rtt: Option<Duration>,
+        reversed: bool,
     },
     /// The handshake failed.
     Failed {
@@ -253,6 +254,8 @@ struct Session {
     attempts: Vec<Attempt>,
     /// The dial of the current attempt, and its attempt index.
     dial: Option<(ConnectionId, usize)>,
+    /// A reversed attempt this side only waits in (no dial of its own): its index.
+    awaiting: Option<usize>,
     /// When the current attempt gives up.
     attempt_deadline: Option<Instant>,
     /// When the session gives up waiting (dialer: for the next stream).
@@ -283,6 +286,7 @@ impl Session {
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             attempts: Vec::new(),
             dial: None,
+            awaiting: None,
             attempt_deadline: None,
             deadline: now + wait,
             handshaking: false,
@@ -302,12 +306,18 @@ impl Session {
         at.saturating_duration_since(self.relayed_at).as_secs_f64() * 1000.0
     }
 
+    /// The attempt in progress (dialing or waiting).
+    fn current(&self) -> Option<usize> {
+        self.dial.map(|(_, i)| i).or(self.awaiting)
+    }
+
     fn start_attempt(&mut self, rtt: Option<Duration>) -> usize {
         let number = u32::try_from(self.attempts.len() + 1).unwrap_or(u32::MAX);
         self.attempts.push(Attempt {
             number,
             started_ms: self.ms(Instant::now()),
             rtt_ms: rtt.map(|r| r.as_secs_f64() * 1000.0),
+            reversed: false,
             dialed_ms: None,
             dialed: Vec::new(),
             remote_addrs: Vec::new(),
@@ -328,8 +338,9 @@ impl Session {
             a.error = error;
             a.ended_ms = now;
         }
-        if self.dial.is_some_and(|(_, i)| i == index) {
+        if self.dial.is_some_and(|(_, i)| i == index) || self.awaiting == Some(index) {
             self.dial = None;
+            self.awaiting = None;
             self.attempt_deadline = None;
         }
     }
@@ -396,6 +407,8 @@ pub struct Peer {
     relayed: HashMap<ConnectionId, PeerId>,
     /// Relayed connections up.
     relayed_conns: HashMap<ConnectionId, PeerId>,
+    /// Remotes that run natpunch (from identify), which understand reversed attempts.
+    natpunch_peers: std::collections::HashSet<PeerId>,
 }
 
 impl fmt::Debug for Peer {
@@ -591,6 +604,7 @@ impl Peer {
             directs: HashMap::new(),
             relayed: HashMap::new(),
             relayed_conns: HashMap::new(),
+            natpunch_peers: std::collections::HashSet::new(),
         })
     }
 
@@ -980,6 +994,13 @@ impl Peer {
                 });
             }
             SwarmEvent::Behaviour(PeerBehaviourEvent::Dcutr(e)) => self.on_stock_result(e),
+            SwarmEvent::Behaviour(PeerBehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) if info.agent_version.starts_with("natpunch/") => {
+                self.natpunch_peers.insert(peer_id);
+            }
             other => self.on_background(other),
         }
         None
@@ -1022,6 +1043,11 @@ impl Peer {
             return;
         };
         session.handshaking = true;
+        // The second attempt between natpunch peers is reversed: if a TCP simultaneous open
+        // failed because only this side's packets get through (its NAT maps per destination,
+        // the remote's does not filter by port), this side's dial, landing on the remote's
+        // listener, must take the dialer's role.
+        let reversed = session.attempts.len() == 1 && self.natpunch_peers.contains(&peer);
         let ours = self.offered();
         let mut control = self.control.clone();
         let tx = self.steps_tx.clone();
@@ -1035,6 +1061,7 @@ impl Peer {
                 let connect = HolePunch {
                     kind: Kind::Connect,
                     addrs: ours.iter().map(|a| a.to_vec()).collect(),
+                    reversed,
                 };
                 let sent = Instant::now();
                 wire::write_message(&mut stream, &connect)
@@ -1050,12 +1077,13 @@ impl Peer {
                 let sync = HolePunch {
                     kind: Kind::Sync,
                     addrs: Vec::new(),
+                    reversed: false,
                 };
                 wire::write_message(&mut stream, &sync)
                     .await
                     .map_err(|e| e.to_string())?;
                 tokio::time::sleep(rtt / 2).await;
-                Ok((reply.addrs, Some(rtt)))
+                Ok((reply.addrs, Some(rtt), reversed))
             };
             let step = to_step(peer, tokio::time::timeout(limit, run).await, || {
                 format!("no answer to CONNECT within {limit:?}")
@@ -1087,6 +1115,7 @@ impl Peer {
                 let reply = HolePunch {
                     kind: Kind::Connect,
                     addrs: ours.iter().map(|a| a.to_vec()).collect(),
+                    reversed: false,
                 };
                 wire::write_message(&mut stream, &reply)
                     .await
@@ -1097,7 +1126,7 @@ impl Peer {
                 if sync.kind != Kind::Sync {
                     return Err("a second CONNECT instead of SYNC".to_owned());
                 }
-                Ok((connect.addrs, None))
+                Ok((connect.addrs, None, connect.reversed))
             };
             let step = to_step(peer, tokio::time::timeout(limit, run).await, || {
                 format!("no SYNC within {limit:?}")
@@ -1115,7 +1144,12 @@ impl Peer {
                 }
         };
         match step {
-            Step::Dial { peer, remote, rtt } => {
+            Step::Dial {
+                peer,
+                remote,
+                rtt,
+                reversed,
+            } => {
                 let transport = self.config.transport;
                 let attempt_timeout = self.config.attempt_timeout;
                 let Some(session) = self.sessions.get_mut(&peer) else {
@@ -1123,6 +1157,9 @@ impl Peer {
                 };
                 session.handshaking = false;
                 let index = session.start_attempt(rtt);
+                if let Some(a) = session.attempts.get_mut(index) {
+                    a.reversed = reversed;
+                }
                 if session.side == Side::Dialer {
                     // Wait for this attempt, then for the listener's next one.
                     session.deadline = session
@@ -1146,6 +1183,12 @@ impl Peer {
                     .filter(|a| usable(a, transport))
                     .map(without_p2p)
                     .collect();
+                if reversed && session.side == Side::Dialer {
+                    // The listener dials; this side only waits for its connection.
+                    session.awaiting = Some(index);
+                    session.attempt_deadline = Some(Instant::now() + attempt_timeout);
+                    return;
+                }
                 if targets.is_empty() {
                     session.end_attempt(
                         index,
@@ -1157,7 +1200,7 @@ impl Peer {
                 let mut opts = DialOpts::peer_id(peer)
                     .addresses(targets.clone())
                     .condition(PeerCondition::Always);
-                if session.side == Side::Listener {
+                if session.side == Side::Listener && !reversed {
                     opts = opts.override_role();
                 }
                 let opts = opts.build();
@@ -1291,7 +1334,7 @@ impl Peer {
         let ours = matches!(endpoint, ConnectedPoint::Dialer { .. });
         session.dialed_by = Some(if ours { "local" } else { "remote" }.to_owned());
         let reversed = session.attempts.is_empty() && !session.handshaking;
-        if let Some((_, index)) = session.dial {
+        if let Some(index) = session.current() {
             session.end_attempt(index, AttemptOutcome::Success, None);
         } else if let Some(last) = session.attempts.len().checked_sub(1) {
             session.end_attempt(last, AttemptOutcome::Success, None);
@@ -1347,7 +1390,7 @@ impl Peer {
         let mut done = Vec::new();
         for (peer, s) in &mut self.sessions {
             // A timed-out attempt.
-            if let (Some((_, index)), Some(deadline)) = (s.dial, s.attempt_deadline)
+            if let (Some(index), Some(deadline)) = (s.current(), s.attempt_deadline)
                 && now >= deadline
             {
                 s.end_attempt(
@@ -1356,7 +1399,7 @@ impl Peer {
                     Some("no direct connection within the attempt's time".into()),
                 );
             }
-            let busy = s.dial.is_some() || s.handshaking;
+            let busy = s.current().is_some() || s.handshaking;
             let attempts = u32::try_from(s.attempts.len()).unwrap_or(u32::MAX);
             if s.result.is_none() && !busy && !stock {
                 match s.side {
@@ -1463,18 +1506,23 @@ async fn sleep_until(at: Instant) {
     tokio::time::sleep_until(at.into()).await;
 }
 
+/// A finished handshake: the remote's addresses, the CONNECT round trip (when this side
+/// measured it), and whether the attempt is reversed.
+type Handshake = (Vec<Vec<u8>>, Option<Duration>, bool);
+
 /// What a handshake task tells the event loop: dial the addresses it got (with the CONNECT
 /// round trip, when this side measured it), or why it failed.
 fn to_step(
     peer: PeerId,
-    result: Result<Result<(Vec<Vec<u8>>, Option<Duration>), String>, tokio::time::error::Elapsed>,
+    result: Result<Result<Handshake, String>, tokio::time::error::Elapsed>,
     timed_out: impl FnOnce() -> String,
 ) -> Step {
     match result {
-        Ok(Ok((addrs, rtt))) => Step::Dial {
+        Ok(Ok((addrs, rtt, reversed))) => Step::Dial {
             peer,
             remote: parse_addrs(&addrs),
             rtt,
+            reversed,
         },
         Ok(Err(error)) => Step::Failed {
             peer,

@@ -76,6 +76,10 @@ pub struct Attempt {
     pub started_ms: f64,
     /// The CONNECT round trip the listener measured (it sets the SYNC timing).
     pub rtt_ms: Option<f64>,
+    /// A reversed attempt: the listener dialed as the connection's dialer and the dialer only
+    /// waited (natpunch's second attempt between natpunch peers, for a TCP punch whose
+    /// simultaneous open failed because only one side's packets get through).
+    pub reversed: bool,
     /// When this side dialed, ms after the relayed connection.
     pub dialed_ms: Option<f64>,
     /// What this side dialed.

@@ -43,6 +43,8 @@ const MAX_VARINT_LEN: usize = 10;
 const MAX_FIELD_NUMBER: u64 = (1 << 29) - 1;
 /// The tag of field 1 (`type`), wire type 0.
 const TAG_TYPE: u8 = 1 << 3;
+/// natpunch's `reversed` field number (wire type 0).
+const FIELD_REVERSED: u64 = 1000;
 /// The tag of field 2 (`ObsAddrs`), wire type 2.
 const TAG_OBS_ADDRS: u8 = (2 << 3) | 2;
 /// The protobuf enum number of CONNECT.
@@ -76,6 +78,10 @@ pub struct HolePunch {
     pub kind: Kind,
     /// The observed addresses (`ObsAddrs`), each a binary multiaddr, in wire order.
     pub addrs: Vec<Vec<u8>>,
+    /// natpunch's extension (field 1000, a varint, sent only when true): in this attempt the
+    /// listener (B) dials as the connection's dialer and the dialer (A) does not dial. Other
+    /// implementations skip the field, as proto2 parsers skip unknown fields.
+    pub reversed: bool,
 }
 
 /// Why bytes are not a valid DCUtR message or frame.
@@ -140,6 +146,10 @@ impl HolePunch {
             put_varint(&mut out, len_u64(addr.len()));
             out.extend_from_slice(addr);
         }
+        if self.reversed {
+            put_varint(&mut out, FIELD_REVERSED << 3);
+            put_varint(&mut out, 1);
+        }
         out
     }
 
@@ -154,6 +164,7 @@ impl HolePunch {
         let mut rest = body;
         let mut kind = None;
         let mut addrs = Vec::new();
+        let mut reversed = false;
         while !rest.is_empty() {
             let (tag, after_tag) = read_varint(rest)?;
             rest = after_tag;
@@ -176,6 +187,11 @@ impl HolePunch {
                     addrs.push(addr.to_vec());
                     rest = after;
                 }
+                (FIELD_REVERSED, 0) => {
+                    let (value, after) = read_varint(rest)?;
+                    reversed = value != 0;
+                    rest = after;
+                }
                 (1 | 2, _) => {
                     return Err(WireError::WrongWireType {
                         field,
@@ -192,7 +208,11 @@ impl HolePunch {
             Some(SYNC) => Kind::Sync,
             Some(other) => return Err(WireError::UnknownType(other)),
         };
-        Ok(Self { kind, addrs })
+        Ok(Self {
+            kind,
+            addrs,
+            reversed,
+        })
     }
 
     /// The message as a frame: the body's length as a varint, then the body.
@@ -426,6 +446,7 @@ mod tests {
         HolePunch {
             kind: Kind::Connect,
             addrs: addrs.iter().map(|a| a.to_vec()).collect(),
+            reversed: false,
         }
     }
 
@@ -447,10 +468,12 @@ mod tests {
         round_trip(&HolePunch {
             kind: Kind::Sync,
             addrs: Vec::new(),
+            reversed: false,
         });
         round_trip(&HolePunch {
             kind: Kind::Sync,
             addrs: vec![ADDR.to_vec()],
+            reversed: false,
         });
     }
 
@@ -474,6 +497,7 @@ mod tests {
         let sync = HolePunch {
             kind: Kind::Sync,
             addrs: Vec::new(),
+            reversed: false,
         };
         assert_eq!(sync.encode(), [0x08, 0xac, 0x02]);
         assert_eq!(sync.to_frame(), Ok(vec![0x03, 0x08, 0xac, 0x02]));
@@ -498,6 +522,19 @@ mod tests {
     }
 
     #[test]
+    fn the_reversed_extension_round_trips_and_is_a_plain_unknown_field_elsewhere() {
+        let m = HolePunch {
+            reversed: true,
+            ..connect(&[&ADDR])
+        };
+        round_trip(&m);
+        // Field 1000, wire type 0: tag 8000 = 0xc0 0x3e, then the value 1.
+        assert_eq!(m.encode().get(12..), Some(&[0xc0, 0x3e, 0x01][..]));
+        // Without it, the encoding is the spec's, byte for byte.
+        assert_eq!(connect(&[&ADDR]).encode().len(), 12);
+    }
+
+    #[test]
     fn fields_in_reverse_order() {
         let body = [0x12, 0x01, 0xbb, 0x12, 0x01, 0xaa, 0x08, 0xac, 0x02];
         assert_eq!(
@@ -505,6 +542,7 @@ mod tests {
             Ok(HolePunch {
                 kind: Kind::Sync,
                 addrs: vec![vec![0xbb], vec![0xaa]],
+                reversed: false,
             })
         );
     }
@@ -630,6 +668,7 @@ mod tests {
             HolePunch {
                 kind: Kind::Sync,
                 addrs: Vec::new(),
+                reversed: false,
             },
             connect(&[&[7; 200]]),
             connect(&[]),
