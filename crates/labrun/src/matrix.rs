@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
@@ -52,6 +53,8 @@ pub struct MatrixConfig {
     pub listener_args: Vec<String>,
     /// More arguments for `natpunch peer dial`.
     pub dialer_args: Vec<String>,
+    /// Set to stop: no new trial starts, the labs are removed, the report has what ran.
+    pub stop: Arc<AtomicBool>,
 }
 
 /// One trial's result.
@@ -128,6 +131,8 @@ pub struct MatrixReport {
     pub trials: Vec<Trial>,
     /// The conditions, to repeat the run.
     pub conditions: Conditions,
+    /// Stopped before every trial ran.
+    pub interrupted: bool,
 }
 
 /// The conditions of a run.
@@ -283,6 +288,7 @@ pub fn run(
     }
     let cells = cells(config, &trials);
     Ok(MatrixReport {
+        interrupted: trials.len() < total,
         cells,
         trials,
         conditions: Conditions {
@@ -360,6 +366,9 @@ fn serve(
         .and_then(|v| v["address"].as_str().map(str::to_owned))
         .ok_or_else(|| MatrixError::Relay(format!("unexpected line: {line}")))?;
     loop {
+        if config.stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         let job = match jobs.lock() {
             Ok(mut q) => q.pop_front(),
             Err(_) => return Err(MatrixError::Worker("the job queue is poisoned".into())),

@@ -70,6 +70,7 @@ fn throughput(
         attempt_timeout_ms: 3000,
         listener_args,
         dialer_args,
+        stop: crate::stop_flag(),
     };
     let report = labrun::matrix::run(&config, &|_, _, _| {})?;
     let rates: Vec<f64> = report
@@ -129,6 +130,7 @@ fn punch(args: PunchArgs) -> anyhow::Result<ExitCode> {
             attempt_timeout_ms: 3000,
             listener_args: Vec::new(),
             dialer_args: Vec::new(),
+            stop: crate::stop_flag(),
         };
         let report = labrun::matrix::run(&config, &|_, done, total| {
             eprint!("\r  {done}/{total}");

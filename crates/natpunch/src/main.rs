@@ -99,3 +99,27 @@ async fn stop_signal() {
         Some(()) = async { term.as_mut()?.recv().await } => {}
     }
 }
+
+/// A flag set on Ctrl-C or SIGTERM, for work that runs on plain threads (lab trials): they stop
+/// at the next trial and remove their labs. The first call starts the watcher.
+fn stop_flag() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, OnceLock};
+    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    Arc::clone(FLAG.get_or_init(|| {
+        let flag = Arc::new(AtomicBool::new(false));
+        let set = Arc::clone(&flag);
+        std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(stop_signal());
+            eprintln!("stopping after the trials in progress; the labs are removed");
+            set.store(true, Ordering::Relaxed);
+        });
+        flag
+    }))
+}

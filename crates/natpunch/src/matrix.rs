@@ -91,6 +91,7 @@ pub(crate) fn run(args: MatrixArgs) -> anyhow::Result<ExitCode> {
         attempt_timeout_ms: args.attempt_timeout_ms,
         listener_args: Vec::new(),
         dialer_args: Vec::new(),
+        stop: crate::stop_flag(),
     };
     let pairs = if config.pairs.is_empty() {
         config.presets.len().pow(2)
@@ -141,6 +142,9 @@ pub(crate) fn run(args: MatrixArgs) -> anyhow::Result<ExitCode> {
 
 fn print_table(r: &MatrixReport) {
     let c = &r.conditions;
+    if r.interrupted {
+        println!("interrupted: the cells below hold only the trials that ran");
+    }
     println!(
         "NAT-pair matrix: {} trials per cell, {} ms host-to-host RTT, engine {}, candidates {}, \
          {:.0} s",
