@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use natlab::selftest::path_of;
+use natlab::selftest::add_path;
 use natlab::{Lab, LabError, LabOptions, LinkCondition, Preset, Topology};
 use p2p::record::{Outcome, Record};
 use serde::Serialize;
@@ -194,23 +194,17 @@ pub fn topology(presets: &[Preset], rtt_ms: u32) -> Topology {
     let mut t = Topology::default().host("relay", None, 1);
     for side in ['a', 'b'] {
         for &p in presets {
-            let mut upstream: Option<String> = None;
-            for (i, config) in path_of(p)
-                .iter()
-                .rev()
-                .filter_map(|hop| hop.config())
-                .enumerate()
-            {
-                let name = format!(
-                    "r{side}-{}{}",
-                    code(p),
-                    if i == 0 { String::new() } else { i.to_string() }
-                );
-                t = t.router(&name, config, upstream.as_deref());
-                if i == 0 && delay.is_impaired() {
-                    t = t.link(&name, delay);
+            let outer = format!("r{side}-{}", code(p));
+            let (with_path, upstream) = add_path(t, p, |i| {
+                if i == 0 {
+                    outer.clone()
+                } else {
+                    format!("{outer}{i}")
                 }
-                upstream = Some(name);
+            });
+            t = with_path;
+            if upstream.is_some() && delay.is_impaired() {
+                t = t.link(&outer, delay);
             }
             let h = host(side, p);
             t = t.host(&h, upstream.as_deref(), 1);
@@ -555,5 +549,41 @@ fn cell(a: Preset, b: Preset, transport: &str, trials: &[&Trial]) -> Cell {
         median_fail_ms: quantile(&fail_times, 0.5),
         complete_records: complete,
         one_direct_connection: one,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_matrix_lab_has_each_preset_on_both_sides_with_the_outer_link_delayed() {
+        let t = topology(&[Preset::Open, Preset::Cgnat], 100);
+        let plan = t.plan("m").expect("plan");
+        let upstream = |n: &str| plan.node(n).and_then(|x| x.upstream.clone());
+        for side in ['a', 'b'] {
+            assert_eq!(upstream(&host(side, Preset::Open)), None, "open is public");
+            assert_eq!(
+                upstream(&host(side, Preset::Cgnat)),
+                Some(format!("r{side}-cg1")),
+                "a home router behind the carrier"
+            );
+            assert_eq!(
+                upstream(&format!("r{side}-cg1")),
+                Some(format!("r{side}-cg"))
+            );
+            for delayed in [host(side, Preset::Open), format!("r{side}-cg")] {
+                assert_eq!(
+                    plan.node(&delayed).map(|n| n.link.delay_ms),
+                    Some(25),
+                    "{delayed}: a quarter of the RTT each way"
+                );
+            }
+            assert_eq!(
+                plan.node(&format!("r{side}-cg1")).map(|n| n.link.delay_ms),
+                Some(0)
+            );
+        }
+        assert!(plan.node("relay").is_some());
     }
 }

@@ -200,24 +200,38 @@ fn host_name(p: Preset) -> String {
 pub fn topology(presets: &[Preset]) -> Topology {
     let mut t = Topology::default().host(REFLECTOR, None, 2);
     for &p in presets {
-        let mut upstream: Option<String> = None;
-        for (i, config) in path_of(p)
-            .iter()
-            .rev()
-            .filter_map(|hop| hop.config())
-            .enumerate()
-        {
-            let name = if i == 0 {
+        let (with_path, upstream) = add_path(t, p, |i| {
+            if i == 0 {
                 format!("r-{p}")
             } else {
                 format!("r-{p}-{i}")
-            };
-            t = t.router(&name, config, upstream.as_deref());
-            upstream = Some(name);
-        }
-        t = t.host(&host_name(p), upstream.as_deref(), 1);
+            }
+        });
+        t = with_path.host(&host_name(p), upstream.as_deref(), 1);
     }
     t
+}
+
+/// Adds the routers of `preset`'s path ([`path_of`]) to `t`, outermost first, the `i`-th from
+/// the internet named `name(i)`. Returns the topology and the innermost router (where a host
+/// behind the preset attaches; `None` for [`Preset::Open`]).
+pub fn add_path(
+    mut t: Topology,
+    preset: Preset,
+    name: impl Fn(usize) -> String,
+) -> (Topology, Option<String>) {
+    let mut upstream: Option<String> = None;
+    for (i, config) in path_of(preset)
+        .iter()
+        .rev()
+        .filter_map(|hop| hop.config())
+        .enumerate()
+    {
+        let n = name(i);
+        t = t.router(&n, config, upstream.as_deref());
+        upstream = Some(n);
+    }
+    (t, upstream)
 }
 
 /// Runs the self-test over `presets` and reports every row; `progress` hears what is going on.
