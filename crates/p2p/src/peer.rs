@@ -8,6 +8,11 @@
 //!   once a direct connection exists, it negotiates its streams optimistically (no round trip
 //!   for multistream-select when the protocol is known), and of the two QUIC connections a
 //!   simultaneous dial makes it keeps exactly one (the one the relayed connection's dialer made).
+//!   Between two natpunch peers the dialer drives the handshake ([`NATPUNCH_DCUTR`]) the moment
+//!   its relayed connection is up, half a round trip before the listener could; with any other
+//!   peer it is plain DCUtR, the listener driving. Between natpunch peers the second attempt is
+//!   reversed (the listener dials as the dialer, the dialer waits), for TCP punches whose
+//!   simultaneous open cannot happen.
 //! * **stock** is rust-libp2p's `dcutr` behaviour, tracked from the outside through swarm
 //!   events, for side-by-side comparisons.
 //!
@@ -49,6 +54,13 @@ use crate::wire::{self, HolePunch, Kind};
 
 /// The DCUtR protocol.
 pub const DCUTR: StreamProtocol = StreamProtocol::new("/libp2p/dcutr");
+/// DCUtR with the roles swapped, between natpunch peers: the relayed connection's dialer (A)
+/// opens the stream, measures the round trip and sends SYNC the moment its relayed connection
+/// is up, which saves the half round trip the listener needs to learn of the connection.
+/// The messages are DCUtR's.
+pub const NATPUNCH_DCUTR: StreamProtocol = StreamProtocol::new("/natpunch/dcutr/1.0.0");
+/// How long a listener waits for a natpunch dialer's stream before it starts DCUtR itself.
+const FAST_WAIT: Duration = Duration::from_secs(1);
 /// natpunch's throughput protocol: an 8-byte big-endian length, that many bytes, a 1-byte ack.
 pub const PERF: StreamProtocol = StreamProtocol::new("/natpunch/perf/1.0.0");
 /// The most a throughput test may send.
@@ -148,7 +160,7 @@ impl PeerConfig {
             attempt_timeout: Duration::from_secs(3),
             max_attempts: 3,
             setup_timeout: Duration::from_secs(15),
-            linger: Duration::from_millis(500),
+            linger: Duration::from_secs(1),
             punch: true,
             perf_bytes: None,
         }
@@ -242,6 +254,8 @@ enum Step {
         peer: PeerId,
         error: String,
         timeout: bool,
+        /// The remote does not speak the protocol (no attempt was made).
+        unsupported: bool,
     },
 }
 
@@ -262,6 +276,11 @@ struct Session {
     deadline: Instant,
     /// A handshake task is running.
     handshaking: bool,
+    /// The side that opens the handshake streams and retries: the listener with DCUtR, the
+    /// dialer with natpunch's protocol.
+    driver: Side,
+    /// Listener: when to start DCUtR if no natpunch dialer has started first.
+    spec_start_at: Option<Instant>,
     /// The first direct connection.
     direct: Option<(ConnectionId, Instant)>,
     transport: Option<String>,
@@ -290,6 +309,8 @@ impl Session {
             attempt_deadline: None,
             deadline: now + wait,
             handshaking: false,
+            driver: Side::Listener,
+            spec_start_at: None,
             direct: None,
             transport: None,
             dialed_by: None,
@@ -409,6 +430,8 @@ pub struct Peer {
     relayed_conns: HashMap<ConnectionId, PeerId>,
     /// Remotes that run natpunch (from identify), which understand reversed attempts.
     natpunch_peers: std::collections::HashSet<PeerId>,
+    /// Remotes known not to run natpunch (from identify).
+    stock_peers: std::collections::HashSet<PeerId>,
 }
 
 impl fmt::Debug for Peer {
@@ -605,6 +628,7 @@ impl Peer {
             relayed: HashMap::new(),
             relayed_conns: HashMap::new(),
             natpunch_peers: std::collections::HashSet::new(),
+            stock_peers: std::collections::HashSet::new(),
         })
     }
 
@@ -630,6 +654,10 @@ impl Peer {
             .control
             .accept(DCUTR)
             .map_err(|e| PeerError::Setup(format!("accepting {DCUTR}: {e}")))?;
+        let mut fast = self
+            .control
+            .accept(NATPUNCH_DCUTR)
+            .map_err(|e| PeerError::Setup(format!("accepting {NATPUNCH_DCUTR}: {e}")))?;
         let mut perf = self
             .control
             .accept(PERF)
@@ -659,7 +687,8 @@ impl Peer {
                     }
                 }
                 Some(step) = self.steps.recv() => self.on_step(step),
-                Some((peer, stream)) = incoming.next() => self.on_inbound_stream(peer, stream),
+                Some((peer, stream)) = incoming.next() => self.on_inbound_stream(peer, stream, false),
+                Some((peer, stream)) = fast.next() => self.on_inbound_stream(peer, stream, true),
                 Some((_, stream)) = perf.next() => {
                     tokio::spawn(perf_sink(stream));
                 }
@@ -920,7 +949,14 @@ impl Peer {
         let far = Instant::now() + Duration::from_secs(3600);
         self.sessions
             .values()
-            .flat_map(|s| [Some(s.deadline), s.attempt_deadline, s.close_by])
+            .flat_map(|s| {
+                [
+                    Some(s.deadline),
+                    s.attempt_deadline,
+                    s.close_by,
+                    s.spec_start_at,
+                ]
+            })
             .flatten()
             .min()
             .unwrap_or(far)
@@ -998,8 +1034,13 @@ impl Peer {
                 peer_id,
                 info,
                 ..
-            })) if info.agent_version.starts_with("natpunch/") => {
-                self.natpunch_peers.insert(peer_id);
+            })) if peer_id != self.relay => {
+                if info.agent_version.starts_with("natpunch/") {
+                    self.natpunch_peers.insert(peer_id);
+                } else {
+                    self.stock_peers.insert(peer_id);
+                    self.maybe_start_spec(peer_id);
+                }
             }
             other => self.on_background(other),
         }
@@ -1031,14 +1072,46 @@ impl Peer {
         if !self.config.punch {
             session.result = Some((Outcome::Cancelled, Some("hole punching is off".into())));
         }
-        self.sessions.insert(peer, session);
-        if side == Side::Listener && !stock && self.config.punch {
-            self.start_handshake(peer);
+        let punch = !stock && self.config.punch;
+        match side {
+            Side::Dialer if punch => {
+                // natpunch's protocol first; a listener without it answers "unsupported" and
+                // drives DCUtR itself.
+                session.driver = Side::Dialer;
+                self.sessions.insert(peer, session);
+                self.start_handshake(peer, NATPUNCH_DCUTR);
+            }
+            Side::Listener if punch => {
+                session.spec_start_at = Some(Instant::now() + FAST_WAIT);
+                self.sessions.insert(peer, session);
+                self.maybe_start_spec(peer);
+            }
+            _ => {
+                self.sessions.insert(peer, session);
+            }
         }
     }
 
-    /// Listener: open a stream and run one CONNECT/SYNC round.
-    fn start_handshake(&mut self, peer: PeerId) {
+    /// Listener: start DCUtR now if the remote is known not to run natpunch, or the wait for
+    /// a natpunch dialer's stream is over.
+    fn maybe_start_spec(&mut self, peer: PeerId) {
+        let stock_remote = self.stock_peers.contains(&peer);
+        let Some(session) = self.sessions.get_mut(&peer) else {
+            return;
+        };
+        let Some(at) = session.spec_start_at else {
+            return;
+        };
+        if stock_remote || Instant::now() >= at {
+            session.spec_start_at = None;
+            session.driver = Side::Listener;
+            self.start_handshake(peer, DCUTR);
+        }
+    }
+
+    /// The driving side: open a stream of `protocol` and run one CONNECT/SYNC round, timing
+    /// the dials with half the measured round trip.
+    fn start_handshake(&mut self, peer: PeerId, protocol: StreamProtocol) {
         let Some(session) = self.sessions.get_mut(&peer) else {
             return;
         };
@@ -1054,34 +1127,32 @@ impl Peer {
         let limit = self.config.attempt_timeout;
         tokio::spawn(async move {
             let run = async {
-                let mut stream = control
-                    .open_stream(peer, DCUTR)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let mut stream = control.open_stream(peer, protocol).await.map_err(|e| {
+                    let unsupported =
+                        matches!(e, libp2p_stream::OpenStreamError::UnsupportedProtocol(_));
+                    HandshakeError {
+                        text: e.to_string(),
+                        unsupported,
+                    }
+                })?;
                 let connect = HolePunch {
                     kind: Kind::Connect,
                     addrs: ours.iter().map(|a| a.to_vec()).collect(),
                     reversed,
                 };
                 let sent = Instant::now();
-                wire::write_message(&mut stream, &connect)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let reply = wire::read_message(&mut stream)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                wire::write_message(&mut stream, &connect).await?;
+                let reply = wire::read_message(&mut stream).await?;
                 let rtt = sent.elapsed();
                 if reply.kind != Kind::Connect {
-                    return Err("the remote answered CONNECT with SYNC".to_owned());
+                    return Err("the remote answered CONNECT with SYNC".into());
                 }
                 let sync = HolePunch {
                     kind: Kind::Sync,
                     addrs: Vec::new(),
                     reversed: false,
                 };
-                wire::write_message(&mut stream, &sync)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                wire::write_message(&mut stream, &sync).await?;
                 tokio::time::sleep(rtt / 2).await;
                 Ok((reply.addrs, Some(rtt), reversed))
             };
@@ -1092,39 +1163,42 @@ impl Peer {
         });
     }
 
-    /// Dialer: the listener opened a stream; answer its CONNECT and dial on SYNC.
-    fn on_inbound_stream(&mut self, peer: PeerId, mut stream: libp2p::Stream) {
+    /// The driven side: the remote opened a stream (`fast`: natpunch's protocol); answer its
+    /// CONNECT and dial on SYNC.
+    fn on_inbound_stream(&mut self, peer: PeerId, mut stream: libp2p::Stream, fast: bool) {
         let Some(session) = self.sessions.get_mut(&peer) else {
             return;
         };
         if session.direct.is_some() || session.result.is_some() {
             return;
         }
+        let driver = if fast { Side::Dialer } else { Side::Listener };
+        if session.side == driver {
+            // Both sides started (a natpunch dialer's stream came after this listener gave up
+            // waiting): the listener's DCUtR goes on, the dialer's stream is dropped.
+            return;
+        }
+        session.driver = driver;
+        session.spec_start_at = None;
         session.handshaking = true;
         let ours = self.offered();
         let tx = self.steps_tx.clone();
         let limit = self.config.attempt_timeout;
         tokio::spawn(async move {
             let run = async {
-                let connect = wire::read_message(&mut stream)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let connect = wire::read_message(&mut stream).await?;
                 if connect.kind != Kind::Connect {
-                    return Err("the stream opened with SYNC".to_owned());
+                    return Err("the stream opened with SYNC".into());
                 }
                 let reply = HolePunch {
                     kind: Kind::Connect,
                     addrs: ours.iter().map(|a| a.to_vec()).collect(),
                     reversed: false,
                 };
-                wire::write_message(&mut stream, &reply)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let sync = wire::read_message(&mut stream)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                wire::write_message(&mut stream, &reply).await?;
+                let sync = wire::read_message(&mut stream).await?;
                 if sync.kind != Kind::Sync {
-                    return Err("a second CONNECT instead of SYNC".to_owned());
+                    return Err("a second CONNECT instead of SYNC".into());
                 }
                 Ok((connect.addrs, None, connect.reversed))
             };
@@ -1160,8 +1234,8 @@ impl Peer {
                 if let Some(a) = session.attempts.get_mut(index) {
                     a.reversed = reversed;
                 }
-                if session.side == Side::Dialer {
-                    // Wait for this attempt, then for the listener's next one.
+                if session.side != session.driver {
+                    // Wait for this attempt, then for the driving side's next one.
                     session.deadline = session
                         .deadline
                         .max(Instant::now() + attempt_timeout * 2 + Duration::from_secs(1));
@@ -1223,11 +1297,20 @@ impl Peer {
                 peer,
                 error,
                 timeout,
+                unsupported,
             } => {
+                let wait = self.config.attempt_timeout * self.config.max_attempts.max(1)
+                    + Duration::from_secs(2);
                 let Some(session) = self.sessions.get_mut(&peer) else {
                     return;
                 };
                 session.handshaking = false;
+                if unsupported && session.side == Side::Dialer {
+                    // Not a natpunch listener: it drives DCUtR itself.
+                    session.driver = Side::Listener;
+                    session.deadline = session.deadline.max(Instant::now() + wait);
+                    return;
+                }
                 let index = session.start_attempt(None);
                 let outcome = if timeout {
                     AttemptOutcome::Timeout
@@ -1387,6 +1470,7 @@ impl Peer {
         let max = self.config.max_attempts;
         let stock = self.config.engine == Engine::Stock;
         let mut restart = Vec::new();
+        let mut spec = Vec::new();
         let mut done = Vec::new();
         for (peer, s) in &mut self.sessions {
             // A timed-out attempt.
@@ -1401,21 +1485,17 @@ impl Peer {
             }
             let busy = s.current().is_some() || s.handshaking;
             let attempts = u32::try_from(s.attempts.len()).unwrap_or(u32::MAX);
-            if s.result.is_none() && !busy && !stock {
-                match s.side {
-                    Side::Listener if attempts < max => restart.push(*peer),
-                    Side::Listener => {
-                        s.result =
-                            Some((Outcome::Failed, Some(format!("{attempts} attempts failed"))));
-                    }
-                    Side::Dialer if attempts >= max => {
-                        s.result =
-                            Some((Outcome::Failed, Some(format!("{attempts} attempts failed"))));
-                    }
-                    Side::Dialer => {}
+            if s.spec_start_at.is_some_and(|t| now >= t) {
+                spec.push(*peer);
+            }
+            if s.result.is_none() && !busy && !stock && s.spec_start_at.is_none() {
+                if s.driver == s.side && attempts < max {
+                    restart.push((*peer, s.side));
+                } else if attempts >= max {
+                    s.result = Some((Outcome::Failed, Some(format!("{attempts} attempts failed"))));
                 }
             }
-            let watched = stock || s.side == Side::Dialer;
+            let watched = stock || s.driver != s.side;
             if s.result.is_none() && watched && now >= s.deadline && !busy {
                 s.result = Some(if s.attempts.is_empty() {
                     (
@@ -1440,8 +1520,15 @@ impl Peer {
                 done.push(*peer);
             }
         }
-        for peer in restart {
-            self.start_handshake(peer);
+        for (peer, side) in restart {
+            let protocol = match side {
+                Side::Dialer => NATPUNCH_DCUTR,
+                Side::Listener => DCUTR,
+            };
+            self.start_handshake(peer, protocol);
+        }
+        for peer in spec {
+            self.maybe_start_spec(peer);
         }
         let mut finished = None;
         for peer in done {
@@ -1506,6 +1593,35 @@ async fn sleep_until(at: Instant) {
     tokio::time::sleep_until(at.into()).await;
 }
 
+/// Why a handshake failed.
+#[derive(Debug)]
+struct HandshakeError {
+    text: String,
+    /// The remote does not speak the protocol.
+    unsupported: bool,
+}
+
+impl From<String> for HandshakeError {
+    fn from(text: String) -> Self {
+        Self {
+            text,
+            unsupported: false,
+        }
+    }
+}
+
+impl From<&str> for HandshakeError {
+    fn from(text: &str) -> Self {
+        text.to_owned().into()
+    }
+}
+
+impl From<std::io::Error> for HandshakeError {
+    fn from(e: std::io::Error) -> Self {
+        e.to_string().into()
+    }
+}
+
 /// A finished handshake: the remote's addresses, the CONNECT round trip (when this side
 /// measured it), and whether the attempt is reversed.
 type Handshake = (Vec<Vec<u8>>, Option<Duration>, bool);
@@ -1514,7 +1630,7 @@ type Handshake = (Vec<Vec<u8>>, Option<Duration>, bool);
 /// round trip, when this side measured it), or why it failed.
 fn to_step(
     peer: PeerId,
-    result: Result<Result<Handshake, String>, tokio::time::error::Elapsed>,
+    result: Result<Result<Handshake, HandshakeError>, tokio::time::error::Elapsed>,
     timed_out: impl FnOnce() -> String,
 ) -> Step {
     match result {
@@ -1524,15 +1640,17 @@ fn to_step(
             rtt,
             reversed,
         },
-        Ok(Err(error)) => Step::Failed {
+        Ok(Err(e)) => Step::Failed {
             peer,
-            error,
+            error: e.text,
             timeout: false,
+            unsupported: e.unsupported,
         },
         Err(_) => Step::Failed {
             peer,
             error: timed_out(),
             timeout: true,
+            unsupported: false,
         },
     }
 }
