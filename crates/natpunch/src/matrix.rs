@@ -35,6 +35,12 @@ pub(crate) struct MatrixArgs {
     /// Hole-punching engine.
     #[arg(long, value_enum, default_value_t = EngineArg::Natpunch)]
     engine: EngineArg,
+    /// The dialer's engine, when it differs from --engine (interoperability runs).
+    #[arg(long, value_enum)]
+    dialer_engine: Option<EngineArg>,
+    /// The listener's engine, when it differs from --engine.
+    #[arg(long, value_enum)]
+    listener_engine: Option<EngineArg>,
     /// Addresses the peers offer.
     #[arg(long, value_enum, default_value_t = CandidatesArg::Observed)]
     candidates: CandidatesArg,
@@ -89,8 +95,14 @@ pub(crate) fn run(args: MatrixArgs) -> anyhow::Result<ExitCode> {
         engine: args.engine.name().to_owned(),
         candidates: args.candidates.name().to_owned(),
         attempt_timeout_ms: args.attempt_timeout_ms,
-        listener_args: Vec::new(),
-        dialer_args: Vec::new(),
+        listener_args: args
+            .listener_engine
+            .map(|e| vec!["--engine".to_owned(), e.name().to_owned()])
+            .unwrap_or_default(),
+        dialer_args: args
+            .dialer_engine
+            .map(|e| vec!["--engine".to_owned(), e.name().to_owned()])
+            .unwrap_or_default(),
         stop: crate::stop_flag(),
     };
     let pairs = if config.pairs.is_empty() {

@@ -41,7 +41,7 @@ pub(crate) struct Common {
     #[arg(long, value_enum, env = "NATPUNCH_TRANSPORT", default_value_t = TransportArg::Both)]
     transport: TransportArg,
     /// Hole-punching engine: natpunch's, or rust-libp2p's stock `dcutr` (for comparisons).
-    #[arg(long, value_enum, env = "NATPUNCH_ENGINE", default_value_t = EngineArg::Natpunch)]
+    #[arg(long, value_enum, env = "NATPUNCH_ENGINE", default_value_t = EngineArg::Natpunch, overrides_with = "engine")]
     engine: EngineArg,
     /// Addresses offered to the remote: as the relay observed them, or identify's candidates
     /// (listen port in place of the observed one) as stock libp2p does.

@@ -1221,7 +1221,8 @@ fn map_handles_an_igd_behind_cgnat_that_only_grants_permanent_leases() {
 /// and over QUIC in at least 19 of 20 trials each and leave exactly one direct connection;
 /// symmetric pairs end FAILED on both sides, every attempt recorded, well before stock
 /// rust-libp2p gives up (30.8 s over TCP, 15.8 s over QUIC); a TCP punch towards a symmetric
-/// listener succeeds in its reversed second attempt.
+/// listener succeeds in its reversed second attempt; natpunch's engine punches with stock
+/// rust-libp2p's on the other side, in both roles.
 #[test]
 fn lab_matrix_punches_port_restricted_pairs_and_fails_symmetric_ones_fast() {
     if !natlab::environment::lab_test_can_run(
@@ -1231,9 +1232,9 @@ fn lab_matrix_punches_port_restricted_pairs_and_fails_symmetric_ones_fast() {
     }
     let dir = std::env::temp_dir().join(format!("natpunch-matrix-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
-    let matrix = |pair: &str, trials: &str, out: &Path| -> Value {
+    let matrix_with = |pair: &str, trials: &str, out: &Path, more: &[&str]| -> Value {
         let (pair, transport) = pair.split_once('/').unwrap_or((pair, "both"));
-        let o = natpunch(&[
+        let mut args = vec![
             "lab",
             "matrix",
             "--pairs",
@@ -1247,10 +1248,13 @@ fn lab_matrix_punches_port_restricted_pairs_and_fails_symmetric_ones_fast() {
             "--json",
             "--trials-out",
             out.to_str().expect("utf-8"),
-        ]);
+        ];
+        args.extend_from_slice(more);
+        let o = natpunch(&args);
         assert!(o.status.success(), "{}", stderr(&o));
         serde_json::from_str(&stdout(&o)).unwrap_or_else(|e| panic!("{e}: {}", stdout(&o)))
     };
+    let matrix = |pair: &str, trials: &str, out: &Path| matrix_with(pair, trials, out, &[]);
     let trials_of = |path: &Path| -> Vec<Value> {
         std::fs::read_to_string(path)
             .expect("trials")
@@ -1330,6 +1334,30 @@ fn lab_matrix_punches_port_restricted_pairs_and_fails_symmetric_ones_fast() {
         let attempts = t["dialer"]["attempts"].as_array().expect("attempts");
         assert_eq!(attempts[1]["reversed"], true, "{t}");
         assert_eq!(attempts[1]["outcome"], "SUCCESS", "{t}");
+    }
+
+    // natpunch's engine with stock rust-libp2p's on the other side, both ways: plain DCUtR,
+    // first attempt.
+    for (dialer, listener) in [("natpunch", "stock"), ("stock", "natpunch")] {
+        let mixed = dir.join(format!("{dialer}-{listener}.jsonl"));
+        let report = matrix_with(
+            "port-restricted:port-restricted",
+            "2",
+            &mixed,
+            &["--dialer-engine", dialer, "--listener-engine", listener],
+        );
+        for cell in report["cells"].as_array().expect("cells") {
+            assert_eq!(cell["success"], 2, "{dialer} dials {listener}: {cell}");
+            assert_eq!(
+                cell["attempts_needed"],
+                serde_json::json!({"1": 2}),
+                "{cell}"
+            );
+        }
+        for t in trials_of(&mixed) {
+            assert_eq!(t["dialer"]["engine"], dialer, "{t}");
+            assert_eq!(t["listener"]["engine"], listener, "{t}");
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

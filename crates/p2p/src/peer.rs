@@ -428,9 +428,10 @@ pub struct Peer {
     relayed: HashMap<ConnectionId, PeerId>,
     /// Relayed connections up.
     relayed_conns: HashMap<ConnectionId, PeerId>,
-    /// Remotes that run natpunch (from identify), which understand reversed attempts.
+    /// Remotes that run natpunch's engine (identify lists its protocol), which understand
+    /// reversed attempts.
     natpunch_peers: std::collections::HashSet<PeerId>,
-    /// Remotes known not to run natpunch (from identify).
+    /// Remotes known not to run natpunch's engine (from identify).
     stock_peers: std::collections::HashSet<PeerId>,
 }
 
@@ -650,14 +651,20 @@ impl Peer {
             r = self.setup(mode, report) => r?,
             () = &mut stop => return Ok(None),
         }
-        let mut incoming = self
-            .control
-            .accept(DCUTR)
-            .map_err(|e| PeerError::Setup(format!("accepting {DCUTR}: {e}")))?;
-        let mut fast = self
-            .control
-            .accept(NATPUNCH_DCUTR)
-            .map_err(|e| PeerError::Setup(format!("accepting {NATPUNCH_DCUTR}: {e}")))?;
+        // The stock engine's `dcutr` behaviour answers DCUtR itself; natpunch's protocols are
+        // then not offered at all, so a natpunch remote falls back to plain DCUtR.
+        let (mut incoming, mut fast) = if self.config.engine == Engine::Natpunch {
+            let accept = |c: &mut libp2p_stream::Control, p: StreamProtocol| {
+                c.accept(p.clone())
+                    .map_err(|e| PeerError::Setup(format!("accepting {p}: {e}")))
+            };
+            (
+                Some(accept(&mut self.control, DCUTR)?),
+                Some(accept(&mut self.control, NATPUNCH_DCUTR)?),
+            )
+        } else {
+            (None, None)
+        };
         let mut perf = self
             .control
             .accept(PERF)
@@ -687,8 +694,12 @@ impl Peer {
                     }
                 }
                 Some(step) = self.steps.recv() => self.on_step(step),
-                Some((peer, stream)) = incoming.next() => self.on_inbound_stream(peer, stream, false),
-                Some((peer, stream)) = fast.next() => self.on_inbound_stream(peer, stream, true),
+                Some((peer, stream)) = next_stream(incoming.as_mut()) => {
+                    self.on_inbound_stream(peer, stream, false);
+                }
+                Some((peer, stream)) = next_stream(fast.as_mut()) => {
+                    self.on_inbound_stream(peer, stream, true);
+                }
                 Some((_, stream)) = perf.next() => {
                     tokio::spawn(perf_sink(stream));
                 }
@@ -1035,7 +1046,7 @@ impl Peer {
                 info,
                 ..
             })) if peer_id != self.relay => {
-                if info.agent_version.starts_with("natpunch/") {
+                if info.protocols.contains(&NATPUNCH_DCUTR) {
                     self.natpunch_peers.insert(peer_id);
                 } else {
                     self.stock_peers.insert(peer_id);
@@ -1589,6 +1600,16 @@ async fn perf_send(
     Ok(start.elapsed().as_secs_f64())
 }
 
+/// The next inbound stream, or never when there is no acceptor.
+async fn next_stream(
+    incoming: Option<&mut libp2p_stream::IncomingStreams>,
+) -> Option<(PeerId, libp2p::Stream)> {
+    match incoming {
+        Some(i) => i.next().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn sleep_until(at: Instant) {
     tokio::time::sleep_until(at.into()).await;
 }
@@ -1617,8 +1638,18 @@ impl From<&str> for HandshakeError {
 }
 
 impl From<std::io::Error> for HandshakeError {
+    /// With optimistic negotiation a remote without the protocol shows up on the first read,
+    /// as multistream-select's "negotiation failed".
     fn from(e: std::io::Error) -> Self {
-        e.to_string().into()
+        use libp2p::core::upgrade::NegotiationError;
+        let unsupported = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<NegotiationError>())
+            .is_some_and(|n| matches!(n, NegotiationError::Failed));
+        Self {
+            text: e.to_string(),
+            unsupported,
+        }
     }
 }
 
