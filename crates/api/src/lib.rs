@@ -6,7 +6,10 @@
 //! (idempotency key, technique, time to direct, NAT behaviour of both ends, transport) have
 //! tags from 100 up.
 //!
-//! The server and its stores come next (issue: measurement server).
+//! [`store`] opens the database: SQLite (a file, WAL, created on first start) with its
+//! migrations applied. The server and the PostgreSQL store come next.
+
+pub mod store;
 
 /// The generated PunchrService messages, enums, client and server.
 #[allow(
