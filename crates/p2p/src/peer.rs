@@ -593,7 +593,13 @@ impl Peer {
                 ping: ping::Behaviour::new(
                     ping::Config::new().with_interval(Duration::from_secs(5)),
                 ),
-                autonat: autonat::v2::client::Behaviour::default(),
+                // Probe soon after start (the default waits 5 s between probes), so that
+                // reachability is reported while the peer starts up.
+                autonat: autonat::v2::client::Behaviour::new(
+                    rand::make_rng::<rand::rngs::StdRng>(),
+                    autonat::v2::client::Config::default()
+                        .with_probe_interval(Duration::from_secs(1)),
+                ),
                 stream: libp2p_stream::Behaviour::new(),
                 dcutr: Toggle::from(
                     stock.then(|| dcutr::Behaviour::new(key.public().to_peer_id())),
