@@ -57,6 +57,28 @@ pub struct MatrixConfig {
     pub stop: Arc<AtomicBool>,
 }
 
+impl MatrixConfig {
+    /// natpunch's defaults (natpunch engine, observed candidates, 5 trials, 100 ms RTT, 4 labs,
+    /// 3 s attempts) for the `exe` binary, over both transports, every pair of every preset.
+    pub fn new(exe: PathBuf, stop: Arc<AtomicBool>) -> Self {
+        Self {
+            exe,
+            presets: Preset::ALL.to_vec(),
+            pairs: Vec::new(),
+            transports: vec!["tcp".to_owned(), "quic".to_owned()],
+            trials: 5,
+            rtt_ms: 100,
+            parallel: 4,
+            engine: "natpunch".to_owned(),
+            candidates: "observed".to_owned(),
+            attempt_timeout_ms: 3000,
+            listener_args: Vec::new(),
+            dialer_args: Vec::new(),
+            stop,
+        }
+    }
+}
+
 /// One trial's result.
 #[derive(Debug, Clone, Serialize)]
 pub struct Trial {

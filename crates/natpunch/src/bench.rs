@@ -40,6 +40,19 @@ pub(crate) struct PunchArgs {
     json: bool,
 }
 
+/// Two port-restricted homes, one trial at a time, so that arms measured in turn get the same
+/// machine.
+fn port_restricted_pair(exe: &std::path::Path, rtt_ms: u32) -> labrun::matrix::MatrixConfig {
+    let pr = natlab::Preset::PortRestricted;
+    labrun::matrix::MatrixConfig {
+        presets: Vec::new(),
+        pairs: vec![(pr, pr)],
+        rtt_ms,
+        parallel: 1,
+        ..labrun::matrix::MatrixConfig::new(exe.to_owned(), crate::stop_flag())
+    }
+}
+
 /// Median throughput of `trials` transfers between two port-restricted homes, relayed or
 /// direct, in Mbit/s.
 fn throughput(
@@ -55,22 +68,11 @@ fn throughput(
         listener_args.push("--no-punch".into());
     }
     let config = labrun::matrix::MatrixConfig {
-        exe: exe.to_owned(),
-        presets: Vec::new(),
-        pairs: vec![(
-            natlab::Preset::PortRestricted,
-            natlab::Preset::PortRestricted,
-        )],
         transports: vec!["tcp".into()],
         trials: args.perf_trials,
-        rtt_ms: args.rtt_ms,
-        parallel: 1,
-        engine: "natpunch".into(),
-        candidates: "observed".into(),
-        attempt_timeout_ms: 3000,
         listener_args,
         dialer_args,
-        stop: crate::stop_flag(),
+        ..port_restricted_pair(exe, args.rtt_ms)
     };
     let report = labrun::matrix::run(&config, &|_, _, _| {})?;
     let rates: Vec<f64> = report
@@ -108,29 +110,16 @@ fn punch(args: PunchArgs) -> anyhow::Result<ExitCode> {
     natlab::environment::check().map_err(anyhow::Error::msg)?;
     let exe = std::env::current_exe().context("finding the natpunch binary")?;
     let mut arms = Vec::new();
-    // One trial at a time, so that the two engines get the same machine.
     for (engine, candidates) in [("natpunch", "observed"), ("stock", "stock")] {
         eprintln!(
             "bench punch: {engine} engine, {} trials per transport",
             args.trials
         );
         let config = labrun::matrix::MatrixConfig {
-            exe: exe.clone(),
-            presets: Vec::new(),
-            pairs: vec![(
-                natlab::Preset::PortRestricted,
-                natlab::Preset::PortRestricted,
-            )],
-            transports: vec!["tcp".into(), "quic".into()],
             trials: args.trials.max(1),
-            rtt_ms: args.rtt_ms,
-            parallel: 1,
             engine: engine.into(),
             candidates: candidates.into(),
-            attempt_timeout_ms: 3000,
-            listener_args: Vec::new(),
-            dialer_args: Vec::new(),
-            stop: crate::stop_flag(),
+            ..port_restricted_pair(&exe, args.rtt_ms)
         };
         let report = labrun::matrix::run(&config, &|_, done, total| {
             eprint!("\r  {done}/{total}");

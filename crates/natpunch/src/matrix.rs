@@ -84,8 +84,8 @@ pub(crate) fn run(args: MatrixArgs) -> anyhow::Result<ExitCode> {
         TransportArg::Quic => vec!["quic".to_owned()],
         TransportArg::Both => vec!["tcp".to_owned(), "quic".to_owned()],
     };
+    let exe = std::env::current_exe().context("finding the natpunch binary")?;
     let config = MatrixConfig {
-        exe: std::env::current_exe().context("finding the natpunch binary")?,
         presets,
         pairs: args.pairs.clone(),
         transports,
@@ -103,7 +103,7 @@ pub(crate) fn run(args: MatrixArgs) -> anyhow::Result<ExitCode> {
             .dialer_engine
             .map(|e| vec!["--engine".to_owned(), e.name().to_owned()])
             .unwrap_or_default(),
-        stop: crate::stop_flag(),
+        ..MatrixConfig::new(exe, crate::stop_flag())
     };
     let pairs = if config.pairs.is_empty() {
         config.presets.len().pow(2)

@@ -150,7 +150,7 @@ async fn serve(args: RelayArgs) -> anyhow::Result<ExitCode> {
     let registry = Arc::new(Mutex::new(registry));
     if args.telemetry_port != 0 {
         let addr = SocketAddr::new(args.telemetry_host, args.telemetry_port);
-        let listener = p2p::telemetry::bind(addr)
+        let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding the telemetry port {addr}"))?;
         eprintln!("relay: metrics on http://{addr}/metrics");

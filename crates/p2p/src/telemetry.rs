@@ -3,7 +3,6 @@
 //! A deliberately small HTTP/1.1 responder: one request per connection, a bounded request
 //! head, a short read deadline. Anything else gets 404, 405 or 400.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,11 +26,6 @@ pub async fn serve(listener: TcpListener, registry: Arc<Mutex<Registry>>) {
             let _ = answer(stream, &registry).await;
         });
     }
-}
-
-/// Binds the telemetry address.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }
 
 async fn answer(mut stream: TcpStream, registry: &Mutex<Registry>) -> std::io::Result<()> {
@@ -90,6 +84,8 @@ async fn answer(mut stream: TcpStream, registry: &Mutex<Registry>) -> std::io::R
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
+
     use super::*;
 
     async fn get(addr: SocketAddr, request: &[u8]) -> String {
@@ -106,9 +102,7 @@ mod tests {
         let counter = prometheus_client::metrics::counter::Counter::<u64>::default();
         registry.register("natpunch_test_things", "Things", counter.clone());
         counter.inc_by(3);
-        let listener = bind("127.0.0.1:0".parse().expect("addr"))
-            .await
-            .expect("bind");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let task = tokio::spawn(serve(listener, Arc::new(Mutex::new(registry))));
         let metrics = get(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
