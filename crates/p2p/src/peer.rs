@@ -1416,6 +1416,9 @@ impl Peer {
                 .filter(|d| !made_by_a(side, &d.endpoint))
                 .map(|d| d.id)
                 .collect();
+            // A connection being closed is no longer one of ours: forget it now, so a record
+            // written before the close completes counts what remains.
+            list.retain(|d| !extra.contains(&d.id));
             for c in extra {
                 tracing::debug!(%peer, ?c, "closing the second direct connection");
                 self.swarm.close_connection(c);
@@ -1451,17 +1454,14 @@ impl Peer {
         if peer == self.relay {
             return;
         }
-        let direct = self
-            .directs
-            .get(&peer)
-            .is_some_and(|l| l.iter().any(|d| d.id == connection));
+        let relayed = self.relayed_conns.contains_key(&connection);
         let Some(session) = self.sessions.get_mut(&peer) else {
             return;
         };
-        if direct {
-            session.direct_rtt.get_or_insert(rtt);
-        } else {
+        if relayed {
             session.relay_rtt.get_or_insert(rtt);
+        } else {
+            session.direct_rtt.get_or_insert(rtt);
         }
     }
 
