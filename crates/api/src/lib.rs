@@ -1,14 +1,17 @@
 //! api: natpunch's measurement API, the punchr-compatible `PunchrService`.
 //!
-//! [`pb`] holds the messages and the gRPC service generated from `proto/punchr.proto`: proto2
-//! with no package, the field tags, labels and enum numbers punchr's clients use, so that
-//! punchr's Go and Rust clients talk to natpunch's server unchanged. natpunch's own fields
-//! (idempotency key, technique, time to direct, NAT behaviour of both ends, transport) have
-//! tags from 100 up.
-//!
-//! [`store`] opens the database: SQLite (a file, WAL, created on first start) with its
-//! migrations applied. The server and the PostgreSQL store come next.
+//! - [`pb`]: the messages and the gRPC service generated from `proto/punchr.proto`: proto2 with
+//!   no package, the field tags, labels and enum numbers punchr's clients use, so that punchr's
+//!   Go and Rust clients talk to natpunch's server unchanged. natpunch's own fields (idempotency
+//!   key, technique, time to direct, NAT behaviour of both ends, transport) have tags from 100 up.
+//! - [`report`]: validation of hole-punch reports, naming the first field that is wrong.
+//! - [`store`]: the [`store::Store`] trait and its SQLite and PostgreSQL backend.
+//! - [`postgres`]: a private PostgreSQL server (tests, benchmarks, lab campaigns).
+//! - [`server`]: the gRPC service on a store, its metrics, and the serving loops.
 
+pub mod postgres;
+pub mod report;
+pub mod server;
 pub mod store;
 
 /// The generated PunchrService messages, enums, client and server.

@@ -1,15 +1,31 @@
-//! The measurement store: where registrations, connection events and hole-punch results live.
+//! The measurement store: registrations, connection events, allocations and hole-punch results.
 //!
-//! SQLite is the default: one file, created on first start, in WAL mode (readers do not block
-//! the writer), foreign keys enforced, migrations (`migrations/sqlite`) applied on open.
+//! [`Store`] is what the server needs; [`SqlStore`] implements it on two real databases, picked
+//! by URL:
+//! - `sqlite://FILE`: the default; one file, created on first start, WAL mode (readers do not
+//!   block the writer), `synchronous=NORMAL` (durable against a killed process), foreign keys on.
+//! - `postgres://…`: for campaigns at scale, with punchr's column types (TIMESTAMPTZ, INTERVAL,
+//!   arrays, enum types) so its notebooks work on it.
+//!
+//! Both get their migrations (`migrations/sqlite`, `migrations/postgres`) applied on open. The
+//! statements are written once; the few places where the two dialects differ are marked
+//! `{kind $n}` and rendered per backend when the store opens (see [`render`]).
+//!
+//! Every write runs in one transaction: a report is stored whole or not at all.
 
-use std::str::FromStr as _;
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::SqlitePool;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use rand::seq::SliceRandom as _;
+use sha2::Digest as _;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{Any, AnyPool, Executor as _, Row as _, Transaction};
 
-/// Why the store could not be opened.
+use crate::report::{Addr, Report};
+
+/// Why the store could not do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database URL is not one this store understands.
@@ -28,114 +44,928 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
 
-/// Opens (creating it if needed) the SQLite database at `url` (`sqlite://FILE`) and applies the
-/// migrations.
-pub async fn open_sqlite(url: &str) -> Result<SqlitePool, StoreError> {
-    if !url.starts_with("sqlite:") {
-        return Err(StoreError::Url {
-            url: url.to_owned(),
-            reason: "not a SQLite URL (sqlite://FILE)".into(),
-        });
+/// The database behind a [`SqlStore`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A SQLite file.
+    Sqlite,
+    /// A PostgreSQL server.
+    Postgres,
+}
+
+/// A libp2p host as it registers.
+#[derive(Debug, Clone, Copy)]
+pub struct Host<'a> {
+    /// Base58 peer ID.
+    pub peer: &'a str,
+    /// Its agent version.
+    pub agent_version: &'a str,
+    /// Its protocols.
+    pub protocols: &'a [String],
+}
+
+/// A peer the honeypot saw: it connected from `conn_addr` and advertised `addrs`.
+#[derive(Debug, Clone)]
+pub struct ConnectionEvent {
+    /// The honeypot's peer ID.
+    pub local: String,
+    /// The remote peer's ID.
+    pub remote: String,
+    /// Its agent version (from identify).
+    pub agent_version: Option<String>,
+    /// Its protocols (from identify).
+    pub protocols: Vec<String>,
+    /// The address the connection came from.
+    pub conn_addr: Addr,
+    /// The addresses it advertised (relay addresses among them).
+    pub addrs: Vec<Addr>,
+    /// Unix ns.
+    pub opened_at: i64,
+}
+
+/// The allocation rules (punchr's values are the defaults).
+#[derive(Debug, Clone, Copy)]
+pub struct Rules {
+    /// Only peers the honeypot saw this recently are served.
+    pub recency: Duration,
+    /// A remote is served at most this many times …
+    pub per_remote: u32,
+    /// … within this window.
+    pub per_remote_window: Duration,
+    /// A peer and address are not served again to the same client (any of its hosts) within
+    /// this window.
+    pub dedup_window: Duration,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Self {
+            recency: Duration::from_secs(600),
+            per_remote: 10,
+            per_remote_window: Duration::from_secs(60),
+            dedup_window: Duration::from_secs(600),
+        }
     }
-    let options = SqliteConnectOptions::from_str(url)
-        .map_err(|e| StoreError::Url {
+}
+
+/// A remote to hole-punch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allocation {
+    /// Base58 peer ID.
+    pub remote: String,
+    /// Its relayed addresses (text), sorted.
+    pub addrs: Vec<String>,
+}
+
+/// What [`Store::allocate`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Allocated {
+    /// A remote for the caller.
+    Served(Allocation),
+    /// Nothing eligible right now.
+    NoneLeft,
+    /// None of the caller's hosts is registered with its key.
+    NotRegistered,
+}
+
+/// What [`Store::track`] did with a report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tracked {
+    /// Stored as this result id.
+    Stored(i64),
+    /// A report with the same idempotency key is stored already (this id); nothing was added.
+    Duplicate(i64),
+    /// The reporting host is not registered with this key; nothing was stored.
+    NotRegistered,
+}
+
+/// Row counts, for tests and benchmarks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counts {
+    /// `hole_punch_results`.
+    pub results: i64,
+    /// `hole_punch_attempt`.
+    pub attempts: i64,
+    /// `latency_measurements`.
+    pub latencies: i64,
+    /// `port_mappings`.
+    pub mappings: i64,
+    /// `network_information`.
+    pub networks: i64,
+    /// `hole_punch_results_x_multi_addresses`.
+    pub result_addrs: i64,
+    /// `peers`.
+    pub peers: i64,
+    /// `allocations`.
+    pub allocations: i64,
+}
+
+/// What the measurement server needs from a database. Times are Unix nanoseconds, passed in so
+/// that the rules can be tested in virtual time.
+pub trait Store: Clone + Send + Sync + 'static {
+    /// The authorization id of `api_key`, if it is known.
+    fn authorize(
+        &self,
+        api_key: &str,
+    ) -> impl Future<Output = Result<Option<i64>, StoreError>> + Send;
+
+    /// Registers `host` under `api_key` and returns its peer's database id. An unknown key is
+    /// created as an anonymous authorization when `open`; otherwise the answer is `None`.
+    fn register(
+        &self,
+        api_key: &str,
+        open: bool,
+        host: Host<'_>,
+        now: i64,
+    ) -> impl Future<Output = Result<Option<i64>, StoreError>> + Send;
+
+    /// Picks a random remote for the client whose hosts are `hosts` (base58 peer IDs).
+    fn allocate(
+        &self,
+        auth: i64,
+        hosts: &[String],
+        rules: Rules,
+        now: i64,
+    ) -> impl Future<Output = Result<Allocated, StoreError>> + Send;
+
+    /// Stores `report`, sent under authorization `auth`, in one transaction.
+    fn track(
+        &self,
+        auth: i64,
+        report: &Report,
+        now: i64,
+    ) -> impl Future<Output = Result<Tracked, StoreError>> + Send;
+
+    /// Records a peer the honeypot saw; returns the event's id.
+    fn record_connection(
+        &self,
+        event: &ConnectionEvent,
+        now: i64,
+    ) -> impl Future<Output = Result<i64, StoreError>> + Send;
+
+    /// Counts the rows of the main tables.
+    fn counts(&self) -> impl Future<Output = Result<Counts, StoreError>> + Send;
+}
+
+/// Renders the dialect marks of `sql` for `backend`. A mark is `{kind $n}`:
+/// - `ts`: a Unix-nanosecond integer (kept as is in SQLite, a TIMESTAMPTZ in PostgreSQL);
+/// - `interval`: seconds as a float (REAL, INTERVAL);
+/// - `TYPE[]`: a JSON array given as text (kept as JSON text, an array of TYPE);
+/// - `each TYPE`: the elements of a JSON array as rows, for `IN (SELECT {each TYPE $n})`;
+/// - any other word: a cast to that type in PostgreSQL (enum types, `inet`, `bigint`), nothing
+///   in SQLite.
+pub fn render(sql: &str, backend: Backend) -> String {
+    let mut out = String::with_capacity(sql.len() * 2);
+    let mut rest = sql;
+    while let Some(start) = rest.find('{') {
+        out.push_str(rest.get(..start).unwrap_or_default());
+        let after = rest.get(start + 1..).unwrap_or_default();
+        let Some(end) = after.find('}') else {
+            out.push_str(rest.get(start..).unwrap_or_default());
+            rest = "";
+            break;
+        };
+        let mark = after.get(..end).unwrap_or_default();
+        rest = after.get(end + 1..).unwrap_or_default();
+        let words: Vec<&str> = mark.split_whitespace().collect();
+        let piece = match (backend, words.as_slice()) {
+            (Backend::Sqlite, ["each", _, x]) => format!("value FROM json_each({x})"),
+            (Backend::Postgres, ["each", ty, x]) => {
+                format!("jsonb_array_elements_text(({x})::jsonb)::{ty}")
+            }
+            (Backend::Sqlite, [_, x]) => (*x).to_owned(),
+            (Backend::Postgres, ["ts", x]) => {
+                format!("(timestamptz 'epoch' + (({x}) / 1000)::float8 * interval '1 microsecond')")
+            }
+            (Backend::Postgres, ["interval", x]) => format!("make_interval(secs => {x})"),
+            (Backend::Postgres, [ty, x]) => match ty.strip_suffix("[]") {
+                Some(elem) => {
+                    format!("ARRAY(SELECT jsonb_array_elements_text(({x})::jsonb)::{elem})")
+                }
+                None => format!("({x})::{ty}"),
+            },
+            _ => format!("{{{mark}}}"),
+        };
+        out.push_str(&piece);
+    }
+    out.push_str(rest);
+    out
+}
+
+macro_rules! statements {
+    ($($(#[$doc:meta])* $name:ident = $sql:expr;)*) => {
+        /// The statements, rendered for one backend.
+        #[derive(Debug)]
+        struct Statements {
+            $($(#[$doc])* $name: String,)*
+        }
+
+        impl Statements {
+            fn new(backend: Backend) -> Self {
+                Self { $($name: render($sql, backend),)* }
+            }
+
+            #[cfg(test)]
+            fn all(&self) -> Vec<&str> {
+                vec![$(self.$name.as_str(),)*]
+            }
+        }
+    };
+}
+
+statements! {
+    authorize = "SELECT id FROM authorizations WHERE api_key = $1";
+    insert_authorization = "INSERT INTO authorizations (api_key, username, created_at) \
+        VALUES ($1, 'anonymous', {ts $2}) \
+        ON CONFLICT (api_key) DO UPDATE SET api_key = excluded.api_key RETURNING id";
+    find_peer = "SELECT id FROM peers WHERE multi_hash = $1";
+    insert_peer = "INSERT INTO peers (multi_hash, updated_at, created_at) \
+        VALUES ($1, {ts $2}, {ts $2}) \
+        ON CONFLICT (multi_hash) DO UPDATE SET multi_hash = excluded.multi_hash RETURNING id";
+    update_peer = "UPDATE peers SET agent_version = $2, protocols = {text[] $3}, \
+        updated_at = {ts $4} WHERE id = $1";
+    insert_client = "INSERT INTO clients (peer_id, authorization_id, created_at) \
+        VALUES ($1, $2, {ts $3}) ON CONFLICT (peer_id, authorization_id) DO NOTHING";
+    client_peer = "SELECT p.id FROM peers p JOIN clients c ON c.peer_id = p.id \
+        WHERE p.multi_hash = $1 AND c.authorization_id = $2";
+    client_hosts = "SELECT p.id, p.multi_hash FROM peers p JOIN clients c ON c.peer_id = p.id \
+        WHERE c.authorization_id = $1 AND p.multi_hash IN (SELECT {each text $2})";
+    /// Relay addresses of peers seen since $1, not the caller's hosts ($2), under the per-remote
+    /// cap ($4 since $3), not served to or reported by the caller's hosts since $6 with the same
+    /// address; $5 limits it to one peer.
+    candidates = "SELECT DISTINCT p.id, p.multi_hash, ma.id, ma.maddr \
+        FROM connection_events ce \
+        JOIN connection_events_x_multi_addresses cx ON cx.connection_event_id = ce.id \
+        JOIN multi_addresses ma ON ma.id = cx.multi_address_id \
+        JOIN peers p ON p.id = ce.remote_id \
+        WHERE ce.opened_at > {ts $1} AND ma.is_relay \
+        AND ({bigint $5} IS NULL OR p.id = $5) \
+        AND p.id NOT IN (SELECT {each bigint $2}) \
+        AND (SELECT count(*) FROM allocations a \
+             WHERE a.remote_id = p.id AND a.created_at > {ts $3}) < $4 \
+        AND NOT EXISTS (SELECT 1 FROM allocations a \
+             JOIN allocations_x_multi_addresses ax ON ax.allocation_id = a.id \
+             WHERE a.remote_id = p.id AND ax.multi_address_id = ma.id \
+             AND a.local_id IN (SELECT {each bigint $2}) AND a.created_at > {ts $6}) \
+        AND NOT EXISTS (SELECT 1 FROM hole_punch_results r \
+             JOIN hole_punch_results_x_multi_addresses rx ON rx.hole_punch_result_id = r.id \
+             WHERE r.remote_id = p.id AND rx.multi_address_id = ma.id \
+             AND rx.relationship = 'INITIAL' \
+             AND r.local_id IN (SELECT {each bigint $2}) AND r.created_at > {ts $6})";
+    lock_peer = "SELECT id FROM peers WHERE id = $1 FOR UPDATE";
+    insert_allocation = "INSERT INTO allocations (local_id, remote_id, authorization_id, \
+        created_at) VALUES ($1, $2, $3, {ts $4}) RETURNING id";
+    link_allocation = "INSERT INTO allocations_x_multi_addresses (allocation_id, \
+        multi_address_id) VALUES ($1, $2) ON CONFLICT DO NOTHING";
+    find_key = "SELECT id FROM hole_punch_results WHERE idempotency_key = $1";
+    find_maddr = "SELECT id FROM multi_addresses WHERE maddr = $1";
+    insert_maddr = "INSERT INTO multi_addresses (maddr, addr, transport, is_relay, is_public, \
+        updated_at, created_at) VALUES ($1, {inet $2}, $3, $4, $5, {ts $6}, {ts $6}) \
+        ON CONFLICT (maddr) DO UPDATE SET updated_at = excluded.updated_at RETURNING id";
+    upsert_set = "INSERT INTO multi_addresses_sets (digest, multi_addresses_ids) \
+        VALUES ($1, {bigint[] $2}) \
+        ON CONFLICT (digest) DO UPDATE SET digest = excluded.digest RETURNING id";
+    insert_result = "INSERT INTO hole_punch_results (local_id, remote_id, authorization_id, \
+        connect_started_at, connect_ended_at, has_direct_conns, error, outcome, ended_at, \
+        protocol_filters, listen_multi_addresses_set_id, idempotency_key, technique, \
+        time_to_direct, client_nat, remote_nat, transport, updated_at, created_at) \
+        VALUES ($1, $2, $3, {ts $4}, {ts $5}, $6, $7, {hole_punch_outcome $8}, {ts $9}, \
+        {int[] $10}, $11, $12, $13, {interval $14}, $15, $16, $17, {ts $18}, {ts $18}) \
+        RETURNING id";
+    insert_attempt = "INSERT INTO hole_punch_attempt (hole_punch_result_id, opened_at, \
+        started_at, ended_at, start_rtt, elapsed_time, outcome, error, direct_dial_error, \
+        updated_at, created_at) VALUES ($1, {ts $2}, {ts $3}, {ts $4}, {interval $5}, \
+        {interval $6}, {hole_punch_attempt_outcome $7}, $8, $9, {ts $10}, {ts $10}) \
+        RETURNING id";
+    link_attempt = "INSERT INTO hole_punch_attempt_x_multi_addresses (hole_punch_attempt, \
+        multi_address_id) VALUES ($1, $2) ON CONFLICT DO NOTHING";
+    link_result = "INSERT INTO hole_punch_results_x_multi_addresses (hole_punch_result_id, \
+        multi_address_id, relationship) \
+        VALUES ($1, $2, {hole_punch_multi_address_relationship $3}) ON CONFLICT DO NOTHING";
+    insert_mapping = "INSERT INTO port_mappings (hole_punch_result_id, internal_port, \
+        external_port, protocol, addr, addr_network) VALUES ($1, $2, $3, $4, $5, $6)";
+    insert_network = "INSERT INTO network_information (peer_id, hole_punch_result_id, \
+        supports_ipv6, supports_ipv6_error, router_html, router_html_error, created_at) \
+        VALUES ($1, $2, $3, $4, $5, $6, {ts $7})";
+    insert_latency = "INSERT INTO latency_measurements (remote_id, hole_punch_result_id, \
+        multi_address_id, mtype, rtts, rtt_errs, rtt_avg, rtt_max, rtt_min, rtt_std, \
+        created_at) VALUES ($1, $2, $3, {latency_measurement_type $4}, {float8[] $5}, \
+        {text[] $6}, $7, $8, $9, $10, {ts $11})";
+    insert_connection = "INSERT INTO connection_events (local_id, remote_id, \
+        conn_multi_address_id, opened_at, created_at) VALUES ($1, $2, $3, {ts $4}, {ts $5}) \
+        RETURNING id";
+    link_connection = "INSERT INTO connection_events_x_multi_addresses (connection_event_id, \
+        multi_address_id) VALUES ($1, $2) ON CONFLICT DO NOTHING";
+    counts = "SELECT (SELECT count(*) FROM hole_punch_results), \
+        (SELECT count(*) FROM hole_punch_attempt), (SELECT count(*) FROM latency_measurements), \
+        (SELECT count(*) FROM port_mappings), (SELECT count(*) FROM network_information), \
+        (SELECT count(*) FROM hole_punch_results_x_multi_addresses), \
+        (SELECT count(*) FROM peers), (SELECT count(*) FROM allocations)";
+}
+
+/// The store on SQLite or PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct SqlStore {
+    pool: AnyPool,
+    backend: Backend,
+    sql: Arc<Statements>,
+    /// SQLite has one writer at a time; taking turns here is fairer and faster than its busy
+    /// loop.
+    writer: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Nanoseconds of a duration, for window arithmetic.
+fn nanos(d: Duration) -> i64 {
+    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
+}
+
+/// A JSON array of `items`.
+fn json<T: serde::Serialize>(items: &[T]) -> String {
+    serde_json::to_string(items).unwrap_or_else(|_| "[]".into())
+}
+
+impl SqlStore {
+    /// Opens the database at `url` (`sqlite://FILE` or `postgres://…`), creating a SQLite file
+    /// if needed, and applies the migrations.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let bad = |reason: &str| StoreError::Url {
             url: url.to_owned(),
-            reason: e.to_string(),
-        })?
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        // With WAL, NORMAL is durable against process crashes (a killed server loses nothing
-        // committed); only a power loss can lose the last transactions.
-        .synchronous(SqliteSynchronous::Normal)
-        .foreign_keys(true)
-        .busy_timeout(Duration::from_secs(5));
-    let pool = SqlitePoolOptions::new()
-        .max_connections(4)
-        .connect_with(options)
-        .await?;
-    sqlx::migrate!("migrations/sqlite").run(&pool).await?;
-    Ok(pool)
+            reason: reason.to_owned(),
+        };
+        let (backend, connect_url) = if let Some(path) = url.strip_prefix("sqlite://") {
+            if path.is_empty() {
+                return Err(bad("no file (sqlite://FILE)"));
+            }
+            let sep = if path.contains('?') { '&' } else { '?' };
+            let url = if path.contains("mode=") {
+                url.to_owned()
+            } else {
+                format!("{url}{sep}mode=rwc")
+            };
+            (Backend::Sqlite, url)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            (Backend::Postgres, url.to_owned())
+        } else {
+            return Err(bad("not sqlite://FILE or postgres://USER@HOST/DB"));
+        };
+        let options = AnyPoolOptions::new()
+            .max_connections(match backend {
+                Backend::Sqlite => 4,
+                Backend::Postgres => 16,
+            })
+            .acquire_timeout(Duration::from_secs(10));
+        let pool = match backend {
+            Backend::Sqlite => {
+                options
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            // With WAL, NORMAL is durable against process crashes (a killed
+                            // server loses nothing committed); only a power loss can lose the
+                            // last transactions.
+                            conn.execute(
+                                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                                 PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;",
+                            )
+                            .await?;
+                            Ok(())
+                        })
+                    })
+                    .connect(&connect_url)
+                    .await?
+            }
+            Backend::Postgres => options.connect(&connect_url).await?,
+        };
+        match backend {
+            Backend::Sqlite => sqlx::migrate!("migrations/sqlite").run(&pool).await?,
+            Backend::Postgres => sqlx::migrate!("migrations/postgres").run(&pool).await?,
+        }
+        Ok(Self {
+            pool,
+            backend,
+            sql: Arc::new(Statements::new(backend)),
+            writer: Arc::new(tokio::sync::Mutex::new(())),
+        })
+    }
+
+    /// Which database this is.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The connection pool, for queries of its own (tests, reports).
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Closes the pool, waiting for connections to finish.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Starts a write transaction; for SQLite the writer's turn is held until it ends.
+    async fn begin(
+        &self,
+    ) -> Result<
+        (
+            Transaction<'static, Any>,
+            Option<tokio::sync::OwnedMutexGuard<()>>,
+        ),
+        StoreError,
+    > {
+        match self.backend {
+            Backend::Sqlite => {
+                let turn = Arc::clone(&self.writer).lock_owned().await;
+                let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+                Ok((tx, Some(turn)))
+            }
+            Backend::Postgres => Ok((self.pool.begin().await?, None)),
+        }
+    }
+
+    async fn peer(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        peer: &str,
+        now: i64,
+    ) -> Result<i64, StoreError> {
+        if let Some(row) = sqlx::query(&self.sql.find_peer)
+            .bind(peer)
+            .fetch_optional(&mut **tx)
+            .await?
+        {
+            return Ok(row.try_get(0)?);
+        }
+        let row = sqlx::query(&self.sql.insert_peer)
+            .bind(peer)
+            .bind(now)
+            .fetch_one(&mut **tx)
+            .await?;
+        Ok(row.try_get(0)?)
+    }
+
+    async fn update_peer(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        id: i64,
+        agent_version: &str,
+        protocols: &[String],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(&self.sql.update_peer)
+            .bind(id)
+            .bind(agent_version)
+            .bind(json(protocols))
+            .bind(now)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn maddr(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        addr: &Addr,
+        now: i64,
+    ) -> Result<i64, StoreError> {
+        if let Some(row) = sqlx::query(&self.sql.find_maddr)
+            .bind(&addr.maddr)
+            .fetch_optional(&mut **tx)
+            .await?
+        {
+            return Ok(row.try_get(0)?);
+        }
+        let row = sqlx::query(&self.sql.insert_maddr)
+            .bind(&addr.maddr)
+            .bind(addr.ip.as_deref())
+            .bind(addr.transport.as_deref())
+            .bind(addr.is_relay)
+            .bind(addr.is_public)
+            .bind(now)
+            .fetch_one(&mut **tx)
+            .await?;
+        Ok(row.try_get(0)?)
+    }
+
+    async fn maddrs(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        addrs: &[Addr],
+        now: i64,
+    ) -> Result<Vec<i64>, StoreError> {
+        // Sorted, so that concurrent transactions take row locks in the same order.
+        let mut sorted: Vec<&Addr> = addrs.iter().collect();
+        sorted.sort_by(|a, b| a.maddr.cmp(&b.maddr));
+        sorted.dedup_by(|a, b| a.maddr == b.maddr);
+        let mut ids = Vec::with_capacity(sorted.len());
+        for a in sorted {
+            ids.push(self.maddr(tx, a, now).await?);
+        }
+        Ok(ids)
+    }
+
+    async fn candidates(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        hosts: &[i64],
+        only: Option<i64>,
+        rules: Rules,
+        now: i64,
+    ) -> Result<Vec<AnyRow>, StoreError> {
+        Ok(sqlx::query(&self.sql.candidates)
+            .bind(now - nanos(rules.recency))
+            .bind(json(hosts))
+            .bind(now - nanos(rules.per_remote_window))
+            .bind(i64::from(rules.per_remote))
+            .bind(only)
+            .bind(now - nanos(rules.dedup_window))
+            .fetch_all(conn)
+            .await?)
+    }
+
+    async fn store_report(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        auth: i64,
+        local: i64,
+        r: &Report,
+        now: i64,
+    ) -> Result<i64, StoreError> {
+        let remote = self.peer(tx, &r.remote, now).await?;
+        let listen = self.maddrs(tx, &r.listen_addrs, now).await?;
+        let set: BTreeSet<i64> = listen.iter().copied().collect();
+        let ids: Vec<i64> = set.into_iter().collect();
+        let key = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(":");
+        let digest = sha2::Sha256::digest(key.as_bytes()).to_vec();
+        let set_id: i64 = sqlx::query(&self.sql.upsert_set)
+            .bind(digest)
+            .bind(json(&ids))
+            .fetch_one(&mut **tx)
+            .await?
+            .try_get(0)?;
+        let id: i64 = sqlx::query(&self.sql.insert_result)
+            .bind(local)
+            .bind(remote)
+            .bind(auth)
+            .bind(r.connect_started_at)
+            .bind(r.connect_ended_at)
+            .bind(r.has_direct_conns)
+            .bind(r.error.as_deref())
+            .bind(r.outcome)
+            .bind(r.ended_at)
+            .bind(json(&r.protocols))
+            .bind(set_id)
+            .bind(r.idempotency_key.as_deref())
+            .bind(r.technique.as_deref())
+            .bind(r.time_to_direct)
+            .bind(r.client_nat.as_deref())
+            .bind(r.remote_nat.as_deref())
+            .bind(r.transport.as_deref())
+            .bind(now)
+            .fetch_one(&mut **tx)
+            .await?
+            .try_get(0)?;
+        for m in &r.mappings {
+            sqlx::query(&self.sql.insert_mapping)
+                .bind(id)
+                .bind(m.internal_port)
+                .bind(m.external_port)
+                .bind(&m.protocol)
+                .bind(&m.addr)
+                .bind(&m.addr_network)
+                .execute(&mut **tx)
+                .await?;
+        }
+        for a in &r.attempts {
+            let attempt: i64 = sqlx::query(&self.sql.insert_attempt)
+                .bind(id)
+                .bind(a.opened_at)
+                .bind(a.started_at)
+                .bind(a.ended_at)
+                .bind(a.start_rtt)
+                .bind(a.elapsed_time)
+                .bind(a.outcome)
+                .bind(a.error.as_deref())
+                .bind(a.direct_dial_error.as_deref())
+                .bind(now)
+                .fetch_one(&mut **tx)
+                .await?
+                .try_get(0)?;
+            for m in self.maddrs(tx, &a.addrs, now).await? {
+                sqlx::query(&self.sql.link_attempt)
+                    .bind(attempt)
+                    .bind(m)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+        }
+        for (addrs, relationship) in [(&r.open_addrs, "FINAL"), (&r.remote_addrs, "INITIAL")] {
+            for m in self.maddrs(tx, addrs, now).await? {
+                sqlx::query(&self.sql.link_result)
+                    .bind(id)
+                    .bind(m)
+                    .bind(relationship)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+        }
+        if let Some(n) = &r.network {
+            sqlx::query(&self.sql.insert_network)
+                .bind(local)
+                .bind(id)
+                .bind(n.supports_ipv6)
+                .bind(n.supports_ipv6_error.as_deref())
+                .bind(n.router_html.as_deref())
+                .bind(n.router_html_error.as_deref())
+                .bind(now)
+                .execute(&mut **tx)
+                .await?;
+        }
+        for l in &r.latencies {
+            let maddr = self.maddr(tx, &l.addr, now).await?;
+            let peer = self.peer(tx, &l.remote, now).await?;
+            if !l.agent_version.is_empty() || !l.protocols.is_empty() {
+                self.update_peer(tx, peer, &l.agent_version, &l.protocols, now)
+                    .await?;
+            }
+            sqlx::query(&self.sql.insert_latency)
+                .bind(peer)
+                .bind(id)
+                .bind(maddr)
+                .bind(l.mtype)
+                .bind(json(&l.rtts))
+                .bind(json(&l.rtt_errs))
+                .bind(l.avg)
+                .bind(l.max)
+                .bind(l.min)
+                .bind(l.std)
+                .bind(now)
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(id)
+    }
+
+    async fn find_key(&self, key: &str) -> Result<Option<i64>, StoreError> {
+        Ok(sqlx::query(&self.sql.find_key)
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|row| row.try_get(0))
+            .transpose()?)
+    }
+}
+
+/// Whether `e` is a unique-constraint violation.
+fn is_unique_violation(e: &StoreError) -> bool {
+    matches!(e, StoreError::Database(sqlx::Error::Database(d)) if d.is_unique_violation())
+}
+
+impl Store for SqlStore {
+    async fn authorize(&self, api_key: &str) -> Result<Option<i64>, StoreError> {
+        Ok(sqlx::query(&self.sql.authorize)
+            .bind(api_key)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|row| row.try_get(0))
+            .transpose()?)
+    }
+
+    async fn register(
+        &self,
+        api_key: &str,
+        open: bool,
+        host: Host<'_>,
+        now: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        let known = self.authorize(api_key).await?;
+        if known.is_none() && !open {
+            return Ok(None);
+        }
+        let (mut tx, _turn) = self.begin().await?;
+        let auth: i64 = match known {
+            Some(a) => a,
+            None => sqlx::query(&self.sql.insert_authorization)
+                .bind(api_key)
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get(0)?,
+        };
+        let peer = self.peer(&mut tx, host.peer, now).await?;
+        self.update_peer(&mut tx, peer, host.agent_version, host.protocols, now)
+            .await?;
+        sqlx::query(&self.sql.insert_client)
+            .bind(peer)
+            .bind(auth)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(peer))
+    }
+
+    async fn allocate(
+        &self,
+        auth: i64,
+        hosts: &[String],
+        rules: Rules,
+        now: i64,
+    ) -> Result<Allocated, StoreError> {
+        let registered = sqlx::query(&self.sql.client_hosts)
+            .bind(auth)
+            .bind(json(hosts))
+            .fetch_all(&self.pool)
+            .await?;
+        let by_name: HashMap<String, i64> = registered
+            .iter()
+            .map(|r| Ok((r.try_get::<String, _>(1)?, r.try_get::<i64, _>(0)?)))
+            .collect::<Result<_, sqlx::Error>>()?;
+        // The asking host is the first one given that is registered.
+        let Some(local) = hosts.iter().find_map(|h| by_name.get(h).copied()) else {
+            return Ok(Allocated::NotRegistered);
+        };
+        let host_ids: Vec<i64> = by_name.values().copied().collect();
+        let mut conn = self.pool.acquire().await?;
+        let rows = self
+            .candidates(&mut conn, &host_ids, None, rules, now)
+            .await?;
+        drop(conn);
+        let mut peers: Vec<i64> = rows
+            .iter()
+            .filter_map(|r| r.try_get::<i64, _>(0).ok())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        peers.shuffle(&mut rand::rng());
+        // Another request may have taken a candidate meanwhile: check again under the remote's
+        // lock and move on to the next one if so.
+        for remote in peers {
+            let (mut tx, _turn) = self.begin().await?;
+            if self.backend == Backend::Postgres {
+                sqlx::query(&self.sql.lock_peer)
+                    .bind(remote)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            }
+            let rows = self
+                .candidates(&mut tx, &host_ids, Some(remote), rules, now)
+                .await?;
+            if rows.is_empty() {
+                tx.rollback().await?;
+                continue;
+            }
+            let mut name = String::new();
+            let mut addrs = BTreeSet::new();
+            for row in &rows {
+                name = row.try_get(1)?;
+                addrs.insert((row.try_get::<String, _>(3)?, row.try_get::<i64, _>(2)?));
+            }
+            let allocation: i64 = sqlx::query(&self.sql.insert_allocation)
+                .bind(local)
+                .bind(remote)
+                .bind(auth)
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get(0)?;
+            for (_, maddr) in &addrs {
+                sqlx::query(&self.sql.link_allocation)
+                    .bind(allocation)
+                    .bind(*maddr)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            return Ok(Allocated::Served(Allocation {
+                remote: name,
+                addrs: addrs.into_iter().map(|(m, _)| m).collect(),
+            }));
+        }
+        Ok(Allocated::NoneLeft)
+    }
+
+    async fn track(&self, auth: i64, report: &Report, now: i64) -> Result<Tracked, StoreError> {
+        if let Some(key) = &report.idempotency_key
+            && let Some(id) = self.find_key(key).await?
+        {
+            return Ok(Tracked::Duplicate(id));
+        }
+        let (mut tx, turn) = self.begin().await?;
+        let Some(local) = sqlx::query(&self.sql.client_peer)
+            .bind(&report.client)
+            .bind(auth)
+            .fetch_optional(&mut *tx)
+            .await?
+        else {
+            tx.rollback().await?;
+            return Ok(Tracked::NotRegistered);
+        };
+        let local: i64 = local.try_get(0)?;
+        let stored = self.store_report(&mut tx, auth, local, report, now).await;
+        let id = match stored {
+            Ok(id) => id,
+            Err(e) => {
+                tx.rollback().await?;
+                drop(turn);
+                // The same key, stored by a concurrent request: that one counts.
+                if is_unique_violation(&e)
+                    && let Some(key) = &report.idempotency_key
+                    && let Some(id) = self.find_key(key).await?
+                {
+                    return Ok(Tracked::Duplicate(id));
+                }
+                return Err(e);
+            }
+        };
+        tx.commit().await?;
+        Ok(Tracked::Stored(id))
+    }
+
+    async fn record_connection(&self, e: &ConnectionEvent, now: i64) -> Result<i64, StoreError> {
+        let (mut tx, _turn) = self.begin().await?;
+        let local = self.peer(&mut tx, &e.local, now).await?;
+        let remote = self.peer(&mut tx, &e.remote, now).await?;
+        if let Some(agent) = &e.agent_version {
+            self.update_peer(&mut tx, remote, agent, &e.protocols, now)
+                .await?;
+        }
+        let conn = self.maddr(&mut tx, &e.conn_addr, now).await?;
+        let id: i64 = sqlx::query(&self.sql.insert_connection)
+            .bind(local)
+            .bind(remote)
+            .bind(conn)
+            .bind(e.opened_at)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+        let advertised: Vec<Addr> = e
+            .addrs
+            .iter()
+            .filter(|a| a.maddr != e.conn_addr.maddr)
+            .cloned()
+            .collect();
+        for m in self.maddrs(&mut tx, &advertised, now).await? {
+            sqlx::query(&self.sql.link_connection)
+                .bind(id)
+                .bind(m)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    async fn counts(&self) -> Result<Counts, StoreError> {
+        let row = sqlx::query(&self.sql.counts).fetch_one(&self.pool).await?;
+        Ok(Counts {
+            results: row.try_get(0)?,
+            attempts: row.try_get(1)?,
+            latencies: row.try_get(2)?,
+            mappings: row.try_get(3)?,
+            networks: row.try_get(4)?,
+            result_addrs: row.try_get(5)?,
+            peers: row.try_get(6)?,
+            allocations: row.try_get(7)?,
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn a_fresh_file_gets_the_schema_once_in_wal_mode() {
-        let dir = std::env::temp_dir().join(format!("natpunch-store-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let url = format!("sqlite://{}", dir.join("natpunch.db").display());
-        let pool = open_sqlite(&url).await.expect("open");
-        let tables: Vec<(String,)> =
-            sqlx::query_as("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
-                .fetch_all(&pool)
-                .await
-                .expect("tables");
-        let names: Vec<&str> = tables.iter().map(|t| t.0.as_str()).collect();
-        for t in [
-            "authorizations",
-            "clients",
-            "connection_events",
-            "hole_punch_attempt",
-            "hole_punch_results",
-            "latency_measurements",
-            "multi_addresses",
-            "peers",
-            "port_mappings",
-        ] {
-            assert!(names.contains(&t), "{t} in {names:?}");
+    #[test]
+    fn marks_render_per_dialect() {
+        let sql =
+            "SELECT {ts $1}, {text[] $2}, {hole_punch_outcome $3} IN (SELECT {each bigint $4})";
+        assert_eq!(
+            render(sql, Backend::Sqlite),
+            "SELECT $1, $2, $3 IN (SELECT value FROM json_each($4))"
+        );
+        let pg = render(sql, Backend::Postgres);
+        assert!(pg.contains("timestamptz 'epoch'"), "{pg}");
+        assert!(
+            pg.contains("ARRAY(SELECT jsonb_array_elements_text(($2)::jsonb)::text)"),
+            "{pg}"
+        );
+        assert!(pg.contains("($3)::hole_punch_outcome"), "{pg}");
+        assert!(
+            pg.contains("jsonb_array_elements_text(($4)::jsonb)::bigint"),
+            "{pg}"
+        );
+    }
+
+    #[test]
+    fn every_statement_renders_without_marks_left() {
+        for backend in [Backend::Sqlite, Backend::Postgres] {
+            for sql in Statements::new(backend).all() {
+                assert!(
+                    !sql.contains('{') && !sql.contains('}'),
+                    "{backend:?}: {sql}"
+                );
+            }
         }
-        let (mode,): (String,) = sqlx::query_as("PRAGMA journal_mode")
-            .fetch_one(&pool)
-            .await
-            .expect("mode");
-        assert_eq!(mode, "wal");
-        // api_key is unique (punchr's was not).
-        let insert = "INSERT INTO authorizations (api_key, username, created_at) VALUES (?, ?, 0)";
-        sqlx::query(insert)
-            .bind("k")
-            .bind("a")
-            .execute(&pool)
-            .await
-            .expect("first");
-        assert!(
-            sqlx::query(insert)
-                .bind("k")
-                .bind("b")
-                .execute(&pool)
-                .await
-                .is_err()
-        );
-        // Enums are checked.
-        sqlx::query("INSERT INTO peers (multi_hash, updated_at, created_at) VALUES ('p', 0, 0)")
-            .execute(&pool)
-            .await
-            .expect("peer");
-        let bad_outcome = sqlx::query(
-            "INSERT INTO hole_punch_results (local_id, remote_id, authorization_id, \
-             connect_started_at, connect_ended_at, has_direct_conns, outcome, ended_at, \
-             updated_at, created_at) VALUES (1, 1, 1, 0, 0, 0, 'MAYBE', 0, 0, 0)",
-        )
-        .execute(&pool)
-        .await;
-        assert!(
-            bad_outcome.is_err(),
-            "an outcome outside the enum is refused"
-        );
-        pool.close().await;
-        // Opening again applies nothing twice.
-        let pool = open_sqlite(&url).await.expect("reopen");
-        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM _sqlx_migrations")
-            .fetch_one(&pool)
-            .await
-            .expect("migrations");
-        assert_eq!(n, 1);
-        let err = open_sqlite("postgres://nope")
-            .await
-            .expect_err("not sqlite");
-        assert!(err.to_string().contains("database URL"), "{err}");
-        pool.close().await;
-        let _ = std::fs::remove_dir_all(dir);
     }
 }

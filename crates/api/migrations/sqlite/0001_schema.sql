@@ -169,3 +169,27 @@ CREATE TABLE latency_measurements (
     rtt_std               REAL,
     created_at            INTEGER NOT NULL
 );
+
+-- What GetAddrInfo served: the per-remote cap and the per-client dedup count these, so that a
+-- remote is not handed out again before the first report about it arrives (punchr counted
+-- results only, which lets concurrent requests get the same remote).
+CREATE TABLE allocations (
+    id                INTEGER PRIMARY KEY,
+    local_id          INTEGER NOT NULL REFERENCES peers (id) ON DELETE CASCADE,
+    remote_id         INTEGER NOT NULL REFERENCES peers (id) ON DELETE CASCADE,
+    authorization_id  INTEGER NOT NULL REFERENCES authorizations (id) ON DELETE CASCADE,
+    created_at        INTEGER NOT NULL
+);
+CREATE INDEX idx_allocations_remote_created ON allocations (remote_id, created_at);
+CREATE INDEX idx_allocations_local_remote_created ON allocations (local_id, remote_id, created_at);
+
+CREATE TABLE allocations_x_multi_addresses (
+    allocation_id     INTEGER NOT NULL REFERENCES allocations (id) ON DELETE CASCADE,
+    multi_address_id  INTEGER NOT NULL REFERENCES multi_addresses (id) ON DELETE CASCADE,
+    PRIMARY KEY (allocation_id, multi_address_id)
+);
+CREATE INDEX idx_allocations_x_multi_addresses_maddr
+    ON allocations_x_multi_addresses (multi_address_id, allocation_id);
+
+CREATE INDEX idx_port_mappings_result ON port_mappings (hole_punch_result_id);
+CREATE INDEX idx_latency_measurements_result ON latency_measurements (hole_punch_result_id);

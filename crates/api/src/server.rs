@@ -1,0 +1,428 @@
+//! The gRPC service: `PunchrService` on any [`Store`], with its Prometheus metrics.
+//!
+//! Status codes are precise where punchr's were plain errors, and keep the words punchr's
+//! clients look for:
+//! - a missing or unknown API key: `Unauthenticated`, with "unauthorized" in the message;
+//! - an invalid request: `InvalidArgument`, naming the field; nothing is stored;
+//! - a host not registered with the key: `FailedPrecondition`, "… please restart the client";
+//! - nothing to hole-punch: `NotFound` (punchr's Go client backs off 30 s);
+//! - the database failing: `Unavailable`, so that clients retry.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use libp2p::{Multiaddr, PeerId};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use rand::RngExt as _;
+use tonic::{Request, Response, Status};
+
+use crate::pb;
+use crate::report::{Report, peer_id};
+use crate::store::{Allocated, Host, Rules, Store, StoreError, Tracked};
+
+/// The longest API key accepted (punchr's are UUIDs, 36 characters).
+const MAX_KEY: usize = 128;
+
+/// Protocol filters handed out with allocations, each with its weight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Filters(Vec<(f64, Vec<i32>)>);
+
+impl Default for Filters {
+    /// punchr's mix (four filters at 15 % each, none at 40 %), with QUIC as quic-v1 (461): the
+    /// draft-29 code (460) that punchr used is gone from current libp2p releases.
+    fn default() -> Self {
+        Self(vec![
+            (15.0, vec![4, 6]),
+            (15.0, vec![4, 461]),
+            (15.0, vec![41, 6]),
+            (15.0, vec![41, 461]),
+            (40.0, vec![]),
+        ])
+    }
+}
+
+/// Multiaddr protocol names a filter may use, with their codes.
+const PROTOCOL_NAMES: [(&str, i32); 7] = [
+    ("ip4", 4),
+    ("ip6", 41),
+    ("tcp", 6),
+    ("udp", 273),
+    ("quic", 460),
+    ("quic-v1", 461),
+    ("webtransport", 465),
+];
+
+impl std::str::FromStr for Filters {
+    type Err = String;
+
+    /// `FILTER:WEIGHT,…`, where FILTER is protocols joined by `/` (names such as `ip4/quic-v1`
+    /// or codes such as `4/461`) or `none`; e.g. `ip4/tcp:15,ip4/quic:15,none:70`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut out = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (filter, weight) = part
+                .rsplit_once(':')
+                .ok_or_else(|| format!("{part:?}: expected FILTER:WEIGHT"))?;
+            let weight: f64 = weight
+                .parse()
+                .ok()
+                .filter(|w: &f64| w.is_finite() && *w >= 0.0)
+                .ok_or_else(|| format!("{part:?}: the weight is not a number ≥ 0"))?;
+            let mut codes = Vec::new();
+            if filter != "none" && !filter.is_empty() {
+                for name in filter.split('/').filter(|n| !n.is_empty()) {
+                    let code = PROTOCOL_NAMES
+                        .iter()
+                        .find(|(n, _)| *n == name)
+                        .map(|(_, c)| *c)
+                        .or_else(|| name.parse().ok())
+                        .ok_or_else(|| format!("{part:?}: unknown protocol {name:?}"))?;
+                    codes.push(code);
+                }
+            }
+            out.push((weight, codes));
+        }
+        if out.iter().map(|(w, _)| w).sum::<f64>() <= 0.0 {
+            return Err("no filter has a weight above 0".into());
+        }
+        Ok(Self(out))
+    }
+}
+
+impl Filters {
+    /// Draws one filter.
+    pub fn pick(&self) -> Vec<i32> {
+        let total: f64 = self.0.iter().map(|(w, _)| w).sum();
+        let mut x = rand::rng().random_range(0.0..total);
+        for (w, codes) in &self.0 {
+            if x < *w {
+                return codes.clone();
+            }
+            x -= w;
+        }
+        self.0.last().map(|(_, c)| c.clone()).unwrap_or_default()
+    }
+}
+
+/// How the service behaves.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    /// Register refuses unknown API keys instead of creating anonymous ones.
+    pub closed_registration: bool,
+    /// The allocation rules.
+    pub rules: Rules,
+    /// The protocol filters handed out.
+    pub filters: Filters,
+}
+
+/// Metric labels.
+type Labels = Vec<(&'static str, String)>;
+
+/// The service's metrics.
+#[derive(Debug, Clone)]
+struct Metrics {
+    requests: Family<Labels, Counter>,
+    durations: Family<Labels, Histogram, fn() -> Histogram>,
+    results: Family<Labels, Counter>,
+    duplicates: Counter,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0002, 2.0, 16))
+}
+
+impl Metrics {
+    fn new(registry: &mut Registry) -> Self {
+        let m = Self {
+            requests: Family::default(),
+            durations: Family::new_with_constructor(latency_histogram),
+            results: Family::default(),
+            duplicates: Counter::default(),
+        };
+        registry.register(
+            "natpunch_server_requests",
+            "gRPC requests by method and status code",
+            m.requests.clone(),
+        );
+        registry.register(
+            "natpunch_server_request_duration_seconds",
+            "gRPC request handling time by method",
+            m.durations.clone(),
+        );
+        registry.register(
+            "natpunch_server_results",
+            "Stored hole-punch results by outcome and transport",
+            m.results.clone(),
+        );
+        registry.register(
+            "natpunch_server_duplicate_reports",
+            "Reports acknowledged without storing, their idempotency key being stored already",
+            m.duplicates.clone(),
+        );
+        m
+    }
+
+    fn observe<T>(&self, method: &str, start: Instant, result: &Result<T, Status>) {
+        let code = match result {
+            Ok(_) => "OK".to_owned(),
+            Err(s) => format!("{:?}", s.code()),
+        };
+        self.requests
+            .get_or_create(&vec![("method", method.to_owned()), ("code", code)])
+            .inc();
+        self.durations
+            .get_or_create(&vec![("method", method.to_owned())])
+            .observe(start.elapsed().as_secs_f64());
+    }
+}
+
+/// `PunchrService` on `S`.
+#[derive(Debug, Clone)]
+pub struct Service<S> {
+    store: S,
+    config: Arc<Config>,
+    metrics: Metrics,
+}
+
+/// Unix nanoseconds now.
+pub fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
+fn unavailable(e: &StoreError) -> Status {
+    tracing::warn!(error = %e, "database");
+    Status::unavailable(format!("database unavailable: {e}"))
+}
+
+impl<S: Store> Service<S> {
+    /// A service on `store`, with its metrics registered in `registry`.
+    pub fn new(store: S, config: Config, registry: &mut Registry) -> Self {
+        Self {
+            store,
+            config: Arc::new(config),
+            metrics: Metrics::new(registry),
+        }
+    }
+
+    /// The gRPC server for this service.
+    pub fn into_server(self) -> pb::punchr_service_server::PunchrServiceServer<Self> {
+        pb::punchr_service_server::PunchrServiceServer::new(self)
+    }
+
+    fn check_key_shape(key: &str) -> Result<(), Status> {
+        if key.is_empty() {
+            return Err(Status::unauthenticated(
+                "unauthorized: the API key is missing",
+            ));
+        }
+        if key.len() > MAX_KEY {
+            return Err(Status::invalid_argument("api_key: longer than 128 bytes"));
+        }
+        Ok(())
+    }
+
+    async fn authorize(&self, key: &str) -> Result<i64, Status> {
+        Self::check_key_shape(key)?;
+        self.store
+            .authorize(key)
+            .await
+            .map_err(|e| unavailable(&e))?
+            .ok_or_else(|| Status::unauthenticated("unauthorized: unknown API key"))
+    }
+
+    async fn do_register(&self, r: pb::RegisterRequest) -> Result<pb::RegisterResponse, Status> {
+        Self::check_key_shape(&r.api_key)?;
+        let peer = peer_id(&r.client_id, "client_id")
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let host = Host {
+            peer: &peer,
+            agent_version: &r.agent_version,
+            protocols: &r.protocols,
+        };
+        let open = !self.config.closed_registration;
+        match self.store.register(&r.api_key, open, host, now_ns()).await {
+            Ok(Some(db_peer_id)) => Ok(pb::RegisterResponse { db_peer_id }),
+            Ok(None) => Err(Status::unauthenticated(
+                "unauthorized: unknown API key (registration is closed)",
+            )),
+            Err(e) => Err(unavailable(&e)),
+        }
+    }
+
+    async fn do_get_addr_info(
+        &self,
+        r: pb::GetAddrInfoRequest,
+    ) -> Result<pb::GetAddrInfoResponse, Status> {
+        let auth = self.authorize(&r.api_key).await?;
+        let mut hosts = vec![
+            peer_id(&r.host_id, "host_id").map_err(|e| Status::invalid_argument(e.to_string()))?,
+        ];
+        for (i, h) in r.all_host_ids.iter().enumerate() {
+            let h = peer_id(h, &format!("all_host_ids[{i}]"))
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            if !hosts.contains(&h) {
+                hosts.push(h);
+            }
+        }
+        let allocated = self
+            .store
+            .allocate(auth, &hosts, self.config.rules, now_ns())
+            .await
+            .map_err(|e| unavailable(&e))?;
+        match allocated {
+            Allocated::Served(a) => {
+                let remote: PeerId = a
+                    .remote
+                    .parse()
+                    .map_err(|_| Status::internal("a stored peer ID does not parse"))?;
+                let multi_addresses = a
+                    .addrs
+                    .iter()
+                    .filter_map(|m| m.parse::<Multiaddr>().ok())
+                    .map(|m| m.to_vec())
+                    .collect();
+                Ok(pb::GetAddrInfoResponse {
+                    remote_id: remote.to_bytes(),
+                    multi_addresses,
+                    protocols: self.config.filters.pick(),
+                })
+            }
+            Allocated::NoneLeft => Err(Status::not_found("no peers to hole punch")),
+            Allocated::NotRegistered => Err(Status::failed_precondition(
+                "host_id: not registered with this API key, please restart the client",
+            )),
+        }
+    }
+
+    async fn do_track(
+        &self,
+        r: pb::TrackHolePunchRequest,
+    ) -> Result<pb::TrackHolePunchResponse, Status> {
+        let auth = self.authorize(&r.api_key).await?;
+        let report =
+            Report::from_request(&r).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        match self.store.track(auth, &report, now_ns()).await {
+            Ok(Tracked::Stored(_)) => {
+                let transport = report.transport.clone().unwrap_or_default();
+                self.metrics
+                    .results
+                    .get_or_create(&vec![
+                        ("outcome", report.outcome.to_owned()),
+                        ("transport", transport),
+                    ])
+                    .inc();
+                Ok(pb::TrackHolePunchResponse {})
+            }
+            Ok(Tracked::Duplicate(_)) => {
+                self.metrics.duplicates.inc();
+                Ok(pb::TrackHolePunchResponse {})
+            }
+            Ok(Tracked::NotRegistered) => Err(Status::failed_precondition(
+                "client_id: not registered with this API key, please restart the client",
+            )),
+            Err(e) => Err(unavailable(&e)),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl<S: Store> pb::punchr_service_server::PunchrService for Service<S> {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let start = Instant::now();
+        let result = self.do_register(request.into_inner()).await;
+        self.metrics.observe("Register", start, &result);
+        result.map(Response::new)
+    }
+
+    async fn get_addr_info(
+        &self,
+        request: Request<pb::GetAddrInfoRequest>,
+    ) -> Result<Response<pb::GetAddrInfoResponse>, Status> {
+        let start = Instant::now();
+        let result = self.do_get_addr_info(request.into_inner()).await;
+        self.metrics.observe("GetAddrInfo", start, &result);
+        result.map(Response::new)
+    }
+
+    async fn track_hole_punch(
+        &self,
+        request: Request<pb::TrackHolePunchRequest>,
+    ) -> Result<Response<pb::TrackHolePunchResponse>, Status> {
+        let start = Instant::now();
+        let result = self.do_track(request.into_inner()).await;
+        self.metrics.observe("TrackHolePunch", start, &result);
+        result.map(Response::new)
+    }
+}
+
+/// TLS material for the server, PEM encoded.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    /// The certificate chain.
+    pub cert: Vec<u8>,
+    /// The private key.
+    pub key: Vec<u8>,
+}
+
+/// Serves `service` on `listener` (with TLS when given) until `shutdown` completes; requests
+/// in flight are finished first.
+pub async fn serve<S: Store>(
+    service: Service<S>,
+    listener: tokio::net::TcpListener,
+    tls: Option<Tls>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let mut builder = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .timeout(Duration::from_secs(30));
+    if let Some(tls) = tls {
+        let identity = tonic::transport::Identity::from_pem(tls.cert, tls.key);
+        builder =
+            builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
+    }
+    builder
+        .add_service(service.into_server())
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
+        .await
+}
+
+/// Serves `/metrics` and `/health` for `registry` on `listener` until dropped.
+pub async fn serve_telemetry(listener: tokio::net::TcpListener, registry: Registry) {
+    p2p::telemetry::serve(listener, Arc::new(Mutex::new(registry))).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_parse_names_and_codes_and_draw_by_weight() {
+        let f: Filters = "ip4/tcp:1,4/461:0,none:0".parse().expect("filters");
+        assert_eq!(f.0[0], (1.0, vec![4, 6]));
+        assert_eq!(f.0[1], (0.0, vec![4, 461]));
+        for _ in 0..50 {
+            assert_eq!(f.pick(), vec![4, 6], "only the weighted filter is drawn");
+        }
+        assert!("ip4/tcp".parse::<Filters>().is_err());
+        assert!("ip4/carrier-pigeon:1".parse::<Filters>().is_err());
+        assert!("none:0".parse::<Filters>().is_err());
+        let d = Filters::default();
+        assert!(d.0.iter().any(|(_, c)| c.contains(&461)));
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..400 {
+            seen.insert(d.pick());
+        }
+        assert_eq!(seen.len(), 5, "every default filter is drawn: {seen:?}");
+    }
+}
