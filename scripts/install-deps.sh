@@ -5,7 +5,9 @@ set -euo pipefail
 
 # miniupnpd-nftables before miniupnpd: it satisfies miniupnpd's backend dependency the way
 # Debian recommends (nftables, not iptables).
-packages=(iproute2 nftables iptables conntrack procps coturn miniupnpd-nftables miniupnpd)
+# postgresql: the measurement store's second backend; tests and `bench server` run private
+# servers of their own, so the package's service is not started at install.
+packages=(iproute2 nftables iptables conntrack procps coturn miniupnpd-nftables miniupnpd postgresql)
 
 missing=()
 for p in "${packages[@]}"; do
@@ -18,8 +20,22 @@ if ((${#missing[@]})); then
   fi
   echo "installing: ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
+  # Packages must not start their services (miniupnpd, coturn, PostgreSQL): natpunch runs its
+  # own instances. policy-rc.d answering 101 is Debian's way to say so.
+  policy=""
+  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+    policy=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod +x "$policy"
+  fi
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  status=0
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || status=$?
+  [[ -n $policy ]] && rm -f "$policy"
+  if ((status)); then
+    echo "apt-get install failed ($status)" >&2
+    exit "$status"
+  fi
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

@@ -7,10 +7,12 @@
 //! - [`report`]: validation of hole-punch reports, naming the first field that is wrong.
 //! - [`store`]: the [`store::Store`] trait and its SQLite and PostgreSQL backend.
 //! - [`postgres`]: a private PostgreSQL server (tests, benchmarks, lab campaigns).
+//! - [`sample`]: a realistic report, for benchmarks and tests.
 //! - [`server`]: the gRPC service on a store, its metrics, and the serving loops.
 
 pub mod postgres;
 pub mod report;
+pub mod sample;
 pub mod server;
 pub mod store;
 

@@ -30,17 +30,15 @@ const MAX_KEY: usize = 128;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Filters(Vec<(f64, Vec<i32>)>);
 
+/// punchr's mix of filters (four at 15 % each, none at 40 %), with QUIC as quic-v1 (461): the
+/// draft-29 code (460) that punchr used is gone from current libp2p releases.
+pub const DEFAULT_FILTERS: &str = "ip4/tcp:15,ip4/quic-v1:15,ip6/tcp:15,ip6/quic-v1:15,none:40";
+
 impl Default for Filters {
-    /// punchr's mix (four filters at 15 % each, none at 40 %), with QUIC as quic-v1 (461): the
-    /// draft-29 code (460) that punchr used is gone from current libp2p releases.
     fn default() -> Self {
-        Self(vec![
-            (15.0, vec![4, 6]),
-            (15.0, vec![4, 461]),
-            (15.0, vec![41, 6]),
-            (15.0, vec![41, 461]),
-            (40.0, vec![]),
-        ])
+        DEFAULT_FILTERS
+            .parse()
+            .unwrap_or_else(|_| Self(vec![(1.0, Vec::new())]))
     }
 }
 
@@ -418,6 +416,7 @@ mod tests {
         assert!("ip4/carrier-pigeon:1".parse::<Filters>().is_err());
         assert!("none:0".parse::<Filters>().is_err());
         let d = Filters::default();
+        assert_eq!(d.0.len(), 5, "the default spec parses");
         assert!(d.0.iter().any(|(_, c)| c.contains(&461)));
         let mut seen = std::collections::HashSet::new();
         for _ in 0..400 {

@@ -8,6 +8,7 @@ use api::pb;
 use api::pb::punchr_service_client::PunchrServiceClient;
 use api::postgres::TempPostgres;
 use api::report::{Addr, Report};
+use api::sample::{self, relay_addr};
 use api::server::{Config, Service, now_ns};
 use api::store::{Allocated, Backend, ConnectionEvent, Host, Rules, SqlStore, Store as _, Tracked};
 use libp2p::identity::Keypair;
@@ -19,12 +20,6 @@ const MIN: i64 = 60_000_000_000;
 
 fn peer() -> PeerId {
     Keypair::generate_ed25519().public().to_peer_id()
-}
-
-fn relay_addr(relay: PeerId, port: u16) -> Multiaddr {
-    format!("/ip4/198.51.100.7/udp/{port}/quic-v1/p2p/{relay}/p2p-circuit")
-        .parse()
-        .expect("maddr")
 }
 
 /// A directory removed when dropped.
@@ -305,99 +300,6 @@ async fn allocation_follows_recency_cap_and_per_client_dedup() {
     .await;
 }
 
-/// A report with every field punchr's Go client fills, and natpunch's extras.
-fn full_request(
-    client: PeerId,
-    remote: PeerId,
-    relay: PeerId,
-    key: Option<&str>,
-) -> pb::TrackHolePunchRequest {
-    let t0: u64 = 1_795_303_375_400_000_000;
-    let served = relay_addr(relay, 4001);
-    let direct: Multiaddr = "/ip4/198.51.100.20/udp/50000/quic-v1"
-        .parse()
-        .expect("maddr");
-    pb::TrackHolePunchRequest {
-        client_id: client.to_bytes(),
-        remote_id: remote.to_bytes(),
-        remote_multi_addresses: vec![served.to_vec()],
-        connect_started_at: t0,
-        connect_ended_at: t0 + 80_000_000,
-        hole_punch_attempts: vec![
-            pb::HolePunchAttempt {
-                opened_at: t0 + 90_000_000,
-                started_at: Some(t0 + 100_000_000),
-                ended_at: t0 + 3_100_000_000,
-                start_rtt: Some(0.104),
-                elapsed_time: 3.0,
-                outcome: pb::HolePunchAttemptOutcome::Timeout as i32,
-                error: Some(String::new()),
-                direct_dial_error: Some("dial timeout".into()),
-                multi_addresses: vec![direct.to_vec()],
-            },
-            pb::HolePunchAttempt {
-                opened_at: t0 + 3_200_000_000,
-                started_at: Some(t0 + 3_300_000_000),
-                ended_at: t0 + 3_500_000_000,
-                start_rtt: Some(0.1),
-                elapsed_time: 0.3,
-                outcome: pb::HolePunchAttemptOutcome::Success as i32,
-                error: None,
-                direct_dial_error: None,
-                multi_addresses: vec![direct.to_vec()],
-            },
-        ],
-        open_multi_addresses: vec![direct.to_vec(), served.to_vec()],
-        has_direct_conns: true,
-        error: None,
-        outcome: pb::HolePunchOutcome::Success as i32,
-        ended_at: t0 + 3_600_000_000,
-        listen_multi_addresses: vec![
-            "/ip4/192.168.1.2/udp/4001/quic-v1"
-                .parse::<Multiaddr>()
-                .expect("maddr")
-                .to_vec(),
-            "/ip4/192.168.1.2/tcp/4001"
-                .parse::<Multiaddr>()
-                .expect("maddr")
-                .to_vec(),
-        ],
-        api_key: "key".into(),
-        protocols: vec![4, 461],
-        latency_measurements: vec![pb::LatencyMeasurement {
-            remote_id: relay.to_bytes(),
-            agent_version: "relay/1".into(),
-            protocols: vec!["/libp2p/circuit/relay/0.2.0/hop".into()],
-            multi_address: "/ip4/198.51.100.7/udp/4001/quic-v1"
-                .parse::<Multiaddr>()
-                .expect("maddr")
-                .to_vec(),
-            rtts: vec![0.05, -1.0, 0.07],
-            rtt_errs: vec![String::new(), "timeout".into(), String::new()],
-            mtype: pb::LatencyMeasurementType::ToRelay as i32,
-        }],
-        network_information: Some(pb::NetworkInformation {
-            router_login_html: None,
-            router_login_html_error: Some("not checked".into()),
-            supports_ipv6: Some(false),
-            supports_ipv6_error: None,
-        }),
-        nat_mappings: vec![pb::NatMapping {
-            internal_port: 4001,
-            external_port: 40001,
-            protocol: "udp".into(),
-            addr: "198.51.100.2".into(),
-            addr_network: "ip4".into(),
-        }],
-        idempotency_key: key.map(str::to_owned),
-        technique: Some("dcutr-quic".into()),
-        time_to_direct: Some(0.27),
-        client_nat: Some("endpoint-independent/address-and-port-dependent".into()),
-        remote_nat: Some("endpoint-independent/address-dependent".into()),
-        transport: Some("quic".into()),
-    }
-}
-
 /// A column read back in a comparable form: timestamps as Unix microseconds, durations as
 /// seconds, lists as text.
 fn col(backend: Backend, expr: &str, kind: &str) -> String {
@@ -419,7 +321,7 @@ async fn a_report_round_trips_with_every_field_and_a_retry_is_not_stored_twice()
         let (client, remote, relay) = (peer(), peer(), peer());
         register(&store, "key", client).await;
         let auth = store.authorize("key").await.expect("auth").expect("key");
-        let report = Report::from_request(&full_request(client, remote, relay, Some("k-1"))).expect("valid");
+        let report = Report::from_request(&sample::report(client, remote, relay, "key", Some("k-1"))).expect("valid");
         let Tracked::Stored(id) = store.track(auth, &report, now_ns()).await.expect("track") else {
             panic!("stored");
         };
@@ -438,7 +340,7 @@ async fn a_report_round_trips_with_every_field_and_a_retry_is_not_stored_twice()
             col(b, "listen_multi_addresses_set_id", "text"),
         );
         let row = sqlx::query(&sql).bind(id).fetch_one(store.pool()).await.expect("row");
-        let t0_us: i64 = 1_795_303_375_400_000;
+        let t0_us = i64::try_from(sample::STARTED_AT / 1000).expect("µs");
         assert_eq!(row.get::<i64, _>(0), t0_us);
         assert_eq!(row.get::<i64, _>(1), t0_us + 80_000);
         assert_eq!(row.get::<i64, _>(2), t0_us + 3_600_000);
@@ -537,7 +439,7 @@ async fn a_report_round_trips_with_every_field_and_a_retry_is_not_stored_twice()
             "the retry added nothing"
         );
         // Concurrent retries of a new report: one is stored, the rest acknowledged.
-        let report = Report::from_request(&full_request(client, remote, relay, Some("k-2"))).expect("valid");
+        let report = Report::from_request(&sample::report(client, remote, relay, "key", Some("k-2"))).expect("valid");
         let tasks: Vec<_> = (0..8)
             .map(|_| {
                 let (store, report) = (store.clone(), report.clone());
@@ -557,7 +459,7 @@ async fn a_report_round_trips_with_every_field_and_a_retry_is_not_stored_twice()
         // A host registered with another key cannot report under this one.
         let stranger = peer();
         register(&store, "other", stranger).await;
-        let report = Report::from_request(&full_request(stranger, remote, relay, None)).expect("valid");
+        let report = Report::from_request(&sample::report(stranger, remote, relay, "key", None)).expect("valid");
         assert_eq!(store.track(auth, &report, now_ns()).await.expect("track"), Tracked::NotRegistered);
         assert_eq!(store.counts().await.expect("counts").results, 2);
     })
@@ -596,7 +498,7 @@ async fn invalid_reports_are_refused_naming_the_field_and_store_nothing() {
             .await
             .expect("register");
         let before = store.counts().await.expect("counts");
-        let good = full_request(host, remote, relay, None);
+        let good = sample::report(host, remote, relay, "key", None);
         type Spoil = fn(&mut pb::TrackHolePunchRequest);
         let cases: Vec<(&str, Spoil)> = vec![
             ("client_id", |r| r.client_id = b"nope".to_vec()),
@@ -789,4 +691,298 @@ async fn a_store_error_is_unavailable_not_success() {
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     task.abort();
     tokio::time::sleep(Duration::from_millis(10)).await;
+}
+
+/// Raw protobuf bytes in and out, to speak exactly as another implementation does.
+mod raw {
+    use bytes::{Buf as _, BufMut as _};
+    use tonic::Status;
+    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+
+    /// A codec that passes message bytes through untouched.
+    #[derive(Debug, Clone, Copy, Default)]
+    pub(crate) struct Bytes;
+
+    impl Encoder for Bytes {
+        type Item = Vec<u8>;
+        type Error = Status;
+        fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+            dst.put_slice(&item);
+            Ok(())
+        }
+    }
+
+    impl Decoder for Bytes {
+        type Item = Vec<u8>;
+        type Error = Status;
+        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
+            let mut out = vec![0; src.remaining()];
+            src.copy_to_slice(&mut out);
+            Ok(Some(out))
+        }
+    }
+
+    impl Codec for Bytes {
+        type Encode = Vec<u8>;
+        type Decode = Vec<u8>;
+        type Encoder = Self;
+        type Decoder = Self;
+        fn encoder(&mut self) -> Self {
+            Self
+        }
+        fn decoder(&mut self) -> Self {
+            Self
+        }
+    }
+
+    /// Protobuf writer: fields appended in the order called (Go's proto2 marshaller writes
+    /// them in tag order, repeated scalars unpacked).
+    #[derive(Debug, Default)]
+    pub(crate) struct Msg(pub(crate) Vec<u8>);
+
+    fn varint(mut v: u64, out: &mut Vec<u8>) {
+        loop {
+            let byte = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+
+    impl Msg {
+        pub(crate) fn varint(mut self, field: u64, v: u64) -> Self {
+            varint(field << 3, &mut self.0);
+            varint(v, &mut self.0);
+            self
+        }
+        pub(crate) fn bytes(mut self, field: u64, b: &[u8]) -> Self {
+            varint((field << 3) | 2, &mut self.0);
+            varint(b.len() as u64, &mut self.0);
+            self.0.extend_from_slice(b);
+            self
+        }
+        pub(crate) fn float(mut self, field: u64, f: f32) -> Self {
+            varint((field << 3) | 5, &mut self.0);
+            self.0.extend_from_slice(&f.to_le_bytes());
+            self
+        }
+    }
+
+    /// A decoded field: its number and its value (varint, or bytes for length-delimited).
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub(crate) enum Value {
+        Varint(u64),
+        Bytes(Vec<u8>),
+    }
+
+    /// Reads every field of `b` in order; only varint and length-delimited are expected.
+    pub(crate) fn fields(mut b: &[u8]) -> Vec<(u64, Value)> {
+        fn read_varint(b: &mut &[u8]) -> u64 {
+            let mut v = 0u64;
+            for shift in (0..64).step_by(7) {
+                let byte = b[0];
+                *b = &b[1..];
+                v |= u64::from(byte & 0x7f) << shift;
+                if byte & 0x80 == 0 {
+                    break;
+                }
+            }
+            v
+        }
+        let mut out = Vec::new();
+        while !b.is_empty() {
+            let key = read_varint(&mut b);
+            let value = match key & 7 {
+                0 => Value::Varint(read_varint(&mut b)),
+                2 => {
+                    let len = usize::try_from(read_varint(&mut b)).expect("length");
+                    let v = b[..len].to_vec();
+                    b = &b[len..];
+                    Value::Bytes(v)
+                }
+                other => panic!("unexpected wire type {other}"),
+            };
+            out.push((key >> 3, value));
+        }
+        out
+    }
+}
+
+#[tokio::test]
+async fn a_punchr_client_on_the_wire_registers_gets_a_peer_and_reports() {
+    use raw::{Msg, Value, fields};
+    use tonic::codegen::http::uri::PathAndQuery;
+
+    let dir = TempDir::new("wire");
+    let url = format!("sqlite://{}", dir.0.join("natpunch.db").display());
+    let store = SqlStore::open(&url).await.expect("store");
+    let config = Config {
+        filters: "ip4/tcp:1".parse().expect("filters"),
+        ..Config::default()
+    };
+    let (url, task) = serve(store.clone(), config).await;
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    let mut call = async |path: &'static str, body: Vec<u8>| {
+        grpc.ready().await.expect("ready");
+        grpc.unary(
+            tonic::Request::new(body),
+            PathAndQuery::from_static(path),
+            raw::Bytes,
+        )
+        .await
+        .map(tonic::Response::into_inner)
+    };
+
+    let (host, remote, relay) = (peer(), peer(), peer());
+    let key = "3b1c6a43-9f0e-4d6a-8c4e-000000000001";
+    let register = Msg::default()
+        .bytes(1, &host.to_bytes())
+        .bytes(2, b"punchr/go-client/0.8.0")
+        .bytes(3, b"/ipfs/id/1.0.0")
+        .bytes(3, b"/libp2p/dcutr")
+        .bytes(4, key.as_bytes());
+    let answer = call("/PunchrService/Register", register.0)
+        .await
+        .expect("register");
+    let [(1, Value::Varint(db_id))] = fields(&answer)[..] else {
+        panic!("RegisterResponse is field 1, a varint: {answer:?}");
+    };
+    assert!(db_id > 0);
+
+    let served = relay_addr(relay, 4001);
+    seen(
+        &store,
+        peer(),
+        remote,
+        std::slice::from_ref(&served),
+        now_ns() - MIN,
+    )
+    .await;
+    let ask = Msg::default()
+        .bytes(1, &host.to_bytes())
+        .bytes(2, &host.to_bytes())
+        .bytes(3, key.as_bytes());
+    let answer = call("/PunchrService/GetAddrInfo", ask.0)
+        .await
+        .expect("a peer");
+    assert_eq!(
+        fields(&answer),
+        vec![
+            (1, Value::Bytes(remote.to_bytes())),
+            (2, Value::Bytes(served.to_vec())),
+            // proto2 repeated scalars are unpacked: one field per code.
+            (3, Value::Varint(4)),
+            (3, Value::Varint(6)),
+        ]
+    );
+
+    // The report, field by field as the Go client writes it.
+    let t0 = sample::STARTED_AT;
+    let direct: Multiaddr = "/ip4/198.51.100.20/tcp/4001".parse().expect("maddr");
+    let attempt = Msg::default()
+        .varint(1, t0 + 90_000_000)
+        .varint(2, t0 + 100_000_000)
+        .varint(3, t0 + 400_000_000)
+        .float(4, 0.104)
+        .float(5, 0.31)
+        .varint(6, 6)
+        .bytes(7, b"")
+        .bytes(8, b"")
+        .bytes(9, &direct.to_vec());
+    let latency = Msg::default()
+        .bytes(1, &relay.to_bytes())
+        .bytes(2, b"relay/1")
+        .bytes(4, &served.to_vec())
+        .float(5, 0.05)
+        .float(5, -1.0)
+        .bytes(6, b"")
+        .bytes(6, b"timeout")
+        .varint(7, 0);
+    let network = Msg::default().varint(3, 0).bytes(4, b"no ipv6 route");
+    let mapping = Msg::default()
+        .varint(1, 4001)
+        .varint(2, 40001)
+        .bytes(3, b"tcp")
+        .bytes(4, b"198.51.100.2")
+        .bytes(5, b"ip4");
+    let report = Msg::default()
+        .bytes(1, &host.to_bytes())
+        .bytes(2, &remote.to_bytes())
+        .bytes(3, &served.to_vec())
+        .varint(4, t0)
+        .varint(5, t0 + 80_000_000)
+        .bytes(6, &attempt.0)
+        .bytes(7, &direct.to_vec())
+        .varint(8, 1)
+        .varint(10, 6)
+        .varint(11, t0 + 500_000_000)
+        .bytes(
+            12,
+            &"/ip4/192.168.1.2/tcp/4001"
+                .parse::<Multiaddr>()
+                .expect("maddr")
+                .to_vec(),
+        )
+        .bytes(13, key.as_bytes())
+        .varint(14, 4)
+        .varint(14, 6)
+        .bytes(15, &latency.0)
+        .bytes(16, &network.0)
+        .bytes(17, &mapping.0);
+    let answer = call("/PunchrService/TrackHolePunch", report.0.clone())
+        .await
+        .expect("stored");
+    assert!(answer.is_empty(), "TrackHolePunchResponse is empty");
+    let counts = store.counts().await.expect("counts");
+    assert_eq!(
+        (
+            counts.results,
+            counts.attempts,
+            counts.latencies,
+            counts.mappings,
+            counts.networks
+        ),
+        (1, 1, 1, 1, 1)
+    );
+    let (avg, min): (f64, f64) =
+        sqlx::query_as("SELECT rtt_avg, rtt_min FROM latency_measurements")
+            .fetch_one(store.pool())
+            .await
+            .expect("latency");
+    assert!(
+        (avg - 0.05).abs() < 1e-6 && (min - 0.05).abs() < 1e-6,
+        "the -1 is not counted"
+    );
+    // Without an idempotency key a resent report is a new report, as with punchr.
+    call("/PunchrService/TrackHolePunch", report.0)
+        .await
+        .expect("stored again");
+    assert_eq!(store.counts().await.expect("counts").results, 2);
+    // A report missing its required timestamps is refused (punchr answered success).
+    let incomplete = Msg::default()
+        .bytes(1, &host.to_bytes())
+        .bytes(2, &remote.to_bytes())
+        .varint(8, 0)
+        .varint(10, 5)
+        .bytes(13, key.as_bytes());
+    let status = call("/PunchrService/TrackHolePunch", incomplete.0)
+        .await
+        .expect_err("incomplete");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(status.message(), "connect_started_at: missing");
+    // Undecodable bytes are refused by the codec.
+    let status = call("/PunchrService/TrackHolePunch", vec![0x0a, 0xff])
+        .await
+        .expect_err("garbage");
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    assert_eq!(store.counts().await.expect("counts").results, 2);
+    task.abort();
 }

@@ -8,6 +8,7 @@ mod matrix;
 mod nat;
 mod peer;
 mod relay;
+mod server;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -52,6 +53,9 @@ enum Command {
     /// A libp2p peer that hole-punches through a relay (DCUtR over TCP and QUIC).
     #[command(subcommand, display_order = 41)]
     Peer(peer::PeerCommand),
+    /// The measurement server: punchr-compatible gRPC API on SQLite or PostgreSQL.
+    #[command(display_order = 50)]
+    Server(server::ServerArgs),
     /// Benchmarks, each against a baseline in the same run.
     #[command(subcommand, display_order = 90)]
     Bench(bench::BenchCommand),
@@ -70,6 +74,7 @@ fn main() -> ExitCode {
         Command::Map(cmd) => map::run(cmd),
         Command::Relay(args) => relay::run(args),
         Command::Peer(cmd) => peer::run(cmd),
+        Command::Server(args) => server::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     };
     match result {

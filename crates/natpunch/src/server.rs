@@ -1,0 +1,193 @@
+//! `natpunch server`: the punchr-compatible measurement server (gRPC `PunchrService`) on
+//! SQLite or PostgreSQL, with `/metrics` and `/health` on a telemetry port.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use api::server::{Config, Filters, Service, Tls};
+use api::store::{Backend, Rules, SqlStore};
+use clap::Args;
+use clap::builder::BoolishValueParser;
+
+#[derive(Debug, Args)]
+#[command(after_help = "punchr's Go and Rust clients work unchanged: point them at this server \
+(Go: --server-host H --server-port 10000 --server-ssl=false, or give this server --tls-cert and \
+--tls-key). Unknown API keys register as anonymous, as with punchr, unless \
+--closed-registration is given.")]
+pub(crate) struct ServerArgs {
+    /// Address to listen on for gRPC.
+    #[arg(long, env = "NATPUNCH_SERVER_LISTEN_IP", default_value = "0.0.0.0")]
+    listen_ip: IpAddr,
+    /// gRPC port; 0 picks a free one (printed at start).
+    #[arg(long, env = "NATPUNCH_SERVER_PORT", default_value_t = 10000)]
+    port: u16,
+    /// Host of the telemetry port (/metrics, /health).
+    #[arg(long, env = "NATPUNCH_SERVER_TELEMETRY_HOST", default_value = "localhost")]
+    telemetry_host: String,
+    /// Telemetry port; 0 turns it off.
+    #[arg(long, env = "NATPUNCH_SERVER_TELEMETRY_PORT", default_value_t = 10001)]
+    telemetry_port: u16,
+    /// The database: sqlite://FILE (created on first start) or postgres://USER@HOST/DB.
+    #[arg(
+        long,
+        env = "NATPUNCH_DATABASE_URL",
+        default_value = "sqlite://natpunch.db"
+    )]
+    database_url: String,
+    /// TLS certificate chain (PEM); with --tls-key, the server speaks TLS only.
+    #[arg(long, env = "NATPUNCH_SERVER_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "NATPUNCH_SERVER_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Refuse API keys that are not in the database yet (punchr creates them as anonymous).
+    #[arg(long, env = "NATPUNCH_SERVER_CLOSED_REGISTRATION", value_parser = BoolishValueParser::new())]
+    closed_registration: bool,
+    /// Protocol filters handed out with peers, FILTER:WEIGHT,… where FILTER is protocols
+    /// joined by `/` (ip4, ip6, tcp, udp, quic, quic-v1, webtransport, or codes) or `none`.
+    /// punchr's mix used draft-29 QUIC: ip4/tcp:15,ip4/quic:15,ip6/tcp:15,ip6/quic:15,none:40.
+    #[arg(
+        long,
+        env = "NATPUNCH_SERVER_PROTOCOL_FILTERS",
+        default_value = api::server::DEFAULT_FILTERS
+    )]
+    protocol_filters: Filters,
+    /// Only peers the honeypot saw within this many seconds are handed out.
+    #[arg(long, default_value_t = Rules::default().recency.as_secs())]
+    recency_secs: u64,
+    /// A peer is handed out at most this many times …
+    #[arg(long, default_value_t = Rules::default().per_remote)]
+    per_remote: u32,
+    /// … within this many seconds.
+    #[arg(long, default_value_t = Rules::default().per_remote_window.as_secs())]
+    per_remote_secs: u64,
+    /// A peer and address are not handed to the same client (any of its hosts) again within
+    /// this many seconds.
+    #[arg(long, default_value_t = Rules::default().dedup_window.as_secs())]
+    dedup_secs: u64,
+    /// Print start and stop as JSON objects, one per line.
+    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
+    json: bool,
+}
+
+/// `url` without its password.
+pub(crate) fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((credentials, host)) = rest.split_once('@') else {
+        return url.to_owned();
+    };
+    match credentials.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+pub(crate) fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: ServerArgs) -> anyhow::Result<ExitCode> {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(Tls {
+            cert: std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?,
+            key: std::fs::read(key).with_context(|| format!("reading {}", key.display()))?,
+        }),
+        _ => None,
+    };
+    let shown_url = redact(&args.database_url);
+    let store = SqlStore::open(&args.database_url)
+        .await
+        .with_context(|| format!("opening the database {shown_url}"))?;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let config = Config {
+        closed_registration: args.closed_registration,
+        rules: Rules {
+            recency: Duration::from_secs(args.recency_secs),
+            per_remote: args.per_remote,
+            per_remote_window: Duration::from_secs(args.per_remote_secs),
+            dedup_window: Duration::from_secs(args.dedup_secs),
+        },
+        filters: args.protocol_filters.clone(),
+    };
+    let service = Service::new(store.clone(), config, &mut registry);
+    let telemetry = if args.telemetry_port == 0 {
+        None
+    } else {
+        let addr = tokio::net::lookup_host((args.telemetry_host.as_str(), args.telemetry_port))
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+            .with_context(|| format!("resolving the telemetry host {}", args.telemetry_host))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the telemetry port {addr}"))?;
+        let bound = listener.local_addr()?;
+        tokio::spawn(api::server::serve_telemetry(listener, registry));
+        Some(bound)
+    };
+    let addr = SocketAddr::new(args.listen_ip, args.port);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the gRPC port {addr}"))?;
+    let bound = listener.local_addr()?;
+    let backend = match store.backend() {
+        Backend::Sqlite => "sqlite",
+        Backend::Postgres => "postgres",
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "event": "listening",
+                "grpc": bound.to_string(),
+                "tls": tls.is_some(),
+                "database": shown_url,
+                "backend": backend,
+                "telemetry": telemetry.map(|t| t.to_string()),
+            })
+        );
+    } else {
+        println!(
+            "server: PunchrService on {bound} ({}), database {shown_url} ({backend})",
+            if tls.is_some() { "TLS" } else { "plaintext" }
+        );
+        if let Some(t) = telemetry {
+            println!("server: metrics on http://{t}/metrics, health on http://{t}/health");
+        }
+    }
+    api::server::serve(service, listener, tls, crate::stop_signal())
+        .await
+        .context("serving gRPC")?;
+    // Requests in flight have finished; their transactions are committed.
+    store.close().await;
+    if args.json {
+        println!("{}", serde_json::json!({"event": "stopped"}));
+    } else {
+        println!("server: stopped");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_not_printed() {
+        assert_eq!(
+            redact("postgres://punchr:secret@db:5432/punchr"),
+            "postgres://punchr:***@db:5432/punchr"
+        );
+        assert_eq!(redact("postgres://natpunch@db/x"), "postgres://natpunch@db/x");
+        assert_eq!(redact("sqlite://natpunch.db"), "sqlite://natpunch.db");
+    }
+}
