@@ -370,6 +370,13 @@ pub struct Tls {
     pub key: Vec<u8>,
 }
 
+/// Installs the process's TLS crypto provider (ring) unless one is installed already. libp2p's
+/// QUIC brings a second provider into the build, so rustls cannot pick one by itself; every
+/// TLS user of the process (the server here, a client in tests) needs this first.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Serves `service` on `listener` (with TLS when given) until `shutdown` completes; requests
 /// in flight are finished first.
 pub async fn serve<S: Store>(
@@ -382,6 +389,7 @@ pub async fn serve<S: Store>(
         .tcp_nodelay(true)
         .timeout(Duration::from_secs(30));
     if let Some(tls) = tls {
+        install_tls_provider();
         let identity = tonic::transport::Identity::from_pem(tls.cert, tls.key);
         builder =
             builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;

@@ -276,14 +276,14 @@ macro_rules! statements {
 statements! {
     authorize = "SELECT id FROM authorizations WHERE api_key = $1";
     insert_authorization = "INSERT INTO authorizations (api_key, username, created_at) \
-        VALUES ($1, 'anonymous', {ts $2}) \
-        ON CONFLICT (api_key) DO UPDATE SET api_key = excluded.api_key RETURNING id";
+        VALUES ($1, 'anonymous', {ts $2}) ON CONFLICT (api_key) DO NOTHING RETURNING id";
     find_peer = "SELECT id FROM peers WHERE multi_hash = $1";
     insert_peer = "INSERT INTO peers (multi_hash, updated_at, created_at) \
-        VALUES ($1, {ts $2}, {ts $2}) \
-        ON CONFLICT (multi_hash) DO UPDATE SET multi_hash = excluded.multi_hash RETURNING id";
+        VALUES ($1, {ts $2}, {ts $2}) ON CONFLICT (multi_hash) DO NOTHING RETURNING id";
+    /// Only when something changed: an update locks the row until the transaction ends.
     update_peer = "UPDATE peers SET agent_version = $2, protocols = {text[] $3}, \
-        updated_at = {ts $4} WHERE id = $1";
+        updated_at = {ts $4} WHERE id = $1 AND (agent_version IS DISTINCT FROM $2 \
+        OR protocols IS DISTINCT FROM {text[] $3})";
     insert_client = "INSERT INTO clients (peer_id, authorization_id, created_at) \
         VALUES ($1, $2, {ts $3}) ON CONFLICT (peer_id, authorization_id) DO NOTHING";
     client_peer = "SELECT p.id FROM peers p JOIN clients c ON c.peer_id = p.id \
@@ -321,10 +321,10 @@ statements! {
     find_maddr = "SELECT id FROM multi_addresses WHERE maddr = $1";
     insert_maddr = "INSERT INTO multi_addresses (maddr, addr, transport, is_relay, is_public, \
         updated_at, created_at) VALUES ($1, {inet $2}, $3, $4, $5, {ts $6}, {ts $6}) \
-        ON CONFLICT (maddr) DO UPDATE SET updated_at = excluded.updated_at RETURNING id";
-    upsert_set = "INSERT INTO multi_addresses_sets (digest, multi_addresses_ids) \
-        VALUES ($1, {bigint[] $2}) \
-        ON CONFLICT (digest) DO UPDATE SET digest = excluded.digest RETURNING id";
+        ON CONFLICT (maddr) DO NOTHING RETURNING id";
+    find_set = "SELECT id FROM multi_addresses_sets WHERE digest = $1";
+    insert_set = "INSERT INTO multi_addresses_sets (digest, multi_addresses_ids) \
+        VALUES ($1, {bigint[] $2}) ON CONFLICT (digest) DO NOTHING RETURNING id";
     insert_result = "INSERT INTO hole_punch_results (local_id, remote_id, authorization_id, \
         connect_started_at, connect_ended_at, has_direct_conns, error, outcome, ended_at, \
         protocol_filters, listen_multi_addresses_set_id, idempotency_key, technique, \
@@ -489,19 +489,8 @@ impl SqlStore {
         peer: &str,
         now: i64,
     ) -> Result<i64, StoreError> {
-        if let Some(row) = sqlx::query(&self.sql.find_peer)
-            .bind(peer)
-            .fetch_optional(&mut **tx)
-            .await?
-        {
-            return Ok(row.try_get(0)?);
-        }
-        let row = sqlx::query(&self.sql.insert_peer)
-            .bind(peer)
-            .bind(now)
-            .fetch_one(&mut **tx)
-            .await?;
-        Ok(row.try_get(0)?)
+        let insert = sqlx::query(&self.sql.insert_peer).bind(peer).bind(now);
+        find_or_insert(tx, &self.sql.find_peer, peer, insert).await
     }
 
     async fn update_peer(
@@ -528,23 +517,14 @@ impl SqlStore {
         addr: &Addr,
         now: i64,
     ) -> Result<i64, StoreError> {
-        if let Some(row) = sqlx::query(&self.sql.find_maddr)
-            .bind(&addr.maddr)
-            .fetch_optional(&mut **tx)
-            .await?
-        {
-            return Ok(row.try_get(0)?);
-        }
-        let row = sqlx::query(&self.sql.insert_maddr)
+        let insert = sqlx::query(&self.sql.insert_maddr)
             .bind(&addr.maddr)
             .bind(addr.ip.as_deref())
             .bind(addr.transport.as_deref())
             .bind(addr.is_relay)
             .bind(addr.is_public)
-            .bind(now)
-            .fetch_one(&mut **tx)
-            .await?;
-        Ok(row.try_get(0)?)
+            .bind(now);
+        find_or_insert(tx, &self.sql.find_maddr, addr.maddr.as_str(), insert).await
     }
 
     async fn maddrs(
@@ -597,12 +577,10 @@ impl SqlStore {
         let ids: Vec<i64> = set.into_iter().collect();
         let key = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(":");
         let digest = sha2::Sha256::digest(key.as_bytes()).to_vec();
-        let set_id: i64 = sqlx::query(&self.sql.upsert_set)
-            .bind(digest)
-            .bind(json(&ids))
-            .fetch_one(&mut **tx)
-            .await?
-            .try_get(0)?;
+        let insert = sqlx::query(&self.sql.insert_set)
+            .bind(digest.clone())
+            .bind(json(&ids));
+        let set_id = find_or_insert(tx, &self.sql.find_set, digest, insert).await?;
         let id: i64 = sqlx::query(&self.sql.insert_result)
             .bind(local)
             .bind(remote)
@@ -716,9 +694,213 @@ impl SqlStore {
     }
 }
 
+/// The id of the row `find` selects by `key`, inserted by `insert` (`ON CONFLICT DO NOTHING
+/// RETURNING id`) when missing. Neither statement locks an existing row, so transactions that
+/// share rows (peers, addresses) do not queue behind each other or deadlock.
+async fn find_or_insert<'q, K>(
+    tx: &mut Transaction<'static, Any>,
+    find: &'q str,
+    key: K,
+    insert: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
+) -> Result<i64, StoreError>
+where
+    K: 'q + Send + Clone + sqlx::Encode<'q, Any> + sqlx::Type<Any>,
+{
+    let select = async |tx: &mut Transaction<'static, Any>| -> Result<Option<i64>, StoreError> {
+        Ok(sqlx::query(find)
+            .bind(key.clone())
+            .fetch_optional(&mut **tx)
+            .await?
+            .map(|row| row.try_get(0))
+            .transpose()?)
+    };
+    if let Some(id) = select(tx).await? {
+        return Ok(id);
+    }
+    if let Some(row) = insert.fetch_optional(&mut **tx).await? {
+        return Ok(row.try_get(0)?);
+    }
+    // Inserted meanwhile by a transaction that has committed since.
+    select(tx)
+        .await?
+        .ok_or_else(|| StoreError::Database(sqlx::Error::RowNotFound))
+}
+
+/// Whether `e` is a deadlock or serialization failure, after which the transaction is run
+/// again.
+fn is_transient(e: &StoreError) -> bool {
+    matches!(e, StoreError::Database(sqlx::Error::Database(d))
+        if matches!(d.code().as_deref(), Some("40P01" | "40001")))
+}
+
+/// How many times a transaction is tried.
+const TRIES: u32 = 5;
+
+/// The pause before try `n` (1-based) of a transaction that failed transiently.
+fn backoff(n: u32) -> Duration {
+    Duration::from_millis(5 << n.min(6))
+}
+
 /// Whether `e` is a unique-constraint violation.
 fn is_unique_violation(e: &StoreError) -> bool {
     matches!(e, StoreError::Database(sqlx::Error::Database(d)) if d.is_unique_violation())
+}
+
+/// Runs a transaction (an async expression, evaluated again for each try) until it succeeds,
+/// fails for good, or has been tried [`TRIES`] times.
+macro_rules! retrying {
+    ($transaction:expr) => {{
+        let mut n = 1;
+        loop {
+            match $transaction.await {
+                Err(e) if n < TRIES && is_transient(&e) => {
+                    tracing::debug!(error = %e, try_number = n, "transaction tried again");
+                    tokio::time::sleep(backoff(n)).await;
+                    n += 1;
+                }
+                other => break other,
+            }
+        }
+    }};
+}
+
+/// The transactions, each run whole by the [`Store`] methods.
+impl SqlStore {
+    async fn register_tx(
+        &self,
+        api_key: &str,
+        known: Option<i64>,
+        host: Host<'_>,
+        now: i64,
+    ) -> Result<i64, StoreError> {
+        let (mut tx, _turn) = self.begin().await?;
+        let auth: i64 = match known {
+            Some(a) => a,
+            None => {
+                let insert = sqlx::query(&self.sql.insert_authorization)
+                    .bind(api_key)
+                    .bind(now);
+                find_or_insert(&mut tx, &self.sql.authorize, api_key, insert).await?
+            }
+        };
+        let peer = self.peer(&mut tx, host.peer, now).await?;
+        self.update_peer(&mut tx, peer, host.agent_version, host.protocols, now)
+            .await?;
+        sqlx::query(&self.sql.insert_client)
+            .bind(peer)
+            .bind(auth)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(peer)
+    }
+
+    /// Allocates `remote` to `local` if it is still eligible, checked again under the remote's
+    /// lock (another request may have taken it since the candidates were listed).
+    #[allow(clippy::too_many_arguments, reason = "one transaction's inputs")]
+    async fn allocate_tx(
+        &self,
+        auth: i64,
+        local: i64,
+        remote: i64,
+        host_ids: &[i64],
+        rules: Rules,
+        now: i64,
+    ) -> Result<Option<Allocation>, StoreError> {
+        let (mut tx, _turn) = self.begin().await?;
+        if self.backend == Backend::Postgres {
+            sqlx::query(&self.sql.lock_peer)
+                .bind(remote)
+                .fetch_optional(&mut *tx)
+                .await?;
+        }
+        let rows = self
+            .candidates(&mut tx, host_ids, Some(remote), rules, now)
+            .await?;
+        if rows.is_empty() {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        let mut name = String::new();
+        let mut addrs = BTreeSet::new();
+        for row in &rows {
+            name = row.try_get(1)?;
+            addrs.insert((row.try_get::<String, _>(3)?, row.try_get::<i64, _>(2)?));
+        }
+        let allocation: i64 = sqlx::query(&self.sql.insert_allocation)
+            .bind(local)
+            .bind(remote)
+            .bind(auth)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+        for (_, maddr) in &addrs {
+            sqlx::query(&self.sql.link_allocation)
+                .bind(allocation)
+                .bind(*maddr)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(Some(Allocation {
+            remote: name,
+            addrs: addrs.into_iter().map(|(m, _)| m).collect(),
+        }))
+    }
+
+    async fn track_tx(&self, auth: i64, report: &Report, now: i64) -> Result<Tracked, StoreError> {
+        let (mut tx, _turn) = self.begin().await?;
+        let Some(local) = sqlx::query(&self.sql.client_peer)
+            .bind(&report.client)
+            .bind(auth)
+            .fetch_optional(&mut *tx)
+            .await?
+        else {
+            tx.rollback().await?;
+            return Ok(Tracked::NotRegistered);
+        };
+        let local: i64 = local.try_get(0)?;
+        let id = self.store_report(&mut tx, auth, local, report, now).await?;
+        tx.commit().await?;
+        Ok(Tracked::Stored(id))
+    }
+
+    async fn record_tx(&self, e: &ConnectionEvent, now: i64) -> Result<i64, StoreError> {
+        let (mut tx, _turn) = self.begin().await?;
+        let local = self.peer(&mut tx, &e.local, now).await?;
+        let remote = self.peer(&mut tx, &e.remote, now).await?;
+        if let Some(agent) = &e.agent_version {
+            self.update_peer(&mut tx, remote, agent, &e.protocols, now)
+                .await?;
+        }
+        let conn = self.maddr(&mut tx, &e.conn_addr, now).await?;
+        let id: i64 = sqlx::query(&self.sql.insert_connection)
+            .bind(local)
+            .bind(remote)
+            .bind(conn)
+            .bind(e.opened_at)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+        let advertised: Vec<Addr> = e
+            .addrs
+            .iter()
+            .filter(|a| a.maddr != e.conn_addr.maddr)
+            .cloned()
+            .collect();
+        for m in self.maddrs(&mut tx, &advertised, now).await? {
+            sqlx::query(&self.sql.link_connection)
+                .bind(id)
+                .bind(m)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(id)
+    }
 }
 
 impl Store for SqlStore {
@@ -742,27 +924,7 @@ impl Store for SqlStore {
         if known.is_none() && !open {
             return Ok(None);
         }
-        let (mut tx, _turn) = self.begin().await?;
-        let auth: i64 = match known {
-            Some(a) => a,
-            None => sqlx::query(&self.sql.insert_authorization)
-                .bind(api_key)
-                .bind(now)
-                .fetch_one(&mut *tx)
-                .await?
-                .try_get(0)?,
-        };
-        let peer = self.peer(&mut tx, host.peer, now).await?;
-        self.update_peer(&mut tx, peer, host.agent_version, host.protocols, now)
-            .await?;
-        sqlx::query(&self.sql.insert_client)
-            .bind(peer)
-            .bind(auth)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(Some(peer))
+        retrying!(self.register_tx(api_key, known, host, now)).map(Some)
     }
 
     async fn allocate(
@@ -798,123 +960,35 @@ impl Store for SqlStore {
             .into_iter()
             .collect();
         peers.shuffle(&mut rand::rng());
-        // Another request may have taken a candidate meanwhile: check again under the remote's
-        // lock and move on to the next one if so.
         for remote in peers {
-            let (mut tx, _turn) = self.begin().await?;
-            if self.backend == Backend::Postgres {
-                sqlx::query(&self.sql.lock_peer)
-                    .bind(remote)
-                    .fetch_optional(&mut *tx)
-                    .await?;
+            if let Some(a) =
+                retrying!(self.allocate_tx(auth, local, remote, &host_ids, rules, now))?
+            {
+                return Ok(Allocated::Served(a));
             }
-            let rows = self
-                .candidates(&mut tx, &host_ids, Some(remote), rules, now)
-                .await?;
-            if rows.is_empty() {
-                tx.rollback().await?;
-                continue;
-            }
-            let mut name = String::new();
-            let mut addrs = BTreeSet::new();
-            for row in &rows {
-                name = row.try_get(1)?;
-                addrs.insert((row.try_get::<String, _>(3)?, row.try_get::<i64, _>(2)?));
-            }
-            let allocation: i64 = sqlx::query(&self.sql.insert_allocation)
-                .bind(local)
-                .bind(remote)
-                .bind(auth)
-                .bind(now)
-                .fetch_one(&mut *tx)
-                .await?
-                .try_get(0)?;
-            for (_, maddr) in &addrs {
-                sqlx::query(&self.sql.link_allocation)
-                    .bind(allocation)
-                    .bind(*maddr)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            tx.commit().await?;
-            return Ok(Allocated::Served(Allocation {
-                remote: name,
-                addrs: addrs.into_iter().map(|(m, _)| m).collect(),
-            }));
         }
         Ok(Allocated::NoneLeft)
     }
 
     async fn track(&self, auth: i64, report: &Report, now: i64) -> Result<Tracked, StoreError> {
-        if let Some(key) = &report.idempotency_key
-            && let Some(id) = self.find_key(key).await?
-        {
-            return Ok(Tracked::Duplicate(id));
-        }
-        let (mut tx, turn) = self.begin().await?;
-        let Some(local) = sqlx::query(&self.sql.client_peer)
-            .bind(&report.client)
-            .bind(auth)
-            .fetch_optional(&mut *tx)
-            .await?
-        else {
-            tx.rollback().await?;
-            return Ok(Tracked::NotRegistered);
-        };
-        let local: i64 = local.try_get(0)?;
-        let stored = self.store_report(&mut tx, auth, local, report, now).await;
-        let id = match stored {
-            Ok(id) => id,
-            Err(e) => {
-                tx.rollback().await?;
-                drop(turn);
-                // The same key, stored by a concurrent request: that one counts.
-                if is_unique_violation(&e)
-                    && let Some(key) = &report.idempotency_key
-                    && let Some(id) = self.find_key(key).await?
-                {
-                    return Ok(Tracked::Duplicate(id));
-                }
-                return Err(e);
+        let duplicate = async || -> Result<Option<Tracked>, StoreError> {
+            match &report.idempotency_key {
+                Some(key) => Ok(self.find_key(key).await?.map(Tracked::Duplicate)),
+                None => Ok(None),
             }
         };
-        tx.commit().await?;
-        Ok(Tracked::Stored(id))
+        if let Some(d) = duplicate().await? {
+            return Ok(d);
+        }
+        match retrying!(self.track_tx(auth, report, now)) {
+            // The same key, stored by a concurrent request: that one counts.
+            Err(e) if is_unique_violation(&e) => duplicate().await?.ok_or(e),
+            other => other,
+        }
     }
 
     async fn record_connection(&self, e: &ConnectionEvent, now: i64) -> Result<i64, StoreError> {
-        let (mut tx, _turn) = self.begin().await?;
-        let local = self.peer(&mut tx, &e.local, now).await?;
-        let remote = self.peer(&mut tx, &e.remote, now).await?;
-        if let Some(agent) = &e.agent_version {
-            self.update_peer(&mut tx, remote, agent, &e.protocols, now)
-                .await?;
-        }
-        let conn = self.maddr(&mut tx, &e.conn_addr, now).await?;
-        let id: i64 = sqlx::query(&self.sql.insert_connection)
-            .bind(local)
-            .bind(remote)
-            .bind(conn)
-            .bind(e.opened_at)
-            .bind(now)
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get(0)?;
-        let advertised: Vec<Addr> = e
-            .addrs
-            .iter()
-            .filter(|a| a.maddr != e.conn_addr.maddr)
-            .cloned()
-            .collect();
-        for m in self.maddrs(&mut tx, &advertised, now).await? {
-            sqlx::query(&self.sql.link_connection)
-                .bind(id)
-                .bind(m)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(id)
+        retrying!(self.record_tx(e, now))
     }
 
     async fn counts(&self) -> Result<Counts, StoreError> {

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use std::io::Write as _;
+
 use anyhow::Context as _;
 use api::server::{Config, Filters, Service, Tls};
 use api::store::{Backend, Rules, SqlStore};
@@ -13,10 +15,12 @@ use clap::Args;
 use clap::builder::BoolishValueParser;
 
 #[derive(Debug, Args)]
-#[command(after_help = "punchr's Go and Rust clients work unchanged: point them at this server \
+#[command(
+    after_help = "punchr's Go and Rust clients work unchanged: point them at this server \
 (Go: --server-host H --server-port 10000 --server-ssl=false, or give this server --tls-cert and \
 --tls-key). Unknown API keys register as anonymous, as with punchr, unless \
---closed-registration is given.")]
+--closed-registration is given."
+)]
 pub(crate) struct ServerArgs {
     /// Address to listen on for gRPC.
     #[arg(long, env = "NATPUNCH_SERVER_LISTEN_IP", default_value = "0.0.0.0")]
@@ -25,7 +29,11 @@ pub(crate) struct ServerArgs {
     #[arg(long, env = "NATPUNCH_SERVER_PORT", default_value_t = 10000)]
     port: u16,
     /// Host of the telemetry port (/metrics, /health).
-    #[arg(long, env = "NATPUNCH_SERVER_TELEMETRY_HOST", default_value = "localhost")]
+    #[arg(
+        long,
+        env = "NATPUNCH_SERVER_TELEMETRY_HOST",
+        default_value = "localhost"
+    )]
     telemetry_host: String,
     /// Telemetry port; 0 turns it off.
     #[arg(long, env = "NATPUNCH_SERVER_TELEMETRY_PORT", default_value_t = 10001)]
@@ -71,6 +79,11 @@ pub(crate) struct ServerArgs {
     /// Print start and stop as JSON objects, one per line.
     #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
     json: bool,
+}
+
+/// Prints a line on stdout; a closed stdout (the reader went away) is no reason to fail.
+fn say(line: &str) {
+    let _ = writeln!(std::io::stdout(), "{line}");
 }
 
 /// `url` without its password.
@@ -144,24 +157,24 @@ async fn serve(args: ServerArgs) -> anyhow::Result<ExitCode> {
         Backend::Postgres => "postgres",
     };
     if args.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "event": "listening",
-                "grpc": bound.to_string(),
-                "tls": tls.is_some(),
-                "database": shown_url,
-                "backend": backend,
-                "telemetry": telemetry.map(|t| t.to_string()),
-            })
-        );
+        say(&serde_json::json!({
+            "event": "listening",
+            "grpc": bound.to_string(),
+            "tls": tls.is_some(),
+            "database": shown_url,
+            "backend": backend,
+            "telemetry": telemetry.map(|t| t.to_string()),
+        })
+        .to_string());
     } else {
-        println!(
+        say(&format!(
             "server: PunchrService on {bound} ({}), database {shown_url} ({backend})",
             if tls.is_some() { "TLS" } else { "plaintext" }
-        );
+        ));
         if let Some(t) = telemetry {
-            println!("server: metrics on http://{t}/metrics, health on http://{t}/health");
+            say(&format!(
+                "server: metrics on http://{t}/metrics, health on http://{t}/health"
+            ));
         }
     }
     api::server::serve(service, listener, tls, crate::stop_signal())
@@ -170,9 +183,9 @@ async fn serve(args: ServerArgs) -> anyhow::Result<ExitCode> {
     // Requests in flight have finished; their transactions are committed.
     store.close().await;
     if args.json {
-        println!("{}", serde_json::json!({"event": "stopped"}));
+        say(&serde_json::json!({"event": "stopped"}).to_string());
     } else {
-        println!("server: stopped");
+        say("server: stopped");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -187,7 +200,10 @@ mod tests {
             redact("postgres://punchr:secret@db:5432/punchr"),
             "postgres://punchr:***@db:5432/punchr"
         );
-        assert_eq!(redact("postgres://natpunch@db/x"), "postgres://natpunch@db/x");
+        assert_eq!(
+            redact("postgres://natpunch@db/x"),
+            "postgres://natpunch@db/x"
+        );
         assert_eq!(redact("sqlite://natpunch.db"), "sqlite://natpunch.db");
     }
 }

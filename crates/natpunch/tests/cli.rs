@@ -1613,3 +1613,347 @@ fn relay_refuses_a_flood_beyond_its_limits_and_keeps_existing_circuits() {
     let _ = reader.join();
     let _ = std::fs::remove_file(&key);
 }
+
+/// A `natpunch server` child, ended by its PID when dropped.
+struct ServerProc {
+    child: std::process::Child,
+    /// Kept open: the server prints its stop there.
+    _stdout: std::io::BufReader<std::process::ChildStdout>,
+    grpc: std::net::SocketAddr,
+    telemetry: Option<std::net::SocketAddr>,
+}
+
+impl ServerProc {
+    fn start(database_url: &str, extra: &[&str]) -> Self {
+        use std::io::BufRead as _;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_natpunch"))
+            .args([
+                "server",
+                "--listen-ip",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--json",
+            ])
+            .args(["--telemetry-host", "127.0.0.1"])
+            .args(["--database-url", database_url])
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("natpunch server");
+        let mut line = String::new();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        stdout.read_line(&mut line).expect("the listening line");
+        let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        assert_eq!(v["event"], "listening", "{v}");
+        Self {
+            child,
+            _stdout: stdout,
+            grpc: v["grpc"].as_str().expect("grpc").parse().expect("addr"),
+            telemetry: v["telemetry"].as_str().map(|t| t.parse().expect("addr")),
+        }
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
+        nix::sys::signal::kill(pid, signal).expect("kill");
+    }
+
+    fn wait(mut self) -> std::process::ExitStatus {
+        let status = self.child.wait().expect("wait");
+        std::mem::forget(self);
+        status
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A directory under the system's temporary one, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("natpunch-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Self(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).expect("telemetry");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("response");
+    out
+}
+
+/// Sends `keys` as reports, `tasks` at a time; returns the keys acknowledged and the keys whose
+/// request failed (the server went away), which a client keeps to send again. A sender stops
+/// at its first failure; keys never tried are neither.
+async fn send_reports(
+    grpc: std::net::SocketAddr,
+    host: libp2p::PeerId,
+    keys: Vec<String>,
+    tasks: usize,
+) -> (Vec<String>, Vec<String>) {
+    use api::pb::punchr_service_client::PunchrServiceClient;
+    use std::sync::{Arc, Mutex};
+    let queue = Arc::new(Mutex::new(keys));
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let kept = Arc::new(Mutex::new(Vec::new()));
+    let (remote, relay) = (peer_id(), peer_id());
+    let mut handles = Vec::new();
+    for _ in 0..tasks {
+        let (queue, acked, kept) = (queue.clone(), acked.clone(), kept.clone());
+        handles.push(tokio::spawn(async move {
+            let mut client = PunchrServiceClient::connect(format!("http://{grpc}"))
+                .await
+                .ok();
+            loop {
+                let Some(key) = queue.lock().expect("queue").pop() else {
+                    return;
+                };
+                let sent = match client.as_mut() {
+                    Some(c) => c
+                        .track_hole_punch(api::sample::report(
+                            host,
+                            remote,
+                            relay,
+                            "key",
+                            Some(&key),
+                        ))
+                        .await
+                        .map_err(|e| eprintln!("{key}: {e}"))
+                        .is_ok(),
+                    None => false,
+                };
+                if sent {
+                    acked.lock().expect("acked").push(key);
+                } else {
+                    kept.lock().expect("kept").push(key);
+                    return;
+                }
+            }
+        }));
+    }
+    for h in handles {
+        h.await.expect("sender");
+    }
+    let acked = acked.lock().expect("acked").clone();
+    let kept = kept.lock().expect("kept").clone();
+    (acked, kept)
+}
+
+fn peer_id() -> libp2p::PeerId {
+    libp2p::identity::Keypair::generate_ed25519()
+        .public()
+        .to_peer_id()
+}
+
+async fn register_host(grpc: std::net::SocketAddr, host: libp2p::PeerId) {
+    let mut client =
+        api::pb::punchr_service_client::PunchrServiceClient::connect(format!("http://{grpc}"))
+            .await
+            .expect("connect");
+    client
+        .register(api::pb::RegisterRequest {
+            client_id: host.to_bytes(),
+            agent_version: "natpunch-test".into(),
+            protocols: vec![],
+            api_key: "key".into(),
+        })
+        .await
+        .expect("register");
+}
+
+/// Restart (SIGTERM) and SIGKILL under load, on `url`: every acknowledged report is stored
+/// exactly once, every report is whole, and the database is consistent.
+async fn server_survives(url: &str) {
+    use api::store::{Backend, SqlStore, Store as _};
+    use nix::sys::signal::Signal;
+
+    let host = peer_id();
+    let server = ServerProc::start(url, &[]);
+    register_host(server.grpc, host).await;
+    let keys: Vec<String> = (0..40).map(|i| format!("restart-{i}")).collect();
+    let (acked_a, kept) = send_reports(server.grpc, host, keys, 4).await;
+    assert!(kept.is_empty() && acked_a.len() == 40, "{kept:?}");
+    let telemetry = server.telemetry.expect("telemetry");
+    let metrics = http_get(telemetry, "/metrics");
+    assert!(
+        metrics.contains(r#"natpunch_server_requests_total{method="TrackHolePunch",code="OK"} 40"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"natpunch_server_results_total{outcome="SUCCESS",transport="quic"} 40"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains("natpunch_server_request_duration_seconds_bucket"));
+    assert!(http_get(telemetry, "/health").ends_with("ok\n"));
+    server.signal(Signal::SIGTERM);
+    assert!(server.wait().success(), "a clean stop on SIGTERM");
+
+    // SIGKILL in the middle of a load of 16 concurrent senders.
+    let server = ServerProc::start(url, &[]);
+    let keys: Vec<String> = (0..100_000).map(|i| format!("load-{i}")).collect();
+    let grpc = server.grpc;
+    let load = tokio::spawn(send_reports(grpc, host, keys, 16));
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    server.signal(Signal::SIGKILL);
+    let _ = server.wait();
+    let (acked_b, kept) = load.await.expect("load");
+    assert!(
+        !acked_b.is_empty(),
+        "some reports went through before the kill"
+    );
+    assert!(!kept.is_empty(), "the kill interrupted the load");
+    // Restarted, the server takes what the clients kept, plus a few already acknowledged.
+    let server = ServerProc::start(url, &[]);
+    let mut resend = kept.clone();
+    resend.extend(acked_b.iter().take(20).cloned());
+    let (acked_c, still) = send_reports(server.grpc, host, resend, 4).await;
+    assert!(
+        still.is_empty(),
+        "{} reports refused after the restart",
+        still.len()
+    );
+    drop(server);
+
+    let store = SqlStore::open(url).await.expect("open the database");
+    let counts = store.counts().await.expect("counts");
+    let total = acked_a.len() + acked_b.len() + kept.len();
+    assert_eq!(
+        counts.results,
+        i64::try_from(total).expect("count"),
+        "every acknowledged or kept report once, no more ({} acked before the kill, {} resent)",
+        acked_b.len(),
+        acked_c.len()
+    );
+    // Whole reports only: 2 attempts, 1 latency, 1 mapping, 1 network row and 3 address links
+    // each.
+    assert_eq!(counts.attempts, 2 * counts.results);
+    assert_eq!(counts.latencies, counts.results);
+    assert_eq!(counts.mappings, counts.results);
+    assert_eq!(counts.networks, counts.results);
+    assert_eq!(counts.result_addrs, 3 * counts.results);
+    let (keys,): (i64,) =
+        sqlx::query_as("SELECT count(DISTINCT idempotency_key) FROM hole_punch_results")
+            .fetch_one(store.pool())
+            .await
+            .expect("keys");
+    assert_eq!(keys, counts.results);
+    if store.backend() == Backend::Sqlite {
+        let (check,): (String,) = sqlx::query_as("PRAGMA integrity_check")
+            .fetch_one(store.pool())
+            .await
+            .expect("integrity");
+        assert_eq!(check, "ok");
+        let orphans = sqlx::query("PRAGMA foreign_key_check")
+            .fetch_all(store.pool())
+            .await
+            .expect("foreign keys");
+        assert!(
+            orphans.is_empty(),
+            "{} rows break a foreign key",
+            orphans.len()
+        );
+    }
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_keeps_every_acknowledged_report_through_restart_and_sigkill() {
+    let dir = Scratch::new("server-sqlite");
+    let url = format!("sqlite://{}", dir.0.join("natpunch.db").display());
+    server_survives(&url).await;
+    match api::postgres::TempPostgres::start() {
+        Ok(pg) => {
+            let url = pg.new_database().expect("database");
+            server_survives(&url).await;
+        }
+        Err(e) => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true needs PostgreSQL: {e}"
+            );
+            eprintln!("skipping the PostgreSQL half: {e}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn server_speaks_tls_when_given_a_certificate() {
+    use api::pb::punchr_service_client::PunchrServiceClient;
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+    api::server::install_tls_provider();
+    let dir = Scratch::new("server-tls");
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+    let (cert_pem, key_pem) = (cert.cert.pem(), cert.key_pair.serialize_pem());
+    std::fs::write(dir.0.join("cert.pem"), &cert_pem).expect("cert file");
+    std::fs::write(dir.0.join("key.pem"), &key_pem).expect("key file");
+    let url = format!("sqlite://{}", dir.0.join("natpunch.db").display());
+    let cert_path = dir.0.join("cert.pem").display().to_string();
+    let key_path = dir.0.join("key.pem").display().to_string();
+    let server = ServerProc::start(
+        &url,
+        &[
+            "--tls-cert",
+            &cert_path,
+            "--tls-key",
+            &key_path,
+            "--telemetry-port",
+            "0",
+        ],
+    );
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&cert_pem))
+        .domain_name("localhost");
+    let channel = Endpoint::from_shared(format!("https://{}", server.grpc))
+        .expect("endpoint")
+        .tls_config(tls)
+        .expect("tls")
+        .connect()
+        .await
+        .expect("a TLS connection");
+    let mut client = PunchrServiceClient::new(channel);
+    let answer = client
+        .register(api::pb::RegisterRequest {
+            client_id: peer_id().to_bytes(),
+            agent_version: "tls".into(),
+            protocols: vec![],
+            api_key: "key".into(),
+        })
+        .await
+        .expect("register over TLS");
+    assert!(answer.into_inner().db_peer_id > 0);
+    // Plaintext gets nowhere.
+    let plain = PunchrServiceClient::connect(format!("http://{}", server.grpc)).await;
+    if let Ok(mut plain) = plain {
+        let r = plain
+            .register(api::pb::RegisterRequest {
+                client_id: peer_id().to_bytes(),
+                agent_version: "plain".into(),
+                protocols: vec![],
+                api_key: "key".into(),
+            })
+            .await;
+        assert!(r.is_err(), "a plaintext request is not served");
+    }
+    let half = natpunch(&["server", "--tls-cert", &cert_path]);
+    assert!(!half.status.success());
+    assert!(stderr(&half).contains("--tls-key"), "{}", stderr(&half));
+}
