@@ -372,6 +372,56 @@ pub struct SqlStore {
     /// SQLite has one writer at a time; taking turns here is fairer and faster than its busy
     /// loop.
     writer: Arc<tokio::sync::Mutex<()>>,
+    /// Ids of peers and addresses known to be stored (rows are never deleted but by hand).
+    ids: Arc<std::sync::Mutex<IdCache>>,
+}
+
+/// What an id in the [`IdCache`] names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Peer,
+    Maddr,
+}
+
+/// Ids of committed `peers` and `multi_addresses` rows by key, so that the rows every report
+/// shares (the relay, its addresses, the reporting host) are not looked up each time.
+#[derive(Debug, Default)]
+struct IdCache {
+    peers: HashMap<String, i64>,
+    maddrs: HashMap<String, i64>,
+}
+
+/// Entries per map; a full map starts over.
+const ID_CACHE: usize = 100_000;
+
+impl IdCache {
+    fn map(&mut self, kind: Kind) -> &mut HashMap<String, i64> {
+        match kind {
+            Kind::Peer => &mut self.peers,
+            Kind::Maddr => &mut self.maddrs,
+        }
+    }
+
+    fn get(&mut self, kind: Kind, key: &str) -> Option<i64> {
+        self.map(kind).get(key).copied()
+    }
+
+    fn insert(&mut self, kind: Kind, key: String, id: i64) {
+        let map = self.map(kind);
+        if map.len() >= ID_CACHE {
+            map.clear();
+        }
+        map.insert(key, id);
+    }
+}
+
+/// A write transaction with what it learned: ids that are known to exist once it commits (a
+/// rolled-back insert must not be remembered).
+struct Write {
+    tx: Transaction<'static, Any>,
+    learned: Vec<(Kind, String, i64)>,
+    /// SQLite's writer turn, held until the transaction ends.
+    _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 /// Nanoseconds of a duration, for window arithmetic.
@@ -445,6 +495,7 @@ impl SqlStore {
             backend,
             sql: Arc::new(Statements::new(backend)),
             writer: Arc::new(tokio::sync::Mutex::new(())),
+            ids: Arc::default(),
         })
     }
 
@@ -464,38 +515,49 @@ impl SqlStore {
     }
 
     /// Starts a write transaction; for SQLite the writer's turn is held until it ends.
-    async fn begin(
-        &self,
-    ) -> Result<
-        (
-            Transaction<'static, Any>,
-            Option<tokio::sync::OwnedMutexGuard<()>>,
-        ),
-        StoreError,
-    > {
-        match self.backend {
+    async fn begin(&self) -> Result<Write, StoreError> {
+        let (tx, turn) = match self.backend {
             Backend::Sqlite => {
                 let turn = Arc::clone(&self.writer).lock_owned().await;
-                let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-                Ok((tx, Some(turn)))
+                (self.pool.begin_with("BEGIN IMMEDIATE").await?, Some(turn))
             }
-            Backend::Postgres => Ok((self.pool.begin().await?, None)),
-        }
+            Backend::Postgres => (self.pool.begin().await?, None),
+        };
+        Ok(Write {
+            tx,
+            learned: Vec::new(),
+            _turn: turn,
+        })
     }
 
-    async fn peer(
-        &self,
-        tx: &mut Transaction<'static, Any>,
-        peer: &str,
-        now: i64,
-    ) -> Result<i64, StoreError> {
+    /// Commits `w`; the ids it learned are known to exist from now on.
+    async fn commit(&self, w: Write) -> Result<(), StoreError> {
+        w.tx.commit().await?;
+        if let Ok(mut ids) = self.ids.lock() {
+            for (kind, key, id) in w.learned {
+                ids.insert(kind, key, id);
+            }
+        }
+        Ok(())
+    }
+
+    fn cached(&self, kind: Kind, key: &str) -> Option<i64> {
+        self.ids.lock().ok()?.get(kind, key)
+    }
+
+    async fn peer(&self, w: &mut Write, peer: &str, now: i64) -> Result<i64, StoreError> {
+        if let Some(id) = self.cached(Kind::Peer, peer) {
+            return Ok(id);
+        }
         let insert = sqlx::query(&self.sql.insert_peer).bind(peer).bind(now);
-        find_or_insert(tx, &self.sql.find_peer, peer, insert).await
+        let id = find_or_insert(&mut w.tx, &self.sql.find_peer, peer, insert).await?;
+        w.learned.push((Kind::Peer, peer.to_owned(), id));
+        Ok(id)
     }
 
     async fn update_peer(
         &self,
-        tx: &mut Transaction<'static, Any>,
+        w: &mut Write,
         id: i64,
         agent_version: &str,
         protocols: &[String],
@@ -506,17 +568,15 @@ impl SqlStore {
             .bind(agent_version)
             .bind(json(protocols))
             .bind(now)
-            .execute(&mut **tx)
+            .execute(&mut *w.tx)
             .await?;
         Ok(())
     }
 
-    async fn maddr(
-        &self,
-        tx: &mut Transaction<'static, Any>,
-        addr: &Addr,
-        now: i64,
-    ) -> Result<i64, StoreError> {
+    async fn maddr(&self, w: &mut Write, addr: &Addr, now: i64) -> Result<i64, StoreError> {
+        if let Some(id) = self.cached(Kind::Maddr, &addr.maddr) {
+            return Ok(id);
+        }
         let insert = sqlx::query(&self.sql.insert_maddr)
             .bind(&addr.maddr)
             .bind(addr.ip.as_deref())
@@ -524,12 +584,15 @@ impl SqlStore {
             .bind(addr.is_relay)
             .bind(addr.is_public)
             .bind(now);
-        find_or_insert(tx, &self.sql.find_maddr, addr.maddr.as_str(), insert).await
+        let id =
+            find_or_insert(&mut w.tx, &self.sql.find_maddr, addr.maddr.as_str(), insert).await?;
+        w.learned.push((Kind::Maddr, addr.maddr.clone(), id));
+        Ok(id)
     }
 
     async fn maddrs(
         &self,
-        tx: &mut Transaction<'static, Any>,
+        w: &mut Write,
         addrs: &[Addr],
         now: i64,
     ) -> Result<Vec<i64>, StoreError> {
@@ -539,7 +602,7 @@ impl SqlStore {
         sorted.dedup_by(|a, b| a.maddr == b.maddr);
         let mut ids = Vec::with_capacity(sorted.len());
         for a in sorted {
-            ids.push(self.maddr(tx, a, now).await?);
+            ids.push(self.maddr(w, a, now).await?);
         }
         Ok(ids)
     }
@@ -565,14 +628,14 @@ impl SqlStore {
 
     async fn store_report(
         &self,
-        tx: &mut Transaction<'static, Any>,
+        w: &mut Write,
         auth: i64,
         local: i64,
         r: &Report,
         now: i64,
     ) -> Result<i64, StoreError> {
-        let remote = self.peer(tx, &r.remote, now).await?;
-        let listen = self.maddrs(tx, &r.listen_addrs, now).await?;
+        let remote = self.peer(w, &r.remote, now).await?;
+        let listen = self.maddrs(w, &r.listen_addrs, now).await?;
         let set: BTreeSet<i64> = listen.iter().copied().collect();
         let ids: Vec<i64> = set.into_iter().collect();
         let key = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(":");
@@ -580,7 +643,7 @@ impl SqlStore {
         let insert = sqlx::query(&self.sql.insert_set)
             .bind(digest.clone())
             .bind(json(&ids));
-        let set_id = find_or_insert(tx, &self.sql.find_set, digest, insert).await?;
+        let set_id = find_or_insert(&mut w.tx, &self.sql.find_set, digest, insert).await?;
         let id: i64 = sqlx::query(&self.sql.insert_result)
             .bind(local)
             .bind(remote)
@@ -600,7 +663,7 @@ impl SqlStore {
             .bind(r.remote_nat.as_deref())
             .bind(r.transport.as_deref())
             .bind(now)
-            .fetch_one(&mut **tx)
+            .fetch_one(&mut *w.tx)
             .await?
             .try_get(0)?;
         for m in &r.mappings {
@@ -611,7 +674,7 @@ impl SqlStore {
                 .bind(&m.protocol)
                 .bind(&m.addr)
                 .bind(&m.addr_network)
-                .execute(&mut **tx)
+                .execute(&mut *w.tx)
                 .await?;
         }
         for a in &r.attempts {
@@ -626,24 +689,24 @@ impl SqlStore {
                 .bind(a.error.as_deref())
                 .bind(a.direct_dial_error.as_deref())
                 .bind(now)
-                .fetch_one(&mut **tx)
+                .fetch_one(&mut *w.tx)
                 .await?
                 .try_get(0)?;
-            for m in self.maddrs(tx, &a.addrs, now).await? {
+            for m in self.maddrs(w, &a.addrs, now).await? {
                 sqlx::query(&self.sql.link_attempt)
                     .bind(attempt)
                     .bind(m)
-                    .execute(&mut **tx)
+                    .execute(&mut *w.tx)
                     .await?;
             }
         }
         for (addrs, relationship) in [(&r.open_addrs, "FINAL"), (&r.remote_addrs, "INITIAL")] {
-            for m in self.maddrs(tx, addrs, now).await? {
+            for m in self.maddrs(w, addrs, now).await? {
                 sqlx::query(&self.sql.link_result)
                     .bind(id)
                     .bind(m)
                     .bind(relationship)
-                    .execute(&mut **tx)
+                    .execute(&mut *w.tx)
                     .await?;
             }
         }
@@ -656,14 +719,14 @@ impl SqlStore {
                 .bind(n.router_html.as_deref())
                 .bind(n.router_html_error.as_deref())
                 .bind(now)
-                .execute(&mut **tx)
+                .execute(&mut *w.tx)
                 .await?;
         }
         for l in &r.latencies {
-            let maddr = self.maddr(tx, &l.addr, now).await?;
-            let peer = self.peer(tx, &l.remote, now).await?;
+            let maddr = self.maddr(w, &l.addr, now).await?;
+            let peer = self.peer(w, &l.remote, now).await?;
             if !l.agent_version.is_empty() || !l.protocols.is_empty() {
-                self.update_peer(tx, peer, &l.agent_version, &l.protocols, now)
+                self.update_peer(w, peer, &l.agent_version, &l.protocols, now)
                     .await?;
             }
             sqlx::query(&self.sql.insert_latency)
@@ -678,7 +741,7 @@ impl SqlStore {
                 .bind(l.min)
                 .bind(l.std)
                 .bind(now)
-                .execute(&mut **tx)
+                .execute(&mut *w.tx)
                 .await?;
         }
         Ok(id)
@@ -773,26 +836,26 @@ impl SqlStore {
         host: Host<'_>,
         now: i64,
     ) -> Result<i64, StoreError> {
-        let (mut tx, _turn) = self.begin().await?;
+        let mut w = self.begin().await?;
         let auth: i64 = match known {
             Some(a) => a,
             None => {
                 let insert = sqlx::query(&self.sql.insert_authorization)
                     .bind(api_key)
                     .bind(now);
-                find_or_insert(&mut tx, &self.sql.authorize, api_key, insert).await?
+                find_or_insert(&mut w.tx, &self.sql.authorize, api_key, insert).await?
             }
         };
-        let peer = self.peer(&mut tx, host.peer, now).await?;
-        self.update_peer(&mut tx, peer, host.agent_version, host.protocols, now)
+        let peer = self.peer(&mut w, host.peer, now).await?;
+        self.update_peer(&mut w, peer, host.agent_version, host.protocols, now)
             .await?;
         sqlx::query(&self.sql.insert_client)
             .bind(peer)
             .bind(auth)
             .bind(now)
-            .execute(&mut *tx)
+            .execute(&mut *w.tx)
             .await?;
-        tx.commit().await?;
+        self.commit(w).await?;
         Ok(peer)
     }
 
@@ -808,18 +871,18 @@ impl SqlStore {
         rules: Rules,
         now: i64,
     ) -> Result<Option<Allocation>, StoreError> {
-        let (mut tx, _turn) = self.begin().await?;
+        let mut w = self.begin().await?;
         if self.backend == Backend::Postgres {
             sqlx::query(&self.sql.lock_peer)
                 .bind(remote)
-                .fetch_optional(&mut *tx)
+                .fetch_optional(&mut *w.tx)
                 .await?;
         }
         let rows = self
-            .candidates(&mut tx, host_ids, Some(remote), rules, now)
+            .candidates(&mut w.tx, host_ids, Some(remote), rules, now)
             .await?;
         if rows.is_empty() {
-            tx.rollback().await?;
+            w.tx.rollback().await?;
             return Ok(None);
         }
         let mut name = String::new();
@@ -833,17 +896,17 @@ impl SqlStore {
             .bind(remote)
             .bind(auth)
             .bind(now)
-            .fetch_one(&mut *tx)
+            .fetch_one(&mut *w.tx)
             .await?
             .try_get(0)?;
         for (_, maddr) in &addrs {
             sqlx::query(&self.sql.link_allocation)
                 .bind(allocation)
                 .bind(*maddr)
-                .execute(&mut *tx)
+                .execute(&mut *w.tx)
                 .await?;
         }
-        tx.commit().await?;
+        self.commit(w).await?;
         Ok(Some(Allocation {
             remote: name,
             addrs: addrs.into_iter().map(|(m, _)| m).collect(),
@@ -851,38 +914,38 @@ impl SqlStore {
     }
 
     async fn track_tx(&self, auth: i64, report: &Report, now: i64) -> Result<Tracked, StoreError> {
-        let (mut tx, _turn) = self.begin().await?;
+        let mut w = self.begin().await?;
         let Some(local) = sqlx::query(&self.sql.client_peer)
             .bind(&report.client)
             .bind(auth)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&mut *w.tx)
             .await?
         else {
-            tx.rollback().await?;
+            w.tx.rollback().await?;
             return Ok(Tracked::NotRegistered);
         };
         let local: i64 = local.try_get(0)?;
-        let id = self.store_report(&mut tx, auth, local, report, now).await?;
-        tx.commit().await?;
+        let id = self.store_report(&mut w, auth, local, report, now).await?;
+        self.commit(w).await?;
         Ok(Tracked::Stored(id))
     }
 
     async fn record_tx(&self, e: &ConnectionEvent, now: i64) -> Result<i64, StoreError> {
-        let (mut tx, _turn) = self.begin().await?;
-        let local = self.peer(&mut tx, &e.local, now).await?;
-        let remote = self.peer(&mut tx, &e.remote, now).await?;
+        let mut w = self.begin().await?;
+        let local = self.peer(&mut w, &e.local, now).await?;
+        let remote = self.peer(&mut w, &e.remote, now).await?;
         if let Some(agent) = &e.agent_version {
-            self.update_peer(&mut tx, remote, agent, &e.protocols, now)
+            self.update_peer(&mut w, remote, agent, &e.protocols, now)
                 .await?;
         }
-        let conn = self.maddr(&mut tx, &e.conn_addr, now).await?;
+        let conn = self.maddr(&mut w, &e.conn_addr, now).await?;
         let id: i64 = sqlx::query(&self.sql.insert_connection)
             .bind(local)
             .bind(remote)
             .bind(conn)
             .bind(e.opened_at)
             .bind(now)
-            .fetch_one(&mut *tx)
+            .fetch_one(&mut *w.tx)
             .await?
             .try_get(0)?;
         let advertised: Vec<Addr> = e
@@ -891,14 +954,14 @@ impl SqlStore {
             .filter(|a| a.maddr != e.conn_addr.maddr)
             .cloned()
             .collect();
-        for m in self.maddrs(&mut tx, &advertised, now).await? {
+        for m in self.maddrs(&mut w, &advertised, now).await? {
             sqlx::query(&self.sql.link_connection)
                 .bind(id)
                 .bind(m)
-                .execute(&mut *tx)
+                .execute(&mut *w.tx)
                 .await?;
         }
-        tx.commit().await?;
+        self.commit(w).await?;
         Ok(id)
     }
 }

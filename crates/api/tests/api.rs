@@ -986,3 +986,53 @@ async fn a_punchr_client_on_the_wire_registers_gets_a_peer_and_reports() {
     assert_eq!(store.counts().await.expect("counts").results, 2);
     task.abort();
 }
+
+/// A TrackHolePunchRequest as punchr's Go client puts it on the wire (proto2, fields in tag
+/// order, unix-nanosecond timestamps, float-second durations), built byte by byte, decodes field
+/// by field and encodes back to the same bytes.
+#[test]
+fn a_report_from_a_punchr_client_decodes_field_by_field() {
+    use prost::Message as _;
+    use raw::Msg;
+
+    let started = sample::STARTED_AT;
+    let attempt = Msg::default()
+        .varint(1, started + 100_000_000)
+        .varint(3, started + 600_000_000)
+        .float(4, 0.104)
+        .float(5, 0.5)
+        .varint(6, 6)
+        .bytes(9, &[4, 11, 99, 0, 11, 6, 0x0f, 0xa1]);
+    let body = Msg::default()
+        .bytes(1, b"client-peer-id")
+        .bytes(2, b"remote-peer-id")
+        .varint(4, started)
+        .varint(5, started + 80_000_000)
+        .bytes(6, &attempt.0)
+        .varint(8, 1)
+        .varint(10, 6)
+        .varint(11, started + 700_000_000)
+        .bytes(12, &[4, 192, 168, 1, 2, 6, 0x0f, 0xa0])
+        .bytes(13, b"3b1c6a43-0000-4000-8000-000000000000")
+        .varint(14, 4)
+        .varint(14, 460)
+        .0;
+    let r = pb::TrackHolePunchRequest::decode(body.as_slice()).expect("decodes");
+    assert_eq!(r.client_id, b"client-peer-id");
+    assert_eq!(r.connect_started_at, started);
+    assert_eq!(r.connect_ended_at, started + 80_000_000);
+    assert!(r.has_direct_conns);
+    assert_eq!(r.outcome(), pb::HolePunchOutcome::Success);
+    assert_eq!(r.protocols, [4, 460]);
+    assert_eq!(
+        r.idempotency_key, None,
+        "punchr's clients send no natpunch fields"
+    );
+    let a = &r.hole_punch_attempts[0];
+    assert_eq!(a.outcome(), pb::HolePunchAttemptOutcome::Success);
+    assert_eq!(a.start_rtt, Some(0.104));
+    assert_eq!(a.elapsed_time, 0.5);
+    assert_eq!(a.started_at, None);
+    // Encoding gives the same bytes back: same tags, same wire types, same order.
+    assert_eq!(r.encode_to_vec(), body);
+}

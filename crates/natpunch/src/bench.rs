@@ -19,6 +19,9 @@ pub(crate) enum BenchCommand {
     /// Time to a direct connection, natpunch's DCUtR engine against stock rust-libp2p, between
     /// two port-restricted homes in the lab, each as a ratio to the floor.
     Punch(PunchArgs),
+    /// The measurement server under concurrent clients: reports/s and latency on SQLite and on
+    /// PostgreSQL, with the ratio.
+    Server(crate::serverbench::ServerBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -243,6 +246,7 @@ pub(crate) fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::Stun(args) => stun(args),
         BenchCommand::Punch(args) => punch(args),
+        BenchCommand::Server(args) => crate::serverbench::run(&args),
     }
 }
 
