@@ -530,6 +530,20 @@ impl Report {
     }
 }
 
+/// A correction for reports from clients with a known defect, by their agent version:
+/// punchr's Rust client (`punchr/rust-client/…`) sends attempt durations in microseconds where
+/// the field is seconds.
+pub fn normalised_for(agent_version: &str) -> Option<fn(Report) -> Report> {
+    agent_version
+        .starts_with("punchr/rust-client/")
+        .then_some(|mut r: Report| {
+            for a in &mut r.attempts {
+                a.elapsed_time /= 1e6;
+            }
+            r
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,7 +23,7 @@ use sha2::Digest as _;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{Any, AnyPool, Executor as _, Row as _, Transaction};
 
-use crate::report::{Addr, Report};
+use crate::report::{self, Addr, Report};
 
 /// Why the store could not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -286,7 +286,7 @@ statements! {
         OR protocols IS DISTINCT FROM {text[] $3})";
     insert_client = "INSERT INTO clients (peer_id, authorization_id, created_at) \
         VALUES ($1, $2, {ts $3}) ON CONFLICT (peer_id, authorization_id) DO NOTHING";
-    client_peer = "SELECT p.id FROM peers p JOIN clients c ON c.peer_id = p.id \
+    client_peer = "SELECT p.id, p.agent_version FROM peers p JOIN clients c ON c.peer_id = p.id \
         WHERE p.multi_hash = $1 AND c.authorization_id = $2";
     client_hosts = "SELECT p.id, p.multi_hash FROM peers p JOIN clients c ON c.peer_id = p.id \
         WHERE c.authorization_id = $1 AND p.multi_hash IN (SELECT {each text $2})";
@@ -924,8 +924,15 @@ impl SqlStore {
             w.tx.rollback().await?;
             return Ok(Tracked::NotRegistered);
         };
+        let agent: Option<String> = local.try_get(1)?;
         let local: i64 = local.try_get(0)?;
-        let id = self.store_report(&mut w, auth, local, report, now).await?;
+        let id = match agent.as_deref().and_then(report::normalised_for) {
+            Some(fix) => {
+                let fixed = fix(report.clone());
+                self.store_report(&mut w, auth, local, &fixed, now).await?
+            }
+            None => self.store_report(&mut w, auth, local, report, now).await?,
+        };
         self.commit(w).await?;
         Ok(Tracked::Stored(id))
     }

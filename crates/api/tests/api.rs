@@ -1036,3 +1036,48 @@ fn a_report_from_a_punchr_client_decodes_field_by_field() {
     // Encoding gives the same bytes back: same tags, same wire types, same order.
     assert_eq!(r.encode_to_vec(), body);
 }
+
+#[tokio::test]
+async fn reports_from_punchrs_rust_client_get_their_durations_in_seconds() {
+    on_both(|store| async move {
+        let (client, remote, relay) = (peer(), peer(), peer());
+        store
+            .register(
+                "rust",
+                true,
+                Host {
+                    peer: &client.to_base58(),
+                    agent_version: "punchr/rust-client/0.2.1",
+                    protocols: &[],
+                },
+                now_ns(),
+            )
+            .await
+            .expect("register");
+        let auth = store.authorize("rust").await.expect("auth").expect("key");
+        let mut request = sample::report(client, remote, relay, "rust", None);
+        // (ended - started) / 1000 from nanoseconds: 300 ms sent as 300000.
+        for a in &mut request.hole_punch_attempts {
+            a.elapsed_time *= 1e6;
+        }
+        let report = Report::from_request(&request).expect("valid");
+        let Tracked::Stored(id) = store.track(auth, &report, now_ns()).await.expect("track") else {
+            panic!("stored");
+        };
+        let sql = format!(
+            "SELECT {} FROM hole_punch_attempt WHERE hole_punch_result_id = $1 ORDER BY opened_at",
+            col(store.backend(), "elapsed_time", "secs")
+        );
+        let rows = sqlx::query(&sql)
+            .bind(id)
+            .fetch_all(store.pool())
+            .await
+            .expect("attempts");
+        let secs: Vec<f64> = rows.iter().map(|r| r.get(0)).collect();
+        assert!(
+            (secs[0] - 3.0).abs() < 1e-3 && (secs[1] - 0.3).abs() < 1e-3,
+            "{secs:?}"
+        );
+    })
+    .await;
+}
