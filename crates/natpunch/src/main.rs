@@ -2,6 +2,7 @@
 //! logging and hands over to the role's module; the logic lives in the library crates.
 
 mod bench;
+mod honeypot;
 mod lab;
 mod map;
 mod matrix;
@@ -54,6 +55,9 @@ enum Command {
     /// A libp2p peer that hole-punches through a relay (DCUtR over TCP and QUIC).
     #[command(subcommand, display_order = 41)]
     Peer(peer::PeerCommand),
+    /// A Kademlia DHT server that records the peers connecting to it into the measurement store.
+    #[command(display_order = 51)]
+    Honeypot(honeypot::HoneypotArgs),
     /// The measurement server: punchr-compatible gRPC API on SQLite or PostgreSQL.
     #[command(display_order = 50)]
     Server(server::ServerArgs),
@@ -76,6 +80,7 @@ fn main() -> ExitCode {
         Command::Relay(args) => relay::run(args),
         Command::Peer(cmd) => peer::run(cmd),
         Command::Server(args) => server::run(args),
+        Command::Honeypot(args) => honeypot::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     };
     match result {
@@ -94,6 +99,12 @@ fn state_dir() -> anyhow::Result<PathBuf> {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
         .context("neither XDG_STATE_HOME nor HOME is set: name the file with its flag")?;
     Ok(base.join("natpunch"))
+}
+
+/// A libp2p protocol name from the command line (it starts with `/`).
+fn stream_protocol(s: &str) -> Result<libp2p::StreamProtocol, String> {
+    libp2p::StreamProtocol::try_from_owned(s.to_owned())
+        .map_err(|e| format!("{e} (a protocol name starts with /, e.g. /ipfs/kad/1.0.0)"))
 }
 
 /// Completes on Ctrl-C or SIGTERM.

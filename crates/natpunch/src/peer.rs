@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
 use clap::{Args, Subcommand, ValueEnum};
-use libp2p::{Multiaddr, PeerId};
-use p2p::peer::{Candidates, Engine, Mode, Peer, PeerConfig, PeerEvent, Transport};
+use libp2p::{Multiaddr, PeerId, StreamProtocol};
+use p2p::peer::{Candidates, Dht, Engine, Mode, Peer, PeerConfig, PeerEvent, Transport};
 use p2p::record::{Outcome, Record};
 
 #[derive(Debug, Subcommand)]
@@ -62,6 +62,22 @@ pub(crate) struct Common {
     /// Key file [default: a fresh identity each run].
     #[arg(long, env = "NATPUNCH_PEER_IDENTITY")]
     identity: Option<PathBuf>,
+    /// Join a Kademlia DHT (as a client) through these peers, with /p2p/<peer id>, once set
+    /// up; a honeypot among its servers then records this peer.
+    #[arg(
+        long = "dht-bootstrap",
+        env = "NATPUNCH_DHT_BOOTSTRAP",
+        value_delimiter = ','
+    )]
+    dht_bootstrap: Vec<Multiaddr>,
+    /// The DHT's protocol name.
+    #[arg(
+        long,
+        env = "NATPUNCH_DHT_PROTOCOL",
+        default_value = "/ipfs/kad/1.0.0",
+        value_parser = crate::stream_protocol
+    )]
+    dht_protocol: StreamProtocol,
     /// Print one JSON object per event.
     #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
     json: bool,
@@ -133,6 +149,12 @@ impl Common {
         c.attempt_timeout = Duration::from_millis(self.attempt_timeout_ms.max(100));
         c.max_attempts = self.max_attempts.max(1);
         c.punch = !self.no_punch;
+        if !self.dht_bootstrap.is_empty() {
+            c.dht = Some(Dht {
+                protocol: self.dht_protocol.clone(),
+                bootstrap: self.dht_bootstrap.clone(),
+            });
+        }
         c
     }
 }

@@ -1957,3 +1957,173 @@ async fn server_speaks_tls_when_given_a_certificate() {
     assert!(!half.status.success());
     assert!(stderr(&half).contains("--tls-key"), "{}", stderr(&half));
 }
+
+/// The honeypot in the lab: a peer behind a port-restricted NAT that reserves on the relay and
+/// joins the lab's DHT through the honeypot is recorded with its relayed address, and the store
+/// then hands it out to a client.
+#[test]
+fn honeypot_records_a_natted_peer_with_its_relay_address_for_the_server() {
+    use api::store::{Allocated, Host, Rules, SqlStore, Store as _};
+    use natlab::{Lab, LabOptions};
+    use std::time::Duration;
+
+    if !natlab::environment::lab_test_can_run(
+        "honeypot_records_a_natted_peer_with_its_relay_address_for_the_server",
+    ) {
+        return;
+    }
+    let dir = Scratch::new("honeypot");
+    let exe = env!("CARGO_BIN_EXE_natpunch");
+    let preset = natlab::Preset::PortRestricted;
+    let lab = Lab::build(
+        &labrun::matrix::topology(&[preset], 0),
+        LabOptions::default(),
+    )
+    .expect("lab");
+    let key = |name: &str| dir.0.join(name).display().to_string();
+    let relay = lab
+        .spawn(
+            "relay",
+            exe,
+            &[
+                "relay",
+                "--json",
+                "--telemetry-port",
+                "0",
+                "--identity",
+                &key("relay.key"),
+            ],
+        )
+        .expect("relay");
+    let line = relay
+        .wait_for("\"event\":\"external-address\"", Duration::from_secs(20))
+        .expect("the relay's address");
+    let relay_addr = serde_json::from_str::<Value>(&line).expect("json")["address"]
+        .as_str()
+        .expect("address")
+        .to_owned();
+    let db = format!("sqlite://{}", dir.0.join("natpunch.db").display());
+    let protocol = "/natpunch/lab/kad/1.0.0";
+    let honeypot = lab
+        .spawn(
+            "relay",
+            exe,
+            &[
+                "honeypot",
+                "--json",
+                "--port",
+                "11000",
+                "--identity",
+                &key("honeypot.key"),
+                "--protocol",
+                protocol,
+                "--database-url",
+                &db,
+            ],
+        )
+        .expect("honeypot");
+    let relay_ip = lab.public_addr("relay").expect("relay address").to_string();
+    let line = honeypot
+        .wait_for(
+            &format!("/ip4/{relay_ip}/tcp/11000"),
+            Duration::from_secs(20),
+        )
+        .expect("the honeypot listens");
+    let v: Value = serde_json::from_str(&line).expect("json");
+    let honeypot_addr = format!(
+        "{}/p2p/{}",
+        v["address"].as_str().expect("address"),
+        v["peer_id"].as_str().expect("peer id")
+    );
+    let target = lab
+        .spawn(
+            &labrun::matrix::host('b', preset),
+            exe,
+            &[
+                "peer",
+                "listen",
+                "--json",
+                "--relay",
+                &relay_addr,
+                "--dht-bootstrap",
+                &honeypot_addr,
+                "--dht-protocol",
+                protocol,
+            ],
+        )
+        .expect("target");
+    let reserved = target
+        .wait_for("\"event\":\"reserved\"", Duration::from_secs(30))
+        .expect("the target reserves");
+    let target_id = serde_json::from_str::<Value>(&reserved).expect("json")["address"]
+        .as_str()
+        .and_then(|a| a.rsplit('/').next())
+        .expect("peer id")
+        .to_owned();
+    let seen = honeypot
+        .wait_for(
+            &format!("\"peer_id\":\"{target_id}\""),
+            Duration::from_secs(30),
+        )
+        .expect("the honeypot sees the target");
+    let seen: Value = serde_json::from_str(&seen).expect("json");
+    assert_eq!(seen["event"], "seen");
+    assert_eq!(seen["dcutr"], true, "{seen}");
+    let relayed = seen["relay_addrs"].as_array().expect("relay addresses");
+    assert!(
+        relayed
+            .iter()
+            .any(|a| a.as_str().is_some_and(|a| a.starts_with(&relay_addr))),
+        "the relayed address is recorded: {seen}"
+    );
+    assert!(
+        seen["agent_version"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("natpunch/")),
+        "{seen}"
+    );
+
+    // The store hands the target to a registered client, with its relayed address.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let store = SqlStore::open(&db).await.expect("store");
+        let host = peer_id().to_base58();
+        let now = api::server::now_ns();
+        let h = Host {
+            peer: &host,
+            agent_version: "test",
+            protocols: &[],
+        };
+        store.register("key", true, h, now).await.expect("register");
+        let auth = store.authorize("key").await.expect("auth").expect("key");
+        let mut served = None;
+        for _ in 0..50 {
+            match store
+                .allocate(
+                    auth,
+                    std::slice::from_ref(&host),
+                    Rules::default(),
+                    api::server::now_ns(),
+                )
+                .await
+                .expect("allocate")
+            {
+                Allocated::Served(a) => {
+                    served = Some(a);
+                    break;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        let served = served.expect("the target is handed out");
+        assert_eq!(served.remote, target_id);
+        assert!(
+            served.addrs.iter().all(|a| a.contains("/p2p-circuit")),
+            "{served:?}"
+        );
+        store.close().await;
+    });
+    drop(target);
+    drop(honeypot);
+    drop(relay);
+}

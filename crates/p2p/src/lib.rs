@@ -4,6 +4,7 @@
 //!   every limit configurable, Prometheus metrics;
 //! * [`peer`]: the hole-punching peer (relay reservation or relayed dial, then DCUtR), with our
 //!   own DCUtR engine or rust-libp2p's, and [`record`]: what each side saw of a hole punch;
+//! * [`honeypot`]: a Kademlia DHT server that records the peers connecting to it;
 //! * [`candidates`]: hands the swarm the addresses the relay observed, untouched;
 //! * [`identity`]: keys kept in files, created on first use;
 //! * [`telemetry`]: the `/metrics` and `/health` port;
@@ -13,6 +14,7 @@
 //! peers and punchr's clients interoperate with it.
 
 pub mod candidates;
+pub mod honeypot;
 pub mod identity;
 pub mod peer;
 pub mod record;

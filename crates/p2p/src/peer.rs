@@ -41,8 +41,8 @@ use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, DialError, NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, Swarm, autonat, dcutr, identify, noise, ping, relay, tcp,
-    yamux,
+    Multiaddr, PeerId, StreamProtocol, Swarm, autonat, dcutr, identify, kad, noise, ping, relay,
+    tcp, yamux,
 };
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -146,6 +146,18 @@ pub struct PeerConfig {
     /// (the direct one, the relayed one being closed; or the relayed one without a punch) and
     /// report the throughput. The listener always accepts such transfers.
     pub perf_bytes: Option<u64>,
+    /// Join a Kademlia DHT as a client once set up (after the reservation, so that peers met
+    /// there, a honeypot among them, learn the relayed address from identify).
+    pub dht: Option<Dht>,
+}
+
+/// A Kademlia DHT to join.
+#[derive(Debug, Clone)]
+pub struct Dht {
+    /// Its protocol name (`/ipfs/kad/1.0.0` is the public IPFS DHT).
+    pub protocol: StreamProtocol,
+    /// Peers to start from, with `/p2p/<id>`.
+    pub bootstrap: Vec<Multiaddr>,
 }
 
 impl PeerConfig {
@@ -163,6 +175,7 @@ impl PeerConfig {
             linger: Duration::from_secs(1),
             punch: true,
             perf_bytes: None,
+            dht: None,
         }
     }
 }
@@ -237,6 +250,7 @@ pub struct PeerBehaviour {
     stream: libp2p_stream::Behaviour,
     dcutr: Toggle<dcutr::Behaviour>,
     feed: CandidateFeed,
+    kad: Toggle<kad::Behaviour<kad::store::MemoryStore>>,
 }
 
 /// A message from a handshake task to the event loop.
@@ -605,6 +619,16 @@ impl Peer {
                     stock.then(|| dcutr::Behaviour::new(key.public().to_peer_id())),
                 ),
                 feed: CandidateFeed::default(),
+                kad: Toggle::from(config.dht.as_ref().map(|d| {
+                    let peer = key.public().to_peer_id();
+                    let mut kad = kad::Behaviour::with_config(
+                        peer,
+                        kad::store::MemoryStore::new(peer),
+                        kad::Config::new(d.protocol.clone()),
+                    );
+                    kad.set_mode(Some(kad::Mode::Client));
+                    kad
+                })),
             })
             .map_err(|e| build(&e))?
             .with_swarm_config(|c| {
@@ -921,6 +945,19 @@ impl Peer {
             report(PeerEvent::Reserved {
                 address: circuit.with(Protocol::P2p(self.peer_id())).to_string(),
             });
+        }
+        // 4. The DHT.
+        if let Some(dht) = &self.config.dht
+            && let Some(kad) = self.swarm.behaviour_mut().kad.as_mut()
+        {
+            for addr in &dht.bootstrap {
+                if let Some(Protocol::P2p(peer)) = addr.iter().last() {
+                    kad.add_address(&peer, addr.clone());
+                }
+            }
+            if let Err(e) = kad.bootstrap() {
+                return Err(PeerError::Setup(format!("joining the DHT: {e}")));
+            }
         }
         Ok(())
     }
