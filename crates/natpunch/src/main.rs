@@ -2,6 +2,7 @@
 //! logging and hands over to the role's module; the logic lives in the library crates.
 
 mod bench;
+mod client;
 mod honeypot;
 mod lab;
 mod map;
@@ -58,6 +59,9 @@ enum Command {
     /// A Kademlia DHT server that records the peers connecting to it into the measurement store.
     #[command(display_order = 51)]
     Honeypot(honeypot::HoneypotArgs),
+    /// libp2p hosts that take peers from a measurement server, hole-punch them and report.
+    #[command(display_order = 52)]
+    Client(client::ClientArgs),
     /// The measurement server: punchr-compatible gRPC API on SQLite or PostgreSQL.
     #[command(display_order = 50)]
     Server(server::ServerArgs),
@@ -81,6 +85,7 @@ fn main() -> ExitCode {
         Command::Peer(cmd) => peer::run(cmd),
         Command::Server(args) => server::run(args),
         Command::Honeypot(args) => honeypot::run(args),
+        Command::Client(args) => client::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     };
     match result {

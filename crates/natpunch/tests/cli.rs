@@ -2127,3 +2127,201 @@ fn honeypot_records_a_natted_peer_with_its_relay_address_for_the_server() {
     drop(honeypot);
     drop(relay);
 }
+
+/// The measurement system in the lab, end to end: a client behind a port-restricted NAT,
+/// started before the server is up, takes the two targets the honeypot recorded, punches them
+/// and delivers both reports exactly once.
+#[test]
+fn client_punches_what_the_server_serves_and_delivers_every_report_once() {
+    use api::store::{SqlStore, Store as _};
+    use natlab::{Lab, LabOptions, Preset};
+    use std::time::Duration;
+
+    if !natlab::environment::lab_test_can_run(
+        "client_punches_what_the_server_serves_and_delivers_every_report_once",
+    ) {
+        return;
+    }
+    let dir = Scratch::new("client");
+    let exe = env!("CARGO_BIN_EXE_natpunch");
+    let presets = [Preset::PortRestricted, Preset::FullCone];
+    let lab = Lab::build(
+        &labrun::matrix::topology(&presets, 0),
+        LabOptions::default(),
+    )
+    .expect("lab");
+    let path = |name: &str| dir.0.join(name).display().to_string();
+    let relay = lab
+        .spawn(
+            "relay",
+            exe,
+            &[
+                "relay",
+                "--json",
+                "--telemetry-port",
+                "0",
+                "--identity",
+                &path("relay.key"),
+            ],
+        )
+        .expect("relay");
+    let line = relay
+        .wait_for("\"event\":\"external-address\"", Duration::from_secs(20))
+        .expect("the relay's address");
+    let relay_addr = serde_json::from_str::<Value>(&line).expect("json")["address"]
+        .as_str()
+        .expect("address")
+        .to_owned();
+    let relay_ip = lab.public_addr("relay").expect("relay address").to_string();
+    let db = format!("sqlite://{}", path("natpunch.db"));
+    let protocol = "/natpunch/lab/kad/1.0.0";
+    let honeypot = lab
+        .spawn(
+            "relay",
+            exe,
+            &[
+                "honeypot",
+                "--json",
+                "--port",
+                "11000",
+                "--identity",
+                &path("honeypot.key"),
+                "--protocol",
+                protocol,
+                "--database-url",
+                &db,
+            ],
+        )
+        .expect("honeypot");
+    let line = honeypot
+        .wait_for(
+            &format!("/ip4/{relay_ip}/tcp/11000"),
+            Duration::from_secs(20),
+        )
+        .expect("the honeypot listens");
+    let v: Value = serde_json::from_str(&line).expect("json");
+    let honeypot_addr = format!(
+        "{}/p2p/{}",
+        v["address"].as_str().expect("address"),
+        v["peer_id"].as_str().expect("peer id")
+    );
+    let mut targets = Vec::new();
+    for p in presets {
+        let target = lab
+            .spawn(
+                &labrun::matrix::host('b', p),
+                exe,
+                &[
+                    "peer",
+                    "listen",
+                    "--json",
+                    "--relay",
+                    &relay_addr,
+                    "--dht-bootstrap",
+                    &honeypot_addr,
+                    "--dht-protocol",
+                    protocol,
+                ],
+            )
+            .expect("target");
+        let reserved = target
+            .wait_for("\"event\":\"reserved\"", Duration::from_secs(30))
+            .expect("the target reserves");
+        let id = serde_json::from_str::<Value>(&reserved).expect("json")["address"]
+            .as_str()
+            .and_then(|a| a.rsplit('/').next())
+            .expect("peer id")
+            .to_owned();
+        honeypot
+            .wait_for(&format!("\"peer_id\":\"{id}\""), Duration::from_secs(30))
+            .expect("the honeypot records the target");
+        targets.push((target, id));
+    }
+    // The client starts first: it keeps trying to register until the server is up.
+    let server_url = format!("http://{relay_ip}:10000");
+    let client = lab
+        .spawn(
+            &labrun::matrix::host('a', Preset::PortRestricted),
+            exe,
+            &[
+                "client",
+                "--json",
+                "--server",
+                &server_url,
+                "--api-key",
+                "lab-key",
+                "--host-count",
+                "2",
+                "--punches",
+                "2",
+                "--idle-secs",
+                "1",
+                "--keys-dir",
+                &path("client"),
+            ],
+        )
+        .expect("client");
+    client
+        .wait_for("\"call\":\"Register\"", Duration::from_secs(20))
+        .expect("the client finds no server");
+    let server = lab
+        .spawn(
+            "relay",
+            exe,
+            &[
+                "server",
+                "--json",
+                "--port",
+                "10000",
+                "--listen-ip",
+                "0.0.0.0",
+                "--telemetry-port",
+                "0",
+                "--database-url",
+                &db,
+            ],
+        )
+        .expect("server");
+    server
+        .wait_for("\"event\":\"listening\"", Duration::from_secs(20))
+        .expect("the server listens");
+    let code = client.wait().expect("the client ends");
+    assert_eq!(
+        code,
+        Some(0),
+        "the client exits once both reports are delivered"
+    );
+    drop(server);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let store = SqlStore::open(&db).await.expect("store");
+        assert_eq!(store.counts().await.expect("counts").results, 2);
+        let rows: Vec<(String, String, Option<String>, Option<String>)> = sqlx::query_as(
+            "SELECT p.multi_hash, r.outcome, r.transport, r.technique FROM hole_punch_results r \
+             JOIN peers p ON p.id = r.remote_id ORDER BY p.multi_hash",
+        )
+        .fetch_all(store.pool())
+        .await
+        .expect("results");
+        let mut remotes: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+        remotes.sort_unstable();
+        let mut expected: Vec<&str> = targets.iter().map(|(_, id)| id.as_str()).collect();
+        expected.sort_unstable();
+        assert_eq!(remotes, expected, "each target punched once");
+        for (remote, outcome, transport, technique) in &rows {
+            assert_eq!(outcome, "SUCCESS", "{remote}: {rows:?}");
+            assert!(transport.is_some() && technique.is_some(), "{rows:?}");
+        }
+        store.close().await;
+    });
+    assert!(
+        std::fs::read_dir(dir.0.join("client/spool"))
+            .expect("spool")
+            .filter_map(Result::ok)
+            .all(|e| e.path().extension().is_none_or(|x| x != "pb")),
+        "the spool is empty"
+    );
+    drop(targets);
+    drop(honeypot);
+    drop(relay);
+}

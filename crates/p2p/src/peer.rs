@@ -668,6 +668,11 @@ impl Peer {
         *self.swarm.local_peer_id()
     }
 
+    /// The addresses this peer listens on (relayed ones included once reserved).
+    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+        self.swarm.listeners().cloned().collect()
+    }
+
     /// Runs `mode` until `stop` completes (listen) or the one hole punch ends (dial), reporting
     /// to `report`. Returns the dial's outcome.
     pub async fn run(

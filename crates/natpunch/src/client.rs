@@ -1,0 +1,221 @@
+//! `natpunch client`: libp2p hosts that take peers from a measurement server, hole-punch them
+//! and report every punch (punchr's client, with a spool, concurrency and natpunch's engine).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use api::client::{ClientConfig, ClientEvent};
+use api::spool::Spool;
+use clap::Args;
+use clap::builder::BoolishValueParser;
+use p2p::peer::PeerConfig;
+
+#[derive(Debug, Args)]
+#[command(after_help = "The API key comes from --api-key, NATPUNCH_API_KEY, or \
+$XDG_CONFIG_HOME/natpunch/api-key.txt (~/.config/natpunch/api-key.txt), where a new one is saved \
+when there is none (the server registers unknown keys as anonymous unless its registration is \
+closed). Reports wait in the spool until the server acknowledges them: stopping the client or \
+the server loses none.")]
+pub(crate) struct ClientArgs {
+    /// The measurement server: http://HOST:PORT or https://HOST:PORT.
+    #[arg(
+        long,
+        env = "NATPUNCH_SERVER",
+        default_value = "http://127.0.0.1:10000"
+    )]
+    server: String,
+    /// The API key.
+    #[arg(long, env = "NATPUNCH_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// libp2p hosts, each with its own identity, punching concurrently.
+    #[arg(long, env = "NATPUNCH_CLIENT_HOST_COUNT", default_value_t = 10)]
+    host_count: usize,
+    /// Where the hosts' keys live (host-N.key, created on first start) [default:
+    /// $XDG_STATE_HOME/natpunch/client or ~/.local/state/natpunch/client].
+    #[arg(long, env = "NATPUNCH_CLIENT_KEYS")]
+    keys_dir: Option<PathBuf>,
+    /// Where reports wait until acknowledged [default: the keys directory's spool/].
+    #[arg(long, env = "NATPUNCH_CLIENT_SPOOL")]
+    spool: Option<PathBuf>,
+    /// Stop after this many punches (all hosts together) once every report is delivered
+    /// [default: run until stopped].
+    #[arg(long)]
+    punches: Option<u64>,
+    /// Seconds a host waits when the server has no peer for it.
+    #[arg(long, default_value_t = 30.0)]
+    idle_secs: f64,
+    /// A STUN server (RFC 5780, e.g. `natpunch stun-server`) to measure this network's NAT
+    /// behaviour once at start; sent with every report.
+    #[arg(long, env = "NATPUNCH_STUN_SERVER")]
+    stun_server: Option<SocketAddr>,
+    /// Send the router's login page with each host's first report (punchr did this unless told
+    /// not to; natpunch does not unless told to).
+    #[arg(long)]
+    router_check: bool,
+    /// CA certificate(s) (PEM) for an https server [default: the system's,
+    /// /etc/ssl/certs/ca-certificates.crt].
+    #[arg(long)]
+    ca_cert: Option<PathBuf>,
+    /// How long one hole-punch attempt may take, in ms.
+    #[arg(long, default_value_t = 3000)]
+    attempt_timeout_ms: u64,
+    /// Print one JSON object per event.
+    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
+    json: bool,
+}
+
+/// The API key: given, or kept in the config file (created with a new key when missing).
+fn api_key(given: Option<String>) -> anyhow::Result<String> {
+    if let Some(k) = given.filter(|k| !k.trim().is_empty()) {
+        return Ok(k.trim().to_owned());
+    }
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+        .context("no --api-key, and neither XDG_CONFIG_HOME nor HOME is set")?;
+    let path = base.join("natpunch/api-key.txt");
+    if let Ok(k) = std::fs::read_to_string(&path)
+        && !k.trim().is_empty()
+    {
+        return Ok(k.trim().to_owned());
+    }
+    let key = api::client::new_api_key();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&path, format!("{key}\n"))
+        .with_context(|| format!("saving the new API key in {}", path.display()))?;
+    eprintln!("client: a new API key is saved in {}", path.display());
+    Ok(key)
+}
+
+fn channel(server: &str, ca: Option<&Path>) -> anyhow::Result<tonic::transport::Channel> {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(server.to_owned())
+        .with_context(|| format!("--server {server}"))?
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(30));
+    if server.starts_with("https://") {
+        api::server::install_tls_provider();
+        let ca = ca.unwrap_or(Path::new("/etc/ssl/certs/ca-certificates.crt"));
+        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+        endpoint = endpoint.tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+        )?;
+    }
+    // Connected on first use: a server that is down now is retried by the calls.
+    Ok(endpoint.connect_lazy())
+}
+
+pub(crate) fn run(args: ClientArgs) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(args.host_count > 0, "--host-count must be at least 1");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: ClientArgs) -> anyhow::Result<ExitCode> {
+    let keys_dir = match &args.keys_dir {
+        Some(d) => d.clone(),
+        None => crate::state_dir()?.join("client"),
+    };
+    let mut hosts = Vec::with_capacity(args.host_count);
+    for i in 0..args.host_count {
+        let (key, _) = p2p::identity::load_or_create(&keys_dir.join(format!("host-{i}.key")))?;
+        hosts.push(key);
+    }
+    let spool_dir = args.spool.clone().unwrap_or_else(|| keys_dir.join("spool"));
+    let spool = Spool::open(&spool_dir).with_context(|| format!("{}", spool_dir.display()))?;
+    let waiting = spool.len();
+    let client_nat = match args.stun_server {
+        Some(server) => {
+            let report = natcheck::client::check(
+                &natcheck::client::CheckOptions::new(server),
+                &|_: &str| {},
+            )
+            .await
+            .with_context(|| format!("measuring the NAT with {server}"))?;
+            report
+                .mapping
+                .zip(report.filtering)
+                .map(|(m, f)| format!("{m}/{f}"))
+        }
+        None => None,
+    };
+    let mut peer = PeerConfig::new(Vec::new());
+    peer.attempt_timeout = Duration::from_millis(args.attempt_timeout_ms.max(100));
+    let config = ClientConfig {
+        api_key: api_key(args.api_key.clone())?,
+        hosts,
+        idle: Duration::from_secs_f64(args.idle_secs.max(0.1)),
+        punches: args.punches,
+        client_nat: client_nat.clone(),
+        peer,
+        router_check: args.router_check,
+    };
+    eprintln!(
+        "client: {} hosts, server {}, spool {} ({waiting} waiting){}",
+        args.host_count,
+        args.server,
+        spool_dir.display(),
+        client_nat.map_or(String::new(), |n| format!(", NAT {n}"))
+    );
+    let channel = channel(&args.server, args.ca_cert.as_deref())?;
+    let json = args.json;
+    let report = move |e: ClientEvent| {
+        if json {
+            println!("{}", serde_json::to_string(&e).unwrap_or_default());
+        } else if let Some(line) = describe(&e) {
+            println!("{line}");
+        }
+    };
+    tokio::select! {
+        r = api::client::run(config, channel, spool.clone(), &report) => {
+            let punched = r?;
+            eprintln!("client: {punched} punches, every report delivered");
+        }
+        () = crate::stop_signal() => {
+            eprintln!("client: stopping; {} reports wait in the spool for the next start", spool.len());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn describe(e: &ClientEvent) -> Option<String> {
+    Some(match e {
+        ClientEvent::Registered { host, db_peer_id } => {
+            format!("registered {host} (id {db_peer_id})")
+        }
+        ClientEvent::Served { .. } | ClientEvent::Delivered { .. } => return None,
+        ClientEvent::Idle { host, wait_secs } => {
+            format!("{host}: nothing to punch, waiting {wait_secs:.0} s")
+        }
+        ClientEvent::Punched {
+            host,
+            remote,
+            outcome,
+            transport,
+            time_to_direct_ms,
+            ..
+        } => format!(
+            "{host} → {remote}: {outcome:?}{}{}",
+            transport
+                .as_ref()
+                .map_or(String::new(), |t| format!(" over {t}")),
+            time_to_direct_ms.map_or(String::new(), |t| format!(" in {t:.0} ms"))
+        ),
+        ClientEvent::Deferred {
+            key,
+            error,
+            retry_secs,
+        } => format!("report {key} not delivered ({error}); next try in {retry_secs:.1} s"),
+        ClientEvent::Rejected { key, error } => {
+            format!("report {key} refused by the server: {error} (kept in rejected/)")
+        }
+        ClientEvent::ServerError { call, error } => format!("{call}: {error}"),
+    })
+}
