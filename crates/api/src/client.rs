@@ -364,6 +364,8 @@ async fn deliver(
     report: &(dyn Fn(ClientEvent) + Sync),
 ) -> Result<(), ClientError> {
     let mut backoff = Duration::from_millis(500);
+    // Once the hosts are done, undeliverable reports are left in the spool after this long.
+    let mut give_up: Option<tokio::time::Instant> = None;
     loop {
         let mut failed = false;
         for s in spool.pending()? {
@@ -395,8 +397,14 @@ async fn deliver(
                 }
             }
         }
-        if finished.load(Ordering::Relaxed) && !failed && spool.is_empty() {
-            return Ok(());
+        if finished.load(Ordering::Relaxed) {
+            if !failed && spool.is_empty() {
+                return Ok(());
+            }
+            let deadline = *give_up.get_or_insert_with(|| tokio::time::Instant::now() + STOP_GRACE);
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(());
+            }
         }
         if failed {
             tokio::time::sleep(backoff).await;
@@ -406,6 +414,9 @@ async fn deliver(
         }
     }
 }
+
+/// How long a stopping client keeps trying to deliver what is in its spool.
+const STOP_GRACE: Duration = Duration::from_secs(20);
 
 /// Registers `key`'s host, retrying while the server is unavailable.
 async fn register(
@@ -460,14 +471,16 @@ async fn host_loop(
     wake: &tokio::sync::Notify,
     punched: &AtomicU64,
     all_hosts: &[Vec<u8>],
+    stopping: &Stopping,
     report: &(dyn Fn(ClientEvent) + Sync),
 ) -> Result<(), ClientError> {
     let key = &config.hosts[index];
     let host = key.public().to_peer_id();
     let budget_left = || {
-        config
-            .punches
-            .is_none_or(|n| punched.load(Ordering::Relaxed) < n)
+        !stopping.is_set()
+            && config
+                .punches
+                .is_none_or(|n| punched.load(Ordering::Relaxed) < n)
     };
     let mut first = true;
     while budget_left() {
@@ -483,7 +496,7 @@ async fn host_loop(
                     host: host.to_string(),
                     wait_secs: config.idle.as_secs_f64(),
                 });
-                tokio::time::sleep(config.idle).await;
+                stopping.sleep(config.idle).await;
                 continue;
             }
             Err(e) if e.code() == Code::Unauthenticated => {
@@ -497,7 +510,9 @@ async fn host_loop(
                 if e.code() == Code::FailedPrecondition {
                     register(&mut server, key, &config.api_key, report).await?;
                 } else {
-                    tokio::time::sleep(config.idle.min(Duration::from_secs(5))).await;
+                    stopping
+                        .sleep(config.idle.min(Duration::from_secs(5)))
+                        .await;
                 }
                 continue;
             }
@@ -650,17 +665,49 @@ fn portmap_gateway() -> Option<std::net::Ipv4Addr> {
     })
 }
 
-/// Registers every host, runs them until `config.punches` punches were made (or forever), and
-/// delivers every report before returning.
+/// A stop request the host loops see between punches and during waits.
+#[derive(Debug, Default)]
+struct Stopping {
+    set: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Stopping {
+    fn is_set(&self) -> bool {
+        self.set.load(Ordering::Relaxed)
+    }
+
+    fn request(&self) {
+        self.set.store(true, Ordering::Relaxed);
+        self.notify.notify_waiters();
+    }
+
+    /// Sleeps `d`, or less if a stop is requested.
+    async fn sleep(&self, d: Duration) {
+        if !self.is_set() {
+            let _ = tokio::time::timeout(d, self.notify.notified()).await;
+        }
+    }
+}
+
+/// Registers every host and runs them until `config.punches` punches were made or `stop`
+/// completes (punches in progress finish first); then delivers the reports, leaving what the
+/// server does not take within 20 s in the spool for the next start. Returns the punches made.
 pub async fn run(
     config: ClientConfig,
     channel: Channel,
     spool: Spool,
+    stop: impl Future<Output = ()>,
     report: &(dyn Fn(ClientEvent) + Sync),
 ) -> Result<u64, ClientError> {
+    let stopping = Stopping::default();
+    tokio::pin!(stop);
     let mut server = PunchrServiceClient::new(channel);
     for key in &config.hosts {
-        register(&mut server, key, &config.api_key, report).await?;
+        tokio::select! {
+            r = register(&mut server, key, &config.api_key, report) => r?,
+            () = &mut stop => return Ok(0),
+        }
     }
     let all_hosts: Vec<Vec<u8>> = config
         .hosts
@@ -687,6 +734,7 @@ pub async fn run(
                 &wake,
                 &punched,
                 &all_hosts,
+                &stopping,
                 report,
             )
         });
@@ -697,7 +745,15 @@ pub async fn run(
             .into_iter()
             .collect::<Result<Vec<()>, ClientError>>()
     };
-    let (hosts, sent) = tokio::join!(hosts, sender);
+    let both = async { tokio::join!(hosts, sender) };
+    tokio::pin!(both);
+    let (hosts, sent) = tokio::select! {
+        r = &mut both => r,
+        () = &mut stop => {
+            stopping.request();
+            both.await
+        }
+    };
     hosts?;
     sent?;
     Ok(punched

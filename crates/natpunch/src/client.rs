@@ -173,13 +173,20 @@ async fn serve(args: ClientArgs) -> anyhow::Result<ExitCode> {
             println!("{line}");
         }
     };
-    tokio::select! {
-        r = api::client::run(config, channel, spool.clone(), &report) => {
-            let punched = r?;
-            eprintln!("client: {punched} punches, every report delivered");
-        }
-        () = crate::stop_signal() => {
-            eprintln!("client: stopping; {} reports wait in the spool for the next start", spool.len());
+    // Ctrl-C or SIGTERM: punches in progress finish and reports are delivered (for up to
+    // 20 s); what is left waits in the spool for the next start.
+    let punched = api::client::run(
+        config,
+        channel,
+        spool.clone(),
+        crate::stop_signal(),
+        &report,
+    )
+    .await?;
+    match spool.len() {
+        0 => eprintln!("client: {punched} punches, every report delivered"),
+        n => {
+            eprintln!("client: {punched} punches; {n} reports wait in the spool for the next start")
         }
     }
     Ok(ExitCode::SUCCESS)
