@@ -361,10 +361,12 @@ async fn deliver(
     spool: Spool,
     wake: Arc<tokio::sync::Notify>,
     finished: Arc<std::sync::atomic::AtomicBool>,
+    stopping: &Stopping,
     report: &(dyn Fn(ClientEvent) + Sync),
 ) -> Result<(), ClientError> {
     let mut backoff = Duration::from_millis(500);
-    // Once the hosts are done, undeliverable reports are left in the spool after this long.
+    // When told to stop, undeliverable reports are left in the spool after this long; a client
+    // that has made its punches keeps trying until the server takes them.
     let mut give_up: Option<tokio::time::Instant> = None;
     loop {
         let mut failed = false;
@@ -397,10 +399,10 @@ async fn deliver(
                 }
             }
         }
-        if finished.load(Ordering::Relaxed) {
-            if !failed && spool.is_empty() {
-                return Ok(());
-            }
+        if finished.load(Ordering::Relaxed) && !failed && spool.is_empty() {
+            return Ok(());
+        }
+        if finished.load(Ordering::Relaxed) && stopping.is_set() {
             let deadline = *give_up.get_or_insert_with(|| tokio::time::Instant::now() + STOP_GRACE);
             if tokio::time::Instant::now() >= deadline {
                 return Ok(());
@@ -722,6 +724,7 @@ pub async fn run(
         spool.clone(),
         Arc::clone(&wake),
         Arc::clone(&finished),
+        &stopping,
         report,
     );
     let hosts = async {

@@ -160,6 +160,23 @@ pub struct Counts {
     pub allocations: i64,
 }
 
+/// One stored hole-punch result, for summaries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResultRow {
+    /// The reporting host (base58 peer ID).
+    pub local: String,
+    /// The remote.
+    pub remote: String,
+    /// punchr's outcome name.
+    pub outcome: String,
+    /// The protocol filter in effect (multiaddr codes).
+    pub filters: Vec<i32>,
+    /// The transport of the direct connection.
+    pub transport: Option<String>,
+    /// Seconds from the relayed to the direct connection.
+    pub time_to_direct: Option<f64>,
+}
+
 /// What the measurement server needs from a database. Times are Unix nanoseconds, passed in so
 /// that the rules can be tested in virtual time.
 pub trait Store: Clone + Send + Sync + 'static {
@@ -210,6 +227,7 @@ pub trait Store: Clone + Send + Sync + 'static {
 /// Renders the dialect marks of `sql` for `backend`. A mark is `{kind $n}`:
 /// - `ts`: a Unix-nanosecond integer (kept as is in SQLite, a TIMESTAMPTZ in PostgreSQL);
 /// - `interval`: seconds as a float (REAL, INTERVAL);
+/// - `secs`: an interval column read back as seconds;
 /// - `TYPE[]`: a JSON array given as text (kept as JSON text, an array of TYPE);
 /// - `each TYPE`: the elements of a JSON array as rows, for `IN (SELECT {each TYPE $n})`;
 /// - any other word: a cast to that type in PostgreSQL (enum types, `inet`, `bigint`), nothing
@@ -238,6 +256,7 @@ pub fn render(sql: &str, backend: Backend) -> String {
                 format!("(timestamptz 'epoch' + (({x}) / 1000)::float8 * interval '1 microsecond')")
             }
             (Backend::Postgres, ["interval", x]) => format!("make_interval(secs => {x})"),
+            (Backend::Postgres, ["secs", x]) => format!("extract(epoch from {x})::float8"),
             (Backend::Postgres, [ty, x]) => match ty.strip_suffix("[]") {
                 Some(elem) => {
                     format!("ARRAY(SELECT jsonb_array_elements_text(({x})::jsonb)::{elem})")
@@ -356,6 +375,9 @@ statements! {
         RETURNING id";
     link_connection = "INSERT INTO connection_events_x_multi_addresses (connection_event_id, \
         multi_address_id) VALUES ($1, $2) ON CONFLICT DO NOTHING";
+    results = "SELECT l.multi_hash, r.multi_hash, {text h.outcome}, {text h.protocol_filters}, \
+        h.transport, {secs h.time_to_direct} FROM hole_punch_results h \
+        JOIN peers l ON l.id = h.local_id JOIN peers r ON r.id = h.remote_id ORDER BY h.id";
     counts = "SELECT (SELECT count(*) FROM hole_punch_results), \
         (SELECT count(*) FROM hole_punch_attempt), (SELECT count(*) FROM latency_measurements), \
         (SELECT count(*) FROM port_mappings), (SELECT count(*) FROM network_information), \
@@ -497,6 +519,28 @@ impl SqlStore {
             writer: Arc::new(tokio::sync::Mutex::new(())),
             ids: Arc::default(),
         })
+    }
+
+    /// Every stored hole-punch result, oldest first.
+    pub async fn results(&self) -> Result<Vec<ResultRow>, StoreError> {
+        let rows = sqlx::query(&self.sql.results).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                let filters: String = r.try_get(3)?;
+                Ok(ResultRow {
+                    local: r.try_get(0)?,
+                    remote: r.try_get(1)?,
+                    outcome: r.try_get(2)?,
+                    // `[4,6]` (SQLite's JSON) or `{4,6}` (PostgreSQL's array).
+                    filters: filters
+                        .split(|c: char| !c.is_ascii_digit() && c != '-')
+                        .filter_map(|n| n.parse().ok())
+                        .collect(),
+                    transport: r.try_get(4)?,
+                    time_to_direct: r.try_get(5)?,
+                })
+            })
+            .collect()
     }
 
     /// Which database this is.

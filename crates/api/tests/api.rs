@@ -438,6 +438,13 @@ async fn a_report_round_trips_with_every_field_and_a_retry_is_not_stored_twice()
             (1, 2, 1, 1, 1),
             "the retry added nothing"
         );
+        let rows = store.results().await.expect("results");
+        assert_eq!(rows.len(), 1);
+        assert_eq!((rows[0].local.as_str(), rows[0].remote.as_str()), (client.to_base58().as_str(), remote.to_base58().as_str()));
+        assert_eq!(rows[0].outcome, "SUCCESS");
+        assert_eq!(rows[0].filters, vec![4, 461]);
+        assert_eq!(rows[0].transport.as_deref(), Some("quic"));
+        assert!((rows[0].time_to_direct.expect("time to direct") - 0.27).abs() < 1e-6);
         // Concurrent retries of a new report: one is stored, the rest acknowledged.
         let report = Report::from_request(&sample::report(client, remote, relay, "key", Some("k-2"))).expect("valid");
         let tasks: Vec<_> = (0..8)

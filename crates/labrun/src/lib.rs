@@ -1,5 +1,8 @@
 //! labrun: natpunch's roles run inside a NAT lab, trial after trial.
 //!
+//! * [`campaign`]: the measurement system end to end (relay, DHT, honeypot, server, targets
+//!   and clients behind every preset), summed up from its database;
+//! * [`html`]: the campaign's report as a self-contained page with plots;
 //! * [`matrix`]: hole punches between every pair of NAT presets, each trial with fresh peers
 //!   and flushed NAT state, summed up per cell (success rate with its 95% interval, outcomes,
 //!   time to direct, attempts needed).
@@ -7,5 +10,7 @@
 //! The roles are the `natpunch` binary itself (`relay`, `peer listen`, `peer dial`), started in
 //! the lab's namespaces, so what is measured is exactly what a user runs.
 
+pub mod campaign;
+pub mod html;
 pub mod matrix;
 pub mod stats;

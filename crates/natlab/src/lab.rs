@@ -998,6 +998,11 @@ impl LabProcess {
         }
     }
 
+    /// Whether the process is still running.
+    pub fn is_running(&self) -> bool {
+        !self.has_exited()
+    }
+
     fn has_exited(&self) -> bool {
         self.child
             .lock()

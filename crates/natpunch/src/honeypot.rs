@@ -59,6 +59,9 @@ pub(crate) struct HoneypotArgs {
         default_value = "sqlite://natpunch.db"
     )]
     database_url: String,
+    /// Record nothing: a plain DHT server (a lab's bootstrap node).
+    #[arg(long)]
+    no_record: bool,
     /// Print one JSON object per event.
     #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
     json: bool,
@@ -101,9 +104,16 @@ async fn serve(args: HoneypotArgs) -> anyhow::Result<ExitCode> {
         None => crate::state_dir()?.join("honeypot.key"),
     };
     let (key, created) = p2p::identity::load_or_create(&path)?;
-    let store = SqlStore::open(&args.database_url)
-        .await
-        .with_context(|| format!("opening {}", crate::server::redact(&args.database_url)))?;
+    let store = if args.no_record {
+        None
+    } else {
+        let url = &args.database_url;
+        Some(
+            SqlStore::open(url)
+                .await
+                .with_context(|| format!("opening {}", crate::server::redact(url)))?,
+        )
+    };
     let ip = match args.listen_ip {
         IpAddr::V4(ip) => Protocol::Ip4(ip),
         IpAddr::V6(ip) => Protocol::Ip6(ip),
@@ -121,10 +131,17 @@ async fn serve(args: HoneypotArgs) -> anyhow::Result<ExitCode> {
     let honeypot = Honeypot::new(key, config).map_err(anyhow::Error::msg)?;
     let local = honeypot.peer_id().to_base58();
     eprintln!(
-        "honeypot: peer id {local} ({} key {}), recording into {}",
+        "honeypot: peer id {local} ({} key {}), {}",
         if created { "new" } else { "from" },
         path.display(),
-        crate::server::redact(&args.database_url)
+        if store.is_some() {
+            format!(
+                "recording into {}",
+                crate::server::redact(&args.database_url)
+            )
+        } else {
+            "recording nothing".to_owned()
+        }
     );
     // Sightings are written by their own task, so that a slow database never stalls the swarm.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Sighting>();
@@ -133,6 +150,9 @@ async fn serve(args: HoneypotArgs) -> anyhow::Result<ExitCode> {
         let local = local.clone();
         tokio::spawn(async move {
             while let Some(s) = rx.recv().await {
+                let Some(store) = &store else {
+                    continue;
+                };
                 let event = match connection_event(&local, &s) {
                     Ok(e) => e,
                     Err(e) => {
@@ -164,7 +184,9 @@ async fn serve(args: HoneypotArgs) -> anyhow::Result<ExitCode> {
     drop(tx);
     // What was seen before the stop is written before the process ends.
     let _ = writer.await;
-    store.close().await;
+    if let Some(store) = store {
+        store.close().await;
+    }
     eprintln!("honeypot: stopped");
     Ok(ExitCode::SUCCESS)
 }

@@ -34,6 +34,9 @@ pub(crate) enum LabCommand {
     /// Hole punches between every pair of NAT presets (fresh peers and NAT state per trial):
     /// success rate, outcomes, time to direct, attempts needed, per transport.
     Matrix(crate::matrix::MatrixArgs),
+    /// The measurement system end to end: relay, DHT, honeypot, server, and a target and a
+    /// client behind every preset; outcome mix, rates and the NAT-pair matrix from the database.
+    Campaign(crate::campaign::CampaignArgs),
     /// Run the delay lines of a detached lab until terminated (started by `lab up`).
     #[command(hide = true)]
     Hold {
@@ -125,6 +128,7 @@ pub(crate) fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         LabCommand::Up(args) => up(args),
         LabCommand::Matrix(args) => crate::matrix::run(args),
+        LabCommand::Campaign(args) => crate::campaign::run(args),
         LabCommand::Exec(args) => exec(args),
         LabCommand::Down(args) => down(args),
         LabCommand::List(args) => list(args),

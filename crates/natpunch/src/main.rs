@@ -2,6 +2,7 @@
 //! logging and hands over to the role's module; the logic lives in the library crates.
 
 mod bench;
+mod campaign;
 mod client;
 mod honeypot;
 mod lab;

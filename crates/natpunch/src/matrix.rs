@@ -55,7 +55,7 @@ pub(crate) struct MatrixArgs {
     trials_out: Option<std::path::PathBuf>,
 }
 
-fn parse_preset(s: &str) -> Result<Preset, String> {
+pub(crate) fn parse_preset(s: &str) -> Result<Preset, String> {
     Preset::ALL
         .into_iter()
         .find(|p| p.name() == s)

@@ -2325,3 +2325,81 @@ fn client_punches_what_the_server_serves_and_delivers_every_report_once() {
     drop(honeypot);
     drop(relay);
 }
+
+/// A short campaign with the server killed for 30 s in the middle: the honeypot records every
+/// target, the clients report every NAT pair with the outcomes of the hole-punching matrix
+/// (port-restricted pairs succeed, pairs with a symmetric NAT fail), every punch made is in the
+/// database exactly once, and the HTML report has its plots.
+#[test]
+fn lab_campaign_survives_a_server_outage_and_reports_every_nat_pair() {
+    if !natlab::environment::lab_test_can_run(
+        "lab_campaign_survives_a_server_outage_and_reports_every_nat_pair",
+    ) {
+        return;
+    }
+    let dir = Scratch::new("campaign");
+    let work = dir.0.join("work");
+    let html = dir.0.join("report.html");
+    let out = natpunch(&[
+        "lab",
+        "campaign",
+        "--punches",
+        "24",
+        "--presets",
+        "port-restricted,symmetric",
+        "--rtt-ms",
+        "20",
+        "--server-outage",
+        "5s:30s",
+        "--json",
+        "--work-dir",
+        work.to_str().expect("utf-8"),
+        "--report",
+        html.to_str().expect("utf-8"),
+    ]);
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert!(
+        stderr(&out).contains("killing the server for 30 s"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains("the server is back"),
+        "{}",
+        stderr(&out)
+    );
+    let v: Value = serde_json::from_str(&stdout(&out)).expect("json");
+    assert_eq!(v["targets_recorded"], v["targets"], "{v}");
+    assert_eq!(v["targets"], 2);
+    assert_eq!(v["punches"], 24, "{v}");
+    assert_eq!(v["stored"], 24, "every punch made is stored, once: {v}");
+    let cells = v["matrix"].as_array().expect("matrix");
+    let pair = |c: &str, t: &str| -> (u64, u64) {
+        cells
+            .iter()
+            .filter(|x| x["client_nat"] == c && x["target_nat"] == t)
+            .fold((0, 0), |(n, s), x| {
+                (
+                    n + x["trials"].as_u64().unwrap_or(0),
+                    s + x["success"].as_u64().unwrap_or(0),
+                )
+            })
+    };
+    for (c, t) in [
+        ("port-restricted", "port-restricted"),
+        ("port-restricted", "symmetric"),
+        ("symmetric", "port-restricted"),
+        ("symmetric", "symmetric"),
+    ] {
+        let (n, s) = pair(c, t);
+        assert!(n > 0, "{c} × {t} was punched: {v}");
+        if c == "symmetric" || t == "symmetric" {
+            assert_eq!(s, 0, "{c} × {t} fails as in the lab matrix: {v}");
+        } else {
+            assert_eq!(s, n, "{c} × {t} succeeds as in the lab matrix: {v}");
+        }
+    }
+    let page = std::fs::read_to_string(&html).expect("report");
+    assert!(page.contains(r#"<svg id="outcomes""#) && page.contains(r#"<svg id="cdf""#));
+    assert!(page.contains(r#"data-transport="#));
+}

@@ -1,0 +1,595 @@
+//! A measurement campaign in the lab: the whole system, as it runs on the internet, on one
+//! machine.
+//!
+//! The lab has a relay, a DHT bootstrap node, and a node running the honeypot and the server
+//! (one database); behind each NAT preset a target peer that reserves on the relay and joins the
+//! DHT (where the honeypot finds it), and a client with a few hosts that asks the server for
+//! peers, punches them and reports. When the budget (punches or time) is spent the clients
+//! deliver their reports and stop; the summary (outcome mix, success rates, time to direct and
+//! the NAT-pair matrix) is computed from the database, the same place a researcher would read.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use api::store::SqlStore;
+use natlab::{Lab, LabOptions, LabProcess, Preset};
+use serde::Serialize;
+
+use crate::matrix::{host, topology};
+use crate::stats::quantile;
+
+/// The lab DHT's protocol name.
+pub const DHT_PROTOCOL: &str = "/natpunch/lab/kad/1.0.0";
+/// Ports of the lab's services.
+const RELAY_PORT: u16 = 4001;
+const DHT_PORT: u16 = 11000;
+const SERVER_PORT: u16 = 10000;
+/// How long a role may take to come up.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How to run a campaign.
+#[derive(Debug, Clone)]
+pub struct CampaignConfig {
+    /// The `natpunch` binary.
+    pub exe: PathBuf,
+    /// The presets: one target and one client behind each.
+    pub presets: Vec<Preset>,
+    /// Hosts per client.
+    pub hosts_per_client: usize,
+    /// Stop after this many punches in all.
+    pub punches: Option<u64>,
+    /// Stop after this long (punches in progress finish).
+    pub duration: Option<Duration>,
+    /// The database (none: a SQLite file in `work_dir`).
+    pub database_url: Option<String>,
+    /// Keys, database and spools.
+    pub work_dir: PathBuf,
+    /// Host-to-host round trip through the lab's internet, in ms.
+    pub rtt_ms: u32,
+    /// Set to stop early: the clients finish and deliver, the summary has what ran.
+    pub stop: Arc<AtomicBool>,
+    /// Kill the server (SIGKILL) this long after the clients start, and start it again after
+    /// the second duration: the clients must lose nothing.
+    pub server_outage: Option<(Duration, Duration)>,
+}
+
+impl CampaignConfig {
+    /// Defaults: every preset, 2 hosts per client, 100 ms RTT, 3 minutes.
+    pub fn new(exe: PathBuf, work_dir: PathBuf, stop: Arc<AtomicBool>) -> Self {
+        Self {
+            exe,
+            presets: Preset::ALL.to_vec(),
+            hosts_per_client: 2,
+            punches: None,
+            duration: Some(Duration::from_secs(180)),
+            database_url: None,
+            work_dir,
+            rtt_ms: 100,
+            stop,
+            server_outage: None,
+        }
+    }
+}
+
+/// Why a campaign failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CampaignError {
+    /// The lab failed.
+    #[error("lab: {0}")]
+    Lab(#[from] natlab::LabError),
+    /// A role did not come up.
+    #[error("{0}")]
+    Role(String),
+    /// The database failed.
+    #[error("database: {0}")]
+    Store(#[from] api::store::StoreError),
+    /// Files.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What the campaign is doing.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    /// A step of the set-up.
+    Step(String),
+    /// Punches made so far.
+    Punches {
+        /// Made.
+        done: u64,
+        /// The budget, if one.
+        total: Option<u64>,
+        /// Time so far.
+        elapsed: Duration,
+    },
+}
+
+/// One cell of the NAT-pair matrix.
+#[derive(Debug, Clone, Serialize)]
+pub struct CampaignCell {
+    /// The client's NAT preset.
+    pub client_nat: String,
+    /// The target's NAT preset.
+    pub target_nat: String,
+    /// `tcp` or `quic` (the filter the server assigned).
+    pub transport: String,
+    /// Punches.
+    pub trials: u64,
+    /// SUCCESS.
+    pub success: u64,
+    /// Every outcome.
+    pub outcomes: BTreeMap<String, u64>,
+    /// Median time to direct of the successes.
+    pub median_ms: Option<f64>,
+}
+
+/// The campaign's summary, from the database.
+#[derive(Debug, Clone, Serialize)]
+pub struct CampaignReport {
+    /// Punches made (reported by the clients).
+    pub punches: u64,
+    /// Results in the database.
+    pub stored: u64,
+    /// Outcomes in the database.
+    pub outcomes: BTreeMap<String, u64>,
+    /// The database (password hidden).
+    pub database: String,
+    /// SUCCESS / (SUCCESS + FAILED): punchr's definition.
+    pub success_rate: Option<f64>,
+    /// SUCCESS / every punch.
+    pub end_to_end_rate: Option<f64>,
+    /// Time to direct of the successes, median and p95, in ms.
+    pub median_ms: Option<f64>,
+    /// p95.
+    pub p95_ms: Option<f64>,
+    /// Every time to direct, for plots.
+    pub times_ms: Vec<(String, f64)>,
+    /// The NAT-pair matrix.
+    pub matrix: Vec<CampaignCell>,
+    /// Targets the honeypot recorded, of those started.
+    pub targets_recorded: usize,
+    /// Targets started.
+    pub targets: usize,
+    /// Seconds the campaign ran (punching).
+    pub seconds: f64,
+    /// Stopped early (Ctrl-C).
+    pub interrupted: bool,
+}
+
+/// The first JSON line of `p` with `needle`, parsed.
+fn json_line(p: &LabProcess, needle: &str, what: &str) -> Result<serde_json::Value, CampaignError> {
+    let line = p
+        .wait_for(needle, START_TIMEOUT)
+        .map_err(|e| CampaignError::Role(format!("{what}: {e}: {}", p.output().trim())))?;
+    serde_json::from_str(&line).map_err(|e| CampaignError::Role(format!("{what}: {e}: {line}")))
+}
+
+fn listen_addr(p: &LabProcess, ip: &str, port: u16, what: &str) -> Result<String, CampaignError> {
+    let v = json_line(p, &format!("/ip4/{ip}/tcp/{port}\""), what)?;
+    Ok(format!(
+        "{}/p2p/{}",
+        v["address"].as_str().unwrap_or_default(),
+        v["peer_id"].as_str().unwrap_or_default()
+    ))
+}
+
+/// Sends SIGTERM to `p` (our child, by PID).
+fn terminate(p: &LabProcess) {
+    if let Some(pid) = p.pid().and_then(|p| i32::try_from(p).ok()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+}
+
+/// Punches the clients have reported so far.
+fn punched(clients: &[(Preset, LabProcess)]) -> u64 {
+    clients
+        .iter()
+        .map(|(_, c)| c.output().matches("\"event\":\"punched\"").count() as u64)
+        .sum()
+}
+
+/// Runs the campaign.
+pub fn run(
+    config: &CampaignConfig,
+    progress: &mut impl FnMut(Progress),
+) -> Result<CampaignReport, CampaignError> {
+    std::fs::create_dir_all(&config.work_dir)?;
+    let exe = config.exe.to_string_lossy().into_owned();
+    let path = |name: &str| config.work_dir.join(name).display().to_string();
+    let database_url = config
+        .database_url
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}", path("campaign.db")));
+    progress(Progress::Step("building the lab".into()));
+    let t = topology(&config.presets, config.rtt_ms)
+        .host("dht", None, 1)
+        .host("honeypot", None, 1);
+    let lab = Lab::build(&t, LabOptions::default())?;
+    let relay_key = path("relay.key");
+    let relay = lab.spawn(
+        "relay",
+        &exe,
+        &[
+            "relay",
+            "--json",
+            "--telemetry-port",
+            "0",
+            "--identity",
+            &relay_key,
+            "--reservation-rate-per-ip",
+            "off",
+            "--reservation-rate-per-peer",
+            "off",
+            "--circuit-rate-per-ip",
+            "off",
+            "--circuit-rate-per-peer",
+            "off",
+            "--max-circuit-secs",
+            "600",
+            "--port",
+            &RELAY_PORT.to_string(),
+        ],
+    )?;
+    let relay_addr = json_line(&relay, "\"event\":\"external-address\"", "the relay")?["address"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    progress(Progress::Step(format!("relay at {relay_addr}")));
+    let dht_ip = lab.public_addr("dht")?.to_string();
+    let port = DHT_PORT.to_string();
+    let dht_key = path("dht.key");
+    let dht = lab.spawn(
+        "dht",
+        &exe,
+        &[
+            "honeypot",
+            "--json",
+            "--no-record",
+            "--port",
+            &port,
+            "--identity",
+            &dht_key,
+            "--protocol",
+            DHT_PROTOCOL,
+        ],
+    )?;
+    let dht_addr = listen_addr(&dht, &dht_ip, DHT_PORT, "the DHT bootstrap node")?;
+    let hp_ip = lab.public_addr("honeypot")?.to_string();
+    let hp_key = path("honeypot.key");
+    let honeypot = lab.spawn(
+        "honeypot",
+        &exe,
+        &[
+            "honeypot",
+            "--json",
+            "--port",
+            &port,
+            "--identity",
+            &hp_key,
+            "--protocol",
+            DHT_PROTOCOL,
+            "--bootstrap",
+            &dht_addr,
+            "--crawler-count",
+            "3",
+            "--crawl-secs",
+            "60",
+            "--database-url",
+            &database_url,
+        ],
+    )?;
+    listen_addr(&honeypot, &hp_ip, DHT_PORT, "the honeypot")?;
+    json_line(
+        &honeypot,
+        "\"event\":\"crawl-ended\"",
+        "the honeypot's first crawl",
+    )?;
+    let server_args = [
+        "server",
+        "--json",
+        "--port",
+        &SERVER_PORT.to_string(),
+        "--telemetry-port",
+        "0",
+        "--database-url",
+        &database_url,
+        // One transport per punch, so that failures count for a transport too; every
+        // target may be punched again at once and often.
+        "--protocol-filters",
+        "ip4/tcp:1,ip4/quic-v1:1",
+        "--dedup-secs",
+        "0",
+        "--per-remote",
+        "100000",
+    ];
+    let start_server = || -> Result<LabProcess, CampaignError> {
+        let server = lab.spawn("honeypot", &exe, &server_args)?;
+        json_line(&server, "\"event\":\"listening\"", "the server")?;
+        Ok(server)
+    };
+    let mut server = Some(start_server()?);
+    progress(Progress::Step(format!(
+        "DHT, honeypot and server up; database {}",
+        api_redact(&database_url)
+    )));
+
+    // Targets: reserve on the relay, then join the DHT through the bootstrap node.
+    let mut targets = Vec::new();
+    let mut nat_of: HashMap<String, Preset> = HashMap::new();
+    for &p in &config.presets {
+        let key = path(&format!("target-{}.key", p.name()));
+        let target = lab.spawn(
+            &host('b', p),
+            &exe,
+            &[
+                "peer",
+                "listen",
+                "--json",
+                "--relay",
+                &relay_addr,
+                "--identity",
+                &key,
+                "--dht-bootstrap",
+                &dht_addr,
+                "--dht-protocol",
+                DHT_PROTOCOL,
+            ],
+        )?;
+        let reserved = json_line(&target, "\"event\":\"reserved\"", "a target")?;
+        let id = reserved["address"]
+            .as_str()
+            .and_then(|a| a.rsplit('/').next())
+            .unwrap_or_default()
+            .to_owned();
+        nat_of.insert(id.clone(), p);
+        targets.push((id, target));
+    }
+    let deadline = Instant::now() + START_TIMEOUT;
+    let recorded = |hp: &LabProcess| {
+        let out = hp.output();
+        targets
+            .iter()
+            .filter(|(id, _)| out.contains(&format!("\"peer_id\":\"{id}\"")))
+            .count()
+    };
+    while recorded(&honeypot) < targets.len() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let targets_recorded = recorded(&honeypot);
+    progress(Progress::Step(format!(
+        "{targets_recorded} of {} targets recorded by the honeypot",
+        targets.len()
+    )));
+
+    // Clients: the budget is shared out; each delivers its reports before it exits.
+    let n = config.presets.len() as u64;
+    let mut clients = Vec::new();
+    let server_url = format!("http://{hp_ip}:{SERVER_PORT}");
+    let hosts = config.hosts_per_client.max(1).to_string();
+    for (i, &p) in config.presets.iter().enumerate() {
+        let keys = path(&format!("client-{}", p.name()));
+        let share = config
+            .punches
+            .map(|total| (total / n + u64::from((i as u64) < total % n)).to_string());
+        let mut args = vec![
+            "client",
+            "--json",
+            "--server",
+            &server_url,
+            "--api-key",
+            "natpunch-lab-campaign",
+            "--host-count",
+            &hosts,
+            "--idle-secs",
+            "1",
+            "--keys-dir",
+            &keys,
+        ];
+        if let Some(s) = &share {
+            if s == "0" {
+                continue;
+            }
+            args.extend(["--punches", s]);
+        }
+        let client = lab.spawn(&host('a', p), &exe, &args)?;
+        for i in 0..config.hosts_per_client.max(1) {
+            let key = p2p::identity::load_or_create(
+                &config
+                    .work_dir
+                    .join(format!("client-{}/host-{i}.key", p.name())),
+            );
+            if let Ok((k, _)) = key {
+                nat_of.insert(k.public().to_peer_id().to_base58(), p);
+            }
+        }
+        clients.push((p, client));
+    }
+    let started = Instant::now();
+    let mut interrupted = false;
+    let mut told_to_stop = false;
+    let mut outage_over = false;
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let done = punched(&clients);
+        progress(Progress::Punches {
+            done,
+            total: config.punches,
+            elapsed: started.elapsed(),
+        });
+        let running = clients.iter().any(|(_, c)| c.is_running());
+        if !running {
+            break;
+        }
+        if let Some((at, down)) = config.server_outage {
+            let t = started.elapsed();
+            if t >= at && t < at + down && server.is_some() {
+                progress(Progress::Step(format!(
+                    "killing the server for {:.0} s",
+                    down.as_secs_f64()
+                )));
+                // Dropping ends it with SIGKILL: no chance to finish anything.
+                server = None;
+            } else if t >= at + down && server.is_none() && !outage_over {
+                server = Some(start_server()?);
+                outage_over = true;
+                progress(Progress::Step("the server is back".into()));
+            }
+        }
+        let out_of_time = config.duration.is_some_and(|d| started.elapsed() >= d);
+        let stop = config.stop.load(Ordering::Relaxed);
+        if (out_of_time || stop) && !told_to_stop {
+            interrupted = stop;
+            told_to_stop = true;
+            progress(Progress::Step(
+                "stopping the clients (punches in progress finish, reports are delivered)".into(),
+            ));
+            for (_, c) in &clients {
+                terminate(c);
+            }
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let punches = punched(&clients);
+    drop(clients);
+    drop(targets);
+    drop(server);
+    drop(honeypot);
+    drop(dht);
+    drop(relay);
+    drop(lab);
+    summarise(
+        &database_url,
+        &nat_of,
+        punches,
+        seconds,
+        interrupted,
+        targets_recorded,
+        n as usize,
+    )
+}
+
+/// The URL without its password.
+fn api_redact(url: &str) -> String {
+    match url
+        .split_once("://")
+        .and_then(|(s, r)| Some((s, r.split_once('@')?)))
+    {
+        Some((scheme, (cred, host))) if cred.contains(':') => {
+            let user = cred.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}")
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn transport_of(filters: &[i32], transport: Option<&str>) -> String {
+    if filters.contains(&6) {
+        "tcp".into()
+    } else if filters.iter().any(|c| matches!(c, 460 | 461)) {
+        "quic".into()
+    } else {
+        transport.unwrap_or("any").to_owned()
+    }
+}
+
+/// A matrix cell's key: client NAT, target NAT, transport.
+type CellKey = (String, String, String);
+
+fn summarise(
+    database_url: &str,
+    nat_of: &HashMap<String, Preset>,
+    punches: u64,
+    seconds: f64,
+    interrupted: bool,
+    targets_recorded: usize,
+    targets: usize,
+) -> Result<CampaignReport, CampaignError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let rows = rt.block_on(async {
+        let store = SqlStore::open(database_url).await?;
+        let rows = store.results().await;
+        store.close().await;
+        rows
+    })?;
+    let mut outcomes = BTreeMap::new();
+    let mut cells: BTreeMap<CellKey, (Vec<String>, Vec<f64>)> = BTreeMap::new();
+    let mut times = Vec::new();
+    for r in &rows {
+        *outcomes.entry(r.outcome.clone()).or_insert(0u64) += 1;
+        let nat = |id: &str| nat_of.get(id).map_or("unknown", |p| p.name()).to_owned();
+        let transport = transport_of(&r.filters, r.transport.as_deref());
+        let cell = cells
+            .entry((nat(&r.local), nat(&r.remote), transport.clone()))
+            .or_default();
+        cell.0.push(r.outcome.clone());
+        if r.outcome == "SUCCESS"
+            && let Some(t) = r.time_to_direct
+        {
+            cell.1.push(t * 1000.0);
+            times.push((transport, t * 1000.0));
+        }
+    }
+    let count = |o: &str| outcomes.get(o).copied().unwrap_or(0);
+    let (success, failed) = (count("SUCCESS"), count("FAILED"));
+    let all: Vec<f64> = times.iter().map(|(_, t)| *t).collect();
+    let matrix = cells
+        .into_iter()
+        .map(|((client_nat, target_nat, transport), (outs, ts))| {
+            let mut outcomes = BTreeMap::new();
+            for o in &outs {
+                *outcomes.entry(o.clone()).or_insert(0u64) += 1;
+            }
+            CampaignCell {
+                client_nat,
+                target_nat,
+                transport,
+                trials: outs.len() as u64,
+                success: outcomes.get("SUCCESS").copied().unwrap_or(0),
+                outcomes,
+                median_ms: quantile(&ts, 0.5),
+            }
+        })
+        .collect();
+    let stored = rows.len() as u64;
+    Ok(CampaignReport {
+        punches,
+        stored,
+        outcomes,
+        database: api_redact(database_url),
+        success_rate: (success + failed > 0).then(|| success as f64 / (success + failed) as f64),
+        end_to_end_rate: (stored > 0).then(|| success as f64 / stored as f64),
+        median_ms: quantile(&all, 0.5),
+        p95_ms: quantile(&all, 0.95),
+        times_ms: times,
+        matrix,
+        targets_recorded,
+        targets,
+        seconds,
+        interrupted,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transports_come_from_the_filter_first() {
+        assert_eq!(transport_of(&[4, 6], None), "tcp");
+        assert_eq!(transport_of(&[4, 461], Some("tcp")), "quic");
+        assert_eq!(transport_of(&[], Some("quic")), "quic");
+        assert_eq!(transport_of(&[], None), "any");
+        assert_eq!(
+            api_redact("postgres://u:secret@h/db"),
+            "postgres://u:***@h/db"
+        );
+    }
+}

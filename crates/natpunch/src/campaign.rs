@@ -1,0 +1,264 @@
+//! `natpunch lab campaign`: the measurement system end to end in the lab, summed up from its
+//! database, with an HTML report.
+
+use std::io::{IsTerminal as _, Write as _};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+use clap::builder::BoolishValueParser;
+use labrun::campaign::{self, CampaignConfig, CampaignReport, Progress};
+use natlab::Preset;
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "The lab: a relay, a DHT bootstrap node, a node with the honeypot and the \
+server, and behind each preset a target that reserves on the relay and joins the DHT, and a \
+client with --hosts-per-client hosts. The clients stop when the budget is spent, deliver their \
+reports and the summary is read from the database."
+)]
+pub(crate) struct CampaignArgs {
+    /// How long the clients punch: 90s, 3m, 1h [default: 3m, unless --punches is given].
+    #[arg(long, value_parser = parse_duration, conflicts_with = "punches")]
+    duration: Option<Duration>,
+    /// Stop after this many punches in all.
+    #[arg(long)]
+    punches: Option<u64>,
+    /// Presets to put targets and clients behind (comma-separated) [default: all].
+    #[arg(long, value_delimiter = ',', value_parser = crate::matrix::parse_preset)]
+    presets: Vec<Preset>,
+    /// Hosts per client.
+    #[arg(long, default_value_t = 2)]
+    hosts_per_client: usize,
+    /// Host-to-host round trip through the lab's internet, in ms.
+    #[arg(long, default_value_t = 100)]
+    rtt_ms: u32,
+    /// The database [default: sqlite://WORK_DIR/campaign.db].
+    #[arg(long, env = "NATPUNCH_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Where keys, the database and the clients' spools go [default: a new
+    /// natpunch-campaign-UNIXTIME directory here].
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Kill the server (SIGKILL) AT after the clients start and start it again DOWN later, as
+    /// AT:DOWN (e.g. 10s:30s): the clients must lose nothing.
+    #[arg(long, value_parser = parse_outage)]
+    server_outage: Option<(Duration, Duration)>,
+    /// Also write a self-contained HTML report with plots to this file.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Print the summary as JSON.
+    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
+    json: bool,
+}
+
+/// `90s`, `3m`, `1h`, or plain seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (n, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: f64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: expected e.g. 90s, 3m, 1h"))?;
+    let secs = match unit {
+        "s" | "" => n,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        other => return Err(format!("{s:?}: unknown unit {other:?} (s, m, h)")),
+    };
+    if !secs.is_finite() || secs <= 0.0 {
+        return Err(format!("{s:?}: must be above 0"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_outage(s: &str) -> Result<(Duration, Duration), String> {
+    let (at, down) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: expected AT:DOWN, e.g. 10s:30s"))?;
+    Ok((parse_duration(at)?, parse_duration(down)?))
+}
+
+pub(crate) fn run(args: CampaignArgs) -> anyhow::Result<ExitCode> {
+    let exe = std::env::current_exe().context("finding the natpunch binary")?;
+    let work_dir = match &args.work_dir {
+        Some(d) => d.clone(),
+        None => {
+            let secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            PathBuf::from(format!("natpunch-campaign-{secs}"))
+        }
+    };
+    let work_dir = std::path::absolute(&work_dir).unwrap_or(work_dir);
+    let mut config = CampaignConfig::new(exe, work_dir.clone(), crate::stop_flag());
+    if !args.presets.is_empty() {
+        config.presets.clone_from(&args.presets);
+    }
+    config.hosts_per_client = args.hosts_per_client.max(1);
+    config.rtt_ms = args.rtt_ms;
+    config.database_url.clone_from(&args.database_url);
+    config.punches = args.punches;
+    config.server_outage = args.server_outage;
+    config.duration = match (args.duration, args.punches) {
+        (Some(d), _) => Some(d),
+        (None, Some(_)) => None,
+        (None, None) => config.duration,
+    };
+    eprintln!(
+        "lab campaign: {} presets, {} hosts per client, {}; files in {}",
+        config.presets.len(),
+        config.hosts_per_client,
+        match (config.punches, config.duration) {
+            (Some(n), _) => format!("{n} punches"),
+            (None, Some(d)) => format!("{:.0} s", d.as_secs_f64()),
+            (None, None) => "until stopped".into(),
+        },
+        work_dir.display()
+    );
+    let tty = std::io::stderr().is_terminal();
+    let mut last_line = std::time::Instant::now();
+    let mut progress = |p: Progress| match p {
+        Progress::Step(s) => {
+            if tty {
+                eprint!("\r\x1b[K");
+            }
+            eprintln!("lab campaign: {s}");
+        }
+        Progress::Punches {
+            done,
+            total,
+            elapsed,
+        } => {
+            let bar = |f: f64| {
+                let n = (f.clamp(0.0, 1.0) * 30.0) as usize;
+                format!("[{}{}]", "#".repeat(n), ".".repeat(30 - n))
+            };
+            let line = match (total, config.duration) {
+                (Some(t), _) => format!(
+                    "{} {done}/{t} punches, {:.0} s",
+                    bar(done as f64 / t.max(1) as f64),
+                    elapsed.as_secs_f64()
+                ),
+                (None, Some(d)) => format!(
+                    "{} {done} punches, {:.0}/{:.0} s",
+                    bar(elapsed.as_secs_f64() / d.as_secs_f64()),
+                    elapsed.as_secs_f64(),
+                    d.as_secs_f64()
+                ),
+                (None, None) => format!("{done} punches, {:.0} s", elapsed.as_secs_f64()),
+            };
+            if tty {
+                eprint!("\r\x1b[K{line}");
+                let _ = std::io::stderr().flush();
+            } else if last_line.elapsed() >= Duration::from_secs(10) {
+                last_line = std::time::Instant::now();
+                eprintln!("lab campaign: {line}");
+            }
+        }
+    };
+    let report = campaign::run(&config, &mut progress)?;
+    if tty {
+        eprintln!();
+    }
+    if let Some(path) = &args.report {
+        let command: Vec<String> = std::env::args().collect();
+        std::fs::write(
+            path,
+            labrun::html::campaign_page(&report, &command.join(" ")),
+        )
+        .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("lab campaign: report in {}", path.display());
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&json(&report))?);
+    } else {
+        print_summary(&report);
+    }
+    Ok(if report.stored == report.punches {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "lab campaign: {} punches made but {} in the database",
+            report.punches, report.stored
+        );
+        ExitCode::FAILURE
+    })
+}
+
+/// The JSON form the issue names, plus the rates.
+fn json(r: &CampaignReport) -> serde_json::Value {
+    serde_json::json!({
+        "punches": r.punches,
+        "stored": r.stored,
+        "outcomes": r.outcomes,
+        "database": r.database,
+        "success_rate": r.success_rate,
+        "end_to_end_rate": r.end_to_end_rate,
+        "median_ms": r.median_ms,
+        "p95_ms": r.p95_ms,
+        "targets_recorded": r.targets_recorded,
+        "targets": r.targets,
+        "seconds": r.seconds,
+        "interrupted": r.interrupted,
+        "matrix": r.matrix,
+    })
+}
+
+fn print_summary(r: &CampaignReport) {
+    let pct = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{:.1}%", v * 100.0));
+    let ms = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{v:.0} ms"));
+    println!(
+        "{} punches, {} in the database ({}); honeypot recorded {} of {} targets",
+        r.punches, r.stored, r.database, r.targets_recorded, r.targets
+    );
+    let outcomes: Vec<String> = r.outcomes.iter().map(|(o, n)| format!("{o} {n}")).collect();
+    println!("outcomes: {}", outcomes.join(", "));
+    println!(
+        "success rate {} (SUCCESS/(SUCCESS+FAILED)), end to end {}, time to direct median {} p95 {}",
+        pct(r.success_rate),
+        pct(r.end_to_end_rate),
+        ms(r.median_ms),
+        ms(r.p95_ms)
+    );
+    println!();
+    println!(
+        "{:<16} {:<16} {:<5} {:>7} {:>8} {:>10}",
+        "client NAT", "target NAT", "via", "punches", "success", "median ms"
+    );
+    for c in &r.matrix {
+        println!(
+            "{:<16} {:<16} {:<5} {:>7} {:>8} {:>10}",
+            c.client_nat,
+            c.target_nat,
+            c.transport,
+            c.trials,
+            c.success,
+            c.median_ms
+                .map_or_else(|| "-".into(), |m| format!("{m:.0}"))
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_like_people_write_them() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("3m"), Ok(Duration::from_secs(180)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("3 weeks").is_err());
+        assert_eq!(
+            parse_outage("10s:30s"),
+            Ok((Duration::from_secs(10), Duration::from_secs(30)))
+        );
+        assert!(parse_outage("10s").is_err());
+    }
+}
