@@ -8,6 +8,10 @@ set -euo pipefail
 # postgresql: the measurement store's second backend; tests and `bench server` run private
 # servers of their own, so the package's service is not started at install.
 packages=(iproute2 nftables iptables conntrack procps coturn miniupnpd-nftables miniupnpd postgresql)
+# The test suite also opens the campaign's HTML report in headless Chromium.
+if [[ ${NATPUNCH_TEST_DEPS:-} == 1 ]]; then
+  packages+=(chromium)
+fi
 
 missing=()
 for p in "${packages[@]}"; do

@@ -2402,4 +2402,71 @@ fn lab_campaign_survives_a_server_outage_and_reports_every_nat_pair() {
     let page = std::fs::read_to_string(&html).expect("report");
     assert!(page.contains(r#"<svg id="outcomes""#) && page.contains(r#"<svg id="cdf""#));
     assert!(page.contains(r#"data-transport="#));
+    browser_shows_the_plots(&html, &dir.0);
+}
+
+/// Headless Chromium opens the report: its DOM has the plots, and a screenshot shows the
+/// outcome bars in their colours (SUCCESS green, FAILED red).
+fn browser_shows_the_plots(html: &Path, dir: &Path) {
+    let Some(chromium) = ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|c| {
+            Command::new(c)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+    else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true needs Chromium to check the HTML report"
+        );
+        eprintln!("skipping the browser check: Chromium is not installed");
+        return;
+    };
+    let url = format!("file://{}", html.display());
+    let common = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+    ];
+    let dom = Command::new(chromium)
+        .args(common)
+        .args(["--dump-dom", &url])
+        .output()
+        .expect("chromium runs");
+    let dom = stdout(&dom);
+    assert!(
+        dom.contains("<svg id=\"outcomes\"") && dom.contains("<polyline"),
+        "{dom}"
+    );
+    let shot = dir.join("report.png");
+    let out = Command::new(chromium)
+        .args(common)
+        .args(["--window-size=1200,1400"])
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(&url)
+        .output()
+        .expect("chromium runs");
+    assert!(shot.exists(), "no screenshot: {}", stderr(&out));
+    let decoder = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(&shot).expect("png"),
+    ));
+    let mut reader = decoder.read_info().expect("png header");
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).expect("png frame");
+    let step = info.color_type.samples();
+    let count = |rgb: [u8; 3]| {
+        buf[..info.buffer_size()]
+            .chunks(step)
+            .filter(|p| p.len() >= 3 && p[..3] == rgb)
+            .count()
+    };
+    // The bars: SUCCESS #2e7d32 and FAILED #c62828, a few thousand pixels each.
+    let (green, red) = (count([0x2e, 0x7d, 0x32]), count([0xc6, 0x28, 0x28]));
+    assert!(
+        green > 500 && red > 500,
+        "the outcome bars are drawn: {green} green, {red} red pixels"
+    );
 }
