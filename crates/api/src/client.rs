@@ -284,6 +284,24 @@ pub fn report_of(
     let served: Vec<Vec<u8>> = ctx.served.iter().map(|a| a.to_vec()).collect();
     let relay_addr = served.first().cloned().unwrap_or_default();
     let mut latencies = Vec::new();
+    let relay_peer = record.relay.parse::<PeerId>().ok();
+    if let (Some(rtt), Some(relay)) = (record.to_relay_rtt_ms, relay_peer) {
+        // The relay's own address: the served address cut before /p2p-circuit.
+        let addr = relays_of(&ctx.served)
+            .into_iter()
+            .next()
+            .map(|a| a.to_vec())
+            .unwrap_or_default();
+        latencies.push(pb::LatencyMeasurement {
+            remote_id: relay.to_bytes(),
+            agent_version: String::new(),
+            protocols: Vec::new(),
+            multi_address: addr,
+            rtts: vec![(rtt / 1000.0) as f32],
+            rtt_errs: Vec::new(),
+            mtype: pb::LatencyMeasurementType::ToRelay as i32,
+        });
+    }
     if let Some(rtt) = record.relay_rtt_ms {
         latencies.push(pb::LatencyMeasurement {
             remote_id: remote.to_bytes(),
@@ -591,6 +609,7 @@ async fn punch(
         transport: None,
         dialed_by: None,
         time_to_direct_ms: None,
+        to_relay_rtt_ms: None,
         relay_rtt_ms: None,
         direct_rtt_ms: None,
         local_addrs: Vec::new(),
@@ -822,6 +841,7 @@ mod tests {
             transport: Some("quic".into()),
             dialed_by: Some("local".into()),
             time_to_direct_ms: Some(270.0),
+            to_relay_rtt_ms: Some(50.0),
             relay_rtt_ms: Some(104.0),
             direct_rtt_ms: Some(100.0),
             local_addrs: vec!["/ip4/198.51.100.2/udp/5000/quic-v1".into()],
@@ -861,7 +881,12 @@ mod tests {
         assert!((report.attempts[0].elapsed_time - 0.265).abs() < 1e-6);
         assert_eq!(report.connect_ended_at, 1_795_303_375_400_000_000);
         assert!(report.connect_started_at < report.connect_ended_at);
-        assert_eq!(report.latencies.len(), 2);
+        assert_eq!(
+            report.latencies.len(),
+            3,
+            "to the relay, through it, direct"
+        );
+        assert_eq!(report.latencies[0].mtype, "TO_RELAY");
         assert!(report.has_direct_conns);
         // A failed setup is a NO_CONNECTION report that validates too.
         let mut failed = record.clone();

@@ -402,6 +402,7 @@ impl Session {
             transport: self.transport.clone(),
             dialed_by: self.dialed_by.clone(),
             time_to_direct_ms: self.direct.map(|(_, at)| self.ms(at)),
+            to_relay_rtt_ms: None,
             relay_rtt_ms: self.relay_rtt.map(|d| d.as_secs_f64() * 1000.0),
             direct_rtt_ms: self.direct_rtt.map(|d| d.as_secs_f64() * 1000.0),
             local_addrs: self.local_addrs.clone(),
@@ -442,6 +443,8 @@ pub struct Peer {
     relayed: HashMap<ConnectionId, PeerId>,
     /// Relayed connections up.
     relayed_conns: HashMap<ConnectionId, PeerId>,
+    /// The first ping to the relay itself.
+    to_relay_rtt: Option<Duration>,
     /// Remotes that run natpunch's engine (identify lists its protocol), which understand
     /// reversed attempts.
     natpunch_peers: std::collections::HashSet<PeerId>,
@@ -658,6 +661,7 @@ impl Peer {
             directs: HashMap::new(),
             relayed: HashMap::new(),
             relayed_conns: HashMap::new(),
+            to_relay_rtt: None,
             natpunch_peers: std::collections::HashSet::new(),
             stock_peers: std::collections::HashSet::new(),
         })
@@ -1494,6 +1498,7 @@ impl Peer {
 
     fn on_ping(&mut self, peer: PeerId, connection: ConnectionId, rtt: Duration) {
         if peer == self.relay {
+            self.to_relay_rtt.get_or_insert(rtt);
             return;
         }
         let relayed = self.relayed_conns.contains_key(&connection);
@@ -1595,6 +1600,7 @@ impl Peer {
                 continue;
             };
             let mut record = s.record(self.peer_id(), peer, self.relay, &self.config);
+            record.to_relay_rtt_ms = self.to_relay_rtt.map(|d| d.as_secs_f64() * 1000.0);
             record.direct_connections = self
                 .directs
                 .get(&peer)

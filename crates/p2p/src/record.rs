@@ -123,6 +123,9 @@ pub struct Record {
     pub dialed_by: Option<String>,
     /// From the relayed connection to the direct connection, ms.
     pub time_to_direct_ms: Option<f64>,
+    /// The round trip to the relay itself (ping), ms.
+    #[serde(default)]
+    pub to_relay_rtt_ms: Option<f64>,
     /// The relayed connection's round trip (ping), ms.
     pub relay_rtt_ms: Option<f64>,
     /// The direct connection's first ping, ms.
