@@ -243,6 +243,8 @@ pub struct PunchContext {
     pub connect_started_at: u64,
     /// The host's listen addresses.
     pub listen: Vec<Multiaddr>,
+    /// Port mappings the host made for the punch.
+    pub mappings: Vec<pb::NatMapping>,
     /// This client's NAT behaviour.
     pub client_nat: Option<String>,
     /// Network information to send.
@@ -360,7 +362,7 @@ pub fn report_of(
         protocols: ctx.filter.clone(),
         latency_measurements: latencies,
         network_information: ctx.network.clone(),
-        nat_mappings: Vec::new(),
+        nat_mappings: ctx.mappings.clone(),
         idempotency_key: Some(key.to_owned()),
         technique: direct
             .then(|| record.transport.as_ref().map(|t| format!("dcutr-{t}")))
@@ -638,6 +640,17 @@ async fn punch(
         ctx.connect_started_at = t;
     }
     ctx.listen = peer.listen_addrs();
+    ctx.mappings = peer
+        .mappings()
+        .map(|m| pb::NatMapping {
+            internal_port: i32::from(m.internal.port()),
+            external_port: i32::from(m.external_port),
+            protocol: m.protocol.clone(),
+            addr: m.external_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            addr_network: "ip4".into(),
+        })
+        .collect();
+    peer.unmap().await;
     match (record, result) {
         (Some(r), _) => r,
         (None, Err(e)) => no_connection(e.to_string()),

@@ -27,6 +27,11 @@ pub const DHT_PROTOCOL: &str = "/natpunch/lab/kad/1.0.0";
 const RELAY_PORT: u16 = 4001;
 const DHT_PORT: u16 = 11000;
 const SERVER_PORT: u16 = 10000;
+/// The router that maps ports, and the client's host behind it.
+const PORT_MAPPED_ROUTER: &str = "ra-pm";
+const PORT_MAPPED_HOST: &str = "ha-pm";
+/// The NAT name of the client behind it.
+pub const PORT_MAPPED_NAT: &str = "port-restricted+portmap";
 /// How long a role may take to come up.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -51,6 +56,9 @@ pub struct CampaignConfig {
     pub rtt_ms: u32,
     /// Set to stop early: the clients finish and deliver, the summary has what ran.
     pub stop: Arc<AtomicBool>,
+    /// Add a client behind a port-restricted router that maps ports (miniupnpd: PCP, NAT-PMP,
+    /// UPnP), punching with `--port-mapping`; its NAT is named `port-restricted+portmap`.
+    pub port_mapped_client: bool,
     /// Kill the server (SIGKILL) this long after the clients start, and start it again after
     /// the second duration: the clients must lose nothing.
     pub server_outage: Option<(Duration, Duration)>,
@@ -69,6 +77,7 @@ impl CampaignConfig {
             work_dir,
             rtt_ms: 100,
             stop,
+            port_mapped_client: true,
             server_outage: None,
         }
     }
@@ -187,10 +196,10 @@ fn terminate(p: &LabProcess) {
 }
 
 /// Punches the clients have reported so far.
-fn punched(clients: &[(Preset, LabProcess)]) -> u64 {
+fn punched(clients: &[LabProcess]) -> u64 {
     clients
         .iter()
-        .map(|(_, c)| c.output().matches("\"event\":\"punched\"").count() as u64)
+        .map(|c| c.output().matches("\"event\":\"punched\"").count() as u64)
         .sum()
 }
 
@@ -207,9 +216,28 @@ pub fn run(
         .clone()
         .unwrap_or_else(|| format!("sqlite://{}", path("campaign.db")));
     progress(Progress::Step("building the lab".into()));
-    let t = topology(&config.presets, config.rtt_ms)
+    let mut t = topology(&config.presets, config.rtt_ms)
         .host("dht", None, 1)
         .host("honeypot", None, 1);
+    if config.port_mapped_client
+        && let Some(nat) = Preset::PortRestricted.config()
+    {
+        t = t
+            .router(PORT_MAPPED_ROUTER, nat, None)
+            .portmap(
+                PORT_MAPPED_ROUTER,
+                natlab::portmap::PortMapConfig::default(),
+            )
+            .host(PORT_MAPPED_HOST, Some(PORT_MAPPED_ROUTER), 1);
+        let delay = natlab::LinkCondition {
+            delay_ms: config.rtt_ms / 4,
+            jitter_ms: 0,
+            loss_pct: 0.0,
+        };
+        if delay.is_impaired() {
+            t = t.link(PORT_MAPPED_ROUTER, delay);
+        }
+    }
     let lab = Lab::build(&t, LabOptions::default())?;
     let relay_key = path("relay.key");
     let relay = lab.spawn(
@@ -368,12 +396,24 @@ pub fn run(
     )));
 
     // Clients: the budget is shared out; each delivers its reports before it exits.
-    let n = config.presets.len() as u64;
+    let mut homes: Vec<(String, String, bool)> = config
+        .presets
+        .iter()
+        .map(|p| (host('a', *p), p.name().to_owned(), false))
+        .collect();
+    if config.port_mapped_client {
+        homes.push((PORT_MAPPED_HOST.into(), PORT_MAPPED_NAT.into(), true));
+    }
+    let n = homes.len() as u64;
     let mut clients = Vec::new();
+    let mut nat_name: HashMap<String, String> = nat_of
+        .iter()
+        .map(|(id, p)| (id.clone(), p.name().to_owned()))
+        .collect();
     let server_url = format!("http://{hp_ip}:{SERVER_PORT}");
     let hosts = config.hosts_per_client.max(1).to_string();
-    for (i, &p) in config.presets.iter().enumerate() {
-        let keys = path(&format!("client-{}", p.name()));
+    for (i, (node, nat, mapped)) in homes.iter().enumerate() {
+        let keys = path(&format!("client-{nat}"));
         let share = config
             .punches
             .map(|total| (total / n + u64::from((i as u64) < total % n)).to_string());
@@ -391,24 +431,25 @@ pub fn run(
             "--keys-dir",
             &keys,
         ];
+        if *mapped {
+            args.push("--port-mapping");
+        }
         if let Some(s) = &share {
             if s == "0" {
                 continue;
             }
             args.extend(["--punches", s]);
         }
-        let client = lab.spawn(&host('a', p), &exe, &args)?;
+        let client = lab.spawn(node, &exe, &args)?;
         for i in 0..config.hosts_per_client.max(1) {
             let key = p2p::identity::load_or_create(
-                &config
-                    .work_dir
-                    .join(format!("client-{}/host-{i}.key", p.name())),
+                &config.work_dir.join(format!("client-{nat}/host-{i}.key")),
             );
             if let Ok((k, _)) = key {
-                nat_of.insert(k.public().to_peer_id().to_base58(), p);
+                nat_name.insert(k.public().to_peer_id().to_base58(), nat.clone());
             }
         }
-        clients.push((p, client));
+        clients.push(client);
     }
     let started = Instant::now();
     let mut interrupted = false;
@@ -422,7 +463,7 @@ pub fn run(
             total: config.punches,
             elapsed: started.elapsed(),
         });
-        let running = clients.iter().any(|(_, c)| c.is_running());
+        let running = clients.iter().any(LabProcess::is_running);
         if !running {
             break;
         }
@@ -449,7 +490,7 @@ pub fn run(
             progress(Progress::Step(
                 "stopping the clients (punches in progress finish, reports are delivered)".into(),
             ));
-            for (_, c) in &clients {
+            for c in &clients {
                 terminate(c);
             }
         }
@@ -463,14 +504,15 @@ pub fn run(
     drop(dht);
     drop(relay);
     drop(lab);
+    let targets = nat_of.len();
     summarise(
         &database_url,
-        &nat_of,
+        &nat_name,
         punches,
         seconds,
         interrupted,
         targets_recorded,
-        n as usize,
+        targets,
     )
 }
 
@@ -503,7 +545,7 @@ type CellKey = (String, String, String);
 
 fn summarise(
     database_url: &str,
-    nat_of: &HashMap<String, Preset>,
+    nat_of: &HashMap<String, String>,
     punches: u64,
     seconds: f64,
     interrupted: bool,
@@ -524,7 +566,7 @@ fn summarise(
     let mut times = Vec::new();
     for r in &rows {
         *outcomes.entry(r.outcome.clone()).or_insert(0u64) += 1;
-        let nat = |id: &str| nat_of.get(id).map_or("unknown", |p| p.name()).to_owned();
+        let nat = |id: &str| nat_of.get(id).map_or("unknown", String::as_str).to_owned();
         let transport = transport_of(&r.filters, r.transport.as_deref());
         let cell = cells
             .entry((nat(&r.local), nat(&r.remote), transport.clone()))

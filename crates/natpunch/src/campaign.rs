@@ -32,6 +32,10 @@ pub(crate) struct CampaignArgs {
     /// Hosts per client.
     #[arg(long, default_value_t = 2)]
     hosts_per_client: usize,
+    /// No extra client behind a port-restricted router that maps ports (miniupnpd), punching
+    /// with --port-mapping.
+    #[arg(long)]
+    no_port_mapped_client: bool,
     /// Host-to-host round trip through the lab's internet, in ms.
     #[arg(long, default_value_t = 100)]
     rtt_ms: u32,
@@ -99,6 +103,7 @@ pub(crate) fn run(args: CampaignArgs) -> anyhow::Result<ExitCode> {
         config.presets.clone_from(&args.presets);
     }
     config.hosts_per_client = args.hosts_per_client.max(1);
+    config.port_mapped_client = !args.no_port_mapped_client;
     config.rtt_ms = args.rtt_ms;
     config.database_url.clone_from(&args.database_url);
     config.punches = args.punches;

@@ -59,6 +59,10 @@ pub(crate) struct ClientArgs {
     /// /etc/ssl/certs/ca-certificates.crt].
     #[arg(long)]
     ca_cert: Option<PathBuf>,
+    /// Map each punch's listen ports on the local router (PCP, NAT-PMP or UPnP) and offer the
+    /// mapped addresses first; the mappings go into the report and are deleted after the punch.
+    #[arg(long, env = "NATPUNCH_PORT_MAPPING", value_parser = BoolishValueParser::new())]
+    port_mapping: bool,
     /// How long one hole-punch attempt may take, in ms.
     #[arg(long, default_value_t = 3000)]
     attempt_timeout_ms: u64,
@@ -148,6 +152,7 @@ async fn serve(args: ClientArgs) -> anyhow::Result<ExitCode> {
     };
     let mut peer = PeerConfig::new(Vec::new());
     peer.attempt_timeout = Duration::from_millis(args.attempt_timeout_ms.max(100));
+    peer.port_mapping = args.port_mapping;
     let config = ClientConfig {
         api_key: api_key(args.api_key.clone())?,
         hosts,

@@ -59,6 +59,10 @@ pub(crate) struct Common {
     /// Do not hole-punch: stay on the relayed connection (to measure the relay).
     #[arg(long)]
     no_punch: bool,
+    /// Map the listen ports on the local router (PCP, NAT-PMP or UPnP) and offer the mapped
+    /// addresses first; they are deleted when the peer stops.
+    #[arg(long, env = "NATPUNCH_PORT_MAPPING", value_parser = BoolishValueParser::new())]
+    port_mapping: bool,
     /// Key file [default: a fresh identity each run].
     #[arg(long, env = "NATPUNCH_PEER_IDENTITY")]
     identity: Option<PathBuf>,
@@ -149,6 +153,7 @@ impl Common {
         c.attempt_timeout = Duration::from_millis(self.attempt_timeout_ms.max(100));
         c.max_attempts = self.max_attempts.max(1);
         c.punch = !self.no_punch;
+        c.port_mapping = self.port_mapping;
         if !self.dht_bootstrap.is_empty() {
             c.dht = Some(Dht {
                 protocol: self.dht_protocol.clone(),
@@ -187,7 +192,9 @@ pub(crate) fn run(cmd: PeerCommand) -> anyhow::Result<ExitCode> {
                 println!("{}", describe(&e));
             }
         };
-        let outcome = peer.run(mode, crate::stop_signal(), &mut report).await?;
+        let outcome = peer.run(mode, crate::stop_signal(), &mut report).await;
+        peer.unmap().await;
+        let outcome = outcome?;
         if common.no_punch && outcome == Some(Outcome::Cancelled) {
             return Ok(ExitCode::SUCCESS);
         }
@@ -217,6 +224,12 @@ fn describe(e: &PeerEvent) -> String {
             (false, None) => format!("autonat: {address} is not reachable"),
         },
         PeerEvent::HolePunch(r) => describe_record(r),
+        PeerEvent::PortMapped {
+            method,
+            internal,
+            external,
+        } => format!("mapped {internal} to {external} with {method}"),
+        PeerEvent::PortMapFailed { error } => format!("no port mapping: {error}"),
         PeerEvent::Throughput {
             connection,
             bytes,

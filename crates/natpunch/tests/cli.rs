@@ -2344,7 +2344,7 @@ fn lab_campaign_survives_a_server_outage_and_reports_every_nat_pair() {
         "lab",
         "campaign",
         "--punches",
-        "24",
+        "36",
         "--presets",
         "port-restricted,symmetric",
         "--rtt-ms",
@@ -2371,8 +2371,8 @@ fn lab_campaign_survives_a_server_outage_and_reports_every_nat_pair() {
     let v: Value = serde_json::from_str(&stdout(&out)).expect("json");
     assert_eq!(v["targets_recorded"], v["targets"], "{v}");
     assert_eq!(v["targets"], 2);
-    assert_eq!(v["punches"], 24, "{v}");
-    assert_eq!(v["stored"], 24, "every punch made is stored, once: {v}");
+    assert_eq!(v["punches"], 36, "{v}");
+    assert_eq!(v["stored"], 36, "every punch made is stored, once: {v}");
     let cells = v["matrix"].as_array().expect("matrix");
     let pair = |c: &str, t: &str| -> (u64, u64) {
         cells
@@ -2399,6 +2399,39 @@ fn lab_campaign_survives_a_server_outage_and_reports_every_nat_pair() {
             assert_eq!(s, n, "{c} × {t} succeeds as in the lab matrix: {v}");
         }
     }
+    // The client whose router maps its port is reached even from behind a symmetric NAT.
+    for t in ["port-restricted", "symmetric"] {
+        let c = "port-restricted+portmap";
+        let direct: u64 = cells
+            .iter()
+            .filter(|x| x["client_nat"] == c && x["target_nat"] == t)
+            .map(|x| {
+                let o = &x["outcomes"];
+                o["SUCCESS"].as_u64().unwrap_or(0) + o["CONNECTION_REVERSED"].as_u64().unwrap_or(0)
+            })
+            .sum();
+        let (n, _) = pair(c, t);
+        assert!(n > 0, "{c} × {t} was punched: {v}");
+        assert_eq!(
+            direct, n,
+            "{c} × {t}: SUCCESS or CONNECTION_REVERSED every time: {v}"
+        );
+    }
+    // Its reports carry the mappings it made.
+    let db = work.join("campaign.db");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mappings: i64 = rt.block_on(async {
+        let store = api::store::SqlStore::open(&format!("sqlite://{}", db.display()))
+            .await
+            .expect("store");
+        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM port_mappings")
+            .fetch_one(store.pool())
+            .await
+            .expect("count");
+        store.close().await;
+        n
+    });
+    assert!(mappings > 0, "the port-mapped client reports its mappings");
     let page = std::fs::read_to_string(&html).expect("report");
     assert!(page.contains(r#"<svg id="outcomes""#) && page.contains(r#"<svg id="cdf""#));
     assert!(page.contains(r#"data-transport="#));

@@ -146,6 +146,10 @@ pub struct PeerConfig {
     /// (the direct one, the relayed one being closed; or the relayed one without a punch) and
     /// report the throughput. The listener always accepts such transfers.
     pub perf_bytes: Option<u64>,
+    /// Map the listen ports on the local router (PCP, NAT-PMP or UPnP IGD, whichever answers)
+    /// and offer the mapped addresses first: a peer behind a router that maps ports can be
+    /// dialled from anywhere, a symmetric NAT on the other side included.
+    pub port_mapping: bool,
     /// Join a Kademlia DHT as a client once set up (after the reservation, so that peers met
     /// there, a honeypot among them, learn the relayed address from identify).
     pub dht: Option<Dht>,
@@ -175,6 +179,7 @@ impl PeerConfig {
             linger: Duration::from_secs(1),
             punch: true,
             perf_bytes: None,
+            port_mapping: false,
             dht: None,
         }
     }
@@ -209,6 +214,20 @@ pub enum PeerEvent {
     },
     /// A hole punch ended.
     HolePunch(Box<Record>),
+    /// A listen port was mapped on the local router.
+    PortMapped {
+        /// `pcp`, `nat-pmp` or `upnp`.
+        method: String,
+        /// The host's address and port.
+        internal: String,
+        /// The address others reach it at.
+        external: String,
+    },
+    /// Port mapping did not work; the peer goes on without.
+    PortMapFailed {
+        /// Why.
+        error: String,
+    },
     /// A throughput test over the connection left after the hole punch.
     Throughput {
         /// `direct` or `relayed`.
@@ -445,6 +464,8 @@ pub struct Peer {
     relayed_conns: HashMap<ConnectionId, PeerId>,
     /// The first ping to the relay itself.
     to_relay_rtt: Option<Duration>,
+    /// Mappings made on the local router, and the addresses they give.
+    mapped: Vec<(portmap::client::Gateway, portmap::client::Mapped, Multiaddr)>,
     /// Remotes that run natpunch's engine (identify lists its protocol), which understand
     /// reversed attempts.
     natpunch_peers: std::collections::HashSet<PeerId>,
@@ -662,6 +683,7 @@ impl Peer {
             relayed: HashMap::new(),
             relayed_conns: HashMap::new(),
             to_relay_rtt: None,
+            mapped: Vec::new(),
             natpunch_peers: std::collections::HashSet::new(),
             stock_peers: std::collections::HashSet::new(),
         })
@@ -879,6 +901,21 @@ impl Peer {
                 _ => {}
             }
         }
+        // 1b. Port mappings, before identify tells anyone our addresses.
+        if self.config.port_mapping {
+            match self.map_ports().await {
+                Ok(()) => {
+                    for (_, m, addr) in &self.mapped {
+                        report(PeerEvent::PortMapped {
+                            method: m.method.to_string(),
+                            internal: m.internal.to_string(),
+                            external: addr.to_string(),
+                        });
+                    }
+                }
+                Err(error) => report(PeerEvent::PortMapFailed { error }),
+            }
+        }
         // 2. The relay over each transport, and what it observed.
         let mut waiting: Vec<ConnectionId> = Vec::new();
         for addr in self.relay_addrs.clone() {
@@ -995,14 +1032,83 @@ impl Peer {
         }
     }
 
-    /// The addresses this peer offers in CONNECT.
+    /// Maps every listen port on the local router and announces the external addresses.
+    async fn map_ports(&mut self) -> Result<(), String> {
+        use portmap::client::{Gateway, MapRequest, probe};
+        const WAIT: Duration = Duration::from_secs(2);
+        let gw = Gateway::find(None).map_err(|e| format!("no gateway: {e}"))?;
+        let offer = probe(gw, WAIT).await;
+        let method = *offer
+            .methods()
+            .first()
+            .ok_or_else(|| format!("the router maps no ports ({})", offer.problems.join("; ")))?;
+        let listens: Vec<Multiaddr> = self
+            .swarm
+            .listeners()
+            .filter(|a| dialable(a))
+            .cloned()
+            .collect();
+        for listen in listens {
+            let quic = transport_of(&listen) == "quic";
+            let Some(port) = listen.iter().find_map(|p| match p {
+                Protocol::Tcp(port) | Protocol::Udp(port) => Some(port),
+                _ => None,
+            }) else {
+                continue;
+            };
+            let request = MapRequest {
+                protocol: if quic {
+                    portmap::Protocol::Udp
+                } else {
+                    portmap::Protocol::Tcp
+                },
+                internal_port: port,
+                external_port: None,
+                lifetime_secs: 3600,
+            };
+            let nonce = portmap::client::random_nonce().map_err(|e| e.to_string())?;
+            let m = portmap::client::map(gw, method, request, nonce, WAIT)
+                .await
+                .map_err(|e| format!("mapping {listen} with {method}: {e}"))?;
+            let ip = m
+                .external_ip
+                .or(offer.external_ip)
+                .ok_or("the router did not say its external address")?;
+            let mut addr = Multiaddr::empty().with(Protocol::Ip4(ip));
+            addr = if quic {
+                addr.with(Protocol::Udp(m.external_port))
+                    .with(Protocol::QuicV1)
+            } else {
+                addr.with(Protocol::Tcp(m.external_port))
+            };
+            self.swarm.add_external_address(addr.clone());
+            self.mapped.push((gw, m, addr));
+        }
+        Ok(())
+    }
+
+    /// The mappings this peer made on its router.
+    pub fn mappings(&self) -> impl Iterator<Item = &portmap::client::Mapped> {
+        self.mapped.iter().map(|(_, m, _)| m)
+    }
+
+    /// Deletes the mappings this peer made.
+    pub async fn unmap(&mut self) {
+        for (gw, m, _) in self.mapped.drain(..) {
+            let _ = portmap::client::delete(gw, &m, Duration::from_secs(2)).await;
+        }
+    }
+
+    /// The addresses this peer offers in CONNECT: mapped ones first.
     fn offered(&self) -> Vec<Multiaddr> {
         let source = match self.config.candidates {
             Candidates::Observed => &self.observed,
             Candidates::Stock => &self.stock_candidates,
         };
-        source
+        self.mapped
             .iter()
+            .map(|(_, _, a)| a)
+            .chain(source.iter())
             .filter(|a| dialable(a))
             .map(|a| without_p2p(a.clone()).with(Protocol::P2p(self.peer_id())))
             .collect()
