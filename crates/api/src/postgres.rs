@@ -169,6 +169,13 @@ impl TempPostgres {
         &self.dir
     }
 
+    /// `url` (from [`Self::new_database`]) reached over the server's Unix socket instead of TCP:
+    /// usable from every network namespace of this machine (a lab's nodes included) without
+    /// any network path to the root namespace.
+    pub fn socket_url(&self, url: &str) -> String {
+        format!("{url}?host={}", self.dir.display())
+    }
+
     /// Creates a new, empty database and returns its URL.
     pub fn new_database(&self) -> Result<String, String> {
         let name = format!(

@@ -39,9 +39,15 @@ pub(crate) struct CampaignArgs {
     /// Host-to-host round trip through the lab's internet, in ms.
     #[arg(long, default_value_t = 100)]
     rtt_ms: u32,
-    /// The database [default: sqlite://WORK_DIR/campaign.db].
-    #[arg(long, env = "NATPUNCH_DATABASE_URL")]
+    /// The database [default: sqlite://WORK_DIR/campaign.db]. The lab's nodes have no network
+    /// path to this machine's loopback: reach PostgreSQL over its Unix socket,
+    /// postgres://USER@localhost/DB?host=/run/postgresql.
+    #[arg(long, env = "NATPUNCH_DATABASE_URL", conflicts_with = "postgres")]
     database_url: Option<String>,
+    /// Use a private PostgreSQL server, started for the run and removed after (the summary and
+    /// report keep the figures).
+    #[arg(long)]
+    postgres: bool,
     /// Where keys, the database and the clients' spools go [default: a new
     /// natpunch-campaign-UNIXTIME directory here].
     #[arg(long)]
@@ -106,6 +112,15 @@ pub(crate) fn run(args: CampaignArgs) -> anyhow::Result<ExitCode> {
     config.port_mapped_client = !args.no_port_mapped_client;
     config.rtt_ms = args.rtt_ms;
     config.database_url.clone_from(&args.database_url);
+    // Lives until the campaign is summed up.
+    let _postgres = if args.postgres {
+        let pg = api::postgres::TempPostgres::start().map_err(anyhow::Error::msg)?;
+        let url = pg.new_database().map_err(anyhow::Error::msg)?;
+        config.database_url = Some(pg.socket_url(&url));
+        Some(pg)
+    } else {
+        None
+    };
     config.punches = args.punches;
     config.server_outage = args.server_outage;
     config.duration = match (args.duration, args.punches) {

@@ -2503,3 +2503,46 @@ fn browser_shows_the_plots(html: &Path, dir: &Path) {
         "the outcome bars are drawn: {green} green, {red} red pixels"
     );
 }
+
+/// The campaign on PostgreSQL (a private server, reached from the lab over its Unix socket).
+#[test]
+fn lab_campaign_runs_on_postgresql() {
+    if !natlab::environment::lab_test_can_run("lab_campaign_runs_on_postgresql") {
+        return;
+    }
+    if api::postgres::bin_dir().is_none() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true needs PostgreSQL"
+        );
+        eprintln!("skipping lab_campaign_runs_on_postgresql: PostgreSQL is not installed");
+        return;
+    }
+    let dir = Scratch::new("campaign-pg");
+    let out = natpunch(&[
+        "lab",
+        "campaign",
+        "--punches",
+        "6",
+        "--presets",
+        "port-restricted",
+        "--no-port-mapped-client",
+        "--rtt-ms",
+        "20",
+        "--postgres",
+        "--json",
+        "--work-dir",
+        dir.0.join("work").to_str().expect("utf-8"),
+    ]);
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    let v: Value = serde_json::from_str(&stdout(&out)).expect("json");
+    assert!(
+        v["database"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("postgres://")),
+        "{v}"
+    );
+    assert_eq!(v["punches"], 6);
+    assert_eq!(v["stored"], 6, "{v}");
+    assert_eq!(v["outcomes"]["SUCCESS"], 6, "{v}");
+}
