@@ -239,31 +239,9 @@ pub fn run(
         }
     }
     let lab = Lab::build(&t, LabOptions::default())?;
-    let relay_key = path("relay.key");
-    let relay = lab.spawn(
-        "relay",
-        &exe,
-        &[
-            "relay",
-            "--json",
-            "--telemetry-port",
-            "0",
-            "--identity",
-            &relay_key,
-            "--reservation-rate-per-ip",
-            "off",
-            "--reservation-rate-per-peer",
-            "off",
-            "--circuit-rate-per-ip",
-            "off",
-            "--circuit-rate-per-peer",
-            "off",
-            "--max-circuit-secs",
-            "600",
-            "--port",
-            &RELAY_PORT.to_string(),
-        ],
-    )?;
+    let relay_args = crate::matrix::relay_args(&path("relay.key"), RELAY_PORT);
+    let relay_args: Vec<&str> = relay_args.iter().map(String::as_str).collect();
+    let relay = lab.spawn("relay", &exe, &relay_args)?;
     let relay_addr = json_line(&relay, "\"event\":\"external-address\"", "the relay")?["address"]
         .as_str()
         .unwrap_or_default()

@@ -201,6 +201,36 @@ fn code(p: Preset) -> &'static str {
     }
 }
 
+/// `natpunch relay` as a lab runs it: every trial comes from the same few NAT addresses, so the
+/// per-IP and per-peer rates are off, and circuits may be long and large.
+pub fn relay_args(key: &str, port: u16) -> Vec<String> {
+    [
+        "relay",
+        "--json",
+        "--telemetry-port",
+        "0",
+        "--identity",
+        key,
+        "--reservation-rate-per-ip",
+        "off",
+        "--reservation-rate-per-peer",
+        "off",
+        "--circuit-rate-per-ip",
+        "off",
+        "--circuit-rate-per-peer",
+        "off",
+        "--max-circuit-secs",
+        "600",
+        "--max-circuit-bytes",
+        "67108864",
+        "--port",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .chain([port.to_string()])
+    .collect()
+}
+
 /// The host behind `preset` on `side` (`a` or `b`).
 pub fn host(side: char, preset: Preset) -> String {
     format!("h{side}-{}", code(preset))
@@ -348,32 +378,9 @@ fn serve(
     exe: &str,
     key: &std::path::Path,
 ) -> Result<(), MatrixError> {
-    let relay = lab.spawn(
-        "relay",
-        exe,
-        &[
-            "relay",
-            "--json",
-            "--telemetry-port",
-            "0",
-            "--identity",
-            &key.to_string_lossy(),
-            "--reservation-rate-per-ip",
-            "off",
-            "--reservation-rate-per-peer",
-            "off",
-            "--circuit-rate-per-ip",
-            "off",
-            "--circuit-rate-per-peer",
-            "off",
-            "--max-circuit-secs",
-            "600",
-            "--max-circuit-bytes",
-            "67108864",
-            "--port",
-            &RELAY_PORT.to_string(),
-        ],
-    )?;
+    let args = relay_args(&key.to_string_lossy(), RELAY_PORT);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let relay = lab.spawn("relay", exe, &args)?;
     let line = relay
         .wait_for("\"event\":\"external-address\"", Duration::from_secs(20))
         .map_err(|e| MatrixError::Relay(e.to_string()))?;

@@ -1958,13 +1958,134 @@ async fn server_speaks_tls_when_given_a_certificate() {
     assert!(stderr(&half).contains("--tls-key"), "{}", stderr(&half));
 }
 
+/// A lab with the measurement system's fixed parts on the relay's node: the relay, and the
+/// honeypot recording into a SQLite file; targets are added one by one.
+struct MeasurementLab {
+    /// First, so that they end before the lab is removed (fields drop in order).
+    processes: Vec<natlab::LabProcess>,
+    lab: natlab::Lab,
+    dir: PathBuf,
+    relay_addr: String,
+    relay_ip: String,
+    honeypot_addr: String,
+    db: String,
+}
+
+/// The lab DHT's protocol name in these tests.
+const LAB_DHT: &str = "/natpunch/lab/kad/1.0.0";
+
+impl MeasurementLab {
+    fn start(presets: &[natlab::Preset], dir: &Path) -> Self {
+        use std::time::Duration;
+        let exe = env!("CARGO_BIN_EXE_natpunch");
+        let lab = natlab::Lab::build(
+            &labrun::matrix::topology(presets, 0),
+            natlab::LabOptions::default(),
+        )
+        .expect("lab");
+        let path = |name: &str| dir.join(name).display().to_string();
+        let args = labrun::matrix::relay_args(&path("relay.key"), 4001);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let relay = lab.spawn("relay", exe, &args).expect("relay");
+        let line = relay
+            .wait_for("\"event\":\"external-address\"", Duration::from_secs(20))
+            .expect("the relay's address");
+        let relay_addr = serde_json::from_str::<Value>(&line).expect("json")["address"]
+            .as_str()
+            .expect("address")
+            .to_owned();
+        let relay_ip = lab.public_addr("relay").expect("relay address").to_string();
+        let db = format!("sqlite://{}", path("natpunch.db"));
+        let honeypot = lab
+            .spawn(
+                "relay",
+                exe,
+                &[
+                    "honeypot",
+                    "--json",
+                    "--port",
+                    "11000",
+                    "--identity",
+                    &path("honeypot.key"),
+                    "--protocol",
+                    LAB_DHT,
+                    "--database-url",
+                    &db,
+                ],
+            )
+            .expect("honeypot");
+        let line = honeypot
+            .wait_for(
+                &format!("/ip4/{relay_ip}/tcp/11000"),
+                Duration::from_secs(20),
+            )
+            .expect("the honeypot listens");
+        let v: Value = serde_json::from_str(&line).expect("json");
+        let honeypot_addr = format!(
+            "{}/p2p/{}",
+            v["address"].as_str().expect("address"),
+            v["peer_id"].as_str().expect("peer id")
+        );
+        Self {
+            processes: vec![relay, honeypot],
+            lab,
+            dir: dir.to_owned(),
+            relay_addr,
+            relay_ip,
+            honeypot_addr,
+            db,
+        }
+    }
+
+    fn honeypot(&self) -> &natlab::LabProcess {
+        &self.processes[1]
+    }
+
+    /// A target behind `preset` that reserves on the relay and joins the DHT through the
+    /// honeypot; its peer ID and the honeypot's record of it.
+    fn target(&mut self, preset: natlab::Preset) -> (String, Value) {
+        use std::time::Duration;
+        let target = self
+            .lab
+            .spawn(
+                &labrun::matrix::host('b', preset),
+                env!("CARGO_BIN_EXE_natpunch"),
+                &[
+                    "peer",
+                    "listen",
+                    "--json",
+                    "--relay",
+                    &self.relay_addr,
+                    "--dht-bootstrap",
+                    &self.honeypot_addr,
+                    "--dht-protocol",
+                    LAB_DHT,
+                ],
+            )
+            .expect("target");
+        let reserved = target
+            .wait_for("\"event\":\"reserved\"", Duration::from_secs(30))
+            .expect("the target reserves");
+        let id = serde_json::from_str::<Value>(&reserved).expect("json")["address"]
+            .as_str()
+            .and_then(|a| a.rsplit('/').next())
+            .expect("peer id")
+            .to_owned();
+        let seen = self
+            .honeypot()
+            .wait_for(&format!("\"peer_id\":\"{id}\""), Duration::from_secs(30))
+            .expect("the honeypot sees the target");
+        self.processes.push(target);
+        (id, serde_json::from_str(&seen).expect("json"))
+    }
+}
+
 /// The honeypot in the lab: a peer behind a port-restricted NAT that reserves on the relay and
 /// joins the lab's DHT through the honeypot is recorded with its relayed address, and the store
 /// then hands it out to a client.
 #[test]
 fn honeypot_records_a_natted_peer_with_its_relay_address_for_the_server() {
     use api::store::{Allocated, Host, Rules, SqlStore, Store as _};
-    use natlab::{Lab, LabOptions};
     use std::time::Duration;
 
     if !natlab::environment::lab_test_can_run(
@@ -1973,107 +2094,15 @@ fn honeypot_records_a_natted_peer_with_its_relay_address_for_the_server() {
         return;
     }
     let dir = Scratch::new("honeypot");
-    let exe = env!("CARGO_BIN_EXE_natpunch");
-    let preset = natlab::Preset::PortRestricted;
-    let lab = Lab::build(
-        &labrun::matrix::topology(&[preset], 0),
-        LabOptions::default(),
-    )
-    .expect("lab");
-    let key = |name: &str| dir.0.join(name).display().to_string();
-    let relay = lab
-        .spawn(
-            "relay",
-            exe,
-            &[
-                "relay",
-                "--json",
-                "--telemetry-port",
-                "0",
-                "--identity",
-                &key("relay.key"),
-            ],
-        )
-        .expect("relay");
-    let line = relay
-        .wait_for("\"event\":\"external-address\"", Duration::from_secs(20))
-        .expect("the relay's address");
-    let relay_addr = serde_json::from_str::<Value>(&line).expect("json")["address"]
-        .as_str()
-        .expect("address")
-        .to_owned();
-    let db = format!("sqlite://{}", dir.0.join("natpunch.db").display());
-    let protocol = "/natpunch/lab/kad/1.0.0";
-    let honeypot = lab
-        .spawn(
-            "relay",
-            exe,
-            &[
-                "honeypot",
-                "--json",
-                "--port",
-                "11000",
-                "--identity",
-                &key("honeypot.key"),
-                "--protocol",
-                protocol,
-                "--database-url",
-                &db,
-            ],
-        )
-        .expect("honeypot");
-    let relay_ip = lab.public_addr("relay").expect("relay address").to_string();
-    let line = honeypot
-        .wait_for(
-            &format!("/ip4/{relay_ip}/tcp/11000"),
-            Duration::from_secs(20),
-        )
-        .expect("the honeypot listens");
-    let v: Value = serde_json::from_str(&line).expect("json");
-    let honeypot_addr = format!(
-        "{}/p2p/{}",
-        v["address"].as_str().expect("address"),
-        v["peer_id"].as_str().expect("peer id")
-    );
-    let target = lab
-        .spawn(
-            &labrun::matrix::host('b', preset),
-            exe,
-            &[
-                "peer",
-                "listen",
-                "--json",
-                "--relay",
-                &relay_addr,
-                "--dht-bootstrap",
-                &honeypot_addr,
-                "--dht-protocol",
-                protocol,
-            ],
-        )
-        .expect("target");
-    let reserved = target
-        .wait_for("\"event\":\"reserved\"", Duration::from_secs(30))
-        .expect("the target reserves");
-    let target_id = serde_json::from_str::<Value>(&reserved).expect("json")["address"]
-        .as_str()
-        .and_then(|a| a.rsplit('/').next())
-        .expect("peer id")
-        .to_owned();
-    let seen = honeypot
-        .wait_for(
-            &format!("\"peer_id\":\"{target_id}\""),
-            Duration::from_secs(30),
-        )
-        .expect("the honeypot sees the target");
-    let seen: Value = serde_json::from_str(&seen).expect("json");
+    let mut lab = MeasurementLab::start(&[natlab::Preset::PortRestricted], &dir.0);
+    let (target_id, seen) = lab.target(natlab::Preset::PortRestricted);
     assert_eq!(seen["event"], "seen");
     assert_eq!(seen["dcutr"], true, "{seen}");
     let relayed = seen["relay_addrs"].as_array().expect("relay addresses");
     assert!(
         relayed
             .iter()
-            .any(|a| a.as_str().is_some_and(|a| a.starts_with(&relay_addr))),
+            .any(|a| a.as_str().is_some_and(|a| a.starts_with(&lab.relay_addr))),
         "the relayed address is recorded: {seen}"
     );
     assert!(
@@ -2086,7 +2115,7 @@ fn honeypot_records_a_natted_peer_with_its_relay_address_for_the_server() {
     // The store hands the target to a registered client, with its relayed address.
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
-        let store = SqlStore::open(&db).await.expect("store");
+        let store = SqlStore::open(&lab.db).await.expect("store");
         let host = peer_id().to_base58();
         let now = api::server::now_ns();
         let h = Host {
@@ -2123,9 +2152,6 @@ fn honeypot_records_a_natted_peer_with_its_relay_address_for_the_server() {
         );
         store.close().await;
     });
-    drop(target);
-    drop(honeypot);
-    drop(relay);
 }
 
 /// The measurement system in the lab, end to end: a client behind a port-restricted NAT,
@@ -2134,7 +2160,7 @@ fn honeypot_records_a_natted_peer_with_its_relay_address_for_the_server() {
 #[test]
 fn client_punches_what_the_server_serves_and_delivers_every_report_once() {
     use api::store::{SqlStore, Store as _};
-    use natlab::{Lab, LabOptions, Preset};
+    use natlab::Preset;
     use std::time::Duration;
 
     if !natlab::environment::lab_test_can_run(
@@ -2145,101 +2171,13 @@ fn client_punches_what_the_server_serves_and_delivers_every_report_once() {
     let dir = Scratch::new("client");
     let exe = env!("CARGO_BIN_EXE_natpunch");
     let presets = [Preset::PortRestricted, Preset::FullCone];
-    let lab = Lab::build(
-        &labrun::matrix::topology(&presets, 0),
-        LabOptions::default(),
-    )
-    .expect("lab");
-    let path = |name: &str| dir.0.join(name).display().to_string();
-    let relay = lab
-        .spawn(
-            "relay",
-            exe,
-            &[
-                "relay",
-                "--json",
-                "--telemetry-port",
-                "0",
-                "--identity",
-                &path("relay.key"),
-            ],
-        )
-        .expect("relay");
-    let line = relay
-        .wait_for("\"event\":\"external-address\"", Duration::from_secs(20))
-        .expect("the relay's address");
-    let relay_addr = serde_json::from_str::<Value>(&line).expect("json")["address"]
-        .as_str()
-        .expect("address")
-        .to_owned();
-    let relay_ip = lab.public_addr("relay").expect("relay address").to_string();
-    let db = format!("sqlite://{}", path("natpunch.db"));
-    let protocol = "/natpunch/lab/kad/1.0.0";
-    let honeypot = lab
-        .spawn(
-            "relay",
-            exe,
-            &[
-                "honeypot",
-                "--json",
-                "--port",
-                "11000",
-                "--identity",
-                &path("honeypot.key"),
-                "--protocol",
-                protocol,
-                "--database-url",
-                &db,
-            ],
-        )
-        .expect("honeypot");
-    let line = honeypot
-        .wait_for(
-            &format!("/ip4/{relay_ip}/tcp/11000"),
-            Duration::from_secs(20),
-        )
-        .expect("the honeypot listens");
-    let v: Value = serde_json::from_str(&line).expect("json");
-    let honeypot_addr = format!(
-        "{}/p2p/{}",
-        v["address"].as_str().expect("address"),
-        v["peer_id"].as_str().expect("peer id")
-    );
-    let mut targets = Vec::new();
-    for p in presets {
-        let target = lab
-            .spawn(
-                &labrun::matrix::host('b', p),
-                exe,
-                &[
-                    "peer",
-                    "listen",
-                    "--json",
-                    "--relay",
-                    &relay_addr,
-                    "--dht-bootstrap",
-                    &honeypot_addr,
-                    "--dht-protocol",
-                    protocol,
-                ],
-            )
-            .expect("target");
-        let reserved = target
-            .wait_for("\"event\":\"reserved\"", Duration::from_secs(30))
-            .expect("the target reserves");
-        let id = serde_json::from_str::<Value>(&reserved).expect("json")["address"]
-            .as_str()
-            .and_then(|a| a.rsplit('/').next())
-            .expect("peer id")
-            .to_owned();
-        honeypot
-            .wait_for(&format!("\"peer_id\":\"{id}\""), Duration::from_secs(30))
-            .expect("the honeypot records the target");
-        targets.push((target, id));
-    }
+    let mut lab = MeasurementLab::start(&presets, &dir.0);
+    let targets: Vec<String> = presets.iter().map(|p| lab.target(*p).0).collect();
     // The client starts first: it keeps trying to register until the server is up.
-    let server_url = format!("http://{relay_ip}:10000");
+    let server_url = format!("http://{}:10000", lab.relay_ip);
+    let keys = lab.dir.join("client").display().to_string();
     let client = lab
+        .lab
         .spawn(
             &labrun::matrix::host('a', Preset::PortRestricted),
             exe,
@@ -2257,7 +2195,7 @@ fn client_punches_what_the_server_serves_and_delivers_every_report_once() {
                 "--idle-secs",
                 "1",
                 "--keys-dir",
-                &path("client"),
+                &keys,
             ],
         )
         .expect("client");
@@ -2265,6 +2203,7 @@ fn client_punches_what_the_server_serves_and_delivers_every_report_once() {
         .wait_for("\"call\":\"Register\"", Duration::from_secs(20))
         .expect("the client finds no server");
     let server = lab
+        .lab
         .spawn(
             "relay",
             exe,
@@ -2278,7 +2217,7 @@ fn client_punches_what_the_server_serves_and_delivers_every_report_once() {
                 "--telemetry-port",
                 "0",
                 "--database-url",
-                &db,
+                &lab.db,
             ],
         )
         .expect("server");
@@ -2294,36 +2233,33 @@ fn client_punches_what_the_server_serves_and_delivers_every_report_once() {
     drop(server);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
-        let store = SqlStore::open(&db).await.expect("store");
+        let store = SqlStore::open(&lab.db).await.expect("store");
         assert_eq!(store.counts().await.expect("counts").results, 2);
-        let rows: Vec<(String, String, Option<String>, Option<String>)> = sqlx::query_as(
-            "SELECT p.multi_hash, r.outcome, r.transport, r.technique FROM hole_punch_results r \
-             JOIN peers p ON p.id = r.remote_id ORDER BY p.multi_hash",
-        )
-        .fetch_all(store.pool())
-        .await
-        .expect("results");
-        let mut remotes: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+        let rows = store.results().await.expect("results");
+        let mut remotes: Vec<&str> = rows.iter().map(|r| r.remote.as_str()).collect();
         remotes.sort_unstable();
-        let mut expected: Vec<&str> = targets.iter().map(|(_, id)| id.as_str()).collect();
+        let mut expected: Vec<&str> = targets.iter().map(String::as_str).collect();
         expected.sort_unstable();
         assert_eq!(remotes, expected, "each target punched once");
-        for (remote, outcome, transport, technique) in &rows {
-            assert_eq!(outcome, "SUCCESS", "{remote}: {rows:?}");
-            assert!(transport.is_some() && technique.is_some(), "{rows:?}");
+        for r in &rows {
+            assert_eq!(r.outcome, "SUCCESS", "{rows:?}");
+            assert!(r.transport.is_some(), "{rows:?}");
         }
+        let techniques: Vec<(Option<String>,)> =
+            sqlx::query_as("SELECT technique FROM hole_punch_results")
+                .fetch_all(store.pool())
+                .await
+                .expect("techniques");
+        assert!(techniques.iter().all(|t| t.0.is_some()), "{techniques:?}");
         store.close().await;
     });
     assert!(
-        std::fs::read_dir(dir.0.join("client/spool"))
+        std::fs::read_dir(lab.dir.join("client/spool"))
             .expect("spool")
             .filter_map(Result::ok)
             .all(|e| e.path().extension().is_none_or(|x| x != "pb")),
         "the spool is empty"
     );
-    drop(targets);
-    drop(honeypot);
-    drop(relay);
 }
 
 /// A short campaign with the server killed for 30 s in the middle: the honeypot records every
