@@ -79,6 +79,16 @@ where
     }
 }
 
+/// A Register request for `host` with the key "key".
+fn register_request(host: PeerId) -> pb::RegisterRequest {
+    pb::RegisterRequest {
+        client_id: host.to_bytes(),
+        agent_version: "test".into(),
+        protocols: vec![],
+        api_key: "key".into(),
+    }
+}
+
 async fn register(store: &SqlStore, key: &str, host: PeerId) -> i64 {
     store
         .register(
@@ -496,12 +506,7 @@ async fn invalid_reports_are_refused_naming_the_field_and_store_nothing() {
         let mut client = PunchrServiceClient::connect(url).await.expect("connect");
         let (host, remote, relay) = (peer(), peer(), peer());
         client
-            .register(pb::RegisterRequest {
-                client_id: host.to_bytes(),
-                agent_version: "test".into(),
-                protocols: vec![],
-                api_key: "key".into(),
-            })
+            .register(register_request(host))
             .await
             .expect("register");
         let before = store.counts().await.expect("counts");
@@ -616,12 +621,7 @@ async fn get_addr_info_serves_relay_addresses_with_a_filter_or_not_found() {
         let mut client = PunchrServiceClient::connect(url).await.expect("connect");
         let host = peer();
         let db_id = client
-            .register(pb::RegisterRequest {
-                client_id: host.to_bytes(),
-                agent_version: "test".into(),
-                protocols: vec![],
-                api_key: "key".into(),
-            })
+            .register(register_request(host))
             .await
             .expect("register")
             .into_inner()
@@ -687,12 +687,7 @@ async fn a_store_error_is_unavailable_not_success() {
     let mut client = PunchrServiceClient::connect(url).await.expect("connect");
     store.close().await;
     let status = client
-        .register(pb::RegisterRequest {
-            client_id: peer().to_bytes(),
-            agent_version: "test".into(),
-            protocols: vec![],
-            api_key: "key".into(),
-        })
+        .register(register_request(peer()))
         .await
         .expect_err("the pool is closed");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
