@@ -246,12 +246,12 @@ fn print_summary(r: &CampaignReport) {
     );
     println!();
     println!(
-        "{:<16} {:<16} {:<5} {:>7} {:>8} {:>10}",
+        "{:<24} {:<16} {:<5} {:>7} {:>8} {:>10}",
         "client NAT", "target NAT", "via", "punches", "success", "median ms"
     );
     for c in &r.matrix {
         println!(
-            "{:<16} {:<16} {:<5} {:>7} {:>8} {:>10}",
+            "{:<24} {:<16} {:<5} {:>7} {:>8} {:>10}",
             c.client_nat,
             c.target_nat,
             c.transport,
