@@ -2482,3 +2482,23 @@ fn lab_campaign_runs_on_postgresql() {
     assert_eq!(v["stored"], 6, "{v}");
     assert_eq!(v["outcomes"]["SUCCESS"], 6, "{v}");
 }
+
+/// A client whose API key the server refuses stops at once with the server's words.
+#[test]
+fn client_stops_with_a_clear_message_when_the_key_is_refused() {
+    let dir = Scratch::new("client-refused");
+    let url = format!("sqlite://{}", dir.0.join("natpunch.db").display());
+    let server = ServerProc::start(&url, &["--closed-registration", "--telemetry-port", "0"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_natpunch"))
+        .args(["client", "--server", &format!("http://{}", server.grpc)])
+        .args(["--api-key", "not-issued", "--host-count", "1", "--keys-dir"])
+        .arg(dir.0.join("keys"))
+        .output()
+        .expect("client runs");
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("refused the API key") && err.contains("unauthorized"),
+        "{err}"
+    );
+}
