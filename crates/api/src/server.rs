@@ -403,9 +403,26 @@ pub async fn serve<S: Store>(
         .await
 }
 
-/// Serves `/metrics` and `/health` for `registry` on `listener` until dropped.
-pub async fn serve_telemetry(listener: tokio::net::TcpListener, registry: Registry) {
-    p2p::telemetry::serve(listener, Arc::new(Mutex::new(registry))).await;
+/// Serves `/metrics` and `/health` for `registry` on `listener` until dropped; `/health` says
+/// 503 while `store` does not answer (checked every 5 s).
+pub async fn serve_telemetry(
+    listener: tokio::net::TcpListener,
+    registry: Registry,
+    store: crate::store::SqlStore,
+) {
+    let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let check = {
+        let healthy = Arc::clone(&healthy);
+        async move {
+            loop {
+                healthy.store(store.ping().await, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    };
+    let serve =
+        p2p::telemetry::serve_with_health(listener, Arc::new(Mutex::new(registry)), healthy);
+    tokio::join!(check, serve);
 }
 
 #[cfg(test)]

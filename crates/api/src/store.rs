@@ -543,6 +543,15 @@ impl SqlStore {
             .collect()
     }
 
+    /// Whether the database answers (a trivial query within 3 s).
+    pub async fn ping(&self) -> bool {
+        let q = sqlx::query("SELECT 1").execute(&self.pool);
+        matches!(
+            tokio::time::timeout(Duration::from_secs(3), q).await,
+            Ok(Ok(_))
+        )
+    }
+
     /// Which database this is.
     pub fn backend(&self) -> Backend {
         self.backend

@@ -691,6 +691,27 @@ async fn a_store_error_is_unavailable_not_success() {
         .await
         .expect_err("the pool is closed");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    // The telemetry port says so too.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let registry = prometheus_client::registry::Registry::default();
+    let telemetry = tokio::spawn(api::server::serve_telemetry(listener, registry, store));
+    let health = async {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"GET /health HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("read");
+        out
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let answer = health.await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    telemetry.abort();
     task.abort();
     tokio::time::sleep(Duration::from_millis(10)).await;
 }

@@ -144,7 +144,11 @@ async fn serve(args: ServerArgs) -> anyhow::Result<ExitCode> {
             .await
             .with_context(|| format!("binding the telemetry port {addr}"))?;
         let bound = listener.local_addr()?;
-        tokio::spawn(api::server::serve_telemetry(listener, registry));
+        tokio::spawn(api::server::serve_telemetry(
+            listener,
+            registry,
+            store.clone(),
+        ));
         Some(bound)
     };
     let addr = SocketAddr::new(args.listen_ip, args.port);

@@ -3,6 +3,7 @@
 //! A deliberately small HTTP/1.1 responder: one request per connection, a bounded request
 //! head, a short read deadline. Anything else gets 404, 405 or 400.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,20 +16,35 @@ const MAX_HEAD: usize = 8 * 1024;
 /// How long a client may take to send its request.
 const READ_DEADLINE: Duration = Duration::from_secs(5);
 
-/// Serves `registry` on `listener` until the task is dropped.
+/// Serves `registry` on `listener` until the task is dropped; `/health` is always ok.
 pub async fn serve(listener: TcpListener, registry: Arc<Mutex<Registry>>) {
+    serve_with_health(listener, registry, Arc::new(AtomicBool::new(true))).await;
+}
+
+/// Serves `registry` on `listener` until the task is dropped; `/health` answers 503 while
+/// `healthy` is false (a process that depends on a database sets it from its checks).
+pub async fn serve_with_health(
+    listener: TcpListener,
+    registry: Arc<Mutex<Registry>>,
+    healthy: Arc<AtomicBool>,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let registry = Arc::clone(&registry);
+        let healthy = healthy.load(Ordering::Relaxed);
         tokio::spawn(async move {
-            let _ = answer(stream, &registry).await;
+            let _ = answer(stream, &registry, healthy).await;
         });
     }
 }
 
-async fn answer(mut stream: TcpStream, registry: &Mutex<Registry>) -> std::io::Result<()> {
+async fn answer(
+    mut stream: TcpStream,
+    registry: &Mutex<Registry>,
+    healthy: bool,
+) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     let read = async {
@@ -69,7 +85,12 @@ async fn answer(mut stream: TcpStream, registry: &Mutex<Registry>) -> std::io::R
                 )
             }
         }
-        ("GET", "/health") => ("200 OK", "text/plain", "ok\n".into()),
+        ("GET", "/health") if healthy => ("200 OK", "text/plain", "ok\n".into()),
+        ("GET", "/health") => (
+            "503 Service Unavailable",
+            "text/plain",
+            "unhealthy\n".into(),
+        ),
         ("GET", _) => ("404 Not Found", "text/plain", "not found\n".into()),
         ("", _) => ("400 Bad Request", "text/plain", "bad request\n".into()),
         _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
@@ -127,6 +148,23 @@ mod tests {
                 .contains("404")
         );
         assert!(get(addr, b"\r\n\r\n").await.contains("400"));
+        task.abort();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let healthy = Arc::new(AtomicBool::new(false));
+        let registry = Arc::new(Mutex::new(Registry::default()));
+        let task = tokio::spawn(serve_with_health(listener, registry, Arc::clone(&healthy)));
+        assert!(
+            get(addr, b"GET /health HTTP/1.1\r\n\r\n")
+                .await
+                .starts_with("HTTP/1.1 503")
+        );
+        healthy.store(true, Ordering::Relaxed);
+        assert!(
+            get(addr, b"GET /health HTTP/1.1\r\n\r\n")
+                .await
+                .starts_with("HTTP/1.1 200")
+        );
         task.abort();
     }
 }
