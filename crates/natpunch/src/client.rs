@@ -66,6 +66,16 @@ pub(crate) struct ClientArgs {
     /// How long one hole-punch attempt may take, in ms.
     #[arg(long, default_value_t = 3000)]
     attempt_timeout_ms: u64,
+    /// Host of the telemetry port (/metrics, /health).
+    #[arg(
+        long,
+        env = "NATPUNCH_CLIENT_TELEMETRY_HOST",
+        default_value = "127.0.0.1"
+    )]
+    telemetry_host: std::net::IpAddr,
+    /// Telemetry port; 0 turns it off.
+    #[arg(long, env = "NATPUNCH_CLIENT_TELEMETRY_PORT", default_value_t = 12001)]
+    telemetry_port: u16,
     /// Print one JSON object per event.
     #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
     json: bool,
@@ -170,8 +180,25 @@ async fn serve(args: ClientArgs) -> anyhow::Result<ExitCode> {
         client_nat.map_or(String::new(), |n| format!(", NAT {n}"))
     );
     let channel = channel(&args.server, args.ca_cert.as_deref())?;
+    let metrics = Metrics::default();
+    metrics
+        .spool
+        .set(i64::try_from(waiting).unwrap_or(i64::MAX));
+    if args.telemetry_port != 0 {
+        let mut registry = prometheus_client::registry::Registry::default();
+        metrics.register(&mut registry);
+        let addr = SocketAddr::new(args.telemetry_host, args.telemetry_port);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the telemetry port {addr}"))?;
+        tokio::spawn(p2p::telemetry::serve(
+            listener,
+            std::sync::Arc::new(std::sync::Mutex::new(registry)),
+        ));
+    }
     let json = args.json;
     let report = move |e: ClientEvent| {
+        metrics.observe(&e);
         if json {
             println!("{}", serde_json::to_string(&e).unwrap_or_default());
         } else if let Some(line) = describe(&e) {
@@ -195,6 +222,68 @@ async fn serve(args: ClientArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The client's metrics: punches by outcome and transport, what became of the reports.
+#[derive(Debug, Clone, Default)]
+struct Metrics {
+    punches: prometheus_client::metrics::family::Family<
+        Vec<(&'static str, String)>,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    reports: prometheus_client::metrics::family::Family<
+        Vec<(&'static str, &'static str)>,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    spool: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Metrics {
+    fn register(&self, r: &mut prometheus_client::registry::Registry) {
+        r.register(
+            "natpunch_client_punches",
+            "Hole punches by outcome and transport",
+            self.punches.clone(),
+        );
+        r.register(
+            "natpunch_client_reports",
+            "Reports delivered, deferred (kept for later) or rejected",
+            self.reports.clone(),
+        );
+        r.register(
+            "natpunch_client_spool_reports",
+            "Reports waiting in the spool",
+            self.spool.clone(),
+        );
+    }
+
+    fn observe(&self, e: &ClientEvent) {
+        let report = |what| self.reports.get_or_create(&vec![("result", what)]).inc();
+        match e {
+            ClientEvent::Punched {
+                outcome, transport, ..
+            } => {
+                let labels = vec![
+                    ("outcome", format!("{outcome:?}")),
+                    ("transport", transport.clone().unwrap_or_default()),
+                ];
+                self.punches.get_or_create(&labels).inc();
+                self.spool.inc();
+            }
+            ClientEvent::Delivered { .. } => {
+                report("delivered");
+                self.spool.dec();
+            }
+            ClientEvent::Rejected { .. } => {
+                report("rejected");
+                self.spool.dec();
+            }
+            ClientEvent::Deferred { .. } => {
+                report("deferred");
+            }
+            _ => {}
+        }
+    }
 }
 
 fn describe(e: &ClientEvent) -> Option<String> {
@@ -230,4 +319,48 @@ fn describe(e: &ClientEvent) -> Option<String> {
         }
         ClientEvent::ServerError { call, error } => format!("{call}: {error}"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_count_punches_and_follow_the_spool() {
+        let m = Metrics::default();
+        let mut registry = prometheus_client::registry::Registry::default();
+        m.register(&mut registry);
+        let punched = |outcome| ClientEvent::Punched {
+            host: "h".into(),
+            remote: "r".into(),
+            outcome,
+            transport: Some("quic".into()),
+            time_to_direct_ms: Some(1.0),
+            key: "k".into(),
+        };
+        m.observe(&punched(p2p::record::Outcome::Success));
+        m.observe(&punched(p2p::record::Outcome::Success));
+        m.observe(&punched(p2p::record::Outcome::Failed));
+        m.observe(&ClientEvent::Delivered { key: "k".into() });
+        m.observe(&ClientEvent::Deferred {
+            key: "k".into(),
+            error: "down".into(),
+            retry_secs: 1.0,
+        });
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        assert!(
+            text.contains(r#"natpunch_client_punches_total{outcome="Success",transport="quic"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"natpunch_client_reports_total{result="delivered"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"natpunch_client_reports_total{result="deferred"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains("natpunch_client_spool_reports 2"), "{text}");
+    }
 }

@@ -59,6 +59,20 @@ pub(crate) struct HoneypotArgs {
         default_value = "sqlite://natpunch.db"
     )]
     database_url: String,
+    /// Host of the telemetry port (/metrics, /health).
+    #[arg(
+        long,
+        env = "NATPUNCH_HONEYPOT_TELEMETRY_HOST",
+        default_value = "127.0.0.1"
+    )]
+    telemetry_host: IpAddr,
+    /// Telemetry port; 0 turns it off.
+    #[arg(
+        long,
+        env = "NATPUNCH_HONEYPOT_TELEMETRY_PORT",
+        default_value_t = 11001
+    )]
+    telemetry_port: u16,
     /// Record nothing: a plain DHT server (a lab's bootstrap node).
     #[arg(long)]
     no_record: bool,
@@ -143,11 +157,25 @@ async fn serve(args: HoneypotArgs) -> anyhow::Result<ExitCode> {
             "recording nothing".to_owned()
         }
     );
+    let metrics = Metrics::default();
+    if args.telemetry_port != 0 {
+        let mut registry = prometheus_client::registry::Registry::default();
+        metrics.register(&mut registry);
+        let addr = std::net::SocketAddr::new(args.telemetry_host, args.telemetry_port);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the telemetry port {addr}"))?;
+        tokio::spawn(p2p::telemetry::serve(
+            listener,
+            std::sync::Arc::new(std::sync::Mutex::new(registry)),
+        ));
+    }
     // Sightings are written by their own task, so that a slow database never stalls the swarm.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Sighting>();
     let writer = {
         let store = store.clone();
         let local = local.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             while let Some(s) = rx.recv().await {
                 let Some(store) = &store else {
@@ -162,10 +190,12 @@ async fn serve(args: HoneypotArgs) -> anyhow::Result<ExitCode> {
                 };
                 let mut delay = std::time::Duration::from_millis(200);
                 while let Err(e) = store.record_connection(&event, api::server::now_ns()).await {
+                    metrics.record_errors.inc();
                     eprintln!("honeypot: recording {}: {e} (trying again)", s.peer_id);
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(std::time::Duration::from_secs(10));
                 }
+                metrics.recorded.inc();
             }
         })
     };
@@ -176,8 +206,19 @@ async fn serve(args: HoneypotArgs) -> anyhow::Result<ExitCode> {
         } else {
             println!("{}", describe(&e));
         }
-        if let HoneypotEvent::Seen(s) = e {
-            let _ = tx.send(s);
+        match e {
+            HoneypotEvent::Seen(s) => {
+                let dcutr = if s.dcutr { "true" } else { "false" };
+                metrics.seen.get_or_create(&vec![("dcutr", dcutr)]).inc();
+                let _ = tx.send(s);
+            }
+            HoneypotEvent::CrawlEnded { peers, .. } => {
+                metrics.crawls.inc();
+                metrics
+                    .crawl_peers
+                    .set(i64::try_from(peers).unwrap_or(i64::MAX));
+            }
+            _ => {}
         }
     };
     honeypot.run(crate::stop_signal(), &mut report).await;
@@ -189,6 +230,49 @@ async fn serve(args: HoneypotArgs) -> anyhow::Result<ExitCode> {
     }
     eprintln!("honeypot: stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The honeypot's metrics.
+#[derive(Debug, Clone, Default)]
+struct Metrics {
+    seen: prometheus_client::metrics::family::Family<
+        Vec<(&'static str, &'static str)>,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    recorded: prometheus_client::metrics::counter::Counter,
+    record_errors: prometheus_client::metrics::counter::Counter,
+    crawls: prometheus_client::metrics::counter::Counter,
+    crawl_peers: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Metrics {
+    fn register(&self, r: &mut prometheus_client::registry::Registry) {
+        r.register(
+            "natpunch_honeypot_peers_seen",
+            "Inbound peers identified (again on address changes), by DCUtR support",
+            self.seen.clone(),
+        );
+        r.register(
+            "natpunch_honeypot_recorded",
+            "Sightings written to the store",
+            self.recorded.clone(),
+        );
+        r.register(
+            "natpunch_honeypot_record_errors",
+            "Failed writes to the store (each is tried again)",
+            self.record_errors.clone(),
+        );
+        r.register(
+            "natpunch_honeypot_crawls",
+            "Crawls completed",
+            self.crawls.clone(),
+        );
+        r.register(
+            "natpunch_honeypot_crawl_peers",
+            "Peers met by the last crawl",
+            self.crawl_peers.clone(),
+        );
+    }
 }
 
 fn describe(e: &HoneypotEvent) -> String {

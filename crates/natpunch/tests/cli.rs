@@ -2491,7 +2491,15 @@ fn client_stops_with_a_clear_message_when_the_key_is_refused() {
     let server = ServerProc::start(&url, &["--closed-registration", "--telemetry-port", "0"]);
     let out = Command::new(env!("CARGO_BIN_EXE_natpunch"))
         .args(["client", "--server", &format!("http://{}", server.grpc)])
-        .args(["--api-key", "not-issued", "--host-count", "1", "--keys-dir"])
+        .args([
+            "--api-key",
+            "not-issued",
+            "--host-count",
+            "1",
+            "--telemetry-port",
+            "0",
+        ])
+        .arg("--keys-dir")
         .arg(dir.0.join("keys"))
         .output()
         .expect("client runs");
