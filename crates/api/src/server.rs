@@ -106,7 +106,7 @@ impl Filters {
 }
 
 /// How the service behaves.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Config {
     /// Register refuses unknown API keys instead of creating anonymous ones.
     pub closed_registration: bool,
@@ -114,7 +114,24 @@ pub struct Config {
     pub rules: Rules,
     /// The protocol filters handed out.
     pub filters: Filters,
+    /// How long GetAddrInfo waits for a peer before `NotFound` when the asking host is punchr's
+    /// Rust client, which exits on any error, `NotFound` included.
+    pub rust_client_wait: Duration,
 }
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            closed_registration: false,
+            rules: Rules::default(),
+            filters: Filters::default(),
+            rust_client_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The agent version prefix of punchr's Rust client.
+const RUST_CLIENT: &str = "punchr/rust-client/";
 
 /// Metric labels.
 type Labels = Vec<(&'static str, String)>;
@@ -267,11 +284,31 @@ impl<S: Store> Service<S> {
                 hosts.push(h);
             }
         }
-        let allocated = self
+        let mut allocated = self
             .store
             .allocate(auth, &hosts, self.config.rules, now_ns())
             .await
             .map_err(|e| unavailable(&e))?;
+        if allocated == Allocated::NoneLeft {
+            let agent = self
+                .store
+                .agent_of(&hosts[0])
+                .await
+                .map_err(|e| unavailable(&e))?;
+            // Punchr's Rust client ends on NotFound: hold its request until a peer turns up.
+            if agent.is_some_and(|a| a.starts_with(RUST_CLIENT)) {
+                let until = Instant::now() + self.config.rust_client_wait;
+                while allocated == Allocated::NoneLeft && Instant::now() < until {
+                    tokio::time::sleep(Duration::from_secs(1).min(self.config.rust_client_wait))
+                        .await;
+                    allocated = self
+                        .store
+                        .allocate(auth, &hosts, self.config.rules, now_ns())
+                        .await
+                        .map_err(|e| unavailable(&e))?;
+                }
+            }
+        }
         match allocated {
             Allocated::Served(a) => {
                 let remote: PeerId = a

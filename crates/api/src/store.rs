@@ -220,6 +220,12 @@ pub trait Store: Clone + Send + Sync + 'static {
         now: i64,
     ) -> impl Future<Output = Result<i64, StoreError>> + Send;
 
+    /// The agent version `peer` (base58) last registered or was seen with.
+    fn agent_of(
+        &self,
+        peer: &str,
+    ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
+
     /// Counts the rows of the main tables.
     fn counts(&self) -> impl Future<Output = Result<Counts, StoreError>> + Send;
 }
@@ -297,6 +303,7 @@ statements! {
     insert_authorization = "INSERT INTO authorizations (api_key, username, created_at) \
         VALUES ($1, 'anonymous', {ts $2}) ON CONFLICT (api_key) DO NOTHING RETURNING id";
     find_peer = "SELECT id FROM peers WHERE multi_hash = $1";
+    agent_of = "SELECT agent_version FROM peers WHERE multi_hash = $1";
     insert_peer = "INSERT INTO peers (multi_hash, updated_at, created_at) \
         VALUES ($1, {ts $2}, {ts $2}) ON CONFLICT (multi_hash) DO NOTHING RETURNING id";
     /// Only when something changed: an update locks the row until the transaction ends.
@@ -1112,6 +1119,16 @@ impl Store for SqlStore {
 
     async fn record_connection(&self, e: &ConnectionEvent, now: i64) -> Result<i64, StoreError> {
         retrying!(self.record_tx(e, now))
+    }
+
+    async fn agent_of(&self, peer: &str) -> Result<Option<String>, StoreError> {
+        Ok(sqlx::query(&self.sql.agent_of)
+            .bind(peer)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|row| row.try_get::<Option<String>, _>(0))
+            .transpose()?
+            .flatten())
     }
 
     async fn counts(&self) -> Result<Counts, StoreError> {

@@ -1104,3 +1104,63 @@ async fn reports_from_punchrs_rust_client_get_their_durations_in_seconds() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn get_addr_info_holds_punchrs_rust_client_until_a_peer_turns_up() {
+    let dir = TempDir::new("rust-wait");
+    let url = format!("sqlite://{}", dir.0.join("natpunch.db").display());
+    let store = SqlStore::open(&url).await.expect("store");
+    let config = Config {
+        rust_client_wait: Duration::from_secs(5),
+        ..Config::default()
+    };
+    let (url, task) = serve(store.clone(), config).await;
+    let mut client = PunchrServiceClient::connect(url).await.expect("connect");
+    let (go, rust) = (peer(), peer());
+    for (host, agent) in [
+        (go, "punchr/go-client/0.8.0"),
+        (rust, "punchr/rust-client/0.2.1"),
+    ] {
+        let mut r = register_request(host);
+        r.agent_version = agent.into();
+        client.register(r).await.expect("register");
+    }
+    let ask = |host: PeerId| pb::GetAddrInfoRequest {
+        host_id: host.to_bytes(),
+        all_host_ids: vec![host.to_bytes()],
+        api_key: "key".into(),
+    };
+    // The Go client gets NotFound at once, as from punchr.
+    let started = std::time::Instant::now();
+    let status = client.get_addr_info(ask(go)).await.expect_err("nothing");
+    assert_eq!(status.code(), Code::NotFound);
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // The Rust client's request waits; a peer seen meanwhile is served.
+    let later = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            seen(
+                &store,
+                peer(),
+                peer(),
+                &[relay_addr(peer(), 4001)],
+                now_ns(),
+            )
+            .await;
+        })
+    };
+    let started = std::time::Instant::now();
+    let got = client
+        .get_addr_info(ask(rust))
+        .await
+        .expect("served after waiting");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1400),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!got.into_inner().multi_addresses.is_empty());
+    later.await.expect("task");
+    task.abort();
+}

@@ -76,6 +76,10 @@ pub(crate) struct ServerArgs {
     /// this many seconds.
     #[arg(long, default_value_t = Rules::default().dedup_window.as_secs())]
     dedup_secs: u64,
+    /// Seconds GetAddrInfo holds a request of punchr's Rust client (which exits on any error,
+    /// NotFound included) waiting for a peer; 0 answers NotFound at once.
+    #[arg(long, default_value_t = 30)]
+    rust_client_wait_secs: u64,
     /// Print start and stop as JSON objects, one per line.
     #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
     json: bool,
@@ -130,6 +134,7 @@ async fn serve(args: ServerArgs) -> anyhow::Result<ExitCode> {
             dedup_window: Duration::from_secs(args.dedup_secs),
         },
         filters: args.protocol_filters.clone(),
+        rust_client_wait: Duration::from_secs(args.rust_client_wait_secs),
     };
     let service = Service::new(store.clone(), config, &mut registry);
     let telemetry = if args.telemetry_port == 0 {
