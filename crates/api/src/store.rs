@@ -175,6 +175,8 @@ pub struct ResultRow {
     pub transport: Option<String>,
     /// Seconds from the relayed to the direct connection.
     pub time_to_direct: Option<f64>,
+    /// The client's NAT behaviour, as it measured it.
+    pub client_nat: Option<String>,
 }
 
 /// What the measurement server needs from a database. Times are Unix nanoseconds, passed in so
@@ -383,7 +385,7 @@ statements! {
     link_connection = "INSERT INTO connection_events_x_multi_addresses (connection_event_id, \
         multi_address_id) VALUES ($1, $2) ON CONFLICT DO NOTHING";
     results = "SELECT l.multi_hash, r.multi_hash, {text h.outcome}, {text h.protocol_filters}, \
-        h.transport, {secs h.time_to_direct} FROM hole_punch_results h \
+        h.transport, {secs h.time_to_direct}, h.client_nat FROM hole_punch_results h \
         JOIN peers l ON l.id = h.local_id JOIN peers r ON r.id = h.remote_id ORDER BY h.id";
     counts = "SELECT (SELECT count(*) FROM hole_punch_results), \
         (SELECT count(*) FROM hole_punch_attempt), (SELECT count(*) FROM latency_measurements), \
@@ -545,6 +547,7 @@ impl SqlStore {
                         .collect(),
                     transport: r.try_get(4)?,
                     time_to_direct: r.try_get(5)?,
+                    client_nat: r.try_get(6)?,
                 })
             })
             .collect()

@@ -158,6 +158,9 @@ pub struct CampaignReport {
     pub times_ms: Vec<(String, f64)>,
     /// The NAT-pair matrix.
     pub matrix: Vec<CampaignCell>,
+    /// Each client's NAT as it measured it (RFC 5780, `mapping/filtering`), by the name the
+    /// campaign gave it.
+    pub measured_nat: BTreeMap<String, String>,
     /// Targets the honeypot recorded, of those started.
     pub targets_recorded: usize,
     /// Targets started.
@@ -218,7 +221,8 @@ pub fn run(
     progress(Progress::Step("building the lab".into()));
     let mut t = topology(&config.presets, config.rtt_ms)
         .host("dht", None, 1)
-        .host("honeypot", None, 1);
+        .host("honeypot", None, 1)
+        .host("stun", None, 2);
     if config.port_mapped_client
         && let Some(nat) = Preset::PortRestricted.config()
     {
@@ -242,6 +246,29 @@ pub fn run(
     let relay_args = crate::matrix::relay_args(&path("relay.key"), RELAY_PORT);
     let relay_args: Vec<&str> = relay_args.iter().map(String::as_str).collect();
     let relay = lab.spawn("relay", &exe, &relay_args)?;
+    // An RFC 5780 STUN server on two addresses: the clients measure their NAT with it.
+    let stun_addrs = lab.node("stun")?.uplink.addrs.clone();
+    let (primary, alternate) = match stun_addrs.as_slice() {
+        [a, b, ..] => (format!("{a}:3478"), format!("{b}:3479")),
+        _ => {
+            return Err(CampaignError::Role(
+                "the STUN node lacks two addresses".into(),
+            ));
+        }
+    };
+    let stun = lab.spawn(
+        "stun",
+        &exe,
+        &[
+            "stun-server",
+            "--primary",
+            &primary,
+            "--alternate",
+            &alternate,
+        ],
+    )?;
+    stun.wait_for("listening on", START_TIMEOUT)
+        .map_err(|e| CampaignError::Role(format!("the STUN server: {e}")))?;
     let relay_addr = json_line(&relay, "\"event\":\"external-address\"", "the relay")?["address"]
         .as_str()
         .unwrap_or_default()
@@ -408,6 +435,8 @@ pub fn run(
             "1",
             "--keys-dir",
             &keys,
+            "--stun-server",
+            &primary,
         ];
         if *mapped {
             args.push("--port-mapping");
@@ -480,6 +509,7 @@ pub fn run(
     drop(server);
     drop(honeypot);
     drop(dht);
+    drop(stun);
     drop(relay);
     drop(lab);
     let targets = nat_of.len();
@@ -542,7 +572,11 @@ fn summarise(
     let mut outcomes = BTreeMap::new();
     let mut cells: BTreeMap<CellKey, (Vec<String>, Vec<f64>)> = BTreeMap::new();
     let mut times = Vec::new();
+    let mut measured_nat = BTreeMap::new();
     for r in &rows {
+        if let (Some(name), Some(m)) = (nat_of.get(&r.local), &r.client_nat) {
+            measured_nat.insert(name.clone(), m.clone());
+        }
         *outcomes.entry(r.outcome.clone()).or_insert(0u64) += 1;
         let nat = |id: &str| nat_of.get(id).map_or("unknown", String::as_str).to_owned();
         let transport = transport_of(&r.filters, r.transport.as_deref());
@@ -590,6 +624,7 @@ fn summarise(
         p95_ms: quantile(&all, 0.95),
         times_ms: times,
         matrix,
+        measured_nat,
         targets_recorded,
         targets,
         seconds,

@@ -235,6 +235,13 @@ pub fn campaign_page(r: &CampaignReport, command: &str) -> String {
         r.seconds,
         if r.interrupted { " (interrupted)" } else { "" }
     );
+    if !r.measured_nat.is_empty() {
+        html.push_str("<h2>The clients' NATs, as they measured them</h2><table id=\"nats\"><tr><th>client</th><th>mapping/filtering (RFC 4787, measured with RFC 5780)</th></tr>");
+        for (name, m) in &r.measured_nat {
+            let _ = write!(html, "<tr><td>{}</td><td>{}</td></tr>", esc(name), esc(m));
+        }
+        html.push_str("</table>");
+    }
     html.push_str("<h2>Outcomes</h2>");
     html.push_str(&outcome_bars(&r.outcomes));
     let transports: BTreeSet<&str> = r.matrix.iter().map(|c| c.transport.as_str()).collect();
@@ -291,6 +298,7 @@ mod tests {
                 ("quic".into(), 250.0),
                 ("tcp".into(), 400.0),
             ],
+            measured_nat: BTreeMap::new(),
             matrix: vec![CampaignCell {
                 client_nat: "port-restricted".into(),
                 target_nat: "symmetric".into(),

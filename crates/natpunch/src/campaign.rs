@@ -225,6 +225,7 @@ fn json(r: &CampaignReport) -> serde_json::Value {
         "seconds": r.seconds,
         "interrupted": r.interrupted,
         "matrix": r.matrix,
+        "measured_nat": r.measured_nat,
     })
 }
 
@@ -244,6 +245,9 @@ fn print_summary(r: &CampaignReport) {
         ms(r.median_ms),
         ms(r.p95_ms)
     );
+    for (name, m) in &r.measured_nat {
+        println!("client behind {name}: measured {m}");
+    }
     println!();
     println!(
         "{:<24} {:<16} {:<5} {:>7} {:>8} {:>10}",

@@ -2353,6 +2353,18 @@ fn lab_campaign_survives_a_server_outage_and_reports_every_nat_pair() {
             "{c} × {t}: SUCCESS or CONNECTION_REVERSED every time: {v}"
         );
     }
+    // The clients measured their NATs with the lab's STUN server, as configured.
+    let measured = &v["measured_nat"];
+    assert_eq!(
+        measured["port-restricted"], "endpoint-independent/address-and-port-dependent",
+        "{v}"
+    );
+    assert!(
+        measured["symmetric"]
+            .as_str()
+            .is_some_and(|m| !m.starts_with("endpoint-independent")),
+        "a symmetric NAT maps per destination: {v}"
+    );
     // Its reports carry the mappings it made.
     let db = work.join("campaign.db");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
