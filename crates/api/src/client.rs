@@ -251,8 +251,10 @@ pub struct PunchContext {
     pub network: Option<pb::NetworkInformation>,
 }
 
-/// The report of one punch, from the dialing side's record.
+/// The report of one punch from `local` to `remote`, from the dialing side's record.
 pub fn report_of(
+    local: PeerId,
+    remote: PeerId,
     record: &Record,
     ctx: &PunchContext,
     api_key: &str,
@@ -260,8 +262,6 @@ pub fn report_of(
 ) -> pb::TrackHolePunchRequest {
     let start = record.started_unix_ms.saturating_mul(1_000_000);
     let at = |ms: f64| start.saturating_add((ms.max(0.0) * 1e6) as u64);
-    let local: PeerId = record.local_peer.parse().unwrap_or(PeerId::random());
-    let remote: PeerId = record.remote_peer.parse().unwrap_or(PeerId::random());
     let attempts = record
         .attempts
         .iter()
@@ -572,7 +572,7 @@ async fn host_loop(
         first = false;
         let record = punch(key, remote, &addrs, &served.protocols, config, &mut ctx).await;
         let idempotency = new_key(&host);
-        let request = report_of(&record, &ctx, &config.api_key, &idempotency);
+        let request = report_of(host, remote, &record, &ctx, &config.api_key, &idempotency);
         spool.put(&request)?;
         wake.notify_one();
         report(ClientEvent::Punched {
@@ -886,7 +886,11 @@ mod tests {
             connect_started_at: 1_795_303_375_300_000_000,
             ..PunchContext::default()
         };
-        let r = report_of(&record, &ctx, "key", "k-1");
+        let r = report_of(me, remote, &record, &ctx, "key", "k-1");
+        assert_eq!(
+            (r.client_id.clone(), r.remote_id.clone()),
+            (me.to_bytes(), remote.to_bytes())
+        );
         let report = crate::report::Report::from_request(&r).expect("the server's validation");
         assert_eq!(report.outcome, "SUCCESS");
         assert_eq!(report.technique.as_deref(), Some("dcutr-quic"));
@@ -910,7 +914,7 @@ mod tests {
             listen: vec!["/ip4/10.0.0.2/tcp/4001".parse().expect("maddr")],
             ..ctx
         };
-        let r = report_of(&failed, &ctx, "key", "k-2");
+        let r = report_of(me, remote, &failed, &ctx, "key", "k-2");
         assert!(crate::report::Report::from_request(&r).is_ok());
     }
 }

@@ -188,13 +188,7 @@ async fn serve(args: ClientArgs) -> anyhow::Result<ExitCode> {
         let mut registry = prometheus_client::registry::Registry::default();
         metrics.register(&mut registry);
         let addr = SocketAddr::new(args.telemetry_host, args.telemetry_port);
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the telemetry port {addr}"))?;
-        tokio::spawn(p2p::telemetry::serve(
-            listener,
-            std::sync::Arc::new(std::sync::Mutex::new(registry)),
-        ));
+        crate::serve_telemetry(addr, std::sync::Arc::new(std::sync::Mutex::new(registry))).await?;
     }
     let json = args.json;
     let report = move |e: ClientEvent| {

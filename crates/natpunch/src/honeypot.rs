@@ -162,13 +162,7 @@ async fn serve(args: HoneypotArgs) -> anyhow::Result<ExitCode> {
         let mut registry = prometheus_client::registry::Registry::default();
         metrics.register(&mut registry);
         let addr = std::net::SocketAddr::new(args.telemetry_host, args.telemetry_port);
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the telemetry port {addr}"))?;
-        tokio::spawn(p2p::telemetry::serve(
-            listener,
-            std::sync::Arc::new(std::sync::Mutex::new(registry)),
-        ));
+        crate::serve_telemetry(addr, std::sync::Arc::new(std::sync::Mutex::new(registry))).await?;
     }
     // Sightings are written by their own task, so that a slow database never stalls the swarm.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Sighting>();

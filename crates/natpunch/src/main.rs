@@ -113,6 +113,18 @@ fn stream_protocol(s: &str) -> Result<libp2p::StreamProtocol, String> {
         .map_err(|e| format!("{e} (a protocol name starts with /, e.g. /ipfs/kad/1.0.0)"))
 }
 
+/// Serves `/metrics` (for `registry`) and `/health` on `addr` in the background.
+async fn serve_telemetry(
+    addr: std::net::SocketAddr,
+    registry: std::sync::Arc<std::sync::Mutex<prometheus_client::registry::Registry>>,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the telemetry port {addr}"))?;
+    tokio::spawn(p2p::telemetry::serve(listener, registry));
+    Ok(())
+}
+
 /// Completes on Ctrl-C or SIGTERM.
 async fn stop_signal() {
     use tokio::signal::unix::{SignalKind, signal};

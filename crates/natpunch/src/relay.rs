@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context as _;
 use clap::Args;
 use clap::builder::BoolishValueParser;
 use libp2p::Multiaddr;
@@ -150,11 +149,8 @@ async fn serve(args: RelayArgs) -> anyhow::Result<ExitCode> {
     let registry = Arc::new(Mutex::new(registry));
     if args.telemetry_port != 0 {
         let addr = SocketAddr::new(args.telemetry_host, args.telemetry_port);
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the telemetry port {addr}"))?;
+        crate::serve_telemetry(addr, Arc::clone(&registry)).await?;
         eprintln!("relay: metrics on http://{addr}/metrics");
-        tokio::spawn(p2p::telemetry::serve(listener, Arc::clone(&registry)));
     }
     let json = args.json;
     let mut report = |e: RelayEvent| {
