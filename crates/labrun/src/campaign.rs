@@ -504,7 +504,20 @@ pub fn run(
     }
     let seconds = started.elapsed().as_secs_f64();
     let punches = punched(&clients);
-    drop(clients);
+    // A client that failed (rather than stopping when told or when done) fails the campaign,
+    // with its words.
+    for c in clients {
+        let output = c.output();
+        if let Ok(code) = c.wait()
+            && code != Some(0)
+        {
+            let tail: Vec<&str> = output.lines().rev().take(5).collect();
+            return Err(CampaignError::Role(format!(
+                "a client exited with {code:?}: {}",
+                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            )));
+        }
+    }
     drop(targets);
     drop(server);
     drop(honeypot);

@@ -145,18 +145,22 @@ async fn serve(args: ClientArgs) -> anyhow::Result<ExitCode> {
     let spool_dir = args.spool.clone().unwrap_or_else(|| keys_dir.join("spool"));
     let spool = Spool::open(&spool_dir).with_context(|| format!("{}", spool_dir.display()))?;
     let waiting = spool.len();
+    // The NAT measurement is an extra: without it the client punches and reports all the same.
     let client_nat = match args.stun_server {
         Some(server) => {
-            let report = natcheck::client::check(
-                &natcheck::client::CheckOptions::new(server),
-                &|_: &str| {},
-            )
-            .await
-            .with_context(|| format!("measuring the NAT with {server}"))?;
-            report
-                .mapping
-                .zip(report.filtering)
-                .map(|(m, f)| format!("{m}/{f}"))
+            let options = natcheck::client::CheckOptions::new(server);
+            match natcheck::client::check(&options, &|_: &str| {}).await {
+                Ok(report) => report
+                    .mapping
+                    .zip(report.filtering)
+                    .map(|(m, f)| format!("{m}/{f}")),
+                Err(e) => {
+                    eprintln!(
+                        "client: measuring the NAT with {server} failed ({e}); going on without"
+                    );
+                    None
+                }
+            }
         }
         None => None,
     };
