@@ -161,6 +161,9 @@ pub struct CampaignReport {
     /// Each client's NAT as it measured it (RFC 5780, `mapping/filtering`), by the name the
     /// campaign gave it.
     pub measured_nat: BTreeMap<String, String>,
+    /// The NAT the campaign put each peer behind (clients' hosts and targets), by peer ID: the
+    /// labels of the matrix.
+    pub peers: BTreeMap<String, String>,
     /// Targets the honeypot recorded, of those started.
     pub targets_recorded: usize,
     /// Targets started.
@@ -447,16 +450,15 @@ pub fn run(
             }
             args.extend(["--punches", s]);
         }
-        let client = lab.spawn(node, &exe, &args)?;
+        // The keys are made here, before the client starts: it loads these, so the labels are
+        // those of the identities it punches with.
         for i in 0..config.hosts_per_client.max(1) {
-            let key = p2p::identity::load_or_create(
-                &config.work_dir.join(format!("client-{nat}/host-{i}.key")),
-            );
-            if let Ok((k, _)) = key {
-                nat_name.insert(k.public().to_peer_id().to_base58(), nat.clone());
-            }
+            let path = config.work_dir.join(format!("client-{nat}/host-{i}.key"));
+            let (key, _) = p2p::identity::load_or_create(&path)
+                .map_err(|e| CampaignError::Role(format!("client key: {e}")))?;
+            nat_name.insert(key.public().to_peer_id().to_base58(), nat.clone());
         }
-        clients.push(client);
+        clients.push(lab.spawn(node, &exe, &args)?);
     }
     let started = Instant::now();
     let mut interrupted = false;
@@ -638,6 +640,7 @@ fn summarise(
         times_ms: times,
         matrix,
         measured_nat,
+        peers: nat_of.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         targets_recorded,
         targets,
         seconds,

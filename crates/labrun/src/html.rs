@@ -299,6 +299,7 @@ mod tests {
                 ("tcp".into(), 400.0),
             ],
             measured_nat: BTreeMap::new(),
+            peers: BTreeMap::new(),
             matrix: vec![CampaignCell {
                 client_nat: "port-restricted".into(),
                 target_nat: "symmetric".into(),

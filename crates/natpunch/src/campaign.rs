@@ -226,6 +226,7 @@ fn json(r: &CampaignReport) -> serde_json::Value {
         "interrupted": r.interrupted,
         "matrix": r.matrix,
         "measured_nat": r.measured_nat,
+        "peers": r.peers,
     })
 }
 

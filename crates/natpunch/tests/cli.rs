@@ -81,6 +81,27 @@ fn help_and_version_describe_the_tool() {
     );
 }
 
+/// A server that does not answer is an error naming it, not a verdict about the network.
+#[test]
+fn nat_check_against_a_closed_port_is_an_error_not_a_verdict() {
+    let closed = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free port");
+    let server = closed.to_string();
+    let out = natpunch(&["nat", "check", "--server", &server, "--json"]);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("error: no STUN answer from {server}"))
+            && err.contains("ICMP port unreachable"),
+        "{err}"
+    );
+    assert!(!stdout(&out).contains("verdict"), "{}", stdout(&out));
+    let v: Value = serde_json::from_str(&stdout(&out)).expect("json");
+    assert_eq!(v["error"]["kind"], "port_unreachable", "{v}");
+    assert_eq!(v["error"]["server"], server.as_str(), "{v}");
+}
+
 #[test]
 fn bad_topology_files_are_refused_with_the_problem_named_and_create_nothing() {
     let dir = std::env::temp_dir().join(format!("natpunch-cli-{}", std::process::id()));
@@ -2368,7 +2389,7 @@ fn lab_campaign_survives_a_server_outage_and_reports_every_nat_pair() {
     // Its reports carry the mappings it made.
     let db = work.join("campaign.db");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let mappings: i64 = rt.block_on(async {
+    let (mappings, rows) = rt.block_on(async {
         let store = api::store::SqlStore::open(&format!("sqlite://{}", db.display()))
             .await
             .expect("store");
@@ -2376,14 +2397,68 @@ fn lab_campaign_survives_a_server_outage_and_reports_every_nat_pair() {
             .fetch_one(store.pool())
             .await
             .expect("count");
+        let rows = store.results().await.expect("results");
         store.close().await;
-        n
+        (n, rows)
     });
     assert!(mappings > 0, "the port-mapped client reports its mappings");
+    clients_punch_under_their_own_labels(&work, &v, &rows);
     let page = std::fs::read_to_string(&html).expect("report");
     assert!(page.contains(r#"<svg id="outcomes""#) && page.contains(r#"<svg id="cdf""#));
     assert!(page.contains(r#"data-transport="#));
     browser_shows_the_plots(&html, &dir.0);
+}
+
+/// Every reporting host in the database is one of the keys a client's directory holds, and the
+/// campaign labels it with that client's NAT: the labels come from the keys the clients used.
+fn clients_punch_under_their_own_labels(work: &Path, v: &Value, rows: &[api::store::ResultRow]) {
+    let mut key_nat = std::collections::HashMap::new();
+    for dir in std::fs::read_dir(work).expect("work dir").flatten() {
+        let name = dir.file_name().to_string_lossy().into_owned();
+        let Some(nat) = name.strip_prefix("client-") else {
+            continue;
+        };
+        for key in std::fs::read_dir(dir.path()).expect("keys").flatten() {
+            if key.path().extension().is_some_and(|e| e == "key") {
+                let bytes = std::fs::read(key.path()).expect("key");
+                let id = libp2p::identity::Keypair::from_protobuf_encoding(&bytes)
+                    .expect("a key")
+                    .public()
+                    .to_peer_id()
+                    .to_base58();
+                key_nat.insert(id, nat.to_owned());
+            }
+        }
+        let strays: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("keys")
+            .flatten()
+            .filter(|f| f.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(strays.is_empty(), "temporary key files left: {strays:?}");
+    }
+    assert!(!key_nat.is_empty(), "the clients' keys are in the work dir");
+    assert!(!rows.is_empty());
+    for r in rows {
+        let nat = key_nat
+            .get(&r.local)
+            .unwrap_or_else(|| panic!("{} reported but is no client key", r.local));
+        assert_eq!(
+            v["peers"][&r.local].as_str(),
+            Some(nat.as_str()),
+            "the campaign labels {} with its client's NAT: {v}",
+            r.local
+        );
+    }
+    let unknown: Vec<_> = v["matrix"]
+        .as_array()
+        .expect("matrix")
+        .iter()
+        .filter(|c| c["client_nat"] == "unknown" || c["target_nat"] == "unknown")
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "every punch has its labels: {unknown:?}"
+    );
 }
 
 /// Headless Chromium opens the report: its DOM has the plots, and a screenshot shows the

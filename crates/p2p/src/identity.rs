@@ -1,8 +1,10 @@
 //! Persistent identities: an Ed25519 key kept in a file, created on first use.
 //!
 //! The file holds the key in libp2p's protobuf encoding (what `go-libp2p` and `rust-libp2p`
-//! both read), written with mode 0600 through a temporary file, so a crash never leaves half a
-//! key behind.
+//! both read), written with mode 0600 through a temporary file of its own, so a crash never
+//! leaves half a key behind. The file is put in place with a link that never replaces an
+//! existing one: when two processes create the same identity at once, one key wins and the
+//! loser loads it, so both use the same key.
 
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
@@ -39,35 +41,62 @@ pub fn load_or_create(path: &Path) -> Result<(Keypair, bool), IdentityError> {
         source,
     };
     match std::fs::read(path) {
-        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes)
-            .map(|k| (k, false))
-            .map_err(|e| IdentityError::Decode {
-                path: path.to_owned(),
-                reason: e.to_string(),
-            }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = Keypair::generate_ed25519();
-            let bytes = key
-                .to_protobuf_encoding()
-                .map_err(|e| io(std::io::Error::other(format!("encoding the new key: {e}"))))?;
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(io)?;
-            }
-            let tmp = path.with_extension("tmp");
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io)?;
-            file.write_all(&bytes).map_err(io)?;
-            file.sync_all().map_err(io)?;
-            std::fs::rename(&tmp, path).map_err(io)?;
-            Ok((key, true))
+        Ok(bytes) => decode(path, &bytes).map(|k| (k, false)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => create(path),
+        Err(e) => Err(io(e)),
+    }
+}
+
+/// Writes a new key to a temporary file unique to this call, then links it to `path` unless
+/// another process got there first, in which case that process's key is loaded.
+fn create(path: &Path) -> Result<(Keypair, bool), IdentityError> {
+    let io = |source| IdentityError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let key = Keypair::generate_ed25519();
+    let bytes = key
+        .to_protobuf_encoding()
+        .map_err(|e| io(std::io::Error::other(format!("encoding the new key: {e}"))))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(
+        ".{}.{}.tmp",
+        std::process::id(),
+        COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let tmp = PathBuf::from(tmp);
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        // A hard link fails when `path` exists: unlike a rename, it never replaces the key
+        // another process has just put there.
+        std::fs::hard_link(&tmp, path)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    match written {
+        Ok(()) => Ok((key, true)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let bytes = std::fs::read(path).map_err(io)?;
+            decode(path, &bytes).map(|k| (k, false))
         }
         Err(e) => Err(io(e)),
     }
+}
+
+fn decode(path: &Path, bytes: &[u8]) -> Result<Keypair, IdentityError> {
+    Keypair::from_protobuf_encoding(bytes).map_err(|e| IdentityError::Decode {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })
 }
 
 #[cfg(test)]
@@ -94,6 +123,47 @@ mod tests {
             err.to_string().contains("is not a libp2p private key"),
             "{err}"
         );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn processes_racing_to_create_one_key_all_end_with_the_same_key() {
+        let dir = std::env::temp_dir().join(format!("p2p-identity-race-{}", std::process::id()));
+        for round in 0..20 {
+            let path = dir.join(format!("host-{round}.key"));
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+            let racers: Vec<_> = (0..8)
+                .map(|_| {
+                    let (path, barrier) = (path.clone(), std::sync::Arc::clone(&barrier));
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        load_or_create(&path).map(|(k, created)| (k.public().to_peer_id(), created))
+                    })
+                })
+                .collect();
+            let ids: Vec<_> = racers
+                .into_iter()
+                .map(|t| t.join().expect("thread").expect("every racer gets a key"))
+                .collect();
+            assert!(
+                ids.iter().all(|(id, _)| *id == ids[0].0),
+                "one key: {ids:?}"
+            );
+            assert_eq!(
+                ids.iter().filter(|(_, c)| *c).count(),
+                1,
+                "created once: {ids:?}"
+            );
+            let (on_disk, _) = load_or_create(&path).expect("load");
+            assert_eq!(on_disk.public().to_peer_id(), ids[0].0);
+        }
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .expect("dir")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .filter(|n| n.to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "temporary files left: {left:?}");
         let _ = std::fs::remove_dir_all(dir);
     }
 }
