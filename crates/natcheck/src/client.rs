@@ -84,6 +84,8 @@ pub struct NatReport {
     pub hairpin: Option<bool>,
     /// Mapping lifetime, with `--lifetime`.
     pub mapping_lifetime: Option<Lifetime>,
+    /// The server answered STUN over TCP but not over UDP: this network blocks UDP.
+    pub udp_blocked: bool,
     /// The one-word verdict.
     pub verdict: Verdict,
     /// The verdict for people.
@@ -97,6 +99,72 @@ pub enum CheckError {
     /// A local socket could not be made.
     #[error("local socket: {0}")]
     Socket(#[from] io::Error),
+    /// The server gave no STUN answer at all, over UDP or TCP: nothing can be said about the
+    /// network, since the server (or its address) may be what is wrong.
+    #[error(
+        "no STUN answer from {server}: {cause}; tried {tried} (check the address and that a \
+         STUN server runs there)",
+        cause = .cause.sentence()
+    )]
+    Unanswered {
+        /// The server asked.
+        server: SocketAddr,
+        /// What came back instead of an answer.
+        cause: Unanswered,
+        /// What was sent, for people.
+        tried: String,
+    },
+}
+
+/// What came back from a server that gave no STUN answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unanswered {
+    /// ICMP port unreachable: the host is there, nothing listens on the port.
+    PortUnreachable,
+    /// ICMP host or network unreachable, or no route: the address is not reachable from here.
+    HostUnreachable,
+    /// Nothing at all: a wrong address, a server that is down, or a firewall that drops
+    /// packets towards it (UDP and TCP alike).
+    Silence,
+}
+
+impl Unanswered {
+    /// What it means, for people.
+    pub fn sentence(self) -> &'static str {
+        match self {
+            Self::PortUnreachable => {
+                "ICMP port unreachable (the host is there, but nothing listens on that port)"
+            }
+            Self::HostUnreachable => "host or network unreachable (no route to that address)",
+            Self::Silence => "no answer over UDP",
+        }
+    }
+
+    /// The cause an I/O error on a connected socket reports, if it is one of these.
+    fn of(e: &io::Error) -> Option<Self> {
+        match e.kind() {
+            io::ErrorKind::ConnectionRefused => Some(Self::PortUnreachable),
+            io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
+                Some(Self::HostUnreachable)
+            }
+            _ => None,
+        }
+    }
+}
+
+impl CheckError {
+    /// A short machine-readable name, for `--json`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Socket(_) => "local_socket",
+            Self::Unanswered { cause, .. } => match cause {
+                Unanswered::PortUnreachable => "port_unreachable",
+                Unanswered::HostUnreachable => "host_unreachable",
+                Unanswered::Silence => "no_answer",
+            },
+        }
+    }
 }
 
 /// A transaction ID nobody else uses: time, process and a counter through SplitMix64.
@@ -182,6 +250,79 @@ impl CheckOptions {
     async fn binding(&self, sock: &UdpSocket, to: SocketAddr) -> Option<BindingResponse> {
         self.transact(sock, to, None, None, sock).await
     }
+
+    /// How long a transaction takes to count as unanswered: the sum of its timeouts.
+    fn unanswered_after(&self) -> Duration {
+        (0..self.attempts.max(1))
+            .map(|i| self.rto * 2u32.pow(i))
+            .sum()
+    }
+
+    /// One Binding transaction on a socket connected to the server, which hears ICMP errors.
+    async fn reachable(&self, sock: &UdpSocket) -> Result<(), Unanswered> {
+        let id = transaction_id();
+        let request = stun::binding_request(id, None, None);
+        let mut buf = [0u8; 1500];
+        let mut rto = self.rto;
+        let mut heard = Unanswered::Silence;
+        for _ in 0..self.attempts.max(1) {
+            if let Err(e) = sock.send(&request).await {
+                heard = Unanswered::of(&e).unwrap_or(heard);
+            }
+            let deadline = Instant::now() + rto;
+            while let Ok(received) = timeout_at(deadline.into(), sock.recv(&mut buf)).await {
+                match received {
+                    Ok(n) => {
+                        if stun::parse_binding_response(&buf[..n])
+                            .is_ok_and(|r| r.transaction_id == id)
+                        {
+                            return Ok(());
+                        }
+                    }
+                    Err(e) => {
+                        heard = Unanswered::of(&e).unwrap_or(heard);
+                        break;
+                    }
+                }
+            }
+            rto *= 2;
+        }
+        Err(heard)
+    }
+
+    /// A Binding request over TCP to the server (RFC 8489 §6.2.2), within the time a UDP
+    /// transaction takes.
+    async fn tcp_binding(&self) -> Result<BindingResponse, String> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let id = transaction_id();
+        let attempt = async {
+            let mut stream = tokio::net::TcpStream::connect(self.server)
+                .await
+                .map_err(|e| match Unanswered::of(&e) {
+                    Some(Unanswered::PortUnreachable) => "connection refused".to_owned(),
+                    _ => e.to_string(),
+                })?;
+            stream
+                .write_all(&stun::binding_request(id, None, None))
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut buf = vec![0u8; 1500];
+            stream
+                .read_exact(&mut buf[..20])
+                .await
+                .map_err(|e| e.to_string())?;
+            let len = 20 + usize::from(u16::from_be_bytes([buf[2], buf[3]]));
+            let body = buf.get_mut(20..len).ok_or("an oversized answer")?;
+            stream.read_exact(body).await.map_err(|e| e.to_string())?;
+            stun::parse_binding_response(&buf[..len])
+                .ok()
+                .filter(|r| r.transaction_id == id)
+                .ok_or_else(|| "an answer that is no Binding response".to_owned())
+        };
+        tokio::time::timeout(self.unanswered_after(), attempt)
+            .await
+            .map_err(|_| "no answer".to_owned())?
+    }
 }
 
 /// Runs every test against `options.server`; `progress` hears each step.
@@ -192,11 +333,61 @@ pub async fn check(
     let primary = options.server;
     let mut seen = BTreeSet::new();
 
-    // The local address towards the server, for "no NAT" detection.
+    // The local address towards the server, for "no NAT" detection. The connected socket also
+    // asks once whether the server answers at all: unlike the others it hears ICMP errors.
     let probe = fresh_socket(primary).await?;
     probe.connect(primary).await?;
     let local_ip = probe.local_addr()?.ip();
-    drop(probe);
+    progress("reachability: a Binding request to the server");
+    let mut udp_blocked = false;
+    match options.reachable(&probe).await {
+        Ok(()) => {}
+        Err(cause) => {
+            drop(probe);
+            progress("reachability: no answer over UDP; trying STUN over TCP");
+            let tried = format!(
+                "{} Binding requests over UDP within {:.1} s",
+                options.attempts.max(1),
+                options.unanswered_after().as_secs_f64()
+            );
+            match options.tcp_binding().await {
+                Ok(_) if cause == Unanswered::Silence => udp_blocked = true,
+                Ok(_) => {
+                    return Err(CheckError::Unanswered {
+                        server: primary,
+                        cause,
+                        tried: format!("{tried}; STUN over TCP answered"),
+                    });
+                }
+                Err(tcp) => {
+                    return Err(CheckError::Unanswered {
+                        server: primary,
+                        cause,
+                        tried: format!("{tried}, and STUN over TCP ({tcp})"),
+                    });
+                }
+            }
+        }
+    }
+    if udp_blocked {
+        let verdict = classify::verdict(false, None, None, None);
+        return Ok(NatReport {
+            server: primary,
+            rfc5780: false,
+            local_address: None,
+            public_addresses: Vec::new(),
+            nat: None,
+            mapping: None,
+            filtering: None,
+            port_allocation: None,
+            port_delta: None,
+            hairpin: None,
+            mapping_lifetime: None,
+            udp_blocked,
+            verdict,
+            summary: verdict.sentence(),
+        });
+    }
 
     progress("mapping: binding to three server addresses from one socket");
     let s1 = fresh_socket(primary).await?;
@@ -287,6 +478,7 @@ pub async fn check(
         port_delta: allocation.1,
         hairpin,
         mapping_lifetime: lifetime,
+        udp_blocked,
         verdict,
         summary: verdict.sentence(),
     })
@@ -375,6 +567,105 @@ mod tests {
         );
         assert!(s.last().is_some_and(|t| *t <= Duration::from_secs(60)));
         assert!(s.len() >= 18, "{} probes", s.len());
+    }
+
+    fn quick(server: SocketAddr) -> CheckOptions {
+        CheckOptions {
+            rto: Duration::from_millis(50),
+            ..CheckOptions::new(server)
+        }
+    }
+
+    /// A loopback port with nothing bound to it, over UDP or TCP.
+    fn closed_port() -> SocketAddr {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        s.local_addr().expect("addr")
+    }
+
+    #[tokio::test]
+    async fn a_closed_port_is_an_error_naming_icmp_port_unreachable_not_a_verdict() {
+        let server = closed_port();
+        let err = check(&quick(server), &|_| {}).await.expect_err("no server");
+        assert_eq!(err.kind(), "port_unreachable", "{err}");
+        let text = err.to_string();
+        assert!(text.contains(&server.to_string()), "{text}");
+        assert!(text.contains("ICMP port unreachable"), "{text}");
+        assert!(text.contains("3 Binding requests over UDP"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_silent_server_is_an_error_too() {
+        // A UDP socket that never answers, and no TCP listener on its port.
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let server = silent.local_addr().expect("addr");
+        let err = check(&quick(server), &|_| {}).await.expect_err("silence");
+        assert_eq!(err.kind(), "no_answer", "{err}");
+        assert!(
+            err.to_string()
+                .contains("STUN over TCP (connection refused)"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_server_that_answers_over_tcp_only_means_udp_is_blocked() {
+        // UDP on the port is silent (as if dropped on the way); TCP answers Binding requests.
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let server = silent.local_addr().expect("addr");
+        let listener = tokio::net::TcpListener::bind(server).await.expect("tcp");
+        let mut stun = stun::Server::new(
+            server,
+            SocketAddr::new([127, 0, 0, 2].into(), server.port() + 1),
+            "test",
+        )
+        .expect("server");
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            while let Ok((mut stream, from)) = listener.accept().await {
+                let mut buf = [0u8; 1500];
+                let n = stream.read(&mut buf).await.unwrap_or(0);
+                if let Some(t) = stun.handle(server, from, &buf[..n]) {
+                    let _ = stream.write_all(&t.payload).await;
+                }
+            }
+        });
+        let report = check(&quick(server), &|_| {}).await.expect("a report");
+        assert!(report.udp_blocked, "{report:?}");
+        assert_eq!(report.verdict, Verdict::RelayOnly, "{report:?}");
+        assert_eq!(report.mapping, None);
+        drop(silent);
+    }
+
+    #[tokio::test]
+    async fn the_server_answers_binding_over_tcp_on_its_primary_address() {
+        let probe = closed_port();
+        let primary = SocketAddr::new([127, 0, 0, 1].into(), probe.port());
+        let alternate = SocketAddr::new([127, 0, 0, 2].into(), probe.port() + 1);
+        let server = crate::StunServer::bind(primary, alternate, "test")
+            .await
+            .expect("bind");
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let running = tokio::spawn(server.run(stopped));
+        let answer = quick(primary)
+            .tcp_binding()
+            .await
+            .expect("an answer over TCP");
+        assert_eq!(answer.mapped.ip(), primary.ip());
+        // Garbage closes the connection and is counted, and the server goes on.
+        let mut garbage = tokio::net::TcpStream::connect(primary)
+            .await
+            .expect("connect");
+        tokio::io::AsyncWriteExt::write_all(&mut garbage, &[0xff; 40])
+            .await
+            .expect("write");
+        let mut rest = Vec::new();
+        let _ = tokio::io::AsyncReadExt::read_to_end(&mut garbage, &mut rest).await;
+        assert!(rest.is_empty());
+        assert!(quick(primary).tcp_binding().await.is_ok());
+        let _ = stop.send(true);
+        let counters = running.await.expect("run");
+        assert_eq!(counters.answered, 2, "{counters:?}");
+        assert_eq!(counters.not_stun, 1, "{counters:?}");
     }
 
     #[test]

@@ -1,11 +1,16 @@
 //! The RFC 5780 STUN server on four UDP sockets: the tokio shell around [`stun::Server`].
+//!
+//! The primary address also answers plain Binding requests over TCP (RFC 8489 §6.2.2, framed by
+//! the message length), so a client whose UDP gets no answer can tell a blocked network from a
+//! server that is not there.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use stun::{Counters, Server};
-use tokio::net::UdpSocket;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -32,7 +37,15 @@ pub enum ServerError {
 pub struct StunServer {
     server: Server,
     sockets: Arc<Vec<UdpSocket>>,
+    tcp: TcpListener,
 }
+
+/// TCP connections served at once; more are closed at accept.
+const MAX_TCP_CONNECTIONS: usize = 64;
+/// A TCP connection that sends no complete request for this long is closed.
+const TCP_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
+/// The largest request taken over TCP (a Binding request is well under 100 bytes).
+const MAX_TCP_MESSAGE: usize = 1280;
 
 impl StunServer {
     /// Binds the four addresses of an RFC 5780 server on `primary` and `alternate`.
@@ -50,9 +63,16 @@ impl StunServer {
                     .map_err(|source| ServerError::Bind { addr, source })?,
             );
         }
+        let tcp = TcpListener::bind(primary)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: primary,
+                source,
+            })?;
         Ok(Self {
             server,
             sockets: Arc::new(sockets),
+            tcp,
         })
     }
 
@@ -88,6 +108,7 @@ impl StunServer {
                 server.counters()
             });
         }
+        tasks.spawn(serve_tcp(self.tcp, self.server.clone(), stop.clone()));
         let _stopped = async { stop.wait_for(|s| *s).await.is_ok() }.await;
         let mut total = Counters::default();
         while let Some(result) = tasks.join_next().await {
@@ -97,4 +118,79 @@ impl StunServer {
         }
         total
     }
+}
+
+/// Accepts TCP connections on the primary address, at most [`MAX_TCP_CONNECTIONS`] at once,
+/// until `stop`; returns what they saw.
+async fn serve_tcp(
+    listener: TcpListener,
+    server: Server,
+    mut stop: watch::Receiver<bool>,
+) -> Counters {
+    let mut connections = JoinSet::new();
+    let mut total = Counters::default();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, from)) = accepted else { continue };
+                if connections.len() >= MAX_TCP_CONNECTIONS {
+                    tracing::debug!(%from, "too many TCP connections: closed");
+                    continue;
+                }
+                connections.spawn(serve_tcp_connection(stream, from, server.clone(), stop.clone()));
+            }
+            Some(Ok(c)) = connections.join_next(), if !connections.is_empty() => total += c,
+            _ = async { stop.wait_for(|s| *s).await.is_ok() } => break,
+        }
+    }
+    while let Some(result) = connections.join_next().await {
+        if let Ok(c) = result {
+            total += c;
+        }
+    }
+    total
+}
+
+/// Answers the requests of one TCP connection until it closes, idles or sends garbage. Only
+/// answers that go back the way they came are sent: TCP cannot honour CHANGE-REQUEST or
+/// RESPONSE-PORT.
+async fn serve_tcp_connection(
+    mut stream: TcpStream,
+    from: SocketAddr,
+    mut server: Server,
+    mut stop: watch::Receiver<bool>,
+) -> Counters {
+    let Ok(local) = stream.local_addr() else {
+        return server.counters();
+    };
+    let mut buf = vec![0u8; MAX_TCP_MESSAGE];
+    loop {
+        let read = tokio::time::timeout(TCP_IDLE, async {
+            stream.read_exact(&mut buf[..20]).await?;
+            let len = 20 + usize::from(u16::from_be_bytes([buf[2], buf[3]]));
+            if len <= MAX_TCP_MESSAGE {
+                stream.read_exact(&mut buf[20..len]).await?;
+            }
+            Ok::<_, io::Error>(len)
+        });
+        let len = tokio::select! {
+            read = read => match read {
+                Ok(Ok(len)) => len,
+                _ => break,
+            },
+            _ = async { stop.wait_for(|s| *s).await.is_ok() } => break,
+        };
+        if len > MAX_TCP_MESSAGE {
+            // Counted by what its header says (not STUN, or a message longer than sent).
+            let _ = server.handle(local, from, &buf[..20]);
+            break;
+        }
+        let Some(t) = server.handle(local, from, &buf[..len]) else {
+            break;
+        };
+        if t.from != local || t.to != from || stream.write_all(&t.payload).await.is_err() {
+            break;
+        }
+    }
+    server.counters()
 }

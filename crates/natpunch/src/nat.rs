@@ -98,7 +98,21 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         options.lifetime = Some(Duration::from_secs(args.lifetime_max));
     }
     let progress = |msg: &str| eprintln!("nat check: {msg}");
-    let report = runtime()?.block_on(natcheck::check(&options, &progress))?;
+    let report = match runtime()?.block_on(natcheck::check(&options, &progress)) {
+        Ok(r) => r,
+        Err(e) => {
+            // Scripts get the same error on stdout, with a kind to branch on.
+            if args.json {
+                let error = serde_json::json!({ "error": {
+                    "kind": e.kind(),
+                    "server": server,
+                    "message": e.to_string(),
+                }});
+                println!("{}", serde_json::to_string_pretty(&error)?);
+            }
+            return Err(e.into());
+        }
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -172,6 +186,12 @@ fn print_report(r: &NatReport) {
             _ => "unknown".into(),
         };
         row("mapping lifetime", text);
+    }
+    if r.udp_blocked {
+        row(
+            "UDP",
+            "blocked: the server answered over TCP only".to_owned(),
+        );
     }
     row("verdict", r.summary.to_owned());
 }
