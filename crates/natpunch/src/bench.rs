@@ -30,13 +30,13 @@ pub(crate) struct PunchArgs {
     #[arg(long, env = "NATPUNCH_BENCH_TRIALS", default_value_t = 10)]
     trials: u32,
     /// Host-to-host round trip through the lab's internet, in ms.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, env = "NATPUNCH_BENCH_RTT_MS", default_value_t = 100)]
     rtt_ms: u32,
     /// MiB sent per throughput test (relayed circuit against the direct connection, over TCP).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, env = "NATPUNCH_BENCH_PERF_MIB", default_value_t = 8)]
     perf_mib: u64,
     /// Throughput tests per connection kind (0: none).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, env = "NATPUNCH_BENCH_PERF_TRIALS", default_value_t = 3)]
     perf_trials: u32,
     /// Print JSON.
     #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]

@@ -21,43 +21,57 @@ reports and the summary is read from the database."
 )]
 pub(crate) struct CampaignArgs {
     /// How long the clients punch: 90s, 3m, 1h [default: 3m, unless --punches is given].
-    #[arg(long, value_parser = parse_duration, conflicts_with = "punches")]
+    #[arg(
+        long,
+        env = "NATPUNCH_CAMPAIGN_DURATION",
+        value_parser = parse_duration,
+        conflicts_with = "punches"
+    )]
     duration: Option<Duration>,
     /// Stop after this many punches in all.
-    #[arg(long)]
+    #[arg(long, env = "NATPUNCH_CAMPAIGN_PUNCHES")]
     punches: Option<u64>,
     /// Presets to put targets and clients behind (comma-separated) [default: all].
-    #[arg(long, value_delimiter = ',', value_parser = crate::matrix::parse_preset)]
+    #[arg(
+        long,
+        env = "NATPUNCH_CAMPAIGN_PRESETS",
+        value_delimiter = ',',
+        value_parser = crate::matrix::parse_preset
+    )]
     presets: Vec<Preset>,
     /// Hosts per client.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, env = "NATPUNCH_CAMPAIGN_HOSTS_PER_CLIENT", default_value_t = 2)]
     hosts_per_client: usize,
     /// No extra client behind a port-restricted router that maps ports (miniupnpd), punching
     /// with --port-mapping.
-    #[arg(long)]
+    #[arg(
+        long,
+        env = "NATPUNCH_CAMPAIGN_NO_PORT_MAPPED_CLIENT",
+        value_parser = BoolishValueParser::new()
+    )]
     no_port_mapped_client: bool,
     /// Host-to-host round trip through the lab's internet, in ms.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, env = "NATPUNCH_CAMPAIGN_RTT_MS", default_value_t = 100)]
     rtt_ms: u32,
     /// The database [default: sqlite://WORK_DIR/campaign.db]. The lab's nodes have no network
     /// path to this machine's loopback: reach PostgreSQL over its Unix socket,
     /// postgres://USER@localhost/DB?host=/run/postgresql.
-    #[arg(long, env = "NATPUNCH_DATABASE_URL", conflicts_with = "postgres")]
+    #[arg(long, env = "NATPUNCH_DATABASE_URL")]
     database_url: Option<String>,
     /// Use a private PostgreSQL server, started for the run and removed after (the summary and
     /// report keep the figures).
-    #[arg(long)]
+    #[arg(long, env = "NATPUNCH_CAMPAIGN_POSTGRES", value_parser = BoolishValueParser::new())]
     postgres: bool,
     /// Where keys, the database and the clients' spools go [default: a new
     /// natpunch-campaign-UNIXTIME directory here].
-    #[arg(long)]
+    #[arg(long, env = "NATPUNCH_CAMPAIGN_WORK_DIR")]
     work_dir: Option<PathBuf>,
     /// Kill the server (SIGKILL) AT after the clients start and start it again DOWN later, as
     /// AT:DOWN (e.g. 10s:30s): the clients must lose nothing.
-    #[arg(long, value_parser = parse_outage)]
+    #[arg(long, env = "NATPUNCH_CAMPAIGN_SERVER_OUTAGE", value_parser = parse_outage)]
     server_outage: Option<(Duration, Duration)>,
     /// Also write a self-contained HTML report with plots to this file.
-    #[arg(long)]
+    #[arg(long, env = "NATPUNCH_CAMPAIGN_REPORT")]
     report: Option<PathBuf>,
     /// Print the summary as JSON.
     #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
@@ -93,6 +107,13 @@ fn parse_outage(s: &str) -> Result<(Duration, Duration), String> {
 }
 
 pub(crate) fn run(args: CampaignArgs) -> anyhow::Result<ExitCode> {
+    // Checked here, not by clap: clap counts NATPUNCH_CAMPAIGN_POSTGRES=false as --postgres
+    // given (clap-rs/clap#5591).
+    anyhow::ensure!(
+        !(args.postgres && args.database_url.is_some()),
+        "--postgres starts its own database: it cannot be used with --database-url (or \
+         NATPUNCH_DATABASE_URL)"
+    );
     let exe = std::env::current_exe().context("finding the natpunch binary")?;
     let work_dir = match &args.work_dir {
         Some(d) => d.clone(),

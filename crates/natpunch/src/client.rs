@@ -42,10 +42,10 @@ pub(crate) struct ClientArgs {
     spool: Option<PathBuf>,
     /// Stop after this many punches (all hosts together) once every report is delivered
     /// [default: run until stopped].
-    #[arg(long)]
+    #[arg(long, env = "NATPUNCH_CLIENT_PUNCHES")]
     punches: Option<u64>,
     /// Seconds a host waits when the server has no peer for it.
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, env = "NATPUNCH_CLIENT_IDLE_SECS", default_value_t = 30.0)]
     idle_secs: f64,
     /// A STUN server (RFC 5780, e.g. `natpunch stun-server`) to measure this network's NAT
     /// behaviour once at start; sent with every report.
@@ -53,18 +53,18 @@ pub(crate) struct ClientArgs {
     stun_server: Option<SocketAddr>,
     /// Send the router's login page with each host's first report (punchr did this unless told
     /// not to; natpunch does not unless told to).
-    #[arg(long)]
+    #[arg(long, env = "NATPUNCH_CLIENT_ROUTER_CHECK", value_parser = BoolishValueParser::new())]
     router_check: bool,
     /// CA certificate(s) (PEM) for an https server [default: the system's,
     /// /etc/ssl/certs/ca-certificates.crt].
-    #[arg(long)]
+    #[arg(long, env = "NATPUNCH_CLIENT_CA_CERT")]
     ca_cert: Option<PathBuf>,
     /// Map each punch's listen ports on the local router (PCP, NAT-PMP or UPnP) and offer the
     /// mapped addresses first; the mappings go into the report and are deleted after the punch.
     #[arg(long, env = "NATPUNCH_PORT_MAPPING", value_parser = BoolishValueParser::new())]
     port_mapping: bool,
     /// How long one hole-punch attempt may take, in ms.
-    #[arg(long, default_value_t = 3000)]
+    #[arg(long, env = "NATPUNCH_ATTEMPT_TIMEOUT_MS", default_value_t = 3000)]
     attempt_timeout_ms: u64,
     /// Host of the telemetry port (/metrics, /health).
     #[arg(

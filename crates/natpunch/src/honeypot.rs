@@ -46,11 +46,11 @@ pub(crate) struct HoneypotArgs {
     #[arg(long, env = "NATPUNCH_HONEYPOT_CRAWLER_COUNT", default_value_t = 10)]
     crawler_count: usize,
     /// Seconds from the start of one crawl to the next.
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, env = "NATPUNCH_HONEYPOT_CRAWL_SECS", default_value_t = 600)]
     crawl_secs: u64,
     /// Seconds an idle connection stays open (long: address updates of relayed peers arrive
     /// by identify push).
-    #[arg(long, default_value_t = 1800)]
+    #[arg(long, env = "NATPUNCH_HONEYPOT_IDLE_SECS", default_value_t = 1800)]
     idle_secs: u64,
     /// The measurement store: sqlite://FILE or postgres://USER@HOST/DB.
     #[arg(
@@ -74,7 +74,7 @@ pub(crate) struct HoneypotArgs {
     )]
     telemetry_port: u16,
     /// Record nothing: a plain DHT server (a lab's bootstrap node).
-    #[arg(long)]
+    #[arg(long, env = "NATPUNCH_HONEYPOT_NO_RECORD", value_parser = BoolishValueParser::new())]
     no_record: bool,
     /// Print one JSON object per event.
     #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]

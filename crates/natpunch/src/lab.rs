@@ -73,8 +73,7 @@ pub(crate) struct ExecArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct DownArgs {
-    /// Lab name.
-    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    /// Lab name (or --all).
     lab: Option<String>,
     /// Remove every detached or stale lab on this machine (labs owned by running programs stay).
     #[arg(long, env = "NATPUNCH_LAB_ALL", value_parser = BoolishValueParser::new())]
@@ -298,6 +297,13 @@ fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn down(args: DownArgs) -> anyhow::Result<ExitCode> {
+    // Checked here, not by clap: clap counts NATPUNCH_LAB_ALL=false as --all given
+    // (clap-rs/clap#5591), which would turn `lab down` without a name into removing every lab.
+    match (&args.lab, args.all) {
+        (None, false) => bail!("name the lab to remove, or give --all"),
+        (Some(_), true) => bail!("give a lab name or --all, not both"),
+        _ => {}
+    }
     let Some(name) = args.lab else {
         // --all: every detached lab and every stale one; labs that a running program (a test, a
         // self-test) owns are its to remove.

@@ -158,3 +158,118 @@ fn stop_flag() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
         flag
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::{ArgAction, CommandFactory as _};
+
+    use super::Cli;
+
+    /// Calls `f` with every command of the tree (built, so that global flags appear in each
+    /// subcommand) and its path, e.g. `natpunch lab up`.
+    fn walk(cmd: &clap::Command, path: &str, f: &mut impl FnMut(&str, &clap::Command)) {
+        f(path, cmd);
+        for sub in cmd.get_subcommands() {
+            walk(sub, &format!("{path} {}", sub.get_name()), f);
+        }
+    }
+
+    fn built() -> clap::Command {
+        let mut cmd = Cli::command();
+        cmd.build();
+        cmd
+    }
+
+    /// The README promises a `NATPUNCH_*` environment variable for every flag.
+    #[test]
+    fn every_flag_has_a_natpunch_env_var() {
+        Cli::command().debug_assert();
+        let mut missing = Vec::new();
+        let mut foreign = Vec::new();
+        let mut flags = 0;
+        walk(&built(), "natpunch", &mut |path, cmd| {
+            for arg in cmd.get_arguments() {
+                let exempt = matches!(
+                    arg.get_action(),
+                    ArgAction::Help
+                        | ArgAction::HelpShort
+                        | ArgAction::HelpLong
+                        | ArgAction::Version
+                );
+                if arg.is_positional() || exempt {
+                    continue;
+                }
+                flags += 1;
+                let flag = match arg.get_long() {
+                    Some(long) => format!("--{long}"),
+                    None => format!("{:?}", arg.get_id()),
+                };
+                match arg.get_env().map(|e| e.to_string_lossy().into_owned()) {
+                    None => missing.push(format!("{path} {flag}")),
+                    Some(env) if !env.starts_with("NATPUNCH_") => {
+                        foreign.push(format!("{path} {flag}: {env}"));
+                    }
+                    Some(_) => {}
+                }
+            }
+        });
+        assert!(flags > 100, "the walk found only {flags} flags");
+        assert!(
+            missing.is_empty() && foreign.is_empty(),
+            "flags without an environment variable (add env = \"NATPUNCH_…\"):\n  {}\n\
+             environment variables not named NATPUNCH_*:\n  {}",
+            missing.join("\n  "),
+            foreign.join("\n  ")
+        );
+    }
+
+    /// One variable may not set two flags of the same command.
+    #[test]
+    fn env_vars_are_unique_within_a_command() {
+        let mut clashes = Vec::new();
+        walk(&built(), "natpunch", &mut |path, cmd| {
+            let mut seen = std::collections::HashMap::new();
+            for arg in cmd.get_arguments() {
+                let Some(env) = arg.get_env() else { continue };
+                if let Some(first) = seen.insert(env.to_owned(), arg.get_id().clone()) {
+                    clashes.push(format!(
+                        "{path}: {} sets both {first} and {}",
+                        env.to_string_lossy(),
+                        arg.get_id()
+                    ));
+                }
+            }
+        });
+        assert!(clashes.is_empty(), "{}", clashes.join("\n"));
+    }
+
+    /// clap takes a boolean flag's variable for the flag given even when it says `false`
+    /// (clap-rs/clap#5591): `NATPUNCH_CAMPAIGN_POSTGRES=false` would clash with
+    /// `--database-url`. Such flags stay out of clap's conflicts; the commands check them.
+    #[test]
+    fn env_booleans_take_no_part_in_conflicts() {
+        let env_bool =
+            |a: &clap::Arg| a.get_env().is_some() && matches!(a.get_action(), ArgAction::SetTrue);
+        let mut booleans = 0;
+        let mut clashes = Vec::new();
+        walk(&built(), "natpunch", &mut |path, cmd| {
+            for arg in cmd.get_arguments() {
+                booleans += usize::from(env_bool(arg));
+                for other in cmd.get_arg_conflicts_with(arg) {
+                    if env_bool(arg) || env_bool(other) {
+                        clashes.push(format!(
+                            "{path}: {} conflicts with {}",
+                            arg.get_id(),
+                            other.get_id()
+                        ));
+                    }
+                }
+            }
+        });
+        assert!(
+            booleans > 10,
+            "the walk found only {booleans} boolean flags"
+        );
+        assert!(clashes.is_empty(), "{}", clashes.join("\n"));
+    }
+}

@@ -17,41 +17,60 @@ pub(crate) struct MatrixArgs {
     #[arg(long, env = "NATPUNCH_MATRIX_TRIALS", default_value_t = 5)]
     trials: u32,
     /// Transports: each gets its own cells (`both` means a TCP and a QUIC cell).
-    #[arg(long, value_enum, default_value_t = TransportArg::Both)]
+    #[arg(
+        long,
+        env = "NATPUNCH_MATRIX_TRANSPORT",
+        value_enum,
+        default_value_t = TransportArg::Both
+    )]
     transport: TransportArg,
     /// Host-to-host round trip through the lab's internet, in ms.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, env = "NATPUNCH_MATRIX_RTT_MS", default_value_t = 100)]
     rtt_ms: u32,
     /// Presets to pair (comma-separated) [default: all].
-    #[arg(long, value_delimiter = ',', value_parser = parse_preset)]
+    #[arg(
+        long,
+        env = "NATPUNCH_MATRIX_PRESETS",
+        value_delimiter = ',',
+        value_parser = parse_preset
+    )]
     presets: Vec<Preset>,
     /// Only these pairs, as DIALER:LISTENER (comma-separated), e.g.
     /// `port-restricted:port-restricted,symmetric:symmetric` [default: every pair of --presets].
-    #[arg(long, value_delimiter = ',', value_parser = parse_pair)]
+    #[arg(long, env = "NATPUNCH_MATRIX_PAIRS", value_delimiter = ',', value_parser = parse_pair)]
     pairs: Vec<(Preset, Preset)>,
     /// Labs running trials at once.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, env = "NATPUNCH_MATRIX_PARALLEL", default_value_t = 4)]
     parallel: usize,
     /// Hole-punching engine.
-    #[arg(long, value_enum, default_value_t = EngineArg::Natpunch)]
+    #[arg(long, env = "NATPUNCH_MATRIX_ENGINE", value_enum, default_value_t = EngineArg::Natpunch)]
     engine: EngineArg,
     /// The dialer's engine, when it differs from --engine (interoperability runs).
-    #[arg(long, value_enum)]
+    #[arg(long, env = "NATPUNCH_MATRIX_DIALER_ENGINE", value_enum)]
     dialer_engine: Option<EngineArg>,
     /// The listener's engine, when it differs from --engine.
-    #[arg(long, value_enum)]
+    #[arg(long, env = "NATPUNCH_MATRIX_LISTENER_ENGINE", value_enum)]
     listener_engine: Option<EngineArg>,
     /// Addresses the peers offer.
-    #[arg(long, value_enum, default_value_t = CandidatesArg::Observed)]
+    #[arg(
+        long,
+        env = "NATPUNCH_MATRIX_CANDIDATES",
+        value_enum,
+        default_value_t = CandidatesArg::Observed
+    )]
     candidates: CandidatesArg,
     /// Each attempt's time after its dial, in ms.
-    #[arg(long, default_value_t = 3000)]
+    #[arg(
+        long,
+        env = "NATPUNCH_MATRIX_ATTEMPT_TIMEOUT_MS",
+        default_value_t = 3000
+    )]
     attempt_timeout_ms: u64,
     /// Print the report as JSON (`{"cells":[…]}`).
     #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
     json: bool,
     /// Also write every trial, both sides' records, as JSON lines to this file.
-    #[arg(long)]
+    #[arg(long, env = "NATPUNCH_MATRIX_TRIALS_OUT")]
     trials_out: Option<std::path::PathBuf>,
 }
 

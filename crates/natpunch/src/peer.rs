@@ -25,7 +25,7 @@ pub(crate) struct DialArgs {
     peer_id: PeerId,
     /// After the hole punch, send this many bytes to the peer over the connection left (the
     /// direct one, or the relayed one with --no-punch) and report the throughput.
-    #[arg(long)]
+    #[arg(long, env = "NATPUNCH_PEER_PERF_BYTES")]
     perf_bytes: Option<u64>,
     #[command(flatten)]
     common: Common,
@@ -51,13 +51,13 @@ pub(crate) struct Common {
     #[arg(long, env = "NATPUNCH_ATTEMPT_TIMEOUT_MS", default_value_t = 3000)]
     attempt_timeout_ms: u64,
     /// Attempts before giving up.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, env = "NATPUNCH_PEER_MAX_ATTEMPTS", default_value_t = 3)]
     max_attempts: u32,
     /// Address to listen on.
-    #[arg(long, default_value = "0.0.0.0")]
+    #[arg(long, env = "NATPUNCH_PEER_LISTEN_IP", default_value = "0.0.0.0")]
     listen_ip: IpAddr,
     /// Do not hole-punch: stay on the relayed connection (to measure the relay).
-    #[arg(long)]
+    #[arg(long, env = "NATPUNCH_PEER_NO_PUNCH", value_parser = BoolishValueParser::new())]
     no_punch: bool,
     /// Map the listen ports on the local router (PCP, NAT-PMP or UPnP) and offer the mapped
     /// addresses first; they are deleted when the peer stops.

@@ -39,37 +39,85 @@ pub(crate) struct RelayArgs {
     )]
     external: Vec<Multiaddr>,
     /// Reservations held at once.
-    #[arg(long, default_value_t = Limits::default().max_reservations)]
+    #[arg(
+        long,
+        env = "NATPUNCH_RELAY_MAX_RESERVATIONS",
+        default_value_t = Limits::default().max_reservations
+    )]
     max_reservations: usize,
     /// Reservations one peer may hold.
-    #[arg(long, default_value_t = Limits::default().max_reservations_per_peer)]
+    #[arg(
+        long,
+        env = "NATPUNCH_RELAY_MAX_RESERVATIONS_PER_PEER",
+        default_value_t = Limits::default().max_reservations_per_peer
+    )]
     max_reservations_per_peer: usize,
     /// Seconds a reservation lasts before the peer must renew it.
-    #[arg(long, default_value_t = Limits::default().reservation_duration.as_secs())]
+    #[arg(
+        long,
+        env = "NATPUNCH_RELAY_RESERVATION_SECS",
+        default_value_t = Limits::default().reservation_duration.as_secs()
+    )]
     reservation_secs: u64,
     /// Circuits open at once.
-    #[arg(long, default_value_t = Limits::default().max_circuits)]
+    #[arg(
+        long,
+        env = "NATPUNCH_RELAY_MAX_CIRCUITS",
+        default_value_t = Limits::default().max_circuits
+    )]
     max_circuits: usize,
     /// Circuits one peer may have open.
-    #[arg(long, default_value_t = Limits::default().max_circuits_per_peer)]
+    #[arg(
+        long,
+        env = "NATPUNCH_RELAY_MAX_CIRCUITS_PER_PEER",
+        default_value_t = Limits::default().max_circuits_per_peer
+    )]
     max_circuits_per_peer: usize,
     /// Seconds a circuit may last.
-    #[arg(long, default_value_t = Limits::default().max_circuit_duration.as_secs())]
+    #[arg(
+        long,
+        env = "NATPUNCH_RELAY_MAX_CIRCUIT_SECS",
+        default_value_t = Limits::default().max_circuit_duration.as_secs()
+    )]
     max_circuit_secs: u64,
     /// Bytes a circuit may carry in each direction.
-    #[arg(long, default_value_t = Limits::default().max_circuit_bytes)]
+    #[arg(
+        long,
+        env = "NATPUNCH_RELAY_MAX_CIRCUIT_BYTES",
+        default_value_t = Limits::default().max_circuit_bytes
+    )]
     max_circuit_bytes: u64,
     /// Reservation requests per peer: COUNT/SECONDS, or `off`.
-    #[arg(long, default_value = "30/120", value_parser = parse_rate)]
+    #[arg(
+        long,
+        env = "NATPUNCH_RELAY_RESERVATION_RATE_PER_PEER",
+        default_value = "30/120",
+        value_parser = parse_rate
+    )]
     reservation_rate_per_peer: RateArg,
     /// Reservation requests per source IP: COUNT/SECONDS, or `off`.
-    #[arg(long, default_value = "60/60", value_parser = parse_rate)]
+    #[arg(
+        long,
+        env = "NATPUNCH_RELAY_RESERVATION_RATE_PER_IP",
+        default_value = "60/60",
+        value_parser = parse_rate
+    )]
     reservation_rate_per_ip: RateArg,
     /// Circuit requests per source peer: COUNT/SECONDS, or `off`.
-    #[arg(long, default_value = "30/120", value_parser = parse_rate)]
+    #[arg(
+        long,
+        env = "NATPUNCH_RELAY_CIRCUIT_RATE_PER_PEER",
+        default_value = "30/120",
+        value_parser = parse_rate
+    )]
     circuit_rate_per_peer: RateArg,
     /// Circuit requests per source IP: COUNT/SECONDS, or `off`.
-    #[arg(long, default_value = "60/60", value_parser = parse_rate)]
+    #[arg(
+        long,
+        env = "NATPUNCH_RELAY_CIRCUIT_RATE_PER_IP",
+        default_value = "60/60",
+        value_parser = parse_rate
+    )]
     circuit_rate_per_ip: RateArg,
     /// Host of the telemetry port (/metrics, /health).
     #[arg(long, env = "NATPUNCH_TELEMETRY_HOST", default_value = "127.0.0.1")]

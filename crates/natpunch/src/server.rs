@@ -64,21 +64,37 @@ pub(crate) struct ServerArgs {
     )]
     protocol_filters: Filters,
     /// Only peers the honeypot saw within this many seconds are handed out.
-    #[arg(long, default_value_t = Rules::default().recency.as_secs())]
+    #[arg(
+        long,
+        env = "NATPUNCH_SERVER_RECENCY_SECS",
+        default_value_t = Rules::default().recency.as_secs()
+    )]
     recency_secs: u64,
     /// A peer is handed out at most this many times …
-    #[arg(long, default_value_t = Rules::default().per_remote)]
+    #[arg(long, env = "NATPUNCH_SERVER_PER_REMOTE", default_value_t = Rules::default().per_remote)]
     per_remote: u32,
     /// … within this many seconds.
-    #[arg(long, default_value_t = Rules::default().per_remote_window.as_secs())]
+    #[arg(
+        long,
+        env = "NATPUNCH_SERVER_PER_REMOTE_SECS",
+        default_value_t = Rules::default().per_remote_window.as_secs()
+    )]
     per_remote_secs: u64,
     /// A peer and address are not handed to the same client (any of its hosts) again within
     /// this many seconds.
-    #[arg(long, default_value_t = Rules::default().dedup_window.as_secs())]
+    #[arg(
+        long,
+        env = "NATPUNCH_SERVER_DEDUP_SECS",
+        default_value_t = Rules::default().dedup_window.as_secs()
+    )]
     dedup_secs: u64,
     /// Seconds GetAddrInfo holds a request of punchr's Rust client (which exits on any error,
     /// NotFound included) waiting for a peer; 0 answers NotFound at once.
-    #[arg(long, default_value_t = 30)]
+    #[arg(
+        long,
+        env = "NATPUNCH_SERVER_RUST_CLIENT_WAIT_SECS",
+        default_value_t = 30
+    )]
     rust_client_wait_secs: u64,
     /// Print start and stop as JSON objects, one per line.
     #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]

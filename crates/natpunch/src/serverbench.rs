@@ -25,17 +25,17 @@ use libp2p::identity::Keypair;
 #[derive(Debug, Args)]
 pub(crate) struct ServerBenchArgs {
     /// Concurrent clients, each on its own connection.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, env = "NATPUNCH_BENCH_SERVER_CLIENTS", default_value_t = 32)]
     clients: usize,
     /// Reports per backend.
-    #[arg(long, default_value_t = 4000)]
+    #[arg(long, env = "NATPUNCH_BENCH_REPORTS", default_value_t = 4000)]
     reports: u64,
     /// PostgreSQL database to fill (tables are created, rows added) [default: a private
     /// server started for the run, removed after].
     #[arg(long, env = "NATPUNCH_BENCH_POSTGRES_URL")]
     postgres_url: Option<String>,
     /// Skip PostgreSQL (no ratio then).
-    #[arg(long)]
+    #[arg(long, env = "NATPUNCH_BENCH_SQLITE_ONLY", value_parser = BoolishValueParser::new())]
     sqlite_only: bool,
     /// Print the figures as JSON.
     #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
