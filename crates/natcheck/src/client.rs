@@ -95,7 +95,7 @@ pub struct NatReport {
 #[non_exhaustive]
 pub enum CheckError {
     /// A local socket could not be made.
-    #[error("local socket: {0}")]
+    #[error("cannot set up a local UDP socket towards the server")]
     Socket(#[from] io::Error),
 }
 
