@@ -132,7 +132,7 @@ pub enum ClientError {
     #[error("the server refused the API key: {0}")]
     Unauthorized(String),
     /// The spool failed.
-    #[error("the spool: {0}")]
+    #[error("the report spool failed")]
     Spool(#[from] std::io::Error),
 }
 

@@ -26,10 +26,15 @@ use sqlx::{Any, AnyPool, Executor as _, Row as _, Transaction};
 use crate::report::{self, Addr, Report};
 
 /// Why the store could not do what was asked.
+///
+/// sqlx's errors put their cause into their own message and return it from `source()` too, so
+/// a chain of causes (`natpunch`'s `error: a: b: c`) would say it twice or three times: these
+/// variants show sqlx's message and return no source.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database URL is not one this store understands.
-    #[error("database URL {url}: {reason}")]
+    /// The database URL is not one this store understands. The message leaves the URL (and a
+    /// password in it) to the caller, which names the database it was opening.
+    #[error("{reason}")]
     Url {
         /// The URL.
         url: String,
@@ -37,11 +42,23 @@ pub enum StoreError {
         reason: String,
     },
     /// The database refused.
-    #[error("database: {0}")]
-    Database(#[from] sqlx::Error),
+    #[error("{0}")]
+    Database(sqlx::Error),
     /// A migration failed.
     #[error("migrating the database: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    Migrate(sqlx::migrate::MigrateError),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Database(e)
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        Self::Migrate(e)
+    }
 }
 
 /// The database behind a [`SqlStore`].
@@ -476,7 +493,7 @@ impl SqlStore {
         };
         let (backend, connect_url) = if let Some(path) = url.strip_prefix("sqlite://") {
             if path.is_empty() {
-                return Err(bad("no file (sqlite://FILE)"));
+                return Err(bad("a SQLite database URL needs a file: sqlite://FILE"));
             }
             let sep = if path.contains('?') { '&' } else { '?' };
             let url = if path.contains("mode=") {
@@ -488,7 +505,9 @@ impl SqlStore {
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             (Backend::Postgres, url.to_owned())
         } else {
-            return Err(bad("not sqlite://FILE or postgres://USER@HOST/DB"));
+            return Err(bad(
+                "unsupported database URL: use sqlite://FILE or postgres://USER@HOST/DB",
+            ));
         };
         let options = AnyPoolOptions::new()
             .max_connections(match backend {

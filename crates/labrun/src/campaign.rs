@@ -87,17 +87,23 @@ impl CampaignConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum CampaignError {
     /// The lab failed.
-    #[error("lab: {0}")]
+    #[error("the lab failed")]
     Lab(#[from] natlab::LabError),
     /// A role did not come up.
     #[error("{0}")]
     Role(String),
-    /// The database failed.
-    #[error("database: {0}")]
+    /// The results could not be read from the database.
+    #[error("reading the results from the database")]
     Store(#[from] api::store::StoreError),
-    /// Files.
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
+    /// Files or threads.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// What the campaign is doing.
@@ -178,7 +184,8 @@ pub struct CampaignReport {
 fn json_line(p: &LabProcess, needle: &str, what: &str) -> Result<serde_json::Value, CampaignError> {
     let line = p
         .wait_for(needle, START_TIMEOUT)
-        .map_err(|e| CampaignError::Role(format!("{what}: {e}: {}", p.output().trim())))?;
+        // The error carries what the process printed.
+        .map_err(|e| CampaignError::Role(format!("{what}: {}", natlab::chain(&e))))?;
     serde_json::from_str(&line).map_err(|e| CampaignError::Role(format!("{what}: {e}: {line}")))
 }
 
@@ -214,7 +221,10 @@ pub fn run(
     config: &CampaignConfig,
     progress: &mut impl FnMut(Progress),
 ) -> Result<CampaignReport, CampaignError> {
-    std::fs::create_dir_all(&config.work_dir)?;
+    std::fs::create_dir_all(&config.work_dir).map_err(|source| CampaignError::Io {
+        what: format!("creating {}", config.work_dir.display()),
+        source,
+    })?;
     let exe = config.exe.to_string_lossy().into_owned();
     let path = |name: &str| config.work_dir.join(name).display().to_string();
     let database_url = config
@@ -271,7 +281,7 @@ pub fn run(
         ],
     )?;
     stun.wait_for("listening on", START_TIMEOUT)
-        .map_err(|e| CampaignError::Role(format!("the STUN server: {e}")))?;
+        .map_err(|e| CampaignError::Role(format!("the STUN server: {}", natlab::chain(&e))))?;
     let relay_addr = json_line(&relay, "\"event\":\"external-address\"", "the relay")?["address"]
         .as_str()
         .unwrap_or_default()
@@ -577,7 +587,11 @@ fn summarise(
 ) -> Result<CampaignReport, CampaignError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?;
+        .build()
+        .map_err(|source| CampaignError::Io {
+            what: "starting the async runtime".into(),
+            source,
+        })?;
     let rows = rt.block_on(async {
         let store = SqlStore::open(database_url).await?;
         let rows = store.results().await;

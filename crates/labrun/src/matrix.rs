@@ -180,7 +180,7 @@ pub struct Conditions {
 #[derive(Debug, thiserror::Error)]
 pub enum MatrixError {
     /// A lab could not be built.
-    #[error("building a lab: {0}")]
+    #[error("building a lab")]
     Lab(#[from] LabError),
     /// The relay did not start.
     #[error("the relay did not start: {0}")]
@@ -380,10 +380,12 @@ fn serve(
 ) -> Result<(), MatrixError> {
     let args = relay_args(&key.to_string_lossy(), RELAY_PORT);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let relay = lab.spawn("relay", exe, &args)?;
+    let relay = lab
+        .spawn("relay", exe, &args)
+        .map_err(|e| MatrixError::Relay(natlab::chain(&e).to_string()))?;
     let line = relay
         .wait_for("\"event\":\"external-address\"", Duration::from_secs(20))
-        .map_err(|e| MatrixError::Relay(e.to_string()))?;
+        .map_err(|e| MatrixError::Relay(natlab::chain(&e).to_string()))?;
     let address = serde_json::from_str::<serde_json::Value>(&line)
         .ok()
         .and_then(|v| v["address"].as_str().map(str::to_owned))
@@ -419,7 +421,8 @@ fn run_trial(lab: &Lab, config: &MatrixConfig, exe: &str, relay: &str, job: &Job
         duration_ms: 0.0,
     };
     let result = (|| -> Result<(), String> {
-        lab.flush_nat_state().map_err(|e| e.to_string())?;
+        let text = |e: LabError| natlab::chain(&e).to_string();
+        lab.flush_nat_state().map_err(text)?;
         let timeout = config.attempt_timeout_ms.to_string();
         let common = [
             "--relay",
@@ -437,20 +440,16 @@ fn run_trial(lab: &Lab, config: &MatrixConfig, exe: &str, relay: &str, job: &Job
         let mut args = vec!["peer", "listen"];
         args.extend_from_slice(&common);
         args.extend(config.listener_args.iter().map(String::as_str));
-        let listener = lab
-            .spawn(&host('b', job.b), exe, &args)
-            .map_err(|e| e.to_string())?;
+        let listener = lab.spawn(&host('b', job.b), exe, &args).map_err(text)?;
         let reserved = listener
             .wait_for("\"event\":\"reserved\"", RESERVE_TIMEOUT)
-            .map_err(|e| format!("the listener did not reserve: {e}"))?;
+            .map_err(|e| format!("the listener did not reserve: {}", natlab::chain(&e)))?;
         let peer_id = serde_json::from_str::<serde_json::Value>(&reserved)
             .ok()
             .and_then(|v| v["address"].as_str().map(str::to_owned))
             .and_then(|a| a.rsplit('/').next().map(str::to_owned))
             .ok_or_else(|| format!("unexpected line: {reserved}"))?;
-        let mut cmd = lab
-            .command(&host('a', job.a), exe)
-            .map_err(|e| e.to_string())?;
+        let mut cmd = lab.command(&host('a', job.a), exe).map_err(text)?;
         cmd.args(["peer", "dial", &peer_id])
             .args(common)
             .args(&config.dialer_args);

@@ -97,7 +97,7 @@ pub struct NatReport {
 #[non_exhaustive]
 pub enum CheckError {
     /// A local socket could not be made.
-    #[error("local socket: {0}")]
+    #[error("cannot set up a local UDP socket towards the server")]
     Socket(#[from] io::Error),
     /// The server gave no STUN answer at all, over UDP or TCP: nothing can be said about the
     /// network, since the server (or its address) may be what is wrong.

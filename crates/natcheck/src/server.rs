@@ -22,7 +22,7 @@ pub enum ServerError {
     #[error(transparent)]
     Config(#[from] stun::server::ConfigError),
     /// A socket could not be bound.
-    #[error("cannot listen on {addr}: {source} (is the address configured on this host?)")]
+    #[error("cannot listen on {addr} (is the address configured on this host?)")]
     Bind {
         /// The address.
         addr: SocketAddr,

@@ -88,7 +88,7 @@ pub struct DelayLine {
 #[non_exhaustive]
 pub enum DelayError {
     /// The queue could not be opened or bound (is NFQUEUE available? is another line bound?).
-    #[error("delay line in {netns}: nfqueue: {source}")]
+    #[error("delay line in {netns}: nfqueue")]
     Queue {
         /// The namespace.
         netns: String,
@@ -97,7 +97,7 @@ pub enum DelayError {
         source: io::Error,
     },
     /// The iptables rules could not be installed.
-    #[error("delay line in {netns}: {source}")]
+    #[error("delay line in {netns}")]
     Rules {
         /// The namespace.
         netns: String,
@@ -169,7 +169,7 @@ impl Drop for DelayLine {
         if netns::exists(&self.netns)
             && let Err(e) = netns::run(Some(&self.netns), "iptables", &flush, None)
         {
-            tracing::warn!(netns = %self.netns, "removing delay rules: {e}");
+            tracing::warn!(netns = %self.netns, "removing delay rules: {}", crate::chain(&e));
         }
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {

@@ -48,7 +48,7 @@ pub enum LabError {
     #[error("{0}")]
     Environment(String),
     /// File or thread trouble.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         /// What was being done.
         what: String,
@@ -585,7 +585,8 @@ impl Lab {
         T: Send,
     {
         let ns = &self.node(node)?.netns;
-        netns::scoped(ns, f).map_err(io_err(format!("entering {ns}")))
+        // The error names the namespace.
+        netns::scoped(ns, f).map_err(io_err(format!("running in node `{node}`")))
     }
 
     /// Forgets every NAT mapping: flushes conntrack and the mapping tables of every router, so
@@ -630,7 +631,7 @@ impl Drop for Lab {
         if self.built
             && let Err(e) = self.teardown()
         {
-            tracing::error!(lab = %self.name(), "lab teardown: {e}");
+            tracing::error!(lab = %self.name(), "lab teardown: {}", crate::chain(&e));
         }
     }
 }

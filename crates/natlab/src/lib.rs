@@ -32,6 +32,7 @@
 pub mod defaults;
 pub mod delay;
 pub mod environment;
+mod error_chain;
 pub mod lab;
 pub mod nat;
 pub mod net;
@@ -42,6 +43,7 @@ pub mod probe;
 pub mod selftest;
 pub mod topology;
 
+pub use error_chain::{Chain, chain};
 pub use lab::{Lab, LabError, LabOptions, LabProcess};
 pub use nat::{Filtering, Mapping, NatConfig, PortAllocation, Preset, Unsolicited};
 pub use topology::{LinkCondition, Topology, TopologyError};

@@ -18,7 +18,7 @@ use nix::sched::{CloneFlags, setns};
 pub enum CommandError {
     /// The program could not be started (not installed?).
     #[error(
-        "cannot run `{command}`: {source} (is it installed? run the README's test command to install the lab's packages)"
+        "cannot run `{command}` (is it installed? run the README's test command to install the lab's packages)"
     )]
     Spawn {
         /// The command line.

@@ -398,7 +398,9 @@ pub fn spawn(netns: &str, cfg: &PortMapConfig, files: &Files) -> io::Result<Chil
         .map_err(|e| {
             io::Error::new(
                 e.kind(),
-                format!("starting {MINIUPNPD} (apt-get install miniupnpd-nftables miniupnpd): {e}"),
+                format!(
+                    "{e} (is {MINIUPNPD} installed? apt-get install miniupnpd-nftables miniupnpd)"
+                ),
             )
         })?;
     let mut needles = Vec::new();

@@ -285,7 +285,7 @@ fn measure_row(
     let local_ip = match lab.node(&host) {
         Ok(n) => n.addr(),
         Err(e) => {
-            row.error = Some(e.to_string());
+            row.error = Some(crate::chain(&e).to_string());
             return row;
         }
     };
@@ -338,7 +338,7 @@ fn measure_row(
                 && timeout.is_none_or(|t| t.alive_before && !t.alive_after);
         }
         Ok(Err(e)) => row.error = Some(e.to_string()),
-        Err(e) => row.error = Some(e.to_string()),
+        Err(e) => row.error = Some(crate::chain(&e).to_string()),
     }
     progress(&format!(
         "{preset}: {}",

@@ -129,7 +129,7 @@ pub enum TopologyError {
     #[error("duplicate name `{0}`: router and host names share one namespace")]
     DuplicateName(String),
     /// A preset name that does not exist.
-    #[error("router `{node}`: {source}")]
+    #[error("router `{node}`")]
     UnknownPreset {
         /// The router.
         node: String,
@@ -144,7 +144,7 @@ pub enum TopologyError {
         node: String,
     },
     /// A NAT configuration no router can have.
-    #[error("router `{node}`: {source}")]
+    #[error("router `{node}`")]
     InvalidNat {
         /// The router.
         node: String,
@@ -968,9 +968,8 @@ mod tests {
     }
 
     fn error_of(text: &str) -> String {
-        Topology::from_toml(text)
-            .expect_err("should be rejected")
-            .to_string()
+        let e = Topology::from_toml(text).expect_err("should be rejected");
+        crate::chain(&e).to_string()
     }
 
     #[test]

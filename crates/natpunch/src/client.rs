@@ -143,7 +143,8 @@ async fn serve(args: ClientArgs) -> anyhow::Result<ExitCode> {
         hosts.push(key);
     }
     let spool_dir = args.spool.clone().unwrap_or_else(|| keys_dir.join("spool"));
-    let spool = Spool::open(&spool_dir).with_context(|| format!("{}", spool_dir.display()))?;
+    let spool = Spool::open(&spool_dir)
+        .with_context(|| format!("creating the spool {}", spool_dir.display()))?;
     let waiting = spool.len();
     // The NAT measurement is an extra: without it the client punches and reports all the same.
     let client_nat = match args.stun_server {
@@ -156,7 +157,8 @@ async fn serve(args: ClientArgs) -> anyhow::Result<ExitCode> {
                     .map(|(m, f)| format!("{m}/{f}")),
                 Err(e) => {
                     eprintln!(
-                        "client: measuring the NAT with {server} failed ({e}); going on without"
+                        "client: measuring the NAT with {server} failed ({:#}); going on without",
+                        anyhow::Error::from(e)
                     );
                     None
                 }

@@ -238,12 +238,15 @@ fn start_holder(name: &str) -> anyhow::Result<()> {
     if line.trim() != "ready" {
         let _ = child.kill();
         let _ = child.wait();
+        // The holder's `error: …` line says why.
+        let why = line.trim();
+        let why = why.strip_prefix("error: ").unwrap_or(why);
         bail!(
             "the delay-line holder did not start{}",
-            if line.is_empty() {
+            if why.is_empty() {
                 String::new()
             } else {
-                format!(": {line}")
+                format!(": {why}")
             }
         );
     }
@@ -261,8 +264,10 @@ fn hold(name: &str) -> anyhow::Result<ExitCode> {
     let lines = match lab::start_delay_lines(&state.plan, state.seed) {
         Ok(lines) => lines,
         Err(e) => {
-            println!("error: {e}");
-            return Err(e.into());
+            // `lab up` passes this line on as the reason the holder did not start.
+            let e = anyhow::Error::from(e);
+            println!("error: {e:#}");
+            return Err(e);
         }
     };
     state.holder = Some(ProcessId::current());

@@ -433,10 +433,8 @@ async fn add(args: AddArgs) -> anyhow::Result<ExitCode> {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            Err(e) => {
-                eprintln!("map add: {e}");
-                errors.push(e.to_string());
-            }
+            // Said once, in the error below.
+            Err(e) => errors.push(e.to_string()),
         }
     }
     bail!("no protocol could map the port: {}", errors.join("; "))

@@ -2597,3 +2597,375 @@ fn client_stops_with_a_clear_message_when_the_key_is_refused() {
         "{err}"
     );
 }
+
+/// Runs `natpunch args…` with state and config directories in `dir`, ending it (and failing)
+/// if it has not exited within 60 s: every error path below must fail fast.
+fn natpunch_failing_fast(dir: &Path, args: &[&str]) -> Output {
+    use std::io::Read as _;
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_natpunch"))
+        .args(args)
+        .env("XDG_STATE_HOME", dir.join("state"))
+        .env("XDG_CONFIG_HOME", dir.join("config"))
+        .env_remove("NATPUNCH_JSON")
+        .env_remove("NATPUNCH_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("natpunch runs");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("`natpunch {}` did not fail within 60 s", args.join(" "));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    if let Some(mut s) = child.stdout.take() {
+        let _ = s.read_to_end(&mut stdout);
+    }
+    if let Some(mut s) = child.stderr.take() {
+        let _ = s.read_to_end(&mut stderr);
+    }
+    Output {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+/// Every error path that needs neither root nor the network: each fails with one `error: `
+/// message that names its cause (`needle`) once, with no clause (the parts between `: `) and
+/// no OS error said twice.
+#[test]
+fn cli_errors_say_each_thing_once() {
+    let scratch = Scratch::new("errors-once");
+    let dir = scratch.0.as_path();
+    let path = |name: &str| dir.join(name).to_str().expect("utf-8 path").to_owned();
+    let write = |name: &str, text: &str| {
+        std::fs::write(dir.join(name), text).expect("write");
+        path(name)
+    };
+    let weird = write(
+        "weird.toml",
+        "[router.home]\nnat = \"weird\"\n[host.alice]\nupstream = \"home\"\n",
+    );
+    let open_router = write("open-router.toml", "[router.home]\nnat = \"open\"\n");
+    let short_timeout = write(
+        "short-timeout.toml",
+        "[router.home]\nnat = { preset = \"cgnat\", udp_timeout_secs = 1 }\n",
+    );
+    let not_toml = write("not-toml.toml", "[router.home\nnat = \"cgnat\"\n");
+    let garbage = write("garbage", "this is neither a key nor a mapping record\n");
+    // A regular file where a directory is expected: ENOTDIR, also for root.
+    let file = write("file", "");
+    let under_file = |name: &str| format!("{file}/{name}");
+    let missing_dir = |name: &str| path(&format!("missing/{name}"));
+    let lab = format!("no-such-lab-{}", std::process::id() % 100_000);
+    let sqlite_in_missing_dir = format!("sqlite://{}", missing_dir("natpunch.db"));
+    let sqlite = format!("sqlite://{}", path("natpunch.db"));
+    let relay = "/ip4/127.0.0.1/tcp/1";
+
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["lab".into(), "up".into(), missing_dir("lab.toml")],
+            "(os error 2)",
+        ),
+        (vec!["lab".into(), "up".into(), path("")], "(os error 21)"),
+        (
+            vec!["lab".into(), "up".into(), weird.clone()],
+            "unknown NAT preset `weird`",
+        ),
+        (
+            vec!["lab".into(), "up".into(), open_router],
+            "cannot have mapping or filtering `none`",
+        ),
+        (
+            vec!["lab".into(), "up".into(), short_timeout],
+            "timeout of 1 s is out of range",
+        ),
+        (
+            vec!["lab".into(), "up".into(), not_toml],
+            "TOML parse error",
+        ),
+        (
+            vec!["lab".into(), "down".into(), lab.clone()],
+            "no lab named",
+        ),
+        (
+            vec![
+                "lab".into(),
+                "exec".into(),
+                lab.clone(),
+                "alice".into(),
+                "--".into(),
+                "true".into(),
+            ],
+            "no lab named",
+        ),
+        (
+            vec![
+                "map".into(),
+                "delete".into(),
+                "5000".into(),
+                "--gateway".into(),
+                "127.0.0.1".into(),
+                "--state".into(),
+                garbage.clone(),
+            ],
+            "is not a mapping record",
+        ),
+        (
+            vec![
+                "map".into(),
+                "add".into(),
+                "5000".into(),
+                "--via".into(),
+                "pcp".into(),
+                "--gateway".into(),
+                "127.0.0.1".into(),
+                "--state".into(),
+                path(""),
+            ],
+            "(os error 21)",
+        ),
+        (
+            vec![
+                "map".into(),
+                "keep".into(),
+                "5000".into(),
+                "--via".into(),
+                "pcp".into(),
+                "--gateway".into(),
+                "127.0.0.1".into(),
+                "--state".into(),
+                under_file("mappings.json"),
+            ],
+            "(os error 20)",
+        ),
+        (
+            vec![
+                "peer".into(),
+                "listen".into(),
+                "--relay".into(),
+                relay.into(),
+                "--identity".into(),
+                under_file("peer.key"),
+            ],
+            "(os error 20)",
+        ),
+        (
+            vec![
+                "peer".into(),
+                "listen".into(),
+                "--relay".into(),
+                relay.into(),
+                "--identity".into(),
+                garbage.clone(),
+            ],
+            "is not a libp2p private key",
+        ),
+        (
+            vec![
+                "relay".into(),
+                "--telemetry-port".into(),
+                "0".into(),
+                "--identity".into(),
+                under_file("relay.key"),
+            ],
+            "(os error 20)",
+        ),
+        (
+            vec![
+                "honeypot".into(),
+                "--telemetry-port".into(),
+                "0".into(),
+                "--identity".into(),
+                path("honeypot.key"),
+                "--database-url".into(),
+                sqlite_in_missing_dir.clone(),
+            ],
+            "unable to open database file",
+        ),
+        (
+            vec![
+                "client".into(),
+                "--api-key".into(),
+                "k".into(),
+                "--host-count".into(),
+                "1".into(),
+                "--telemetry-port".into(),
+                "0".into(),
+                "--keys-dir".into(),
+                under_file("keys"),
+            ],
+            "(os error 20)",
+        ),
+        (
+            vec![
+                "client".into(),
+                "--api-key".into(),
+                "k".into(),
+                "--host-count".into(),
+                "1".into(),
+                "--telemetry-port".into(),
+                "0".into(),
+                "--keys-dir".into(),
+                path("keys"),
+                "--spool".into(),
+                under_file("spool"),
+            ],
+            "(os error 20)",
+        ),
+        (
+            vec![
+                "server".into(),
+                "--port".into(),
+                "0".into(),
+                "--telemetry-port".into(),
+                "0".into(),
+                "--database-url".into(),
+                sqlite_in_missing_dir,
+            ],
+            "unable to open database file",
+        ),
+        (
+            vec![
+                "server".into(),
+                "--port".into(),
+                "0".into(),
+                "--telemetry-port".into(),
+                "0".into(),
+                "--database-url".into(),
+                "mysql://natpunch@db/natpunch".into(),
+            ],
+            "mysql://natpunch@db/natpunch",
+        ),
+        (
+            vec![
+                "server".into(),
+                "--port".into(),
+                "0".into(),
+                "--telemetry-port".into(),
+                "0".into(),
+                "--database-url".into(),
+                sqlite.clone(),
+                "--tls-cert".into(),
+                missing_dir("cert.pem"),
+                "--tls-key".into(),
+                missing_dir("key.pem"),
+            ],
+            "(os error 2)",
+        ),
+        (
+            // TEST-NET-3: never an address of this host, so binding fails at once.
+            vec![
+                "server".into(),
+                "--listen-ip".into(),
+                "203.0.113.1".into(),
+                "--port".into(),
+                "0".into(),
+                "--telemetry-port".into(),
+                "0".into(),
+                "--database-url".into(),
+                sqlite,
+            ],
+            "(os error 99)",
+        ),
+        (
+            vec![
+                "stun-server".into(),
+                "--primary".into(),
+                "203.0.113.1:3478".into(),
+                "--alternate".into(),
+                "203.0.113.2:3479".into(),
+            ],
+            "(os error 99)",
+        ),
+        (
+            vec![
+                "stun-server".into(),
+                "--primary".into(),
+                "127.0.0.1:3478".into(),
+                "--alternate".into(),
+                "127.0.0.1:3479".into(),
+            ],
+            "must differ in both IP address and port",
+        ),
+        (
+            vec![
+                "nat".into(),
+                "check".into(),
+                "--server".into(),
+                "no-port-here".into(),
+            ],
+            "invalid socket address",
+        ),
+    ];
+    let os_error = |text: &str| -> Vec<String> {
+        text.match_indices("(os error ")
+            .filter_map(|(at, _)| {
+                text[at..]
+                    .find(')')
+                    .map(|end| text[at..=at + end].to_owned())
+            })
+            .collect()
+    };
+    let mut problems = Vec::new();
+    for (args, needle) in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let shown = format!("natpunch {}", args.join(" "));
+        let out = natpunch_failing_fast(dir, &args);
+        let err = stderr(&out);
+        if out.status.success() {
+            problems.push(format!("{shown}: succeeded: {err}"));
+            continue;
+        }
+        let Some(message) = err.trim_end().strip_prefix("error: ") else {
+            problems.push(format!(
+                "{shown}: stderr does not start with `error: `: {err}"
+            ));
+            continue;
+        };
+        if !message.contains(needle) {
+            problems.push(format!("{shown}: the cause `{needle}` is missing: {err}"));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for clause in message.split(": ").map(str::trim).filter(|c| !c.is_empty()) {
+            if !seen.insert(clause) {
+                problems.push(format!("{shown}: `{clause}` is said twice: {err}"));
+            }
+        }
+        let mut os_errors = std::collections::BTreeSet::new();
+        for e in os_error(message) {
+            if !os_errors.insert(e.clone()) {
+                problems.push(format!("{shown}: `{e}` is said twice: {err}"));
+            }
+        }
+    }
+    // Said once, and a password never: the server names its database URL only through the
+    // redacted form.
+    let out = natpunch_failing_fast(
+        dir,
+        &[
+            "server",
+            "--port",
+            "0",
+            "--telemetry-port",
+            "0",
+            "--database-url",
+            "mysql://natpunch:secret@db/natpunch",
+        ],
+    );
+    let err = stderr(&out);
+    if err.contains("secret") || err.matches("mysql://").count() != 1 {
+        problems.push(format!("the database URL is shown once, redacted: {err}"));
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}

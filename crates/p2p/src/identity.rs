@@ -16,7 +16,7 @@ use libp2p::identity::Keypair;
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     /// Reading or writing the key file failed.
-    #[error("{path}: {source}")]
+    #[error("key file {path}")]
     Io {
         /// The key file.
         path: PathBuf,

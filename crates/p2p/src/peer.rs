@@ -1069,7 +1069,8 @@ impl Peer {
             let nonce = portmap::client::random_nonce().map_err(|e| e.to_string())?;
             let m = portmap::client::map(gw, method, request, nonce, WAIT)
                 .await
-                .map_err(|e| format!("mapping {listen} with {method}: {e}"))?;
+                // Its errors name the protocol (`pcp: no answer …`, `UPnP router refused …`).
+                .map_err(|e| format!("mapping {listen}: {e}"))?;
             let ip = m
                 .external_ip
                 .or(offer.external_ip)

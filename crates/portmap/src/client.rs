@@ -74,7 +74,7 @@ pub enum ClientError {
     #[error("the gateway {0} offers none of the protocols allowed (see `natpunch map probe`)")]
     NoProtocol(Ipv4Addr),
     /// A socket problem.
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 
