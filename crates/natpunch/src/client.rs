@@ -194,7 +194,12 @@ async fn serve(args: ClientArgs) -> anyhow::Result<ExitCode> {
         let mut registry = prometheus_client::registry::Registry::default();
         metrics.register(&mut registry);
         let addr = SocketAddr::new(args.telemetry_host, args.telemetry_port);
-        crate::serve_telemetry(addr, std::sync::Arc::new(std::sync::Mutex::new(registry))).await?;
+        crate::serve_telemetry(
+            addr,
+            std::sync::Arc::new(std::sync::Mutex::new(registry)),
+            p2p::telemetry::Health::default(),
+        )
+        .await?;
     }
     let json = args.json;
     let report = move |e: ClientEvent| {

@@ -162,7 +162,12 @@ async fn serve(args: HoneypotArgs) -> anyhow::Result<ExitCode> {
         let mut registry = prometheus_client::registry::Registry::default();
         metrics.register(&mut registry);
         let addr = std::net::SocketAddr::new(args.telemetry_host, args.telemetry_port);
-        crate::serve_telemetry(addr, std::sync::Arc::new(std::sync::Mutex::new(registry))).await?;
+        crate::serve_telemetry(
+            addr,
+            std::sync::Arc::new(std::sync::Mutex::new(registry)),
+            p2p::telemetry::Health::default(),
+        )
+        .await?;
     }
     // Sightings are written by their own task, so that a slow database never stalls the swarm.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Sighting>();

@@ -113,15 +113,16 @@ fn stream_protocol(s: &str) -> Result<libp2p::StreamProtocol, String> {
         .map_err(|e| format!("{e} (a protocol name starts with /, e.g. /ipfs/kad/1.0.0)"))
 }
 
-/// Serves `/metrics` (for `registry`) and `/health` on `addr` in the background.
+/// Serves `/metrics` (for `registry`) and `/health` (from `health`) on `addr` in the background.
 async fn serve_telemetry(
     addr: std::net::SocketAddr,
     registry: std::sync::Arc<std::sync::Mutex<prometheus_client::registry::Registry>>,
+    health: p2p::telemetry::Health,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the telemetry port {addr}"))?;
-    tokio::spawn(p2p::telemetry::serve(listener, registry));
+    tokio::spawn(p2p::telemetry::serve_health(listener, registry, health));
     Ok(())
 }
 

@@ -197,11 +197,14 @@ async fn serve(args: RelayArgs) -> anyhow::Result<ExitCode> {
     let registry = Arc::new(Mutex::new(registry));
     if args.telemetry_port != 0 {
         let addr = SocketAddr::new(args.telemetry_host, args.telemetry_port);
-        crate::serve_telemetry(addr, Arc::clone(&registry)).await?;
+        crate::serve_telemetry(addr, Arc::clone(&registry), relay.health()).await?;
         eprintln!("relay: metrics on http://{addr}/metrics");
     }
     let json = args.json;
     let mut report = |e: RelayEvent| {
+        if let RelayEvent::NoExternalAddress { message } = &e {
+            eprintln!("relay: warning: {message}");
+        }
         if json {
             println!("{}", serde_json::to_string(&e).unwrap_or_default());
         } else {
@@ -217,6 +220,7 @@ fn describe(e: &RelayEvent) -> String {
     match e {
         RelayEvent::Listening { address } => format!("listening on {address}"),
         RelayEvent::ExternalAddress { address } => format!("announcing {address}"),
+        RelayEvent::NoExternalAddress { .. } => "announcing no address".to_owned(),
         RelayEvent::ReservationAccepted { peer, renewed } => {
             format!(
                 "reservation {} for {peer}",

@@ -102,6 +102,94 @@ fn nat_check_against_a_closed_port_is_an_error_not_a_verdict() {
     assert_eq!(v["error"]["server"], server.as_str(), "{v}");
 }
 
+/// A relay that can announce no address offers no HOP protocol: it says so at start, in
+/// `--json` and in `/health`, and stops saying so once it has an address.
+#[test]
+fn relay_without_an_external_address_says_so_in_its_output_health_and_json() {
+    let dir = Scratch::new("relay-external");
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port()
+    };
+    let run = |external: Option<String>| {
+        let (port, telemetry) = (free().to_string(), free());
+        let key = dir.0.join("relay.key");
+        let mut args = vec![
+            "relay",
+            "--json",
+            "--listen-ip",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--identity",
+            key.to_str().expect("utf-8"),
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+        args.extend(["--telemetry-port".into(), telemetry.to_string()]);
+        if let Some(e) = external {
+            args.extend(["--external-addr".into(), e.replace("PORT", &port)]);
+        }
+        let mut child = Command::new(env!("CARGO_BIN_EXE_natpunch"))
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("relay starts");
+        // The warning comes once the listeners are up (1 s).
+        std::thread::sleep(std::time::Duration::from_millis(2000));
+        let health = http_get(([127, 0, 0, 1], telemetry).into(), "/health");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid")),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = child.wait();
+        let mut out = String::new();
+        let mut err = String::new();
+        use std::io::Read as _;
+        let _ = child
+            .stdout
+            .take()
+            .expect("stdout")
+            .read_to_string(&mut out);
+        let _ = child
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut err);
+        (health, out, err)
+    };
+    let (health, out, err) = run(None);
+    assert!(
+        health.starts_with("HTTP/1.1 503") && health.contains("--external-addr"),
+        "{health}"
+    );
+    assert_eq!(
+        err.matches("warning: no external address").count(),
+        1,
+        "{err}"
+    );
+    assert!(err.contains("--external-addr"), "{err}");
+    let events: Vec<Value> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(
+        events.iter().any(|e| e["event"] == "no-external-address"
+            && e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("--external-addr"))),
+        "{out}"
+    );
+    let (health, out, err) = run(Some("/ip4/127.0.0.1/tcp/PORT".into()));
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(!err.contains("warning"), "{err}");
+    assert!(!out.contains("no-external-address"), "{out}");
+}
+
 #[test]
 fn bad_topology_files_are_refused_with_the_problem_named_and_create_nothing() {
     let dir = std::env::temp_dir().join(format!("natpunch-cli-{}", std::process::id()));

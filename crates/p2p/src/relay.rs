@@ -5,6 +5,11 @@
 //! confirms what the operator names (`external`), or else every listen address that is neither
 //! unspecified nor loopback as it comes up.
 //!
+//! A relay with no external address offers no HOP protocol at all (clients see "could not
+//! negotiate hop"), so that state is not left silent: it is reported as an event
+//! ([`RelayEvent::NoExternalAddress`]) once the listeners are up, and `/health` answers 503
+//! with the same words until an address is confirmed ([`Relay::health`]).
+//!
 //! Every limit of the relay is a field of [`Limits`]; the defaults are rust-libp2p's (and
 //! go-libp2p's) for circuits and reservations. A measurement lab sends every trial from the same
 //! few NAT addresses, so it raises the per-IP rates or turns them off.
@@ -152,6 +157,14 @@ impl Limits {
     }
 }
 
+/// Why a relay without an external address is of no use, and what to do.
+pub const NO_EXTERNAL_ADDRESS: &str = "no external address: the relay listens on loopback \
+    only, so it offers no HOP protocol and every reservation fails; announce the address \
+    clients reach it at with --external-addr (e.g. /ip4/203.0.113.7/tcp/4001)";
+
+/// How long after start the listen addresses are taken as complete.
+const LISTENERS_SETTLE: Duration = Duration::from_secs(1);
+
 /// How to run a relay.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
@@ -196,6 +209,11 @@ pub enum RelayEvent {
     ExternalAddress {
         /// The address.
         address: String,
+    },
+    /// The listeners are up and no address is announced: every reservation will fail.
+    NoExternalAddress {
+        /// What it means and what to do.
+        message: String,
     },
     /// A reservation was accepted (or renewed).
     ReservationAccepted {
@@ -249,6 +267,7 @@ pub enum RelayEvent {
 pub struct Relay {
     swarm: Swarm<RelayBehaviour>,
     config: RelayConfig,
+    health: crate::telemetry::Health,
     metrics: Metrics,
     reservations: Gauge,
     circuits: Gauge,
@@ -330,9 +349,14 @@ impl Relay {
         for addr in &config.external {
             swarm.add_external_address(addr.clone());
         }
+        let health = crate::telemetry::Health::default();
+        if config.external.is_empty() {
+            health.set(Some(NO_EXTERNAL_ADDRESS.into()));
+        }
         Ok(Self {
             swarm,
             config,
+            health,
             metrics,
             reservations,
             circuits,
@@ -342,6 +366,11 @@ impl Relay {
     /// The relay's peer ID.
     pub fn peer_id(&self) -> PeerId {
         *self.swarm.local_peer_id()
+    }
+
+    /// The relay's health, for `/health`: unhealthy while it has no external address.
+    pub fn health(&self) -> crate::telemetry::Health {
+        self.health.clone()
     }
 
     /// Runs the relay until `stop` completes, reporting what it does to `report`.
@@ -357,9 +386,22 @@ impl Relay {
             });
         }
         tokio::pin!(stop);
+        // Listen addresses come up within milliseconds; after this, none announced is final
+        // until an address is confirmed.
+        let settled = tokio::time::sleep(LISTENERS_SETTLE);
+        tokio::pin!(settled);
+        let mut checked = false;
         loop {
             tokio::select! {
                 () = &mut stop => return,
+                () = &mut settled, if !checked => {
+                    checked = true;
+                    if self.swarm.external_addresses().next().is_none() {
+                        report(RelayEvent::NoExternalAddress {
+                            message: NO_EXTERNAL_ADDRESS.into(),
+                        });
+                    }
+                }
                 event = self.swarm.select_next_some() => {
                     for e in self.on_event(event) {
                         report(e);
@@ -387,14 +429,18 @@ impl Relay {
                 if self.config.external.is_empty() && public {
                     // add_external_address confirms without a swarm event: report it here.
                     self.swarm.add_external_address(address);
+                    self.health.set(None);
                     Some(RelayEvent::ExternalAddress { address: full })
                 } else {
                     None
                 }
             }
-            SwarmEvent::ExternalAddrConfirmed { address } => Some(RelayEvent::ExternalAddress {
-                address: address.with(Protocol::P2p(me)).to_string(),
-            }),
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                self.health.set(None);
+                Some(RelayEvent::ExternalAddress {
+                    address: address.with(Protocol::P2p(me)).to_string(),
+                })
+            }
             SwarmEvent::Behaviour(RelayBehaviourEvent::Relay(e)) => {
                 self.metrics.record(&e);
                 self.on_relay_event(e)

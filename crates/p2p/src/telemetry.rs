@@ -16,9 +16,31 @@ const MAX_HEAD: usize = 8 * 1024;
 /// How long a client may take to send its request.
 const READ_DEADLINE: Duration = Duration::from_secs(5);
 
+/// Requests answered at once; more connections are closed unanswered.
+const MAX_CONNECTIONS: usize = 32;
+
+/// What `/health` answers: ok, or the problem in words (then 503). Cloned handles share one
+/// state, so the part of a process that knows the problem sets it.
+#[derive(Debug, Clone, Default)]
+pub struct Health(Arc<Mutex<Option<String>>>);
+
+impl Health {
+    /// Sets the problem (`None`: healthy).
+    pub fn set(&self, problem: Option<String>) {
+        if let Ok(mut p) = self.0.lock() {
+            *p = problem;
+        }
+    }
+
+    /// The problem, if there is one.
+    pub fn problem(&self) -> Option<String> {
+        self.0.lock().ok().and_then(|p| p.clone())
+    }
+}
+
 /// Serves `registry` on `listener` until the task is dropped; `/health` is always ok.
 pub async fn serve(listener: TcpListener, registry: Arc<Mutex<Registry>>) {
-    serve_with_health(listener, registry, Arc::new(AtomicBool::new(true))).await;
+    serve_health(listener, registry, Health::default()).await;
 }
 
 /// Serves `registry` on `listener` until the task is dropped; `/health` answers 503 while
@@ -28,14 +50,35 @@ pub async fn serve_with_health(
     registry: Arc<Mutex<Registry>>,
     healthy: Arc<AtomicBool>,
 ) {
+    let problem = move || (!healthy.load(Ordering::Relaxed)).then(|| "unhealthy".to_owned());
+    serve_checked(listener, registry, problem).await;
+}
+
+/// Serves `registry` on `listener` until the task is dropped; `/health` answers 503 with the
+/// problem while `health` has one.
+pub async fn serve_health(listener: TcpListener, registry: Arc<Mutex<Registry>>, health: Health) {
+    serve_checked(listener, registry, move || health.problem()).await;
+}
+
+async fn serve_checked(
+    listener: TcpListener,
+    registry: Arc<Mutex<Registry>>,
+    problem: impl Fn() -> Option<String>,
+) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        // Each answer takes at most the read deadline; beyond the permits, close at once.
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            continue;
+        };
         let registry = Arc::clone(&registry);
-        let healthy = healthy.load(Ordering::Relaxed);
+        let problem = problem();
         tokio::spawn(async move {
-            let _ = answer(stream, &registry, healthy).await;
+            let _ = answer(stream, &registry, problem).await;
+            drop(permit);
         });
     }
 }
@@ -43,7 +86,7 @@ pub async fn serve_with_health(
 async fn answer(
     mut stream: TcpStream,
     registry: &Mutex<Registry>,
-    healthy: bool,
+    problem: Option<String>,
 ) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
@@ -85,12 +128,10 @@ async fn answer(
                 )
             }
         }
-        ("GET", "/health") if healthy => ("200 OK", "text/plain", "ok\n".into()),
-        ("GET", "/health") => (
-            "503 Service Unavailable",
-            "text/plain",
-            "unhealthy\n".into(),
-        ),
+        ("GET", "/health") => match problem {
+            None => ("200 OK", "text/plain", "ok\n".into()),
+            Some(p) => ("503 Service Unavailable", "text/plain", format!("{p}\n")),
+        },
         ("GET", _) => ("404 Not Found", "text/plain", "not found\n".into()),
         ("", _) => ("400 Bad Request", "text/plain", "bad request\n".into()),
         _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
@@ -160,6 +201,56 @@ mod tests {
                 .starts_with("HTTP/1.1 503")
         );
         healthy.store(true, Ordering::Relaxed);
+        assert!(
+            get(addr, b"GET /health HTTP/1.1\r\n\r\n")
+                .await
+                .starts_with("HTTP/1.1 200")
+        );
+        task.abort();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let health = Health::default();
+        health.set(Some("no external address".into()));
+        let registry = Arc::new(Mutex::new(Registry::default()));
+        let task = tokio::spawn(serve_health(listener, registry, health.clone()));
+        let answer = get(addr, b"GET /health HTTP/1.1\r\n\r\n").await;
+        assert!(
+            answer.starts_with("HTTP/1.1 503") && answer.ends_with("no external address\n"),
+            "{answer}"
+        );
+        health.set(None);
+        assert!(
+            get(addr, b"GET /health HTTP/1.1\r\n\r\n")
+                .await
+                .ends_with("ok\n")
+        );
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn idle_connections_beyond_the_bound_are_closed_unanswered() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(serve(listener, Arc::new(Mutex::new(Registry::default()))));
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(TcpStream::connect(addr).await.expect("connect"));
+        }
+        // Let the server take them all before the next one comes.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let refused = async {
+            let mut s = TcpStream::connect(addr).await?;
+            let _ = s.write_all(b"GET /health HTTP/1.1\r\n\r\n").await;
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.map(|_| out)
+        };
+        let answer = refused.await;
+        assert!(
+            answer.as_ref().map_or(true, String::is_empty),
+            "closed without an answer: {answer:?}"
+        );
+        drop(idle);
+        tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(
             get(addr, b"GET /health HTTP/1.1\r\n\r\n")
                 .await
