@@ -43,23 +43,8 @@ impl Drop for TempDir {
     }
 }
 
-/// The private PostgreSQL server, or `None` (with the reason printed) outside CI when it
-/// cannot run.
-fn postgres() -> Option<TempPostgres> {
-    match TempPostgres::start() {
-        Ok(pg) => Some(pg),
-        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("PostgreSQL is required under CI=true: {e}")
-        }
-        Err(e) => {
-            eprintln!("skipping the PostgreSQL half: {e}");
-            None
-        }
-    }
-}
-
-/// Runs `scenario` on a fresh SQLite file and on a fresh PostgreSQL database.
-async fn on_both<F, Fut>(scenario: F)
+/// Runs `scenario` on a fresh SQLite file.
+async fn on_sqlite<F, Fut>(scenario: F)
 where
     F: Fn(SqlStore) -> Fut,
     Fut: Future<Output = ()>,
@@ -69,17 +54,42 @@ where
     let store = SqlStore::open(&url).await.expect("sqlite store");
     scenario(store.clone()).await;
     store.close().await;
-    if let Some(pg) = postgres() {
-        let url = pg.new_database().expect("database");
-        eprintln!("the same on PostgreSQL: {url}");
-        let store = SqlStore::open(&url).await.expect("postgres store");
-        assert_eq!(store.backend(), Backend::Postgres);
-        scenario(store.clone()).await;
-        store.close().await;
-    }
 }
 
-/// A Register request for `host` with the key "key".
+/// Runs `scenario` on a fresh database of a private PostgreSQL server.
+async fn on_postgresql<F, Fut>(scenario: F)
+where
+    F: Fn(SqlStore) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let pg = TempPostgres::start().unwrap_or_else(|e| panic!("a private PostgreSQL server: {e}"));
+    let url = pg.new_database().expect("database");
+    let store = SqlStore::open(&url).await.expect("postgres store");
+    assert_eq!(store.backend(), Backend::Postgres);
+    scenario(store.clone()).await;
+    store.close().await;
+}
+
+/// Tests `scenario` (an `async fn(SqlStore)`) on both backends, as `scenario::sqlite` and
+/// `scenario::postgresql`; the second needs root (the server runs as the postgres user), so
+/// it is ignored by a plain `cargo test` and run by `./test`.
+macro_rules! on_both_backends {
+    ($scenario:ident) => {
+        mod $scenario {
+            #[tokio::test]
+            async fn sqlite() {
+                super::on_sqlite(super::$scenario).await;
+            }
+
+            #[tokio::test]
+            #[ignore = "needs root and PostgreSQL (a private server runs as the postgres user): ./test runs it"]
+            async fn postgresql() {
+                super::on_postgresql(super::$scenario).await;
+            }
+        }
+    };
+}
+
 fn register_request(host: PeerId) -> pb::RegisterRequest {
     pb::RegisterRequest {
         client_id: host.to_bytes(),
@@ -125,189 +135,183 @@ async fn seen(store: &SqlStore, honeypot: PeerId, remote: PeerId, addrs: &[Multi
         .expect("connection event");
 }
 
-#[tokio::test]
-async fn registration_is_open_to_new_keys_unless_closed() {
-    on_both(|store| async move {
-        let host = peer();
-        let id = register(&store, "key-a", host).await;
-        assert_eq!(
-            register(&store, "key-a", host).await,
-            id,
-            "the same peer row"
-        );
-        assert!(store.authorize("key-a").await.expect("auth").is_some());
-        let closed = store
-            .register(
-                "key-b",
-                false,
-                Host {
-                    peer: &peer().to_base58(),
-                    agent_version: "x",
-                    protocols: &[],
-                },
-                now_ns(),
-            )
-            .await
-            .expect("register");
-        assert_eq!(closed, None, "closed registration refuses an unknown key");
-        assert_eq!(
-            store.authorize("key-b").await.expect("auth"),
-            None,
-            "and stores it not"
-        );
-        // The same host under a second key is a second client of the same peer.
-        assert_eq!(register(&store, "key-c", host).await, id);
-        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM clients")
-            .fetch_one(store.pool())
-            .await
-            .expect("clients");
-        assert_eq!(n, 2);
-    })
-    .await;
+on_both_backends!(registration_is_open_to_new_keys_unless_closed);
+async fn registration_is_open_to_new_keys_unless_closed(store: SqlStore) {
+    let host = peer();
+    let id = register(&store, "key-a", host).await;
+    assert_eq!(
+        register(&store, "key-a", host).await,
+        id,
+        "the same peer row"
+    );
+    assert!(store.authorize("key-a").await.expect("auth").is_some());
+    let closed = store
+        .register(
+            "key-b",
+            false,
+            Host {
+                peer: &peer().to_base58(),
+                agent_version: "x",
+                protocols: &[],
+            },
+            now_ns(),
+        )
+        .await
+        .expect("register");
+    assert_eq!(closed, None, "closed registration refuses an unknown key");
+    assert_eq!(
+        store.authorize("key-b").await.expect("auth"),
+        None,
+        "and stores it not"
+    );
+    // The same host under a second key is a second client of the same peer.
+    assert_eq!(register(&store, "key-c", host).await, id);
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM clients")
+        .fetch_one(store.pool())
+        .await
+        .expect("clients");
+    assert_eq!(n, 2);
 }
 
-#[tokio::test]
-async fn allocation_follows_recency_cap_and_per_client_dedup() {
-    on_both(|store| async move {
-        let now = now_ns();
-        let (h1, h2, other) = (peer(), peer(), peer());
-        register(&store, "a", h1).await;
-        register(&store, "a", h2).await;
-        register(&store, "b", other).await;
-        let honeypot = peer();
-        let (fresh, old, relay) = (peer(), peer(), peer());
-        let direct: Multiaddr = "/ip4/203.0.113.9/tcp/4001".parse().expect("maddr");
-        let (m1, m2) = (relay_addr(relay, 1), relay_addr(relay, 2));
-        seen(
-            &store,
-            honeypot,
-            fresh,
-            &[m1.clone(), direct.clone()],
-            now - 5 * MIN,
-        )
-        .await;
-        seen(
-            &store,
-            honeypot,
-            old,
-            &[relay_addr(relay, 3)],
-            now - 11 * MIN,
-        )
-        .await;
-        let hosts = |a: PeerId, b: PeerId| vec![a.to_base58(), b.to_base58()];
-        let rules = Rules::default();
-        let auth_a = store.authorize("a").await.expect("auth").expect("a");
-        let auth_b = store.authorize("b").await.expect("auth").expect("b");
+on_both_backends!(allocation_follows_recency_cap_and_per_client_dedup);
+async fn allocation_follows_recency_cap_and_per_client_dedup(store: SqlStore) {
+    let now = now_ns();
+    let (h1, h2, other) = (peer(), peer(), peer());
+    register(&store, "a", h1).await;
+    register(&store, "a", h2).await;
+    register(&store, "b", other).await;
+    let honeypot = peer();
+    let (fresh, old, relay) = (peer(), peer(), peer());
+    let direct: Multiaddr = "/ip4/203.0.113.9/tcp/4001".parse().expect("maddr");
+    let (m1, m2) = (relay_addr(relay, 1), relay_addr(relay, 2));
+    seen(
+        &store,
+        honeypot,
+        fresh,
+        &[m1.clone(), direct.clone()],
+        now - 5 * MIN,
+    )
+    .await;
+    seen(
+        &store,
+        honeypot,
+        old,
+        &[relay_addr(relay, 3)],
+        now - 11 * MIN,
+    )
+    .await;
+    let hosts = |a: PeerId, b: PeerId| vec![a.to_base58(), b.to_base58()];
+    let rules = Rules::default();
+    let auth_a = store.authorize("a").await.expect("auth").expect("a");
+    let auth_b = store.authorize("b").await.expect("auth").expect("b");
 
-        // Only the peer seen within 10 minutes, only its relay address.
-        let Allocated::Served(first) = store
-            .allocate(auth_a, &hosts(h1, h2), rules, now)
+    // Only the peer seen within 10 minutes, only its relay address.
+    let Allocated::Served(first) = store
+        .allocate(auth_a, &hosts(h1, h2), rules, now)
+        .await
+        .expect("allocate")
+    else {
+        panic!("the fresh peer is served");
+    };
+    assert_eq!(first.remote, fresh.to_base58());
+    assert_eq!(first.addrs, vec![m1.to_string()], "relay addresses only");
+    // Not again to the same client, from its other host either.
+    assert_eq!(
+        store
+            .allocate(auth_a, &hosts(h2, h1), rules, now)
+            .await
+            .expect("allocate"),
+        Allocated::NoneLeft
+    );
+    // Another client gets it.
+    assert!(matches!(
+        store.allocate(auth_b, &[other.to_base58()], rules, now).await.expect("allocate"),
+        Allocated::Served(a) if a.remote == fresh.to_base58()
+    ));
+    // A new relay address of the same peer is served to the first client again.
+    seen(
+        &store,
+        honeypot,
+        fresh,
+        &[m1.clone(), m2.clone()],
+        now - MIN,
+    )
+    .await;
+    let Allocated::Served(again) = store
+        .allocate(auth_a, &hosts(h1, h2), rules, now)
+        .await
+        .expect("allocate")
+    else {
+        panic!("the untried address is served");
+    };
+    assert_eq!(again.addrs, vec![m2.to_string()]);
+    // After the dedup window (and a fresh sighting) the first client gets it again.
+    let later = now + 11 * MIN;
+    seen(
+        &store,
+        honeypot,
+        fresh,
+        std::slice::from_ref(&m1),
+        later - MIN,
+    )
+    .await;
+    assert!(matches!(
+        store
+            .allocate(auth_a, &hosts(h1, h2), rules, later)
+            .await
+            .expect("allocate"),
+        Allocated::Served(_)
+    ));
+    // Hosts that are not registered with the key.
+    assert_eq!(
+        store
+            .allocate(auth_b, &hosts(h1, h2), rules, later)
+            .await
+            .expect("allocate"),
+        Allocated::NotRegistered
+    );
+
+    // The per-remote cap: 3 per minute here, whoever asks.
+    let capped = Rules {
+        per_remote: 3,
+        ..Rules::default()
+    };
+    let target = peer();
+    let t = now + 30 * MIN;
+    seen(&store, honeypot, target, &[relay_addr(relay, 9)], t - MIN).await;
+    let mut served = 0;
+    for i in 0..5 {
+        let host = peer();
+        let key = format!("cap-{i}");
+        register(&store, &key, host).await;
+        let auth = store.authorize(&key).await.expect("auth").expect("key");
+        if let Allocated::Served(a) = store
+            .allocate(auth, &[host.to_base58()], capped, t)
             .await
             .expect("allocate")
-        else {
-            panic!("the fresh peer is served");
-        };
-        assert_eq!(first.remote, fresh.to_base58());
-        assert_eq!(first.addrs, vec![m1.to_string()], "relay addresses only");
-        // Not again to the same client, from its other host either.
-        assert_eq!(
+        {
+            assert_eq!(a.remote, target.to_base58());
+            served += 1;
+        }
+    }
+    assert_eq!(served, 3, "three allocations within the minute, then none");
+    let host = peer();
+    register(&store, "cap-later", host).await;
+    let auth = store
+        .authorize("cap-later")
+        .await
+        .expect("auth")
+        .expect("key");
+    assert!(
+        matches!(
             store
-                .allocate(auth_a, &hosts(h2, h1), rules, now)
-                .await
-                .expect("allocate"),
-            Allocated::NoneLeft
-        );
-        // Another client gets it.
-        assert!(matches!(
-            store.allocate(auth_b, &[other.to_base58()], rules, now).await.expect("allocate"),
-            Allocated::Served(a) if a.remote == fresh.to_base58()
-        ));
-        // A new relay address of the same peer is served to the first client again.
-        seen(
-            &store,
-            honeypot,
-            fresh,
-            &[m1.clone(), m2.clone()],
-            now - MIN,
-        )
-        .await;
-        let Allocated::Served(again) = store
-            .allocate(auth_a, &hosts(h1, h2), rules, now)
-            .await
-            .expect("allocate")
-        else {
-            panic!("the untried address is served");
-        };
-        assert_eq!(again.addrs, vec![m2.to_string()]);
-        // After the dedup window (and a fresh sighting) the first client gets it again.
-        let later = now + 11 * MIN;
-        seen(
-            &store,
-            honeypot,
-            fresh,
-            std::slice::from_ref(&m1),
-            later - MIN,
-        )
-        .await;
-        assert!(matches!(
-            store
-                .allocate(auth_a, &hosts(h1, h2), rules, later)
+                .allocate(auth, &[host.to_base58()], capped, t + MIN + 1)
                 .await
                 .expect("allocate"),
             Allocated::Served(_)
-        ));
-        // Hosts that are not registered with the key.
-        assert_eq!(
-            store
-                .allocate(auth_b, &hosts(h1, h2), rules, later)
-                .await
-                .expect("allocate"),
-            Allocated::NotRegistered
-        );
-
-        // The per-remote cap: 3 per minute here, whoever asks.
-        let capped = Rules {
-            per_remote: 3,
-            ..Rules::default()
-        };
-        let target = peer();
-        let t = now + 30 * MIN;
-        seen(&store, honeypot, target, &[relay_addr(relay, 9)], t - MIN).await;
-        let mut served = 0;
-        for i in 0..5 {
-            let host = peer();
-            let key = format!("cap-{i}");
-            register(&store, &key, host).await;
-            let auth = store.authorize(&key).await.expect("auth").expect("key");
-            if let Allocated::Served(a) = store
-                .allocate(auth, &[host.to_base58()], capped, t)
-                .await
-                .expect("allocate")
-            {
-                assert_eq!(a.remote, target.to_base58());
-                served += 1;
-            }
-        }
-        assert_eq!(served, 3, "three allocations within the minute, then none");
-        let host = peer();
-        register(&store, "cap-later", host).await;
-        let auth = store
-            .authorize("cap-later")
-            .await
-            .expect("auth")
-            .expect("key");
-        assert!(
-            matches!(
-                store
-                    .allocate(auth, &[host.to_base58()], capped, t + MIN + 1)
-                    .await
-                    .expect("allocate"),
-                Allocated::Served(_)
-            ),
-            "a minute later the remote is served again"
-        );
-    })
-    .await;
+        ),
+        "a minute later the remote is served again"
+    );
 }
 
 /// A column read back in a comparable form: timestamps as Unix microseconds, durations as
@@ -325,162 +329,214 @@ fn col(backend: Backend, expr: &str, kind: &str) -> String {
     }
 }
 
-#[tokio::test]
-async fn a_report_round_trips_with_every_field_and_a_retry_is_not_stored_twice() {
-    on_both(|store| async move {
-        let (client, remote, relay) = (peer(), peer(), peer());
-        register(&store, "key", client).await;
-        let auth = store.authorize("key").await.expect("auth").expect("key");
-        let report = Report::from_request(&sample::report(client, remote, relay, "key", Some("k-1"))).expect("valid");
-        let Tracked::Stored(id) = store.track(auth, &report, now_ns()).await.expect("track") else {
-            panic!("stored");
-        };
-        assert_eq!(store.track(auth, &report, now_ns()).await.expect("retry"), Tracked::Duplicate(id));
-        let b = store.backend();
-        let sql = format!(
-            "SELECT {}, {}, {}, {}, {}, {}, technique, {}, client_nat, remote_nat, \
-             transport, idempotency_key, {} FROM hole_punch_results WHERE id = $1",
-            col(b, "connect_started_at", "us"),
-            col(b, "connect_ended_at", "us"),
-            col(b, "ended_at", "us"),
-            col(b, "has_direct_conns", "int"),
-            col(b, "outcome", "text"),
-            col(b, "protocol_filters", "text"),
-            col(b, "time_to_direct", "secs"),
-            col(b, "listen_multi_addresses_set_id", "text"),
-        );
-        let row = sqlx::query(&sql).bind(id).fetch_one(store.pool()).await.expect("row");
-        let t0_us = i64::try_from(sample::STARTED_AT / 1000).expect("µs");
-        assert_eq!(row.get::<i64, _>(0), t0_us);
-        assert_eq!(row.get::<i64, _>(1), t0_us + 80_000);
-        assert_eq!(row.get::<i64, _>(2), t0_us + 3_600_000);
-        assert_eq!(row.get::<i64, _>(3), 1);
-        assert_eq!(row.get::<String, _>(4), "SUCCESS");
-        let filters = row.get::<String, _>(5).replace(' ', "");
-        assert!(filters == "[4,461]" || filters == "{4,461}", "{filters}");
-        assert_eq!(row.get::<String, _>(6), "dcutr-quic");
-        assert!((row.get::<f64, _>(7) - 0.27).abs() < 1e-6);
-        assert_eq!(row.get::<String, _>(8), "endpoint-independent/address-and-port-dependent");
-        assert_eq!(row.get::<String, _>(9), "endpoint-independent/address-dependent");
-        assert_eq!(row.get::<String, _>(10), "quic");
-        assert_eq!(row.get::<String, _>(11), "k-1");
-        assert!(!row.get::<String, _>(12).is_empty(), "the listen set is linked");
-
-        let sql = format!(
-            "SELECT {}, {}, {}, {}, {}, error, direct_dial_error FROM hole_punch_attempt \
-             WHERE hole_punch_result_id = $1 ORDER BY opened_at",
-            col(b, "opened_at", "us"),
-            col(b, "started_at", "us"),
-            col(b, "start_rtt", "secs"),
-            col(b, "elapsed_time", "secs"),
-            col(b, "outcome", "text"),
-        );
-        let attempts = sqlx::query(&sql).bind(id).fetch_all(store.pool()).await.expect("attempts");
-        assert_eq!(attempts.len(), 2);
-        assert_eq!(attempts[0].get::<i64, _>(0), t0_us + 90_000);
-        assert_eq!(attempts[0].get::<i64, _>(1), t0_us + 100_000);
-        assert!((attempts[0].get::<f64, _>(2) - 0.104).abs() < 1e-6);
-        assert!((attempts[0].get::<f64, _>(3) - 3.0).abs() < 1e-6);
-        assert_eq!(attempts[0].get::<String, _>(4), "TIMEOUT");
-        assert_eq!(attempts[0].get::<Option<String>, _>(5), None, "empty error is NULL");
-        assert_eq!(attempts[0].get::<Option<String>, _>(6).as_deref(), Some("dial timeout"));
-        assert_eq!(attempts[1].get::<String, _>(4), "SUCCESS");
-
-        let links = sqlx::query(&format!(
-            "SELECT {}, count(*) FROM hole_punch_results_x_multi_addresses \
-             WHERE hole_punch_result_id = $1 GROUP BY relationship ORDER BY 1",
-            col(b, "relationship", "text")
-        ))
-        .bind(id)
-        .fetch_all(store.pool())
-        .await
-        .expect("links");
-        let links: Vec<(String, i64)> = links.iter().map(|r| (r.get(0), r.get(1))).collect();
-        assert_eq!(links, vec![("FINAL".into(), 2), ("INITIAL".into(), 1)]);
-
-        let lat = sqlx::query(&format!(
-            "SELECT {}, rtt_avg, rtt_min, rtt_max, rtt_std, {} FROM latency_measurements \
-             WHERE hole_punch_result_id = $1",
-            col(b, "mtype", "text"),
-            col(b, "rtts", "text"),
-        ))
+on_both_backends!(a_report_round_trips_with_every_field_and_a_retry_is_not_stored_twice);
+async fn a_report_round_trips_with_every_field_and_a_retry_is_not_stored_twice(store: SqlStore) {
+    let (client, remote, relay) = (peer(), peer(), peer());
+    register(&store, "key", client).await;
+    let auth = store.authorize("key").await.expect("auth").expect("key");
+    let report = Report::from_request(&sample::report(client, remote, relay, "key", Some("k-1")))
+        .expect("valid");
+    let Tracked::Stored(id) = store.track(auth, &report, now_ns()).await.expect("track") else {
+        panic!("stored");
+    };
+    assert_eq!(
+        store.track(auth, &report, now_ns()).await.expect("retry"),
+        Tracked::Duplicate(id)
+    );
+    let b = store.backend();
+    let sql = format!(
+        "SELECT {}, {}, {}, {}, {}, {}, technique, {}, client_nat, remote_nat, \
+         transport, idempotency_key, {} FROM hole_punch_results WHERE id = $1",
+        col(b, "connect_started_at", "us"),
+        col(b, "connect_ended_at", "us"),
+        col(b, "ended_at", "us"),
+        col(b, "has_direct_conns", "int"),
+        col(b, "outcome", "text"),
+        col(b, "protocol_filters", "text"),
+        col(b, "time_to_direct", "secs"),
+        col(b, "listen_multi_addresses_set_id", "text"),
+    );
+    let row = sqlx::query(&sql)
         .bind(id)
         .fetch_one(store.pool())
         .await
-        .expect("latency");
-        assert_eq!(lat.get::<String, _>(0), "TO_RELAY");
-        assert!((lat.get::<f64, _>(1) - 0.06).abs() < 1e-6, "the -1 is left out of the mean");
-        assert!((lat.get::<f64, _>(2) - 0.05).abs() < 1e-6, "and out of the minimum");
-        assert!((lat.get::<f64, _>(3) - 0.07).abs() < 1e-6);
-        assert!(lat.get::<Option<f64>, _>(4).is_some());
-        assert!(lat.get::<String, _>(5).contains("-1"), "the sent values are kept");
+        .expect("row");
+    let t0_us = i64::try_from(sample::STARTED_AT / 1000).expect("µs");
+    assert_eq!(row.get::<i64, _>(0), t0_us);
+    assert_eq!(row.get::<i64, _>(1), t0_us + 80_000);
+    assert_eq!(row.get::<i64, _>(2), t0_us + 3_600_000);
+    assert_eq!(row.get::<i64, _>(3), 1);
+    assert_eq!(row.get::<String, _>(4), "SUCCESS");
+    let filters = row.get::<String, _>(5).replace(' ', "");
+    assert!(filters == "[4,461]" || filters == "{4,461}", "{filters}");
+    assert_eq!(row.get::<String, _>(6), "dcutr-quic");
+    assert!((row.get::<f64, _>(7) - 0.27).abs() < 1e-6);
+    assert_eq!(
+        row.get::<String, _>(8),
+        "endpoint-independent/address-and-port-dependent"
+    );
+    assert_eq!(
+        row.get::<String, _>(9),
+        "endpoint-independent/address-dependent"
+    );
+    assert_eq!(row.get::<String, _>(10), "quic");
+    assert_eq!(row.get::<String, _>(11), "k-1");
+    assert!(
+        !row.get::<String, _>(12).is_empty(),
+        "the listen set is linked"
+    );
 
-        let m = sqlx::query("SELECT internal_port, external_port, protocol, addr, addr_network FROM port_mappings WHERE hole_punch_result_id = $1")
-            .bind(id)
-            .fetch_one(store.pool())
-            .await
-            .expect("mapping");
-        assert_eq!((m.get::<i32, _>(0), m.get::<i32, _>(1)), (4001, 40001));
-        assert_eq!(m.get::<String, _>(2), "udp");
-        assert_eq!(m.get::<String, _>(3), "198.51.100.2");
-        let n = sqlx::query(&format!(
-            "SELECT {}, router_html, router_html_error FROM network_information \
-             WHERE hole_punch_result_id = $1",
-            col(b, "supports_ipv6", "int")
-        ))
-            .bind(id)
-            .fetch_one(store.pool())
-            .await
-            .expect("network");
-        assert_eq!(n.get::<Option<i64>, _>(0), Some(0));
-        assert_eq!(n.get::<Option<String>, _>(1), None);
-        assert_eq!(n.get::<Option<String>, _>(2).as_deref(), Some("not checked"));
-        let agent: (Option<String>,) = sqlx::query_as("SELECT agent_version FROM peers WHERE multi_hash = $1")
+    let sql = format!(
+        "SELECT {}, {}, {}, {}, {}, error, direct_dial_error FROM hole_punch_attempt \
+         WHERE hole_punch_result_id = $1 ORDER BY opened_at",
+        col(b, "opened_at", "us"),
+        col(b, "started_at", "us"),
+        col(b, "start_rtt", "secs"),
+        col(b, "elapsed_time", "secs"),
+        col(b, "outcome", "text"),
+    );
+    let attempts = sqlx::query(&sql)
+        .bind(id)
+        .fetch_all(store.pool())
+        .await
+        .expect("attempts");
+    assert_eq!(attempts.len(), 2);
+    assert_eq!(attempts[0].get::<i64, _>(0), t0_us + 90_000);
+    assert_eq!(attempts[0].get::<i64, _>(1), t0_us + 100_000);
+    assert!((attempts[0].get::<f64, _>(2) - 0.104).abs() < 1e-6);
+    assert!((attempts[0].get::<f64, _>(3) - 3.0).abs() < 1e-6);
+    assert_eq!(attempts[0].get::<String, _>(4), "TIMEOUT");
+    assert_eq!(
+        attempts[0].get::<Option<String>, _>(5),
+        None,
+        "empty error is NULL"
+    );
+    assert_eq!(
+        attempts[0].get::<Option<String>, _>(6).as_deref(),
+        Some("dial timeout")
+    );
+    assert_eq!(attempts[1].get::<String, _>(4), "SUCCESS");
+
+    let links = sqlx::query(&format!(
+        "SELECT {}, count(*) FROM hole_punch_results_x_multi_addresses \
+         WHERE hole_punch_result_id = $1 GROUP BY relationship ORDER BY 1",
+        col(b, "relationship", "text")
+    ))
+    .bind(id)
+    .fetch_all(store.pool())
+    .await
+    .expect("links");
+    let links: Vec<(String, i64)> = links.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(links, vec![("FINAL".into(), 2), ("INITIAL".into(), 1)]);
+
+    let lat = sqlx::query(&format!(
+        "SELECT {}, rtt_avg, rtt_min, rtt_max, rtt_std, {} FROM latency_measurements \
+         WHERE hole_punch_result_id = $1",
+        col(b, "mtype", "text"),
+        col(b, "rtts", "text"),
+    ))
+    .bind(id)
+    .fetch_one(store.pool())
+    .await
+    .expect("latency");
+    assert_eq!(lat.get::<String, _>(0), "TO_RELAY");
+    assert!(
+        (lat.get::<f64, _>(1) - 0.06).abs() < 1e-6,
+        "the -1 is left out of the mean"
+    );
+    assert!(
+        (lat.get::<f64, _>(2) - 0.05).abs() < 1e-6,
+        "and out of the minimum"
+    );
+    assert!((lat.get::<f64, _>(3) - 0.07).abs() < 1e-6);
+    assert!(lat.get::<Option<f64>, _>(4).is_some());
+    assert!(
+        lat.get::<String, _>(5).contains("-1"),
+        "the sent values are kept"
+    );
+
+    let m = sqlx::query("SELECT internal_port, external_port, protocol, addr, addr_network FROM port_mappings WHERE hole_punch_result_id = $1")
+        .bind(id)
+        .fetch_one(store.pool())
+        .await
+        .expect("mapping");
+    assert_eq!((m.get::<i32, _>(0), m.get::<i32, _>(1)), (4001, 40001));
+    assert_eq!(m.get::<String, _>(2), "udp");
+    assert_eq!(m.get::<String, _>(3), "198.51.100.2");
+    let n = sqlx::query(&format!(
+        "SELECT {}, router_html, router_html_error FROM network_information \
+         WHERE hole_punch_result_id = $1",
+        col(b, "supports_ipv6", "int")
+    ))
+    .bind(id)
+    .fetch_one(store.pool())
+    .await
+    .expect("network");
+    assert_eq!(n.get::<Option<i64>, _>(0), Some(0));
+    assert_eq!(n.get::<Option<String>, _>(1), None);
+    assert_eq!(
+        n.get::<Option<String>, _>(2).as_deref(),
+        Some("not checked")
+    );
+    let agent: (Option<String>,) =
+        sqlx::query_as("SELECT agent_version FROM peers WHERE multi_hash = $1")
             .bind(relay.to_base58())
             .fetch_one(store.pool())
             .await
             .expect("relay peer");
-        assert_eq!(agent.0.as_deref(), Some("relay/1"));
+    assert_eq!(agent.0.as_deref(), Some("relay/1"));
 
-        let counts = store.counts().await.expect("counts");
-        assert_eq!(
-            (counts.results, counts.attempts, counts.latencies, counts.mappings, counts.networks),
-            (1, 2, 1, 1, 1),
-            "the retry added nothing"
-        );
-        let rows = store.results().await.expect("results");
-        assert_eq!(rows.len(), 1);
-        assert_eq!((rows[0].local.as_str(), rows[0].remote.as_str()), (client.to_base58().as_str(), remote.to_base58().as_str()));
-        assert_eq!(rows[0].outcome, "SUCCESS");
-        assert_eq!(rows[0].filters, vec![4, 461]);
-        assert_eq!(rows[0].transport.as_deref(), Some("quic"));
-        assert!((rows[0].time_to_direct.expect("time to direct") - 0.27).abs() < 1e-6);
-        // Concurrent retries of a new report: one is stored, the rest acknowledged.
-        let report = Report::from_request(&sample::report(client, remote, relay, "key", Some("k-2"))).expect("valid");
-        let tasks: Vec<_> = (0..8)
-            .map(|_| {
-                let (store, report) = (store.clone(), report.clone());
-                tokio::spawn(async move { store.track(auth, &report, now_ns()).await })
-            })
-            .collect();
-        let mut stored = 0;
-        for t in tasks {
-            match t.await.expect("task").expect("track") {
-                Tracked::Stored(_) => stored += 1,
-                Tracked::Duplicate(_) => {}
-                Tracked::NotRegistered => panic!("registered"),
-            }
+    let counts = store.counts().await.expect("counts");
+    assert_eq!(
+        (
+            counts.results,
+            counts.attempts,
+            counts.latencies,
+            counts.mappings,
+            counts.networks
+        ),
+        (1, 2, 1, 1, 1),
+        "the retry added nothing"
+    );
+    let rows = store.results().await.expect("results");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (rows[0].local.as_str(), rows[0].remote.as_str()),
+        (client.to_base58().as_str(), remote.to_base58().as_str())
+    );
+    assert_eq!(rows[0].outcome, "SUCCESS");
+    assert_eq!(rows[0].filters, vec![4, 461]);
+    assert_eq!(rows[0].transport.as_deref(), Some("quic"));
+    assert!((rows[0].time_to_direct.expect("time to direct") - 0.27).abs() < 1e-6);
+    // Concurrent retries of a new report: one is stored, the rest acknowledged.
+    let report = Report::from_request(&sample::report(client, remote, relay, "key", Some("k-2")))
+        .expect("valid");
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (store, report) = (store.clone(), report.clone());
+            tokio::spawn(async move { store.track(auth, &report, now_ns()).await })
+        })
+        .collect();
+    let mut stored = 0;
+    for t in tasks {
+        match t.await.expect("task").expect("track") {
+            Tracked::Stored(_) => stored += 1,
+            Tracked::Duplicate(_) => {}
+            Tracked::NotRegistered => panic!("registered"),
         }
-        assert_eq!(stored, 1);
-        assert_eq!(store.counts().await.expect("counts").results, 2);
-        // A host registered with another key cannot report under this one.
-        let stranger = peer();
-        register(&store, "other", stranger).await;
-        let report = Report::from_request(&sample::report(stranger, remote, relay, "key", None)).expect("valid");
-        assert_eq!(store.track(auth, &report, now_ns()).await.expect("track"), Tracked::NotRegistered);
-        assert_eq!(store.counts().await.expect("counts").results, 2);
-    })
-    .await;
+    }
+    assert_eq!(stored, 1);
+    assert_eq!(store.counts().await.expect("counts").results, 2);
+    // A host registered with another key cannot report under this one.
+    let stranger = peer();
+    register(&store, "other", stranger).await;
+    let report =
+        Report::from_request(&sample::report(stranger, remote, relay, "key", None)).expect("valid");
+    assert_eq!(
+        store.track(auth, &report, now_ns()).await.expect("track"),
+        Tracked::NotRegistered
+    );
+    assert_eq!(store.counts().await.expect("counts").results, 2);
 }
 
 /// Starts the gRPC service on `store` at a loopback port.
@@ -499,183 +555,177 @@ async fn serve(store: SqlStore, config: Config) -> (String, tokio::task::JoinHan
     (url, task)
 }
 
-#[tokio::test]
-async fn invalid_reports_are_refused_naming_the_field_and_store_nothing() {
-    on_both(|store| async move {
-        let (url, task) = serve(store.clone(), Config::default()).await;
-        let mut client = PunchrServiceClient::connect(url).await.expect("connect");
-        let (host, remote, relay) = (peer(), peer(), peer());
-        client
-            .register(register_request(host))
-            .await
-            .expect("register");
-        let before = store.counts().await.expect("counts");
-        let good = sample::report(host, remote, relay, "key", None);
-        type Spoil = fn(&mut pb::TrackHolePunchRequest);
-        let cases: Vec<(&str, Spoil)> = vec![
-            ("client_id", |r| r.client_id = b"nope".to_vec()),
-            ("remote_id", |r| r.remote_id.clear()),
-            ("connect_started_at", |r| r.connect_started_at = 0),
-            ("connect_ended_at", |r| r.connect_ended_at = 0),
-            ("connect_ended_at", |r| {
-                r.connect_ended_at = r.connect_started_at - 1
-            }),
-            ("ended_at", |r| r.ended_at = 0),
-            ("outcome", |r| r.outcome = 42),
-            ("listen_multi_addresses", |r| {
-                r.listen_multi_addresses.clear()
-            }),
-            ("listen_multi_addresses[1]", |r| {
-                r.listen_multi_addresses[1] = vec![0xff, 0x01]
-            }),
-            ("remote_multi_addresses[0]", |r| {
-                r.remote_multi_addresses[0] = vec![0x04]
-            }),
-            ("hole_punch_attempts[1].opened_at", |r| {
-                r.hole_punch_attempts[1].opened_at = 0
-            }),
-            ("hole_punch_attempts[0].ended_at", |r| {
-                r.hole_punch_attempts[0].ended_at = 0
-            }),
-            ("hole_punch_attempts[1].elapsed_time", |r| {
-                r.hole_punch_attempts[1].elapsed_time = f32::NAN
-            }),
-            ("hole_punch_attempts[0].outcome", |r| {
-                r.hole_punch_attempts[0].outcome = -3
-            }),
-            ("hole_punch_attempts[0].multi_addresses[0]", |r| {
-                r.hole_punch_attempts[0].multi_addresses[0] = vec![]
-            }),
-            ("latency_measurements[0].rtt_errs", |r| {
-                r.latency_measurements[0].rtt_errs.pop();
-            }),
-            ("latency_measurements[0].rtts[2]", |r| {
-                r.latency_measurements[0].rtts[2] = -0.5
-            }),
-            ("latency_measurements[0].mtype", |r| {
-                r.latency_measurements[0].mtype = 9
-            }),
-            ("nat_mappings[0].external_port", |r| {
-                r.nat_mappings[0].external_port = 70000
-            }),
-            ("idempotency_key", |r| {
-                r.idempotency_key = Some(String::new())
-            }),
-            ("time_to_direct", |r| r.time_to_direct = Some(-1.0)),
-        ];
-        for (field, spoil) in cases {
-            let mut r = good.clone();
-            spoil(&mut r);
-            let status = client.track_hole_punch(r).await.expect_err(field);
-            assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
-            assert!(
-                status.message().starts_with(&format!("{field}:")),
-                "{field}: {}",
-                status.message()
-            );
-        }
-        // Keys: missing, unknown.
+on_both_backends!(invalid_reports_are_refused_naming_the_field_and_store_nothing);
+async fn invalid_reports_are_refused_naming_the_field_and_store_nothing(store: SqlStore) {
+    let (url, task) = serve(store.clone(), Config::default()).await;
+    let mut client = PunchrServiceClient::connect(url).await.expect("connect");
+    let (host, remote, relay) = (peer(), peer(), peer());
+    client
+        .register(register_request(host))
+        .await
+        .expect("register");
+    let before = store.counts().await.expect("counts");
+    let good = sample::report(host, remote, relay, "key", None);
+    type Spoil = fn(&mut pb::TrackHolePunchRequest);
+    let cases: Vec<(&str, Spoil)> = vec![
+        ("client_id", |r| r.client_id = b"nope".to_vec()),
+        ("remote_id", |r| r.remote_id.clear()),
+        ("connect_started_at", |r| r.connect_started_at = 0),
+        ("connect_ended_at", |r| r.connect_ended_at = 0),
+        ("connect_ended_at", |r| {
+            r.connect_ended_at = r.connect_started_at - 1
+        }),
+        ("ended_at", |r| r.ended_at = 0),
+        ("outcome", |r| r.outcome = 42),
+        ("listen_multi_addresses", |r| {
+            r.listen_multi_addresses.clear()
+        }),
+        ("listen_multi_addresses[1]", |r| {
+            r.listen_multi_addresses[1] = vec![0xff, 0x01]
+        }),
+        ("remote_multi_addresses[0]", |r| {
+            r.remote_multi_addresses[0] = vec![0x04]
+        }),
+        ("hole_punch_attempts[1].opened_at", |r| {
+            r.hole_punch_attempts[1].opened_at = 0
+        }),
+        ("hole_punch_attempts[0].ended_at", |r| {
+            r.hole_punch_attempts[0].ended_at = 0
+        }),
+        ("hole_punch_attempts[1].elapsed_time", |r| {
+            r.hole_punch_attempts[1].elapsed_time = f32::NAN
+        }),
+        ("hole_punch_attempts[0].outcome", |r| {
+            r.hole_punch_attempts[0].outcome = -3
+        }),
+        ("hole_punch_attempts[0].multi_addresses[0]", |r| {
+            r.hole_punch_attempts[0].multi_addresses[0] = vec![]
+        }),
+        ("latency_measurements[0].rtt_errs", |r| {
+            r.latency_measurements[0].rtt_errs.pop();
+        }),
+        ("latency_measurements[0].rtts[2]", |r| {
+            r.latency_measurements[0].rtts[2] = -0.5
+        }),
+        ("latency_measurements[0].mtype", |r| {
+            r.latency_measurements[0].mtype = 9
+        }),
+        ("nat_mappings[0].external_port", |r| {
+            r.nat_mappings[0].external_port = 70000
+        }),
+        ("idempotency_key", |r| {
+            r.idempotency_key = Some(String::new())
+        }),
+        ("time_to_direct", |r| r.time_to_direct = Some(-1.0)),
+    ];
+    for (field, spoil) in cases {
         let mut r = good.clone();
-        r.api_key.clear();
-        let status = client.track_hole_punch(r).await.expect_err("no key");
-        assert_eq!(status.code(), Code::Unauthenticated);
-        assert!(status.message().contains("unauthorized"));
-        let mut r = good.clone();
-        r.api_key = "unknown".into();
-        assert_eq!(
-            client
-                .track_hole_punch(r)
-                .await
-                .expect_err("unknown")
-                .code(),
-            Code::Unauthenticated
+        spoil(&mut r);
+        let status = client.track_hole_punch(r).await.expect_err(field);
+        assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
+        assert!(
+            status.message().starts_with(&format!("{field}:")),
+            "{field}: {}",
+            status.message()
         );
-        // A host not registered with the key.
-        let mut r = good.clone();
-        r.client_id = peer().to_bytes();
-        let status = client
+    }
+    // Keys: missing, unknown.
+    let mut r = good.clone();
+    r.api_key.clear();
+    let status = client.track_hole_punch(r).await.expect_err("no key");
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert!(status.message().contains("unauthorized"));
+    let mut r = good.clone();
+    r.api_key = "unknown".into();
+    assert_eq!(
+        client
             .track_hole_punch(r)
             .await
-            .expect_err("not registered");
-        assert_eq!(status.code(), Code::FailedPrecondition);
-        assert!(status.message().contains("please restart the client"));
-        let after = store.counts().await.expect("counts");
-        assert_eq!(after, before, "nothing stored");
-        assert_eq!(after.results, 0);
-        // The good one is stored.
-        client.track_hole_punch(good).await.expect("valid report");
-        assert_eq!(store.counts().await.expect("counts").results, 1);
-        task.abort();
-    })
-    .await;
+            .expect_err("unknown")
+            .code(),
+        Code::Unauthenticated
+    );
+    // A host not registered with the key.
+    let mut r = good.clone();
+    r.client_id = peer().to_bytes();
+    let status = client
+        .track_hole_punch(r)
+        .await
+        .expect_err("not registered");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(status.message().contains("please restart the client"));
+    let after = store.counts().await.expect("counts");
+    assert_eq!(after, before, "nothing stored");
+    assert_eq!(after.results, 0);
+    // The good one is stored.
+    client.track_hole_punch(good).await.expect("valid report");
+    assert_eq!(store.counts().await.expect("counts").results, 1);
+    task.abort();
 }
 
-#[tokio::test]
-async fn get_addr_info_serves_relay_addresses_with_a_filter_or_not_found() {
-    on_both(|store| async move {
-        let config = Config {
-            filters: "ip4/quic-v1:1".parse().expect("filters"),
-            ..Config::default()
-        };
-        let (url, task) = serve(store.clone(), config).await;
-        let mut client = PunchrServiceClient::connect(url).await.expect("connect");
-        let host = peer();
-        let db_id = client
-            .register(register_request(host))
-            .await
-            .expect("register")
-            .into_inner()
-            .db_peer_id;
-        assert!(db_id > 0);
-        let ask = || pb::GetAddrInfoRequest {
-            host_id: host.to_bytes(),
-            all_host_ids: vec![host.to_bytes()],
-            api_key: "key".into(),
-        };
-        let status = client.get_addr_info(ask()).await.expect_err("nothing yet");
-        assert_eq!(status.code(), Code::NotFound);
-        let (remote, relay) = (peer(), peer());
-        let addr = relay_addr(relay, 4001);
-        seen(
-            &store,
-            peer(),
-            remote,
-            std::slice::from_ref(&addr),
-            now_ns() - MIN,
-        )
-        .await;
-        let got = client
+on_both_backends!(get_addr_info_serves_relay_addresses_with_a_filter_or_not_found);
+async fn get_addr_info_serves_relay_addresses_with_a_filter_or_not_found(store: SqlStore) {
+    let config = Config {
+        filters: "ip4/quic-v1:1".parse().expect("filters"),
+        ..Config::default()
+    };
+    let (url, task) = serve(store.clone(), config).await;
+    let mut client = PunchrServiceClient::connect(url).await.expect("connect");
+    let host = peer();
+    let db_id = client
+        .register(register_request(host))
+        .await
+        .expect("register")
+        .into_inner()
+        .db_peer_id;
+    assert!(db_id > 0);
+    let ask = || pb::GetAddrInfoRequest {
+        host_id: host.to_bytes(),
+        all_host_ids: vec![host.to_bytes()],
+        api_key: "key".into(),
+    };
+    let status = client.get_addr_info(ask()).await.expect_err("nothing yet");
+    assert_eq!(status.code(), Code::NotFound);
+    let (remote, relay) = (peer(), peer());
+    let addr = relay_addr(relay, 4001);
+    seen(
+        &store,
+        peer(),
+        remote,
+        std::slice::from_ref(&addr),
+        now_ns() - MIN,
+    )
+    .await;
+    let got = client
+        .get_addr_info(ask())
+        .await
+        .expect("served")
+        .into_inner();
+    assert_eq!(PeerId::from_bytes(&got.remote_id).expect("peer id"), remote);
+    let addrs: Vec<Multiaddr> = got
+        .multi_addresses
+        .iter()
+        .map(|b| Multiaddr::try_from(b.clone()).expect("maddr"))
+        .collect();
+    assert_eq!(addrs, vec![addr]);
+    assert_eq!(got.protocols, vec![4, 461]);
+    assert_eq!(
+        client
             .get_addr_info(ask())
             .await
-            .expect("served")
-            .into_inner();
-        assert_eq!(PeerId::from_bytes(&got.remote_id).expect("peer id"), remote);
-        let addrs: Vec<Multiaddr> = got
-            .multi_addresses
-            .iter()
-            .map(|b| Multiaddr::try_from(b.clone()).expect("maddr"))
-            .collect();
-        assert_eq!(addrs, vec![addr]);
-        assert_eq!(got.protocols, vec![4, 461]);
-        assert_eq!(
-            client
-                .get_addr_info(ask())
-                .await
-                .expect_err("served once")
-                .code(),
-            Code::NotFound
-        );
-        let mut stranger = ask();
-        stranger.host_id = peer().to_bytes();
-        stranger.all_host_ids = vec![stranger.host_id.clone()];
-        let status = client
-            .get_addr_info(stranger)
-            .await
-            .expect_err("unregistered");
-        assert_eq!(status.code(), Code::FailedPrecondition);
-        task.abort();
-    })
-    .await;
+            .expect_err("served once")
+            .code(),
+        Code::NotFound
+    );
+    let mut stranger = ask();
+    stranger.host_id = peer().to_bytes();
+    stranger.all_host_ids = vec![stranger.host_id.clone()];
+    let status = client
+        .get_addr_info(stranger)
+        .await
+        .expect_err("unregistered");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    task.abort();
 }
 
 #[tokio::test]
@@ -1060,49 +1110,46 @@ fn a_report_from_a_punchr_client_decodes_field_by_field() {
     assert_eq!(r.encode_to_vec(), body);
 }
 
-#[tokio::test]
-async fn reports_from_punchrs_rust_client_get_their_durations_in_seconds() {
-    on_both(|store| async move {
-        let (client, remote, relay) = (peer(), peer(), peer());
-        store
-            .register(
-                "rust",
-                true,
-                Host {
-                    peer: &client.to_base58(),
-                    agent_version: "punchr/rust-client/0.2.1",
-                    protocols: &[],
-                },
-                now_ns(),
-            )
-            .await
-            .expect("register");
-        let auth = store.authorize("rust").await.expect("auth").expect("key");
-        let mut request = sample::report(client, remote, relay, "rust", None);
-        // (ended - started) / 1000 from nanoseconds: 300 ms sent as 300000.
-        for a in &mut request.hole_punch_attempts {
-            a.elapsed_time *= 1e6;
-        }
-        let report = Report::from_request(&request).expect("valid");
-        let Tracked::Stored(id) = store.track(auth, &report, now_ns()).await.expect("track") else {
-            panic!("stored");
-        };
-        let sql = format!(
-            "SELECT {} FROM hole_punch_attempt WHERE hole_punch_result_id = $1 ORDER BY opened_at",
-            col(store.backend(), "elapsed_time", "secs")
-        );
-        let rows = sqlx::query(&sql)
-            .bind(id)
-            .fetch_all(store.pool())
-            .await
-            .expect("attempts");
-        let secs: Vec<f64> = rows.iter().map(|r| r.get(0)).collect();
-        assert!(
-            (secs[0] - 3.0).abs() < 1e-3 && (secs[1] - 0.3).abs() < 1e-3,
-            "{secs:?}"
-        );
-    })
-    .await;
+on_both_backends!(reports_from_punchrs_rust_client_get_their_durations_in_seconds);
+async fn reports_from_punchrs_rust_client_get_their_durations_in_seconds(store: SqlStore) {
+    let (client, remote, relay) = (peer(), peer(), peer());
+    store
+        .register(
+            "rust",
+            true,
+            Host {
+                peer: &client.to_base58(),
+                agent_version: "punchr/rust-client/0.2.1",
+                protocols: &[],
+            },
+            now_ns(),
+        )
+        .await
+        .expect("register");
+    let auth = store.authorize("rust").await.expect("auth").expect("key");
+    let mut request = sample::report(client, remote, relay, "rust", None);
+    // (ended - started) / 1000 from nanoseconds: 300 ms sent as 300000.
+    for a in &mut request.hole_punch_attempts {
+        a.elapsed_time *= 1e6;
+    }
+    let report = Report::from_request(&request).expect("valid");
+    let Tracked::Stored(id) = store.track(auth, &report, now_ns()).await.expect("track") else {
+        panic!("stored");
+    };
+    let sql = format!(
+        "SELECT {} FROM hole_punch_attempt WHERE hole_punch_result_id = $1 ORDER BY opened_at",
+        col(store.backend(), "elapsed_time", "secs")
+    );
+    let rows = sqlx::query(&sql)
+        .bind(id)
+        .fetch_all(store.pool())
+        .await
+        .expect("attempts");
+    let secs: Vec<f64> = rows.iter().map(|r| r.get(0)).collect();
+    assert!(
+        (secs[0] - 3.0).abs() < 1e-3 && (secs[1] - 0.3).abs() < 1e-3,
+        "{secs:?}"
+    );
 }
 
 #[tokio::test]

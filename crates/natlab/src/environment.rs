@@ -1,4 +1,10 @@
-//! What the machine needs for a lab, and how tests that need one decide to run or skip.
+//! What the machine needs for a lab, and what tests that need one (or another part of the
+//! machine: miniupnpd, coturn, Chromium, PostgreSQL) call first.
+//!
+//! Such tests are `#[ignore = "needs …: ./test runs it"]`: a plain `cargo test` counts them as
+//! ignored in its own summary, never as passed, and `./test` runs them with
+//! `--include-ignored` (as root, after installing what they need). A test that runs without
+//! its part fails naming it.
 
 use std::path::Path;
 
@@ -38,44 +44,55 @@ pub fn check() -> Result<(), String> {
     Ok(())
 }
 
-/// For tests that need a port-mapping router: [`lab_test_can_run`], plus miniupnpd.
-pub fn portmap_test_can_run(test: &str) -> bool {
-    if !lab_test_can_run(test) {
-        return false;
-    }
-    if Path::new(crate::portmap::MINIUPNPD).is_file() {
-        return true;
-    }
-    let why = "miniupnpd is not installed (apt-get install miniupnpd-nftables miniupnpd)";
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{test}: CI=true but {why}");
-    }
-    eprintln!("skipping {test}: {why}");
-    false
+/// Under `CI=true` every part must be there; say which is missing.
+fn missing(test: &str, why: &str) -> ! {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    panic!(
+        "{test}: {why}{}",
+        if ci {
+            " (CI=true runs every test)"
+        } else {
+            " (this test is #[ignore]d by default because it needs it; run ./test as root, \
+             which installs what is missing)"
+        }
+    )
 }
 
-/// For tests that need a lab: `true` if they can run. The first call also sweeps away labs
-/// that crashed earlier runs left behind. Without a usable environment this prints
-/// why and returns `false` (the test then skips), except under `CI=true`, where it panics:
-/// CI must run every lab test.
-pub fn lab_test_can_run(test: &str) -> bool {
+/// For tests that need a lab; they carry
+/// `#[ignore = "needs root and the NAT lab (…): ./test runs it"]`, so a plain `cargo test`
+/// lists them as ignored, and `./test` runs them with `--include-ignored`. Once asked to run,
+/// a test without a usable environment fails with the reason: a skip is never a pass. The
+/// first call also sweeps away labs that crashed earlier runs left behind.
+pub fn require_lab(test: &str) {
     static SWEEP: std::sync::Once = std::sync::Once::new();
-    match check() {
-        Ok(()) => {
-            SWEEP.call_once(|| {
-                let removed = crate::lab::sweep();
-                if !removed.is_empty() {
-                    eprintln!("removed stale lab leftovers: {}", removed.join(", "));
-                }
-            });
-            true
+    if let Err(why) = check() {
+        missing(test, &why);
+    }
+    SWEEP.call_once(|| {
+        let removed = crate::lab::sweep();
+        if !removed.is_empty() {
+            eprintln!("removed stale lab leftovers: {}", removed.join(", "));
         }
-        Err(why) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("{test}: CI=true but the lab cannot run: {why}")
-        }
-        Err(why) => {
-            eprintln!("skipping {test}: {why}");
-            false
-        }
+    });
+}
+
+/// For tests that need a port-mapping router: [`require_lab`], plus miniupnpd.
+pub fn require_portmap(test: &str) {
+    require_lab(test);
+    if !Path::new(crate::portmap::MINIUPNPD).is_file() {
+        missing(
+            test,
+            "miniupnpd is not installed (apt-get install miniupnpd-nftables miniupnpd)",
+        );
+    }
+}
+
+/// For tests that need `program` (from the Debian package `package`) on the PATH.
+pub fn require_program(test: &str, program: &str, package: &str) {
+    if !on_path(program) {
+        missing(
+            test,
+            &format!("{program} is not installed (apt-get install {package})"),
+        );
     }
 }

@@ -81,6 +81,56 @@ fn help_and_version_describe_the_tool() {
     );
 }
 
+/// Tests that need root or a system part are `#[ignore = "needs …"]`, so a plain `cargo test`
+/// counts them as ignored, never as passed; none prints "skipping" and returns.
+#[test]
+fn tests_that_need_the_machine_are_ignored_with_a_reason_never_skipped_silently() {
+    // Spelt in pieces, so that this test does not find itself.
+    let needs = [
+        concat!("require_", "lab("),
+        concat!("require_", "portmap("),
+        concat!("require_", "program("),
+        concat!("TempPostgres", "::start("),
+    ];
+    let mut checked = 0;
+    for file in [
+        "crates/natpunch/tests/cli.rs",
+        "crates/natlab/tests/lab.rs",
+        "crates/api/tests/api.rs",
+    ] {
+        let text = std::fs::read_to_string(repo_file(file)).expect("test source");
+        assert!(
+            !text.contains(concat!("eprintln!(\"skip", "ping")),
+            "{file} skips by printing and returning"
+        );
+        // Each test: its attributes, then its body up to the next test.
+        let starts: Vec<usize> = text
+            .match_indices(concat!("#[", "test]"))
+            .chain(text.match_indices(concat!("#[", "tokio::test")))
+            .map(|(i, _)| i)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        for (k, &start) in starts.iter().enumerate() {
+            let end = starts.get(k + 1).copied().unwrap_or(text.len());
+            let test = &text[start..end];
+            let Some(fn_at) = test.find("fn ") else {
+                continue;
+            };
+            let (attrs, body) = test.split_at(fn_at);
+            let name: String = body[3..].chars().take_while(|c| *c != '(').collect();
+            if needs.iter().any(|n| body.contains(n)) {
+                checked += 1;
+                assert!(
+                    attrs.contains("#[ignore = \"needs "),
+                    "{file}: {name} needs the machine but is not #[ignore = \"needs …\"]"
+                );
+            }
+        }
+    }
+    assert!(checked >= 30, "only {checked} tests found that need the machine");
+}
+
 /// A server that does not answer is an error naming it, not a verdict about the network.
 #[test]
 fn nat_check_against_a_closed_port_is_an_error_not_a_verdict() {
@@ -250,10 +300,9 @@ impl Drop for Down {
 }
 
 #[test]
+#[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
 fn lab_up_exec_list_down_round_trip() {
-    if !natlab::environment::lab_test_can_run("lab_up_exec_list_down_round_trip") {
-        return;
-    }
+    natlab::environment::require_lab("lab_up_exec_list_down_round_trip");
     let name = natlab::lab::random_name();
     let _cleanup = Down(name.clone());
     let file = repo_file("examples/labs/two-homes.toml");
@@ -325,10 +374,9 @@ fn lab_up_exec_list_down_round_trip() {
 }
 
 #[test]
+#[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
 fn selftest_json_reports_every_preset_as_configured() {
-    if !natlab::environment::lab_test_can_run("selftest_json_reports_every_preset_as_configured") {
-        return;
-    }
+    natlab::environment::require_lab("selftest_json_reports_every_preset_as_configured");
     let out = natpunch(&["lab", "selftest", "--json"]);
     let report: Value = serde_json::from_str(&stdout(&out)).expect("JSON report");
     let presets = report["presets"].as_array().expect("presets");
@@ -367,13 +415,11 @@ fn selftest_json_reports_every_preset_as_configured() {
 /// stun-server` on a public host with two addresses: the classification equals what the
 /// routers are configured to do, and `--lifetime` finds the CGNAT's 30 s UDP timeout.
 #[test]
+#[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
 fn nat_check_classifies_every_lab_preset_as_configured() {
     use natlab::selftest::{expected_through, path_of, topology};
     use natlab::{Lab, LabOptions, Preset};
-    if !natlab::environment::lab_test_can_run("nat_check_classifies_every_lab_preset_as_configured")
-    {
-        return;
-    }
+    natlab::environment::require_lab("nat_check_classifies_every_lab_preset_as_configured");
     let lab = Lab::build(&topology(&Preset::ALL), LabOptions::default()).expect("lab");
     let addrs = lab
         .node("reflector")
@@ -401,17 +447,14 @@ fn nat_check_classifies_every_lab_preset_as_configured() {
         .expect("server ready");
     // coturn as the other RFC 5780 server, on the same two addresses and other ports. Debian's
     // /etc/turnserver.conf says `no-rfc5780`, so coturn gets an empty configuration instead.
-    let coturn_present = Path::new("/usr/bin/turnserver").exists();
-    if !coturn_present {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI=true needs coturn"
-        );
-        eprintln!("skipping the coturn interop part: turnserver (coturn) is not installed");
-    }
+    natlab::environment::require_program(
+        "nat_check_classifies_every_lab_preset_as_configured",
+        "turnserver",
+        "coturn",
+    );
     let coturn_primary = format!("{}:4478", addrs[0]);
     let pidfile = std::env::temp_dir().join(format!("natpunch-coturn-{}.pid", std::process::id()));
-    let coturn = coturn_present.then(|| {
+    let coturn = {
         let (ip0, ip1) = (addrs[0].to_string(), addrs[1].to_string());
         let coturn = lab
             .spawn(
@@ -444,7 +487,7 @@ fn nat_check_classifies_every_lab_preset_as_configured() {
             .wait_for("Total General servers", std::time::Duration::from_secs(10))
             .expect("coturn ready");
         coturn
-    });
+    };
 
     let check_against = |server: &str, preset: Preset, extra: &[&str]| -> Value {
         let host = format!("h-{preset}");
@@ -462,14 +505,12 @@ fn nat_check_classifies_every_lab_preset_as_configured() {
             .iter()
             .map(|&p| (p, "natpunch", s.spawn(move || check(p, &[]))))
             .collect();
-        if coturn.is_some() {
-            let coturn_primary = &coturn_primary;
-            let check_against = &check_against;
-            rows.extend(Preset::ALL.iter().map(|&p| {
-                let row = s.spawn(move || check_against(coturn_primary, p, &[]));
-                (p, "coturn", row)
-            }));
-        }
+        let coturn_primary = &coturn_primary;
+        let check_against = &check_against;
+        rows.extend(Preset::ALL.iter().map(|&p| {
+            let row = s.spawn(move || check_against(coturn_primary, p, &[]));
+            (p, "coturn", row)
+        }));
         for (preset, server, row) in rows {
             let report = row.join().expect("check thread");
             let label = format!("{preset} against {server}");
@@ -495,16 +536,11 @@ fn nat_check_classifies_every_lab_preset_as_configured() {
             assert_eq!(report["public_addresses"][0], public.to_string(), "{label}");
         }
         // coturn's RFC 5780 client agrees with our server about our routers.
-        let natdiscovery = Path::new("/usr/bin/turnutils_natdiscovery").exists();
-        if !natdiscovery {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI=true needs coturn's natdiscovery"
-            );
-            eprintln!(
-                "skipping the coturn interop part: turnutils_natdiscovery (coturn) is not installed"
-            );
-        }
+        natlab::environment::require_program(
+            "nat_check_classifies_every_lab_preset_as_configured",
+            "turnutils_natdiscovery",
+            "coturn",
+        );
         for (preset, mapping, filtering) in [
             (
                 Preset::FullCone,
@@ -521,10 +557,7 @@ fn nat_check_classifies_every_lab_preset_as_configured() {
                 "Address and Port Dependent",
                 "Address and Port Dependent",
             ),
-        ]
-        .into_iter()
-        .filter(|_| natdiscovery)
-        {
+        ] {
             let ip = addrs[0].to_string();
             let out = lab
                 .exec(
@@ -572,17 +605,13 @@ mod erased {
 /// `natpunch bench stun` drives both servers and reports a ratio (figures are not asserted:
 /// performance is measured, in docs/benchmarks.md).
 #[test]
+#[ignore = "needs coturn: ./test installs it and runs this"]
 fn bench_stun_measures_both_servers_and_reports_a_ratio() {
-    if !Path::new("/usr/bin/turnserver").exists() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI=true needs coturn"
-        );
-        eprintln!(
-            "skipping bench_stun_measures_both_servers_and_reports_a_ratio: coturn is not installed"
-        );
-        return;
-    }
+    natlab::environment::require_program(
+        "bench_stun_measures_both_servers_and_reports_a_ratio",
+        "turnserver",
+        "coturn",
+    );
     let out = natpunch(&[
         "bench",
         "stun",
@@ -737,15 +766,12 @@ fn tcp_reaches(lab: &natlab::Lab, internal: u16, to: std::net::SocketAddrV4) -> 
 /// keeps the external port, a second LAN host asking for the same port gets another one without
 /// breaking the first, delete removes it from the router.
 #[test]
+#[ignore = "needs root, the NAT lab and miniupnpd: ./test runs it"]
 fn map_add_list_renew_conflict_delete_with_every_protocol() {
     use std::net::SocketAddrV4;
 
     use natlab::{Lab, LabOptions, Topology};
-    if !natlab::environment::portmap_test_can_run(
-        "map_add_list_renew_conflict_delete_with_every_protocol",
-    ) {
-        return;
-    }
+    natlab::environment::require_portmap("map_add_list_renew_conflict_delete_with_every_protocol");
     let text =
         std::fs::read_to_string(repo_file("examples/labs/portmap-home.toml")).expect("example");
     let topology = Topology::from_toml(&text).expect("topology");
@@ -872,12 +898,9 @@ fn map_add_list_renew_conflict_delete_with_every_protocol() {
 /// recorded, a bad address or a host is refused with a clear error, and a reboot leaves a
 /// fresh miniupnpd answering.
 #[test]
+#[ignore = "needs root, the NAT lab and miniupnpd: ./test runs it"]
 fn lab_renumber_and_reboot_commands_act_on_a_detached_lab() {
-    if !natlab::environment::portmap_test_can_run(
-        "lab_renumber_and_reboot_commands_act_on_a_detached_lab",
-    ) {
-        return;
-    }
+    natlab::environment::require_portmap("lab_renumber_and_reboot_commands_act_on_a_detached_lab");
     let name = natlab::lab::random_name();
     let file = repo_file("examples/labs/portmap-home.toml");
     let up = natpunch(&["lab", "up", file.to_str().expect("utf-8"), "--name", &name]);
@@ -940,16 +963,15 @@ fn lab_renumber_and_reboot_commands_act_on_a_detached_lab() {
 /// router and in the record. The check runs every 60 s, so what is measured is the
 /// announcements, NOTIFYs and epochs.
 #[test]
+#[ignore = "needs root, the NAT lab and miniupnpd: ./test runs it"]
 fn map_keep_survives_router_reboot_and_renumbering_with_every_protocol() {
     use std::net::SocketAddrV4;
     use std::time::{Duration, Instant};
 
     use natlab::{Lab, LabOptions, LabProcess, Topology};
-    if !natlab::environment::portmap_test_can_run(
+    natlab::environment::require_portmap(
         "map_keep_survives_router_reboot_and_renumbering_with_every_protocol",
-    ) {
-        return;
-    }
+    );
     /// Waits until the JSON lines `keep` printed after the first `skip` satisfy `done`.
     fn wait_events(
         keep: &LabProcess,
@@ -1162,13 +1184,12 @@ fn map_in(lab: &natlab::Lab, host: &str, state: &Path, args: &[&str]) -> (bool, 
 /// they ask for from miniupnpd); `--via auto` takes the best protocol each router speaks; asking
 /// for a protocol the router lacks fails with the protocol named.
 #[test]
+#[ignore = "needs root, the NAT lab and miniupnpd: ./test runs it"]
 fn map_add_clamps_pcp_lifetimes_and_falls_back_to_what_the_router_speaks() {
     use natlab::{Lab, LabOptions, Topology};
-    if !natlab::environment::portmap_test_can_run(
+    natlab::environment::require_portmap(
         "map_add_clamps_pcp_lifetimes_and_falls_back_to_what_the_router_speaks",
-    ) {
-        return;
-    }
+    );
     let topology = Topology::from_toml(
         r#"
         [router.full]
@@ -1243,14 +1264,13 @@ fn map_add_clamps_pcp_lifetimes_and_falls_back_to_what_the_router_speaks() {
 /// external address in 100.64/10 is flagged as behind another NAT, and a router that only grants
 /// permanent leases (725) gets one after the limited lease is refused.
 #[test]
+#[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
 fn map_handles_an_igd_behind_cgnat_that_only_grants_permanent_leases() {
     use natlab::{Lab, LabOptions, Topology};
     use testkit::igd::{FakeIgd, FakeIgdConfig};
-    if !natlab::environment::lab_test_can_run(
+    natlab::environment::require_lab(
         "map_handles_an_igd_behind_cgnat_that_only_grants_permanent_leases",
-    ) {
-        return;
-    }
+    );
     let topology = Topology::from_toml(
         r#"
         [router.home]
@@ -1333,12 +1353,11 @@ fn map_handles_an_igd_behind_cgnat_that_only_grants_permanent_leases() {
 /// listener succeeds in its reversed second attempt; natpunch's engine punches with stock
 /// rust-libp2p's on the other side, in both roles.
 #[test]
+#[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
 fn lab_matrix_punches_port_restricted_pairs_and_fails_symmetric_ones_fast() {
-    if !natlab::environment::lab_test_can_run(
+    natlab::environment::require_lab(
         "lab_matrix_punches_port_restricted_pairs_and_fails_symmetric_ones_fast",
-    ) {
-        return;
-    }
+    );
     let dir = std::env::temp_dir().join(format!("natpunch-matrix-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let matrix_with = |pair: &str, trials: &str, out: &Path, more: &[&str]| -> Value {
@@ -1984,23 +2003,19 @@ async fn server_survives(url: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn server_keeps_every_acknowledged_report_through_restart_and_sigkill() {
+async fn server_keeps_every_acknowledged_report_through_restart_and_sigkill_on_sqlite() {
     let dir = Scratch::new("server-sqlite");
     let url = format!("sqlite://{}", dir.0.join("natpunch.db").display());
     server_survives(&url).await;
-    match api::postgres::TempPostgres::start() {
-        Ok(pg) => {
-            let url = pg.new_database().expect("database");
-            server_survives(&url).await;
-        }
-        Err(e) => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI=true needs PostgreSQL: {e}"
-            );
-            eprintln!("skipping the PostgreSQL half: {e}");
-        }
-    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and PostgreSQL (a private server runs as the postgres user): ./test runs it"]
+async fn server_keeps_every_acknowledged_report_through_restart_and_sigkill_on_postgresql() {
+    let pg = api::postgres::TempPostgres::start()
+        .unwrap_or_else(|e| panic!("a private PostgreSQL server: {e}"));
+    let url = pg.new_database().expect("database");
+    server_survives(&url).await;
 }
 
 #[tokio::test]
@@ -2193,15 +2208,14 @@ impl MeasurementLab {
 /// joins the lab's DHT through the honeypot is recorded with its relayed address, and the store
 /// then hands it out to a client.
 #[test]
+#[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
 fn honeypot_records_a_natted_peer_with_its_relay_address_for_the_server() {
     use api::store::{Allocated, Host, Rules, SqlStore, Store as _};
     use std::time::Duration;
 
-    if !natlab::environment::lab_test_can_run(
+    natlab::environment::require_lab(
         "honeypot_records_a_natted_peer_with_its_relay_address_for_the_server",
-    ) {
-        return;
-    }
+    );
     let dir = Scratch::new("honeypot");
     let mut lab = MeasurementLab::start(&[natlab::Preset::PortRestricted], &dir.0);
     let (target_id, seen) = lab.target(natlab::Preset::PortRestricted);
@@ -2267,16 +2281,15 @@ fn honeypot_records_a_natted_peer_with_its_relay_address_for_the_server() {
 /// started before the server is up, takes the two targets the honeypot recorded, punches them
 /// and delivers both reports exactly once.
 #[test]
+#[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
 fn client_punches_what_the_server_serves_and_delivers_every_report_once() {
     use api::store::{SqlStore, Store as _};
     use natlab::Preset;
     use std::time::Duration;
 
-    if !natlab::environment::lab_test_can_run(
+    natlab::environment::require_lab(
         "client_punches_what_the_server_serves_and_delivers_every_report_once",
-    ) {
-        return;
-    }
+    );
     let dir = Scratch::new("client");
     let exe = env!("CARGO_BIN_EXE_natpunch");
     let presets = [Preset::PortRestricted, Preset::FullCone];
@@ -2376,12 +2389,11 @@ fn client_punches_what_the_server_serves_and_delivers_every_report_once() {
 /// (port-restricted pairs succeed, pairs with a symmetric NAT fail), every punch made is in the
 /// database exactly once, and the HTML report has its plots.
 #[test]
+#[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
 fn lab_campaign_survives_a_server_outage_and_reports_every_nat_pair() {
-    if !natlab::environment::lab_test_can_run(
+    natlab::environment::require_lab(
         "lab_campaign_survives_a_server_outage_and_reports_every_nat_pair",
-    ) {
-        return;
-    }
+    );
     let dir = Scratch::new("campaign");
     let work = dir.0.join("work");
     let html = dir.0.join("report.html");
@@ -2552,22 +2564,8 @@ fn clients_punch_under_their_own_labels(work: &Path, v: &Value, rows: &[api::sto
 /// Headless Chromium opens the report: its DOM has the plots, and a screenshot shows the
 /// outcome bars in their colours (SUCCESS green, FAILED red).
 fn browser_shows_the_plots(html: &Path, dir: &Path) {
-    let Some(chromium) = ["chromium", "chromium-browser", "google-chrome"]
-        .into_iter()
-        .find(|c| {
-            Command::new(c)
-                .arg("--version")
-                .output()
-                .is_ok_and(|o| o.status.success())
-        })
-    else {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI=true needs Chromium to check the HTML report"
-        );
-        eprintln!("skipping the browser check: Chromium is not installed");
-        return;
-    };
+    natlab::environment::require_program("browser_shows_the_plots", "chromium", "chromium");
+    let chromium = "chromium";
     let url = format!("file://{}", html.display());
     let common = [
         "--headless",
@@ -2617,18 +2615,13 @@ fn browser_shows_the_plots(html: &Path, dir: &Path) {
 
 /// The campaign on PostgreSQL (a private server, reached from the lab over its Unix socket).
 #[test]
+#[ignore = "needs root, the NAT lab and PostgreSQL: ./test runs it"]
 fn lab_campaign_runs_on_postgresql() {
-    if !natlab::environment::lab_test_can_run("lab_campaign_runs_on_postgresql") {
-        return;
-    }
-    if api::postgres::bin_dir().is_none() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI=true needs PostgreSQL"
-        );
-        eprintln!("skipping lab_campaign_runs_on_postgresql: PostgreSQL is not installed");
-        return;
-    }
+    natlab::environment::require_lab("lab_campaign_runs_on_postgresql");
+    assert!(
+        api::postgres::bin_dir().is_some(),
+        "lab_campaign_runs_on_postgresql: PostgreSQL is not installed (apt-get install postgresql)"
+    );
     let dir = Scratch::new("campaign-pg");
     let out = natpunch(&[
         "lab",
