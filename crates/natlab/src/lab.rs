@@ -530,8 +530,13 @@ impl Lab {
 
     /// Starts a long-lived process in node `node`; its stdout and stderr are captured. The
     /// process ends when the returned handle or the lab is dropped, whichever comes first.
+    /// It gets none of the caller's `NATPUNCH_*` variables: the roles a lab starts are set by
+    /// their arguments alone, not by what the person running the lab has exported.
     pub fn spawn(&self, node: &str, program: &str, args: &[&str]) -> Result<LabProcess, LabError> {
         let mut cmd = self.command(node, program)?;
+        for name in natpunch_settings(std::env::vars_os().map(|(k, _)| k)) {
+            cmd.env_remove(name);
+        }
         // A process group of its own, so that ending it also ends whatever it started.
         cmd.args(args)
             .stdin(Stdio::null())
@@ -1045,5 +1050,30 @@ impl Drop for LabProcess {
         for r in self.readers.drain(..) {
             let _ = r.join();
         }
+    }
+}
+
+/// The names among `names` that are natpunch's settings (`NATPUNCH_*`).
+fn natpunch_settings(names: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    names
+        .filter(|n| n.as_encoded_bytes().starts_with(b"NATPUNCH_"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn lab_processes_get_none_of_the_callers_natpunch_settings() {
+        let names = [
+            "PATH",
+            "NATPUNCH_PEER_IDENTITY",
+            "HOME",
+            "NATPUNCH_LOG",
+            "XNATPUNCH_A",
+        ];
+        assert_eq!(
+            super::natpunch_settings(names.into_iter().map(Into::into)),
+            ["NATPUNCH_PEER_IDENTITY", "NATPUNCH_LOG"].map(std::ffi::OsString::from)
+        );
     }
 }

@@ -128,7 +128,10 @@ fn tests_that_need_the_machine_are_ignored_with_a_reason_never_skipped_silently(
             }
         }
     }
-    assert!(checked >= 30, "only {checked} tests found that need the machine");
+    assert!(
+        checked >= 30,
+        "only {checked} tests found that need the machine"
+    );
 }
 
 /// A server that does not answer is an error naming it, not a verdict about the network.
