@@ -465,7 +465,7 @@ pub fn run(
         for i in 0..config.hosts_per_client.max(1) {
             let path = config.work_dir.join(format!("client-{nat}/host-{i}.key"));
             let (key, _) = p2p::identity::load_or_create(&path)
-                .map_err(|e| CampaignError::Role(format!("client key: {e}")))?;
+                .map_err(|e| CampaignError::Role(format!("client key: {}", natlab::chain(&e))))?;
             nat_name.insert(key.public().to_peer_id().to_base58(), nat.clone());
         }
         clients.push(lab.spawn(node, &exe, &args)?);

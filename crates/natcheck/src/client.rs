@@ -137,7 +137,7 @@ impl Unanswered {
                 "ICMP port unreachable (the host is there, but nothing listens on that port)"
             }
             Self::HostUnreachable => "host or network unreachable (no route to that address)",
-            Self::Silence => "no answer over UDP",
+            Self::Silence => "nothing came back over UDP",
         }
     }
 

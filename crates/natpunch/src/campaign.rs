@@ -78,7 +78,8 @@ pub(crate) struct CampaignArgs {
     json: bool,
 }
 
-/// `90s`, `3m`, `1h`, or plain seconds.
+/// `90s`, `3m`, `1h`, or plain seconds. clap shows the value with the error, so the message
+/// names only what is wrong with it.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (n, unit) = s
@@ -86,24 +87,23 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_or((s, "s"), |i| s.split_at(i));
     let n: f64 = n
         .parse()
-        .map_err(|_| format!("{s:?}: expected e.g. 90s, 3m, 1h"))?;
+        .map_err(|_| "not a duration: expected e.g. 90s, 3m, 1h".to_owned())?;
     let secs = match unit {
         "s" | "" => n,
         "m" | "min" => n * 60.0,
         "h" => n * 3600.0,
-        other => return Err(format!("{s:?}: unknown unit {other:?} (s, m, h)")),
+        other => return Err(format!("unknown unit `{other}` (s, m, h)")),
     };
     if !secs.is_finite() || secs <= 0.0 {
-        return Err(format!("{s:?}: must be above 0"));
+        return Err("a duration must be above 0".to_owned());
     }
     Ok(Duration::from_secs_f64(secs))
 }
 
 fn parse_outage(s: &str) -> Result<(Duration, Duration), String> {
-    let (at, down) = s
-        .split_once(':')
-        .ok_or_else(|| format!("{s:?}: expected AT:DOWN, e.g. 10s:30s"))?;
-    Ok((parse_duration(at)?, parse_duration(down)?))
+    let (at, down) = s.split_once(':').ok_or("not AT:DOWN, e.g. 10s:30s")?;
+    let part = |p: &str| parse_duration(p).map_err(|e| format!("`{p}`: {e}"));
+    Ok((part(at)?, part(down)?))
 }
 
 pub(crate) fn run(args: CampaignArgs) -> anyhow::Result<ExitCode> {

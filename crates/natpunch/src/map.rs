@@ -175,11 +175,17 @@ fn parse_spec(text: &str) -> Result<Spec, String> {
         Some((_, other)) => return Err(format!("unknown protocol `{other}` (udp or tcp)")),
         None => (text, None),
     };
+    // clap shows the whole value: name the part only when it is not the whole.
     let port = |p: &str| {
-        p.parse::<u16>()
-            .ok()
-            .filter(|&p| p != 0)
-            .ok_or_else(|| format!("`{p}` is not a port (1-65535)"))
+        p.parse::<u16>().ok().filter(|&p| p != 0).ok_or_else(|| {
+            if p == text {
+                "not a port (1-65535)".to_owned()
+            } else if p.is_empty() {
+                "a port is missing (1-65535)".to_owned()
+            } else {
+                format!("`{p}` is not a port (1-65535)")
+            }
+        })
     };
     let (internal, external) = match ports.split_once(':') {
         Some((i, e)) => (port(i)?, Some(port(e)?)),

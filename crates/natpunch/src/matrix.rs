@@ -74,21 +74,30 @@ pub(crate) struct MatrixArgs {
     trials_out: Option<std::path::PathBuf>,
 }
 
+/// A preset named on the command line. clap shows the value with the error, so the message
+/// names only what is wrong: the value is not repeated.
 pub(crate) fn parse_preset(s: &str) -> Result<Preset, String> {
-    Preset::ALL
-        .into_iter()
-        .find(|p| p.name() == s)
-        .ok_or_else(|| {
-            let names: Vec<&str> = Preset::ALL.iter().map(|p| p.name()).collect();
-            format!("unknown preset `{s}` (one of {})", names.join(", "))
-        })
+    preset_named(s).ok_or_else(|| format!("unknown NAT preset (known: {})", known_presets()))
+}
+
+fn preset_named(s: &str) -> Option<Preset> {
+    Preset::ALL.into_iter().find(|p| p.name() == s)
+}
+
+fn known_presets() -> String {
+    let names: Vec<&str> = Preset::ALL.iter().map(|p| p.name()).collect();
+    names.join(", ")
 }
 
 fn parse_pair(s: &str) -> Result<(Preset, Preset), String> {
     let (a, b) = s
         .split_once(':')
-        .ok_or_else(|| format!("`{s}` is not a pair: DIALER:LISTENER, e.g. symmetric:open"))?;
-    Ok((parse_preset(a)?, parse_preset(b)?))
+        .ok_or("not a pair: DIALER:LISTENER, e.g. symmetric:open")?;
+    let side = |p: &str| {
+        preset_named(p)
+            .ok_or_else(|| format!("unknown NAT preset `{p}` (known: {})", known_presets()))
+    };
+    Ok((side(a)?, side(b)?))
 }
 
 pub(crate) fn run(args: MatrixArgs) -> anyhow::Result<ExitCode> {

@@ -81,6 +81,57 @@ fn help_and_version_describe_the_tool() {
     );
 }
 
+/// A flag with a bad value: clap shows the value, natpunch says what is wrong with it, and
+/// neither says it twice.
+#[test]
+fn bad_flag_values_are_named_once_with_what_is_wrong() {
+    let cases: [(&[&str], &str, &str); 8] = [
+        (
+            &["relay", "--reservation-rate-per-ip", "0/10"],
+            "0/10",
+            "not a rate",
+        ),
+        (
+            &["lab", "campaign", "--duration", "3weeks"],
+            "3weeks",
+            "unknown unit `weeks`",
+        ),
+        (
+            &["lab", "campaign", "--server-outage", "45s"],
+            "45s",
+            "not AT:DOWN",
+        ),
+        (
+            &["lab", "campaign", "--server-outage", "45s:0s"],
+            "45s:0s",
+            "`0s`: a duration must be above 0",
+        ),
+        (
+            &["lab", "matrix", "--presets", "weird"],
+            "weird",
+            "unknown NAT preset (known: open,",
+        ),
+        (
+            &["lab", "matrix", "--pairs", "weird:open"],
+            "weird:open",
+            "unknown NAT preset `weird`",
+        ),
+        (&["map", "keep", "70000"], "70000", "not a port (1-65535)"),
+        (&["map", "keep", "6000:"], "6000:", "a port is missing"),
+    ];
+    for (args, value, reason) in cases {
+        let out = natpunch(args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(reason), "{args:?}: {err}");
+        assert_eq!(
+            err.matches(value).count(),
+            1,
+            "{args:?}: the value is shown once: {err}"
+        );
+    }
+}
+
 /// Tests that need root or a system part are `#[ignore = "needs …"]`, so a plain `cargo test`
 /// counts them as ignored, never as passed; none prints "skipping" and returns.
 #[test]

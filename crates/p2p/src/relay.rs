@@ -51,7 +51,8 @@ impl FromStr for Rate {
 
     /// `COUNT/SECONDS`, e.g. `30/120` (30 per two minutes).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || format!("`{s}` is not a rate: COUNT/SECONDS, e.g. 30/120");
+        // The caller (clap) shows the value: name only what is wrong with it.
+        let bad = || "not a rate: COUNT/SECONDS, e.g. 30/120".to_owned();
         let (count, secs) = s.split_once('/').ok_or_else(bad)?;
         let count = count.trim().parse::<NonZeroU32>().map_err(|_| bad())?;
         let secs = secs
