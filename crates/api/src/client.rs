@@ -136,6 +136,23 @@ pub enum ClientError {
     Spool(#[from] std::io::Error),
 }
 
+/// A failed call in words: the status code, its message and the causes under it that it does
+/// not already say (a transport error's "tcp connect error" is only useful with the
+/// "Connection refused" beneath it).
+fn status_text(e: &tonic::Status) -> String {
+    let mut text = format!("{:?}: {}", e.code(), e.message());
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let c_text = c.to_string();
+        if !text.contains(&c_text) {
+            text.push_str(": ");
+            text.push_str(&c_text);
+        }
+        cause = c.source();
+    }
+    text
+}
+
 /// Unix nanoseconds now.
 fn now_ns() -> u64 {
     SystemTime::now()
@@ -411,7 +428,7 @@ async fn deliver(
                 Err(e) => {
                     report(ClientEvent::Deferred {
                         key: s.key,
-                        error: format!("{:?}: {}", e.code(), e.message()),
+                        error: status_text(&e),
                         retry_secs: backoff.as_secs_f64(),
                     });
                     failed = true;
@@ -474,7 +491,7 @@ async fn register(
             Err(e) => {
                 report(ClientEvent::ServerError {
                     call: "Register".into(),
-                    error: format!("{:?}: {}", e.code(), e.message()),
+                    error: status_text(&e),
                 });
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));
@@ -527,7 +544,7 @@ async fn host_loop(
             Err(e) => {
                 report(ClientEvent::ServerError {
                     call: "GetAddrInfo".into(),
-                    error: format!("{:?}: {}", e.code(), e.message()),
+                    error: status_text(&e),
                 });
                 if e.code() == Code::FailedPrecondition {
                     register(&mut server, key, &config.api_key, report).await?;
@@ -799,6 +816,26 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_server_that_is_not_there_is_called_so_with_the_cause_under_it() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{closed}"))
+            .expect("endpoint")
+            .connect_lazy();
+        let e = PunchrServiceClient::new(channel)
+            .register(crate::pb::RegisterRequest::default())
+            .await
+            .expect_err("nothing listens");
+        let text = status_text(&e);
+        assert!(text.starts_with("Unavailable: "), "{text}");
+        assert!(text.contains("Connection refused"), "{text}");
+        let clauses: Vec<&str> = text.split(": ").collect();
+        let once: std::collections::BTreeSet<&str> = clauses.iter().copied().collect();
+        assert_eq!(once.len(), clauses.len(), "each clause once: {text}");
+    }
 
     #[test]
     fn api_keys_are_version_4_uuids() {
