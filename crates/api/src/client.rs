@@ -826,7 +826,7 @@ mod tests {
             .expect("endpoint")
             .connect_lazy();
         let e = PunchrServiceClient::new(channel)
-            .register(crate::pb::RegisterRequest::default())
+            .register(pb::RegisterRequest::default())
             .await
             .expect_err("nothing listens");
         let text = status_text(&e);
