@@ -1,5 +1,7 @@
 //! Validation: a `TrackHolePunchRequest` from the wire becomes a [`Report`] only when it is
-//! complete and consistent; otherwise [`Invalid`] names the first field that is wrong.
+//! complete and consistent; otherwise [`Invalid`] names the first field that is wrong. The other
+//! requests' fields are capped here too ([`registration`]), so that everything
+//! the network sends is bounded before it reaches the store.
 //!
 //! prost decodes proto2 `required` fields as plain values, so a missing timestamp arrives as 0;
 //! these checks are what punchr's server meant to do (its own checks returned success and stored
@@ -21,6 +23,15 @@ const MAX_ERROR: usize = 4096;
 const MAX_HTML: usize = 256 * 1024;
 /// At most this many entries in any list of a report.
 const MAX_LIST: usize = 256;
+/// The longest agent version accepted from a registering host; a remote's, in a report, is cut
+/// to it. libp2p's own are under 64 bytes (`punchr/go-client/0.8.0+abc1234`, `kubo/0.30.0/…`).
+pub const MAX_AGENT_VERSION: usize = 256;
+/// At most this many protocols from a registering host: a libp2p host announces its protocols
+/// in one identify message of at most 4096 bytes (rust-libp2p's cap), a few dozen names.
+pub const MAX_PROTOCOLS: usize = MAX_LIST;
+/// The longest protocol name accepted from a registering host. libp2p's are under 64 bytes
+/// (`/libp2p/circuit/relay/0.2.0/stop`).
+pub const MAX_PROTOCOL: usize = 256;
 
 /// A report that failed validation: the field (a path such as `hole_punch_attempts[1].ended_at`)
 /// and what is wrong with it.
@@ -452,7 +463,7 @@ impl Report {
             let [avg, max, min, std] = stats(&rtts, &l.rtt_errs);
             latencies.push(Latency {
                 remote: peer_id(&l.remote_id, &f("remote_id"))?,
-                agent_version: text(Some(&l.agent_version), MAX_LABEL * 2).unwrap_or_default(),
+                agent_version: text(Some(&l.agent_version), MAX_AGENT_VERSION).unwrap_or_default(),
                 protocols: l.protocols.clone(),
                 addr: Addr::from_bytes(&l.multi_address, &f("multi_address"))?,
                 mtype: latency_type_name(l.mtype).ok_or_else(|| {
@@ -527,6 +538,30 @@ impl Report {
             remote_nat: label(r.remote_nat.as_deref(), "remote_nat")?,
             transport: label(r.transport.as_deref(), "transport")?,
         })
+    }
+}
+
+/// A registering host's agent version and protocols, checked against [`MAX_AGENT_VERSION`],
+/// [`MAX_PROTOCOLS`] and [`MAX_PROTOCOL`].
+pub fn registration(r: &pb::RegisterRequest) -> Result<(), Invalid> {
+    if r.agent_version.len() > MAX_AGENT_VERSION {
+        return Err(invalid(
+            "agent_version",
+            format!("longer than {MAX_AGENT_VERSION} bytes"),
+        ));
+    }
+    if r.protocols.len() > MAX_PROTOCOLS {
+        return Err(invalid(
+            "protocols",
+            format!("more than {MAX_PROTOCOLS} entries"),
+        ));
+    }
+    match r.protocols.iter().position(|p| p.len() > MAX_PROTOCOL) {
+        Some(i) => Err(invalid(
+            format!("protocols[{i}]"),
+            format!("longer than {MAX_PROTOCOL} bytes"),
+        )),
+        None => Ok(()),
     }
 }
 

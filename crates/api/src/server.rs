@@ -20,7 +20,7 @@ use rand::RngExt as _;
 use tonic::{Request, Response, Status};
 
 use crate::pb;
-use crate::report::{Report, peer_id};
+use crate::report::{self, Report, peer_id};
 use crate::store::{Allocated, Host, Rules, Store, StoreError, Tracked};
 
 /// The longest API key accepted (punchr's are UUIDs, 36 characters).
@@ -254,6 +254,7 @@ impl<S: Store> Service<S> {
         Self::check_key_shape(&r.api_key)?;
         let peer = peer_id(&r.client_id, "client_id")
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        report::registration(&r).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let host = Host {
             peer: &peer,
             agent_version: &r.agent_version,

@@ -1164,3 +1164,58 @@ async fn get_addr_info_holds_punchrs_rust_client_until_a_peer_turns_up() {
     later.await.expect("task");
     task.abort();
 }
+
+#[tokio::test]
+async fn register_refuses_an_oversized_agent_version_or_protocol_list_naming_the_field_and_stores_nothing()
+ {
+    use api::report::{
+        MAX_AGENT_VERSION as AGENT, MAX_PROTOCOL as PROTOCOL, MAX_PROTOCOLS as PROTOCOLS,
+    };
+    on_both(|store| async move {
+        let (url, task) = serve(store.clone(), Config::default()).await;
+        let mut client = PunchrServiceClient::connect(url).await.expect("connect");
+        type Spoil = fn(&mut pb::RegisterRequest);
+        let cases: Vec<(String, Spoil)> = vec![
+            (format!("agent_version: longer than {AGENT} bytes"), |r| {
+                r.agent_version = "v".repeat(AGENT + 1);
+            }),
+            (format!("protocols: more than {PROTOCOLS} entries"), |r| {
+                r.protocols = vec!["/ipfs/id/1.0.0".into(); PROTOCOLS + 1];
+            }),
+            (format!("protocols[3]: longer than {PROTOCOL} bytes"), |r| {
+                r.protocols = vec!["/ipfs/id/1.0.0".into(); 4];
+                r.protocols[3] = format!("/{}", "p".repeat(PROTOCOL));
+            }),
+        ];
+        for (message, spoil) in cases {
+            let mut r = register_request(peer());
+            spoil(&mut r);
+            let status = client.register(r).await.expect_err(&message);
+            assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+            assert_eq!(status.message(), message);
+        }
+        // Nothing stored: not the key (registration is open), not the host.
+        assert_eq!(store.authorize("key").await.expect("auth"), None);
+        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM peers")
+            .fetch_one(store.pool())
+            .await
+            .expect("peers");
+        assert_eq!(n, 0, "no peer stored");
+        // At the caps a host registers, stored as sent.
+        let host = peer();
+        let mut r = register_request(host);
+        r.agent_version = "v".repeat(AGENT);
+        r.protocols = (0..PROTOCOLS)
+            .map(|i| format!("/{i:0>width$}", width = PROTOCOL - 1))
+            .collect();
+        client.register(r).await.expect("at the caps");
+        let agent = store
+            .agent_of(&host.to_base58())
+            .await
+            .expect("agent")
+            .expect("stored");
+        assert_eq!(agent.len(), AGENT);
+        task.abort();
+    })
+    .await;
+}
