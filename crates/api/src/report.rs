@@ -1,6 +1,6 @@
 //! Validation: a `TrackHolePunchRequest` from the wire becomes a [`Report`] only when it is
 //! complete and consistent; otherwise [`Invalid`] names the first field that is wrong. The other
-//! requests' fields are capped here too ([`registration`]), so that everything
+//! requests' fields are capped here too ([`registration`], [`host_ids`]), so that everything
 //! the network sends is bounded before it reaches the store.
 //!
 //! prost decodes proto2 `required` fields as plain values, so a missing timestamp arrives as 0;
@@ -32,6 +32,9 @@ pub const MAX_PROTOCOLS: usize = MAX_LIST;
 /// The longest protocol name accepted from a registering host. libp2p's are under 64 bytes
 /// (`/libp2p/circuit/relay/0.2.0/stop`).
 pub const MAX_PROTOCOL: usize = 256;
+/// At most this many host IDs in a GetAddrInfo request: every host of one client, and punchr's
+/// Go client and natpunch's run 10 by default (`--host-count`), each a full libp2p node.
+pub const MAX_HOSTS: usize = 256;
 
 /// A report that failed validation: the field (a path such as `hole_punch_attempts[1].ended_at`)
 /// and what is wrong with it.
@@ -563,6 +566,29 @@ pub fn registration(r: &pb::RegisterRequest) -> Result<(), Invalid> {
         )),
         None => Ok(()),
     }
+}
+
+/// The hosts of a GetAddrInfo request as base58 peer IDs: `host_id` first, then each of
+/// `all_host_ids` not given before. At most [`MAX_HOSTS`] entries are accepted (duplicates
+/// count); each must be a peer ID, which bounds its length too (a multihash whose digest is at
+/// most 64 bytes, nothing after it).
+pub fn host_ids(host_id: &[u8], all_host_ids: &[Vec<u8>]) -> Result<Vec<String>, Invalid> {
+    if all_host_ids.len() > MAX_HOSTS {
+        return Err(invalid(
+            "all_host_ids",
+            format!("more than {MAX_HOSTS} entries"),
+        ));
+    }
+    let first = peer_id(host_id, "host_id")?;
+    let mut seen = std::collections::HashSet::from([first.clone()]);
+    let mut hosts = vec![first];
+    for (i, h) in all_host_ids.iter().enumerate() {
+        let h = peer_id(h, &format!("all_host_ids[{i}]"))?;
+        if seen.insert(h.clone()) {
+            hosts.push(h);
+        }
+    }
+    Ok(hosts)
 }
 
 /// A correction for reports from clients with a known defect, by their agent version:

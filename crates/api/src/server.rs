@@ -275,16 +275,8 @@ impl<S: Store> Service<S> {
         r: pb::GetAddrInfoRequest,
     ) -> Result<pb::GetAddrInfoResponse, Status> {
         let auth = self.authorize(&r.api_key).await?;
-        let mut hosts = vec![
-            peer_id(&r.host_id, "host_id").map_err(|e| Status::invalid_argument(e.to_string()))?,
-        ];
-        for (i, h) in r.all_host_ids.iter().enumerate() {
-            let h = peer_id(h, &format!("all_host_ids[{i}]"))
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
-            if !hosts.contains(&h) {
-                hosts.push(h);
-            }
-        }
+        let hosts = report::host_ids(&r.host_id, &r.all_host_ids)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let mut allocated = self
             .store
             .allocate(auth, &hosts, self.config.rules, now_ns())

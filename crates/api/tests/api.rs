@@ -1219,3 +1219,74 @@ async fn register_refuses_an_oversized_agent_version_or_protocol_list_naming_the
     })
     .await;
 }
+
+#[tokio::test]
+async fn get_addr_info_refuses_more_host_ids_than_a_client_runs_and_counts_duplicates_once() {
+    use api::report::MAX_HOSTS as HOSTS;
+    on_both(|store| async move {
+        let (url, task) = serve(store.clone(), Config::default()).await;
+        let mut client = PunchrServiceClient::connect(url).await.expect("connect");
+        let (h1, h2) = (peer(), peer());
+        for h in [h1, h2] {
+            client
+                .register(register_request(h))
+                .await
+                .expect("register");
+        }
+        let ask = |all: Vec<Vec<u8>>| pb::GetAddrInfoRequest {
+            host_id: h1.to_bytes(),
+            all_host_ids: all,
+            api_key: "key".into(),
+        };
+        // One beyond the cap.
+        let status = client
+            .get_addr_info(ask(vec![h1.to_bytes(); HOSTS + 1]))
+            .await
+            .expect_err("too many");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert_eq!(
+            status.message(),
+            format!("all_host_ids: more than {HOSTS} entries")
+        );
+        // An entry longer than any peer ID is named.
+        let mut all = vec![h1.to_bytes(), h2.to_bytes(), vec![0x12; 4096]];
+        let status = client
+            .get_addr_info(ask(all.clone()))
+            .await
+            .expect_err("not a peer ID");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert_eq!(status.message(), "all_host_ids[2]: not a peer ID");
+        // Within the cap, duplicates count once: both hosts are the client's.
+        all = std::iter::repeat_n([h1.to_bytes(), h2.to_bytes()], HOSTS / 2)
+            .flatten()
+            .collect();
+        let status = client
+            .get_addr_info(ask(all.clone()))
+            .await
+            .expect_err("nothing seen yet");
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+        let (remote, relay) = (peer(), peer());
+        let addr = relay_addr(relay, 4001);
+        seen(
+            &store,
+            peer(),
+            remote,
+            std::slice::from_ref(&addr),
+            now_ns() - MIN,
+        )
+        .await;
+        let got = client
+            .get_addr_info(ask(all.clone()))
+            .await
+            .expect("served")
+            .into_inner();
+        assert_eq!(PeerId::from_bytes(&got.remote_id).expect("peer id"), remote);
+        // Not again to the client, whichever of its hosts asks.
+        let mut other = ask(all);
+        other.host_id = h2.to_bytes();
+        let status = client.get_addr_info(other).await.expect_err("served once");
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+        task.abort();
+    })
+    .await;
+}
