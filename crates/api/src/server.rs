@@ -26,6 +26,19 @@ use crate::store::{Allocated, Host, Rules, Store, StoreError, Tracked};
 /// The longest API key accepted (punchr's are UUIDs, 36 characters).
 const MAX_KEY: usize = 128;
 
+/// How long a request may run before the server cancels it (`Cancelled`, "Timeout expired"):
+/// punchr's clients set no deadline of their own.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// What a held GetAddrInfo leaves of [`REQUEST_TIMEOUT`] for its last look into the store and
+/// its answer: a store answers in milliseconds, so 5 s is ample.
+const HOLD_MARGIN: Duration = Duration::from_secs(5);
+/// The longest time GetAddrInfo holds a request of punchr's Rust client, and the default: its
+/// `NotFound` comes before [`REQUEST_TIMEOUT`] would cancel the request.
+pub const MAX_RUST_CLIENT_WAIT: Duration =
+    Duration::from_secs(REQUEST_TIMEOUT.as_secs() - HOLD_MARGIN.as_secs());
+/// How often a held GetAddrInfo looks for a peer again.
+const HOLD_POLL: Duration = Duration::from_secs(1);
+
 /// Protocol filters handed out with allocations, each with its weight.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Filters(Vec<(f64, Vec<i32>)>);
@@ -115,8 +128,26 @@ pub struct Config {
     /// The protocol filters handed out.
     pub filters: Filters,
     /// How long GetAddrInfo waits for a peer before `NotFound` when the asking host is punchr's
-    /// Rust client, which exits on any error, `NotFound` included.
+    /// Rust client, which exits on any error, `NotFound` included. At most
+    /// [`MAX_RUST_CLIENT_WAIT`]: [`Service::new`] lowers a longer one, with a warning.
     pub rust_client_wait: Duration,
+}
+
+impl Config {
+    /// This config with its hold lowered to [`MAX_RUST_CLIENT_WAIT`] (and a warning) when longer.
+    fn within_bounds(mut self) -> Self {
+        if self.rust_client_wait > MAX_RUST_CLIENT_WAIT {
+            tracing::warn!(
+                asked_secs = self.rust_client_wait.as_secs_f64(),
+                used_secs = MAX_RUST_CLIENT_WAIT.as_secs(),
+                request_timeout_secs = REQUEST_TIMEOUT.as_secs(),
+                "the Rust client's GetAddrInfo hold is lowered so that it ends with NotFound \
+                 before the request timeout"
+            );
+            self.rust_client_wait = MAX_RUST_CLIENT_WAIT;
+        }
+        self
+    }
 }
 
 impl Default for Config {
@@ -125,7 +156,7 @@ impl Default for Config {
             closed_registration: false,
             rules: Rules::default(),
             filters: Filters::default(),
-            rust_client_wait: Duration::from_secs(30),
+            rust_client_wait: MAX_RUST_CLIENT_WAIT,
         }
     }
 }
@@ -219,7 +250,7 @@ impl<S: Store> Service<S> {
     pub fn new(store: S, config: Config, registry: &mut Registry) -> Self {
         Self {
             store,
-            config: Arc::new(config),
+            config: Arc::new(config.within_bounds()),
             metrics: Metrics::new(registry),
         }
     }
@@ -288,12 +319,16 @@ impl<S: Store> Service<S> {
                 .agent_of(&hosts[0])
                 .await
                 .map_err(|e| unavailable(&e))?;
-            // Punchr's Rust client ends on NotFound: hold its request until a peer turns up.
+            // Punchr's Rust client ends on NotFound: hold its request until a peer turns up or
+            // the wait is over, which is before the request timeout would cancel it.
             if agent.is_some_and(|a| a.starts_with(RUST_CLIENT)) {
-                let until = Instant::now() + self.config.rust_client_wait;
-                while allocated == Allocated::NoneLeft && Instant::now() < until {
-                    tokio::time::sleep(Duration::from_secs(1).min(self.config.rust_client_wait))
-                        .await;
+                let until = tokio::time::Instant::now() + self.config.rust_client_wait;
+                loop {
+                    let now = tokio::time::Instant::now();
+                    if allocated != Allocated::NoneLeft || now >= until {
+                        break;
+                    }
+                    tokio::time::sleep_until((now + HOLD_POLL).min(until)).await;
                     allocated = self
                         .store
                         .allocate(auth, &hosts, self.config.rules, now_ns())
@@ -417,7 +452,7 @@ pub async fn serve<S: Store>(
 ) -> Result<(), tonic::transport::Error> {
     let mut builder = tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .timeout(Duration::from_secs(30));
+        .timeout(REQUEST_TIMEOUT);
     if let Some(tls) = tls {
         install_tls_provider();
         let identity = tonic::transport::Identity::from_pem(tls.cert, tls.key);
@@ -458,6 +493,27 @@ pub async fn serve_telemetry(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rust_clients_hold_ends_before_the_request_timeout() {
+        assert!(Config::default().rust_client_wait < REQUEST_TIMEOUT);
+        let longer = Config {
+            rust_client_wait: REQUEST_TIMEOUT * 2,
+            ..Config::default()
+        };
+        assert_eq!(
+            longer.within_bounds().rust_client_wait,
+            MAX_RUST_CLIENT_WAIT
+        );
+        let shorter = Config {
+            rust_client_wait: Duration::from_secs(3),
+            ..Config::default()
+        };
+        assert_eq!(
+            shorter.within_bounds().rust_client_wait,
+            Duration::from_secs(3)
+        );
+    }
 
     #[test]
     fn filters_parse_names_and_codes_and_draw_by_weight() {

@@ -1290,3 +1290,39 @@ async fn get_addr_info_refuses_more_host_ids_than_a_client_runs_and_counts_dupli
     })
     .await;
 }
+
+/// At the defaults, a held request of punchr's Rust client (which exits on any error) ends with
+/// `NotFound`, which the client can tell from a failure, before the server's request timeout
+/// would cancel it.
+#[tokio::test]
+async fn get_addr_info_at_the_defaults_answers_punchrs_rust_client_not_found_before_the_request_timeout()
+ {
+    use api::server::REQUEST_TIMEOUT;
+    let dir = TempDir::new("rust-timeout");
+    let url = format!("sqlite://{}", dir.0.join("natpunch.db").display());
+    let store = SqlStore::open(&url).await.expect("store");
+    let (url, task) = serve(store.clone(), Config::default()).await;
+    let mut client = PunchrServiceClient::connect(url).await.expect("connect");
+    let host = peer();
+    let mut r = register_request(host);
+    r.agent_version = "punchr/rust-client/0.2.1".into();
+    client.register(r).await.expect("register");
+    let started = std::time::Instant::now();
+    let status = client
+        .get_addr_info(pb::GetAddrInfoRequest {
+            host_id: host.to_bytes(),
+            all_host_ids: vec![host.to_bytes()],
+            api_key: "key".into(),
+        })
+        .await
+        .expect_err("no peer to punch");
+    let took = started.elapsed();
+    assert_eq!(status.code(), Code::NotFound, "{status:?} after {took:?}");
+    assert!(took < REQUEST_TIMEOUT, "{took:?}");
+    let wait = Config::default().rust_client_wait;
+    assert!(
+        took >= wait,
+        "held for the whole wait ({wait:?}) first: {took:?}"
+    );
+    task.abort();
+}
