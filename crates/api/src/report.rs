@@ -29,8 +29,8 @@ pub const MAX_AGENT_VERSION: usize = 256;
 /// At most this many protocols from a registering host: a libp2p host announces its protocols
 /// in one identify message of at most 4096 bytes (rust-libp2p's cap), a few dozen names.
 pub const MAX_PROTOCOLS: usize = MAX_LIST;
-/// The longest protocol name accepted from a registering host. libp2p's are under 64 bytes
-/// (`/libp2p/circuit/relay/0.2.0/stop`).
+/// The longest protocol name accepted from a registering host; a remote's, in a report, are
+/// cut to it. libp2p's are under 64 bytes (`/libp2p/circuit/relay/0.2.0/stop`).
 pub const MAX_PROTOCOL: usize = 256;
 /// At most this many host IDs in a GetAddrInfo request: every host of one client, and punchr's
 /// Go client and natpunch's run 10 by default (`--host-count`), each a full libp2p node.
@@ -466,8 +466,14 @@ impl Report {
             let [avg, max, min, std] = stats(&rtts, &l.rtt_errs);
             latencies.push(Latency {
                 remote: peer_id(&l.remote_id, &f("remote_id"))?,
+                // The remote's identify, relayed: cut, not refused, so that a peer announcing
+                // odd names cannot make the reports about it fail.
                 agent_version: text(Some(&l.agent_version), MAX_AGENT_VERSION).unwrap_or_default(),
-                protocols: l.protocols.clone(),
+                protocols: l
+                    .protocols
+                    .iter()
+                    .map(|p| text(Some(p), MAX_PROTOCOL).unwrap_or_default())
+                    .collect(),
                 addr: Addr::from_bytes(&l.multi_address, &f("multi_address"))?,
                 mtype: latency_type_name(l.mtype).ok_or_else(|| {
                     invalid(
@@ -647,6 +653,23 @@ mod tests {
             );
         }
         assert!(Addr::from_bytes(&[0xff, 0xff], "x").is_err());
+    }
+
+    #[test]
+    fn a_remotes_identify_in_a_latency_measurement_is_cut_not_refused() {
+        let peer = || {
+            libp2p::identity::Keypair::generate_ed25519()
+                .public()
+                .to_peer_id()
+        };
+        let mut r = crate::sample::report(peer(), peer(), peer(), "key", None);
+        r.latency_measurements[0].agent_version = "a".repeat(10_000);
+        r.latency_measurements[0].protocols = vec!["/p".repeat(10_000), "/ipfs/id/1.0.0".into()];
+        let report = Report::from_request(&r).expect("valid");
+        let l = &report.latencies[0];
+        assert_eq!(l.agent_version.len(), 256);
+        assert_eq!(l.protocols[0].len(), 256);
+        assert_eq!(l.protocols[1], "/ipfs/id/1.0.0");
     }
 
     #[test]
