@@ -38,6 +38,19 @@ pub const MAX_RUST_CLIENT_WAIT: Duration =
     Duration::from_secs(REQUEST_TIMEOUT.as_secs() - HOLD_MARGIN.as_secs());
 /// How often a held GetAddrInfo looks for a peer again.
 const HOLD_POLL: Duration = Duration::from_secs(1);
+/// At most this many GetAddrInfo requests are held at once; more are answered `NotFound` at
+/// once. Each looks into the store every [`HOLD_POLL`], and punchr's Rust client is a one-host
+/// demonstration client: 256 is far more than it is run with and little load for the store.
+pub const MAX_HELD: usize = 256;
+/// The largest request message decoded (a larger one is refused, `OutOfRange`): grpc-go's
+/// default, which punchr's server had, and tonic's; a report with a whole router page fits.
+pub const MAX_MESSAGE: usize = 4 * 1024 * 1024;
+/// At most this many requests at once on one HTTP/2 connection (hyper's default, which tonic's
+/// builder replaces with no limit); punchr's clients have one in flight per host.
+const MAX_STREAMS: u32 = 200;
+/// An idle HTTP/2 connection is pinged this often and closed when the ping is not answered
+/// (within tonic's 20 s), so that connections of vanished clients do not stay open.
+const KEEPALIVE: Duration = Duration::from_secs(60);
 
 /// Protocol filters handed out with allocations, each with its weight.
 #[derive(Debug, Clone, PartialEq)]
@@ -167,6 +180,24 @@ const RUST_CLIENT: &str = "punchr/rust-client/";
 /// Metric labels.
 type Labels = Vec<(&'static str, String)>;
 
+/// The transport label of a stored result: a transport that `report::Addr` knows, empty when
+/// none was sent, `other` for anything else, so that clients cannot add time series without end.
+fn transport_label(transport: Option<&str>) -> &str {
+    const KNOWN: [&str; 6] = [
+        "tcp",
+        "quic",
+        "quic-v1",
+        "ws",
+        "webtransport",
+        "webrtc-direct",
+    ];
+    match transport {
+        None => "",
+        Some(t) if KNOWN.contains(&t) => t,
+        Some(_) => "other",
+    }
+}
+
 /// The service's metrics.
 #[derive(Debug, Clone)]
 struct Metrics {
@@ -231,6 +262,8 @@ pub struct Service<S> {
     store: S,
     config: Arc<Config>,
     metrics: Metrics,
+    /// Permits for held GetAddrInfo requests, [`MAX_HELD`] of them.
+    held: Arc<tokio::sync::Semaphore>,
 }
 
 /// Unix nanoseconds now.
@@ -252,12 +285,14 @@ impl<S: Store> Service<S> {
             store,
             config: Arc::new(config.within_bounds()),
             metrics: Metrics::new(registry),
+            held: Arc::new(tokio::sync::Semaphore::new(MAX_HELD)),
         }
     }
 
-    /// The gRPC server for this service.
+    /// The gRPC server for this service, decoding messages of up to [`MAX_MESSAGE`] bytes.
     pub fn into_server(self) -> pb::punchr_service_server::PunchrServiceServer<Self> {
         pb::punchr_service_server::PunchrServiceServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE)
     }
 
     fn check_key_shape(key: &str) -> Result<(), Status> {
@@ -320,8 +355,18 @@ impl<S: Store> Service<S> {
                 .await
                 .map_err(|e| unavailable(&e))?;
             // Punchr's Rust client ends on NotFound: hold its request until a peer turns up or
-            // the wait is over, which is before the request timeout would cancel it.
-            if agent.is_some_and(|a| a.starts_with(RUST_CLIENT)) {
+            // the wait is over, which is before the request timeout would cancel it. Beyond
+            // MAX_HELD held requests, NotFound at once.
+            let rust_client = agent.is_some_and(|a| a.starts_with(RUST_CLIENT));
+            let held = match rust_client.then(|| self.held.try_acquire()) {
+                Some(Ok(permit)) => Some(permit),
+                Some(Err(_)) => {
+                    tracing::debug!(max = MAX_HELD, "GetAddrInfo holds enough requests already");
+                    None
+                }
+                None => None,
+            };
+            if let Some(_permit) = held {
                 let until = tokio::time::Instant::now() + self.config.rust_client_wait;
                 loop {
                     let now = tokio::time::Instant::now();
@@ -371,7 +416,7 @@ impl<S: Store> Service<S> {
             Report::from_request(&r).map_err(|e| Status::invalid_argument(e.to_string()))?;
         match self.store.track(auth, &report, now_ns()).await {
             Ok(Tracked::Stored(_)) => {
-                let transport = report.transport.clone().unwrap_or_default();
+                let transport = transport_label(report.transport.as_deref()).to_owned();
                 self.metrics
                     .results
                     .get_or_create(&vec![
@@ -443,7 +488,7 @@ pub fn install_tls_provider() {
 }
 
 /// Serves `service` on `listener` (with TLS when given) until `shutdown` completes; requests
-/// in flight are finished first.
+/// in flight are finished first. A request runs at most [`REQUEST_TIMEOUT`].
 pub async fn serve<S: Store>(
     service: Service<S>,
     listener: tokio::net::TcpListener,
@@ -452,7 +497,9 @@ pub async fn serve<S: Store>(
 ) -> Result<(), tonic::transport::Error> {
     let mut builder = tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .timeout(REQUEST_TIMEOUT);
+        .timeout(REQUEST_TIMEOUT)
+        .max_concurrent_streams(MAX_STREAMS)
+        .http2_keepalive_interval(Some(KEEPALIVE));
     if let Some(tls) = tls {
         install_tls_provider();
         let identity = tonic::transport::Identity::from_pem(tls.cert, tls.key);

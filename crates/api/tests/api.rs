@@ -1201,6 +1201,11 @@ async fn register_refuses_an_oversized_agent_version_or_protocol_list_naming_the
             .await
             .expect("peers");
         assert_eq!(n, 0, "no peer stored");
+        // A message beyond what the server decodes is refused before it is read whole.
+        let mut r = register_request(peer());
+        r.agent_version = "v".repeat(api::server::MAX_MESSAGE);
+        let status = client.register(r).await.expect_err("too large");
+        assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
         // At the caps a host registers, stored as sent.
         let host = peer();
         let mut r = register_request(host);
@@ -1325,4 +1330,91 @@ async fn get_addr_info_at_the_defaults_answers_punchrs_rust_client_not_found_bef
         "held for the whole wait ({wait:?}) first: {took:?}"
     );
     task.abort();
+}
+
+/// Transport labels of the results metric come from reports: only known transports are kept, so
+/// that clients cannot add time series without end.
+#[tokio::test]
+async fn the_results_metric_keeps_known_transports_only() {
+    use pb::punchr_service_server::PunchrService as _;
+    let dir = TempDir::new("metric-labels");
+    let url = format!("sqlite://{}", dir.0.join("natpunch.db").display());
+    let store = SqlStore::open(&url).await.expect("store");
+    let mut registry = prometheus_client::registry::Registry::default();
+    let service = Service::new(store, Config::default(), &mut registry);
+    let (host, remote, relay) = (peer(), peer(), peer());
+    service
+        .register(tonic::Request::new(register_request(host)))
+        .await
+        .expect("register");
+    for transport in ["quic", "carrier-pigeon-1", "carrier-pigeon-2"] {
+        let mut r = sample::report(host, remote, relay, "key", None);
+        r.transport = Some(transport.into());
+        service
+            .track_hole_punch(tonic::Request::new(r))
+            .await
+            .expect("stored");
+    }
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+    assert!(
+        text.contains(r#"natpunch_server_results_total{outcome="SUCCESS",transport="quic"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"natpunch_server_results_total{outcome="SUCCESS",transport="other"} 2"#),
+        "{text}"
+    );
+    assert!(!text.contains("carrier-pigeon"), "{text}");
+}
+
+/// Held requests are capped: one beyond the cap is answered `NotFound` at once instead of
+/// looking into the store every second.
+#[tokio::test]
+async fn get_addr_info_holds_a_bounded_number_of_requests() {
+    use api::server::MAX_HELD as HELD;
+    use pb::punchr_service_server::PunchrService as _;
+    let dir = TempDir::new("held");
+    let url = format!("sqlite://{}", dir.0.join("natpunch.db").display());
+    let store = SqlStore::open(&url).await.expect("store");
+    let mut registry = prometheus_client::registry::Registry::default();
+    let wait = Duration::from_secs(4);
+    let config = Config {
+        rust_client_wait: wait,
+        ..Config::default()
+    };
+    let service = Service::new(store, config, &mut registry);
+    let host = peer();
+    let mut r = register_request(host);
+    r.agent_version = "punchr/rust-client/0.2.1".into();
+    service
+        .register(tonic::Request::new(r))
+        .await
+        .expect("register");
+    let started = std::time::Instant::now();
+    let asks: Vec<_> = (0..=HELD)
+        .map(|_| {
+            let service = service.clone();
+            tokio::spawn(async move {
+                let status = service
+                    .get_addr_info(tonic::Request::new(pb::GetAddrInfoRequest {
+                        host_id: host.to_bytes(),
+                        all_host_ids: vec![host.to_bytes()],
+                        api_key: "key".into(),
+                    }))
+                    .await
+                    .expect_err("no peer");
+                (status.code(), started.elapsed())
+            })
+        })
+        .collect();
+    let mut quick = 0;
+    for ask in asks {
+        let (code, took) = ask.await.expect("task");
+        assert_eq!(code, Code::NotFound);
+        if took < wait / 2 {
+            quick += 1;
+        }
+    }
+    assert_eq!(quick, 1, "one answered at once, {HELD} held");
 }
