@@ -1,5 +1,7 @@
 //! Validation: a `TrackHolePunchRequest` from the wire becomes a [`Report`] only when it is
-//! complete and consistent; otherwise [`Invalid`] names the first field that is wrong.
+//! complete and consistent; otherwise [`Invalid`] names the first field that is wrong. The other
+//! requests' fields are capped here too ([`registration`], [`host_ids`]), so that everything
+//! the network sends is bounded before it reaches the store.
 //!
 //! prost decodes proto2 `required` fields as plain values, so a missing timestamp arrives as 0;
 //! these checks are what punchr's server meant to do (its own checks returned success and stored
@@ -21,6 +23,18 @@ const MAX_ERROR: usize = 4096;
 const MAX_HTML: usize = 256 * 1024;
 /// At most this many entries in any list of a report.
 const MAX_LIST: usize = 256;
+/// The longest agent version accepted from a registering host; a remote's, in a report, is cut
+/// to it. libp2p's own are under 64 bytes (`punchr/go-client/0.8.0+abc1234`, `kubo/0.30.0/…`).
+pub const MAX_AGENT_VERSION: usize = 256;
+/// At most this many protocols from a registering host: a libp2p host announces its protocols
+/// in one identify message of at most 4096 bytes (rust-libp2p's cap), a few dozen names.
+pub const MAX_PROTOCOLS: usize = MAX_LIST;
+/// The longest protocol name accepted from a registering host; a remote's, in a report, are
+/// cut to it. libp2p's are under 64 bytes (`/libp2p/circuit/relay/0.2.0/stop`).
+pub const MAX_PROTOCOL: usize = 256;
+/// At most this many host IDs in a GetAddrInfo request: every host of one client, and punchr's
+/// Go client and natpunch's run 10 by default (`--host-count`), each a full libp2p node.
+pub const MAX_HOSTS: usize = 256;
 
 /// A report that failed validation: the field (a path such as `hole_punch_attempts[1].ended_at`)
 /// and what is wrong with it.
@@ -452,8 +466,14 @@ impl Report {
             let [avg, max, min, std] = stats(&rtts, &l.rtt_errs);
             latencies.push(Latency {
                 remote: peer_id(&l.remote_id, &f("remote_id"))?,
-                agent_version: text(Some(&l.agent_version), MAX_LABEL * 2).unwrap_or_default(),
-                protocols: l.protocols.clone(),
+                // The remote's identify, relayed: cut, not refused, so that a peer announcing
+                // odd names cannot make the reports about it fail.
+                agent_version: text(Some(&l.agent_version), MAX_AGENT_VERSION).unwrap_or_default(),
+                protocols: l
+                    .protocols
+                    .iter()
+                    .map(|p| text(Some(p), MAX_PROTOCOL).unwrap_or_default())
+                    .collect(),
                 addr: Addr::from_bytes(&l.multi_address, &f("multi_address"))?,
                 mtype: latency_type_name(l.mtype).ok_or_else(|| {
                     invalid(
@@ -530,6 +550,53 @@ impl Report {
     }
 }
 
+/// A registering host's agent version and protocols, checked against [`MAX_AGENT_VERSION`],
+/// [`MAX_PROTOCOLS`] and [`MAX_PROTOCOL`].
+pub fn registration(r: &pb::RegisterRequest) -> Result<(), Invalid> {
+    if r.agent_version.len() > MAX_AGENT_VERSION {
+        return Err(invalid(
+            "agent_version",
+            format!("longer than {MAX_AGENT_VERSION} bytes"),
+        ));
+    }
+    if r.protocols.len() > MAX_PROTOCOLS {
+        return Err(invalid(
+            "protocols",
+            format!("more than {MAX_PROTOCOLS} entries"),
+        ));
+    }
+    match r.protocols.iter().position(|p| p.len() > MAX_PROTOCOL) {
+        Some(i) => Err(invalid(
+            format!("protocols[{i}]"),
+            format!("longer than {MAX_PROTOCOL} bytes"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The hosts of a GetAddrInfo request as base58 peer IDs: `host_id` first, then each of
+/// `all_host_ids` not given before. At most [`MAX_HOSTS`] entries are accepted (duplicates
+/// count); each must be a peer ID, which bounds its length too (a multihash whose digest is at
+/// most 64 bytes, nothing after it).
+pub fn host_ids(host_id: &[u8], all_host_ids: &[Vec<u8>]) -> Result<Vec<String>, Invalid> {
+    if all_host_ids.len() > MAX_HOSTS {
+        return Err(invalid(
+            "all_host_ids",
+            format!("more than {MAX_HOSTS} entries"),
+        ));
+    }
+    let first = peer_id(host_id, "host_id")?;
+    let mut seen = std::collections::HashSet::from([first.clone()]);
+    let mut hosts = vec![first];
+    for (i, h) in all_host_ids.iter().enumerate() {
+        let h = peer_id(h, &format!("all_host_ids[{i}]"))?;
+        if seen.insert(h.clone()) {
+            hosts.push(h);
+        }
+    }
+    Ok(hosts)
+}
+
 /// A correction for reports from clients with a known defect, by their agent version:
 /// punchr's Rust client (`punchr/rust-client/…`) sends attempt durations in microseconds where
 /// the field is seconds.
@@ -586,6 +653,23 @@ mod tests {
             );
         }
         assert!(Addr::from_bytes(&[0xff, 0xff], "x").is_err());
+    }
+
+    #[test]
+    fn a_remotes_identify_in_a_latency_measurement_is_cut_not_refused() {
+        let peer = || {
+            libp2p::identity::Keypair::generate_ed25519()
+                .public()
+                .to_peer_id()
+        };
+        let mut r = crate::sample::report(peer(), peer(), peer(), "key", None);
+        r.latency_measurements[0].agent_version = "a".repeat(10_000);
+        r.latency_measurements[0].protocols = vec!["/p".repeat(10_000), "/ipfs/id/1.0.0".into()];
+        let report = Report::from_request(&r).expect("valid");
+        let l = &report.latencies[0];
+        assert_eq!(l.agent_version.len(), 256);
+        assert_eq!(l.protocols[0].len(), 256);
+        assert_eq!(l.protocols[1], "/ipfs/id/1.0.0");
     }
 
     #[test]

@@ -20,11 +20,37 @@ use rand::RngExt as _;
 use tonic::{Request, Response, Status};
 
 use crate::pb;
-use crate::report::{Report, peer_id};
+use crate::report::{self, Report, peer_id};
 use crate::store::{Allocated, Host, Rules, Store, StoreError, Tracked};
 
 /// The longest API key accepted (punchr's are UUIDs, 36 characters).
 const MAX_KEY: usize = 128;
+
+/// How long a request may run before the server cancels it (`Cancelled`, "Timeout expired"):
+/// punchr's clients set no deadline of their own.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// What a held GetAddrInfo leaves of [`REQUEST_TIMEOUT`] for its last look into the store and
+/// its answer: a store answers in milliseconds, so 5 s is ample.
+const HOLD_MARGIN: Duration = Duration::from_secs(5);
+/// The longest time GetAddrInfo holds a request of punchr's Rust client, and the default: its
+/// `NotFound` comes before [`REQUEST_TIMEOUT`] would cancel the request.
+pub const MAX_RUST_CLIENT_WAIT: Duration =
+    Duration::from_secs(REQUEST_TIMEOUT.as_secs() - HOLD_MARGIN.as_secs());
+/// How often a held GetAddrInfo looks for a peer again.
+const HOLD_POLL: Duration = Duration::from_secs(1);
+/// At most this many GetAddrInfo requests are held at once; more are answered `NotFound` at
+/// once. Each looks into the store every [`HOLD_POLL`], and punchr's Rust client is a one-host
+/// demonstration client: 256 is far more than it is run with and little load for the store.
+pub const MAX_HELD: usize = 256;
+/// The largest request message decoded (a larger one is refused, `OutOfRange`): grpc-go's
+/// default, which punchr's server had, and tonic's; a report with a whole router page fits.
+pub const MAX_MESSAGE: usize = 4 * 1024 * 1024;
+/// At most this many requests at once on one HTTP/2 connection (hyper's default, which tonic's
+/// builder replaces with no limit); punchr's clients have one in flight per host.
+const MAX_STREAMS: u32 = 200;
+/// An idle HTTP/2 connection is pinged this often and closed when the ping is not answered
+/// (within tonic's 20 s), so that connections of vanished clients do not stay open.
+const KEEPALIVE: Duration = Duration::from_secs(60);
 
 /// Protocol filters handed out with allocations, each with its weight.
 #[derive(Debug, Clone, PartialEq)]
@@ -115,8 +141,26 @@ pub struct Config {
     /// The protocol filters handed out.
     pub filters: Filters,
     /// How long GetAddrInfo waits for a peer before `NotFound` when the asking host is punchr's
-    /// Rust client, which exits on any error, `NotFound` included.
+    /// Rust client, which exits on any error, `NotFound` included. At most
+    /// [`MAX_RUST_CLIENT_WAIT`]: [`Service::new`] lowers a longer one, with a warning.
     pub rust_client_wait: Duration,
+}
+
+impl Config {
+    /// This config with its hold lowered to [`MAX_RUST_CLIENT_WAIT`] (and a warning) when longer.
+    fn within_bounds(mut self) -> Self {
+        if self.rust_client_wait > MAX_RUST_CLIENT_WAIT {
+            tracing::warn!(
+                asked_secs = self.rust_client_wait.as_secs_f64(),
+                used_secs = MAX_RUST_CLIENT_WAIT.as_secs(),
+                request_timeout_secs = REQUEST_TIMEOUT.as_secs(),
+                "the Rust client's GetAddrInfo hold is lowered so that it ends with NotFound \
+                 before the request timeout"
+            );
+            self.rust_client_wait = MAX_RUST_CLIENT_WAIT;
+        }
+        self
+    }
 }
 
 impl Default for Config {
@@ -125,7 +169,7 @@ impl Default for Config {
             closed_registration: false,
             rules: Rules::default(),
             filters: Filters::default(),
-            rust_client_wait: Duration::from_secs(30),
+            rust_client_wait: MAX_RUST_CLIENT_WAIT,
         }
     }
 }
@@ -135,6 +179,24 @@ const RUST_CLIENT: &str = "punchr/rust-client/";
 
 /// Metric labels.
 type Labels = Vec<(&'static str, String)>;
+
+/// The transport label of a stored result: a transport that `report::Addr` knows, empty when
+/// none was sent, `other` for anything else, so that clients cannot add time series without end.
+fn transport_label(transport: Option<&str>) -> &str {
+    const KNOWN: [&str; 6] = [
+        "tcp",
+        "quic",
+        "quic-v1",
+        "ws",
+        "webtransport",
+        "webrtc-direct",
+    ];
+    match transport {
+        None => "",
+        Some(t) if KNOWN.contains(&t) => t,
+        Some(_) => "other",
+    }
+}
 
 /// The service's metrics.
 #[derive(Debug, Clone)]
@@ -200,6 +262,8 @@ pub struct Service<S> {
     store: S,
     config: Arc<Config>,
     metrics: Metrics,
+    /// Permits for held GetAddrInfo requests, [`MAX_HELD`] of them.
+    held: Arc<tokio::sync::Semaphore>,
 }
 
 /// Unix nanoseconds now.
@@ -219,14 +283,16 @@ impl<S: Store> Service<S> {
     pub fn new(store: S, config: Config, registry: &mut Registry) -> Self {
         Self {
             store,
-            config: Arc::new(config),
+            config: Arc::new(config.within_bounds()),
             metrics: Metrics::new(registry),
+            held: Arc::new(tokio::sync::Semaphore::new(MAX_HELD)),
         }
     }
 
-    /// The gRPC server for this service.
+    /// The gRPC server for this service, decoding messages of up to [`MAX_MESSAGE`] bytes.
     pub fn into_server(self) -> pb::punchr_service_server::PunchrServiceServer<Self> {
         pb::punchr_service_server::PunchrServiceServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE)
     }
 
     fn check_key_shape(key: &str) -> Result<(), Status> {
@@ -254,6 +320,7 @@ impl<S: Store> Service<S> {
         Self::check_key_shape(&r.api_key)?;
         let peer = peer_id(&r.client_id, "client_id")
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        report::registration(&r).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let host = Host {
             peer: &peer,
             agent_version: &r.agent_version,
@@ -274,16 +341,8 @@ impl<S: Store> Service<S> {
         r: pb::GetAddrInfoRequest,
     ) -> Result<pb::GetAddrInfoResponse, Status> {
         let auth = self.authorize(&r.api_key).await?;
-        let mut hosts = vec![
-            peer_id(&r.host_id, "host_id").map_err(|e| Status::invalid_argument(e.to_string()))?,
-        ];
-        for (i, h) in r.all_host_ids.iter().enumerate() {
-            let h = peer_id(h, &format!("all_host_ids[{i}]"))
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
-            if !hosts.contains(&h) {
-                hosts.push(h);
-            }
-        }
+        let hosts = report::host_ids(&r.host_id, &r.all_host_ids)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let mut allocated = self
             .store
             .allocate(auth, &hosts, self.config.rules, now_ns())
@@ -295,12 +354,26 @@ impl<S: Store> Service<S> {
                 .agent_of(&hosts[0])
                 .await
                 .map_err(|e| unavailable(&e))?;
-            // Punchr's Rust client ends on NotFound: hold its request until a peer turns up.
-            if agent.is_some_and(|a| a.starts_with(RUST_CLIENT)) {
-                let until = Instant::now() + self.config.rust_client_wait;
-                while allocated == Allocated::NoneLeft && Instant::now() < until {
-                    tokio::time::sleep(Duration::from_secs(1).min(self.config.rust_client_wait))
-                        .await;
+            // Punchr's Rust client ends on NotFound: hold its request until a peer turns up or
+            // the wait is over, which is before the request timeout would cancel it. Beyond
+            // MAX_HELD held requests, NotFound at once.
+            let rust_client = agent.is_some_and(|a| a.starts_with(RUST_CLIENT));
+            let held = match rust_client.then(|| self.held.try_acquire()) {
+                Some(Ok(permit)) => Some(permit),
+                Some(Err(_)) => {
+                    tracing::debug!(max = MAX_HELD, "GetAddrInfo holds enough requests already");
+                    None
+                }
+                None => None,
+            };
+            if let Some(_permit) = held {
+                let until = tokio::time::Instant::now() + self.config.rust_client_wait;
+                loop {
+                    let now = tokio::time::Instant::now();
+                    if allocated != Allocated::NoneLeft || now >= until {
+                        break;
+                    }
+                    tokio::time::sleep_until((now + HOLD_POLL).min(until)).await;
                     allocated = self
                         .store
                         .allocate(auth, &hosts, self.config.rules, now_ns())
@@ -343,7 +416,7 @@ impl<S: Store> Service<S> {
             Report::from_request(&r).map_err(|e| Status::invalid_argument(e.to_string()))?;
         match self.store.track(auth, &report, now_ns()).await {
             Ok(Tracked::Stored(_)) => {
-                let transport = report.transport.clone().unwrap_or_default();
+                let transport = transport_label(report.transport.as_deref()).to_owned();
                 self.metrics
                     .results
                     .get_or_create(&vec![
@@ -415,7 +488,7 @@ pub fn install_tls_provider() {
 }
 
 /// Serves `service` on `listener` (with TLS when given) until `shutdown` completes; requests
-/// in flight are finished first.
+/// in flight are finished first. A request runs at most [`REQUEST_TIMEOUT`].
 pub async fn serve<S: Store>(
     service: Service<S>,
     listener: tokio::net::TcpListener,
@@ -424,7 +497,9 @@ pub async fn serve<S: Store>(
 ) -> Result<(), tonic::transport::Error> {
     let mut builder = tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .timeout(Duration::from_secs(30));
+        .timeout(REQUEST_TIMEOUT)
+        .max_concurrent_streams(MAX_STREAMS)
+        .http2_keepalive_interval(Some(KEEPALIVE));
     if let Some(tls) = tls {
         install_tls_provider();
         let identity = tonic::transport::Identity::from_pem(tls.cert, tls.key);
@@ -465,6 +540,27 @@ pub async fn serve_telemetry(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rust_clients_hold_ends_before_the_request_timeout() {
+        assert!(Config::default().rust_client_wait < REQUEST_TIMEOUT);
+        let longer = Config {
+            rust_client_wait: REQUEST_TIMEOUT * 2,
+            ..Config::default()
+        };
+        assert_eq!(
+            longer.within_bounds().rust_client_wait,
+            MAX_RUST_CLIENT_WAIT
+        );
+        let shorter = Config {
+            rust_client_wait: Duration::from_secs(3),
+            ..Config::default()
+        };
+        assert_eq!(
+            shorter.within_bounds().rust_client_wait,
+            Duration::from_secs(3)
+        );
+    }
 
     #[test]
     fn filters_parse_names_and_codes_and_draw_by_weight() {

@@ -1211,3 +1211,257 @@ async fn get_addr_info_holds_punchrs_rust_client_until_a_peer_turns_up() {
     later.await.expect("task");
     task.abort();
 }
+
+#[tokio::test]
+async fn register_refuses_an_oversized_agent_version_or_protocol_list_naming_the_field_and_stores_nothing()
+ {
+    use api::report::{
+        MAX_AGENT_VERSION as AGENT, MAX_PROTOCOL as PROTOCOL, MAX_PROTOCOLS as PROTOCOLS,
+    };
+    on_both(|store| async move {
+        let (url, task) = serve(store.clone(), Config::default()).await;
+        let mut client = PunchrServiceClient::connect(url).await.expect("connect");
+        type Spoil = fn(&mut pb::RegisterRequest);
+        let cases: Vec<(String, Spoil)> = vec![
+            (format!("agent_version: longer than {AGENT} bytes"), |r| {
+                r.agent_version = "v".repeat(AGENT + 1);
+            }),
+            (format!("protocols: more than {PROTOCOLS} entries"), |r| {
+                r.protocols = vec!["/ipfs/id/1.0.0".into(); PROTOCOLS + 1];
+            }),
+            (format!("protocols[3]: longer than {PROTOCOL} bytes"), |r| {
+                r.protocols = vec!["/ipfs/id/1.0.0".into(); 4];
+                r.protocols[3] = format!("/{}", "p".repeat(PROTOCOL));
+            }),
+        ];
+        for (message, spoil) in cases {
+            let mut r = register_request(peer());
+            spoil(&mut r);
+            let status = client.register(r).await.expect_err(&message);
+            assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+            assert_eq!(status.message(), message);
+        }
+        // Nothing stored: not the key (registration is open), not the host.
+        assert_eq!(store.authorize("key").await.expect("auth"), None);
+        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM peers")
+            .fetch_one(store.pool())
+            .await
+            .expect("peers");
+        assert_eq!(n, 0, "no peer stored");
+        // A message beyond what the server decodes is refused before it is read whole.
+        let mut r = register_request(peer());
+        r.agent_version = "v".repeat(api::server::MAX_MESSAGE);
+        let status = client.register(r).await.expect_err("too large");
+        assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+        // At the caps a host registers, stored as sent.
+        let host = peer();
+        let mut r = register_request(host);
+        r.agent_version = "v".repeat(AGENT);
+        r.protocols = (0..PROTOCOLS)
+            .map(|i| format!("/{i:0>width$}", width = PROTOCOL - 1))
+            .collect();
+        client.register(r).await.expect("at the caps");
+        let agent = store
+            .agent_of(&host.to_base58())
+            .await
+            .expect("agent")
+            .expect("stored");
+        assert_eq!(agent.len(), AGENT);
+        task.abort();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn get_addr_info_refuses_more_host_ids_than_a_client_runs_and_counts_duplicates_once() {
+    use api::report::MAX_HOSTS as HOSTS;
+    on_both(|store| async move {
+        let (url, task) = serve(store.clone(), Config::default()).await;
+        let mut client = PunchrServiceClient::connect(url).await.expect("connect");
+        let (h1, h2) = (peer(), peer());
+        for h in [h1, h2] {
+            client
+                .register(register_request(h))
+                .await
+                .expect("register");
+        }
+        let ask = |all: Vec<Vec<u8>>| pb::GetAddrInfoRequest {
+            host_id: h1.to_bytes(),
+            all_host_ids: all,
+            api_key: "key".into(),
+        };
+        // One beyond the cap.
+        let status = client
+            .get_addr_info(ask(vec![h1.to_bytes(); HOSTS + 1]))
+            .await
+            .expect_err("too many");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert_eq!(
+            status.message(),
+            format!("all_host_ids: more than {HOSTS} entries")
+        );
+        // An entry longer than any peer ID is named.
+        let mut all = vec![h1.to_bytes(), h2.to_bytes(), vec![0x12; 4096]];
+        let status = client
+            .get_addr_info(ask(all.clone()))
+            .await
+            .expect_err("not a peer ID");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert_eq!(status.message(), "all_host_ids[2]: not a peer ID");
+        // Within the cap, duplicates count once: both hosts are the client's.
+        all = std::iter::repeat_n([h1.to_bytes(), h2.to_bytes()], HOSTS / 2)
+            .flatten()
+            .collect();
+        let status = client
+            .get_addr_info(ask(all.clone()))
+            .await
+            .expect_err("nothing seen yet");
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+        let (remote, relay) = (peer(), peer());
+        let addr = relay_addr(relay, 4001);
+        seen(
+            &store,
+            peer(),
+            remote,
+            std::slice::from_ref(&addr),
+            now_ns() - MIN,
+        )
+        .await;
+        let got = client
+            .get_addr_info(ask(all.clone()))
+            .await
+            .expect("served")
+            .into_inner();
+        assert_eq!(PeerId::from_bytes(&got.remote_id).expect("peer id"), remote);
+        // Not again to the client, whichever of its hosts asks.
+        let mut other = ask(all);
+        other.host_id = h2.to_bytes();
+        let status = client.get_addr_info(other).await.expect_err("served once");
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+        task.abort();
+    })
+    .await;
+}
+
+/// At the defaults, a held request of punchr's Rust client (which exits on any error) ends with
+/// `NotFound`, which the client can tell from a failure, before the server's request timeout
+/// would cancel it.
+#[tokio::test]
+async fn get_addr_info_at_the_defaults_answers_punchrs_rust_client_not_found_before_the_request_timeout()
+ {
+    use api::server::REQUEST_TIMEOUT;
+    let dir = TempDir::new("rust-timeout");
+    let url = format!("sqlite://{}", dir.0.join("natpunch.db").display());
+    let store = SqlStore::open(&url).await.expect("store");
+    let (url, task) = serve(store.clone(), Config::default()).await;
+    let mut client = PunchrServiceClient::connect(url).await.expect("connect");
+    let host = peer();
+    let mut r = register_request(host);
+    r.agent_version = "punchr/rust-client/0.2.1".into();
+    client.register(r).await.expect("register");
+    let started = std::time::Instant::now();
+    let status = client
+        .get_addr_info(pb::GetAddrInfoRequest {
+            host_id: host.to_bytes(),
+            all_host_ids: vec![host.to_bytes()],
+            api_key: "key".into(),
+        })
+        .await
+        .expect_err("no peer to punch");
+    let took = started.elapsed();
+    assert_eq!(status.code(), Code::NotFound, "{status:?} after {took:?}");
+    assert!(took < REQUEST_TIMEOUT, "{took:?}");
+    let wait = Config::default().rust_client_wait;
+    assert!(
+        took >= wait,
+        "held for the whole wait ({wait:?}) first: {took:?}"
+    );
+    task.abort();
+}
+
+/// Transport labels of the results metric come from reports: only known transports are kept, so
+/// that clients cannot add time series without end.
+#[tokio::test]
+async fn the_results_metric_keeps_known_transports_only() {
+    use pb::punchr_service_server::PunchrService as _;
+    let dir = TempDir::new("metric-labels");
+    let url = format!("sqlite://{}", dir.0.join("natpunch.db").display());
+    let store = SqlStore::open(&url).await.expect("store");
+    let mut registry = prometheus_client::registry::Registry::default();
+    let service = Service::new(store, Config::default(), &mut registry);
+    let (host, remote, relay) = (peer(), peer(), peer());
+    service
+        .register(tonic::Request::new(register_request(host)))
+        .await
+        .expect("register");
+    for transport in ["quic", "carrier-pigeon-1", "carrier-pigeon-2"] {
+        let mut r = sample::report(host, remote, relay, "key", None);
+        r.transport = Some(transport.into());
+        service
+            .track_hole_punch(tonic::Request::new(r))
+            .await
+            .expect("stored");
+    }
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+    assert!(
+        text.contains(r#"natpunch_server_results_total{outcome="SUCCESS",transport="quic"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"natpunch_server_results_total{outcome="SUCCESS",transport="other"} 2"#),
+        "{text}"
+    );
+    assert!(!text.contains("carrier-pigeon"), "{text}");
+}
+
+/// Held requests are capped: one beyond the cap is answered `NotFound` at once instead of
+/// looking into the store every second.
+#[tokio::test]
+async fn get_addr_info_holds_a_bounded_number_of_requests() {
+    use api::server::MAX_HELD as HELD;
+    use pb::punchr_service_server::PunchrService as _;
+    let dir = TempDir::new("held");
+    let url = format!("sqlite://{}", dir.0.join("natpunch.db").display());
+    let store = SqlStore::open(&url).await.expect("store");
+    let mut registry = prometheus_client::registry::Registry::default();
+    let wait = Duration::from_secs(4);
+    let config = Config {
+        rust_client_wait: wait,
+        ..Config::default()
+    };
+    let service = Service::new(store, config, &mut registry);
+    let host = peer();
+    let mut r = register_request(host);
+    r.agent_version = "punchr/rust-client/0.2.1".into();
+    service
+        .register(tonic::Request::new(r))
+        .await
+        .expect("register");
+    let started = std::time::Instant::now();
+    let asks: Vec<_> = (0..=HELD)
+        .map(|_| {
+            let service = service.clone();
+            tokio::spawn(async move {
+                let status = service
+                    .get_addr_info(tonic::Request::new(pb::GetAddrInfoRequest {
+                        host_id: host.to_bytes(),
+                        all_host_ids: vec![host.to_bytes()],
+                        api_key: "key".into(),
+                    }))
+                    .await
+                    .expect_err("no peer");
+                (status.code(), started.elapsed())
+            })
+        })
+        .collect();
+    let mut quick = 0;
+    for ask in asks {
+        let (code, took) = ask.await.expect("task");
+        assert_eq!(code, Code::NotFound);
+        if took < wait / 2 {
+            quick += 1;
+        }
+    }
+    assert_eq!(quick, 1, "one answered at once, {HELD} held");
+}

@@ -30,7 +30,7 @@ pub(crate) struct ClientArgs {
     /// The API key.
     #[arg(long, env = "NATPUNCH_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
-    /// libp2p hosts, each with its own identity, punching concurrently.
+    /// libp2p hosts, each with its own identity, punching concurrently (1 to 256).
     #[arg(long, env = "NATPUNCH_CLIENT_HOST_COUNT", default_value_t = 10)]
     host_count: usize,
     /// Where the hosts' keys live (host-N.key, created on first start) [default:
@@ -125,7 +125,11 @@ fn channel(server: &str, ca: Option<&Path>) -> anyhow::Result<tonic::transport::
 }
 
 pub(crate) fn run(args: ClientArgs) -> anyhow::Result<ExitCode> {
-    anyhow::ensure!(args.host_count > 0, "--host-count must be at least 1");
+    let max = api::report::MAX_HOSTS;
+    anyhow::ensure!(
+        (1..=max).contains(&args.host_count),
+        "--host-count must be between 1 and {max} (the most hosts the server takes per request)"
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -89,11 +89,12 @@ pub(crate) struct ServerArgs {
     )]
     dedup_secs: u64,
     /// Seconds GetAddrInfo holds a request of punchr's Rust client (which exits on any error,
-    /// NotFound included) waiting for a peer; 0 answers NotFound at once.
+    /// NotFound included) waiting for a peer; 0 answers NotFound at once. At most 25, so that
+    /// NotFound comes before the 30 s request timeout (a larger value is lowered, with a warning).
     #[arg(
         long,
         env = "NATPUNCH_SERVER_RUST_CLIENT_WAIT_SECS",
-        default_value_t = 30
+        default_value_t = Config::default().rust_client_wait.as_secs()
     )]
     rust_client_wait_secs: u64,
     /// Print start and stop as JSON objects, one per line.

@@ -2948,6 +2948,16 @@ fn cli_errors_say_each_thing_once() {
                 "--api-key".into(),
                 "k".into(),
                 "--host-count".into(),
+                "257".into(),
+            ],
+            "--host-count must be between 1 and 256",
+        ),
+        (
+            vec![
+                "client".into(),
+                "--api-key".into(),
+                "k".into(),
+                "--host-count".into(),
                 "1".into(),
                 "--telemetry-port".into(),
                 "0".into(),
