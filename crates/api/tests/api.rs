@@ -1212,135 +1212,134 @@ async fn get_addr_info_holds_punchrs_rust_client_until_a_peer_turns_up() {
     task.abort();
 }
 
-#[tokio::test]
-async fn register_refuses_an_oversized_agent_version_or_protocol_list_naming_the_field_and_stores_nothing()
- {
+on_both_backends!(register_refuses_an_oversized_agent_version_or_protocol_list_naming_the_field_and_stores_nothing);
+async fn register_refuses_an_oversized_agent_version_or_protocol_list_naming_the_field_and_stores_nothing(
+    store: SqlStore,
+) {
     use api::report::{
         MAX_AGENT_VERSION as AGENT, MAX_PROTOCOL as PROTOCOL, MAX_PROTOCOLS as PROTOCOLS,
     };
-    on_both(|store| async move {
-        let (url, task) = serve(store.clone(), Config::default()).await;
-        let mut client = PunchrServiceClient::connect(url).await.expect("connect");
-        type Spoil = fn(&mut pb::RegisterRequest);
-        let cases: Vec<(String, Spoil)> = vec![
-            (format!("agent_version: longer than {AGENT} bytes"), |r| {
-                r.agent_version = "v".repeat(AGENT + 1);
-            }),
-            (format!("protocols: more than {PROTOCOLS} entries"), |r| {
-                r.protocols = vec!["/ipfs/id/1.0.0".into(); PROTOCOLS + 1];
-            }),
-            (format!("protocols[3]: longer than {PROTOCOL} bytes"), |r| {
-                r.protocols = vec!["/ipfs/id/1.0.0".into(); 4];
-                r.protocols[3] = format!("/{}", "p".repeat(PROTOCOL));
-            }),
-        ];
-        for (message, spoil) in cases {
-            let mut r = register_request(peer());
-            spoil(&mut r);
-            let status = client.register(r).await.expect_err(&message);
-            assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-            assert_eq!(status.message(), message);
-        }
-        // Nothing stored: not the key (registration is open), not the host.
-        assert_eq!(store.authorize("key").await.expect("auth"), None);
-        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM peers")
-            .fetch_one(store.pool())
-            .await
-            .expect("peers");
-        assert_eq!(n, 0, "no peer stored");
-        // A message beyond what the server decodes is refused before it is read whole.
+    let (url, task) = serve(store.clone(), Config::default()).await;
+    let mut client = PunchrServiceClient::connect(url).await.expect("connect");
+    type Spoil = fn(&mut pb::RegisterRequest);
+    let cases: Vec<(String, Spoil)> = vec![
+        (format!("agent_version: longer than {AGENT} bytes"), |r| {
+            r.agent_version = "v".repeat(AGENT + 1);
+        }),
+        (format!("protocols: more than {PROTOCOLS} entries"), |r| {
+            r.protocols = vec!["/ipfs/id/1.0.0".into(); PROTOCOLS + 1];
+        }),
+        (format!("protocols[3]: longer than {PROTOCOL} bytes"), |r| {
+            r.protocols = vec!["/ipfs/id/1.0.0".into(); 4];
+            r.protocols[3] = format!("/{}", "p".repeat(PROTOCOL));
+        }),
+    ];
+    for (message, spoil) in cases {
         let mut r = register_request(peer());
-        r.agent_version = "v".repeat(api::server::MAX_MESSAGE);
-        let status = client.register(r).await.expect_err("too large");
-        assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
-        // At the caps a host registers, stored as sent.
-        let host = peer();
-        let mut r = register_request(host);
-        r.agent_version = "v".repeat(AGENT);
-        r.protocols = (0..PROTOCOLS)
-            .map(|i| format!("/{i:0>width$}", width = PROTOCOL - 1))
-            .collect();
-        client.register(r).await.expect("at the caps");
-        let agent = store
-            .agent_of(&host.to_base58())
-            .await
-            .expect("agent")
-            .expect("stored");
-        assert_eq!(agent.len(), AGENT);
-        task.abort();
-    })
-    .await;
+        spoil(&mut r);
+        let status = client.register(r).await.expect_err(&message);
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert_eq!(status.message(), message);
+    }
+    // Nothing stored: not the key (registration is open), not the host.
+    assert_eq!(store.authorize("key").await.expect("auth"), None);
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM peers")
+        .fetch_one(store.pool())
+        .await
+        .expect("peers");
+    assert_eq!(n, 0, "no peer stored");
+    // A message beyond what the server decodes is refused before it is read whole.
+    let mut r = register_request(peer());
+    r.agent_version = "v".repeat(api::server::MAX_MESSAGE);
+    let status = client.register(r).await.expect_err("too large");
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    // At the caps a host registers, stored as sent.
+    let host = peer();
+    let mut r = register_request(host);
+    r.agent_version = "v".repeat(AGENT);
+    r.protocols = (0..PROTOCOLS)
+        .map(|i| format!("/{i:0>width$}", width = PROTOCOL - 1))
+        .collect();
+    client.register(r).await.expect("at the caps");
+    let agent = store
+        .agent_of(&host.to_base58())
+        .await
+        .expect("agent")
+        .expect("stored");
+    assert_eq!(agent.len(), AGENT);
+    task.abort();
 }
 
-#[tokio::test]
-async fn get_addr_info_refuses_more_host_ids_than_a_client_runs_and_counts_duplicates_once() {
+on_both_backends!(
+    get_addr_info_refuses_more_host_ids_than_a_client_runs_and_counts_duplicates_once
+);
+async fn get_addr_info_refuses_more_host_ids_than_a_client_runs_and_counts_duplicates_once(
+    store: SqlStore,
+) {
     use api::report::MAX_HOSTS as HOSTS;
-    on_both(|store| async move {
-        let (url, task) = serve(store.clone(), Config::default()).await;
-        let mut client = PunchrServiceClient::connect(url).await.expect("connect");
-        let (h1, h2) = (peer(), peer());
-        for h in [h1, h2] {
-            client
-                .register(register_request(h))
-                .await
-                .expect("register");
-        }
-        let ask = |all: Vec<Vec<u8>>| pb::GetAddrInfoRequest {
-            host_id: h1.to_bytes(),
-            all_host_ids: all,
-            api_key: "key".into(),
-        };
-        // One beyond the cap.
-        let status = client
-            .get_addr_info(ask(vec![h1.to_bytes(); HOSTS + 1]))
+    let (url, task) = serve(store.clone(), Config::default()).await;
+    let mut client = PunchrServiceClient::connect(url).await.expect("connect");
+    let (h1, h2) = (peer(), peer());
+    for h in [h1, h2] {
+        client
+            .register(register_request(h))
             .await
-            .expect_err("too many");
-        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-        assert_eq!(
-            status.message(),
-            format!("all_host_ids: more than {HOSTS} entries")
-        );
-        // An entry longer than any peer ID is named.
-        let mut all = vec![h1.to_bytes(), h2.to_bytes(), vec![0x12; 4096]];
-        let status = client
-            .get_addr_info(ask(all.clone()))
-            .await
-            .expect_err("not a peer ID");
-        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-        assert_eq!(status.message(), "all_host_ids[2]: not a peer ID");
-        // Within the cap, duplicates count once: both hosts are the client's.
-        all = std::iter::repeat_n([h1.to_bytes(), h2.to_bytes()], HOSTS / 2)
-            .flatten()
-            .collect();
-        let status = client
-            .get_addr_info(ask(all.clone()))
-            .await
-            .expect_err("nothing seen yet");
-        assert_eq!(status.code(), Code::NotFound, "{status:?}");
-        let (remote, relay) = (peer(), peer());
-        let addr = relay_addr(relay, 4001);
-        seen(
-            &store,
-            peer(),
-            remote,
-            std::slice::from_ref(&addr),
-            now_ns() - MIN,
-        )
-        .await;
-        let got = client
-            .get_addr_info(ask(all.clone()))
-            .await
-            .expect("served")
-            .into_inner();
-        assert_eq!(PeerId::from_bytes(&got.remote_id).expect("peer id"), remote);
-        // Not again to the client, whichever of its hosts asks.
-        let mut other = ask(all);
-        other.host_id = h2.to_bytes();
-        let status = client.get_addr_info(other).await.expect_err("served once");
-        assert_eq!(status.code(), Code::NotFound, "{status:?}");
-        task.abort();
-    })
+            .expect("register");
+    }
+    let ask = |all: Vec<Vec<u8>>| pb::GetAddrInfoRequest {
+        host_id: h1.to_bytes(),
+        all_host_ids: all,
+        api_key: "key".into(),
+    };
+    // One beyond the cap.
+    let status = client
+        .get_addr_info(ask(vec![h1.to_bytes(); HOSTS + 1]))
+        .await
+        .expect_err("too many");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(
+        status.message(),
+        format!("all_host_ids: more than {HOSTS} entries")
+    );
+    // An entry longer than any peer ID is named.
+    let mut all = vec![h1.to_bytes(), h2.to_bytes(), vec![0x12; 4096]];
+    let status = client
+        .get_addr_info(ask(all.clone()))
+        .await
+        .expect_err("not a peer ID");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(status.message(), "all_host_ids[2]: not a peer ID");
+    // Within the cap, duplicates count once: both hosts are the client's.
+    all = std::iter::repeat_n([h1.to_bytes(), h2.to_bytes()], HOSTS / 2)
+        .flatten()
+        .collect();
+    let status = client
+        .get_addr_info(ask(all.clone()))
+        .await
+        .expect_err("nothing seen yet");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    let (remote, relay) = (peer(), peer());
+    let addr = relay_addr(relay, 4001);
+    seen(
+        &store,
+        peer(),
+        remote,
+        std::slice::from_ref(&addr),
+        now_ns() - MIN,
+    )
     .await;
+    let got = client
+        .get_addr_info(ask(all.clone()))
+        .await
+        .expect("served")
+        .into_inner();
+    assert_eq!(PeerId::from_bytes(&got.remote_id).expect("peer id"), remote);
+    // Not again to the client, whichever of its hosts asks.
+    let mut other = ask(all);
+    other.host_id = h2.to_bytes();
+    let status = client.get_addr_info(other).await.expect_err("served once");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    task.abort();
 }
 
 /// At the defaults, a held request of punchr's Rust client (which exits on any error) ends with
