@@ -72,6 +72,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    restore_sigpipe();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
@@ -96,6 +97,22 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Lets a closed standard output end natpunch quietly, as it ends any Unix tool
+/// (`natpunch client --json | head -3`), instead of a panic at the next `println!`: Rust's
+/// runtime ignores SIGPIPE, so a write to a closed pipe fails rather than ending the process.
+/// What the process had to keep is already on disk (the client's spool, written before it
+/// prints).
+#[allow(
+    unsafe_code,
+    reason = "signal(2) is the one way to restore SIGPIPE's default"
+)]
+fn restore_sigpipe() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: called first in main, before any thread exists, and SigDfl installs no handler
+    // code of ours, so nothing can run in signal context.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
 }
 
 /// Where natpunch keeps state on this host: $XDG_STATE_HOME/natpunch or ~/.local/state/natpunch.

@@ -119,6 +119,13 @@ fn bad_flag_values_are_named_once_with_what_is_wrong() {
         (&["map", "keep", "70000"], "70000", "not a port (1-65535)"),
         (&["map", "keep", "6000:"], "6000:", "a port is missing"),
     ];
+    let out = natpunch(&["lab", "up", "--no-such-flag"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("unexpected argument '--no-such-flag'"),
+        "{}",
+        stderr(&out)
+    );
     for (args, value, reason) in cases {
         let out = natpunch(args);
         let err = stderr(&out);
@@ -129,6 +136,73 @@ fn bad_flag_values_are_named_once_with_what_is_wrong() {
             1,
             "{args:?}: the value is shown once: {err}"
         );
+    }
+}
+
+/// Output into a closed pipe ends natpunch quietly, like any Unix tool, not with a panic.
+#[test]
+fn a_closed_standard_output_ends_natpunch_quietly() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_natpunch"))
+        .args(["lab", "list", "--json"])
+        .stdout(writer)
+        .output()
+        .expect("natpunch runs");
+    assert_eq!(
+        out.status.signal(),
+        Some(nix::libc::SIGPIPE),
+        "{:?}: {}",
+        out.status,
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+}
+
+/// The lab's commands without root say so and what to do, before touching anything.
+#[test]
+#[ignore = "needs root (to run natpunch as nobody): ./test runs it"]
+fn lab_commands_without_root_say_it_needs_root() {
+    natlab::environment::require_program(
+        "lab_commands_without_root_say_it_needs_root",
+        "setpriv",
+        "util-linux",
+    );
+    let dir = Scratch::new("no-root");
+    // A copy nobody may run, wherever the build directory is.
+    let exe = dir.0.join("natpunch");
+    std::fs::copy(env!("CARGO_BIN_EXE_natpunch"), &exe).expect("copy");
+    for d in [&dir.0, &exe] {
+        std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+    }
+    let topology = repo_file("examples/labs/two-homes.toml");
+    let two_homes = dir.0.join("two-homes.toml");
+    std::fs::copy(topology, &two_homes).expect("copy");
+    std::fs::set_permissions(
+        &two_homes,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .expect("chmod");
+    for args in [
+        vec!["lab", "up", two_homes.to_str().expect("utf-8")],
+        vec!["lab", "selftest"],
+        vec!["lab", "matrix", "--trials", "1"],
+    ] {
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&exe)
+            .args(&args)
+            .output()
+            .expect("setpriv runs");
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("error: the NAT lab needs root") && err.contains("run it with sudo"),
+            "{args:?}: {err}"
+        );
+        assert_eq!(err.matches("needs root").count(), 1, "{args:?}: {err}");
     }
 }
 
@@ -3051,6 +3125,16 @@ fn cli_errors_say_each_thing_once() {
                 "no-port-here".into(),
             ],
             "invalid socket address",
+        ),
+        (
+            vec![
+                "lab".into(),
+                "campaign".into(),
+                "--postgres".into(),
+                "--database-url".into(),
+                "sqlite://x.db".into(),
+            ],
+            "--postgres starts its own database",
         ),
     ];
     let os_error = |text: &str| -> Vec<String> {
