@@ -64,7 +64,7 @@ fn help_and_version_describe_the_tool() {
     for (spec, problem) in [
         ("0", "not a port"),
         ("70000", "not a port"),
-        ("6000:", "not a port"),
+        ("6000:", "a port is missing"),
         ("6000/sctp", "unknown protocol `sctp`"),
     ] {
         let out = natpunch(&["map", "keep", spec]);
