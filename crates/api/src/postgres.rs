@@ -50,6 +50,38 @@ fn command(bin: &Path, dir: &Path, user: Option<&nix::unistd::User>, program: &s
     c
 }
 
+/// Starts the server of the cluster in `dir` on 127.0.0.1:`port`, logging to `dir/server.log`
+/// (appended to, so that a restart keeps the earlier log).
+fn spawn_server(
+    bin: &Path,
+    dir: &Path,
+    user: Option<&nix::unistd::User>,
+    port: u16,
+) -> Result<Child, String> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("server.log"))
+        .map_err(|e| format!("server.log: {e}"))?;
+    command(bin, dir, user, "postgres")
+        .arg("-D")
+        .arg(dir.join("data"))
+        .args([
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "max_connections=200",
+            "-p",
+        ])
+        .arg(port.to_string())
+        .arg("-k")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("postgres: {e}"))
+}
+
 fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -105,25 +137,7 @@ impl TempPostgres {
             )));
         }
         let port = free_port().map_err(|e| fail(format!("a free port: {e}")))?;
-        let log_path = dir.join("server.log");
-        let log = std::fs::File::create(&log_path).map_err(|e| fail(format!("server.log: {e}")))?;
-        let child = command(&bin, &dir, user.as_ref(), "postgres")
-            .arg("-D")
-            .arg(&data)
-            .args([
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                "max_connections=200",
-                "-p",
-            ])
-            .arg(port.to_string())
-            .arg("-k")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(|e| fail(format!("postgres: {e}")))?;
+        let child = spawn_server(&bin, &dir, user.as_ref(), port).map_err(fail)?;
         // From here on, dropping `this` stops the server and removes the directory.
         let mut this = Self {
             child,
@@ -133,19 +147,25 @@ impl TempPostgres {
             user,
             databases: AtomicU32::new(0),
         };
+        this.wait_ready()?;
+        Ok(this)
+    }
+
+    /// Waits until the server accepts connections.
+    fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            let ready = this
+            let ready = self
                 .command("pg_isready")
                 .args(["-h", "127.0.0.1", "-q", "-p"])
-                .arg(port.to_string())
+                .arg(self.port.to_string())
                 .status()
                 .is_ok_and(|s| s.success());
             if ready {
-                return Ok(this);
+                return Ok(());
             }
-            if let Ok(Some(status)) = this.child.try_wait() {
-                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let log = std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
                 return Err(format!("postgres exited ({status}): {}", log.trim()));
             }
             if Instant::now() > deadline {
@@ -153,6 +173,36 @@ impl TempPostgres {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Stops the server (PostgreSQL's fast shutdown: clients are disconnected) and keeps the
+    /// cluster: an outage, until [`Self::start_again`].
+    pub fn stop(&mut self) {
+        // SIGINT is PostgreSQL's fast shutdown: clients are disconnected, the server exits.
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGINT,
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// Starts a server stopped by [`Self::stop`] again, on the same cluster and port (the
+    /// databases and URLs stay valid); returns once it accepts connections.
+    pub fn start_again(&mut self) -> Result<(), String> {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            return Ok(());
+        }
+        self.child = spawn_server(&self.bin, &self.dir, self.user.as_ref(), self.port)?;
+        self.wait_ready()
     }
 
     fn command(&self, program: &str) -> Command {
@@ -204,21 +254,7 @@ impl TempPostgres {
 
 impl Drop for TempPostgres {
     fn drop(&mut self) {
-        // SIGINT is PostgreSQL's fast shutdown: clients are disconnected, the server exits.
-        if let Ok(pid) = i32::try_from(self.child.id()) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGINT,
-            );
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

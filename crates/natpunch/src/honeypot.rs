@@ -12,7 +12,10 @@ use clap::Args;
 use clap::builder::BoolishValueParser;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, StreamProtocol};
-use p2p::honeypot::{Honeypot, HoneypotConfig, HoneypotEvent, Sighting};
+use p2p::honeypot::{
+    Honeypot, HoneypotConfig, HoneypotEvent, Metrics, RecordError, Recorder, RecorderConfig,
+    Sighting, SightingStore, defaults,
+};
 
 #[derive(Debug, Args)]
 #[command(
@@ -25,7 +28,7 @@ pub(crate) struct HoneypotArgs {
     #[arg(long, env = "NATPUNCH_HONEYPOT_LISTEN_IP", default_value = "0.0.0.0")]
     listen_ip: IpAddr,
     /// Port, TCP and UDP (QUIC) alike; 0 picks free ones.
-    #[arg(long, env = "NATPUNCH_HONEYPOT_PORT", default_value_t = 11000)]
+    #[arg(long, env = "NATPUNCH_HONEYPOT_PORT", default_value_t = defaults::PORT)]
     port: u16,
     /// The honeypot's key file, created on first start [default: $XDG_STATE_HOME/natpunch/
     /// honeypot.key or ~/.local/state/natpunch/honeypot.key].
@@ -43,15 +46,44 @@ pub(crate) struct HoneypotArgs {
     #[arg(long, env = "NATPUNCH_BOOTSTRAP_PEERS", value_delimiter = ',')]
     bootstrap: Vec<Multiaddr>,
     /// Random walks at once in each crawl.
-    #[arg(long, env = "NATPUNCH_HONEYPOT_CRAWLER_COUNT", default_value_t = 10)]
+    #[arg(
+        long,
+        env = "NATPUNCH_HONEYPOT_CRAWLER_COUNT",
+        default_value_t = defaults::CRAWLER_COUNT
+    )]
     crawler_count: usize,
     /// Seconds from the start of one crawl to the next.
-    #[arg(long, env = "NATPUNCH_HONEYPOT_CRAWL_SECS", default_value_t = 600)]
+    #[arg(
+        long,
+        env = "NATPUNCH_HONEYPOT_CRAWL_SECS",
+        default_value_t = defaults::CRAWL_INTERVAL.as_secs()
+    )]
     crawl_secs: u64,
     /// Seconds an idle connection stays open (long: address updates of relayed peers arrive
-    /// by identify push).
-    #[arg(long, env = "NATPUNCH_HONEYPOT_IDLE_SECS", default_value_t = 1800)]
+    /// by identify push; --max-connections bounds what that costs).
+    #[arg(
+        long,
+        env = "NATPUNCH_HONEYPOT_IDLE_SECS",
+        default_value_t = defaults::IDLE_TIMEOUT.as_secs()
+    )]
     idle_secs: u64,
+    /// Connections open at once, both directions; peers beyond it are refused (and counted).
+    /// Inbound ones may take all but an eighth, which the crawl keeps.
+    #[arg(
+        long,
+        env = "NATPUNCH_HONEYPOT_MAX_CONNECTIONS",
+        default_value_t = defaults::MAX_CONNECTIONS,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    max_connections: u32,
+    /// Connections one peer may hold at once.
+    #[arg(
+        long,
+        env = "NATPUNCH_HONEYPOT_MAX_CONNECTIONS_PER_PEER",
+        default_value_t = defaults::MAX_CONNECTIONS_PER_PEER,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    max_connections_per_peer: u32,
     /// The measurement store: sqlite://FILE or postgres://USER@HOST/DB.
     #[arg(
         long,
@@ -87,6 +119,25 @@ pub(crate) fn run(args: HoneypotArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     runtime.block_on(serve(args))
+}
+
+/// The measurement store as the honeypot's writer sees it.
+struct Store {
+    store: SqlStore,
+    /// The honeypot's peer ID (base58).
+    local: String,
+}
+
+impl SightingStore for Store {
+    async fn record(&self, s: &Sighting) -> Result<(), RecordError> {
+        let event =
+            connection_event(&self.local, s).map_err(|e| RecordError::Refused(format!("{e:#}")))?;
+        self.store
+            .record_connection(&event, api::server::now_ns())
+            .await
+            .map(drop)
+            .map_err(|e| RecordError::Failed(e.to_string()))
+    }
 }
 
 /// The store's form of a sighting.
@@ -142,7 +193,11 @@ async fn serve(args: HoneypotArgs) -> anyhow::Result<ExitCode> {
     config.crawler_count = args.crawler_count;
     config.crawl_interval = std::time::Duration::from_secs(args.crawl_secs.max(1));
     config.idle_timeout = std::time::Duration::from_secs(args.idle_secs);
-    let honeypot = Honeypot::new(key, config).map_err(anyhow::Error::msg)?;
+    config.max_connections = args.max_connections;
+    config.max_connections_per_peer = args.max_connections_per_peer;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    let honeypot = Honeypot::new(key, config, &metrics).map_err(anyhow::Error::msg)?;
     let local = honeypot.peer_id().to_base58();
     eprintln!(
         "honeypot: peer id {local} ({} key {}), {}",
@@ -157,10 +212,7 @@ async fn serve(args: HoneypotArgs) -> anyhow::Result<ExitCode> {
             "recording nothing".to_owned()
         }
     );
-    let metrics = Metrics::default();
     if args.telemetry_port != 0 {
-        let mut registry = prometheus_client::registry::Registry::default();
-        metrics.register(&mut registry);
         let addr = std::net::SocketAddr::new(args.telemetry_host, args.telemetry_port);
         crate::serve_telemetry(
             addr,
@@ -170,34 +222,13 @@ async fn serve(args: HoneypotArgs) -> anyhow::Result<ExitCode> {
         .await?;
     }
     // Sightings are written by their own task, so that a slow database never stalls the swarm.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Sighting>();
-    let writer = {
-        let store = store.clone();
-        let local = local.clone();
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            while let Some(s) = rx.recv().await {
-                let Some(store) = &store else {
-                    continue;
-                };
-                let event = match connection_event(&local, &s) {
-                    Ok(e) => e,
-                    Err(e) => {
-                        eprintln!("honeypot: {}: {e:#}", s.peer_id);
-                        continue;
-                    }
-                };
-                let mut delay = std::time::Duration::from_millis(200);
-                while let Err(e) = store.record_connection(&event, api::server::now_ns()).await {
-                    metrics.record_errors.inc();
-                    eprintln!("honeypot: recording {}: {e} (trying again)", s.peer_id);
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(std::time::Duration::from_secs(10));
-                }
-                metrics.recorded.inc();
-            }
-        })
-    };
+    let mut recorder = store.clone().map(|store| {
+        let store = Store {
+            store,
+            local: local.clone(),
+        };
+        Recorder::start(store, RecorderConfig::default(), &metrics)
+    });
     let json = args.json;
     let mut report = |e: HoneypotEvent| {
         if json {
@@ -205,73 +236,25 @@ async fn serve(args: HoneypotArgs) -> anyhow::Result<ExitCode> {
         } else {
             println!("{}", describe(&e));
         }
-        match e {
-            HoneypotEvent::Seen(s) => {
-                let dcutr = if s.dcutr { "true" } else { "false" };
-                metrics.seen.get_or_create(&vec![("dcutr", dcutr)]).inc();
-                let _ = tx.send(s);
-            }
-            HoneypotEvent::CrawlEnded { peers, .. } => {
-                metrics.crawls.inc();
-                metrics
-                    .crawl_peers
-                    .set(i64::try_from(peers).unwrap_or(i64::MAX));
-            }
-            _ => {}
+        if let (HoneypotEvent::Seen(s), Some(recorder)) = (e, recorder.as_mut()) {
+            recorder.offer(s);
         }
     };
     honeypot.run(crate::stop_signal(), &mut report).await;
-    drop(tx);
-    // What was seen before the stop is written before the process ends.
-    let _ = writer.await;
+    // What was seen before the stop is written before the process ends, if the store lets it.
+    if let Some(recorder) = recorder {
+        let left = recorder.close().await;
+        if left > 0 {
+            eprintln!(
+                "honeypot: {left} sightings not written: the store did not take them in time"
+            );
+        }
+    }
     if let Some(store) = store {
         store.close().await;
     }
     eprintln!("honeypot: stopped");
     Ok(ExitCode::SUCCESS)
-}
-
-/// The honeypot's metrics.
-#[derive(Debug, Clone, Default)]
-struct Metrics {
-    seen: prometheus_client::metrics::family::Family<
-        Vec<(&'static str, &'static str)>,
-        prometheus_client::metrics::counter::Counter,
-    >,
-    recorded: prometheus_client::metrics::counter::Counter,
-    record_errors: prometheus_client::metrics::counter::Counter,
-    crawls: prometheus_client::metrics::counter::Counter,
-    crawl_peers: prometheus_client::metrics::gauge::Gauge,
-}
-
-impl Metrics {
-    fn register(&self, r: &mut prometheus_client::registry::Registry) {
-        r.register(
-            "natpunch_honeypot_peers_seen",
-            "Inbound peers identified (again on address changes), by DCUtR support",
-            self.seen.clone(),
-        );
-        r.register(
-            "natpunch_honeypot_recorded",
-            "Sightings written to the store",
-            self.recorded.clone(),
-        );
-        r.register(
-            "natpunch_honeypot_record_errors",
-            "Failed writes to the store (each is tried again)",
-            self.record_errors.clone(),
-        );
-        r.register(
-            "natpunch_honeypot_crawls",
-            "Crawls completed",
-            self.crawls.clone(),
-        );
-        r.register(
-            "natpunch_honeypot_crawl_peers",
-            "Peers met by the last crawl",
-            self.crawl_peers.clone(),
-        );
-    }
 }
 
 fn describe(e: &HoneypotEvent) -> String {

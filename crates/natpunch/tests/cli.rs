@@ -1674,15 +1674,6 @@ fn relay_refuses_a_flood_beyond_its_limits_and_keeps_existing_circuits() {
         }
     }
 
-    fn rss_kib(pid: u32) -> u64 {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    }
-
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")
@@ -2403,6 +2394,470 @@ fn honeypot_records_a_natted_peer_with_its_relay_address_for_the_server() {
         );
         store.close().await;
     });
+}
+
+/// The resident memory of process `pid`, KiB (0 when it is gone).
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The value of `series` (name and labels, as printed) in a `/metrics` answer.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// A child process, killed by its PID when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Short-lived libp2p peers that visit a honeypot: each a fresh identity that connects over
+/// TCP, completes identify both ways, moves (pushes new addresses, as a relayed peer does when
+/// it changes relays) a few times, and leaves.
+mod visitors {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use futures::StreamExt as _;
+    use libp2p::multiaddr::Protocol;
+    use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+    use libp2p::{Multiaddr, Swarm, identify, noise, tcp, yamux};
+
+    #[derive(NetworkBehaviour)]
+    pub(crate) struct Visitor {
+        identify: identify::Behaviour,
+    }
+
+    /// What a visitor announces: its agent version, and `window` addresses at a time out of
+    /// `addrs`, the window sliding by one address with each move.
+    #[derive(Clone)]
+    pub(crate) struct Announce {
+        pub(crate) agent: String,
+        pub(crate) addrs: Vec<Multiaddr>,
+        pub(crate) window: usize,
+    }
+
+    impl Announce {
+        /// Moves a visit makes.
+        fn moves(&self) -> usize {
+            self.addrs.len().saturating_sub(self.window)
+        }
+    }
+
+    fn visitor(announce: &Announce) -> Swarm<Visitor> {
+        let mut s = libp2p::SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default(),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .expect("tcp")
+            .with_behaviour(|key| Visitor {
+                identify: identify::Behaviour::new(
+                    identify::Config::new("/ipfs/0.1.0".into(), key.public())
+                        .with_agent_version(announce.agent.clone()),
+                ),
+            })
+            .expect("behaviour")
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(10)))
+            .build();
+        for a in announce.addrs.iter().take(announce.window) {
+            s.add_external_address(a.clone());
+        }
+        s
+    }
+
+    /// The next identify event of `s`; `None` when the connection failed or closed.
+    async fn next_identify(s: &mut Swarm<Visitor>) -> Option<identify::Event> {
+        loop {
+            match s.select_next_some().await {
+                SwarmEvent::Behaviour(VisitorEvent::Identify(e)) => return Some(e),
+                SwarmEvent::OutgoingConnectionError { .. }
+                | SwarmEvent::ConnectionClosed { .. } => return None,
+                _ => {}
+            }
+        }
+    }
+
+    /// A fresh visitor connected to `target` (with `/p2p/<id>`), once identify has run both
+    /// ways and every move was pushed.
+    pub(crate) async fn arrive(target: &Multiaddr, announce: &Announce) -> Option<Swarm<Visitor>> {
+        let Some(Protocol::P2p(honeypot)) = target.iter().last() else {
+            panic!("{target} lacks /p2p/<peer id>");
+        };
+        let mut s = visitor(announce);
+        s.dial(target.clone()).ok()?;
+        let (mut sent, mut received) = (false, false);
+        while !(sent && received) {
+            match next_identify(&mut s).await? {
+                identify::Event::Sent { .. } => sent = true,
+                identify::Event::Received { .. } => received = true,
+                _ => {}
+            }
+        }
+        for m in 0..announce.moves() {
+            s.remove_external_address(&announce.addrs[m]);
+            s.add_external_address(announce.addrs[m + announce.window].clone());
+            s.behaviour_mut().identify.push([honeypot]);
+            while !matches!(next_identify(&mut s).await?, identify::Event::Pushed { .. }) {}
+        }
+        Some(s)
+    }
+
+    /// One visit to `target`: arrive, then leave cleanly (so that the honeypot reads all that
+    /// was sent; a peer that leaves at once may still be missed: its connection can end before
+    /// the honeypot has handled the last identify message). True when it ran to the end.
+    pub(crate) async fn visit(target: &Multiaddr, announce: &Announce) -> bool {
+        let run = async {
+            let mut s = arrive(target, announce).await?;
+            let honeypot = *s.connected_peers().next()?;
+            let _ = s.disconnect_peer_id(honeypot);
+            loop {
+                if let SwarmEvent::ConnectionClosed { .. } = s.select_next_some().await {
+                    return Some(());
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+    }
+
+    /// `concurrency` visitors at a time for `duration`; the visits that completed.
+    pub(crate) async fn stream(
+        target: Multiaddr,
+        announce: Announce,
+        concurrency: usize,
+        duration: Duration,
+    ) -> usize {
+        let done = Arc::new(AtomicUsize::new(0));
+        let until = tokio::time::Instant::now() + duration;
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..concurrency {
+            let (target, announce, done) = (target.clone(), announce.clone(), Arc::clone(&done));
+            tasks.spawn(async move {
+                while tokio::time::Instant::now() < until {
+                    if visit(&target, &announce).await {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        done.load(Ordering::Relaxed)
+    }
+}
+
+/// `natpunch honeypot` recording into PostgreSQL, the database down for 60 s under a stream of
+/// sightings: new peers, each a fresh identity that connects, identifies, moves nine times
+/// (identify pushes of new relayed addresses) and leaves, announcing as much as identify
+/// allows (a 3 KiB agent version). The sightings the store cannot take are dropped and counted
+/// in `/metrics` instead of piling up, so the honeypot's memory stays bounded; once the
+/// database is back, what was queued is written and new peers are recorded again.
+#[test]
+fn honeypot_memory_stays_bounded_through_a_database_outage_and_it_records_again_after() {
+    use std::time::{Duration, Instant};
+
+    use api::store::{SqlStore, Store as _};
+    use libp2p::Multiaddr;
+
+    /// Visitors connecting at once.
+    const CONCURRENCY: usize = 24;
+    /// How long the database is down.
+    const OUTAGE: Duration = Duration::from_secs(60);
+    /// Address changes each visitor pushes: a sighting each.
+    const MOVES: usize = 9;
+    /// How much the honeypot's memory may grow over the outage. Its queue of sightings holds
+    /// 1024 at most, each a 3.5 KiB agent version and eight addresses: measured +6 MiB over
+    /// 13 000 to 19 000 sightings; the rest is room for the allocator and the visitors'
+    /// connections.
+    const GROWTH_KIB: u64 = 24 * 1024;
+    /// What each sighting of the outage cost when the queue was unbounded (measured 5.5 KiB:
+    /// +85 MiB over 15 900 sightings): the outage must bring enough sightings that an unbounded
+    /// honeypot would break the bound.
+    const UNBOUNDED_KIB_PER_SIGHTING: f64 = 5.0;
+    const SEEN: &str = r#"natpunch_honeypot_peers_seen_total{dcutr="false"}"#;
+    const RECORDED: &str = "natpunch_honeypot_recorded_total";
+    const QUEUED: &str = "natpunch_honeypot_sightings_queued";
+    const QUEUE_FULL: &str = r#"natpunch_honeypot_sightings_dropped_total{reason="queue_full"}"#;
+
+    let mut pg = match api::postgres::TempPostgres::start() {
+        Ok(pg) => pg,
+        Err(e) => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true needs PostgreSQL: {e}"
+            );
+            eprintln!("skipping: {e}");
+            return;
+        }
+    };
+    let url = pg.new_database().expect("database");
+    let dir = Scratch::new("honeypot-outage");
+    let telemetry = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port");
+    let child = Command::new(env!("CARGO_BIN_EXE_natpunch"))
+        .args([
+            "honeypot",
+            "--json",
+            "--listen-ip",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--protocol",
+            "/natpunch/test/kad/1.0.0",
+            "--crawl-secs",
+            "3600",
+            "--telemetry-host",
+            "127.0.0.1",
+            "--telemetry-port",
+            &telemetry.port().to_string(),
+            "--database-url",
+            &url,
+            "--identity",
+        ])
+        .arg(dir.0.join("honeypot.key"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(dir.0.join("honeypot.err")).expect("stderr file"))
+        .spawn()
+        .expect("natpunch honeypot");
+    let mut honeypot = Killed(child);
+    let pid = honeypot.0.id();
+    // The listening line names the TCP address; the rest of stdout (a line per sighting) is
+    // read and dropped, so that the honeypot never blocks on a full pipe.
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel::<String>();
+    let out = honeypot.0.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if line.contains("\"event\":\"listening\"") && line.contains("/tcp/") {
+                let v: Value = serde_json::from_str(&line).expect("json");
+                let _ = addr_tx.send(format!(
+                    "{}/p2p/{}",
+                    v["address"].as_str().expect("address"),
+                    v["peer_id"].as_str().expect("peer id")
+                ));
+            }
+        }
+    });
+    let target: Multiaddr = addr_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the honeypot listens")
+        .parse()
+        .expect("address");
+    let metrics = || http_get(telemetry, "/metrics");
+    let relay = libp2p::PeerId::random();
+    let announce = visitors::Announce {
+        agent: format!("visitor/{}", "x".repeat(3500)),
+        addrs: (1..=4 + MOVES)
+            .map(|i| {
+                format!("/ip4/198.51.100.{i}/tcp/4001/p2p/{relay}/p2p-circuit")
+                    .parse()
+                    .expect("address")
+            })
+            .collect(),
+        window: 4,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let started = Instant::now();
+
+    // Warm up with the database up, until everything seen is written (or dropped: even an
+    // up database takes fewer sightings a second than these visitors make).
+    let warm = runtime.block_on(visitors::stream(
+        target.clone(),
+        announce.clone(),
+        CONCURRENCY,
+        Duration::from_secs(1),
+    ));
+    assert!(warm > 0, "no visitor got through to the honeypot");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (seen_before, recorded_before, dropped_before) = loop {
+        let m = metrics();
+        let (seen, recorded, dropped) = (
+            metric(&m, SEEN),
+            metric(&m, RECORDED),
+            metric(&m, QUEUE_FULL),
+        );
+        if metric(&m, QUEUED) == 0.0 && recorded + dropped >= seen {
+            break (seen, recorded, dropped);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "warm-up sightings not written: {m}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let before = rss_kib(pid);
+    eprintln!(
+        "warm-up: {warm} visits, {seen_before} sightings, {recorded_before} recorded, \
+         {dropped_before} dropped (queue full) in {:.0} s; RSS {before} KiB",
+        started.elapsed().as_secs_f64()
+    );
+
+    // The outage, under a steady stream of sightings; memory is sampled all along.
+    pg.stop();
+    let outage = Instant::now();
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let sampling = std::sync::Arc::clone(&sampling);
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(rss_kib(pid));
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            peak
+        })
+    };
+    // At least OUTAGE, longer on a machine too slow to bring enough sightings in that time.
+    let enough = 2.0 * GROWTH_KIB as f64 / UNBOUNDED_KIB_PER_SIGHTING;
+    let mut visits = 0;
+    loop {
+        visits += runtime.block_on(visitors::stream(
+            target.clone(),
+            announce.clone(),
+            CONCURRENCY,
+            Duration::from_secs(10),
+        ));
+        let seen = metric(&metrics(), SEEN) - seen_before;
+        if outage.elapsed() >= 3 * OUTAGE || (outage.elapsed() >= OUTAGE && seen >= enough) {
+            break;
+        }
+    }
+    let during = metrics();
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.join().expect("sampler");
+    let seen = metric(&during, SEEN) - seen_before;
+    let dropped = metric(&during, QUEUE_FULL) - dropped_before;
+    eprintln!(
+        "outage of {:.0} s: {visits} visits, {seen} sightings, {dropped} dropped (queue full), \
+         {} queued; RSS peak {peak} KiB (+{} KiB, {:.2} KiB a sighting)",
+        outage.elapsed().as_secs_f64(),
+        metric(&during, QUEUED),
+        peak.saturating_sub(before),
+        peak.saturating_sub(before) as f64 / seen.max(1.0)
+    );
+
+    // The database is back: what was queued is written, and a new peer is recorded again.
+    pg.start_again().expect("PostgreSQL starts again");
+    let back = Instant::now();
+    let deadline = back + Duration::from_secs(90);
+    while metric(&metrics(), RECORDED) <= recorded_before {
+        assert!(
+            Instant::now() < deadline,
+            "nothing written after the outage: {}",
+            metrics()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let resumed = back.elapsed();
+    // The queue drains, and the swarm has no sightings of the stream left to hand over (a
+    // new one must not find the queue full).
+    let mut last_seen = f64::NAN;
+    loop {
+        let m = metrics();
+        let seen = metric(&m, SEEN);
+        if metric(&m, QUEUED) == 0.0 && seen == last_seen {
+            break;
+        }
+        last_seen = seen;
+        assert!(
+            Instant::now() < deadline,
+            "the queue did not drain after the outage: {m}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let drained = back.elapsed();
+    let after_outage = visitors::Announce {
+        agent: "visitor/after-the-outage".into(),
+        addrs: Vec::new(),
+        window: 0,
+    };
+    // The new peer stays connected until it is recorded, so none of what it sent is lost.
+    let recorded = runtime.block_on(async {
+        let store = SqlStore::open(&url).await.expect("open the database");
+        let mut visitor = tokio::time::timeout(
+            Duration::from_secs(10),
+            visitors::arrive(&target, &after_outage),
+        )
+        .await
+        .ok()
+        .flatten()
+        .expect("a visit after the outage");
+        let peer = visitor.local_peer_id().to_base58();
+        let stay = tokio::spawn(async move {
+            use futures::StreamExt as _;
+            loop {
+                visitor.select_next_some().await;
+            }
+        });
+        let mut agent = None;
+        while agent.is_none() && back.elapsed() < Duration::from_secs(90) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            agent = store.agent_of(&peer).await.expect("agent_of");
+        }
+        stay.abort();
+        store.close().await;
+        agent
+    });
+    let after = rss_kib(pid);
+    let end = metrics();
+    eprintln!(
+        "after: writing again {:.1} s after the restart, queue drained after {:.1} s, the new \
+         peer recorded after {:.1} s; RSS {after} KiB; {} recorded, {} dropped since the \
+         outage, {} record errors, {} given up; {:.0} s in all",
+        resumed.as_secs_f64(),
+        drained.as_secs_f64(),
+        back.elapsed().as_secs_f64(),
+        metric(&end, RECORDED),
+        metric(&end, QUEUE_FULL) - metric(&during, QUEUE_FULL),
+        metric(&end, "natpunch_honeypot_record_errors_total"),
+        metric(
+            &end,
+            r#"natpunch_honeypot_sightings_dropped_total{reason="gave_up"}"#
+        ),
+        started.elapsed().as_secs_f64()
+    );
+
+    drop(honeypot);
+    let _ = reader.join();
+    assert!(
+        seen * UNBOUNDED_KIB_PER_SIGHTING > GROWTH_KIB as f64,
+        "only {seen} sightings during the outage: too few to tell a bounded honeypot's memory \
+         from an unbounded one's"
+    );
+    assert!(
+        peak.saturating_sub(before) < GROWTH_KIB,
+        "memory grew from {before} KiB to {peak} KiB over {seen} sightings"
+    );
+    assert!(dropped > 0.0, "nothing dropped during the outage: {during}");
+    assert_eq!(
+        recorded.as_deref(),
+        Some("visitor/after-the-outage"),
+        "a peer seen after the outage is recorded: {end}"
+    );
 }
 
 /// The measurement system in the lab, end to end: a client behind a port-restricted NAT,

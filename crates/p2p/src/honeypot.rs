@@ -8,6 +8,15 @@
 //! identify push changes its addresses. Connections are kept open (a long idle timeout) so that
 //! those pushes arrive; it records between crawls too, unlike punchr's, which recorded only
 //! while crawling.
+//!
+//! What the network feeds is bounded ([`defaults`]): connections (total, per peer, handshakes in
+//! flight), the peers remembered as already reported, and the sightings waiting for the store
+//! ([`Recorder`]: a bounded queue and bounded retries; what does not fit is dropped and
+//! counted in [`Metrics`]).
+
+pub mod defaults;
+mod recorder;
+mod reported;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -16,8 +25,17 @@ use std::time::{Duration, Instant, SystemTime};
 use futures::StreamExt as _;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, kad, noise, ping, tcp, yamux};
+use libp2p::swarm::{DialError, ListenError, NetworkBehaviour, SwarmEvent};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, connection_limits, identify, kad, noise, ping, tcp,
+    yamux,
+};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+pub use recorder::{RecordError, Recorder, RecorderConfig, Retry, SightingStore};
+use reported::Reported;
 use serde::Serialize;
 
 /// The agent version the honeypot announces.
@@ -40,19 +58,41 @@ pub struct HoneypotConfig {
     pub crawl_interval: Duration,
     /// How long a connection may stay idle before it is closed.
     pub idle_timeout: Duration,
+    /// Connections open at once, both directions (inbound ones may take all but an eighth).
+    pub max_connections: u32,
+    /// Connections one peer may hold at once.
+    pub max_connections_per_peer: u32,
+    /// Inbound connections still in their handshake at once.
+    pub max_pending_incoming: u32,
+    /// Peers whose last reported addresses are remembered, to report changes only.
+    pub reported_peers: usize,
 }
 
 impl HoneypotConfig {
-    /// punchr's defaults where they apply: port 11000, 10 crawlers; the public IPFS DHT.
+    /// The [`defaults`] (punchr's where they apply: 10 crawlers) on the public IPFS DHT.
     pub fn new(listen: Vec<Multiaddr>) -> Self {
         Self {
             listen,
             protocol: kad::PROTOCOL_NAME,
             bootstrap: Vec::new(),
-            crawler_count: 10,
-            crawl_interval: Duration::from_secs(600),
-            idle_timeout: Duration::from_secs(1800),
+            crawler_count: defaults::CRAWLER_COUNT,
+            crawl_interval: defaults::CRAWL_INTERVAL,
+            idle_timeout: defaults::IDLE_TIMEOUT,
+            max_connections: defaults::MAX_CONNECTIONS,
+            max_connections_per_peer: defaults::MAX_CONNECTIONS_PER_PEER,
+            max_pending_incoming: defaults::MAX_PENDING_INCOMING,
+            reported_peers: defaults::REPORTED_PEERS,
         }
+    }
+
+    fn connection_limits(&self) -> connection_limits::ConnectionLimits {
+        let total = self.max_connections.max(1);
+        let inbound = total - total / defaults::OUTBOUND_RESERVE_DIVISOR;
+        connection_limits::ConnectionLimits::default()
+            .with_max_established(Some(total))
+            .with_max_established_incoming(Some(inbound))
+            .with_max_established_per_peer(Some(self.max_connections_per_peer.max(1)))
+            .with_max_pending_incoming(Some(self.max_pending_incoming.max(1)))
     }
 }
 
@@ -118,6 +158,8 @@ pub enum HoneypotEvent {
     reason = "libp2p's behaviours do not implement Debug"
 )]
 pub struct HoneypotBehaviour {
+    // First, so that a connection over the limits is refused before the others see it.
+    limits: connection_limits::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     kad: kad::Behaviour<kad::store::MemoryStore>,
@@ -130,9 +172,103 @@ pub struct Honeypot {
     /// Inbound connections: where each came from and when.
     inbound: HashMap<libp2p::swarm::ConnectionId, (Multiaddr, i64)>,
     /// The last addresses reported per peer, to report pushes that change them only.
-    reported: HashMap<PeerId, Vec<String>>,
+    reported: Reported,
     /// The walks of the crawl in progress, and the peers they met.
     crawl: Option<Crawl>,
+    metrics: Metrics,
+}
+
+/// Label sets of the honeypot's counter families.
+type Labels = Vec<(&'static str, &'static str)>;
+
+/// The honeypot's Prometheus metrics (`natpunch_honeypot_*`), shared by the swarm and the
+/// [`Recorder`].
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    seen: Family<Labels, Counter>,
+    recorded: Counter,
+    record_errors: Counter,
+    dropped: Family<Labels, Counter>,
+    queued: Gauge,
+    reported_peers: Gauge,
+    connections: Gauge,
+    connections_denied: Family<Labels, Counter>,
+    crawls: Counter,
+    crawl_peers: Gauge,
+}
+
+/// Why a sighting was dropped: the queue was full, the store failed to take it for too long,
+/// the store refused it, the writer had stopped.
+const DROP_REASONS: [&str; 4] = ["queue_full", "gave_up", "refused", "writer_stopped"];
+
+impl Metrics {
+    /// Metrics registered in `registry`.
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        let r = registry.sub_registry_with_prefix("natpunch_honeypot");
+        r.register(
+            "peers_seen",
+            "Inbound peers identified (again on address changes), by DCUtR support",
+            m.seen.clone(),
+        );
+        r.register(
+            "recorded",
+            "Sightings written to the store",
+            m.recorded.clone(),
+        );
+        r.register(
+            "record_errors",
+            "Failed writes to the store (tried again until the sighting is given up)",
+            m.record_errors.clone(),
+        );
+        r.register(
+            "sightings_dropped",
+            "Sightings not written, by reason: queue_full (the store is down or behind), \
+             gave_up (the store failed to take it for too long), refused (the store will never \
+             take it), writer_stopped",
+            m.dropped.clone(),
+        );
+        r.register(
+            "sightings_queued",
+            "Sightings waiting for the store",
+            m.queued.clone(),
+        );
+        r.register(
+            "reported_peers",
+            "Peers remembered as already reported",
+            m.reported_peers.clone(),
+        );
+        r.register("connections", "Connections open now", m.connections.clone());
+        r.register(
+            "connections_denied",
+            "Connections refused by the connection limits, by direction",
+            m.connections_denied.clone(),
+        );
+        r.register("crawls", "Crawls completed", m.crawls.clone());
+        r.register(
+            "crawl_peers",
+            "Peers met by the last crawl",
+            m.crawl_peers.clone(),
+        );
+        // Every series from the start, so that dashboards see zeros rather than nothing.
+        for reason in DROP_REASONS {
+            let _ = m.dropped.get_or_create(&vec![("reason", reason)]);
+        }
+        for direction in ["in", "out"] {
+            let _ = m
+                .connections_denied
+                .get_or_create(&vec![("direction", direction)]);
+        }
+        m
+    }
+
+    fn dropped(&self, reason: &'static str) {
+        self.dropped.get_or_create(&vec![("reason", reason)]).inc();
+    }
+
+    fn set_queued(&self, n: usize) {
+        self.queued.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
 }
 
 #[derive(Debug)]
@@ -164,8 +300,8 @@ fn relayed(addr: &Multiaddr) -> bool {
 }
 
 impl Honeypot {
-    /// Builds the honeypot (inside a tokio runtime).
-    pub fn new(key: Keypair, config: HoneypotConfig) -> Result<Self, String> {
+    /// Builds the honeypot (inside a tokio runtime), counting into `metrics`.
+    pub fn new(key: Keypair, config: HoneypotConfig, metrics: &Metrics) -> Result<Self, String> {
         let peer = key.public().to_peer_id();
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
             .with_tokio()
@@ -177,6 +313,7 @@ impl Honeypot {
             .map_err(|e| e.to_string())?
             .with_quic()
             .with_behaviour(|key| HoneypotBehaviour {
+                limits: connection_limits::Behaviour::new(config.connection_limits()),
                 identify: identify::Behaviour::new(
                     identify::Config::new("/ipfs/0.1.0".into(), key.public())
                         .with_agent_version(agent_version()),
@@ -205,10 +342,11 @@ impl Honeypot {
         }
         Ok(Self {
             swarm,
-            config,
             inbound: HashMap::new(),
-            reported: HashMap::new(),
+            reported: Reported::new(config.reported_peers),
+            config,
             crawl: None,
+            metrics: metrics.clone(),
         })
     }
 
@@ -235,6 +373,15 @@ impl Honeypot {
                 event = self.swarm.select_next_some() => self.on_event(event, report),
             }
         }
+    }
+
+    fn count_connections(&self) {
+        let open = self
+            .swarm
+            .network_info()
+            .connection_counters()
+            .num_established();
+        self.metrics.connections.set(i64::from(open));
     }
 
     fn start_crawl(&mut self, report: &mut impl FnMut(HoneypotEvent)) {
@@ -270,14 +417,31 @@ impl Honeypot {
             }),
             SwarmEvent::ConnectionEstablished {
                 connection_id,
-                endpoint: libp2p::core::ConnectedPoint::Listener { send_back_addr, .. },
+                endpoint,
                 ..
             } => {
-                self.inbound
-                    .insert(connection_id, (send_back_addr, now_ns()));
+                // Bounded by the connection limits: an entry lives as long as its connection.
+                if let libp2p::core::ConnectedPoint::Listener { send_back_addr, .. } = endpoint {
+                    self.inbound
+                        .insert(connection_id, (send_back_addr, now_ns()));
+                }
+                self.count_connections();
             }
             SwarmEvent::ConnectionClosed { connection_id, .. } => {
                 self.inbound.remove(&connection_id);
+                self.count_connections();
+            }
+            SwarmEvent::IncomingConnectionError {
+                error: ListenError::Denied { cause },
+                ..
+            } if cause
+                .downcast_ref::<connection_limits::Exceeded>()
+                .is_some() =>
+            {
+                self.metrics
+                    .connections_denied
+                    .get_or_create(&vec![("direction", "in")])
+                    .inc();
             }
             SwarmEvent::OutgoingConnectionError {
                 peer_id: Some(peer),
@@ -293,6 +457,18 @@ impl Honeypot {
                     address: peer.to_string(),
                     error: error.to_string(),
                 });
+            }
+            SwarmEvent::OutgoingConnectionError {
+                error: DialError::Denied { cause },
+                ..
+            } if cause
+                .downcast_ref::<connection_limits::Exceeded>()
+                .is_some() =>
+            {
+                self.metrics
+                    .connections_denied
+                    .get_or_create(&vec![("direction", "out")])
+                    .inc();
             }
             SwarmEvent::Behaviour(HoneypotBehaviourEvent::Identify(
                 identify::Event::Received {
@@ -334,15 +510,23 @@ impl Honeypot {
             info.listen_addrs.iter().map(ToString::to_string).collect();
         listen_addrs.sort();
         listen_addrs.dedup();
-        if self.reported.get(&peer) == Some(&listen_addrs) {
+        let news = self.reported.update(peer, &listen_addrs);
+        self.metrics
+            .reported_peers
+            .set(i64::try_from(self.reported.len()).unwrap_or(i64::MAX));
+        if !news {
             return;
         }
-        self.reported.insert(peer, listen_addrs.clone());
         let protocols: Vec<String> = info.protocols.iter().map(ToString::to_string).collect();
+        let dcutr = protocols.iter().any(|p| p == "/libp2p/dcutr");
+        self.metrics
+            .seen
+            .get_or_create(&vec![("dcutr", if dcutr { "true" } else { "false" })])
+            .inc();
         report(HoneypotEvent::Seen(Sighting {
             peer_id: peer.to_string(),
             agent_version: info.agent_version,
-            dcutr: protocols.iter().any(|p| p == "/libp2p/dcutr"),
+            dcutr,
             protocols,
             relay_addrs: info
                 .listen_addrs
@@ -385,7 +569,116 @@ impl Honeypot {
             let peers = crawl.peers.len();
             let secs = crawl.started.elapsed().as_secs_f64();
             self.crawl = None;
+            self.metrics.crawls.inc();
+            self.metrics
+                .crawl_peers
+                .set(i64::try_from(peers).unwrap_or(i64::MAX));
             report(HoneypotEvent::CrawlEnded { peers, secs });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use libp2p::swarm::dummy;
+
+    use super::*;
+
+    /// A swarm that only connects.
+    fn visitor() -> Swarm<dummy::Behaviour> {
+        libp2p::SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default(),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .expect("tcp")
+            .with_behaviour(|_| dummy::Behaviour)
+            .expect("behaviour")
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .build()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_beyond_the_limits_are_refused_and_counted() {
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(&mut registry);
+        let mut config = HoneypotConfig::new(vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")]);
+        config.protocol = StreamProtocol::new("/natpunch/test/kad/1.0.0");
+        config.crawl_interval = Duration::from_secs(3600);
+        config.max_connections = 3;
+        config.max_connections_per_peer = 1;
+        let honeypot =
+            Honeypot::new(Keypair::generate_ed25519(), config, &metrics).expect("honeypot");
+        let (addr_tx, mut addr_rx) = tokio::sync::mpsc::channel(4);
+        let stop = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(async move {
+            let mut report = |e: HoneypotEvent| {
+                if let HoneypotEvent::Listening { address, .. } = e {
+                    let _ = addr_tx.try_send(address);
+                }
+            };
+            honeypot
+                .run(
+                    async {
+                        let _ = stop.1.await;
+                    },
+                    &mut report,
+                )
+                .await;
+        });
+        let addr: Multiaddr = addr_rx
+            .recv()
+            .await
+            .expect("listening")
+            .parse()
+            .expect("addr");
+
+        // One peer twice (over the per-peer limit), then three more (over the total).
+        let mut visitors = tokio::task::JoinSet::new();
+        let mut twice = visitor();
+        twice.dial(addr.clone()).expect("dial");
+        twice.dial(addr.clone()).expect("dial");
+        visitors.spawn(async move {
+            loop {
+                twice.select_next_some().await;
+            }
+        });
+        for _ in 0..3 {
+            let mut v = visitor();
+            v.dial(addr.clone()).expect("dial");
+            visitors.spawn(async move {
+                loop {
+                    v.select_next_some().await;
+                }
+            });
+        }
+        let denied = || {
+            metrics
+                .connections_denied
+                .get_or_create(&vec![("direction", "in")])
+                .get()
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while denied() < 2 || metrics.connections.get() < 3 {
+            assert!(
+                Instant::now() < deadline,
+                "{} denied, {} open",
+                denied(),
+                metrics.connections.get()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            denied(),
+            2,
+            "one over the per-peer limit, one over the total"
+        );
+        assert_eq!(metrics.connections.get(), 3);
+        visitors.abort_all();
+        let _ = stop.0.send(());
+        run.await.expect("honeypot");
     }
 }
