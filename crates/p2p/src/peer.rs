@@ -45,12 +45,21 @@ use libp2p::{
     tcp, yamux,
 };
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::Instrument as _;
 
 use crate::candidates::CandidateFeed;
 use crate::record::{Attempt, AttemptOutcome, DialFailure, Outcome, Record, Side};
 use crate::relay::{PROTOCOL_VERSION, agent_version};
 use crate::wire::{self, HolePunch, Kind};
+
+pub mod defaults;
+mod handshakes;
+mod remotes;
+
+use defaults::{MAX_PERF_SINKS, MAX_SESSIONS, MAX_STOCK_CANDIDATES};
+use handshakes::{Handshakes, Role};
+use remotes::{Direct, RemoteEngine, Remotes};
 
 /// The DCUtR protocol.
 pub const DCUTR: StreamProtocol = StreamProtocol::new("/libp2p/dcutr");
@@ -434,13 +443,6 @@ impl Session {
     }
 }
 
-/// A direct connection to a remote.
-#[derive(Debug, Clone)]
-struct Direct {
-    id: ConnectionId,
-    endpoint: ConnectedPoint,
-}
-
 /// A hole-punching peer.
 pub struct Peer {
     swarm: Swarm<PeerBehaviour>,
@@ -448,16 +450,19 @@ pub struct Peer {
     relay: PeerId,
     relay_addrs: Vec<Multiaddr>,
     control: libp2p_stream::Control,
-    steps_tx: mpsc::UnboundedSender<Step>,
-    steps: mpsc::UnboundedReceiver<Step>,
+    /// The handshake tasks: per session at most one driving and one answering.
+    handshakes: Handshakes,
+    /// Throughput tests being received, at most [`MAX_PERF_SINKS`].
+    perf_sinks: JoinSet<()>,
     /// Observed addresses, from identify on the relay connections.
     observed: Vec<Multiaddr>,
     /// identify's candidates (stock).
     stock_candidates: Vec<Multiaddr>,
+    /// At most [`MAX_SESSIONS`].
     sessions: HashMap<PeerId, Session>,
-    /// Which side of the relayed connection we are, per remote.
-    sides: HashMap<PeerId, Side>,
-    directs: HashMap<PeerId, Vec<Direct>>,
+    /// The remotes connected now: which side of the relayed connection we are, their direct
+    /// connections, their engine.
+    remotes: Remotes,
     /// Relayed dials in flight (dial mode).
     relayed: HashMap<ConnectionId, PeerId>,
     /// Relayed connections up.
@@ -466,11 +471,26 @@ pub struct Peer {
     to_relay_rtt: Option<Duration>,
     /// Mappings made on the local router, and the addresses they give.
     mapped: Vec<(portmap::client::Gateway, portmap::client::Mapped, Multiaddr)>,
-    /// Remotes that run natpunch's engine (identify lists its protocol), which understand
-    /// reversed attempts.
-    natpunch_peers: std::collections::HashSet<PeerId>,
-    /// Remotes known not to run natpunch's engine (from identify).
-    stock_peers: std::collections::HashSet<PeerId>,
+}
+
+/// How much state a peer holds, for tests and debugging: everything fed by the network is
+/// bounded (see [`defaults`]) and returns to zero once the remotes are gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PeerStats {
+    /// Hole punches in progress.
+    pub sessions: usize,
+    /// Remotes whose state is kept (the ones connected now).
+    pub remotes: usize,
+    /// Remotes not tracked because [`defaults::MAX_REMOTES`] were.
+    pub remotes_refused: u64,
+    /// Handshake tasks running.
+    pub handshakes: usize,
+    /// Throughput tests being received.
+    pub perf_sinks: usize,
+    /// Relayed dials in flight and relayed connections up.
+    pub relayed: usize,
+    /// identify's candidates kept.
+    pub stock_candidates: usize,
 }
 
 impl fmt::Debug for Peer {
@@ -666,27 +686,36 @@ impl Peer {
             .with_connection_timeout(connection_timeout)
             .build();
         let control = swarm.behaviour().stream.new_control();
-        let (steps_tx, steps) = mpsc::unbounded_channel();
         Ok(Self {
             swarm,
             config,
             relay,
             relay_addrs,
             control,
-            steps_tx,
-            steps,
+            handshakes: Handshakes::default(),
+            perf_sinks: JoinSet::new(),
             observed: Vec::new(),
             stock_candidates: Vec::new(),
             sessions: HashMap::new(),
-            sides: HashMap::new(),
-            directs: HashMap::new(),
+            remotes: Remotes::default(),
             relayed: HashMap::new(),
             relayed_conns: HashMap::new(),
             to_relay_rtt: None,
             mapped: Vec::new(),
-            natpunch_peers: std::collections::HashSet::new(),
-            stock_peers: std::collections::HashSet::new(),
         })
+    }
+
+    /// How much state the peer holds now.
+    pub fn stats(&self) -> PeerStats {
+        PeerStats {
+            sessions: self.sessions.len(),
+            remotes: self.remotes.len(),
+            remotes_refused: self.remotes.refused(),
+            handshakes: self.handshakes.len(),
+            perf_sinks: self.perf_sinks.len(),
+            relayed: self.relayed.len() + self.relayed_conns.len(),
+            stock_candidates: self.stock_candidates.len(),
+        }
     }
 
     /// This peer's ID.
@@ -754,16 +783,15 @@ impl Peer {
                         return Ok(Some(outcome));
                     }
                 }
-                Some(step) = self.steps.recv() => self.on_step(step),
+                step = self.handshakes.next() => self.on_step(step),
                 Some((peer, stream)) = next_stream(incoming.as_mut()) => {
                     self.on_inbound_stream(peer, stream, false);
                 }
                 Some((peer, stream)) = next_stream(fast.as_mut()) => {
                     self.on_inbound_stream(peer, stream, true);
                 }
-                Some((_, stream)) = perf.next() => {
-                    tokio::spawn(perf_sink(stream));
-                }
+                Some((peer, stream)) = perf.next() => self.on_perf_stream(peer, stream),
+                Some(_) = self.perf_sinks.join_next() => {}
                 () = sleep_until(wake) => {}
             }
             if let Some(outcome) = self.close_sessions(mode, report) {
@@ -785,7 +813,10 @@ impl Peer {
         stop: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
         report: &mut impl FnMut(PeerEvent),
     ) {
-        let direct = self.directs.get(&target).is_some_and(|l| !l.is_empty());
+        let direct = self
+            .remotes
+            .get(&target)
+            .is_some_and(|r| !r.directs.is_empty());
         if direct {
             let relayed: Vec<ConnectionId> = self
                 .relayed_conns
@@ -803,8 +834,15 @@ impl Peer {
                     () = stop.as_mut() => return,
                     () = tokio::time::sleep_until(until) => break,
                     event = self.swarm.select_next_some() => {
-                        if let SwarmEvent::ConnectionClosed { connection_id, .. } = event {
+                        if let SwarmEvent::ConnectionClosed {
+                            peer_id,
+                            connection_id,
+                            num_established,
+                            ..
+                        } = event
+                        {
                             self.relayed_conns.remove(&connection_id);
+                            self.remotes.on_closed(peer_id, connection_id, num_established);
                         }
                     }
                 }
@@ -1028,7 +1066,13 @@ impl Peer {
             && dialable(&address)
             && !self.stock_candidates.contains(&address)
         {
-            self.stock_candidates.push(address);
+            // The first ones (the relay's view of us) are kept; beyond the cap, new ones are
+            // ignored rather than growing the CONNECT message past its limit.
+            if self.stock_candidates.len() < MAX_STOCK_CANDIDATES {
+                self.stock_candidates.push(address);
+            } else {
+                tracing::debug!(%address, "candidate ignored: {MAX_STOCK_CANDIDATES} kept");
+            }
         }
     }
 
@@ -1158,12 +1202,12 @@ impl Peer {
                 peer_id,
                 connection_id,
                 cause,
+                num_established,
                 ..
             } => {
                 tracing::debug!(%peer_id, ?connection_id, ?cause, "connection closed");
-                if let Some(list) = self.directs.get_mut(&peer_id) {
-                    list.retain(|d| d.id != connection_id);
-                }
+                self.remotes
+                    .on_closed(peer_id, connection_id, num_established);
                 self.relayed_conns.remove(&connection_id);
             }
             SwarmEvent::OutgoingConnectionError {
@@ -1205,11 +1249,18 @@ impl Peer {
                 info,
                 ..
             })) if peer_id != self.relay => {
-                if info.protocols.contains(&NATPUNCH_DCUTR) {
-                    self.natpunch_peers.insert(peer_id);
-                } else {
-                    self.stock_peers.insert(peer_id);
-                    self.maybe_start_spec(peer_id);
+                let natpunch = info.protocols.contains(&NATPUNCH_DCUTR);
+                // Only a connected remote has an entry: an answer that arrives after the last
+                // connection closed makes none.
+                if let Some(remote) = self.remotes.get_mut(&peer_id) {
+                    remote.engine = Some(if natpunch {
+                        RemoteEngine::Natpunch
+                    } else {
+                        RemoteEngine::Other
+                    });
+                }
+                if !natpunch {
+                    self.maybe_start_spec(peer_id, true);
                 }
             }
             other => self.on_background(other),
@@ -1225,8 +1276,14 @@ impl Peer {
         };
         self.relayed.remove(&id);
         self.relayed_conns.insert(id, peer);
-        self.sides.insert(peer, side);
+        if let Some(remote) = self.remotes.entry(peer) {
+            remote.side = Some(side);
+        }
         if self.sessions.contains_key(&peer) {
+            return;
+        }
+        if self.sessions.len() >= MAX_SESSIONS {
+            tracing::warn!(%peer, "{MAX_SESSIONS} hole punches in progress: not punching this one");
             return;
         }
         let stock = self.config.engine == Engine::Stock;
@@ -1254,7 +1311,8 @@ impl Peer {
             Side::Listener if punch => {
                 session.spec_start_at = Some(Instant::now() + FAST_WAIT);
                 self.sessions.insert(peer, session);
-                self.maybe_start_spec(peer);
+                let stock_remote = self.is_stock_remote(peer);
+                self.maybe_start_spec(peer, stock_remote);
             }
             _ => {
                 self.sessions.insert(peer, session);
@@ -1262,10 +1320,16 @@ impl Peer {
         }
     }
 
+    /// Whether identify said `peer` does not run natpunch's engine.
+    fn is_stock_remote(&self, peer: PeerId) -> bool {
+        self.remotes
+            .get(&peer)
+            .is_some_and(|r| r.engine == Some(RemoteEngine::Other))
+    }
+
     /// Listener: start DCUtR now if the remote is known not to run natpunch, or the wait for
     /// a natpunch dialer's stream is over.
-    fn maybe_start_spec(&mut self, peer: PeerId) {
-        let stock_remote = self.stock_peers.contains(&peer);
+    fn maybe_start_spec(&mut self, peer: PeerId, stock_remote: bool) {
         let Some(session) = self.sessions.get_mut(&peer) else {
             return;
         };
@@ -1290,12 +1354,15 @@ impl Peer {
         // failed because only this side's packets get through (its NAT maps per destination,
         // the remote's does not filter by port), this side's dial, landing on the remote's
         // listener, must take the dialer's role.
-        let reversed = session.attempts.len() == 1 && self.natpunch_peers.contains(&peer);
+        let reversed = session.attempts.len() == 1
+            && self
+                .remotes
+                .get(&peer)
+                .is_some_and(|r| r.engine == Some(RemoteEngine::Natpunch));
         let ours = self.offered();
         let mut control = self.control.clone();
-        let tx = self.steps_tx.clone();
         let limit = self.config.attempt_timeout;
-        tokio::spawn(async move {
+        self.handshakes.spawn(peer, Role::Driving, async move {
             let run = async {
                 let mut stream = control.open_stream(peer, protocol).await.map_err(|e| {
                     let unsupported =
@@ -1326,11 +1393,27 @@ impl Peer {
                 tokio::time::sleep(rtt / 2).await;
                 Ok((reply.addrs, Some(rtt), reversed))
             };
-            let step = to_step(peer, tokio::time::timeout(limit, run).await, || {
+            to_step(peer, tokio::time::timeout(limit, run).await, || {
                 format!("no answer to CONNECT within {limit:?}")
-            });
-            let _ = tx.send(step);
+            })
         });
+    }
+
+    /// A remote opened a throughput test: receive it, unless [`MAX_PERF_SINKS`] already run.
+    fn on_perf_stream(&mut self, peer: PeerId, stream: libp2p::Stream) {
+        if self.perf_sinks.len() >= MAX_PERF_SINKS {
+            tracing::debug!(%peer, "{MAX_PERF_SINKS} throughput tests running: refusing one");
+            return;
+        }
+        let span = tracing::debug_span!("perf sink", %peer);
+        self.perf_sinks.spawn(
+            async move {
+                if let Err(e) = perf_sink(stream).await {
+                    tracing::debug!("throughput test: {e}");
+                }
+            }
+            .instrument(span),
+        );
     }
 
     /// The driven side: the remote opened a stream (`fast`: natpunch's protocol); answer its
@@ -1352,9 +1435,9 @@ impl Peer {
         session.spec_start_at = None;
         session.handshaking = true;
         let ours = self.offered();
-        let tx = self.steps_tx.clone();
         let limit = self.config.attempt_timeout;
-        tokio::spawn(async move {
+        // A newer stream from the remote replaces a handshake still waiting on an older one.
+        self.handshakes.spawn(peer, Role::Answering, async move {
             let run = async {
                 let connect = wire::read_message(&mut stream).await?;
                 if connect.kind != Kind::Connect {
@@ -1372,10 +1455,9 @@ impl Peer {
                 }
                 Ok((connect.addrs, None, connect.reversed))
             };
-            let step = to_step(peer, tokio::time::timeout(limit, run).await, || {
+            to_step(peer, tokio::time::timeout(limit, run).await, || {
                 format!("no SYNC within {limit:?}")
-            });
-            let _ = tx.send(step);
+            })
         });
     }
 
@@ -1551,31 +1633,35 @@ impl Peer {
     }
 
     fn on_direct(&mut self, peer: PeerId, id: ConnectionId, endpoint: ConnectedPoint) {
-        let side = self.sides.get(&peer).copied();
-        tracing::debug!(%peer, ?id, ?endpoint, ?side, "direct connection");
-        let list = self.directs.entry(peer).or_default();
-        list.push(Direct {
-            id,
-            endpoint: endpoint.clone(),
-        });
-        // Of simultaneous direct connections keep the one the relayed connection's dialer made,
-        // on both sides alike (QUIC punches make two).
-        if self.config.engine == Engine::Natpunch
-            && let Some(side) = side
-            && list.iter().any(|d| made_by_a(side, &d.endpoint))
-        {
-            let extra: Vec<ConnectionId> = list
-                .iter()
-                .filter(|d| !made_by_a(side, &d.endpoint))
-                .map(|d| d.id)
-                .collect();
-            // A connection being closed is no longer one of ours: forget it now, so a record
-            // written before the close completes counts what remains.
-            list.retain(|d| !extra.contains(&d.id));
-            for c in extra {
-                tracing::debug!(%peer, ?c, "closing the second direct connection");
-                self.swarm.close_connection(c);
+        let natpunch = self.config.engine == Engine::Natpunch;
+        let mut extra: Vec<ConnectionId> = Vec::new();
+        if let Some(remote) = self.remotes.entry(peer) {
+            let side = remote.side;
+            tracing::debug!(%peer, ?id, ?endpoint, ?side, "direct connection");
+            let list = &mut remote.directs;
+            list.push(Direct {
+                id,
+                endpoint: endpoint.clone(),
+            });
+            // Of simultaneous direct connections keep the one the relayed connection's dialer
+            // made, on both sides alike (QUIC punches make two).
+            if natpunch
+                && let Some(side) = side
+                && list.iter().any(|d| made_by_a(side, &d.endpoint))
+            {
+                extra = list
+                    .iter()
+                    .filter(|d| !made_by_a(side, &d.endpoint))
+                    .map(|d| d.id)
+                    .collect();
+                // A connection being closed is no longer one of ours: forget it now, so a
+                // record written before the close completes counts what remains.
+                list.retain(|d| !extra.contains(&d.id));
             }
+        }
+        for c in extra {
+            tracing::debug!(%peer, ?c, "closing the second direct connection");
+            self.swarm.close_connection(c);
         }
         let attempt_timeout = self.config.attempt_timeout;
         let Some(session) = self.sessions.get_mut(&peer) else {
@@ -1699,19 +1785,22 @@ impl Peer {
             self.start_handshake(peer, protocol);
         }
         for peer in spec {
-            self.maybe_start_spec(peer);
+            let stock_remote = self.is_stock_remote(peer);
+            self.maybe_start_spec(peer, stock_remote);
         }
         let mut finished = None;
         for peer in done {
             let Some(s) = self.sessions.remove(&peer) else {
                 continue;
             };
+            // A handshake still running belongs to the session: its step would find no one.
+            self.handshakes.cancel(peer);
             let mut record = s.record(self.peer_id(), peer, self.relay, &self.config);
             record.to_relay_rtt_ms = self.to_relay_rtt.map(|d| d.as_secs_f64() * 1000.0);
             record.direct_connections = self
-                .directs
+                .remotes
                 .get(&peer)
-                .map_or(0, |l| u32::try_from(l.len()).unwrap_or(u32::MAX));
+                .map_or(0, |r| u32::try_from(r.directs.len()).unwrap_or(u32::MAX));
             let outcome = record.outcome;
             report(PeerEvent::HolePunch(Box::new(record)));
             if mode == Mode::Dial(peer) {
@@ -1956,5 +2045,232 @@ mod tests {
 
     fn with_addr() -> Multiaddr {
         "/ip4/11.99.0.11/udp/4002/quic-v1".parse().expect("addr")
+    }
+
+    /// A peer fed swarm events by hand: no socket, no swarm polling.
+    struct Fed {
+        peer: Peer,
+        relay: PeerId,
+        next_id: usize,
+        records: Vec<Record>,
+    }
+
+    /// Connections of one remote.
+    struct Conns {
+        key: Keypair,
+        relayed: (ConnectionId, ConnectedPoint),
+        direct: (ConnectionId, ConnectedPoint),
+    }
+
+    impl Fed {
+        fn new(punch: bool) -> Self {
+            let relay = relay_id();
+            let addr: Multiaddr = format!("/ip4/11.99.0.12/tcp/4001/p2p/{relay}")
+                .parse()
+                .expect("addr");
+            let mut config = PeerConfig::new(vec![addr]);
+            config.punch = punch;
+            // Long enough that a handshake outlives the test unless something ends it.
+            config.attempt_timeout = Duration::from_secs(600);
+            let peer = Peer::new(Keypair::generate_ed25519(), config).expect("peer");
+            Self {
+                peer,
+                relay,
+                next_id: 1,
+                records: Vec::new(),
+            }
+        }
+
+        fn id(&mut self) -> ConnectionId {
+            self.next_id += 1;
+            ConnectionId::new_unchecked(self.next_id)
+        }
+
+        /// A remote that reached this peer through the relay (this peer is the listener).
+        fn remote(&mut self) -> Conns {
+            let key = Keypair::generate_ed25519();
+            let circuit: Multiaddr =
+                format!("/ip4/11.99.0.12/tcp/4001/p2p/{}/p2p-circuit", self.relay)
+                    .parse()
+                    .expect("addr");
+            let quic: Multiaddr = "/ip4/192.168.1.2/udp/4000/quic-v1".parse().expect("addr");
+            let remote: Multiaddr = "/ip4/11.99.0.11/udp/5000/quic-v1".parse().expect("addr");
+            let relayed = (
+                self.id(),
+                ConnectedPoint::Listener {
+                    local_addr: circuit,
+                    send_back_addr: Multiaddr::empty(),
+                },
+            );
+            let direct = (
+                self.id(),
+                ConnectedPoint::Listener {
+                    local_addr: quic,
+                    send_back_addr: remote,
+                },
+            );
+            Conns {
+                key,
+                relayed,
+                direct,
+            }
+        }
+
+        fn feed(&mut self, event: SwarmEvent<PeerBehaviourEvent>) {
+            let records = &mut self.records;
+            let _ = self.peer.on_swarm(event, Mode::Listen, &mut |_| {});
+            let _ = self.peer.close_sessions(Mode::Listen, &mut |e| {
+                if let PeerEvent::HolePunch(r) = e {
+                    records.push(*r);
+                }
+            });
+        }
+
+        fn established(&mut self, c: &Conns, (id, endpoint): &(ConnectionId, ConnectedPoint)) {
+            self.feed(SwarmEvent::ConnectionEstablished {
+                peer_id: c.key.public().to_peer_id(),
+                connection_id: *id,
+                endpoint: endpoint.clone(),
+                num_established: std::num::NonZeroU32::MIN,
+                concurrent_dial_errors: None,
+                established_in: Duration::ZERO,
+            });
+        }
+
+        fn closed(
+            &mut self,
+            c: &Conns,
+            (id, endpoint): &(ConnectionId, ConnectedPoint),
+            remaining: u32,
+        ) {
+            self.feed(SwarmEvent::ConnectionClosed {
+                peer_id: c.key.public().to_peer_id(),
+                connection_id: *id,
+                endpoint: endpoint.clone(),
+                num_established: remaining,
+                cause: None,
+            });
+        }
+
+        fn identified(&mut self, c: &Conns, natpunch: bool) {
+            let mut protocols = vec![DCUTR];
+            if natpunch {
+                protocols.push(NATPUNCH_DCUTR);
+            }
+            let info = identify::Info {
+                public_key: c.key.public(),
+                protocol_version: PROTOCOL_VERSION.into(),
+                agent_version: "test".into(),
+                listen_addrs: Vec::new(),
+                protocols,
+                observed_addr: Multiaddr::empty(),
+                signed_peer_record: None,
+            };
+            self.feed(SwarmEvent::Behaviour(PeerBehaviourEvent::Identify(
+                identify::Event::Received {
+                    connection_id: c.relayed.0,
+                    peer_id: c.key.public().to_peer_id(),
+                    info,
+                },
+            )));
+        }
+
+        fn pinged(&mut self, c: &Conns) {
+            self.feed(SwarmEvent::Behaviour(PeerBehaviourEvent::Ping(
+                ping::Event {
+                    peer: c.key.public().to_peer_id(),
+                    connection: c.direct.0,
+                    result: Ok(Duration::from_millis(3)),
+                },
+            )));
+        }
+    }
+
+    /// Tasks alive in this test's runtime, once aborted ones had the time to end.
+    async fn settled_tasks(want: usize) -> usize {
+        let metrics = tokio::runtime::Handle::current().metrics();
+        for _ in 0..200 {
+            if metrics.num_alive_tasks() <= want {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        metrics.num_alive_tasks()
+    }
+
+    #[tokio::test]
+    async fn what_is_known_of_a_remote_is_forgotten_when_it_disconnects() {
+        let mut fed = Fed::new(false);
+        for i in 0..200 {
+            let c = fed.remote();
+            fed.established(&c, &c.relayed);
+            fed.identified(&c, i % 2 == 0);
+            fed.established(&c, &c.direct);
+            fed.closed(&c, &c.relayed, 1);
+            fed.closed(&c, &c.direct, 0);
+            // identify's answer can come after the connection closed: it makes no entry.
+            fed.identified(&c, i % 2 == 0);
+        }
+        assert_eq!(fed.records.len(), 200, "every session ended with a record");
+        assert_eq!(fed.peer.stats(), PeerStats::default());
+    }
+
+    #[tokio::test]
+    async fn relayed_connections_beyond_the_session_cap_are_not_punched() {
+        let mut fed = Fed::new(true);
+        for _ in 0..MAX_SESSIONS + 20 {
+            let c = fed.remote();
+            fed.established(&c, &c.relayed);
+        }
+        let stats = fed.peer.stats();
+        assert_eq!(stats.sessions, MAX_SESSIONS);
+        assert_eq!(
+            stats.remotes,
+            MAX_SESSIONS + 20,
+            "all of them are connected"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_handshake_task_ends_with_its_session_and_with_the_peer() {
+        let mut fed = Fed::new(true);
+        let before = tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks();
+        // A stock remote: this listener starts DCUtR at once.
+        let c = fed.remote();
+        fed.established(&c, &c.relayed);
+        fed.identified(&c, false);
+        assert_eq!(fed.peer.stats().handshakes, 1);
+        assert_eq!(settled_tasks(before + 1).await, before + 1);
+        // A direct connection comes up anyway, and its first ping closes the session.
+        fed.established(&c, &c.direct);
+        fed.pinged(&c);
+        assert_eq!(fed.records.len(), 1, "the session ended");
+        assert_eq!(fed.peer.stats().handshakes, 0);
+        assert_eq!(
+            settled_tasks(before).await,
+            before,
+            "the session's handshake task was aborted with it"
+        );
+        // A handshake running when the peer is dropped goes with it.
+        let c = fed.remote();
+        fed.established(&c, &c.relayed);
+        fed.identified(&c, false);
+        assert_eq!(settled_tasks(before + 1).await, before + 1);
+        drop(fed);
+        assert_eq!(settled_tasks(before).await, before, "dropped with the peer");
+    }
+
+    #[tokio::test]
+    async fn identify_candidates_are_capped() {
+        let mut fed = Fed::new(false);
+        for port in 0..100u16 {
+            let address: Multiaddr = format!("/ip4/11.99.0.10/tcp/{}", 20_000 + port)
+                .parse()
+                .expect("addr");
+            fed.feed(SwarmEvent::NewExternalAddrCandidate { address });
+        }
+        assert_eq!(fed.peer.stats().stock_candidates, MAX_STOCK_CANDIDATES);
     }
 }

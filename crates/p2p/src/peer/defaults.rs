@@ -1,0 +1,23 @@
+//! The peer's limits and timings, each with the reason for its value.
+
+/// Hole punches in progress at once. A session lives for at most a few attempt timeouts (about
+/// 11 s by default), and a relay lets few circuits through per reservation (rust-libp2p's
+/// default: 16), so a peer far beyond this is being flooded; the excess relayed connections are
+/// not punched. Handshake tasks are at most one per session, so this bounds them too.
+pub const MAX_SESSIONS: usize = 256;
+
+/// Remotes whose side, direct connections and engine are remembered at once. An entry lives
+/// while the remote is connected; this is the backstop if a flood of inbound connections keeps
+/// more than that many connected (beyond it, a remote is simply not tracked: its simultaneous
+/// direct connections are not deduplicated and its engine is assumed to be plain DCUtR).
+pub const MAX_REMOTES: usize = 1024;
+
+/// identify's candidate addresses kept for `--candidates stock`. Every remote that sees this
+/// peer at a new port adds one (behind a NAT that maps per destination, every remote does);
+/// offered all at once, they would soon exceed the 4096-byte CONNECT message
+/// ([`crate::wire::MAX_MESSAGE`], about 60 bytes an address), which would stop every punch.
+pub const MAX_STOCK_CANDIDATES: usize = 16;
+
+/// Throughput tests received at once. A test is one stream of up to 1 GiB; a second one from
+/// the same dialer is already unusual.
+pub const MAX_PERF_SINKS: usize = 4;
