@@ -55,10 +55,12 @@ use crate::wire::{self, HolePunch, Kind};
 
 pub mod defaults;
 mod handshakes;
+mod mapping;
 mod remotes;
 
 use defaults::{MAX_PERF_SINKS, MAX_SESSIONS, MAX_STOCK_CANDIDATES};
 use handshakes::{Handshakes, Role};
+use mapping::{Change, MappingEvent, PortMapping};
 use remotes::{Direct, RemoteEngine, Remotes};
 
 /// The DCUtR protocol.
@@ -157,8 +159,12 @@ pub struct PeerConfig {
     pub perf_bytes: Option<u64>,
     /// Map the listen ports on the local router (PCP, NAT-PMP or UPnP IGD, whichever answers)
     /// and offer the mapped addresses first: a peer behind a router that maps ports can be
-    /// dialled from anywhere, a symmetric NAT on the other side included.
+    /// dialled from anywhere, a symmetric NAT on the other side included. The mappings are held
+    /// while the peer runs: renewed at half their lifetime, made again after a router reboot or
+    /// a new external address, and the addresses offered follow them.
     pub port_mapping: bool,
+    /// The lifetime to ask for the mappings.
+    pub port_mapping_lifetime: Duration,
     /// Join a Kademlia DHT as a client once set up (after the reservation, so that peers met
     /// there, a honeypot among them, learn the relayed address from identify).
     pub dht: Option<Dht>,
@@ -189,6 +195,7 @@ impl PeerConfig {
             punch: true,
             perf_bytes: None,
             port_mapping: false,
+            port_mapping_lifetime: defaults::PORT_MAPPING_LIFETIME,
             dht: None,
         }
     }
@@ -223,7 +230,8 @@ pub enum PeerEvent {
     },
     /// A hole punch ended.
     HolePunch(Box<Record>),
-    /// A listen port was mapped on the local router.
+    /// A listen port was mapped on the local router, or its mapping gives a new address: the
+    /// address is offered from now on (first, before the observed ones).
     PortMapped {
         /// `pcp`, `nat-pmp` or `upnp`.
         method: String,
@@ -231,8 +239,26 @@ pub enum PeerEvent {
         internal: String,
         /// The address others reach it at.
         external: String,
+        /// The address it replaces (the router's external address or the port changed).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        previous: Option<String>,
     },
-    /// Port mapping did not work; the peer goes on without.
+    /// The router lost a mapping (it rebooted, say) and it is not made again yet: its address
+    /// is no longer offered.
+    PortMapLost {
+        /// The host's address and port.
+        internal: String,
+        /// The address it gave.
+        external: String,
+    },
+    /// What the mapping holder did (as `natpunch map keep --json` prints it): made, renewed,
+    /// lost, made again, a new external address, a failed request to be retried.
+    PortMapUpdate {
+        /// The holder's report.
+        update: portmap::hold::Update,
+    },
+    /// Port mapping did not work (the router maps no ports, or a request failed and is being
+    /// retried); the peer goes on without, and offers a mapping once it is made.
     PortMapFailed {
         /// Why.
         error: String,
@@ -469,8 +495,8 @@ pub struct Peer {
     relayed_conns: HashMap<ConnectionId, PeerId>,
     /// The first ping to the relay itself.
     to_relay_rtt: Option<Duration>,
-    /// Mappings made on the local router, and the addresses they give.
-    mapped: Vec<(portmap::client::Gateway, portmap::client::Mapped, Multiaddr)>,
+    /// The listen ports' mappings on the local router, held while the peer runs.
+    mapping: Option<PortMapping>,
 }
 
 /// How much state a peer holds, for tests and debugging: everything fed by the network is
@@ -491,6 +517,8 @@ pub struct PeerStats {
     pub relayed: usize,
     /// identify's candidates kept.
     pub stock_candidates: usize,
+    /// Mapping-holder reports dropped because the peer did not read them in time.
+    pub port_map_reports_dropped: u64,
 }
 
 impl fmt::Debug for Peer {
@@ -701,7 +729,7 @@ impl Peer {
             relayed: HashMap::new(),
             relayed_conns: HashMap::new(),
             to_relay_rtt: None,
-            mapped: Vec::new(),
+            mapping: None,
         })
     }
 
@@ -715,6 +743,7 @@ impl Peer {
             perf_sinks: self.perf_sinks.len(),
             relayed: self.relayed.len() + self.relayed_conns.len(),
             stock_candidates: self.stock_candidates.len(),
+            port_map_reports_dropped: self.mapping.as_ref().map_or(0, PortMapping::dropped),
         }
     }
 
@@ -792,6 +821,12 @@ impl Peer {
                 }
                 Some((peer, stream)) = perf.next() => self.on_perf_stream(peer, stream),
                 Some(_) = self.perf_sinks.join_next() => {}
+                event = mapping_event(self.mapping.as_mut()) => match event {
+                    MappingEvent::Changed => self.on_mapping_changed(report),
+                    MappingEvent::Report(update) => {
+                        report(PeerEvent::PortMapUpdate { update });
+                    }
+                },
                 () = sleep_until(wake) => {}
             }
             if let Some(outcome) = self.close_sessions(mode, report) {
@@ -941,18 +976,7 @@ impl Peer {
         }
         // 1b. Port mappings, before identify tells anyone our addresses.
         if self.config.port_mapping {
-            match self.map_ports().await {
-                Ok(()) => {
-                    for (_, m, addr) in &self.mapped {
-                        report(PeerEvent::PortMapped {
-                            method: m.method.to_string(),
-                            internal: m.internal.to_string(),
-                            external: addr.to_string(),
-                        });
-                    }
-                }
-                Err(error) => report(PeerEvent::PortMapFailed { error }),
-            }
+            self.map_ports(report).await;
         }
         // 2. The relay over each transport, and what it observed.
         let mut waiting: Vec<ConnectionId> = Vec::new();
@@ -1076,71 +1100,116 @@ impl Peer {
         }
     }
 
-    /// Maps every listen port on the local router and announces the external addresses.
-    async fn map_ports(&mut self) -> Result<(), String> {
-        use portmap::client::{Gateway, MapRequest, probe};
-        const WAIT: Duration = Duration::from_secs(2);
-        let gw = Gateway::find(None).map_err(|e| format!("no gateway: {e}"))?;
-        let offer = probe(gw, WAIT).await;
-        let method = *offer
-            .methods()
-            .first()
-            .ok_or_else(|| format!("the router maps no ports ({})", offer.problems.join("; ")))?;
-        let listens: Vec<Multiaddr> = self
-            .swarm
-            .listeners()
-            .filter(|a| dialable(a))
-            .cloned()
-            .collect();
-        for listen in listens {
-            let quic = transport_of(&listen) == "quic";
-            let Some(port) = listen.iter().find_map(|p| match p {
+    /// Starts holding a mapping of every listen port on the local router, and waits until
+    /// each was made or failed once. A failed one is retried in the background and offered
+    /// once made.
+    async fn map_ports(&mut self, report: &mut impl FnMut(PeerEvent)) {
+        use portmap::keeper::Want;
+        let mut wants: Vec<Want> = Vec::new();
+        for listen in self.swarm.listeners().filter(|a| dialable(a)) {
+            let protocol = if transport_of(listen) == "quic" {
+                portmap::Protocol::Udp
+            } else {
+                portmap::Protocol::Tcp
+            };
+            let Some(internal_port) = listen.iter().find_map(|p| match p {
                 Protocol::Tcp(port) | Protocol::Udp(port) => Some(port),
                 _ => None,
             }) else {
                 continue;
             };
-            let request = MapRequest {
-                protocol: if quic {
-                    portmap::Protocol::Udp
-                } else {
-                    portmap::Protocol::Tcp
-                },
-                internal_port: port,
+            // One mapping per port, however many interfaces it listens on.
+            if wants
+                .iter()
+                .any(|w| w.protocol == protocol && w.internal_port == internal_port)
+            {
+                continue;
+            }
+            wants.push(Want {
+                protocol,
+                internal_port,
                 external_port: None,
-                lifetime_secs: 3600,
-            };
-            let nonce = portmap::client::random_nonce().map_err(|e| e.to_string())?;
-            let m = portmap::client::map(gw, method, request, nonce, WAIT)
-                .await
-                // Its errors name the protocol (`pcp: no answer …`, `UPnP router refused …`).
-                .map_err(|e| format!("mapping {listen}: {e}"))?;
-            let ip = m
-                .external_ip
-                .or(offer.external_ip)
-                .ok_or("the router did not say its external address")?;
-            let mut addr = Multiaddr::empty().with(Protocol::Ip4(ip));
-            addr = if quic {
-                addr.with(Protocol::Udp(m.external_port))
-                    .with(Protocol::QuicV1)
-            } else {
-                addr.with(Protocol::Tcp(m.external_port))
-            };
-            self.swarm.add_external_address(addr.clone());
-            self.mapped.push((gw, m, addr));
+                lifetime: self.config.port_mapping_lifetime,
+            });
         }
-        Ok(())
+        let count = u32::try_from(wants.len()).unwrap_or(u32::MAX);
+        let names: Vec<String> = wants
+            .iter()
+            .map(|w| format!("{} port {}", w.protocol, w.internal_port))
+            .collect();
+        let wait = defaults::PORT_MAPPING_WAIT;
+        let mut mapping = match PortMapping::start(wants, defaults::PORT_MAPPING_CHECK, wait).await
+        {
+            Ok(m) => m,
+            Err(error) => {
+                report(PeerEvent::PortMapFailed { error });
+                return;
+            }
+        };
+        // Each request may take `wait`; they go one after another.
+        let mut failed = Vec::new();
+        for update in mapping.first_answers(wait * (count + 1)).await {
+            if let portmap::keeper::Event::Failed { id, error, .. } = &update.event
+                && !failed.contains(id)
+            {
+                failed.push(*id);
+                let what = names.get(*id).map_or("a port", String::as_str);
+                report(PeerEvent::PortMapFailed {
+                    error: format!("mapping {what}: {error} (retrying)"),
+                });
+            }
+            report(PeerEvent::PortMapUpdate { update });
+        }
+        self.mapping = Some(mapping);
+        self.on_mapping_changed(report);
     }
 
-    /// The mappings this peer made on its router.
+    /// The holder's mappings changed: offer the addresses they give now (the swarm's external
+    /// addresses, which identify tells the remotes, and CONNECT's) instead of the old ones.
+    fn on_mapping_changed(&mut self, report: &mut impl FnMut(PeerEvent)) {
+        let Some(mapping) = self.mapping.as_mut() else {
+            return;
+        };
+        for change in mapping.update() {
+            match change {
+                Change::Mapped {
+                    mapping,
+                    addr,
+                    previous,
+                } => {
+                    if let Some(old) = &previous {
+                        self.swarm.remove_external_address(old);
+                    }
+                    self.swarm.add_external_address(addr.clone());
+                    report(PeerEvent::PortMapped {
+                        method: mapping.method.to_string(),
+                        internal: mapping.internal.to_string(),
+                        external: addr.to_string(),
+                        previous: previous.map(|a| a.to_string()),
+                    });
+                }
+                Change::Lost { mapping, addr } => {
+                    self.swarm.remove_external_address(&addr);
+                    report(PeerEvent::PortMapLost {
+                        internal: mapping.internal.to_string(),
+                        external: addr.to_string(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// The mappings this peer holds on its router now.
     pub fn mappings(&self) -> impl Iterator<Item = &portmap::client::Mapped> {
-        self.mapped.iter().map(|(_, m, _)| m)
+        self.mapping
+            .iter()
+            .flat_map(|m| m.offered().iter().map(|(m, _)| m))
     }
 
-    /// Deletes the mappings this peer made.
+    /// Stops holding the mappings and deletes them on the router.
     pub async fn unmap(&mut self) {
-        for (gw, m, _) in self.mapped.drain(..) {
-            let _ = portmap::client::delete(gw, &m, Duration::from_secs(2)).await;
+        if let Some(mapping) = self.mapping.take() {
+            mapping.release().await;
         }
     }
 
@@ -1150,9 +1219,9 @@ impl Peer {
             Candidates::Observed => &self.observed,
             Candidates::Stock => &self.stock_candidates,
         };
-        self.mapped
+        self.mapping
             .iter()
-            .map(|(_, _, a)| a)
+            .flat_map(|m| m.offered().iter().map(|(_, a)| a))
             .chain(source.iter())
             .filter(|a| dialable(a))
             .map(|a| without_p2p(a.clone()).with(Protocol::P2p(self.peer_id())))
@@ -1856,6 +1925,14 @@ async fn next_stream(
 ) -> Option<(PeerId, libp2p::Stream)> {
     match incoming {
         Some(i) => i.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The mapping holder's next event, or never when there is none. Cancel-safe.
+async fn mapping_event(mapping: Option<&mut PortMapping>) -> MappingEvent {
+    match mapping {
+        Some(m) => m.next_event().await,
         None => std::future::pending().await,
     }
 }
