@@ -3,9 +3,10 @@
 use std::time::Duration;
 
 /// Hole punches in progress at once. A session lives for at most a few attempt timeouts (about
-/// 11 s by default), and a relay lets few circuits through per reservation (rust-libp2p's
-/// default: 16), so a peer far beyond this is being flooded; the excess relayed connections are
-/// not punched. Handshake tasks are at most one per session, so this bounds them too.
+/// 11 s by default), and a rust-libp2p relay lets 16 circuits through at once by default, so a
+/// peer far beyond this is being flooded; the excess relayed connections are not punched.
+/// Handshake tasks are at most two per session (one driving, one answering), so this bounds
+/// them too.
 pub const MAX_SESSIONS: usize = 256;
 
 /// Remotes whose side, direct connections and engine are remembered at once. An entry lives
