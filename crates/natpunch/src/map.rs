@@ -548,7 +548,7 @@ async fn keep(args: KeepArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn describe_update(u: &Update) -> String {
+pub(crate) fn describe_update(u: &Update) -> String {
     let what = u.mapping.as_ref().map(describe).unwrap_or_default();
     match &u.event {
         Event::Mapped { .. } => format!("mapped {what}"),

@@ -60,9 +60,19 @@ pub(crate) struct Common {
     #[arg(long, env = "NATPUNCH_PEER_NO_PUNCH", value_parser = BoolishValueParser::new())]
     no_punch: bool,
     /// Map the listen ports on the local router (PCP, NAT-PMP or UPnP) and offer the mapped
-    /// addresses first; they are deleted when the peer stops.
+    /// addresses first. The mappings are renewed at half their lifetime and made again when
+    /// the router reboots or gets a new external address (as `natpunch map keep` does); they
+    /// are deleted when the peer stops.
     #[arg(long, env = "NATPUNCH_PORT_MAPPING", value_parser = BoolishValueParser::new())]
     port_mapping: bool,
+    /// With --port-mapping: the lifetime to ask for, in seconds (routers may grant another).
+    #[arg(
+        long,
+        env = "NATPUNCH_PORT_MAPPING_LIFETIME_SECS",
+        default_value_t = p2p::peer::defaults::PORT_MAPPING_LIFETIME.as_secs(),
+        value_parser = clap::value_parser!(u64).range(1..=u64::from(u32::MAX))
+    )]
+    port_mapping_lifetime_secs: u64,
     /// Key file [default: a fresh identity each run].
     #[arg(long, env = "NATPUNCH_PEER_IDENTITY")]
     identity: Option<PathBuf>,
@@ -154,6 +164,7 @@ impl Common {
         c.max_attempts = self.max_attempts.max(1);
         c.punch = !self.no_punch;
         c.port_mapping = self.port_mapping;
+        c.port_mapping_lifetime = Duration::from_secs(self.port_mapping_lifetime_secs);
         if !self.dht_bootstrap.is_empty() {
             c.dht = Some(Dht {
                 protocol: self.dht_protocol.clone(),
@@ -228,7 +239,20 @@ fn describe(e: &PeerEvent) -> String {
             method,
             internal,
             external,
+            previous: None,
         } => format!("mapped {internal} to {external} with {method}"),
+        PeerEvent::PortMapped {
+            method,
+            internal,
+            external,
+            previous: Some(old),
+        } => format!("mapped {internal} to {external} with {method}, instead of {old}"),
+        PeerEvent::PortMapLost { internal, external } => {
+            format!("the router lost the mapping of {internal} to {external}; making it again")
+        }
+        PeerEvent::PortMapUpdate { update } => {
+            format!("port mapping: {}", crate::map::describe_update(update))
+        }
         PeerEvent::PortMapFailed { error } => format!("no port mapping: {error}"),
         PeerEvent::Throughput {
             connection,

@@ -1292,6 +1292,280 @@ fn map_keep_survives_router_reboot_and_renumbering_with_every_protocol() {
     let _ = std::fs::remove_file(&state);
 }
 
+/// Whether a libp2p dial from node `from` to `addr` (with `/p2p/ID`) reaches that peer within
+/// 10 s.
+fn libp2p_reaches(lab: &natlab::Lab, from: &str, addr: &str) -> Result<(), String> {
+    use futures::StreamExt as _;
+    use libp2p::swarm::SwarmEvent;
+    use libp2p::{Multiaddr, noise, ping, tcp, yamux};
+    use std::time::Duration;
+
+    let addr: Multiaddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    lab.run_in(from, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async move {
+            let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+                .with_tokio()
+                .with_tcp(
+                    tcp::Config::default(),
+                    noise::Config::new,
+                    yamux::Config::default,
+                )
+                .map_err(|e| e.to_string())?
+                .with_quic()
+                .with_behaviour(|_| ping::Behaviour::default())
+                .map_err(|e| e.to_string())?
+                .build();
+            swarm.dial(addr.clone()).map_err(|e| e.to_string())?;
+            let wait = async {
+                loop {
+                    match swarm.select_next_some().await {
+                        SwarmEvent::ConnectionEstablished { .. } => return Ok(()),
+                        SwarmEvent::OutgoingConnectionError { error, .. } => {
+                            return Err(format!("{addr}: {error}"));
+                        }
+                        _ => {}
+                    }
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(10), wait)
+                .await
+                .map_err(|_| format!("{addr}: no connection within 10 s"))?
+        })
+    })
+    .map_err(|e| e.to_string())?
+}
+
+/// `natpunch peer listen --port-mapping` behind a miniupnpd router that grants PCP mappings
+/// for 20 s only: 25 s after its mappings were made (past the first lifetime) a host on the lab
+/// internet still dials the mapped TCP and QUIC addresses the peer printed, and the peer printed
+/// each mapping's renewals; the router reboots, the peer reports the loss and the mappings made
+/// again, and the addresses it offers then are dialled again; the router gets a new external
+/// address, and the peer offers (and is dialled at) the new addresses in place of the old ones;
+/// Ctrl-C deletes the mappings.
+#[test]
+fn peer_listen_holds_its_port_mappings_through_renewals_and_a_router_reboot() {
+    use std::time::{Duration, Instant};
+
+    use natlab::{Lab, LabOptions, LabProcess, Topology};
+    if !natlab::environment::portmap_test_can_run(
+        "peer_listen_holds_its_port_mappings_through_renewals_and_a_router_reboot",
+    ) {
+        return;
+    }
+    fn events(p: &LabProcess) -> Vec<Value> {
+        p.output()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+    /// Holder reports of `kind` (renewed, remapped, …).
+    fn updates(events: &[Value], kind: &str) -> Vec<Value> {
+        events
+            .iter()
+            .filter(|e| e["event"] == "port-map-update" && e["update"]["event"] == kind)
+            .map(|e| e["update"].clone())
+            .collect()
+    }
+    /// The address each mapping gives now: the last `port-mapped` per internal endpoint, with
+    /// the peer's ID.
+    fn offered(events: &[Value], id: &str) -> Vec<String> {
+        let mut by_internal: Vec<(String, String)> = Vec::new();
+        for e in events.iter().filter(|e| e["event"] == "port-mapped") {
+            let internal = e["internal"].as_str().expect("internal").to_owned();
+            let external = format!("{}/p2p/{id}", e["external"].as_str().expect("external"));
+            by_internal.retain(|(i, _)| *i != internal);
+            by_internal.push((internal, external));
+        }
+        by_internal.into_iter().map(|(_, e)| e).collect()
+    }
+    fn wait_until(p: &LabProcess, limit: Duration, done: impl Fn(&[Value]) -> bool) {
+        let deadline = Instant::now() + limit;
+        while !done(&events(p)) {
+            assert!(
+                Instant::now() < deadline,
+                "not within {limit:?}: {}",
+                p.output()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    let topology = Topology::from_toml(
+        r#"
+        [router.home]
+        nat = "port-restricted"
+
+        [router.home.portmap]
+        min_lifetime_secs = 10
+        max_lifetime_secs = 20
+
+        [host.alice]
+        upstream = "home"
+
+        [host.relay]
+
+        [host.peer]
+        "#,
+    )
+    .expect("topology");
+    let mut lab = Lab::build(&topology, LabOptions::default()).expect("lab");
+    let dir = Scratch::new("peer-portmap");
+    let exe = env!("CARGO_BIN_EXE_natpunch");
+    let key = dir.0.join("relay.key").display().to_string();
+    let args = labrun::matrix::relay_args(&key, 4001);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let relay = lab.spawn("relay", exe, &args).expect("relay");
+    let line = relay
+        .wait_for("\"event\":\"external-address\"", Duration::from_secs(20))
+        .expect("the relay's address");
+    let relay_addr = serde_json::from_str::<Value>(&line).expect("json")["address"]
+        .as_str()
+        .expect("address")
+        .to_owned();
+    let alice = lab
+        .spawn(
+            "alice",
+            exe,
+            &[
+                "peer",
+                "listen",
+                "--json",
+                "--port-mapping",
+                "--relay",
+                &relay_addr,
+            ],
+        )
+        .expect("peer listen");
+    let reserved = alice
+        .wait_for("\"event\":\"reserved\"", Duration::from_secs(30))
+        .expect("the peer reserves");
+    let id = serde_json::from_str::<Value>(&reserved).expect("json")["address"]
+        .as_str()
+        .and_then(|a| a.rsplit('/').next())
+        .expect("peer id")
+        .to_owned();
+    let mapped_at = Instant::now();
+    let first = offered(&events(&alice), &id);
+    let public = lab
+        .public_addr("alice")
+        .expect("public address")
+        .to_string();
+    assert_eq!(first.len(), 2, "TCP and QUIC mapped: {}", alice.output());
+    for a in &first {
+        assert!(a.starts_with(&format!("/ip4/{public}/")), "{a}");
+    }
+
+    // Past the first lifetime: the mappings were renewed and still forward.
+    std::thread::sleep(Duration::from_secs(25).saturating_sub(mapped_at.elapsed()));
+    for a in &first {
+        libp2p_reaches(&lab, "peer", a)
+            .unwrap_or_else(|e| panic!("25 s after mapping: {e}\n{}", alice.output()));
+    }
+    let renewed = updates(&events(&alice), "renewed");
+    for port in ["tcp", "udp"] {
+        let n = renewed
+            .iter()
+            .filter(|u| u["mapping"]["protocol"] == port && u["lifetime_secs"] == 20)
+            .count();
+        assert!(n >= 2, "{port}: renewed at 10 and 20 s: {renewed:?}");
+    }
+
+    // The router reboots: the peer makes its mappings again and offers what they give.
+    let seen = events(&alice).len();
+    lab.reboot_router("home", Duration::from_secs(1))
+        .expect("reboot");
+    let back = Instant::now();
+    wait_until(&alice, Duration::from_secs(10), |e| {
+        let after = e.get(seen..).unwrap_or_default();
+        updates(after, "remapped").len() == 2
+    });
+    println!("re-mapped {:?} after the router was back", back.elapsed());
+    let after = events(&alice);
+    assert!(
+        !updates(&after[seen..], "gateway-lost-state").is_empty(),
+        "the loss is reported: {}",
+        alice.output()
+    );
+    let now = offered(&after, &id);
+    assert_eq!(now.len(), 2, "{}", alice.output());
+    for a in &now {
+        libp2p_reaches(&lab, "peer", a)
+            .unwrap_or_else(|e| panic!("after the reboot: {e}\n{}", alice.output()));
+    }
+
+    // A new external address: the peer offers the mappings' new addresses instead of the old.
+    let seen = events(&alice).len();
+    let new = lab
+        .renumber_router("home", None)
+        .expect("renumber")
+        .to_string();
+    wait_until(&alice, Duration::from_secs(10), |e| {
+        let after = e.get(seen..).unwrap_or_default();
+        after
+            .iter()
+            .filter(|x| {
+                x["event"] == "port-mapped"
+                    && x["previous"].is_string()
+                    && x["external"]
+                        .as_str()
+                        .is_some_and(|a| a.starts_with(&format!("/ip4/{new}/")))
+            })
+            .count()
+            == 2
+    });
+    let after = events(&alice);
+    let now = offered(&after, &id);
+    for a in &now {
+        assert!(a.starts_with(&format!("/ip4/{new}/")), "{a}");
+        libp2p_reaches(&lab, "peer", a)
+            .unwrap_or_else(|e| panic!("at the new address: {e}\n{}", alice.output()));
+    }
+
+    // Ctrl-C: the mappings are deleted on the router.
+    let pid = alice.pid().expect("pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid")),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("SIGINT");
+    wait_until(&alice, Duration::from_secs(10), |_| !alice.is_running());
+    let output = alice.output();
+    let code = alice.wait().expect("wait");
+    assert_eq!(code, Some(0), "{output}");
+    let mapped: Vec<Value> = after
+        .iter()
+        .filter(|e| e["event"] == "port-mapped" && e["previous"].is_string())
+        .cloned()
+        .collect();
+    assert_eq!(mapped.len(), 2);
+    for m in &mapped {
+        let internal: std::net::SocketAddrV4 = m["internal"]
+            .as_str()
+            .expect("internal")
+            .parse()
+            .expect("internal");
+        let external: Vec<&str> = m["external"]
+            .as_str()
+            .expect("external")
+            .split('/')
+            .collect();
+        let to = std::net::SocketAddrV4::new(
+            external[2].parse().expect("ip"),
+            external[4].parse().expect("port"),
+        );
+        let reaches = if external[3] == "tcp" {
+            tcp_reaches(&lab, internal.port(), to)
+        } else {
+            udp_reaches(&lab, internal.port(), to)
+        };
+        assert!(!reaches, "{m}: deleted on the router");
+    }
+}
+
 /// `natpunch map ARGS --wait-ms 600 --state STATE` in node `host`: (success, stdout, stderr).
 fn map_in(lab: &natlab::Lab, host: &str, state: &Path, args: &[&str]) -> (bool, String, String) {
     let mut cmd = lab

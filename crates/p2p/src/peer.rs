@@ -45,12 +45,23 @@ use libp2p::{
     tcp, yamux,
 };
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::Instrument as _;
 
 use crate::candidates::CandidateFeed;
 use crate::record::{Attempt, AttemptOutcome, DialFailure, Outcome, Record, Side};
 use crate::relay::{PROTOCOL_VERSION, agent_version};
 use crate::wire::{self, HolePunch, Kind};
+
+pub mod defaults;
+mod handshakes;
+mod mapping;
+mod remotes;
+
+use defaults::{MAX_PERF_SINKS, MAX_SESSIONS, MAX_STOCK_CANDIDATES};
+use handshakes::{Handshakes, Role};
+use mapping::{Change, MappingEvent, PortMapping};
+use remotes::{Direct, RemoteEngine, Remotes};
 
 /// The DCUtR protocol.
 pub const DCUTR: StreamProtocol = StreamProtocol::new("/libp2p/dcutr");
@@ -148,8 +159,12 @@ pub struct PeerConfig {
     pub perf_bytes: Option<u64>,
     /// Map the listen ports on the local router (PCP, NAT-PMP or UPnP IGD, whichever answers)
     /// and offer the mapped addresses first: a peer behind a router that maps ports can be
-    /// dialled from anywhere, a symmetric NAT on the other side included.
+    /// dialled from anywhere, a symmetric NAT on the other side included. The mappings are held
+    /// while the peer runs: renewed at half their lifetime, made again after a router reboot or
+    /// a new external address, and the addresses offered follow them.
     pub port_mapping: bool,
+    /// The lifetime to ask for the mappings.
+    pub port_mapping_lifetime: Duration,
     /// Join a Kademlia DHT as a client once set up (after the reservation, so that peers met
     /// there, a honeypot among them, learn the relayed address from identify).
     pub dht: Option<Dht>,
@@ -180,6 +195,7 @@ impl PeerConfig {
             punch: true,
             perf_bytes: None,
             port_mapping: false,
+            port_mapping_lifetime: defaults::PORT_MAPPING_LIFETIME,
             dht: None,
         }
     }
@@ -214,7 +230,8 @@ pub enum PeerEvent {
     },
     /// A hole punch ended.
     HolePunch(Box<Record>),
-    /// A listen port was mapped on the local router.
+    /// A listen port was mapped on the local router, or its mapping gives a new address: the
+    /// address is offered from now on (first, before the observed ones).
     PortMapped {
         /// `pcp`, `nat-pmp` or `upnp`.
         method: String,
@@ -222,8 +239,26 @@ pub enum PeerEvent {
         internal: String,
         /// The address others reach it at.
         external: String,
+        /// The address it replaces (the router's external address or the port changed).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        previous: Option<String>,
     },
-    /// Port mapping did not work; the peer goes on without.
+    /// The router lost a mapping (it rebooted, say) and it is not made again yet: its address
+    /// is no longer offered.
+    PortMapLost {
+        /// The host's address and port.
+        internal: String,
+        /// The address it gave.
+        external: String,
+    },
+    /// What the mapping holder did (as `natpunch map keep --json` prints it): made, renewed,
+    /// lost, made again, a new external address, a failed request to be retried.
+    PortMapUpdate {
+        /// The holder's report.
+        update: portmap::hold::Update,
+    },
+    /// Port mapping did not work (the router maps no ports, or a request failed and is being
+    /// retried); the peer goes on without, and offers a mapping once it is made.
     PortMapFailed {
         /// Why.
         error: String,
@@ -434,13 +469,6 @@ impl Session {
     }
 }
 
-/// A direct connection to a remote.
-#[derive(Debug, Clone)]
-struct Direct {
-    id: ConnectionId,
-    endpoint: ConnectedPoint,
-}
-
 /// A hole-punching peer.
 pub struct Peer {
     swarm: Swarm<PeerBehaviour>,
@@ -448,29 +476,49 @@ pub struct Peer {
     relay: PeerId,
     relay_addrs: Vec<Multiaddr>,
     control: libp2p_stream::Control,
-    steps_tx: mpsc::UnboundedSender<Step>,
-    steps: mpsc::UnboundedReceiver<Step>,
+    /// The handshake tasks: per session at most one driving and one answering.
+    handshakes: Handshakes,
+    /// Throughput tests being received, at most [`MAX_PERF_SINKS`].
+    perf_sinks: JoinSet<()>,
     /// Observed addresses, from identify on the relay connections.
     observed: Vec<Multiaddr>,
     /// identify's candidates (stock).
     stock_candidates: Vec<Multiaddr>,
+    /// At most [`MAX_SESSIONS`].
     sessions: HashMap<PeerId, Session>,
-    /// Which side of the relayed connection we are, per remote.
-    sides: HashMap<PeerId, Side>,
-    directs: HashMap<PeerId, Vec<Direct>>,
+    /// The remotes connected now: which side of the relayed connection we are, their direct
+    /// connections, their engine.
+    remotes: Remotes,
     /// Relayed dials in flight (dial mode).
     relayed: HashMap<ConnectionId, PeerId>,
     /// Relayed connections up.
     relayed_conns: HashMap<ConnectionId, PeerId>,
     /// The first ping to the relay itself.
     to_relay_rtt: Option<Duration>,
-    /// Mappings made on the local router, and the addresses they give.
-    mapped: Vec<(portmap::client::Gateway, portmap::client::Mapped, Multiaddr)>,
-    /// Remotes that run natpunch's engine (identify lists its protocol), which understand
-    /// reversed attempts.
-    natpunch_peers: std::collections::HashSet<PeerId>,
-    /// Remotes known not to run natpunch's engine (from identify).
-    stock_peers: std::collections::HashSet<PeerId>,
+    /// The listen ports' mappings on the local router, held while the peer runs.
+    mapping: Option<PortMapping>,
+}
+
+/// How much state a peer holds, for tests and debugging: everything fed by the network is
+/// bounded (see [`defaults`]) and returns to zero once the remotes are gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PeerStats {
+    /// Hole punches in progress.
+    pub sessions: usize,
+    /// Remotes whose state is kept (the ones connected now).
+    pub remotes: usize,
+    /// Remotes not tracked because [`defaults::MAX_REMOTES`] were.
+    pub remotes_refused: u64,
+    /// Handshake tasks running.
+    pub handshakes: usize,
+    /// Throughput tests being received.
+    pub perf_sinks: usize,
+    /// Relayed dials in flight and relayed connections up.
+    pub relayed: usize,
+    /// identify's candidates kept.
+    pub stock_candidates: usize,
+    /// Mapping-holder reports dropped because the peer did not read them in time.
+    pub port_map_reports_dropped: u64,
 }
 
 impl fmt::Debug for Peer {
@@ -666,27 +714,37 @@ impl Peer {
             .with_connection_timeout(connection_timeout)
             .build();
         let control = swarm.behaviour().stream.new_control();
-        let (steps_tx, steps) = mpsc::unbounded_channel();
         Ok(Self {
             swarm,
             config,
             relay,
             relay_addrs,
             control,
-            steps_tx,
-            steps,
+            handshakes: Handshakes::default(),
+            perf_sinks: JoinSet::new(),
             observed: Vec::new(),
             stock_candidates: Vec::new(),
             sessions: HashMap::new(),
-            sides: HashMap::new(),
-            directs: HashMap::new(),
+            remotes: Remotes::default(),
             relayed: HashMap::new(),
             relayed_conns: HashMap::new(),
             to_relay_rtt: None,
-            mapped: Vec::new(),
-            natpunch_peers: std::collections::HashSet::new(),
-            stock_peers: std::collections::HashSet::new(),
+            mapping: None,
         })
+    }
+
+    /// How much state the peer holds now.
+    pub fn stats(&self) -> PeerStats {
+        PeerStats {
+            sessions: self.sessions.len(),
+            remotes: self.remotes.len(),
+            remotes_refused: self.remotes.refused(),
+            handshakes: self.handshakes.len(),
+            perf_sinks: self.perf_sinks.len(),
+            relayed: self.relayed.len() + self.relayed_conns.len(),
+            stock_candidates: self.stock_candidates.len(),
+            port_map_reports_dropped: self.mapping.as_ref().map_or(0, PortMapping::dropped),
+        }
     }
 
     /// This peer's ID.
@@ -754,16 +812,21 @@ impl Peer {
                         return Ok(Some(outcome));
                     }
                 }
-                Some(step) = self.steps.recv() => self.on_step(step),
+                step = self.handshakes.next() => self.on_step(step),
                 Some((peer, stream)) = next_stream(incoming.as_mut()) => {
                     self.on_inbound_stream(peer, stream, false);
                 }
                 Some((peer, stream)) = next_stream(fast.as_mut()) => {
                     self.on_inbound_stream(peer, stream, true);
                 }
-                Some((_, stream)) = perf.next() => {
-                    tokio::spawn(perf_sink(stream));
-                }
+                Some((peer, stream)) = perf.next() => self.on_perf_stream(peer, stream),
+                Some(_) = self.perf_sinks.join_next() => {}
+                event = mapping_event(self.mapping.as_mut()) => match event {
+                    MappingEvent::Changed => self.on_mapping_changed(report),
+                    MappingEvent::Report(update) => {
+                        report(PeerEvent::PortMapUpdate { update });
+                    }
+                },
                 () = sleep_until(wake) => {}
             }
             if let Some(outcome) = self.close_sessions(mode, report) {
@@ -785,7 +848,10 @@ impl Peer {
         stop: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
         report: &mut impl FnMut(PeerEvent),
     ) {
-        let direct = self.directs.get(&target).is_some_and(|l| !l.is_empty());
+        let direct = self
+            .remotes
+            .get(&target)
+            .is_some_and(|r| !r.directs.is_empty());
         if direct {
             let relayed: Vec<ConnectionId> = self
                 .relayed_conns
@@ -803,8 +869,15 @@ impl Peer {
                     () = stop.as_mut() => return,
                     () = tokio::time::sleep_until(until) => break,
                     event = self.swarm.select_next_some() => {
-                        if let SwarmEvent::ConnectionClosed { connection_id, .. } = event {
+                        if let SwarmEvent::ConnectionClosed {
+                            peer_id,
+                            connection_id,
+                            num_established,
+                            ..
+                        } = event
+                        {
                             self.relayed_conns.remove(&connection_id);
+                            self.remotes.on_closed(peer_id, connection_id, num_established);
                         }
                     }
                 }
@@ -903,18 +976,7 @@ impl Peer {
         }
         // 1b. Port mappings, before identify tells anyone our addresses.
         if self.config.port_mapping {
-            match self.map_ports().await {
-                Ok(()) => {
-                    for (_, m, addr) in &self.mapped {
-                        report(PeerEvent::PortMapped {
-                            method: m.method.to_string(),
-                            internal: m.internal.to_string(),
-                            external: addr.to_string(),
-                        });
-                    }
-                }
-                Err(error) => report(PeerEvent::PortMapFailed { error }),
-            }
+            self.map_ports(report).await;
         }
         // 2. The relay over each transport, and what it observed.
         let mut waiting: Vec<ConnectionId> = Vec::new();
@@ -1028,75 +1090,126 @@ impl Peer {
             && dialable(&address)
             && !self.stock_candidates.contains(&address)
         {
-            self.stock_candidates.push(address);
+            // The first ones (the relay's view of us) are kept; beyond the cap, new ones are
+            // ignored rather than growing the CONNECT message past its limit.
+            if self.stock_candidates.len() < MAX_STOCK_CANDIDATES {
+                self.stock_candidates.push(address);
+            } else {
+                tracing::debug!(%address, "candidate ignored: {MAX_STOCK_CANDIDATES} kept");
+            }
         }
     }
 
-    /// Maps every listen port on the local router and announces the external addresses.
-    async fn map_ports(&mut self) -> Result<(), String> {
-        use portmap::client::{Gateway, MapRequest, probe};
-        const WAIT: Duration = Duration::from_secs(2);
-        let gw = Gateway::find(None).map_err(|e| format!("no gateway: {e}"))?;
-        let offer = probe(gw, WAIT).await;
-        let method = *offer
-            .methods()
-            .first()
-            .ok_or_else(|| format!("the router maps no ports ({})", offer.problems.join("; ")))?;
-        let listens: Vec<Multiaddr> = self
-            .swarm
-            .listeners()
-            .filter(|a| dialable(a))
-            .cloned()
-            .collect();
-        for listen in listens {
-            let quic = transport_of(&listen) == "quic";
-            let Some(port) = listen.iter().find_map(|p| match p {
+    /// Starts holding a mapping of every listen port on the local router, and waits until
+    /// each was made or failed once. A failed one is retried in the background and offered
+    /// once made.
+    async fn map_ports(&mut self, report: &mut impl FnMut(PeerEvent)) {
+        use portmap::keeper::Want;
+        let mut wants: Vec<Want> = Vec::new();
+        for listen in self.swarm.listeners().filter(|a| dialable(a)) {
+            let protocol = if transport_of(listen) == "quic" {
+                portmap::Protocol::Udp
+            } else {
+                portmap::Protocol::Tcp
+            };
+            let Some(internal_port) = listen.iter().find_map(|p| match p {
                 Protocol::Tcp(port) | Protocol::Udp(port) => Some(port),
                 _ => None,
             }) else {
                 continue;
             };
-            let request = MapRequest {
-                protocol: if quic {
-                    portmap::Protocol::Udp
-                } else {
-                    portmap::Protocol::Tcp
-                },
-                internal_port: port,
+            // One mapping per port, however many interfaces it listens on.
+            if wants
+                .iter()
+                .any(|w| w.protocol == protocol && w.internal_port == internal_port)
+            {
+                continue;
+            }
+            wants.push(Want {
+                protocol,
+                internal_port,
                 external_port: None,
-                lifetime_secs: 3600,
-            };
-            let nonce = portmap::client::random_nonce().map_err(|e| e.to_string())?;
-            let m = portmap::client::map(gw, method, request, nonce, WAIT)
-                .await
-                // Its errors name the protocol (`pcp: no answer …`, `UPnP router refused …`).
-                .map_err(|e| format!("mapping {listen}: {e}"))?;
-            let ip = m
-                .external_ip
-                .or(offer.external_ip)
-                .ok_or("the router did not say its external address")?;
-            let mut addr = Multiaddr::empty().with(Protocol::Ip4(ip));
-            addr = if quic {
-                addr.with(Protocol::Udp(m.external_port))
-                    .with(Protocol::QuicV1)
-            } else {
-                addr.with(Protocol::Tcp(m.external_port))
-            };
-            self.swarm.add_external_address(addr.clone());
-            self.mapped.push((gw, m, addr));
+                lifetime: self.config.port_mapping_lifetime,
+            });
         }
-        Ok(())
+        let count = u32::try_from(wants.len()).unwrap_or(u32::MAX);
+        let names: Vec<String> = wants
+            .iter()
+            .map(|w| format!("{} port {}", w.protocol, w.internal_port))
+            .collect();
+        let wait = defaults::PORT_MAPPING_WAIT;
+        let mut mapping = match PortMapping::start(wants, defaults::PORT_MAPPING_CHECK, wait).await
+        {
+            Ok(m) => m,
+            Err(error) => {
+                report(PeerEvent::PortMapFailed { error });
+                return;
+            }
+        };
+        // Each request may take `wait`; they go one after another.
+        let mut failed = Vec::new();
+        for update in mapping.first_answers(wait * (count + 1)).await {
+            if let portmap::keeper::Event::Failed { id, error, .. } = &update.event
+                && !failed.contains(id)
+            {
+                failed.push(*id);
+                let what = names.get(*id).map_or("a port", String::as_str);
+                report(PeerEvent::PortMapFailed {
+                    error: format!("mapping {what}: {error} (retrying)"),
+                });
+            }
+            report(PeerEvent::PortMapUpdate { update });
+        }
+        self.mapping = Some(mapping);
+        self.on_mapping_changed(report);
     }
 
-    /// The mappings this peer made on its router.
+    /// The holder's mappings changed: offer the addresses they give now (the swarm's external
+    /// addresses, which identify tells the remotes, and CONNECT's) instead of the old ones.
+    fn on_mapping_changed(&mut self, report: &mut impl FnMut(PeerEvent)) {
+        let Some(mapping) = self.mapping.as_mut() else {
+            return;
+        };
+        for change in mapping.update() {
+            match change {
+                Change::Mapped {
+                    mapping,
+                    addr,
+                    previous,
+                } => {
+                    if let Some(old) = &previous {
+                        self.swarm.remove_external_address(old);
+                    }
+                    self.swarm.add_external_address(addr.clone());
+                    report(PeerEvent::PortMapped {
+                        method: mapping.method.to_string(),
+                        internal: mapping.internal.to_string(),
+                        external: addr.to_string(),
+                        previous: previous.map(|a| a.to_string()),
+                    });
+                }
+                Change::Lost { mapping, addr } => {
+                    self.swarm.remove_external_address(&addr);
+                    report(PeerEvent::PortMapLost {
+                        internal: mapping.internal.to_string(),
+                        external: addr.to_string(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// The mappings this peer holds on its router now.
     pub fn mappings(&self) -> impl Iterator<Item = &portmap::client::Mapped> {
-        self.mapped.iter().map(|(_, m, _)| m)
+        self.mapping
+            .iter()
+            .flat_map(|m| m.offered().iter().map(|(m, _)| m))
     }
 
-    /// Deletes the mappings this peer made.
+    /// Stops holding the mappings and deletes them on the router.
     pub async fn unmap(&mut self) {
-        for (gw, m, _) in self.mapped.drain(..) {
-            let _ = portmap::client::delete(gw, &m, Duration::from_secs(2)).await;
+        if let Some(mapping) = self.mapping.take() {
+            mapping.release().await;
         }
     }
 
@@ -1106,9 +1219,9 @@ impl Peer {
             Candidates::Observed => &self.observed,
             Candidates::Stock => &self.stock_candidates,
         };
-        self.mapped
+        self.mapping
             .iter()
-            .map(|(_, _, a)| a)
+            .flat_map(|m| m.offered().iter().map(|(_, a)| a))
             .chain(source.iter())
             .filter(|a| dialable(a))
             .map(|a| without_p2p(a.clone()).with(Protocol::P2p(self.peer_id())))
@@ -1158,12 +1271,12 @@ impl Peer {
                 peer_id,
                 connection_id,
                 cause,
+                num_established,
                 ..
             } => {
                 tracing::debug!(%peer_id, ?connection_id, ?cause, "connection closed");
-                if let Some(list) = self.directs.get_mut(&peer_id) {
-                    list.retain(|d| d.id != connection_id);
-                }
+                self.remotes
+                    .on_closed(peer_id, connection_id, num_established);
                 self.relayed_conns.remove(&connection_id);
             }
             SwarmEvent::OutgoingConnectionError {
@@ -1205,11 +1318,18 @@ impl Peer {
                 info,
                 ..
             })) if peer_id != self.relay => {
-                if info.protocols.contains(&NATPUNCH_DCUTR) {
-                    self.natpunch_peers.insert(peer_id);
-                } else {
-                    self.stock_peers.insert(peer_id);
-                    self.maybe_start_spec(peer_id);
+                let natpunch = info.protocols.contains(&NATPUNCH_DCUTR);
+                // Only a connected remote has an entry: an answer that arrives after the last
+                // connection closed makes none.
+                if let Some(remote) = self.remotes.get_mut(&peer_id) {
+                    remote.engine = Some(if natpunch {
+                        RemoteEngine::Natpunch
+                    } else {
+                        RemoteEngine::Other
+                    });
+                }
+                if !natpunch {
+                    self.maybe_start_spec(peer_id, true);
                 }
             }
             other => self.on_background(other),
@@ -1225,8 +1345,14 @@ impl Peer {
         };
         self.relayed.remove(&id);
         self.relayed_conns.insert(id, peer);
-        self.sides.insert(peer, side);
+        if let Some(remote) = self.remotes.entry(peer) {
+            remote.side = Some(side);
+        }
         if self.sessions.contains_key(&peer) {
+            return;
+        }
+        if self.sessions.len() >= MAX_SESSIONS {
+            tracing::warn!(%peer, "{MAX_SESSIONS} hole punches in progress: not punching this one");
             return;
         }
         let stock = self.config.engine == Engine::Stock;
@@ -1254,7 +1380,8 @@ impl Peer {
             Side::Listener if punch => {
                 session.spec_start_at = Some(Instant::now() + FAST_WAIT);
                 self.sessions.insert(peer, session);
-                self.maybe_start_spec(peer);
+                let stock_remote = self.is_stock_remote(peer);
+                self.maybe_start_spec(peer, stock_remote);
             }
             _ => {
                 self.sessions.insert(peer, session);
@@ -1262,10 +1389,16 @@ impl Peer {
         }
     }
 
+    /// Whether identify said `peer` does not run natpunch's engine.
+    fn is_stock_remote(&self, peer: PeerId) -> bool {
+        self.remotes
+            .get(&peer)
+            .is_some_and(|r| r.engine == Some(RemoteEngine::Other))
+    }
+
     /// Listener: start DCUtR now if the remote is known not to run natpunch, or the wait for
     /// a natpunch dialer's stream is over.
-    fn maybe_start_spec(&mut self, peer: PeerId) {
-        let stock_remote = self.stock_peers.contains(&peer);
+    fn maybe_start_spec(&mut self, peer: PeerId, stock_remote: bool) {
         let Some(session) = self.sessions.get_mut(&peer) else {
             return;
         };
@@ -1290,12 +1423,15 @@ impl Peer {
         // failed because only this side's packets get through (its NAT maps per destination,
         // the remote's does not filter by port), this side's dial, landing on the remote's
         // listener, must take the dialer's role.
-        let reversed = session.attempts.len() == 1 && self.natpunch_peers.contains(&peer);
+        let reversed = session.attempts.len() == 1
+            && self
+                .remotes
+                .get(&peer)
+                .is_some_and(|r| r.engine == Some(RemoteEngine::Natpunch));
         let ours = self.offered();
         let mut control = self.control.clone();
-        let tx = self.steps_tx.clone();
         let limit = self.config.attempt_timeout;
-        tokio::spawn(async move {
+        self.handshakes.spawn(peer, Role::Driving, async move {
             let run = async {
                 let mut stream = control.open_stream(peer, protocol).await.map_err(|e| {
                     let unsupported =
@@ -1326,11 +1462,27 @@ impl Peer {
                 tokio::time::sleep(rtt / 2).await;
                 Ok((reply.addrs, Some(rtt), reversed))
             };
-            let step = to_step(peer, tokio::time::timeout(limit, run).await, || {
+            to_step(peer, tokio::time::timeout(limit, run).await, || {
                 format!("no answer to CONNECT within {limit:?}")
-            });
-            let _ = tx.send(step);
+            })
         });
+    }
+
+    /// A remote opened a throughput test: receive it, unless [`MAX_PERF_SINKS`] already run.
+    fn on_perf_stream(&mut self, peer: PeerId, stream: libp2p::Stream) {
+        if self.perf_sinks.len() >= MAX_PERF_SINKS {
+            tracing::debug!(%peer, "{MAX_PERF_SINKS} throughput tests running: refusing one");
+            return;
+        }
+        let span = tracing::debug_span!("perf sink", %peer);
+        self.perf_sinks.spawn(
+            async move {
+                if let Err(e) = perf_sink(stream).await {
+                    tracing::debug!("throughput test: {e}");
+                }
+            }
+            .instrument(span),
+        );
     }
 
     /// The driven side: the remote opened a stream (`fast`: natpunch's protocol); answer its
@@ -1352,9 +1504,9 @@ impl Peer {
         session.spec_start_at = None;
         session.handshaking = true;
         let ours = self.offered();
-        let tx = self.steps_tx.clone();
         let limit = self.config.attempt_timeout;
-        tokio::spawn(async move {
+        // A newer stream from the remote replaces a handshake still waiting on an older one.
+        self.handshakes.spawn(peer, Role::Answering, async move {
             let run = async {
                 let connect = wire::read_message(&mut stream).await?;
                 if connect.kind != Kind::Connect {
@@ -1372,10 +1524,9 @@ impl Peer {
                 }
                 Ok((connect.addrs, None, connect.reversed))
             };
-            let step = to_step(peer, tokio::time::timeout(limit, run).await, || {
+            to_step(peer, tokio::time::timeout(limit, run).await, || {
                 format!("no SYNC within {limit:?}")
-            });
-            let _ = tx.send(step);
+            })
         });
     }
 
@@ -1551,31 +1702,35 @@ impl Peer {
     }
 
     fn on_direct(&mut self, peer: PeerId, id: ConnectionId, endpoint: ConnectedPoint) {
-        let side = self.sides.get(&peer).copied();
-        tracing::debug!(%peer, ?id, ?endpoint, ?side, "direct connection");
-        let list = self.directs.entry(peer).or_default();
-        list.push(Direct {
-            id,
-            endpoint: endpoint.clone(),
-        });
-        // Of simultaneous direct connections keep the one the relayed connection's dialer made,
-        // on both sides alike (QUIC punches make two).
-        if self.config.engine == Engine::Natpunch
-            && let Some(side) = side
-            && list.iter().any(|d| made_by_a(side, &d.endpoint))
-        {
-            let extra: Vec<ConnectionId> = list
-                .iter()
-                .filter(|d| !made_by_a(side, &d.endpoint))
-                .map(|d| d.id)
-                .collect();
-            // A connection being closed is no longer one of ours: forget it now, so a record
-            // written before the close completes counts what remains.
-            list.retain(|d| !extra.contains(&d.id));
-            for c in extra {
-                tracing::debug!(%peer, ?c, "closing the second direct connection");
-                self.swarm.close_connection(c);
+        let natpunch = self.config.engine == Engine::Natpunch;
+        let mut extra: Vec<ConnectionId> = Vec::new();
+        if let Some(remote) = self.remotes.entry(peer) {
+            let side = remote.side;
+            tracing::debug!(%peer, ?id, ?endpoint, ?side, "direct connection");
+            let list = &mut remote.directs;
+            list.push(Direct {
+                id,
+                endpoint: endpoint.clone(),
+            });
+            // Of simultaneous direct connections keep the one the relayed connection's dialer
+            // made, on both sides alike (QUIC punches make two).
+            if natpunch
+                && let Some(side) = side
+                && list.iter().any(|d| made_by_a(side, &d.endpoint))
+            {
+                extra = list
+                    .iter()
+                    .filter(|d| !made_by_a(side, &d.endpoint))
+                    .map(|d| d.id)
+                    .collect();
+                // A connection being closed is no longer one of ours: forget it now, so a
+                // record written before the close completes counts what remains.
+                list.retain(|d| !extra.contains(&d.id));
             }
+        }
+        for c in extra {
+            tracing::debug!(%peer, ?c, "closing the second direct connection");
+            self.swarm.close_connection(c);
         }
         let attempt_timeout = self.config.attempt_timeout;
         let Some(session) = self.sessions.get_mut(&peer) else {
@@ -1699,19 +1854,22 @@ impl Peer {
             self.start_handshake(peer, protocol);
         }
         for peer in spec {
-            self.maybe_start_spec(peer);
+            let stock_remote = self.is_stock_remote(peer);
+            self.maybe_start_spec(peer, stock_remote);
         }
         let mut finished = None;
         for peer in done {
             let Some(s) = self.sessions.remove(&peer) else {
                 continue;
             };
+            // A handshake still running belongs to the session: its step would find no one.
+            self.handshakes.cancel(peer);
             let mut record = s.record(self.peer_id(), peer, self.relay, &self.config);
             record.to_relay_rtt_ms = self.to_relay_rtt.map(|d| d.as_secs_f64() * 1000.0);
             record.direct_connections = self
-                .directs
+                .remotes
                 .get(&peer)
-                .map_or(0, |l| u32::try_from(l.len()).unwrap_or(u32::MAX));
+                .map_or(0, |r| u32::try_from(r.directs.len()).unwrap_or(u32::MAX));
             let outcome = record.outcome;
             report(PeerEvent::HolePunch(Box::new(record)));
             if mode == Mode::Dial(peer) {
@@ -1767,6 +1925,14 @@ async fn next_stream(
 ) -> Option<(PeerId, libp2p::Stream)> {
     match incoming {
         Some(i) => i.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The mapping holder's next event, or never when there is none. Cancel-safe.
+async fn mapping_event(mapping: Option<&mut PortMapping>) -> MappingEvent {
+    match mapping {
+        Some(m) => m.next_event().await,
         None => std::future::pending().await,
     }
 }
@@ -1956,5 +2122,232 @@ mod tests {
 
     fn with_addr() -> Multiaddr {
         "/ip4/11.99.0.11/udp/4002/quic-v1".parse().expect("addr")
+    }
+
+    /// A peer fed swarm events by hand: no socket, no swarm polling.
+    struct Fed {
+        peer: Peer,
+        relay: PeerId,
+        next_id: usize,
+        records: Vec<Record>,
+    }
+
+    /// Connections of one remote.
+    struct Conns {
+        key: Keypair,
+        relayed: (ConnectionId, ConnectedPoint),
+        direct: (ConnectionId, ConnectedPoint),
+    }
+
+    impl Fed {
+        fn new(punch: bool) -> Self {
+            let relay = relay_id();
+            let addr: Multiaddr = format!("/ip4/11.99.0.12/tcp/4001/p2p/{relay}")
+                .parse()
+                .expect("addr");
+            let mut config = PeerConfig::new(vec![addr]);
+            config.punch = punch;
+            // Long enough that a handshake outlives the test unless something ends it.
+            config.attempt_timeout = Duration::from_secs(600);
+            let peer = Peer::new(Keypair::generate_ed25519(), config).expect("peer");
+            Self {
+                peer,
+                relay,
+                next_id: 1,
+                records: Vec::new(),
+            }
+        }
+
+        fn id(&mut self) -> ConnectionId {
+            self.next_id += 1;
+            ConnectionId::new_unchecked(self.next_id)
+        }
+
+        /// A remote that reached this peer through the relay (this peer is the listener).
+        fn remote(&mut self) -> Conns {
+            let key = Keypair::generate_ed25519();
+            let circuit: Multiaddr =
+                format!("/ip4/11.99.0.12/tcp/4001/p2p/{}/p2p-circuit", self.relay)
+                    .parse()
+                    .expect("addr");
+            let quic: Multiaddr = "/ip4/192.168.1.2/udp/4000/quic-v1".parse().expect("addr");
+            let remote: Multiaddr = "/ip4/11.99.0.11/udp/5000/quic-v1".parse().expect("addr");
+            let relayed = (
+                self.id(),
+                ConnectedPoint::Listener {
+                    local_addr: circuit,
+                    send_back_addr: Multiaddr::empty(),
+                },
+            );
+            let direct = (
+                self.id(),
+                ConnectedPoint::Listener {
+                    local_addr: quic,
+                    send_back_addr: remote,
+                },
+            );
+            Conns {
+                key,
+                relayed,
+                direct,
+            }
+        }
+
+        fn feed(&mut self, event: SwarmEvent<PeerBehaviourEvent>) {
+            let records = &mut self.records;
+            let _ = self.peer.on_swarm(event, Mode::Listen, &mut |_| {});
+            let _ = self.peer.close_sessions(Mode::Listen, &mut |e| {
+                if let PeerEvent::HolePunch(r) = e {
+                    records.push(*r);
+                }
+            });
+        }
+
+        fn established(&mut self, c: &Conns, (id, endpoint): &(ConnectionId, ConnectedPoint)) {
+            self.feed(SwarmEvent::ConnectionEstablished {
+                peer_id: c.key.public().to_peer_id(),
+                connection_id: *id,
+                endpoint: endpoint.clone(),
+                num_established: std::num::NonZeroU32::MIN,
+                concurrent_dial_errors: None,
+                established_in: Duration::ZERO,
+            });
+        }
+
+        fn closed(
+            &mut self,
+            c: &Conns,
+            (id, endpoint): &(ConnectionId, ConnectedPoint),
+            remaining: u32,
+        ) {
+            self.feed(SwarmEvent::ConnectionClosed {
+                peer_id: c.key.public().to_peer_id(),
+                connection_id: *id,
+                endpoint: endpoint.clone(),
+                num_established: remaining,
+                cause: None,
+            });
+        }
+
+        fn identified(&mut self, c: &Conns, natpunch: bool) {
+            let mut protocols = vec![DCUTR];
+            if natpunch {
+                protocols.push(NATPUNCH_DCUTR);
+            }
+            let info = identify::Info {
+                public_key: c.key.public(),
+                protocol_version: PROTOCOL_VERSION.into(),
+                agent_version: "test".into(),
+                listen_addrs: Vec::new(),
+                protocols,
+                observed_addr: Multiaddr::empty(),
+                signed_peer_record: None,
+            };
+            self.feed(SwarmEvent::Behaviour(PeerBehaviourEvent::Identify(
+                identify::Event::Received {
+                    connection_id: c.relayed.0,
+                    peer_id: c.key.public().to_peer_id(),
+                    info,
+                },
+            )));
+        }
+
+        fn pinged(&mut self, c: &Conns) {
+            self.feed(SwarmEvent::Behaviour(PeerBehaviourEvent::Ping(
+                ping::Event {
+                    peer: c.key.public().to_peer_id(),
+                    connection: c.direct.0,
+                    result: Ok(Duration::from_millis(3)),
+                },
+            )));
+        }
+    }
+
+    /// Tasks alive in this test's runtime, once aborted ones had the time to end.
+    async fn settled_tasks(want: usize) -> usize {
+        let metrics = tokio::runtime::Handle::current().metrics();
+        for _ in 0..200 {
+            if metrics.num_alive_tasks() <= want {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        metrics.num_alive_tasks()
+    }
+
+    #[tokio::test]
+    async fn what_is_known_of_a_remote_is_forgotten_when_it_disconnects() {
+        let mut fed = Fed::new(false);
+        for i in 0..200 {
+            let c = fed.remote();
+            fed.established(&c, &c.relayed);
+            fed.identified(&c, i % 2 == 0);
+            fed.established(&c, &c.direct);
+            fed.closed(&c, &c.relayed, 1);
+            fed.closed(&c, &c.direct, 0);
+            // identify's answer can come after the connection closed: it makes no entry.
+            fed.identified(&c, i % 2 == 0);
+        }
+        assert_eq!(fed.records.len(), 200, "every session ended with a record");
+        assert_eq!(fed.peer.stats(), PeerStats::default());
+    }
+
+    #[tokio::test]
+    async fn relayed_connections_beyond_the_session_cap_are_not_punched() {
+        let mut fed = Fed::new(true);
+        for _ in 0..MAX_SESSIONS + 20 {
+            let c = fed.remote();
+            fed.established(&c, &c.relayed);
+        }
+        let stats = fed.peer.stats();
+        assert_eq!(stats.sessions, MAX_SESSIONS);
+        assert_eq!(
+            stats.remotes,
+            MAX_SESSIONS + 20,
+            "all of them are connected"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_handshake_task_ends_with_its_session_and_with_the_peer() {
+        let mut fed = Fed::new(true);
+        let before = tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks();
+        // A stock remote: this listener starts DCUtR at once.
+        let c = fed.remote();
+        fed.established(&c, &c.relayed);
+        fed.identified(&c, false);
+        assert_eq!(fed.peer.stats().handshakes, 1);
+        assert_eq!(settled_tasks(before + 1).await, before + 1);
+        // A direct connection comes up anyway, and its first ping closes the session.
+        fed.established(&c, &c.direct);
+        fed.pinged(&c);
+        assert_eq!(fed.records.len(), 1, "the session ended");
+        assert_eq!(fed.peer.stats().handshakes, 0);
+        assert_eq!(
+            settled_tasks(before).await,
+            before,
+            "the session's handshake task was aborted with it"
+        );
+        // A handshake running when the peer is dropped goes with it.
+        let c = fed.remote();
+        fed.established(&c, &c.relayed);
+        fed.identified(&c, false);
+        assert_eq!(settled_tasks(before + 1).await, before + 1);
+        drop(fed);
+        assert_eq!(settled_tasks(before).await, before, "dropped with the peer");
+    }
+
+    #[tokio::test]
+    async fn identify_candidates_are_capped() {
+        let mut fed = Fed::new(false);
+        for port in 0..100u16 {
+            let address: Multiaddr = format!("/ip4/11.99.0.10/tcp/{}", 20_000 + port)
+                .parse()
+                .expect("addr");
+            fed.feed(SwarmEvent::NewExternalAddrCandidate { address });
+        }
+        assert_eq!(fed.peer.stats().stock_candidates, MAX_STOCK_CANDIDATES);
     }
 }
