@@ -1347,15 +1347,14 @@ fn libp2p_reaches(lab: &natlab::Lab, from: &str, addr: &str) -> Result<(), Strin
 /// address, and the peer offers (and is dialled at) the new addresses in place of the old ones;
 /// Ctrl-C deletes the mappings.
 #[test]
+#[ignore = "needs root, the NAT lab and miniupnpd: ./test runs it"]
 fn peer_listen_holds_its_port_mappings_through_renewals_and_a_router_reboot() {
     use std::time::{Duration, Instant};
 
     use natlab::{Lab, LabOptions, LabProcess, Topology};
-    if !natlab::environment::portmap_test_can_run(
+    natlab::environment::require_portmap(
         "peer_listen_holds_its_port_mappings_through_renewals_and_a_router_reboot",
-    ) {
-        return;
-    }
+    );
     fn events(p: &LabProcess) -> Vec<Value> {
         p.output()
             .lines()
