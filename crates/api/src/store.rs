@@ -534,7 +534,20 @@ impl SqlStore {
                     .connect(&connect_url)
                     .await?
             }
-            Backend::Postgres => options.connect(&connect_url).await?,
+            Backend::Postgres => {
+                // The pool retries a failing connect until its timeout and then says only
+                // "pool timed out"; one plain connection first gives the cause (connection
+                // refused, no such role, …).
+                let first = <sqlx::AnyConnection as sqlx::Connection>::connect(&connect_url);
+                match tokio::time::timeout(Duration::from_secs(10), first).await {
+                    Ok(Ok(c)) => {
+                        let _ = sqlx::Connection::close(c).await;
+                    }
+                    Ok(Err(e)) => return Err(e.into()),
+                    Err(_) => {}
+                }
+                options.connect(&connect_url).await?
+            }
         };
         match backend {
             Backend::Sqlite => sqlx::migrate!("migrations/sqlite").run(&pool).await?,

@@ -3847,6 +3847,19 @@ fn cli_errors_say_each_thing_once() {
             "invalid socket address",
         ),
         (
+            // Nothing listens on port 1: the cause, not a pool timeout.
+            vec![
+                "server".into(),
+                "--port".into(),
+                "0".into(),
+                "--telemetry-port".into(),
+                "0".into(),
+                "--database-url".into(),
+                "postgres://natpunch@127.0.0.1:1/natpunch".into(),
+            ],
+            "Connection refused",
+        ),
+        (
             vec![
                 "lab".into(),
                 "campaign".into(),
