@@ -532,8 +532,7 @@ pub async fn serve_telemetry(
             }
         }
     };
-    let serve =
-        p2p::telemetry::serve_with_health(listener, Arc::new(Mutex::new(registry)), healthy);
+    let serve = telemetry::serve_with_health(listener, Arc::new(Mutex::new(registry)), healthy);
     tokio::join!(check, serve);
 }
 

@@ -201,7 +201,7 @@ async fn serve(args: ClientArgs) -> anyhow::Result<ExitCode> {
         crate::serve_telemetry(
             addr,
             std::sync::Arc::new(std::sync::Mutex::new(registry)),
-            p2p::telemetry::Health::default(),
+            telemetry::Health::default(),
         )
         .await?;
     }

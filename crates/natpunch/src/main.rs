@@ -134,12 +134,12 @@ fn stream_protocol(s: &str) -> Result<libp2p::StreamProtocol, String> {
 async fn serve_telemetry(
     addr: std::net::SocketAddr,
     registry: std::sync::Arc<std::sync::Mutex<prometheus_client::registry::Registry>>,
-    health: p2p::telemetry::Health,
+    health: telemetry::Health,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the telemetry port {addr}"))?;
-    tokio::spawn(p2p::telemetry::serve_health(listener, registry, health));
+    tokio::spawn(telemetry::serve_health(listener, registry, health));
     Ok(())
 }
 

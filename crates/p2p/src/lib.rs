@@ -7,7 +7,6 @@
 //! * [`honeypot`]: a Kademlia DHT server that records the peers connecting to it;
 //! * [`candidates`]: hands the swarm the addresses the relay observed, untouched;
 //! * [`identity`]: keys kept in files, created on first use;
-//! * [`telemetry`]: the `/metrics` and `/health` port;
 //! * [`wire`]: a sans-IO codec for the DCUtR messages (length-prefixed protobuf).
 //!
 //! Everything here speaks the real libp2p wire protocols (rust-libp2p 0.57), so go, js and nim
@@ -19,5 +18,4 @@ pub mod identity;
 pub mod peer;
 pub mod record;
 pub mod relay;
-pub mod telemetry;
 pub mod wire;

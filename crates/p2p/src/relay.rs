@@ -268,7 +268,7 @@ pub enum RelayEvent {
 pub struct Relay {
     swarm: Swarm<RelayBehaviour>,
     config: RelayConfig,
-    health: crate::telemetry::Health,
+    health: telemetry::Health,
     metrics: Metrics,
     reservations: Gauge,
     circuits: Gauge,
@@ -350,7 +350,7 @@ impl Relay {
         for addr in &config.external {
             swarm.add_external_address(addr.clone());
         }
-        let health = crate::telemetry::Health::default();
+        let health = telemetry::Health::default();
         if config.external.is_empty() {
             health.set(Some(NO_EXTERNAL_ADDRESS.into()));
         }
@@ -370,7 +370,7 @@ impl Relay {
     }
 
     /// The relay's health, for `/health`: unhealthy while it has no external address.
-    pub fn health(&self) -> crate::telemetry::Health {
+    pub fn health(&self) -> telemetry::Health {
         self.health.clone()
     }
 

@@ -1,7 +1,14 @@
-//! The telemetry port: `GET /metrics` (Prometheus text format) and `GET /health`.
+//! telemetry: the telemetry port of natpunch's long-running roles (relay, honeypot, server,
+//! client): `GET /metrics` (Prometheus text format, from a `prometheus-client` registry) and
+//! `GET /health` (ok, or 503 with the problem in words).
 //!
 //! A deliberately small HTTP/1.1 responder: one request per connection, a bounded request
 //! head, a short read deadline. Anything else gets 404, 405 or 400.
+//!
+//! It does not do TLS, authentication, keep-alive, chunked bodies or any path but those two;
+//! put it on a loopback or private address, or behind a proxy that adds what is missing. It
+//! depends on tokio and prometheus-client only, so that every role (the measurement server too,
+//! which has no libp2p) can serve it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
