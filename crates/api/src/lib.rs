@@ -6,18 +6,14 @@
 //!   key, technique, time to direct, NAT behaviour of both ends, transport) have tags from 100 up.
 //! - [`report`]: validation of hole-punch reports, naming the first field that is wrong.
 //! - [`store`]: the [`store::Store`] trait and its SQLite and PostgreSQL backend.
-//! - [`client`]: the measurement client's hosts (ask, punch, report) and [`spool`], the
-//!   on-disk queue that makes its reports survive outages and restarts.
 //! - [`postgres`]: a private PostgreSQL server (tests, benchmarks, lab campaigns).
 //! - [`sample`]: a realistic report, for benchmarks and tests.
 //! - [`server`]: the gRPC service on a store, its metrics, and the serving loops.
 
-pub mod client;
 pub mod postgres;
 pub mod report;
 pub mod sample;
 pub mod server;
-pub mod spool;
 pub mod store;
 
 /// The generated PunchrService messages, enums, client and server.

@@ -7,10 +7,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use api::client::{ClientConfig, ClientEvent};
-use api::spool::Spool;
 use clap::Args;
 use clap::builder::BoolishValueParser;
+use measure::client::{ClientConfig, ClientEvent};
+use measure::spool::Spool;
 use p2p::peer::PeerConfig;
 
 #[derive(Debug, Args)]
@@ -96,7 +96,7 @@ fn api_key(given: Option<String>) -> anyhow::Result<String> {
     {
         return Ok(k.trim().to_owned());
     }
-    let key = api::client::new_api_key();
+    let key = measure::client::new_api_key();
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -216,7 +216,7 @@ async fn serve(args: ClientArgs) -> anyhow::Result<ExitCode> {
     };
     // Ctrl-C or SIGTERM: punches in progress finish and reports are delivered (for up to
     // 20 s); what is left waits in the spool for the next start.
-    let punched = api::client::run(
+    let punched = measure::client::run(
         config,
         channel,
         spool.clone(),

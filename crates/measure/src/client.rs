@@ -22,8 +22,9 @@ use serde::Serialize;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::pb;
-use crate::pb::punchr_service_client::PunchrServiceClient;
+use api::pb;
+use api::pb::punchr_service_client::PunchrServiceClient;
+
 use crate::spool::Spool;
 
 /// The agent version the client's hosts announce and register with.
@@ -928,7 +929,7 @@ mod tests {
             (r.client_id.clone(), r.remote_id.clone()),
             (me.to_bytes(), remote.to_bytes())
         );
-        let report = crate::report::Report::from_request(&r).expect("the server's validation");
+        let report = api::report::Report::from_request(&r).expect("the server's validation");
         assert_eq!(report.outcome, "SUCCESS");
         assert_eq!(report.technique.as_deref(), Some("dcutr-quic"));
         assert_eq!(report.attempts.len(), 1);
@@ -952,6 +953,6 @@ mod tests {
             ..ctx
         };
         let r = report_of(me, remote, &failed, &ctx, "key", "k-2");
-        assert!(crate::report::Report::from_request(&r).is_ok());
+        assert!(api::report::Report::from_request(&r).is_ok());
     }
 }

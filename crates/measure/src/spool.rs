@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use prost::Message as _;
 
-use crate::pb;
+use api::pb;
 
 /// A directory of reports waiting to be sent.
 #[derive(Debug, Clone)]
