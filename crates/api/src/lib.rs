@@ -9,6 +9,12 @@
 //! - [`postgres`]: a private PostgreSQL server (tests, benchmarks, lab campaigns).
 //! - [`sample`]: a realistic report, for benchmarks and tests.
 //! - [`server`]: the gRPC service on a store, its metrics, and the serving loops.
+//!
+//! It does not punch, dial or speak any libp2p protocol: the measurement client is the
+//! `measure` crate, and the server needs no libp2p. Multiaddrs and peer IDs come from the
+//! `multiaddr` crate (the same types libp2p re-exports, so the client passes its own), whose
+//! only libp2p-named dependency is `libp2p-identity` for `PeerId`;
+//! `cargo tree -p api -e normal | grep libp2p` shows nothing else.
 
 pub mod postgres;
 pub mod report;

@@ -10,8 +10,7 @@
 
 use std::net::IpAddr;
 
-use libp2p::multiaddr::Protocol;
-use libp2p::{Multiaddr, PeerId};
+use multiaddr::{Multiaddr, PeerId, Protocol};
 
 use crate::pb;
 

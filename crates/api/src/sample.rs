@@ -1,7 +1,7 @@
 //! A realistic hole-punch report, as punchr's Go client fills one plus natpunch's fields: for
 //! benchmarks (`natpunch bench server`) and tests.
 
-use libp2p::{Multiaddr, PeerId};
+use multiaddr::{Multiaddr, PeerId};
 
 use crate::pb;
 
