@@ -80,51 +80,49 @@ fn assert_behaves_as_configured(chain: &[NatConfig]) {
 #[test]
 #[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
 fn preset_open_is_no_nat() {
-    natlab::environment::require_lab("preset_open_is_no_nat");
+    testkit::require::lab("preset_open_is_no_nat");
     assert_behaves_as_configured(&[]);
 }
 
 #[test]
 #[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
 fn preset_full_cone_is_eim_eif() {
-    natlab::environment::require_lab("preset_full_cone_is_eim_eif");
+    testkit::require::lab("preset_full_cone_is_eim_eif");
     assert_behaves_as_configured(&[preset(Preset::FullCone)]);
 }
 
 #[test]
 #[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
 fn preset_restricted_cone_is_eim_adf() {
-    natlab::environment::require_lab("preset_restricted_cone_is_eim_adf");
+    testkit::require::lab("preset_restricted_cone_is_eim_adf");
     assert_behaves_as_configured(&[preset(Preset::RestrictedCone)]);
 }
 
 #[test]
 #[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
 fn preset_port_restricted_is_eim_apdf_with_hairpin() {
-    natlab::environment::require_lab("preset_port_restricted_is_eim_apdf_with_hairpin");
+    testkit::require::lab("preset_port_restricted_is_eim_apdf_with_hairpin");
     assert_behaves_as_configured(&[preset(Preset::PortRestricted)]);
 }
 
 #[test]
 #[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
 fn preset_symmetric_is_apdm_apdf_random_without_hairpin() {
-    natlab::environment::require_lab("preset_symmetric_is_apdm_apdf_random_without_hairpin");
+    testkit::require::lab("preset_symmetric_is_apdm_apdf_random_without_hairpin");
     assert_behaves_as_configured(&[preset(Preset::Symmetric)]);
 }
 
 #[test]
 #[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
 fn preset_cgnat_in_front_of_a_home_router_is_eim_apdf_random() {
-    natlab::environment::require_lab("preset_cgnat_in_front_of_a_home_router_is_eim_apdf_random");
+    testkit::require::lab("preset_cgnat_in_front_of_a_home_router_is_eim_apdf_random");
     assert_behaves_as_configured(&[preset(Preset::Cgnat), preset(Preset::PortRestricted)]);
 }
 
 #[test]
 #[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
 fn eim_with_sequential_ports_keeps_one_port_for_every_destination() {
-    natlab::environment::require_lab(
-        "eim_with_sequential_ports_keeps_one_port_for_every_destination",
-    );
+    testkit::require::lab("eim_with_sequential_ports_keeps_one_port_for_every_destination");
     let nat = NatConfig {
         port_allocation: PortAllocation::Sequential,
         ..preset(Preset::FullCone)
@@ -135,7 +133,7 @@ fn eim_with_sequential_ports_keeps_one_port_for_every_destination() {
 #[test]
 #[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
 fn address_dependent_mapping_with_reject_is_measured_as_such() {
-    natlab::environment::require_lab("address_dependent_mapping_with_reject_is_measured_as_such");
+    testkit::require::lab("address_dependent_mapping_with_reject_is_measured_as_such");
     let nat = NatConfig {
         mapping: Mapping::AddressDependent,
         filtering: Filtering::AddressDependent,
@@ -149,7 +147,7 @@ fn address_dependent_mapping_with_reject_is_measured_as_such() {
 #[test]
 #[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
 fn hairpin_off_on_an_eim_router_keeps_own_mapping_unreachable() {
-    natlab::environment::require_lab("hairpin_off_on_an_eim_router_keeps_own_mapping_unreachable");
+    testkit::require::lab("hairpin_off_on_an_eim_router_keeps_own_mapping_unreachable");
     let nat = NatConfig {
         hairpin: false,
         ..preset(Preset::FullCone)
@@ -167,9 +165,7 @@ fn hairpin_off_on_an_eim_router_keeps_own_mapping_unreachable() {
 #[test]
 #[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
 fn host_behind_home_behind_cgnat_is_seen_with_the_cgnat_address() {
-    natlab::environment::require_lab(
-        "host_behind_home_behind_cgnat_is_seen_with_the_cgnat_address",
-    );
+    testkit::require::lab("host_behind_home_behind_cgnat_is_seen_with_the_cgnat_address");
     let (lab, reflector) = lab_behind(&[preset(Preset::Cgnat), preset(Preset::PortRestricted)]);
     let cgnat_ip = lab.node("r0").expect("cgnat").addr();
     let home_wan = lab.node("r1").expect("home").addr();
@@ -192,9 +188,7 @@ fn host_behind_home_behind_cgnat_is_seen_with_the_cgnat_address() {
 #[test]
 #[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
 fn two_lan_hosts_on_the_same_internal_port_get_different_external_ports() {
-    natlab::environment::require_lab(
-        "two_lan_hosts_on_the_same_internal_port_get_different_external_ports",
-    );
+    testkit::require::lab("two_lan_hosts_on_the_same_internal_port_get_different_external_ports");
     let t = Topology::default()
         .host("reflector", None, 2)
         .router("r", preset(Preset::PortRestricted), None)
@@ -230,7 +224,7 @@ fn two_lan_hosts_on_the_same_internal_port_get_different_external_ports() {
 #[test]
 #[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
 fn udp_mapping_expires_after_the_configured_idle_timeout() {
-    natlab::environment::require_lab("udp_mapping_expires_after_the_configured_idle_timeout");
+    testkit::require::lab("udp_mapping_expires_after_the_configured_idle_timeout");
     let nat = NatConfig {
         udp_timeout_secs: 4,
         ..preset(Preset::PortRestricted)
@@ -249,7 +243,7 @@ fn udp_mapping_expires_after_the_configured_idle_timeout() {
 #[test]
 #[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
 fn link_delay_shows_up_in_the_round_trip_time() {
-    natlab::environment::require_lab("link_delay_shows_up_in_the_round_trip_time");
+    testkit::require::lab("link_delay_shows_up_in_the_round_trip_time");
     let t = Topology::default()
         .host("reflector", None, 2)
         .router("r", preset(Preset::PortRestricted), None)
@@ -285,7 +279,7 @@ fn link_delay_shows_up_in_the_round_trip_time() {
 #[test]
 #[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
 fn link_loss_drops_about_the_configured_share() {
-    natlab::environment::require_lab("link_loss_drops_about_the_configured_share");
+    testkit::require::lab("link_loss_drops_about_the_configured_share");
     let t = Topology::default()
         .host("reflector", None, 2)
         .host("h", None, 1)
@@ -331,7 +325,7 @@ fn link_loss_drops_about_the_configured_share() {
 #[test]
 #[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
 fn dropping_a_lab_removes_it_even_when_a_test_panics() {
-    natlab::environment::require_lab("dropping_a_lab_removes_it_even_when_a_test_panics");
+    testkit::require::lab("dropping_a_lab_removes_it_even_when_a_test_panics");
     let t = Topology::default()
         .router("r", preset(Preset::Cgnat), None)
         .host("h", Some("r"), 1);
@@ -358,7 +352,7 @@ fn dropping_a_lab_removes_it_even_when_a_test_panics() {
 #[test]
 #[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
 fn spawned_processes_report_readiness_and_end_with_the_lab() {
-    natlab::environment::require_lab("spawned_processes_report_readiness_and_end_with_the_lab");
+    testkit::require::lab("spawned_processes_report_readiness_and_end_with_the_lab");
     let t = Topology::default().host("h", None, 1);
     let lab = Lab::build(&t, LabOptions::default()).expect("lab");
     let p = lab
@@ -384,7 +378,7 @@ fn spawned_processes_report_readiness_and_end_with_the_lab() {
 #[test]
 #[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
 fn sweep_removes_labs_of_dead_owners_and_keeps_live_ones() {
-    natlab::environment::require_lab("sweep_removes_labs_of_dead_owners_and_keeps_live_ones");
+    testkit::require::lab("sweep_removes_labs_of_dead_owners_and_keeps_live_ones");
     let live = Lab::build(
         &Topology::default().host("h", None, 1),
         LabOptions::default(),
@@ -424,7 +418,7 @@ fn sweep_removes_labs_of_dead_owners_and_keeps_live_ones() {
 #[test]
 #[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
 fn lab_names_are_unique_and_a_taken_name_is_refused() {
-    natlab::environment::require_lab("lab_names_are_unique_and_a_taken_name_is_refused");
+    testkit::require::lab("lab_names_are_unique_and_a_taken_name_is_refused");
     let t = Topology::default().host("h", None, 1);
     let name = lab::random_name();
     let first = Lab::build(
@@ -453,7 +447,7 @@ fn lab_names_are_unique_and_a_taken_name_is_refused() {
 #[test]
 #[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
 fn flushing_nat_state_forgets_mappings() {
-    natlab::environment::require_lab("flushing_nat_state_forgets_mappings");
+    testkit::require::lab("flushing_nat_state_forgets_mappings");
     let (lab, reflector) = lab_behind(&[preset(Preset::Cgnat)]);
     let to = reflector.endpoints().primary;
     let sock = lab
@@ -476,7 +470,7 @@ fn flushing_nat_state_forgets_mappings() {
 #[test]
 #[ignore = "needs root, the NAT lab and miniupnpd: ./test runs it"]
 fn renumber_and_reboot_change_what_the_internet_sees() {
-    natlab::environment::require_portmap("renumber_and_reboot_change_what_the_internet_sees");
+    testkit::require::portmap("renumber_and_reboot_change_what_the_internet_sees");
     let t = Topology::default()
         .host("reflector", None, 2)
         .router("r", preset(Preset::Symmetric), None)

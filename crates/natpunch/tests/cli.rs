@@ -164,7 +164,7 @@ fn a_closed_standard_output_ends_natpunch_quietly() {
 #[test]
 #[ignore = "needs root (to run natpunch as nobody): ./test runs it"]
 fn lab_commands_without_root_say_it_needs_root() {
-    natlab::environment::require_program(
+    testkit::require::program(
         "lab_commands_without_root_say_it_needs_root",
         "setpriv",
         "util-linux",
@@ -212,9 +212,9 @@ fn lab_commands_without_root_say_it_needs_root() {
 fn tests_that_need_the_machine_are_ignored_with_a_reason_never_skipped_silently() {
     // Spelt in pieces, so that this test does not find itself.
     let needs = [
-        concat!("require_", "lab("),
-        concat!("require_", "portmap("),
-        concat!("require_", "program("),
+        concat!("require::", "lab("),
+        concat!("require::", "portmap("),
+        concat!("require::", "program("),
         concat!("TempPostgres", "::start("),
     ];
     let mut checked = 0;
@@ -430,7 +430,7 @@ impl Drop for Down {
 #[test]
 #[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
 fn lab_up_exec_list_down_round_trip() {
-    natlab::environment::require_lab("lab_up_exec_list_down_round_trip");
+    testkit::require::lab("lab_up_exec_list_down_round_trip");
     let name = natlab::lab::random_name();
     let _cleanup = Down(name.clone());
     let file = repo_file("examples/labs/two-homes.toml");
@@ -504,7 +504,7 @@ fn lab_up_exec_list_down_round_trip() {
 #[test]
 #[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
 fn selftest_json_reports_every_preset_as_configured() {
-    natlab::environment::require_lab("selftest_json_reports_every_preset_as_configured");
+    testkit::require::lab("selftest_json_reports_every_preset_as_configured");
     let out = natpunch(&["lab", "selftest", "--json"]);
     let report: Value = serde_json::from_str(&stdout(&out)).expect("JSON report");
     let presets = report["presets"].as_array().expect("presets");
@@ -547,7 +547,7 @@ fn selftest_json_reports_every_preset_as_configured() {
 fn nat_check_classifies_every_lab_preset_as_configured() {
     use natlab::selftest::{expected_through, path_of, topology};
     use natlab::{Lab, LabOptions, Preset};
-    natlab::environment::require_lab("nat_check_classifies_every_lab_preset_as_configured");
+    testkit::require::lab("nat_check_classifies_every_lab_preset_as_configured");
     let lab = Lab::build(&topology(&Preset::ALL), LabOptions::default()).expect("lab");
     let addrs = lab
         .node("reflector")
@@ -575,7 +575,7 @@ fn nat_check_classifies_every_lab_preset_as_configured() {
         .expect("server ready");
     // coturn as the other RFC 5780 server, on the same two addresses and other ports. Debian's
     // /etc/turnserver.conf says `no-rfc5780`, so coturn gets an empty configuration instead.
-    natlab::environment::require_program(
+    testkit::require::program(
         "nat_check_classifies_every_lab_preset_as_configured",
         "turnserver",
         "coturn",
@@ -664,7 +664,7 @@ fn nat_check_classifies_every_lab_preset_as_configured() {
             assert_eq!(report["public_addresses"][0], public.to_string(), "{label}");
         }
         // coturn's RFC 5780 client agrees with our server about our routers.
-        natlab::environment::require_program(
+        testkit::require::program(
             "nat_check_classifies_every_lab_preset_as_configured",
             "turnutils_natdiscovery",
             "coturn",
@@ -735,7 +735,7 @@ mod erased {
 #[test]
 #[ignore = "needs coturn: ./test installs it and runs this"]
 fn bench_stun_measures_both_servers_and_reports_a_ratio() {
-    natlab::environment::require_program(
+    testkit::require::program(
         "bench_stun_measures_both_servers_and_reports_a_ratio",
         "turnserver",
         "coturn",
@@ -899,7 +899,7 @@ fn map_add_list_renew_conflict_delete_with_every_protocol() {
     use std::net::SocketAddrV4;
 
     use natlab::{Lab, LabOptions, Topology};
-    natlab::environment::require_portmap("map_add_list_renew_conflict_delete_with_every_protocol");
+    testkit::require::portmap("map_add_list_renew_conflict_delete_with_every_protocol");
     let text =
         std::fs::read_to_string(repo_file("examples/labs/portmap-home.toml")).expect("example");
     let topology = Topology::from_toml(&text).expect("topology");
@@ -1028,7 +1028,7 @@ fn map_add_list_renew_conflict_delete_with_every_protocol() {
 #[test]
 #[ignore = "needs root, the NAT lab and miniupnpd: ./test runs it"]
 fn lab_renumber_and_reboot_commands_act_on_a_detached_lab() {
-    natlab::environment::require_portmap("lab_renumber_and_reboot_commands_act_on_a_detached_lab");
+    testkit::require::portmap("lab_renumber_and_reboot_commands_act_on_a_detached_lab");
     let name = natlab::lab::random_name();
     let file = repo_file("examples/labs/portmap-home.toml");
     let up = natpunch(&["lab", "up", file.to_str().expect("utf-8"), "--name", &name]);
@@ -1097,7 +1097,7 @@ fn map_keep_survives_router_reboot_and_renumbering_with_every_protocol() {
     use std::time::{Duration, Instant};
 
     use natlab::{Lab, LabOptions, LabProcess, Topology};
-    natlab::environment::require_portmap(
+    testkit::require::portmap(
         "map_keep_survives_router_reboot_and_renumbering_with_every_protocol",
     );
     /// Waits until the JSON lines `keep` printed after the first `skip` satisfy `done`.
@@ -1352,7 +1352,7 @@ fn peer_listen_holds_its_port_mappings_through_renewals_and_a_router_reboot() {
     use std::time::{Duration, Instant};
 
     use natlab::{Lab, LabOptions, LabProcess, Topology};
-    natlab::environment::require_portmap(
+    testkit::require::portmap(
         "peer_listen_holds_its_port_mappings_through_renewals_and_a_router_reboot",
     );
     fn events(p: &LabProcess) -> Vec<Value> {
@@ -1588,7 +1588,7 @@ fn map_in(lab: &natlab::Lab, host: &str, state: &Path, args: &[&str]) -> (bool, 
 #[ignore = "needs root, the NAT lab and miniupnpd: ./test runs it"]
 fn map_add_clamps_pcp_lifetimes_and_falls_back_to_what_the_router_speaks() {
     use natlab::{Lab, LabOptions, Topology};
-    natlab::environment::require_portmap(
+    testkit::require::portmap(
         "map_add_clamps_pcp_lifetimes_and_falls_back_to_what_the_router_speaks",
     );
     let topology = Topology::from_toml(
@@ -1669,9 +1669,7 @@ fn map_add_clamps_pcp_lifetimes_and_falls_back_to_what_the_router_speaks() {
 fn map_handles_an_igd_behind_cgnat_that_only_grants_permanent_leases() {
     use natlab::{Lab, LabOptions, Topology};
     use testkit::igd::{FakeIgd, FakeIgdConfig};
-    natlab::environment::require_lab(
-        "map_handles_an_igd_behind_cgnat_that_only_grants_permanent_leases",
-    );
+    testkit::require::lab("map_handles_an_igd_behind_cgnat_that_only_grants_permanent_leases");
     let topology = Topology::from_toml(
         r#"
         [router.home]
@@ -1756,9 +1754,7 @@ fn map_handles_an_igd_behind_cgnat_that_only_grants_permanent_leases() {
 #[test]
 #[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
 fn lab_matrix_punches_port_restricted_pairs_and_fails_symmetric_ones_fast() {
-    natlab::environment::require_lab(
-        "lab_matrix_punches_port_restricted_pairs_and_fails_symmetric_ones_fast",
-    );
+    testkit::require::lab("lab_matrix_punches_port_restricted_pairs_and_fails_symmetric_ones_fast");
     let dir = std::env::temp_dir().join(format!("natpunch-matrix-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let matrix_with = |pair: &str, trials: &str, out: &Path, more: &[&str]| -> Value {
@@ -2605,9 +2601,7 @@ fn honeypot_records_a_natted_peer_with_its_relay_address_for_the_server() {
     use api::store::{Allocated, Host, Rules, SqlStore, Store as _};
     use std::time::Duration;
 
-    natlab::environment::require_lab(
-        "honeypot_records_a_natted_peer_with_its_relay_address_for_the_server",
-    );
+    testkit::require::lab("honeypot_records_a_natted_peer_with_its_relay_address_for_the_server");
     let dir = Scratch::new("honeypot");
     let mut lab = MeasurementLab::start(&[natlab::Preset::PortRestricted], &dir.0);
     let (target_id, seen) = lab.target(natlab::Preset::PortRestricted);
@@ -3135,9 +3129,7 @@ fn client_punches_what_the_server_serves_and_delivers_every_report_once() {
     use natlab::Preset;
     use std::time::Duration;
 
-    natlab::environment::require_lab(
-        "client_punches_what_the_server_serves_and_delivers_every_report_once",
-    );
+    testkit::require::lab("client_punches_what_the_server_serves_and_delivers_every_report_once");
     let dir = Scratch::new("client");
     let exe = env!("CARGO_BIN_EXE_natpunch");
     let presets = [Preset::PortRestricted, Preset::FullCone];
@@ -3239,9 +3231,7 @@ fn client_punches_what_the_server_serves_and_delivers_every_report_once() {
 #[test]
 #[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
 fn lab_campaign_survives_a_server_outage_and_reports_every_nat_pair() {
-    natlab::environment::require_lab(
-        "lab_campaign_survives_a_server_outage_and_reports_every_nat_pair",
-    );
+    testkit::require::lab("lab_campaign_survives_a_server_outage_and_reports_every_nat_pair");
     let dir = Scratch::new("campaign");
     let work = dir.0.join("work");
     let html = dir.0.join("report.html");
@@ -3412,7 +3402,7 @@ fn clients_punch_under_their_own_labels(work: &Path, v: &Value, rows: &[api::sto
 /// Headless Chromium opens the report: its DOM has the plots, and a screenshot shows the
 /// outcome bars in their colours (SUCCESS green, FAILED red).
 fn browser_shows_the_plots(html: &Path, dir: &Path) {
-    natlab::environment::require_program("browser_shows_the_plots", "chromium", "chromium");
+    testkit::require::program("browser_shows_the_plots", "chromium", "chromium");
     let chromium = "chromium";
     let url = format!("file://{}", html.display());
     let common = [
@@ -3465,7 +3455,7 @@ fn browser_shows_the_plots(html: &Path, dir: &Path) {
 #[test]
 #[ignore = "needs root, the NAT lab and PostgreSQL: ./test runs it"]
 fn lab_campaign_runs_on_postgresql() {
-    natlab::environment::require_lab("lab_campaign_runs_on_postgresql");
+    testkit::require::lab("lab_campaign_runs_on_postgresql");
     assert!(
         api::postgres::bin_dir().is_some(),
         "lab_campaign_runs_on_postgresql: PostgreSQL is not installed (apt-get install postgresql)"
