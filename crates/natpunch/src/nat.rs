@@ -57,22 +57,12 @@ pub(crate) fn stun_server(args: StunServerArgs) -> anyhow::Result<ExitCode> {
         println!("stun-server listening on {}", endpoints.join(", "));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let running = tokio::spawn(server.run(stop_rx));
-        shutdown_signal().await?;
+        crate::stop_signal().await;
         let _ = stop_tx.send(true);
         let counters = running.await.context("server task")?;
         println!("{}", serde_json::json!({ "counters": counters }));
         Ok(ExitCode::SUCCESS)
     })
-}
-
-async fn shutdown_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r?,
-        _ = term.recv() => {}
-    }
-    Ok(())
 }
 
 pub(crate) fn run(cmd: NatCommand) -> anyhow::Result<ExitCode> {
