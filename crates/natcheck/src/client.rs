@@ -92,6 +92,30 @@ pub struct NatReport {
     pub summary: &'static str,
 }
 
+impl NatReport {
+    /// The report for a server that answers over TCP only: UDP does not get through, and
+    /// nothing else can be measured.
+    fn udp_blocked(server: SocketAddr) -> Self {
+        let verdict = classify::verdict(false, None, None, None);
+        Self {
+            server,
+            rfc5780: false,
+            local_address: None,
+            public_addresses: Vec::new(),
+            nat: None,
+            mapping: None,
+            filtering: None,
+            port_allocation: None,
+            port_delta: None,
+            hairpin: None,
+            mapping_lifetime: None,
+            udp_blocked: true,
+            verdict,
+            summary: verdict.sentence(),
+        }
+    }
+}
+
 /// Why a check could not run at all.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -339,53 +363,24 @@ pub async fn check(
     probe.connect(primary).await?;
     let local_ip = probe.local_addr()?.ip();
     progress("reachability: a Binding request to the server");
-    let mut udp_blocked = false;
-    match options.reachable(&probe).await {
-        Ok(()) => {}
-        Err(cause) => {
-            drop(probe);
-            progress("reachability: no answer over UDP; trying STUN over TCP");
-            let tried = format!(
-                "{} Binding requests over UDP within {:.1} s",
-                options.attempts.max(1),
-                options.unanswered_after().as_secs_f64()
-            );
-            match options.tcp_binding().await {
-                Ok(_) if cause == Unanswered::Silence => udp_blocked = true,
-                Ok(_) => {
-                    return Err(CheckError::Unanswered {
-                        server: primary,
-                        cause,
-                        tried: format!("{tried}; STUN over TCP answered"),
-                    });
-                }
-                Err(tcp) => {
-                    return Err(CheckError::Unanswered {
-                        server: primary,
-                        cause,
-                        tried: format!("{tried}, and STUN over TCP ({tcp})"),
-                    });
-                }
-            }
-        }
-    }
-    if udp_blocked {
-        let verdict = classify::verdict(false, None, None, None);
-        return Ok(NatReport {
+    if let Err(cause) = options.reachable(&probe).await {
+        drop(probe);
+        progress("reachability: no answer over UDP; trying STUN over TCP");
+        let tried = format!(
+            "{} Binding requests over UDP within {:.1} s",
+            options.attempts.max(1),
+            options.unanswered_after().as_secs_f64()
+        );
+        let tried = match options.tcp_binding().await {
+            // The server is there (it answers over TCP) and UDP is silent: it is blocked.
+            Ok(_) if cause == Unanswered::Silence => return Ok(NatReport::udp_blocked(primary)),
+            Ok(_) => format!("{tried}; STUN over TCP answered"),
+            Err(tcp) => format!("{tried}, and STUN over TCP ({tcp})"),
+        };
+        return Err(CheckError::Unanswered {
             server: primary,
-            rfc5780: false,
-            local_address: None,
-            public_addresses: Vec::new(),
-            nat: None,
-            mapping: None,
-            filtering: None,
-            port_allocation: None,
-            port_delta: None,
-            hairpin: None,
-            mapping_lifetime: None,
-            udp_blocked,
-            verdict,
-            summary: verdict.sentence(),
+            cause,
+            tried,
         });
     }
 
@@ -478,7 +473,7 @@ pub async fn check(
         port_delta: allocation.1,
         hairpin,
         mapping_lifetime: lifetime,
-        udp_blocked,
+        udp_blocked: false,
         verdict,
         summary: verdict.sentence(),
     })
