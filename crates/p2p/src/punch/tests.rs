@@ -776,3 +776,42 @@ fn only_direct_routable_addresses_are_offered_or_dialed() {
         "relayed and undecodable addresses are dropped"
     );
 }
+
+#[test]
+fn a_newer_stream_from_the_remote_replaces_the_older_and_stale_messages_are_ignored() {
+    let base = Instant::now();
+    let Node::Natpunch(mut b) = natpunch(base, Who::B, Some(RemoteEngine::Natpunch)) else {
+        unreachable!()
+    };
+    let connect = |addr: Multiaddr| HolePunch {
+        kind: Kind::Connect,
+        addrs: vec![addr.to_vec()],
+        reversed: false,
+    };
+    let old = b.inbound(base, Handshake::Natpunch).expect("answered");
+    b.message(base, old, connect(addr(Who::A)));
+    assert!(matches!(b.poll_action(), Some(Action::Send { stream, .. }) if stream == old));
+    let new = b
+        .inbound(base + ONE_WAY, Handshake::Natpunch)
+        .expect("answered");
+    assert_ne!(new, old);
+    assert_eq!(b.poll_action(), Some(Action::CloseStream { stream: old }));
+    // SYNC on the dropped stream starts nothing.
+    let sync = HolePunch {
+        kind: Kind::Sync,
+        addrs: Vec::new(),
+        reversed: false,
+    };
+    b.message(base + ONE_WAY, old, sync.clone());
+    assert_eq!(b.poll_action(), None);
+    // A stream that claims B's own role is refused.
+    assert_eq!(b.inbound(base + ONE_WAY, Handshake::Dcutr), None);
+    b.message(base + ONE_WAY, new, connect(addr(Who::A)));
+    assert!(matches!(b.poll_action(), Some(Action::Send { stream, .. }) if stream == new));
+    b.message(base + ONE_WAY * 2, new, sync);
+    assert_eq!(b.poll_action(), Some(Action::CloseStream { stream: new }));
+    let Some(Action::Dial { attempt, .. }) = b.poll_action() else {
+        panic!("B dials on SYNC");
+    };
+    assert_eq!(attempt, 1, "the replaced handshake made no attempt");
+}
