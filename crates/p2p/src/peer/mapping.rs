@@ -391,6 +391,11 @@ impl Peer {
                 }
             }
         }
+        // Hole punches in progress offer the new addresses from their next CONNECT on.
+        let offered = self.offered();
+        for session in self.sessions.values_mut() {
+            session.set_offered(offered.clone());
+        }
     }
 
     /// The mappings this peer holds on its router now.

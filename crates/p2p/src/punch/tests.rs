@@ -815,3 +815,21 @@ fn a_newer_stream_from_the_remote_replaces_the_older_and_stale_messages_are_igno
     };
     assert_eq!(attempt, 1, "the replaced handshake made no attempt");
 }
+
+#[test]
+fn the_next_connect_offers_the_addresses_a_port_mapping_gave_since() {
+    let base = Instant::now();
+    let Node::Natpunch(mut a) = natpunch(base, Who::A, Some(RemoteEngine::Natpunch)) else {
+        unreachable!()
+    };
+    let Some(Action::Open { stream, .. }) = a.poll_action() else {
+        panic!("A drives");
+    };
+    let mapped: Multiaddr = "/ip4/203.0.113.7/udp/41000/quic-v1".parse().expect("addr");
+    a.set_offered(vec![mapped.clone(), addr(Who::A)]);
+    a.stream_opened(base, stream);
+    let Some(Action::Send { message, .. }) = a.poll_action() else {
+        panic!("A sends CONNECT");
+    };
+    assert_eq!(message.addrs, [mapped.to_vec(), addr(Who::A).to_vec()]);
+}
