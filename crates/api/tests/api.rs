@@ -1514,8 +1514,9 @@ async fn tables_and_columns(store: &SqlStore) -> std::collections::BTreeSet<(Str
         .collect()
 }
 
-/// The two migrations are kept by hand; a table or column added to one and forgotten in the
-/// other shows up here, not in a campaign on the other backend.
+/// The schema is one template rendered per backend; a table or column that reaches one backend
+/// and not the other (a line marked for one backend only) shows up here, not in a campaign on
+/// the other backend.
 #[tokio::test]
 #[ignore = "needs root and PostgreSQL (a private server runs as the postgres user): ./test runs it"]
 async fn sqlite_and_postgresql_have_the_same_tables_and_columns() {
