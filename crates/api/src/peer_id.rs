@@ -20,7 +20,7 @@ const SHA2_256_LEN: usize = 32;
 /// The longest key an identity peer ID inlines (libp2p's peer-ID spec).
 const MAX_INLINE_KEY: usize = 42;
 /// The longest multihash digest read (512 bits, as multiaddr's certhash allows).
-pub(crate) const MAX_DIGEST: usize = 64;
+const MAX_DIGEST: usize = 64;
 /// The longest base58 text read: a peer ID is at most 44 bytes (two varint bytes and a 42-byte
 /// key), under 61 characters in base58.
 const MAX_TEXT: usize = 128;
@@ -31,7 +31,7 @@ pub enum PeerIdError {
     /// The multihash code or digest length cannot be read.
     #[error("multihash header: {0}")]
     Header(VarintError),
-    /// The digest length is above [`MAX_DIGEST`].
+    /// The digest length is above 64 bytes.
     #[error("multihash digest of {0} bytes, more than 64")]
     DigestTooLong(u64),
     /// The bytes end before the digest does, or go on after it.
