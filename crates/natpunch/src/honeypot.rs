@@ -144,7 +144,7 @@ impl SightingStore for Store {
 fn connection_event(local: &str, s: &Sighting) -> anyhow::Result<ConnectionEvent> {
     let parse = |a: &str| -> anyhow::Result<Addr> {
         Ok(Addr::of(
-            &a.parse::<Multiaddr>()
+            &a.parse::<api::multiaddr::Multiaddr>()
                 .with_context(|| format!("address {a}"))?,
         ))
     };

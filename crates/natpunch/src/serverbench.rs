@@ -19,8 +19,6 @@ use api::store::{SqlStore, Store as _};
 use clap::Args;
 use clap::builder::BoolishValueParser;
 use labrun::stats::quantile;
-use libp2p::PeerId;
-use libp2p::identity::Keypair;
 
 #[derive(Debug, Args)]
 pub(crate) struct ServerBenchArgs {
@@ -53,10 +51,6 @@ struct Figures {
     p99_ms: Option<f64>,
 }
 
-fn peer() -> PeerId {
-    Keypair::generate_ed25519().public().to_peer_id()
-}
-
 /// Runs the load against a server on `store`.
 async fn load(
     backend: &'static str,
@@ -72,14 +66,14 @@ async fn load(
     let server = tokio::spawn(api::server::serve(service, listener, None, async {
         let _ = stop_rx.await;
     }));
-    let (remote, relay) = (peer(), peer());
+    let (remote, relay) = (api::sample::peer_id(), api::sample::peer_id());
     let mut hosts = Vec::with_capacity(clients);
     let mut channels = Vec::with_capacity(clients);
     for _ in 0..clients {
         let mut client = PunchrServiceClient::connect(url.clone())
             .await
             .context("connecting to the server")?;
-        let host = peer();
+        let host = api::sample::peer_id();
         client
             .register(pb::RegisterRequest {
                 client_id: host.to_bytes(),
@@ -91,7 +85,7 @@ async fn load(
             .context("registering")?;
         // Warm-up: the shared rows (remote, relay, addresses) exist before timing starts.
         client
-            .track_hole_punch(api::sample::report(host, remote, relay, "bench", None))
+            .track_hole_punch(api::sample::report(&host, &remote, &relay, "bench", None))
             .await
             .context("the warm-up report")?;
         hosts.push(host);
@@ -103,6 +97,7 @@ async fn load(
     let mut tasks = Vec::with_capacity(clients);
     for (host, mut client) in hosts.into_iter().zip(channels) {
         let next = Arc::clone(&next);
+        let (remote, relay) = (remote.clone(), relay.clone());
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             loop {
@@ -111,7 +106,7 @@ async fn load(
                     return Ok::<_, tonic::Status>(latencies);
                 }
                 let key = format!("bench-{n}");
-                let report = api::sample::report(host, remote, relay, "bench", Some(&key));
+                let report = api::sample::report(&host, &remote, &relay, "bench", Some(&key));
                 let t = Instant::now();
                 client.track_hole_punch(report).await?;
                 latencies.push(t.elapsed().as_secs_f64() * 1000.0);
