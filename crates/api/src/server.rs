@@ -40,7 +40,7 @@ pub const MAX_RUST_CLIENT_WAIT: Duration =
 /// How often a held GetAddrInfo looks for a peer again.
 const HOLD_POLL: Duration = Duration::from_secs(1);
 /// At most this many GetAddrInfo requests are held at once; more are answered `NotFound` at
-/// once. Each looks into the store every [`HOLD_POLL`], and punchr's Rust client is a one-host
+/// once. Each looks into the store every second, and punchr's Rust client is a one-host
 /// demonstration client: 256 is far more than it is run with and little load for the store.
 pub const MAX_HELD: usize = 256;
 /// The largest request message decoded (a larger one is refused, `OutOfRange`): grpc-go's
