@@ -1,21 +1,19 @@
-//! `natpunch map …`: port mappings on the local router over PCP, NAT-PMP or UPnP IGD.
-//!
-//! Mappings this host makes are recorded in a small JSON file (PCP needs the nonce to renew or
-//! delete a mapping, and NAT-PMP has no way to list them), keyed by gateway and internal
-//! address, so that `map list` and `map delete` work across invocations.
+//! `natpunch map …`: port mappings on the local router over PCP, NAT-PMP or UPnP IGD. The
+//! record of this host's mappings and the renew policy live in `portmap`.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use clap::builder::BoolishValueParser;
 use clap::{Args, Subcommand, ValueEnum};
 use portmap::Protocol;
 use portmap::client::{self, Gateway, MapRequest, Mapped, ProbeReport};
 use portmap::hold::{HoldConfig, Holder, Update};
-use portmap::keeper::{Event, Method, Want};
+use portmap::keeper::{Method, Want};
+use portmap::record::{self, Record};
 use portmap::upnp::Igd;
 
 #[derive(Debug, Subcommand)]
@@ -227,55 +225,20 @@ impl Common {
             Some(p) => p.clone(),
             None => crate::state_dir()?.join("mappings.json"),
         };
-        Record::load(path)
+        Ok(Record::load(path)?)
     }
 }
 
-/// The mappings this host made, on disk.
-#[derive(Debug)]
-struct Record {
-    path: PathBuf,
-    mappings: Vec<Mapped>,
-}
-
-impl Record {
-    fn load(path: PathBuf) -> anyhow::Result<Self> {
-        let mappings = match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text)
-                .with_context(|| format!("{} is not a mapping record", path.display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-        };
-        Ok(Self { path, mappings })
-    }
-
-    fn save(&self) -> anyhow::Result<()> {
-        if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+impl Via {
+    /// The one protocol asked for, or `None` for the best the router offers.
+    fn only(self) -> Option<Method> {
+        match self {
+            Self::Auto => None,
+            Self::Pcp => Some(Method::Pcp),
+            Self::Natpmp => Some(Method::NatPmp),
+            Self::Upnp => Some(Method::Upnp),
         }
-        let tmp = self.path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_string_pretty(&self.mappings)?)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &self.path)
-            .with_context(|| format!("writing {}", self.path.display()))
     }
-
-    /// This host's mappings on `gw`.
-    fn on(&self, gw: Gateway) -> impl Iterator<Item = &Mapped> {
-        self.mappings
-            .iter()
-            .filter(move |m| m.gateway == gw.addr && *m.internal.ip() == gw.local)
-    }
-
-    /// Replaces the record of the same mapping (gateway, internal endpoint, protocol).
-    fn put(&mut self, m: Mapped) {
-        self.mappings.retain(|o| !same(o, &m));
-        self.mappings.push(m);
-    }
-}
-
-fn same(a: &Mapped, b: &Mapped) -> bool {
-    a.gateway == b.gateway && a.internal == b.internal && a.protocol == b.protocol
 }
 
 async fn probe(common: Common) -> anyhow::Result<ExitCode> {
@@ -351,13 +314,13 @@ async fn list(common: Common) -> anyhow::Result<ExitCode> {
     println!(
         "mappings this host made on {} ({}):",
         gw.addr,
-        record.path.display()
+        record.path().display()
     );
     if ours.is_empty() {
         println!("  none");
     }
     for m in &ours {
-        println!("  {}", describe(m));
+        println!("  {m}");
     }
     match upnp {
         Some(entries) => {
@@ -382,96 +345,26 @@ async fn list(common: Common) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn describe(m: &Mapped) -> String {
-    let external = m.external_ip.map_or_else(
-        || format!("?:{}", m.external_port),
-        |ip| SocketAddrV4::new(ip, m.external_port).to_string(),
-    );
-    let lifetime = if m.lifetime_secs == 0 {
-        "permanent".to_owned()
-    } else {
-        format!("{} s", m.lifetime_secs)
-    };
-    format!(
-        "{} {external} -> {} ({lifetime}, via {})",
-        m.protocol, m.internal, m.method
-    )
-}
-
 async fn add(args: AddArgs) -> anyhow::Result<ExitCode> {
     let common = &args.common;
     let gw = common.gateway()?;
     let wait = common.wait();
     let mut record = common.record()?;
-    let protocol = Protocol::from(args.proto);
-    let methods = methods(args.via, gw, wait, "map add").await?;
-    // Renewing a mapping this host already holds keeps its port and, for PCP, its nonce.
-    let previous = record
-        .on(gw)
-        .find(|m| m.internal.port() == args.internal_port && m.transport() == protocol)
-        .cloned();
+    let say = |m: &str| eprintln!("map add: {m}");
+    let methods = record::methods(args.via.only(), gw, wait, &say).await?;
     let request = MapRequest {
-        protocol,
+        protocol: args.proto.into(),
         internal_port: args.internal_port,
-        external_port: args
-            .external_port
-            .or(previous.as_ref().map(|m| m.external_port)),
+        external_port: args.external_port,
         lifetime_secs: args.lifetime,
     };
-    let mut errors = Vec::new();
-    for method in methods {
-        let nonce = match previous.as_ref().filter(|m| m.method == method) {
-            Some(m) => m.nonce_bytes(),
-            None => None,
-        };
-        let nonce = match nonce {
-            Some(n) => n,
-            None => client::random_nonce()?,
-        };
-        match client::map(gw, method, request, nonce, wait).await {
-            Ok(m) => {
-                record.put(m.clone());
-                record.save()?;
-                if common.json {
-                    println!("{}", serde_json::to_string_pretty(&m)?);
-                } else {
-                    println!("mapped {}", describe(&m));
-                }
-                return Ok(ExitCode::SUCCESS);
-            }
-            // Said once, in the error below.
-            Err(e) => errors.push(e.to_string()),
-        }
+    let m = record.add(gw, &methods, request, wait).await?;
+    if common.json {
+        println!("{}", serde_json::to_string_pretty(&m)?);
+    } else {
+        println!("mapped {m}");
     }
-    bail!("no protocol could map the port: {}", errors.join("; "))
-}
-
-/// The protocols to try, best first: the one asked for, or (auto) those the router offers.
-async fn methods(via: Via, gw: Gateway, wait: Duration, cmd: &str) -> anyhow::Result<Vec<Method>> {
-    let methods = match via {
-        Via::Auto => {
-            eprintln!("{cmd}: asking {} which protocols it speaks", gw.addr);
-            let report = client::probe(gw, wait).await;
-            if report.behind_another_nat {
-                eprintln!(
-                    "{cmd}: warning: the router's external address {} is not global; another \
-                     NAT is in front of it",
-                    report
-                        .external_ip
-                        .map(|ip| ip.to_string())
-                        .unwrap_or_default()
-                );
-            }
-            report.methods()
-        }
-        Via::Pcp => vec![Method::Pcp],
-        Via::Natpmp => vec![Method::NatPmp],
-        Via::Upnp => vec![Method::Upnp],
-    };
-    if methods.is_empty() {
-        bail!(client::ClientError::NoProtocol(gw.addr));
-    }
-    Ok(methods)
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn keep(args: KeepArgs) -> anyhow::Result<ExitCode> {
@@ -479,7 +372,8 @@ async fn keep(args: KeepArgs) -> anyhow::Result<ExitCode> {
     let gw = common.gateway()?;
     let wait = common.wait();
     let mut record = common.record()?;
-    let method = methods(args.via, gw, wait, "map keep").await?[0];
+    let say = |m: &str| eprintln!("map keep: {m}");
+    let method = record::methods(args.via.only(), gw, wait, &say).await?[0];
     let wants: Vec<Want> = args
         .ports
         .iter()
@@ -492,12 +386,7 @@ async fn keep(args: KeepArgs) -> anyhow::Result<ExitCode> {
         .collect();
     let prior: Vec<Option<Mapped>> = wants
         .iter()
-        .map(|w| {
-            record
-                .on(gw)
-                .find(|m| m.internal.port() == w.internal_port && m.transport() == w.protocol)
-                .cloned()
-        })
+        .map(|w| record.find(gw, w.protocol, w.internal_port).cloned())
         .collect();
     let config = HoldConfig {
         method,
@@ -523,19 +412,10 @@ async fn keep(args: KeepArgs) -> anyhow::Result<ExitCode> {
             }
             println!("{value}");
         } else {
-            println!("[{elapsed:8.1} s] {}", describe_update(&u));
+            println!("[{elapsed:8.1} s] {u}");
         }
-        if let Some(m) = &u.mapping {
-            match u.event {
-                Event::Mapped { .. } | Event::Renewed { .. } | Event::Remapped { .. } => {
-                    record.put(m.clone());
-                }
-                Event::Released { .. } => record.mappings.retain(|o| !same(o, m)),
-                _ => return,
-            }
-            if let Err(e) = record.save() {
-                eprintln!("map keep: {e:#}");
-            }
+        if let Err(e) = record.apply(&u) {
+            eprintln!("map keep: {:#}", anyhow::Error::from(e));
         }
     };
     let stop = crate::stop_signal();
@@ -548,66 +428,17 @@ async fn keep(args: KeepArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub(crate) fn describe_update(u: &Update) -> String {
-    let what = u.mapping.as_ref().map(describe).unwrap_or_default();
-    match &u.event {
-        Event::Mapped { .. } => format!("mapped {what}"),
-        Event::Renewed {
-            previous_port,
-            external_port,
-            ..
-        } if previous_port != external_port => {
-            format!("renewed {what}; the router moved it from port {previous_port}")
-        }
-        Event::Renewed { .. } => format!("renewed {what}"),
-        Event::Remapped { previous_port, .. } => {
-            format!("re-mapped {what} (it had port {previous_port})")
-        }
-        Event::GatewayLostState { reason } => format!("the router lost the mappings: {reason}"),
-        Event::ExternalIpChanged { old, new } => {
-            format!("external address changed: {old} -> {new}")
-        }
-        Event::CheckFailed { error } => format!("check failed: {error}"),
-        Event::Released { .. } => format!("deleted {what}"),
-        Event::ReleaseFailed { error, .. } => format!("could not delete {what}: {error}"),
-        Event::Failed {
-            error,
-            retry_in_secs,
-            ..
-        } => {
-            format!("request failed: {error}; retrying in {retry_in_secs} s")
-        }
-    }
-}
-
 async fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
     let common = &args.common;
     let gw = common.gateway()?;
     let mut record = common.record()?;
-    let protocol = Protocol::from(args.proto);
-    let ours: Vec<&Mapped> = record
-        .on(gw)
-        .filter(|m| m.transport() == protocol)
-        .collect();
-    let found = ours
-        .iter()
-        .find(|m| m.internal.port() == args.port)
-        .or_else(|| ours.iter().find(|m| m.external_port == args.port))
-        .map(|m| (*m).clone());
-    let Some(m) = found else {
-        bail!(
-            "this host has no recorded {protocol} mapping with port {} on {} (see `natpunch map list`)",
-            args.port,
-            gw.addr
-        );
-    };
-    client::delete(gw, &m, common.wait()).await?;
-    record.mappings.retain(|o| !same(o, &m));
-    record.save()?;
+    let m = record
+        .delete(gw, args.proto.into(), args.port, common.wait())
+        .await?;
     if common.json {
         println!("{}", serde_json::json!({"deleted": m}));
     } else {
-        println!("deleted {}", describe(&m));
+        println!("deleted {m}");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -251,7 +251,7 @@ fn describe(e: &PeerEvent) -> String {
             format!("the router lost the mapping of {internal} to {external}; making it again")
         }
         PeerEvent::PortMapUpdate { update } => {
-            format!("port mapping: {}", crate::map::describe_update(update))
+            format!("port mapping: {update}")
         }
         PeerEvent::PortMapFailed { error } => format!("no port mapping: {error}"),
         PeerEvent::Throughput {

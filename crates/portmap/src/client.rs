@@ -305,6 +305,27 @@ pub struct Mapped {
     pub nonce: Option<String>,
 }
 
+/// One line: `udp 203.0.113.5:16000 -> 192.168.1.10:6000 (7200 s, via pcp)`; the external
+/// address is `?` when unknown and a lifetime of 0 reads `permanent`.
+impl std::fmt::Display for Mapped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let external = self.external_ip.map_or_else(
+            || format!("?:{}", self.external_port),
+            |ip| SocketAddrV4::new(ip, self.external_port).to_string(),
+        );
+        let lifetime = if self.lifetime_secs == 0 {
+            "permanent".to_owned()
+        } else {
+            format!("{} s", self.lifetime_secs)
+        };
+        write!(
+            f,
+            "{} {external} -> {} ({lifetime}, via {})",
+            self.protocol, self.internal, self.method
+        )
+    }
+}
+
 impl Mapped {
     /// The mapping's transport protocol.
     pub fn transport(&self) -> Protocol {
