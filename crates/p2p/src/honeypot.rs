@@ -37,6 +37,7 @@ use prometheus_client::registry::Registry;
 pub use recorder::{RecordError, Recorder, RecorderConfig, Retry, SightingStore};
 use reported::Reported;
 use serde::Serialize;
+use telemetry::metrics::Registrar;
 
 /// The agent version the honeypot announces.
 fn agent_version() -> String {
@@ -204,52 +205,33 @@ const DROP_REASONS: [&str; 4] = ["queue_full", "gave_up", "refused", "writer_sto
 impl Metrics {
     /// Metrics registered in `registry`.
     pub fn new(registry: &mut Registry) -> Self {
-        let m = Self::default();
-        let r = registry.sub_registry_with_prefix("natpunch_honeypot");
-        r.register(
-            "peers_seen",
-            "Inbound peers identified (again on address changes), by DCUtR support",
-            m.seen.clone(),
-        );
-        r.register(
-            "recorded",
-            "Sightings written to the store",
-            m.recorded.clone(),
-        );
-        r.register(
-            "record_errors",
-            "Failed writes to the store (tried again until the sighting is given up)",
-            m.record_errors.clone(),
-        );
-        r.register(
-            "sightings_dropped",
-            "Sightings not written, by reason: queue_full (the store is down or behind), \
-             gave_up (the store failed to take it for too long), refused (the store will never \
-             take it), writer_stopped",
-            m.dropped.clone(),
-        );
-        r.register(
-            "sightings_queued",
-            "Sightings waiting for the store",
-            m.queued.clone(),
-        );
-        r.register(
-            "reported_peers",
-            "Peers remembered as already reported",
-            m.reported_peers.clone(),
-        );
-        r.register("connections", "Connections open now", m.connections.clone());
-        r.register(
-            "connections_denied",
-            "Connections refused by the connection limits, by direction",
-            m.connections_denied.clone(),
-        );
-        r.register("crawls", "Crawls completed", m.crawls.clone());
-        r.register(
-            "crawl_peers",
-            "Peers met by the last crawl",
-            m.crawl_peers.clone(),
-        );
+        let mut r = Registrar::with_prefix(registry, "natpunch_honeypot");
+        let m = Self {
+            seen: r.counters(
+                "peers_seen",
+                "Inbound peers identified (again on address changes), by DCUtR support",
+            ),
+            recorded: r.counter("recorded", "Sightings written to the store"),
+            record_errors: r.counter(
+                "record_errors",
+                "Failed writes to the store (tried again until the sighting is given up)",
+            ),
+            dropped: r.counters(
+                "sightings_dropped",
+                "Sightings not written, by reason: queue_full (the store is down or behind), \
+                 gave_up (the store failed to take it for too long), refused (the store will \
+                 never take it), writer_stopped",
+            ),
+            queued: r.gauge("sightings_queued", "Sightings waiting for the store"),
+            reported_peers: r.gauge("reported_peers", "Peers remembered as already reported"),
+            connections: r.gauge("connections", "Connections open now"),
+            connections_denied: r.counters(
+                "connections_denied",
+                "Connections refused by the connection limits, by direction",
+            ),
+            crawls: r.counter("crawls", "Crawls completed"),
+            crawl_peers: r.gauge("crawl_peers", "Peers met by the last crawl"),
+        };
         // Every series from the start, so that dashboards see zeros rather than nothing.
         for reason in DROP_REASONS {
             let _ = m.dropped.get_or_create(&vec![("reason", reason)]);

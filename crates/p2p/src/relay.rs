@@ -28,6 +28,7 @@ use libp2p::{Multiaddr, PeerId, Swarm, autonat, identify, noise, ping, relay, tc
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
+use telemetry::metrics::Registrar;
 
 /// The identify protocol version natpunch's nodes announce.
 pub const PROTOCOL_VERSION: &str = "/natpunch/1.0.0";
@@ -307,15 +308,9 @@ impl Relay {
         registry: &mut Registry,
     ) -> Result<Self, RelayError> {
         let metrics = Metrics::new(registry);
-        let natpunch = registry.sub_registry_with_prefix("natpunch_relay");
-        let reservations = Gauge::default();
-        natpunch.register(
-            "reservations",
-            "Reservations held now",
-            reservations.clone(),
-        );
-        let circuits = Gauge::default();
-        natpunch.register("circuits", "Circuits open now", circuits.clone());
+        let mut natpunch = Registrar::with_prefix(registry, "natpunch_relay");
+        let reservations = natpunch.gauge("reservations", "Reservations held now");
+        let circuits = natpunch.gauge("circuits", "Circuits open now");
         let limits = config.limits.to_config();
         let idle = config.idle_timeout;
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
