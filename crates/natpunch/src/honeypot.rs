@@ -6,16 +6,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use api::report::Addr;
-use api::store::{ConnectionEvent, SqlStore, Store as _};
+use api::store::SqlStore;
 use clap::Args;
 use clap::builder::BoolishValueParser;
-use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, StreamProtocol};
-use p2p::honeypot::{
-    Honeypot, HoneypotConfig, HoneypotEvent, Metrics, RecordError, Recorder, RecorderConfig,
-    Sighting, SightingStore, defaults,
-};
+use p2p::honeypot::{Honeypot, HoneypotConfig, HoneypotEvent, Metrics, SqlSightings, defaults};
 
 #[derive(Debug, Args)]
 #[command(
@@ -121,48 +116,6 @@ pub(crate) fn run(args: HoneypotArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(serve(args))
 }
 
-/// The measurement store as the honeypot's writer sees it.
-struct Store {
-    store: SqlStore,
-    /// The honeypot's peer ID (base58).
-    local: String,
-}
-
-impl SightingStore for Store {
-    async fn record(&self, s: &Sighting) -> Result<(), RecordError> {
-        let event =
-            connection_event(&self.local, s).map_err(|e| RecordError::Refused(format!("{e:#}")))?;
-        self.store
-            .record_connection(&event, api::server::now_ns())
-            .await
-            .map(drop)
-            .map_err(|e| RecordError::Failed(e.to_string()))
-    }
-}
-
-/// The store's form of a sighting.
-fn connection_event(local: &str, s: &Sighting) -> anyhow::Result<ConnectionEvent> {
-    let parse = |a: &str| -> anyhow::Result<Addr> {
-        Ok(Addr::of(
-            &a.parse::<Multiaddr>()
-                .with_context(|| format!("address {a}"))?,
-        ))
-    };
-    Ok(ConnectionEvent {
-        local: local.to_owned(),
-        remote: s.peer_id.clone(),
-        agent_version: Some(s.agent_version.clone()),
-        protocols: s.protocols.clone(),
-        conn_addr: parse(&s.conn_addr)?,
-        addrs: s
-            .listen_addrs
-            .iter()
-            .map(|a| parse(a))
-            .collect::<anyhow::Result<_>>()?,
-        opened_at: s.opened_at,
-    })
-}
-
 async fn serve(args: HoneypotArgs) -> anyhow::Result<ExitCode> {
     let path = match &args.identity {
         Some(p) => p.clone(),
@@ -179,15 +132,7 @@ async fn serve(args: HoneypotArgs) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("opening {}", crate::server::redact(url)))?,
         )
     };
-    let ip = match args.listen_ip {
-        IpAddr::V4(ip) => Protocol::Ip4(ip),
-        IpAddr::V6(ip) => Protocol::Ip6(ip),
-    };
-    let base = Multiaddr::empty().with(ip);
-    let mut config = HoneypotConfig::new(vec![
-        base.clone().with(Protocol::Tcp(args.port)),
-        base.with(Protocol::Udp(args.port)).with(Protocol::QuicV1),
-    ]);
+    let mut config = HoneypotConfig::new(p2p::listen_addrs(args.listen_ip, args.port));
     config.protocol = args.protocol.clone();
     config.bootstrap = args.bootstrap.clone();
     config.crawler_count = args.crawler_count;
@@ -221,34 +166,22 @@ async fn serve(args: HoneypotArgs) -> anyhow::Result<ExitCode> {
         )
         .await?;
     }
-    // Sightings are written by their own task, so that a slow database never stalls the swarm.
-    let mut recorder = store.clone().map(|store| {
-        let store = Store {
-            store,
-            local: local.clone(),
-        };
-        Recorder::start(store, RecorderConfig::default(), &metrics)
-    });
     let json = args.json;
-    let mut report = |e: HoneypotEvent| {
+    let mut report = |e: &HoneypotEvent| {
         if json {
-            println!("{}", serde_json::to_string(&e).unwrap_or_default());
+            println!("{}", serde_json::to_string(e).unwrap_or_default());
         } else {
-            println!("{}", describe(&e));
-        }
-        if let (HoneypotEvent::Seen(s), Some(recorder)) = (e, recorder.as_mut()) {
-            recorder.offer(s);
+            println!("{}", describe(e));
         }
     };
-    honeypot.run(crate::stop_signal(), &mut report).await;
-    // What was seen before the stop is written before the process ends, if the store lets it.
-    if let Some(recorder) = recorder {
-        let left = recorder.close().await;
-        if left > 0 {
-            eprintln!(
-                "honeypot: {left} sightings not written: the store did not take them in time"
-            );
-        }
+    let sightings = store
+        .clone()
+        .map(|store| SqlSightings::new(store, honeypot.peer_id()));
+    let left = honeypot
+        .run_recording(sightings, &metrics, crate::stop_signal(), &mut report)
+        .await;
+    if left > 0 {
+        eprintln!("honeypot: {left} sightings not written: the store did not take them in time");
     }
     if let Some(store) = store {
         store.close().await;

@@ -9,7 +9,6 @@ use std::time::Duration;
 use clap::Args;
 use clap::builder::BoolishValueParser;
 use libp2p::Multiaddr;
-use libp2p::multiaddr::Protocol;
 use p2p::relay::{Limits, Rate, Relay, RelayConfig, RelayEvent};
 
 #[derive(Debug, Args)]
@@ -143,16 +142,8 @@ fn parse_rate(s: &str) -> Result<RateArg, String> {
 
 impl RelayArgs {
     fn config(&self) -> RelayConfig {
-        let ip = match self.listen_ip {
-            IpAddr::V4(ip) => Protocol::Ip4(ip),
-            IpAddr::V6(ip) => Protocol::Ip6(ip),
-        };
-        let base = Multiaddr::empty().with(ip);
         RelayConfig {
-            listen: vec![
-                base.clone().with(Protocol::Tcp(self.port)),
-                base.with(Protocol::Udp(self.port)).with(Protocol::QuicV1),
-            ],
+            listen: p2p::listen_addrs(self.listen_ip, self.port),
             external: self.external.clone(),
             limits: Limits {
                 max_reservations: self.max_reservations,

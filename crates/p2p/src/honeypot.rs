@@ -12,11 +12,13 @@
 //! What the network feeds is bounded ([`defaults`]): connections (total, per peer, handshakes in
 //! flight), the peers remembered as already reported, and the sightings waiting for the store
 //! ([`Recorder`]: a bounded queue and bounded retries; what does not fit is dropped and
-//! counted in [`Metrics`]).
+//! counted in [`Metrics`]). [`SqlSightings`] writes them into the measurement store, and
+//! [`Honeypot::run_recording`] runs the server with the writer beside it.
 
 pub mod defaults;
 mod recorder;
 mod reported;
+mod store;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -37,6 +39,7 @@ use prometheus_client::registry::Registry;
 pub use recorder::{RecordError, Recorder, RecorderConfig, Retry, SightingStore};
 use reported::Reported;
 use serde::Serialize;
+pub use store::{BadAddress, SqlSightings, connection_event};
 use telemetry::metrics::Registrar;
 
 /// The agent version the honeypot announces.
