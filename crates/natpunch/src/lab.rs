@@ -1,15 +1,14 @@
 //! `natpunch lab …`: wiring between the command line and the natlab library.
 
-use std::io::{self, Write as _};
 use std::path::PathBuf;
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 
 use anyhow::{Context as _, bail};
 use clap::builder::BoolishValueParser;
 use clap::{Args, Subcommand};
 use natlab::lab::{self, LabState, ProcessId};
 use natlab::topology::{LabPlan, NodePlan};
-use natlab::{Lab, LabOptions, Preset, Topology, selftest};
+use natlab::{Lab, LabOptions, Preset, Topology, holder, selftest};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum LabCommand {
@@ -169,7 +168,10 @@ pub(crate) fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        LabCommand::Hold { name } => hold(&name),
+        LabCommand::Hold { name } => {
+            holder::hold(&name)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -221,62 +223,10 @@ fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
 
 /// Starts `natpunch lab hold NAME` detached from this process and waits until it is ready.
 fn start_holder(name: &str) -> anyhow::Result<()> {
-    use std::io::BufRead as _;
-    use std::os::unix::process::CommandExt as _;
     let exe = std::env::current_exe().context("locating the natpunch executable")?;
-    let mut child = Command::new(exe)
-        .args(["lab", "hold", name])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .context("starting the delay-line holder")?;
-    let stdout = child.stdout.take().context("holder stdout")?;
-    let mut line = String::new();
-    io::BufReader::new(stdout).read_line(&mut line)?;
-    if line.trim() != "ready" {
-        let _ = child.kill();
-        let _ = child.wait();
-        // The holder's `error: …` line says why.
-        let why = line.trim();
-        let why = why.strip_prefix("error: ").unwrap_or(why);
-        bail!(
-            "the delay-line holder did not start{}",
-            if why.is_empty() {
-                String::new()
-            } else {
-                format!(": {why}")
-            }
-        );
-    }
-    Ok(())
-}
-
-fn hold(name: &str) -> anyhow::Result<ExitCode> {
-    use nix::sys::signal::{SigSet, Signal};
-    let mut signals = SigSet::empty();
-    signals.add(Signal::SIGTERM);
-    signals.add(Signal::SIGINT);
-    signals.add(Signal::SIGHUP);
-    signals.thread_block()?;
-    let mut state = lab::load_state(name)?;
-    let lines = match lab::start_delay_lines(&state.plan, state.seed) {
-        Ok(lines) => lines,
-        Err(e) => {
-            // `lab up` passes this line on as the reason the holder did not start.
-            let e = anyhow::Error::from(e);
-            println!("error: {e:#}");
-            return Err(e);
-        }
-    };
-    state.holder = Some(ProcessId::current());
-    lab::save_state(&state)?;
-    println!("ready");
-    io::stdout().flush()?;
-    signals.wait()?;
-    drop(lines);
-    Ok(ExitCode::SUCCESS)
+    let mut command = Command::new(exe);
+    command.args(["lab", "hold", name]);
+    Ok(holder::start(command)?)
 }
 
 fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
