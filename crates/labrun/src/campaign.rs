@@ -362,7 +362,7 @@ pub fn run(
     let mut server = Some(start_server()?);
     progress(Progress::Step(format!(
         "DHT, honeypot and server up; database {}",
-        api_redact(&database_url)
+        api::store::redact(&database_url)
     )));
 
     // Targets: reserve on the relay, then join the DHT through the bootstrap node.
@@ -549,20 +549,6 @@ pub fn run(
     )
 }
 
-/// The URL without its password.
-fn api_redact(url: &str) -> String {
-    match url
-        .split_once("://")
-        .and_then(|(s, r)| Some((s, r.split_once('@')?)))
-    {
-        Some((scheme, (cred, host))) if cred.contains(':') => {
-            let user = cred.split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}:***@{host}")
-        }
-        _ => url.to_owned(),
-    }
-}
-
 fn transport_of(filters: &[i32], transport: Option<&str>) -> String {
     if filters.contains(&6) {
         "tcp".into()
@@ -646,7 +632,7 @@ fn summarise(
         punches,
         stored,
         outcomes,
-        database: api_redact(database_url),
+        database: api::store::redact(database_url),
         success_rate: (success + failed > 0).then(|| success as f64 / (success + failed) as f64),
         end_to_end_rate: (stored > 0).then(|| success as f64 / stored as f64),
         median_ms: quantile(&all, 0.5),
@@ -672,9 +658,5 @@ mod tests {
         assert_eq!(transport_of(&[4, 461], Some("tcp")), "quic");
         assert_eq!(transport_of(&[], Some("quic")), "quic");
         assert_eq!(transport_of(&[], None), "any");
-        assert_eq!(
-            api_redact("postgres://u:secret@h/db"),
-            "postgres://u:***@h/db"
-        );
     }
 }

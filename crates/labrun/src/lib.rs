@@ -1,5 +1,8 @@
 //! labrun: natpunch's roles run inside a NAT lab, trial after trial.
 //!
+//! * [`bench`]: benchmarks against a baseline in the same run: hole punching (natpunch's
+//!   engine against stock rust-libp2p), the STUN server (against coturn), the measurement
+//!   server (SQLite against PostgreSQL);
 //! * [`campaign`]: the measurement system end to end (relay, DHT, honeypot, server, targets
 //!   and clients behind every preset), summed up from its database;
 //! * [`html`]: the campaign's report as a self-contained page with plots;
@@ -10,6 +13,7 @@
 //! The roles are the `natpunch` binary itself (`relay`, `peer listen`, `peer dial`), started in
 //! the lab's namespaces, so what is measured is exactly what a user runs.
 
+pub mod bench;
 pub mod campaign;
 pub mod html;
 pub mod matrix;

@@ -129,7 +129,7 @@ async fn serve(args: HoneypotArgs) -> anyhow::Result<ExitCode> {
         Some(
             SqlStore::open(url)
                 .await
-                .with_context(|| format!("opening {}", crate::server::redact(url)))?,
+                .with_context(|| format!("opening {}", api::store::redact(url)))?,
         )
     };
     let mut config = HoneypotConfig::new(p2p::listen_addrs(args.listen_ip, args.port));
@@ -149,10 +149,7 @@ async fn serve(args: HoneypotArgs) -> anyhow::Result<ExitCode> {
         if created { "new" } else { "from" },
         path.display(),
         if store.is_some() {
-            format!(
-                "recording into {}",
-                crate::server::redact(&args.database_url)
-            )
+            format!("recording into {}", api::store::redact(&args.database_url))
         } else {
             "recording nothing".to_owned()
         }

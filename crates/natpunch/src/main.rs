@@ -12,7 +12,6 @@ mod nat;
 mod peer;
 mod relay;
 mod server;
-mod serverbench;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -107,20 +107,6 @@ fn say(line: &str) {
     let _ = writeln!(std::io::stdout(), "{line}");
 }
 
-/// `url` without its password.
-pub(crate) fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let Some((credentials, host)) = rest.split_once('@') else {
-        return url.to_owned();
-    };
-    match credentials.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_owned(),
-    }
-}
-
 pub(crate) fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -137,7 +123,7 @@ async fn serve(args: ServerArgs) -> anyhow::Result<ExitCode> {
         }),
         _ => None,
     };
-    let shown_url = redact(&args.database_url);
+    let shown_url = api::store::redact(&args.database_url);
     let store = SqlStore::open(&args.database_url)
         .await
         .with_context(|| format!("opening the database {shown_url}"))?;
@@ -214,22 +200,4 @@ async fn serve(args: ServerArgs) -> anyhow::Result<ExitCode> {
         say("server: stopped");
     }
     Ok(ExitCode::SUCCESS)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn passwords_are_not_printed() {
-        assert_eq!(
-            redact("postgres://punchr:secret@db:5432/punchr"),
-            "postgres://punchr:***@db:5432/punchr"
-        );
-        assert_eq!(
-            redact("postgres://natpunch@db/x"),
-            "postgres://natpunch@db/x"
-        );
-        assert_eq!(redact("sqlite://natpunch.db"), "sqlite://natpunch.db");
-    }
 }
