@@ -10,6 +10,8 @@ use labrun::bench::punch::{self, PunchBench, PunchProgress, PunchReport};
 use labrun::bench::server::{self as server_bench, ServerBench, ServerReport};
 use labrun::bench::stun::{self, StunBench, StunReport};
 
+use crate::args::Json;
+
 #[derive(Debug, Subcommand)]
 pub(crate) enum BenchCommand {
     /// Binding throughput of natpunch's STUN server against coturn's, on loopback, in turns.
@@ -36,9 +38,8 @@ pub(crate) struct PunchArgs {
     /// Throughput tests per connection kind (0: none).
     #[arg(long, env = "NATPUNCH_BENCH_PERF_TRIALS", default_value_t = 3)]
     perf_trials: u32,
-    /// Print JSON.
-    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
-    json: bool,
+    #[command(flatten)]
+    json: Json,
 }
 
 #[derive(Debug, Args)]
@@ -55,12 +56,12 @@ pub(crate) struct StunArgs {
     /// The coturn server binary.
     #[arg(long, env = "NATPUNCH_BENCH_COTURN", default_value = "turnserver")]
     coturn: String,
-    /// Print JSON.
-    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
-    json: bool,
+    #[command(flatten)]
+    json: Json,
 }
 
 #[derive(Debug, Args)]
+#[command(mut_arg("json", |a| a.help("Print the figures as JSON")))]
 pub(crate) struct ServerBenchArgs {
     /// Concurrent clients, each on its own connection.
     #[arg(long, env = "NATPUNCH_BENCH_SERVER_CLIENTS", default_value_t = 32)]
@@ -75,9 +76,8 @@ pub(crate) struct ServerBenchArgs {
     /// Skip PostgreSQL (no ratio then).
     #[arg(long, env = "NATPUNCH_BENCH_SQLITE_ONLY", value_parser = BoolishValueParser::new())]
     sqlite_only: bool,
-    /// Print the figures as JSON.
-    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
-    json: bool,
+    #[command(flatten)]
+    json: Json,
 }
 
 pub(crate) fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
@@ -114,7 +114,7 @@ fn punch(args: &PunchArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let report = punch::run(&bench, &progress)?;
-    if args.json {
+    if args.json.json {
         println!("{}", serde_json::to_string_pretty(&report.to_json())?);
     } else {
         print_punch(&report, args.perf_trials > 0);
@@ -175,7 +175,7 @@ fn stun(args: &StunArgs) -> anyhow::Result<ExitCode> {
     let report = stun::run(&bench, &|round| {
         eprintln!("bench stun: turn {round}/{}", args.rounds);
     })?;
-    if args.json {
+    if args.json.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_stun(&report);
@@ -231,7 +231,7 @@ fn server(args: &ServerBenchArgs) -> anyhow::Result<ExitCode> {
     let result = runtime.block_on(server_bench::run(&bench, &dir, &progress));
     let _ = std::fs::remove_dir_all(&dir);
     let report = result?;
-    if args.json {
+    if args.json.json {
         println!("{}", serde_json::to_string_pretty(&report.to_json())?);
     } else {
         print_server(&report);

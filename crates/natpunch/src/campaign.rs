@@ -12,12 +12,15 @@ use clap::builder::BoolishValueParser;
 use labrun::campaign::{self, CampaignConfig, CampaignReport, Progress};
 use natlab::Preset;
 
+use crate::args::Json;
+
 #[derive(Debug, Args)]
 #[command(
     after_help = "The lab: a relay, a DHT bootstrap node, a node with the honeypot and the \
 server, and behind each preset a target that reserves on the relay and joins the DHT, and a \
 client with --hosts-per-client hosts. The clients stop when the budget is spent, deliver their \
-reports and the summary is read from the database."
+reports and the summary is read from the database.",
+    mut_arg("json", |a| a.help("Print the summary as JSON"))
 )]
 pub(crate) struct CampaignArgs {
     /// How long the clients punch: 90s, 3m, 1h [default: 3m, unless --punches is given].
@@ -73,9 +76,8 @@ pub(crate) struct CampaignArgs {
     /// Also write a self-contained HTML report with plots to this file.
     #[arg(long, env = "NATPUNCH_CAMPAIGN_REPORT")]
     report: Option<PathBuf>,
-    /// Print the summary as JSON.
-    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
-    json: bool,
+    #[command(flatten)]
+    json: Json,
 }
 
 /// `90s`, `3m`, `1h`, or plain seconds. clap shows the value with the error, so the message
@@ -214,7 +216,7 @@ pub(crate) fn run(args: CampaignArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("writing {}", path.display()))?;
         eprintln!("lab campaign: report in {}", path.display());
     }
-    if args.json {
+    if args.json.json {
         println!("{}", serde_json::to_string_pretty(&json(&report))?);
     } else {
         print_summary(&report);

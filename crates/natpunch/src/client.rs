@@ -15,12 +15,14 @@ use measure::metrics::Metrics;
 use measure::spool::Spool;
 use p2p::peer::PeerConfig;
 
+use crate::args::{Json, Telemetry, TelemetryRole};
+
 #[derive(Debug, Args)]
 #[command(after_help = "The API key comes from --api-key, NATPUNCH_API_KEY, or \
 $XDG_CONFIG_HOME/natpunch/api-key.txt (~/.config/natpunch/api-key.txt), where a new one is saved \
 when there is none (the server registers unknown keys as anonymous unless its registration is \
 closed). Reports wait in the spool until the server acknowledges them: stopping the client or \
-the server loses none.")]
+the server loses none.", mut_arg("json", |a| a.help("Print one JSON object per event")))]
 pub(crate) struct ClientArgs {
     /// The measurement server: http://HOST:PORT or https://HOST:PORT.
     #[arg(
@@ -68,19 +70,20 @@ pub(crate) struct ClientArgs {
     /// How long one hole-punch attempt may take, in ms.
     #[arg(long, env = "NATPUNCH_ATTEMPT_TIMEOUT_MS", default_value_t = 3000)]
     attempt_timeout_ms: u64,
-    /// Host of the telemetry port (/metrics, /health).
-    #[arg(
-        long,
-        env = "NATPUNCH_CLIENT_TELEMETRY_HOST",
-        default_value = "127.0.0.1"
-    )]
-    telemetry_host: std::net::IpAddr,
-    /// Telemetry port; 0 turns it off.
-    #[arg(long, env = "NATPUNCH_CLIENT_TELEMETRY_PORT", default_value_t = 12001)]
-    telemetry_port: u16,
-    /// Print one JSON object per event.
-    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
-    json: bool,
+    #[command(flatten)]
+    telemetry: Telemetry<Role>,
+    #[command(flatten)]
+    json: Json,
+}
+
+/// The client's telemetry flags.
+#[derive(Debug, Clone)]
+pub(crate) struct Role;
+
+impl TelemetryRole for Role {
+    const HOST_ENV: &'static str = "NATPUNCH_CLIENT_TELEMETRY_HOST";
+    const PORT_ENV: &'static str = "NATPUNCH_CLIENT_TELEMETRY_PORT";
+    const PORT: &'static str = "12001";
 }
 
 pub(crate) fn run(args: ClientArgs) -> anyhow::Result<ExitCode> {
@@ -155,16 +158,10 @@ async fn serve(args: ClientArgs) -> anyhow::Result<ExitCode> {
     let channel = connect::channel(&args.server, args.ca_cert.as_deref())?;
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Metrics::new(&mut registry, waiting);
-    if args.telemetry_port != 0 {
-        let addr = SocketAddr::new(args.telemetry_host, args.telemetry_port);
-        crate::serve_telemetry(
-            addr,
-            std::sync::Arc::new(std::sync::Mutex::new(registry)),
-            telemetry::Health::default(),
-        )
+    args.telemetry
+        .serve(registry, telemetry::Health::default())
         .await?;
-    }
-    let json = args.json;
+    let json = args.json.json;
     let report = move |e: ClientEvent| {
         metrics.observe(&e);
         if json {

@@ -2,7 +2,6 @@
 //! measurement store, where `natpunch server` hands them to clients.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
@@ -12,11 +11,14 @@ use clap::builder::BoolishValueParser;
 use libp2p::{Multiaddr, StreamProtocol};
 use p2p::honeypot::{Honeypot, HoneypotConfig, HoneypotEvent, Metrics, SqlSightings, defaults};
 
+use crate::args::{Identity, IdentityRole, Json, Telemetry, TelemetryRole};
+
 #[derive(Debug, Args)]
 #[command(
     after_help = "The public IPFS DHT: --protocol /ipfs/kad/1.0.0 (the default) with its \
 bootstrap peers. A private lab DHT: any protocol name, and this honeypot as the first node (no \
---bootstrap) or joined through the lab's bootstrap peers."
+--bootstrap) or joined through the lab's bootstrap peers.",
+    mut_arg("json", |a| a.help("Print one JSON object per event"))
 )]
 pub(crate) struct HoneypotArgs {
     /// Address to listen on (TCP and QUIC).
@@ -25,10 +27,8 @@ pub(crate) struct HoneypotArgs {
     /// Port, TCP and UDP (QUIC) alike; 0 picks free ones.
     #[arg(long, env = "NATPUNCH_HONEYPOT_PORT", default_value_t = defaults::PORT)]
     port: u16,
-    /// The honeypot's key file, created on first start [default: $XDG_STATE_HOME/natpunch/
-    /// honeypot.key or ~/.local/state/natpunch/honeypot.key].
-    #[arg(long, env = "NATPUNCH_HONEYPOT_IDENTITY")]
-    identity: Option<PathBuf>,
+    #[command(flatten)]
+    identity: Identity<Role>,
     /// The DHT's protocol name.
     #[arg(
         long,
@@ -86,26 +86,30 @@ pub(crate) struct HoneypotArgs {
         default_value = "sqlite://natpunch.db"
     )]
     database_url: String,
-    /// Host of the telemetry port (/metrics, /health).
-    #[arg(
-        long,
-        env = "NATPUNCH_HONEYPOT_TELEMETRY_HOST",
-        default_value = "127.0.0.1"
-    )]
-    telemetry_host: IpAddr,
-    /// Telemetry port; 0 turns it off.
-    #[arg(
-        long,
-        env = "NATPUNCH_HONEYPOT_TELEMETRY_PORT",
-        default_value_t = 11001
-    )]
-    telemetry_port: u16,
+    #[command(flatten)]
+    telemetry: Telemetry<Role>,
     /// Record nothing: a plain DHT server (a lab's bootstrap node).
     #[arg(long, env = "NATPUNCH_HONEYPOT_NO_RECORD", value_parser = BoolishValueParser::new())]
     no_record: bool,
-    /// Print one JSON object per event.
-    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
-    json: bool,
+    #[command(flatten)]
+    json: Json,
+}
+
+/// The honeypot's telemetry and identity flags.
+#[derive(Debug, Clone)]
+pub(crate) struct Role;
+
+impl TelemetryRole for Role {
+    const HOST_ENV: &'static str = "NATPUNCH_HONEYPOT_TELEMETRY_HOST";
+    const PORT_ENV: &'static str = "NATPUNCH_HONEYPOT_TELEMETRY_PORT";
+    const PORT: &'static str = "11001";
+}
+
+impl IdentityRole for Role {
+    const ENV: &'static str = "NATPUNCH_HONEYPOT_IDENTITY";
+    const HELP: &'static str = "The honeypot's key file, created on first start [default: \
+        $XDG_STATE_HOME/natpunch/ honeypot.key or ~/.local/state/natpunch/honeypot.key]";
+    const FILE: Option<&'static str> = Some("honeypot.key");
 }
 
 pub(crate) fn run(args: HoneypotArgs) -> anyhow::Result<ExitCode> {
@@ -117,11 +121,7 @@ pub(crate) fn run(args: HoneypotArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(args: HoneypotArgs) -> anyhow::Result<ExitCode> {
-    let path = match &args.identity {
-        Some(p) => p.clone(),
-        None => crate::state_dir()?.join("honeypot.key"),
-    };
-    let (key, created) = p2p::identity::load_or_create(&path)?;
+    let key = args.identity.load()?;
     let store = if args.no_record {
         None
     } else {
@@ -142,28 +142,22 @@ async fn serve(args: HoneypotArgs) -> anyhow::Result<ExitCode> {
     config.max_connections_per_peer = args.max_connections_per_peer;
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Metrics::new(&mut registry);
-    let honeypot = Honeypot::new(key, config, &metrics).map_err(anyhow::Error::msg)?;
+    let honeypot = Honeypot::new(key.key, config, &metrics).map_err(anyhow::Error::msg)?;
     let local = honeypot.peer_id().to_base58();
     eprintln!(
         "honeypot: peer id {local} ({} key {}), {}",
-        if created { "new" } else { "from" },
-        path.display(),
+        if key.created { "new" } else { "from" },
+        key.path.unwrap_or_default().display(),
         if store.is_some() {
             format!("recording into {}", api::store::redact(&args.database_url))
         } else {
             "recording nothing".to_owned()
         }
     );
-    if args.telemetry_port != 0 {
-        let addr = std::net::SocketAddr::new(args.telemetry_host, args.telemetry_port);
-        crate::serve_telemetry(
-            addr,
-            std::sync::Arc::new(std::sync::Mutex::new(registry)),
-            telemetry::Health::default(),
-        )
+    args.telemetry
+        .serve(registry, telemetry::Health::default())
         .await?;
-    }
-    let json = args.json;
+    let json = args.json.json;
     let mut report = |e: &HoneypotEvent| {
         if json {
             println!("{}", serde_json::to_string(e).unwrap_or_default());

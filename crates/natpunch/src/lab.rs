@@ -10,6 +10,8 @@ use natlab::lab::{self, LabState, ProcessId};
 use natlab::topology::{LabPlan, NodePlan};
 use natlab::{Lab, LabOptions, Preset, Topology, holder, selftest};
 
+use crate::args::Json;
+
 #[derive(Debug, Subcommand)]
 pub(crate) enum LabCommand {
     /// Build a lab from a topology file and leave it running; prints its nodes and addresses.
@@ -45,6 +47,7 @@ pub(crate) enum LabCommand {
 }
 
 #[derive(Debug, Args)]
+#[command(mut_arg("json", |a| a.help("Print the lab plan as JSON")))]
 pub(crate) struct UpArgs {
     /// Topology file (TOML; see docs/lab.md and examples/labs/).
     file: PathBuf,
@@ -54,9 +57,8 @@ pub(crate) struct UpArgs {
     /// Seed for link jitter and loss.
     #[arg(long, env = "NATPUNCH_LAB_SEED", default_value_t = 1)]
     seed: u64,
-    /// Print the lab plan as JSON.
-    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
-    json: bool,
+    #[command(flatten)]
+    json: Json,
 }
 
 #[derive(Debug, Args)]
@@ -91,6 +93,7 @@ pub(crate) struct RebootArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(mut_arg("json", |a| a.help("Print `{\"router\":…,\"old\":…,\"new\":…}` as JSON")))]
 pub(crate) struct RenumberArgs {
     /// Lab name.
     lab: String,
@@ -99,23 +102,21 @@ pub(crate) struct RenumberArgs {
     /// The new address [default: the highest free address of the router's uplink network].
     #[arg(long, env = "NATPUNCH_LAB_IP")]
     ip: Option<std::net::Ipv4Addr>,
-    /// Print `{"router":…,"old":…,"new":…}` as JSON.
-    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
-    json: bool,
+    #[command(flatten)]
+    json: Json,
 }
 
 #[derive(Debug, Args)]
 pub(crate) struct ListArgs {
-    /// Print JSON.
-    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
-    json: bool,
+    #[command(flatten)]
+    json: Json,
 }
 
 #[derive(Debug, Args)]
+#[command(mut_arg("json", |a| a.help("Print `{\"presets\":[…]}` as JSON instead of a table")))]
 pub(crate) struct SelftestArgs {
-    /// Print `{"presets":[…]}` as JSON instead of a table.
-    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
-    json: bool,
+    #[command(flatten)]
+    json: Json,
     /// Test only these presets: open, full-cone, restricted-cone, port-restricted, symmetric,
     /// cgnat (comma-separated or repeated) [default: all].
     #[arg(long = "preset", env = "NATPUNCH_LAB_PRESETS", value_delimiter = ',')]
@@ -160,7 +161,7 @@ pub(crate) fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
                 .map(|n| n.addr())
                 .with_context(|| format!("lab {} has no node {}", args.lab, args.router))?;
             let new = lab::renumber_router(&mut state, &args.router, args.ip)?;
-            if args.json {
+            if args.json.json {
                 let report = serde_json::json!({"router": args.router, "old": old, "new": new});
                 println!("{report}");
             } else {
@@ -208,7 +209,7 @@ fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         let _ = lab::down(&plan.lab);
         return Err(e.context("starting the delay lines"));
     }
-    if args.json {
+    if args.json.json {
         println!("{}", serde_json::to_string_pretty(&plan)?);
     } else {
         print_plan(&plan);
@@ -292,7 +293,7 @@ fn down(args: DownArgs) -> anyhow::Result<ExitCode> {
 
 fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     let labs = lab::list();
-    if args.json {
+    if args.json.json {
         #[derive(serde::Serialize)]
         struct Entry<'a> {
             name: &'a str,
@@ -402,7 +403,7 @@ fn run_selftest(args: SelftestArgs) -> anyhow::Result<ExitCode> {
     };
     let progress = |msg: &str| eprintln!("selftest: {msg}");
     let report = selftest::run(&presets, &progress)?;
-    if args.json {
+    if args.json.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_report(&report);

@@ -1,6 +1,7 @@
 //! `natpunch`: one binary, one subcommand per role. This file parses the command line, sets up
 //! logging and hands over to the role's module; the logic lives in the library crates.
 
+mod args;
 mod bench;
 mod campaign;
 mod client;
@@ -127,19 +128,6 @@ fn state_dir() -> anyhow::Result<PathBuf> {
 fn stream_protocol(s: &str) -> Result<libp2p::StreamProtocol, String> {
     libp2p::StreamProtocol::try_from_owned(s.to_owned())
         .map_err(|e| format!("{e} (a protocol name starts with /, e.g. /ipfs/kad/1.0.0)"))
-}
-
-/// Serves `/metrics` (for `registry`) and `/health` (from `health`) on `addr` in the background.
-async fn serve_telemetry(
-    addr: std::net::SocketAddr,
-    registry: std::sync::Arc<std::sync::Mutex<prometheus_client::registry::Registry>>,
-    health: telemetry::Health,
-) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the telemetry port {addr}"))?;
-    tokio::spawn(telemetry::serve_health(listener, registry, health));
-    Ok(())
 }
 
 /// Completes on Ctrl-C or SIGTERM.

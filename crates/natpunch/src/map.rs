@@ -7,7 +7,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::builder::BoolishValueParser;
 use clap::{Args, Subcommand, ValueEnum};
 use portmap::Protocol;
 use portmap::client::{self, Gateway, MapRequest, Mapped, ProbeReport};
@@ -15,6 +14,8 @@ use portmap::hold::{HoldConfig, Holder, Update};
 use portmap::keeper::{Method, Want};
 use portmap::record::{self, Record};
 use portmap::upnp::Igd;
+
+use crate::args::Json;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum MapCommand {
@@ -32,6 +33,7 @@ pub(crate) enum MapCommand {
 }
 
 #[derive(Debug, Args)]
+#[command(mut_arg("json", |a| a.global(true)))]
 pub(crate) struct Common {
     /// The router to ask [default: the IPv4 default gateway].
     #[arg(long, env = "NATPUNCH_MAP_GATEWAY", global = true)]
@@ -49,9 +51,8 @@ pub(crate) struct Common {
     /// or ~/.local/state/natpunch/mappings.json].
     #[arg(long, env = "NATPUNCH_MAP_STATE", global = true)]
     state: Option<PathBuf>,
-    /// Print JSON.
-    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new(), global = true)]
-    json: bool,
+    #[command(flatten)]
+    json: Json,
 }
 
 #[derive(Debug, Args)]
@@ -248,7 +249,7 @@ async fn probe(common: Common) -> anyhow::Result<ExitCode> {
         gw.addr, gw.local
     );
     let report = client::probe(gw, common.wait()).await;
-    if common.json {
+    if common.json.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_probe(&report);
@@ -306,7 +307,7 @@ async fn list(common: Common) -> anyhow::Result<ExitCode> {
         ),
         Err(_) => None,
     };
-    if common.json {
+    if common.json.json {
         let report = serde_json::json!({"gateway": gw, "recorded": ours, "upnp": upnp});
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);
@@ -359,7 +360,7 @@ async fn add(args: AddArgs) -> anyhow::Result<ExitCode> {
         lifetime_secs: args.lifetime,
     };
     let m = record.add(gw, &methods, request, wait).await?;
-    if common.json {
+    if common.json.json {
         println!("{}", serde_json::to_string_pretty(&m)?);
     } else {
         println!("mapped {m}");
@@ -402,7 +403,7 @@ async fn keep(args: KeepArgs) -> anyhow::Result<ExitCode> {
         args.check_secs
     );
     let start = std::time::Instant::now();
-    let json = common.json;
+    let json = common.json.json;
     let mut report = |u: Update| {
         let elapsed = start.elapsed().as_secs_f64();
         if json {
@@ -435,7 +436,7 @@ async fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
     let m = record
         .delete(gw, args.proto.into(), args.port, common.wait())
         .await?;
-    if common.json {
+    if common.json.json {
         println!("{}", serde_json::json!({"deleted": m}));
     } else {
         println!("deleted {m}");

@@ -5,13 +5,15 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Args;
-use clap::builder::BoolishValueParser;
 use labrun::matrix::{self, Cell, MatrixConfig, MatrixReport, Trial};
 use natlab::Preset;
 
 use crate::peer::{CandidatesArg, EngineArg, TransportArg};
 
+use crate::args::Json;
+
 #[derive(Debug, Args)]
+#[command(mut_arg("json", |a| a.help("Print the report as JSON (`{\"cells\":[…]}`)")))]
 pub(crate) struct MatrixArgs {
     /// Trials per cell (dialer preset × listener preset × transport).
     #[arg(long, env = "NATPUNCH_MATRIX_TRIALS", default_value_t = 5)]
@@ -66,9 +68,8 @@ pub(crate) struct MatrixArgs {
         default_value_t = 3000
     )]
     attempt_timeout_ms: u64,
-    /// Print the report as JSON (`{"cells":[…]}`).
-    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
-    json: bool,
+    #[command(flatten)]
+    json: Json,
     /// Also write every trial, both sides' records, as JSON lines to this file.
     #[arg(long, env = "NATPUNCH_MATRIX_TRIALS_OUT")]
     trials_out: Option<std::path::PathBuf>,
@@ -172,7 +173,7 @@ pub(crate) fn run(args: MatrixArgs) -> anyhow::Result<ExitCode> {
             writeln!(file, "{}", serde_json::to_string(t)?)?;
         }
     }
-    if args.json {
+    if args.json.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_table(&report);

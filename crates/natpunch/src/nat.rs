@@ -9,6 +9,8 @@ use clap::builder::BoolishValueParser;
 use clap::{Args, Subcommand};
 use natcheck::{CheckOptions, NatReport, StunServer};
 
+use crate::args::Json;
+
 #[derive(Debug, Args)]
 pub(crate) struct StunServerArgs {
     /// Primary address (IP:PORT) that clients ask first.
@@ -27,13 +29,13 @@ pub(crate) enum NatCommand {
 }
 
 #[derive(Debug, Args)]
+#[command(mut_arg("json", |a| a.help("Print the report as JSON")))]
 pub(crate) struct CheckArgs {
     /// The server's primary address (HOST:PORT).
     #[arg(long, env = "NATPUNCH_STUN_SERVER")]
     server: String,
-    /// Print the report as JSON.
-    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
-    json: bool,
+    #[command(flatten)]
+    json: Json,
     /// Also measure the UDP mapping lifetime (takes as long as the lifetime, up to --lifetime-max).
     #[arg(long, env = "NATPUNCH_NAT_LIFETIME", value_parser = BoolishValueParser::new())]
     lifetime: bool,
@@ -92,7 +94,7 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         Ok(r) => r,
         Err(e) => {
             // Scripts get the same error on stdout, with a kind to branch on.
-            if args.json {
+            if args.json.json {
                 let error = serde_json::json!({ "error": {
                     "kind": e.kind(),
                     "server": server,
@@ -103,7 +105,7 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
             return Err(e.into());
         }
     };
-    if args.json {
+    if args.json.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_report(&report);

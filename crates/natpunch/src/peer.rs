@@ -1,7 +1,6 @@
 //! `natpunch peer listen|dial`: a libp2p peer that hole-punches through a relay.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -10,6 +9,8 @@ use clap::{Args, Subcommand, ValueEnum};
 use libp2p::{Multiaddr, PeerId, StreamProtocol};
 use p2p::peer::{Candidates, Dht, Engine, Mode, Peer, PeerConfig, PeerEvent, Transport};
 use p2p::record::{Outcome, Record};
+
+use crate::args::{Identity, IdentityRole, Json};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum PeerCommand {
@@ -32,6 +33,7 @@ pub(crate) struct DialArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(mut_arg("json", |a| a.help("Print one JSON object per event")))]
 pub(crate) struct Common {
     /// The relay, with /p2p/<relay id> (repeat for its TCP and QUIC addresses; a missing one
     /// is derived with the same port).
@@ -73,9 +75,8 @@ pub(crate) struct Common {
         value_parser = clap::value_parser!(u64).range(1..=u64::from(u32::MAX))
     )]
     port_mapping_lifetime_secs: u64,
-    /// Key file [default: a fresh identity each run].
-    #[arg(long, env = "NATPUNCH_PEER_IDENTITY")]
-    identity: Option<PathBuf>,
+    #[command(flatten)]
+    identity: Identity<Role>,
     /// Join a Kademlia DHT (as a client) through these peers, with /p2p/<peer id>, once set
     /// up; a honeypot among its servers then records this peer.
     #[arg(
@@ -92,9 +93,18 @@ pub(crate) struct Common {
         value_parser = crate::stream_protocol
     )]
     dht_protocol: StreamProtocol,
-    /// Print one JSON object per event.
-    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
-    json: bool,
+    #[command(flatten)]
+    json: Json,
+}
+
+/// The peer's identity flag.
+#[derive(Debug, Clone)]
+pub(crate) struct Role;
+
+impl IdentityRole for Role {
+    const ENV: &'static str = "NATPUNCH_PEER_IDENTITY";
+    const HELP: &'static str = "Key file [default: a fresh identity each run]";
+    const FILE: Option<&'static str> = None;
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -185,17 +195,14 @@ pub(crate) fn run(cmd: PeerCommand) -> anyhow::Result<ExitCode> {
             PeerCommand::Listen(c) => (c, Mode::Listen),
             PeerCommand::Dial(d) => (&d.common, Mode::Dial(d.peer_id)),
         };
-        let key = match &common.identity {
-            Some(path) => p2p::identity::load_or_create(path)?.0,
-            None => libp2p::identity::Keypair::generate_ed25519(),
-        };
+        let key = common.identity.load()?.key;
         let mut config = common.config();
         if let PeerCommand::Dial(d) = &cmd {
             config.perf_bytes = d.perf_bytes;
         }
         let mut peer = Peer::new(key, config)?;
         eprintln!("peer: {}", peer.peer_id());
-        let json = common.json;
+        let json = common.json.json;
         let mut report = |e: PeerEvent| {
             if json {
                 println!("{}", serde_json::to_string(&e).unwrap_or_default());

@@ -1,22 +1,22 @@
 //! `natpunch relay`: a circuit relay v2 server for hole punching.
 
-use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::net::IpAddr;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Args;
-use clap::builder::BoolishValueParser;
 use libp2p::Multiaddr;
 use p2p::relay::{Limits, Rate, Relay, RelayConfig, RelayEvent};
+
+use crate::args::{Identity, IdentityRole, Json, Telemetry, TelemetryRole};
 
 #[derive(Debug, Args)]
 #[command(
     after_help = "Defaults are rust-libp2p's limits. A measurement lab, where every trial \
 comes from the same few NAT addresses, wants the per-IP rates off and longer, larger circuits: \
 --reservation-rate-per-ip off --circuit-rate-per-ip off --max-circuit-secs 600 \
---max-circuit-bytes 67108864."
+--max-circuit-bytes 67108864.",
+    mut_arg("json", |a| a.help("Print one JSON object per event"))
 )]
 pub(crate) struct RelayArgs {
     /// Address to listen on (TCP and QUIC).
@@ -25,10 +25,8 @@ pub(crate) struct RelayArgs {
     /// Port to listen on, TCP and UDP (QUIC) alike.
     #[arg(long, env = "NATPUNCH_RELAY_PORT", default_value_t = 4001)]
     port: u16,
-    /// The relay's key file, created on first start [default: $XDG_STATE_HOME/natpunch/relay.key
-    /// or ~/.local/state/natpunch/relay.key].
-    #[arg(long, env = "NATPUNCH_RELAY_IDENTITY")]
-    identity: Option<PathBuf>,
+    #[command(flatten)]
+    identity: Identity<Role>,
     /// Address to announce as the relay's own (repeatable) [default: every listen address
     /// except loopback].
     #[arg(
@@ -118,15 +116,27 @@ pub(crate) struct RelayArgs {
         value_parser = parse_rate
     )]
     circuit_rate_per_ip: RateArg,
-    /// Host of the telemetry port (/metrics, /health).
-    #[arg(long, env = "NATPUNCH_TELEMETRY_HOST", default_value = "127.0.0.1")]
-    telemetry_host: IpAddr,
-    /// Telemetry port; 0 turns it off.
-    #[arg(long, env = "NATPUNCH_TELEMETRY_PORT", default_value_t = 9464)]
-    telemetry_port: u16,
-    /// Print one JSON object per event.
-    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
-    json: bool,
+    #[command(flatten)]
+    telemetry: Telemetry<Role>,
+    #[command(flatten)]
+    json: Json,
+}
+
+/// The relay's telemetry and identity flags.
+#[derive(Debug, Clone)]
+pub(crate) struct Role;
+
+impl TelemetryRole for Role {
+    const HOST_ENV: &'static str = "NATPUNCH_TELEMETRY_HOST";
+    const PORT_ENV: &'static str = "NATPUNCH_TELEMETRY_PORT";
+    const PORT: &'static str = "9464";
+}
+
+impl IdentityRole for Role {
+    const ENV: &'static str = "NATPUNCH_RELAY_IDENTITY";
+    const HELP: &'static str = "The relay's key file, created on first start [default: \
+        $XDG_STATE_HOME/natpunch/relay.key or ~/.local/state/natpunch/relay.key]";
+    const FILE: Option<&'static str> = Some("relay.key");
 }
 
 /// A rate, or none.
@@ -172,26 +182,19 @@ pub(crate) fn run(args: RelayArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(args: RelayArgs) -> anyhow::Result<ExitCode> {
-    let path = match &args.identity {
-        Some(p) => p.clone(),
-        None => crate::state_dir()?.join("relay.key"),
-    };
-    let (key, created) = p2p::identity::load_or_create(&path)?;
+    let key = args.identity.load()?;
     let mut registry = prometheus_client::registry::Registry::default();
-    let mut relay = Relay::new(key, args.config(), &mut registry)?;
+    let mut relay = Relay::new(key.key, args.config(), &mut registry)?;
     eprintln!(
         "relay: peer id {} ({} key {})",
         relay.peer_id(),
-        if created { "new" } else { "from" },
-        path.display()
+        if key.created { "new" } else { "from" },
+        key.path.unwrap_or_default().display()
     );
-    let registry = Arc::new(Mutex::new(registry));
-    if args.telemetry_port != 0 {
-        let addr = SocketAddr::new(args.telemetry_host, args.telemetry_port);
-        crate::serve_telemetry(addr, Arc::clone(&registry), relay.health()).await?;
+    if let Some(addr) = args.telemetry.serve(registry, relay.health()).await? {
         eprintln!("relay: metrics on http://{addr}/metrics");
     }
-    let json = args.json;
+    let json = args.json.json;
     let mut report = |e: RelayEvent| {
         if let RelayEvent::NoExternalAddress { message } = &e {
             eprintln!("relay: warning: {message}");

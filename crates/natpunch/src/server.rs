@@ -14,12 +14,15 @@ use api::store::{Backend, Rules, SqlStore};
 use clap::Args;
 use clap::builder::BoolishValueParser;
 
+use crate::args::{Json, Telemetry, TelemetryRole};
+
 #[derive(Debug, Args)]
 #[command(
     after_help = "punchr's Go and Rust clients work unchanged: point them at this server \
 (Go: --server-host H --server-port 10000 --server-ssl=false, or give this server --tls-cert and \
 --tls-key). Unknown API keys register as anonymous, as with punchr, unless \
---closed-registration is given."
+--closed-registration is given.",
+    mut_arg("json", |a| a.help("Print start and stop as JSON objects, one per line"))
 )]
 pub(crate) struct ServerArgs {
     /// Address to listen on for gRPC.
@@ -28,16 +31,8 @@ pub(crate) struct ServerArgs {
     /// gRPC port; 0 picks a free one (printed at start).
     #[arg(long, env = "NATPUNCH_SERVER_PORT", default_value_t = 10000)]
     port: u16,
-    /// Host of the telemetry port (/metrics, /health).
-    #[arg(
-        long,
-        env = "NATPUNCH_SERVER_TELEMETRY_HOST",
-        default_value = "localhost"
-    )]
-    telemetry_host: String,
-    /// Telemetry port; 0 turns it off.
-    #[arg(long, env = "NATPUNCH_SERVER_TELEMETRY_PORT", default_value_t = 10001)]
-    telemetry_port: u16,
+    #[command(flatten)]
+    telemetry: Telemetry<Role>,
     /// The database: sqlite://FILE (created on first start) or postgres://USER@HOST/DB.
     #[arg(
         long,
@@ -97,9 +92,20 @@ pub(crate) struct ServerArgs {
         default_value_t = Config::default().rust_client_wait.as_secs()
     )]
     rust_client_wait_secs: u64,
-    /// Print start and stop as JSON objects, one per line.
-    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
-    json: bool,
+    #[command(flatten)]
+    json: Json,
+}
+
+/// The server's telemetry flags (its host may be a name).
+#[derive(Debug, Clone)]
+pub(crate) struct Role;
+
+impl TelemetryRole for Role {
+    const HOST_ENV: &'static str = "NATPUNCH_SERVER_TELEMETRY_HOST";
+    const PORT_ENV: &'static str = "NATPUNCH_SERVER_TELEMETRY_PORT";
+    const HOST: &'static str = "localhost";
+    const PORT: &'static str = "10001";
+    const NAMES: bool = true;
 }
 
 /// Prints a line on stdout; a closed stdout (the reader went away) is no reason to fail.
@@ -140,24 +146,17 @@ async fn serve(args: ServerArgs) -> anyhow::Result<ExitCode> {
         rust_client_wait: Duration::from_secs(args.rust_client_wait_secs),
     };
     let service = Service::new(store.clone(), config, &mut registry);
-    let telemetry = if args.telemetry_port == 0 {
-        None
-    } else {
-        let addr = tokio::net::lookup_host((args.telemetry_host.as_str(), args.telemetry_port))
-            .await
-            .ok()
-            .and_then(|mut a| a.next())
-            .with_context(|| format!("resolving the telemetry host {}", args.telemetry_host))?;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the telemetry port {addr}"))?;
-        let bound = listener.local_addr()?;
-        tokio::spawn(api::server::serve_telemetry(
-            listener,
-            registry,
-            store.clone(),
-        ));
-        Some(bound)
+    let telemetry = match args.telemetry.bind().await? {
+        Some(listener) => {
+            let bound = listener.local_addr()?;
+            tokio::spawn(api::server::serve_telemetry(
+                listener,
+                registry,
+                store.clone(),
+            ));
+            Some(bound)
+        }
+        None => None,
     };
     let addr = SocketAddr::new(args.listen_ip, args.port);
     let listener = tokio::net::TcpListener::bind(addr)
@@ -168,7 +167,7 @@ async fn serve(args: ServerArgs) -> anyhow::Result<ExitCode> {
         Backend::Sqlite => "sqlite",
         Backend::Postgres => "postgres",
     };
-    if args.json {
+    if args.json.json {
         say(&serde_json::json!({
             "event": "listening",
             "grpc": bound.to_string(),
@@ -194,7 +193,7 @@ async fn serve(args: ServerArgs) -> anyhow::Result<ExitCode> {
         .context("serving gRPC")?;
     // Requests in flight have finished; their transactions are committed.
     store.close().await;
-    if args.json {
+    if args.json.json {
         say(&serde_json::json!({"event": "stopped"}).to_string());
     } else {
         say("server: stopped");
