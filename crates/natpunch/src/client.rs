@@ -166,7 +166,7 @@ async fn serve(args: ClientArgs) -> anyhow::Result<ExitCode> {
         metrics.observe(&e);
         if json {
             println!("{}", serde_json::to_string(&e).unwrap_or_default());
-        } else if let Some(line) = describe(&e) {
+        } else if let Some(line) = e.line() {
             println!("{line}");
         }
     };
@@ -187,39 +187,4 @@ async fn serve(args: ClientArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn describe(e: &ClientEvent) -> Option<String> {
-    Some(match e {
-        ClientEvent::Registered { host, db_peer_id } => {
-            format!("registered {host} (id {db_peer_id})")
-        }
-        ClientEvent::Served { .. } | ClientEvent::Delivered { .. } => return None,
-        ClientEvent::Idle { host, wait_secs } => {
-            format!("{host}: nothing to punch, waiting {wait_secs:.0} s")
-        }
-        ClientEvent::Punched {
-            host,
-            remote,
-            outcome,
-            transport,
-            time_to_direct_ms,
-            ..
-        } => format!(
-            "{host} → {remote}: {outcome:?}{}{}",
-            transport
-                .as_ref()
-                .map_or(String::new(), |t| format!(" over {t}")),
-            time_to_direct_ms.map_or(String::new(), |t| format!(" in {t:.0} ms"))
-        ),
-        ClientEvent::Deferred {
-            key,
-            error,
-            retry_secs,
-        } => format!("report {key} not delivered ({error}); next try in {retry_secs:.1} s"),
-        ClientEvent::Rejected { key, error } => {
-            format!("report {key} refused by the server: {error} (kept in rejected/)")
-        }
-        ClientEvent::ServerError { call, error } => format!("{call}: {error}"),
-    })
 }

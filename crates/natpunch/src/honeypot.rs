@@ -162,7 +162,7 @@ async fn serve(args: HoneypotArgs) -> anyhow::Result<ExitCode> {
         if json {
             println!("{}", serde_json::to_string(e).unwrap_or_default());
         } else {
-            println!("{}", describe(e));
+            println!("{e}");
         }
     };
     let sightings = store
@@ -179,28 +179,4 @@ async fn serve(args: HoneypotArgs) -> anyhow::Result<ExitCode> {
     }
     eprintln!("honeypot: stopped");
     Ok(ExitCode::SUCCESS)
-}
-
-fn describe(e: &HoneypotEvent) -> String {
-    match e {
-        HoneypotEvent::Listening { peer_id, address } => {
-            format!("listening on {address}/p2p/{peer_id}")
-        }
-        HoneypotEvent::Seen(s) => format!(
-            "seen {} ({}) from {}: {} addresses, {} relayed{}",
-            s.peer_id,
-            s.agent_version,
-            s.conn_addr,
-            s.listen_addrs.len(),
-            s.relay_addrs.len(),
-            if s.dcutr { ", speaks DCUtR" } else { "" }
-        ),
-        HoneypotEvent::CrawlStarted { walks } => format!("crawl: {walks} walks"),
-        HoneypotEvent::CrawlEnded { peers, secs } => {
-            format!("crawl: met {peers} peers in {secs:.1} s")
-        }
-        HoneypotEvent::BootstrapFailed { address, error } => {
-            format!("bootstrap peer {address} unreachable: {error}")
-        }
-    }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::builder::BoolishValueParser;
 use clap::{Args, Subcommand};
-use natcheck::{CheckOptions, NatReport, StunServer};
+use natcheck::{CheckOptions, StunServer};
 
 use crate::args::Json;
 
@@ -108,82 +108,7 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     if args.json.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print_report(&report);
+        print!("{report}");
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn or_unknown<T: ToString>(v: Option<T>) -> String {
-    v.map_or_else(|| "unknown".to_owned(), |v| v.to_string())
-}
-
-fn print_report(r: &NatReport) {
-    let row = |k: &str, v: String| println!("{k:<18} {v}");
-    row(
-        "server",
-        format!(
-            "{} (RFC 5780: {})",
-            r.server,
-            if r.rfc5780 { "yes" } else { "no" }
-        ),
-    );
-    row("local address", or_unknown(r.local_address));
-    let public: Vec<String> = r.public_addresses.iter().map(ToString::to_string).collect();
-    row(
-        "public address",
-        if public.is_empty() {
-            "unknown".into()
-        } else {
-            public.join(", ")
-        },
-    );
-    row(
-        "NAT",
-        r.nat.map_or("unknown".into(), |n| {
-            if n { "present".into() } else { "none".into() }
-        }),
-    );
-    row(
-        "mapping",
-        r.mapping
-            .map_or("unknown".into(), |m| format!("{m} ({})", m.abbreviation())),
-    );
-    row(
-        "filtering",
-        r.filtering
-            .map_or("unknown".into(), |f| format!("{f} ({})", f.abbreviation())),
-    );
-    let delta = r
-        .port_delta
-        .map(|d| format!(", delta {d:+}"))
-        .unwrap_or_default();
-    row(
-        "port allocation",
-        format!("{}{delta}", or_unknown(r.port_allocation)),
-    );
-    row(
-        "hairpin",
-        r.hairpin.map_or(
-            "unknown".into(),
-            |h| if h { "yes".into() } else { "no".into() },
-        ),
-    );
-    if let Some(l) = &r.mapping_lifetime {
-        let text = match (l.alive_secs, l.gone_secs, l.estimate_secs) {
-            (Some(a), Some(g), Some(e)) => {
-                format!("about {e:.0} s (alive after {a:.1} s, gone after {g:.1} s)")
-            }
-            (Some(a), None, _) => format!("longer than {a:.0} s"),
-            (None, Some(g), _) => format!("shorter than {g:.0} s"),
-            _ => "unknown".into(),
-        };
-        row("mapping lifetime", text);
-    }
-    if r.udp_blocked {
-        row(
-            "UDP",
-            "blocked: the server answered over TCP only".to_owned(),
-        );
-    }
-    row("verdict", r.summary.to_owned());
 }

@@ -8,7 +8,7 @@ use clap::builder::BoolishValueParser;
 use clap::{Args, Subcommand, ValueEnum};
 use libp2p::{Multiaddr, PeerId, StreamProtocol};
 use p2p::peer::{Candidates, Dht, Engine, Mode, Peer, PeerConfig, PeerEvent, Transport};
-use p2p::record::{Outcome, Record};
+use p2p::record::Outcome;
 
 use crate::args::{Identity, IdentityRole, Json};
 
@@ -241,7 +241,7 @@ fn describe(e: &PeerEvent) -> String {
             (false, Some(e)) => format!("autonat: {address} is not reachable ({e})"),
             (false, None) => format!("autonat: {address} is not reachable"),
         },
-        PeerEvent::HolePunch(r) => describe_record(r),
+        PeerEvent::HolePunch(r) => r.to_string(),
         PeerEvent::PortMapped {
             method,
             internal,
@@ -270,22 +270,4 @@ fn describe(e: &PeerEvent) -> String {
             "throughput over the {connection} connection: {bytes} bytes in {secs:.2} s, {mbit_s:.1} Mbit/s"
         ),
     }
-}
-
-fn describe_record(r: &Record) -> String {
-    let mut text = format!(
-        "hole punch with {} ({:?} side): {:?}",
-        r.remote_peer, r.side, r.outcome
-    );
-    if let (Some(t), Some(ms)) = (&r.transport, r.time_to_direct_ms) {
-        text += &format!(" over {t} after {ms:.0} ms");
-    }
-    if let Some(rtt) = r.direct_rtt_ms {
-        text += &format!(", direct rtt {rtt:.1} ms");
-    }
-    text += &format!(", {} attempt(s)", r.attempts.len());
-    if let Some(e) = &r.error {
-        text += &format!(": {e}");
-    }
-    text
 }

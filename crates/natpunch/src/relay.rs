@@ -202,39 +202,10 @@ async fn serve(args: RelayArgs) -> anyhow::Result<ExitCode> {
         if json {
             println!("{}", serde_json::to_string(&e).unwrap_or_default());
         } else {
-            println!("{}", describe(&e));
+            println!("{e}");
         }
     };
     relay.run(crate::stop_signal(), &mut report).await;
     eprintln!("relay: stopping");
     Ok(ExitCode::SUCCESS)
-}
-
-fn describe(e: &RelayEvent) -> String {
-    match e {
-        RelayEvent::Listening { address } => format!("listening on {address}"),
-        RelayEvent::ExternalAddress { address } => format!("announcing {address}"),
-        RelayEvent::NoExternalAddress { .. } => "announcing no address".to_owned(),
-        RelayEvent::ReservationAccepted { peer, renewed } => {
-            format!(
-                "reservation {} for {peer}",
-                if *renewed { "renewed" } else { "accepted" }
-            )
-        }
-        RelayEvent::ReservationDenied { peer, status } => {
-            format!("reservation refused for {peer}: {status}")
-        }
-        RelayEvent::ReservationEnded { peer, timed_out } => format!(
-            "reservation of {peer} {}",
-            if *timed_out { "timed out" } else { "closed" }
-        ),
-        RelayEvent::CircuitAccepted { src, dst } => format!("circuit {src} -> {dst}"),
-        RelayEvent::CircuitDenied { src, dst, status } => {
-            format!("circuit {src} -> {dst} refused: {status}")
-        }
-        RelayEvent::CircuitClosed { src, dst, error } => match error {
-            Some(e) => format!("circuit {src} -> {dst} closed: {e}"),
-            None => format!("circuit {src} -> {dst} closed"),
-        },
-    }
 }

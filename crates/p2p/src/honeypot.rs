@@ -183,6 +183,35 @@ pub struct Honeypot {
 }
 
 /// Label sets of the honeypot's counter families.
+/// One line for people, e.g. `seen 12D3… (kubo/0.30) from /ip4/…: 4 addresses, 1 relayed,
+/// speaks DCUtR`.
+impl fmt::Display for HoneypotEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Listening { peer_id, address } => {
+                write!(f, "listening on {address}/p2p/{peer_id}")
+            }
+            Self::Seen(s) => write!(
+                f,
+                "seen {} ({}) from {}: {} addresses, {} relayed{}",
+                s.peer_id,
+                s.agent_version,
+                s.conn_addr,
+                s.listen_addrs.len(),
+                s.relay_addrs.len(),
+                if s.dcutr { ", speaks DCUtR" } else { "" }
+            ),
+            Self::CrawlStarted { walks } => write!(f, "crawl: {walks} walks"),
+            Self::CrawlEnded { peers, secs } => {
+                write!(f, "crawl: met {peers} peers in {secs:.1} s")
+            }
+            Self::BootstrapFailed { address, error } => {
+                write!(f, "bootstrap peer {address} unreachable: {error}")
+            }
+        }
+    }
+}
+
 type Labels = Vec<(&'static str, &'static str)>;
 
 /// The honeypot's Prometheus metrics (`natpunch_honeypot_*`), shared by the swarm and the

@@ -299,6 +299,38 @@ pub enum RelayError {
     },
 }
 
+/// One line for people, e.g. `circuit 12D3… -> 12D3… closed`.
+impl fmt::Display for RelayEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Listening { address } => write!(f, "listening on {address}"),
+            Self::ExternalAddress { address } => write!(f, "announcing {address}"),
+            Self::NoExternalAddress { .. } => f.write_str("announcing no address"),
+            Self::ReservationAccepted { peer, renewed } => write!(
+                f,
+                "reservation {} for {peer}",
+                if *renewed { "renewed" } else { "accepted" }
+            ),
+            Self::ReservationDenied { peer, status } => {
+                write!(f, "reservation refused for {peer}: {status}")
+            }
+            Self::ReservationEnded { peer, timed_out } => write!(
+                f,
+                "reservation of {peer} {}",
+                if *timed_out { "timed out" } else { "closed" }
+            ),
+            Self::CircuitAccepted { src, dst } => write!(f, "circuit {src} -> {dst}"),
+            Self::CircuitDenied { src, dst, status } => {
+                write!(f, "circuit {src} -> {dst} refused: {status}")
+            }
+            Self::CircuitClosed { src, dst, error } => match error {
+                Some(e) => write!(f, "circuit {src} -> {dst} closed: {e}"),
+                None => write!(f, "circuit {src} -> {dst} closed"),
+            },
+        }
+    }
+}
+
 impl Relay {
     /// Builds the relay (within a tokio runtime) and starts listening. Its metrics are
     /// registered in `registry`.
