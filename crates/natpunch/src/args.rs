@@ -2,7 +2,8 @@
 //! telemetry port (`--telemetry-host`, `--telemetry-port`) and the key file (`--identity`).
 //!
 //! The telemetry and identity groups keep each role's own environment variables, defaults and
-//! help: a role names them in a [`TelemetryRole`] or [`IdentityRole`] marker type.
+//! help: a role's flags struct names them by implementing [`TelemetryRole`] or
+//! [`IdentityRole`], and flattens `Telemetry<Self>` or `Identity<Self>`.
 
 use std::marker::PhantomData;
 use std::net::{IpAddr, SocketAddr};

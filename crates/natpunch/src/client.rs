@@ -71,16 +71,12 @@ pub(crate) struct ClientArgs {
     #[arg(long, env = "NATPUNCH_ATTEMPT_TIMEOUT_MS", default_value_t = 3000)]
     attempt_timeout_ms: u64,
     #[command(flatten)]
-    telemetry: Telemetry<Role>,
+    telemetry: Telemetry<Self>,
     #[command(flatten)]
     json: Json,
 }
 
-/// The client's telemetry flags.
-#[derive(Debug, Clone)]
-pub(crate) struct Role;
-
-impl TelemetryRole for Role {
+impl TelemetryRole for ClientArgs {
     const HOST_ENV: &'static str = "NATPUNCH_CLIENT_TELEMETRY_HOST";
     const PORT_ENV: &'static str = "NATPUNCH_CLIENT_TELEMETRY_PORT";
     const PORT: &'static str = "12001";

@@ -28,7 +28,7 @@ pub(crate) struct HoneypotArgs {
     #[arg(long, env = "NATPUNCH_HONEYPOT_PORT", default_value_t = defaults::PORT)]
     port: u16,
     #[command(flatten)]
-    identity: Identity<Role>,
+    identity: Identity<Self>,
     /// The DHT's protocol name.
     #[arg(
         long,
@@ -87,7 +87,7 @@ pub(crate) struct HoneypotArgs {
     )]
     database_url: String,
     #[command(flatten)]
-    telemetry: Telemetry<Role>,
+    telemetry: Telemetry<Self>,
     /// Record nothing: a plain DHT server (a lab's bootstrap node).
     #[arg(long, env = "NATPUNCH_HONEYPOT_NO_RECORD", value_parser = BoolishValueParser::new())]
     no_record: bool,
@@ -95,17 +95,13 @@ pub(crate) struct HoneypotArgs {
     json: Json,
 }
 
-/// The honeypot's telemetry and identity flags.
-#[derive(Debug, Clone)]
-pub(crate) struct Role;
-
-impl TelemetryRole for Role {
+impl TelemetryRole for HoneypotArgs {
     const HOST_ENV: &'static str = "NATPUNCH_HONEYPOT_TELEMETRY_HOST";
     const PORT_ENV: &'static str = "NATPUNCH_HONEYPOT_TELEMETRY_PORT";
     const PORT: &'static str = "11001";
 }
 
-impl IdentityRole for Role {
+impl IdentityRole for HoneypotArgs {
     const ENV: &'static str = "NATPUNCH_HONEYPOT_IDENTITY";
     const HELP: &'static str = "The honeypot's key file, created on first start [default: \
         $XDG_STATE_HOME/natpunch/ honeypot.key or ~/.local/state/natpunch/honeypot.key]";

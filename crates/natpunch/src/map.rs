@@ -228,6 +228,11 @@ impl Common {
         };
         Ok(Record::load(path)?)
     }
+
+    /// The router, how long to wait for it, and this host's record of its mappings.
+    fn open(&self) -> anyhow::Result<(Gateway, Duration, Record)> {
+        Ok((self.gateway()?, self.wait(), self.record()?))
+    }
 }
 
 impl Via {
@@ -348,9 +353,7 @@ async fn list(common: Common) -> anyhow::Result<ExitCode> {
 
 async fn add(args: AddArgs) -> anyhow::Result<ExitCode> {
     let common = &args.common;
-    let gw = common.gateway()?;
-    let wait = common.wait();
-    let mut record = common.record()?;
+    let (gw, wait, mut record) = common.open()?;
     let say = |m: &str| eprintln!("map add: {m}");
     let methods = record::methods(args.via.only(), gw, wait, &say).await?;
     let request = MapRequest {
@@ -370,9 +373,7 @@ async fn add(args: AddArgs) -> anyhow::Result<ExitCode> {
 
 async fn keep(args: KeepArgs) -> anyhow::Result<ExitCode> {
     let common = &args.common;
-    let gw = common.gateway()?;
-    let wait = common.wait();
-    let mut record = common.record()?;
+    let (gw, wait, mut record) = common.open()?;
     let say = |m: &str| eprintln!("map keep: {m}");
     let method = record::methods(args.via.only(), gw, wait, &say).await?[0];
     let wants: Vec<Want> = args
@@ -431,10 +432,9 @@ async fn keep(args: KeepArgs) -> anyhow::Result<ExitCode> {
 
 async fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
     let common = &args.common;
-    let gw = common.gateway()?;
-    let mut record = common.record()?;
+    let (gw, wait, mut record) = common.open()?;
     let m = record
-        .delete(gw, args.proto.into(), args.port, common.wait())
+        .delete(gw, args.proto.into(), args.port, wait)
         .await?;
     if common.json.json {
         println!("{}", serde_json::json!({"deleted": m}));

@@ -76,7 +76,7 @@ pub(crate) struct Common {
     )]
     port_mapping_lifetime_secs: u64,
     #[command(flatten)]
-    identity: Identity<Role>,
+    identity: Identity<Self>,
     /// Join a Kademlia DHT (as a client) through these peers, with /p2p/<peer id>, once set
     /// up; a honeypot among its servers then records this peer.
     #[arg(
@@ -97,11 +97,7 @@ pub(crate) struct Common {
     json: Json,
 }
 
-/// The peer's identity flag.
-#[derive(Debug, Clone)]
-pub(crate) struct Role;
-
-impl IdentityRole for Role {
+impl IdentityRole for Common {
     const ENV: &'static str = "NATPUNCH_PEER_IDENTITY";
     const HELP: &'static str = "Key file [default: a fresh identity each run]";
     const FILE: Option<&'static str> = None;

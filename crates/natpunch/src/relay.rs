@@ -26,7 +26,7 @@ pub(crate) struct RelayArgs {
     #[arg(long, env = "NATPUNCH_RELAY_PORT", default_value_t = 4001)]
     port: u16,
     #[command(flatten)]
-    identity: Identity<Role>,
+    identity: Identity<Self>,
     /// Address to announce as the relay's own (repeatable) [default: every listen address
     /// except loopback].
     #[arg(
@@ -117,22 +117,18 @@ pub(crate) struct RelayArgs {
     )]
     circuit_rate_per_ip: RateArg,
     #[command(flatten)]
-    telemetry: Telemetry<Role>,
+    telemetry: Telemetry<Self>,
     #[command(flatten)]
     json: Json,
 }
 
-/// The relay's telemetry and identity flags.
-#[derive(Debug, Clone)]
-pub(crate) struct Role;
-
-impl TelemetryRole for Role {
+impl TelemetryRole for RelayArgs {
     const HOST_ENV: &'static str = "NATPUNCH_TELEMETRY_HOST";
     const PORT_ENV: &'static str = "NATPUNCH_TELEMETRY_PORT";
     const PORT: &'static str = "9464";
 }
 
-impl IdentityRole for Role {
+impl IdentityRole for RelayArgs {
     const ENV: &'static str = "NATPUNCH_RELAY_IDENTITY";
     const HELP: &'static str = "The relay's key file, created on first start [default: \
         $XDG_STATE_HOME/natpunch/relay.key or ~/.local/state/natpunch/relay.key]";

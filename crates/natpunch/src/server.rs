@@ -32,7 +32,7 @@ pub(crate) struct ServerArgs {
     #[arg(long, env = "NATPUNCH_SERVER_PORT", default_value_t = 10000)]
     port: u16,
     #[command(flatten)]
-    telemetry: Telemetry<Role>,
+    telemetry: Telemetry<Self>,
     /// The database: sqlite://FILE (created on first start) or postgres://USER@HOST/DB.
     #[arg(
         long,
@@ -96,11 +96,7 @@ pub(crate) struct ServerArgs {
     json: Json,
 }
 
-/// The server's telemetry flags (its host may be a name).
-#[derive(Debug, Clone)]
-pub(crate) struct Role;
-
-impl TelemetryRole for Role {
+impl TelemetryRole for ServerArgs {
     const HOST_ENV: &'static str = "NATPUNCH_SERVER_TELEMETRY_HOST";
     const PORT_ENV: &'static str = "NATPUNCH_SERVER_TELEMETRY_PORT";
     const HOST: &'static str = "localhost";
