@@ -6,9 +6,9 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::builder::BoolishValueParser;
 use clap::{Args, Subcommand};
-use labrun::bench::punch::{self, PunchBench, PunchProgress, PunchReport};
-use labrun::bench::server::{self as server_bench, ServerBench, ServerReport};
-use labrun::bench::stun::{self, StunBench, StunReport};
+use labrun::bench::punch::{self, PunchBench, PunchProgress};
+use labrun::bench::server::{self as server_bench, ServerBench};
+use labrun::bench::stun::{self, StunBench};
 
 use crate::args::Json;
 
@@ -88,11 +88,6 @@ pub(crate) fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// `v` with `d` decimals, or `-`.
-fn figure(v: Option<f64>, d: usize) -> String {
-    v.map_or("-".to_owned(), |x| format!("{x:.d$}"))
-}
-
 fn punch(args: &PunchArgs) -> anyhow::Result<ExitCode> {
     natlab::environment::check().map_err(anyhow::Error::msg)?;
     let bench = PunchBench {
@@ -117,52 +112,9 @@ fn punch(args: &PunchArgs) -> anyhow::Result<ExitCode> {
     if args.json.json {
         println!("{}", serde_json::to_string_pretty(&report.to_json())?);
     } else {
-        print_punch(&report, args.perf_trials > 0);
+        print!("{report}");
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn print_punch(r: &PunchReport, throughput: bool) {
-    println!(
-        "time to direct, port-restricted × port-restricted, {} ms host-to-host RTT",
-        r.rtt_ms
-    );
-    println!(
-        "{:<9} {:<5} {:>8} {:>9} {:>9} {:>7} {:>8}",
-        "engine", "tr", "success", "median", "p95", "RTTs", "/floor"
-    );
-    for a in &r.arms {
-        println!(
-            "{:<9} {:<5} {:>4}/{:<3} {:>6} ms {:>6} ms {:>7} {:>8}",
-            a.engine,
-            a.transport,
-            a.success,
-            a.trials,
-            figure(a.median_ms, 0),
-            figure(a.p95_ms, 0),
-            figure(a.median_rtts, 2),
-            figure(a.ratio_to_floor, 2)
-        );
-    }
-    for t in ["tcp", "quic"] {
-        println!(
-            "natpunch / stock, {t}: {} (floor {} RTT)",
-            figure(r.natpunch_over_stock(t), 2),
-            punch::floor_rtts(t)
-        );
-    }
-    if throughput {
-        println!(
-            "throughput ({} MiB over TCP, median): direct {} Mbit/s (n={}), relayed {} Mbit/s \
-             (n={}), relayed / direct {}",
-            r.perf_mib,
-            figure(r.direct.median_mbit_s, 1),
-            r.direct.n,
-            figure(r.relayed.median_mbit_s, 1),
-            r.relayed.n,
-            figure(r.relayed_over_direct(), 2)
-        );
-    }
 }
 
 fn stun(args: &StunArgs) -> anyhow::Result<ExitCode> {
@@ -178,34 +130,9 @@ fn stun(args: &StunArgs) -> anyhow::Result<ExitCode> {
     if args.json.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print_stun(&report);
+        print!("{report}");
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn print_stun(report: &StunReport) {
-    println!(
-        "Binding throughput on loopback, {} clients with one request in flight each, {} s per turn",
-        report.clients, report.secs_per_turn
-    );
-    println!(
-        "{:<5} {:>14} {:>9} {:>9} {:>14} {:>9} {:>9} {:>7}",
-        "TURN", "NATPUNCH req/s", "p50 µs", "p99 µs", "COTURN req/s", "p50 µs", "p99 µs", "RATIO"
-    );
-    for (i, t) in report.turns.iter().enumerate() {
-        println!(
-            "{:<5} {:>14.0} {:>9} {:>9} {:>14.0} {:>9} {:>9} {:>7.2}",
-            i + 1,
-            t.natpunch.per_sec,
-            t.natpunch.p50_us,
-            t.natpunch.p99_us,
-            t.coturn.per_sec,
-            t.coturn.p50_us,
-            t.coturn.p99_us,
-            t.ratio
-        );
-    }
-    println!("median ratio natpunch/coturn: {:.2}", report.median_ratio);
 }
 
 fn server(args: &ServerBenchArgs) -> anyhow::Result<ExitCode> {
@@ -234,35 +161,7 @@ fn server(args: &ServerBenchArgs) -> anyhow::Result<ExitCode> {
     if args.json.json {
         println!("{}", serde_json::to_string_pretty(&report.to_json())?);
     } else {
-        print_server(&report);
+        print!("{report}");
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn print_server(r: &ServerReport) {
-    println!(
-        "bench server: {} full reports per backend from {} concurrent clients, gRPC on loopback",
-        r.reports, r.clients
-    );
-    println!(
-        "{:<10} {:>10} {:>9} {:>9} {:>9}",
-        "backend", "reports/s", "p50 ms", "p99 ms", "seconds"
-    );
-    for b in &r.backends {
-        println!(
-            "{:<10} {:>10.0} {:>9} {:>9} {:>9.1}",
-            b.backend,
-            b.reports_per_sec,
-            figure(b.p50_ms, 1),
-            figure(b.p99_ms, 1),
-            b.seconds
-        );
-    }
-    if let Some(t) = r.postgres_over_sqlite(|f| Some(f.reports_per_sec)) {
-        println!(
-            "postgres/sqlite: {t:.2}× the reports/s, {}× the p50, {}× the p99",
-            figure(r.postgres_over_sqlite(|f| f.p50_ms), 2),
-            figure(r.postgres_over_sqlite(|f| f.p99_ms), 2)
-        );
-    }
 }

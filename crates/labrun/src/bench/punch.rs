@@ -1,6 +1,7 @@
 //! Time to direct between two port-restricted homes, natpunch's engine against stock
 //! rust-libp2p, each as a ratio to the floor; and relayed against direct throughput.
 
+use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
@@ -91,6 +92,8 @@ pub struct PunchReport {
     pub arms: Vec<PunchArm>,
     /// MiB per throughput test.
     pub perf_mib: u64,
+    /// Throughput tests per connection kind (0: none ran).
+    pub perf_trials: u32,
     /// Over the direct connection.
     pub direct: Rate,
     /// Over the relay's circuit.
@@ -139,6 +142,63 @@ impl PunchReport {
                 "relayed_over_direct": self.relayed_over_direct(),
             },
         })
+    }
+}
+
+/// `v` with `d` decimals, or `-`.
+pub(crate) fn figure(v: Option<f64>, d: usize) -> String {
+    v.map_or("-".to_owned(), |x| format!("{x:.d$}"))
+}
+
+/// The figures as a table, the ratios below it.
+impl fmt::Display for PunchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "time to direct, port-restricted × port-restricted, {} ms host-to-host RTT",
+            self.rtt_ms
+        )?;
+        writeln!(
+            f,
+            "{:<9} {:<5} {:>8} {:>9} {:>9} {:>7} {:>8}",
+            "engine", "tr", "success", "median", "p95", "RTTs", "/floor"
+        )?;
+        for a in &self.arms {
+            writeln!(
+                f,
+                "{:<9} {:<5} {:>4}/{:<3} {:>6} ms {:>6} ms {:>7} {:>8}",
+                a.engine,
+                a.transport,
+                a.success,
+                a.trials,
+                figure(a.median_ms, 0),
+                figure(a.p95_ms, 0),
+                figure(a.median_rtts, 2),
+                figure(a.ratio_to_floor, 2)
+            )?;
+        }
+        for t in ["tcp", "quic"] {
+            writeln!(
+                f,
+                "natpunch / stock, {t}: {} (floor {} RTT)",
+                figure(self.natpunch_over_stock(t), 2),
+                floor_rtts(t)
+            )?;
+        }
+        if self.perf_trials > 0 {
+            writeln!(
+                f,
+                "throughput ({} MiB over TCP, median): direct {} Mbit/s (n={}), relayed {} \
+                 Mbit/s (n={}), relayed / direct {}",
+                self.perf_mib,
+                figure(self.direct.median_mbit_s, 1),
+                self.direct.n,
+                figure(self.relayed.median_mbit_s, 1),
+                self.relayed.n,
+                figure(self.relayed_over_direct(), 2)
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -233,6 +293,7 @@ pub fn run(
         rtt_ms: bench.rtt_ms,
         arms,
         perf_mib: bench.perf_mib,
+        perf_trials: bench.perf_trials,
         direct,
         relayed,
     })
@@ -265,6 +326,7 @@ mod tests {
                 arm("natpunch", "quic", 250.0),
             ],
             perf_mib: 8,
+            perf_trials: 3,
             direct: Rate {
                 median_mbit_s: Some(100.0),
                 n: 3,
@@ -282,5 +344,9 @@ mod tests {
         assert_eq!(json["natpunch_over_stock"]["tcp"], 0.5);
         assert_eq!(json["arms"][0]["engine"], "natpunch");
         assert_eq!(floor_rtts("quic"), 2.5);
+        let text = report.to_string();
+        assert!(text.contains("natpunch / stock, tcp: 0.50 (floor 3.5 RTT)"), "{text}");
+        assert!(text.contains("natpunch / stock, quic: - (floor 2.5 RTT)"), "{text}");
+        assert!(text.contains("relayed / direct 0.25"), "{text}");
     }
 }

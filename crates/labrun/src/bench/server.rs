@@ -6,6 +6,7 @@
 //! a port mapping, network information, every natpunch field) with idempotency keys until the
 //! total is reached. Every report must be stored: the count in the database is checked.
 
+use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +21,7 @@ use libp2p::PeerId;
 use libp2p::identity::Keypair;
 use serde::Serialize;
 
+use super::punch::figure;
 use crate::stats::quantile;
 
 /// How often the progress is told.
@@ -141,6 +143,43 @@ impl ServerReport {
                 "p99": self.postgres_over_sqlite(|f| f.p99_ms),
             },
         })
+    }
+}
+
+/// The backends as a table, PostgreSQL against SQLite below it.
+impl fmt::Display for ServerReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "bench server: {} full reports per backend from {} concurrent clients, gRPC on \
+             loopback",
+            self.reports, self.clients
+        )?;
+        writeln!(
+            f,
+            "{:<10} {:>10} {:>9} {:>9} {:>9}",
+            "backend", "reports/s", "p50 ms", "p99 ms", "seconds"
+        )?;
+        for b in &self.backends {
+            writeln!(
+                f,
+                "{:<10} {:>10.0} {:>9} {:>9} {:>9.1}",
+                b.backend,
+                b.reports_per_sec,
+                figure(b.p50_ms, 1),
+                figure(b.p99_ms, 1),
+                b.seconds
+            )?;
+        }
+        if let Some(t) = self.postgres_over_sqlite(|f| Some(f.reports_per_sec)) {
+            writeln!(
+                f,
+                "postgres/sqlite: {t:.2}× the reports/s, {}× the p50, {}× the p99",
+                figure(self.postgres_over_sqlite(|f| f.p50_ms), 2),
+                figure(self.postgres_over_sqlite(|f| f.p99_ms), 2)
+            )?;
+        }
+        Ok(())
     }
 }
 

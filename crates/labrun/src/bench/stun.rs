@@ -4,6 +4,7 @@
 //! OTHER-ADDRESS and RESPONSE-ORIGIN. coturn gets an empty configuration file, which keeps a
 //! system-wide turnserver.conf (Debian's turns RFC 5780 off) out of the comparison.
 
+use std::fmt;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -75,6 +76,45 @@ pub struct StunReport {
     pub turns: Vec<Turn>,
     /// The median of the turns' ratios.
     pub median_ratio: f64,
+}
+
+/// The turns as a table, the median ratio below it.
+impl fmt::Display for StunReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "Binding throughput on loopback, {} clients with one request in flight each, {} s \
+             per turn",
+            self.clients, self.secs_per_turn
+        )?;
+        writeln!(
+            f,
+            "{:<5} {:>14} {:>9} {:>9} {:>14} {:>9} {:>9} {:>7}",
+            "TURN",
+            "NATPUNCH req/s",
+            "p50 µs",
+            "p99 µs",
+            "COTURN req/s",
+            "p50 µs",
+            "p99 µs",
+            "RATIO"
+        )?;
+        for (i, t) in self.turns.iter().enumerate() {
+            writeln!(
+                f,
+                "{:<5} {:>14.0} {:>9} {:>9} {:>14.0} {:>9} {:>9} {:>7.2}",
+                i + 1,
+                t.natpunch.per_sec,
+                t.natpunch.p50_us,
+                t.natpunch.p99_us,
+                t.coturn.per_sec,
+                t.coturn.p50_us,
+                t.coturn.p99_us,
+                t.ratio
+            )?;
+        }
+        writeln!(f, "median ratio natpunch/coturn: {:.2}", self.median_ratio)
+    }
 }
 
 /// A free UDP port on `ip` (free a moment ago).
