@@ -180,6 +180,81 @@ pub struct CampaignReport {
     pub interrupted: bool,
 }
 
+impl CampaignReport {
+    /// The summary as `natpunch lab campaign --json` prints it: the counts, outcomes and rates,
+    /// the matrix, and the peers.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "punches": self.punches,
+            "stored": self.stored,
+            "outcomes": self.outcomes,
+            "database": self.database,
+            "success_rate": self.success_rate,
+            "end_to_end_rate": self.end_to_end_rate,
+            "median_ms": self.median_ms,
+            "p95_ms": self.p95_ms,
+            "targets_recorded": self.targets_recorded,
+            "targets": self.targets,
+            "seconds": self.seconds,
+            "interrupted": self.interrupted,
+            "matrix": self.matrix,
+            "measured_nat": self.measured_nat,
+            "peers": self.peers,
+        })
+    }
+}
+
+/// The summary for people: counts, outcomes and rates, then the NAT-pair table.
+impl std::fmt::Display for CampaignReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pct = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{:.1}%", v * 100.0));
+        let ms = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{v:.0} ms"));
+        writeln!(
+            f,
+            "{} punches, {} in the database ({}); honeypot recorded {} of {} targets",
+            self.punches, self.stored, self.database, self.targets_recorded, self.targets
+        )?;
+        let outcomes: Vec<String> = self
+            .outcomes
+            .iter()
+            .map(|(o, n)| format!("{o} {n}"))
+            .collect();
+        writeln!(f, "outcomes: {}", outcomes.join(", "))?;
+        writeln!(
+            f,
+            "success rate {} (SUCCESS/(SUCCESS+FAILED)), end to end {}, time to direct median {} \
+             p95 {}",
+            pct(self.success_rate),
+            pct(self.end_to_end_rate),
+            ms(self.median_ms),
+            ms(self.p95_ms)
+        )?;
+        for (name, m) in &self.measured_nat {
+            writeln!(f, "client behind {name}: measured {m}")?;
+        }
+        writeln!(f)?;
+        writeln!(
+            f,
+            "{:<24} {:<16} {:<5} {:>7} {:>8} {:>10}",
+            "client NAT", "target NAT", "via", "punches", "success", "median ms"
+        )?;
+        for c in &self.matrix {
+            writeln!(
+                f,
+                "{:<24} {:<16} {:<5} {:>7} {:>8} {:>10}",
+                c.client_nat,
+                c.target_nat,
+                c.transport,
+                c.trials,
+                c.success,
+                c.median_ms
+                    .map_or_else(|| "-".into(), |m| format!("{m:.0}"))
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// The first JSON line of `p` with `needle`, parsed.
 fn json_line(p: &LabProcess, needle: &str, what: &str) -> Result<serde_json::Value, CampaignError> {
     let line = p

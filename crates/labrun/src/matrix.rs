@@ -176,6 +176,82 @@ pub struct Conditions {
     pub elapsed_secs: f64,
 }
 
+/// The matrix as a table, one row per cell, under the conditions it was measured in.
+impl std::fmt::Display for MatrixReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let c = &self.conditions;
+        if self.interrupted {
+            writeln!(
+                f,
+                "interrupted: the cells below hold only the trials that ran"
+            )?;
+        }
+        writeln!(
+            f,
+            "NAT-pair matrix: {} trials per cell, {} ms host-to-host RTT, engine {}, candidates \
+             {}, {:.0} s",
+            c.trials, c.rtt_ms, c.engine, c.candidates, c.elapsed_secs
+        )?;
+        writeln!(
+            f,
+            "{:<16} {:<16} {:<5} {:>7} {:>13} {:>8} {:>8} {:>9} {:>9}  outcomes",
+            "dialer (A)",
+            "listener (B)",
+            "tr",
+            "success",
+            "95% CI",
+            "median",
+            "p95",
+            "attempts",
+            "fail at"
+        )?;
+        for cell in &self.cells {
+            writeln!(f, "{cell}")?;
+        }
+        Ok(())
+    }
+}
+
+/// One row of the matrix's table.
+impl std::fmt::Display for Cell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |v: Option<f64>| v.map_or("-".to_owned(), |m| format!("{m:.0} ms"));
+        let attempts: Vec<String> = self
+            .attempts_needed
+            .iter()
+            .map(|(n, k)| format!("{n}:{k}"))
+            .collect();
+        let outcomes: Vec<String> = self
+            .outcomes
+            .iter()
+            .map(|(o, k)| format!("{o} {k}"))
+            .collect();
+        write!(
+            f,
+            "{:<16} {:<16} {:<5} {:>3}/{:<3} {:>13} {:>8} {:>8} {:>9} {:>9}  {}",
+            self.a,
+            self.b,
+            self.transport,
+            self.success,
+            self.trials,
+            format!(
+                "{:.0}–{:.0}%",
+                self.success_ci95.0 * 100.0,
+                self.success_ci95.1 * 100.0
+            ),
+            ms(self.median_ms),
+            ms(self.p95_ms),
+            if attempts.is_empty() {
+                "-".to_owned()
+            } else {
+                attempts.join(",")
+            },
+            ms(self.median_fail_ms),
+            outcomes.join(", ")
+        )
+    }
+}
+
 /// Why the matrix could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum MatrixError {

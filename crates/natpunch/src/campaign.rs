@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Args;
 use clap::builder::BoolishValueParser;
-use labrun::campaign::{self, CampaignConfig, CampaignReport, Progress};
+use labrun::campaign::{self, CampaignConfig, Progress};
 use natlab::Preset;
 
 use crate::args::Json;
@@ -217,9 +217,9 @@ pub(crate) fn run(args: CampaignArgs) -> anyhow::Result<ExitCode> {
         eprintln!("lab campaign: report in {}", path.display());
     }
     if args.json.json {
-        println!("{}", serde_json::to_string_pretty(&json(&report))?);
+        println!("{}", serde_json::to_string_pretty(&report.to_json())?);
     } else {
-        print_summary(&report);
+        print!("{report}");
     }
     Ok(if report.stored == report.punches {
         ExitCode::SUCCESS
@@ -230,65 +230,6 @@ pub(crate) fn run(args: CampaignArgs) -> anyhow::Result<ExitCode> {
         );
         ExitCode::FAILURE
     })
-}
-
-/// The JSON form the issue names, plus the rates.
-fn json(r: &CampaignReport) -> serde_json::Value {
-    serde_json::json!({
-        "punches": r.punches,
-        "stored": r.stored,
-        "outcomes": r.outcomes,
-        "database": r.database,
-        "success_rate": r.success_rate,
-        "end_to_end_rate": r.end_to_end_rate,
-        "median_ms": r.median_ms,
-        "p95_ms": r.p95_ms,
-        "targets_recorded": r.targets_recorded,
-        "targets": r.targets,
-        "seconds": r.seconds,
-        "interrupted": r.interrupted,
-        "matrix": r.matrix,
-        "measured_nat": r.measured_nat,
-        "peers": r.peers,
-    })
-}
-
-fn print_summary(r: &CampaignReport) {
-    let pct = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{:.1}%", v * 100.0));
-    let ms = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{v:.0} ms"));
-    println!(
-        "{} punches, {} in the database ({}); honeypot recorded {} of {} targets",
-        r.punches, r.stored, r.database, r.targets_recorded, r.targets
-    );
-    let outcomes: Vec<String> = r.outcomes.iter().map(|(o, n)| format!("{o} {n}")).collect();
-    println!("outcomes: {}", outcomes.join(", "));
-    println!(
-        "success rate {} (SUCCESS/(SUCCESS+FAILED)), end to end {}, time to direct median {} p95 {}",
-        pct(r.success_rate),
-        pct(r.end_to_end_rate),
-        ms(r.median_ms),
-        ms(r.p95_ms)
-    );
-    for (name, m) in &r.measured_nat {
-        println!("client behind {name}: measured {m}");
-    }
-    println!();
-    println!(
-        "{:<24} {:<16} {:<5} {:>7} {:>8} {:>10}",
-        "client NAT", "target NAT", "via", "punches", "success", "median ms"
-    );
-    for c in &r.matrix {
-        println!(
-            "{:<24} {:<16} {:<5} {:>7} {:>8} {:>10}",
-            c.client_nat,
-            c.target_nat,
-            c.transport,
-            c.trials,
-            c.success,
-            c.median_ms
-                .map_or_else(|| "-".into(), |m| format!("{m:.0}"))
-        );
-    }
 }
 
 #[cfg(test)]

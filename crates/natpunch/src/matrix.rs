@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Args;
-use labrun::matrix::{self, Cell, MatrixConfig, MatrixReport, Trial};
+use labrun::matrix::{self, MatrixConfig, Trial};
 use natlab::Preset;
 
 use crate::peer::{CandidatesArg, EngineArg, TransportArg};
@@ -176,66 +176,7 @@ pub(crate) fn run(args: MatrixArgs) -> anyhow::Result<ExitCode> {
     if args.json.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print_table(&report);
+        print!("{report}");
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn print_table(r: &MatrixReport) {
-    let c = &r.conditions;
-    if r.interrupted {
-        println!("interrupted: the cells below hold only the trials that ran");
-    }
-    println!(
-        "NAT-pair matrix: {} trials per cell, {} ms host-to-host RTT, engine {}, candidates {}, \
-         {:.0} s",
-        c.trials, c.rtt_ms, c.engine, c.candidates, c.elapsed_secs
-    );
-    println!(
-        "{:<16} {:<16} {:<5} {:>7} {:>13} {:>8} {:>8} {:>9} {:>9}  outcomes",
-        "dialer (A)",
-        "listener (B)",
-        "tr",
-        "success",
-        "95% CI",
-        "median",
-        "p95",
-        "attempts",
-        "fail at"
-    );
-    for cell in &r.cells {
-        println!("{}", row(cell));
-    }
-}
-
-fn row(c: &Cell) -> String {
-    let ms = |v: Option<f64>| v.map_or("-".to_owned(), |m| format!("{m:.0} ms"));
-    let attempts: Vec<String> = c
-        .attempts_needed
-        .iter()
-        .map(|(n, k)| format!("{n}:{k}"))
-        .collect();
-    let outcomes: Vec<String> = c.outcomes.iter().map(|(o, k)| format!("{o} {k}")).collect();
-    format!(
-        "{:<16} {:<16} {:<5} {:>3}/{:<3} {:>13} {:>8} {:>8} {:>9} {:>9}  {}",
-        c.a,
-        c.b,
-        c.transport,
-        c.success,
-        c.trials,
-        format!(
-            "{:.0}–{:.0}%",
-            c.success_ci95.0 * 100.0,
-            c.success_ci95.1 * 100.0
-        ),
-        ms(c.median_ms),
-        ms(c.p95_ms),
-        if attempts.is_empty() {
-            "-".to_owned()
-        } else {
-            attempts.join(",")
-        },
-        ms(c.median_fail_ms),
-        outcomes.join(", ")
-    )
 }

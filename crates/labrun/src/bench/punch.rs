@@ -345,8 +345,14 @@ mod tests {
         assert_eq!(json["arms"][0]["engine"], "natpunch");
         assert_eq!(floor_rtts("quic"), 2.5);
         let text = report.to_string();
-        assert!(text.contains("natpunch / stock, tcp: 0.50 (floor 3.5 RTT)"), "{text}");
-        assert!(text.contains("natpunch / stock, quic: - (floor 2.5 RTT)"), "{text}");
+        assert!(
+            text.contains("natpunch / stock, tcp: 0.50 (floor 3.5 RTT)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("natpunch / stock, quic: - (floor 2.5 RTT)"),
+            "{text}"
+        );
         assert!(text.contains("relayed / direct 0.25"), "{text}");
     }
 }
