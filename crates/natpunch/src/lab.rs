@@ -7,7 +7,6 @@ use anyhow::{Context as _, bail};
 use clap::builder::BoolishValueParser;
 use clap::{Args, Subcommand};
 use natlab::lab::{self, LabState, ProcessId};
-use natlab::topology::{LabPlan, NodePlan};
 use natlab::{Lab, LabOptions, Preset, Topology, holder, selftest};
 
 use crate::args::Json;
@@ -212,7 +211,7 @@ fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     if args.json.json {
         println!("{}", serde_json::to_string_pretty(&plan)?);
     } else {
-        print_plan(&plan);
+        print!("{plan}");
         println!(
             "\nrun a command in a node:  natpunch lab exec {} NODE -- COMMAND",
             plan.lab
@@ -340,61 +339,6 @@ fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn describe_node(n: &NodePlan) -> String {
-    let mut parts = Vec::new();
-    if let Some(r) = &n.router {
-        let nat = &r.nat;
-        let name = r
-            .preset
-            .map_or_else(|| "custom".to_owned(), |p| p.to_string());
-        parts.push(format!(
-            "{name}: {} mapping, {} filtering, {} ports, hairpin {}, udp {} s, tcp {} s, unsolicited: {}; lan {}",
-            nat.mapping,
-            nat.filtering,
-            nat.port_allocation,
-            if nat.hairpin { "on" } else { "off" },
-            nat.udp_timeout_secs,
-            nat.tcp_timeout_secs,
-            nat.unsolicited,
-            r.lan_net
-        ));
-        if let Some(p) = &r.portmap {
-            parts.push(p.summary());
-        }
-    }
-    if n.link.is_impaired() {
-        parts.push(format!(
-            "link: {} ms ± {} ms, {}% loss each way",
-            n.link.delay_ms, n.link.jitter_ms, n.link.loss_pct
-        ));
-    }
-    parts.join("; ")
-}
-
-fn print_plan(plan: &LabPlan) {
-    println!(
-        "lab {}: {} nodes; namespaces natlab.{}.*",
-        plan.lab,
-        plan.nodes.len(),
-        plan.lab
-    );
-    println!(
-        "{:<14} {:<7} {:<24} {:<12} DETAILS",
-        "NODE", "KIND", "ADDRESS", "UPSTREAM"
-    );
-    for n in &plan.nodes {
-        let addrs: Vec<String> = n.uplink.addrs.iter().map(ToString::to_string).collect();
-        println!(
-            "{:<14} {:<7} {:<24} {:<12} {}",
-            n.name,
-            if n.is_router() { "router" } else { "host" },
-            addrs.join(","),
-            n.upstream.as_deref().unwrap_or("internet"),
-            describe_node(n)
-        );
-    }
-}
-
 fn run_selftest(args: SelftestArgs) -> anyhow::Result<ExitCode> {
     let presets = if args.presets.is_empty() {
         Preset::ALL.to_vec()
@@ -406,95 +350,11 @@ fn run_selftest(args: SelftestArgs) -> anyhow::Result<ExitCode> {
     if args.json.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print_report(&report);
+        print!("{report}");
     }
     Ok(if report.ok() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
-}
-
-/// `configured` when the measurement agrees, `configured≠measured` when it does not.
-fn cell<T: PartialEq + ToString>(configured: T, measured: Option<T>) -> String {
-    match measured {
-        Some(m) if m == configured => configured.to_string(),
-        Some(m) => format!("{}≠{}", configured.to_string(), m.to_string()),
-        None => format!("{}≠?", configured.to_string()),
-    }
-}
-
-fn print_report(report: &selftest::SelftestReport) {
-    println!("each cell: the configured value, or configured≠measured");
-    println!(
-        "{:<16} {:<10} {:<10} {:<10} {:<8} {:<10} {:<10} {:<11} {:<14} RESULT",
-        "PRESET",
-        "MAPPING",
-        "FILTERING",
-        "PORTS",
-        "HAIRPIN",
-        "TCP MAP",
-        "TCP FILTER",
-        "UNSOLICITED",
-        "UDP IDLE"
-    );
-    for r in &report.presets {
-        let (c, m) = (&r.configured, r.measured.as_ref());
-        let (tc, tm) = (&r.tcp.configured, r.tcp.measured.as_ref());
-        let on_off = |b: bool| if b { "on" } else { "off" };
-        let idle = r.udp_timeout.as_ref().map_or_else(
-            || "-".to_owned(),
-            |t| {
-                format!(
-                    "{} s {}",
-                    t.configured_secs,
-                    if t.alive_before && !t.alive_after {
-                        "ok"
-                    } else {
-                        "WRONG"
-                    }
-                )
-            },
-        );
-        println!(
-            "{:<16} {:<10} {:<10} {:<10} {:<8} {:<10} {:<10} {:<11} {:<14} {}",
-            r.name.to_string(),
-            cell(
-                c.mapping.abbreviation(),
-                m.map(|m| m.mapping.abbreviation())
-            ),
-            cell(
-                c.filtering.abbreviation(),
-                m.map(|m| m.filtering.abbreviation())
-            ),
-            cell(c.port_allocation, m.map(|m| m.port_allocation)),
-            cell(on_off(c.hairpin), m.map(|m| on_off(m.hairpin))),
-            cell(
-                tc.mapping.abbreviation(),
-                tm.map(|m| m.mapping.abbreviation())
-            ),
-            cell(
-                tc.filtering.abbreviation(),
-                tm.map(|m| m.filtering.abbreviation())
-            ),
-            cell(tc.unsolicited, tm.map(|m| m.unsolicited)),
-            idle,
-            if r.ok { "ok" } else { "MISMATCH" }
-        );
-        if let Some(t) = &r.udp_timeout {
-            println!(
-                "{:<16} udp idle timeout: mapping alive after {:.0} s: {}, after {:.0} s: {}",
-                "", t.checked_before_secs, t.alive_before, t.checked_after_secs, t.alive_after
-            );
-        }
-        if let Some(e) = &r.error {
-            println!("{:<16} error: {e}", "");
-        }
-    }
-    let failed = report.presets.iter().filter(|r| !r.ok).count();
-    println!(
-        "\n{} of {} presets behave as configured",
-        report.presets.len() - failed,
-        report.presets.len()
-    );
 }
