@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Subcommand, ValueEnum};
 use portmap::Protocol;
-use portmap::client::{self, Gateway, MapRequest, Mapped, ProbeReport};
+use portmap::client::{self, Gateway, MapRequest, Mapped};
 use portmap::hold::{HoldConfig, Holder, Update};
 use portmap::keeper::{Method, Want};
 use portmap::record::{self, Record};
@@ -257,47 +257,13 @@ async fn probe(common: Common) -> anyhow::Result<ExitCode> {
     if common.json.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print_probe(&report);
+        print!("{report}");
     }
     Ok(if report.methods().is_empty() {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
     })
-}
-
-fn print_probe(r: &ProbeReport) {
-    println!(
-        "gateway      {} (this host {})",
-        r.gateway.addr, r.gateway.local
-    );
-    let row = |name: &str, offer: &Option<client::Offer>| match offer {
-        Some(o) => {
-            let mut parts = vec!["yes".to_owned()];
-            if let Some(e) = o.epoch {
-                parts.push(format!("epoch {e}"));
-            }
-            if let Some(c) = o.control {
-                parts.push(format!("control {c}"));
-            }
-            println!("{name:<12} {}", parts.join(", "));
-        }
-        None => println!("{name:<12} no"),
-    };
-    row("pcp", &r.pcp);
-    row("nat-pmp", &r.nat_pmp);
-    row("upnp", &r.upnp);
-    match r.external_ip {
-        Some(ip) if r.behind_another_nat => println!(
-            "external ip  {ip} (not global: another NAT is in front of this router; mappings \
-             here are not reachable from the internet)"
-        ),
-        Some(ip) => println!("external ip  {ip}"),
-        None => println!("external ip  unknown"),
-    }
-    for p in &r.problems {
-        println!("  {p}");
-    }
 }
 
 async fn list(common: Common) -> anyhow::Result<ExitCode> {
@@ -335,15 +301,7 @@ async fn list(common: Common) -> anyhow::Result<ExitCode> {
                 println!("  empty");
             }
             for e in entries {
-                println!(
-                    "  {} {} -> {}:{} lease {} s \"{}\"",
-                    e.protocol,
-                    e.external_port,
-                    e.internal_client,
-                    e.internal_port,
-                    e.lease_secs,
-                    e.description
-                );
+                println!("  {e}");
             }
         }
         None => println!("the router answers no UPnP search"),

@@ -140,6 +140,49 @@ pub fn behind_another_nat(ip: Ipv4Addr) -> bool {
         || ip.is_multicast()
 }
 
+/// The report for people: a row per protocol (with its epoch and control address when it has
+/// them), the external address, and the problems of those that did not answer.
+impl std::fmt::Display for ProbeReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "gateway      {} (this host {})",
+            self.gateway.addr, self.gateway.local
+        )?;
+        for (name, offer) in [
+            ("pcp", &self.pcp),
+            ("nat-pmp", &self.nat_pmp),
+            ("upnp", &self.upnp),
+        ] {
+            let Some(o) = offer else {
+                writeln!(f, "{name:<12} no")?;
+                continue;
+            };
+            let mut parts = vec!["yes".to_owned()];
+            if let Some(e) = o.epoch {
+                parts.push(format!("epoch {e}"));
+            }
+            if let Some(c) = o.control {
+                parts.push(format!("control {c}"));
+            }
+            writeln!(f, "{name:<12} {}", parts.join(", "))?;
+        }
+        match self.external_ip {
+            Some(ip) if self.behind_another_nat => writeln!(
+                f,
+                "external ip  {ip} (not global: another NAT is in front of this router; mappings \
+                 here are not reachable from the internet)"
+            )?,
+            Some(ip) => writeln!(f, "external ip  {ip}")?,
+            None => writeln!(f, "external ip  unknown")?,
+        }
+        for p in &self.problems {
+            writeln!(f, "  {p}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Asks the gateway, over all three protocols at once, what it offers. Waits at most `wait`
 /// for each.
 pub async fn probe(gateway: Gateway, wait: Duration) -> ProbeReport {
