@@ -1,5 +1,6 @@
 //! labrun: natpunch's roles run inside a NAT lab, trial after trial.
 //!
+//! * [`args`]: the command lines of the roles it starts, as typed values;
 //! * [`bench`]: benchmarks against a baseline in the same run: hole punching (natpunch's
 //!   engine against stock rust-libp2p), the STUN server (against coturn), the measurement
 //!   server (SQLite against PostgreSQL);
@@ -13,6 +14,7 @@
 //! The roles are the `natpunch` binary itself (`relay`, `peer listen`, `peer dial`), started in
 //! the lab's namespaces, so what is measured is exactly what a user runs.
 
+pub mod args;
 pub mod bench;
 pub mod campaign;
 pub mod html;

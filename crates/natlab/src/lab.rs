@@ -532,7 +532,12 @@ impl Lab {
     /// process ends when the returned handle or the lab is dropped, whichever comes first.
     /// It gets none of the caller's `NATPUNCH_*` variables: the roles a lab starts are set by
     /// their arguments alone, not by what the person running the lab has exported.
-    pub fn spawn(&self, node: &str, program: &str, args: &[&str]) -> Result<LabProcess, LabError> {
+    pub fn spawn<S: AsRef<std::ffi::OsStr>>(
+        &self,
+        node: &str,
+        program: &str,
+        args: &[S],
+    ) -> Result<LabProcess, LabError> {
         let mut cmd = self.command(node, program)?;
         for name in natpunch_settings(std::env::vars_os().map(|(k, _)| k)) {
             cmd.env_remove(name);

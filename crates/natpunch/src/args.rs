@@ -42,8 +42,8 @@ pub(crate) trait TelemetryRole {
 /// The telemetry port (`/metrics`, `/health`) of a long-running role.
 #[derive(Debug, Clone)]
 pub(crate) struct Telemetry<R> {
-    host: String,
-    port: u16,
+    pub(crate) host: String,
+    pub(crate) port: u16,
     role: PhantomData<R>,
 }
 
@@ -144,7 +144,7 @@ pub(crate) trait IdentityRole {
 /// A role's key file (`--identity`).
 #[derive(Debug, Clone)]
 pub(crate) struct Identity<R> {
-    path: Option<PathBuf>,
+    pub(crate) path: Option<PathBuf>,
     role: PhantomData<R>,
 }
 

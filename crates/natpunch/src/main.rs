@@ -166,7 +166,7 @@ fn stop_flag() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
 
 #[cfg(test)]
 mod tests {
-    use clap::{ArgAction, CommandFactory as _};
+    use clap::{ArgAction, CommandFactory as _, Parser as _};
 
     use super::Cli;
 
@@ -177,6 +177,20 @@ mod tests {
         for sub in cmd.get_subcommands() {
             walk(sub, &format!("{path} {}", sub.get_name()), f);
         }
+    }
+
+    /// The subcommand `args` (a labrun child's command line, without the program) parses to.
+    pub(crate) fn parse(args: Vec<std::ffi::OsString>) -> super::Command {
+        let line = std::iter::once("natpunch".into()).chain(args);
+        match Cli::try_parse_from(line) {
+            Ok(cli) => cli.command,
+            Err(e) => panic!("natpunch refuses labrun's command line: {e}"),
+        }
+    }
+
+    /// The name a `ValueEnum` value has on the command line.
+    pub(crate) fn name(v: impl clap::ValueEnum) -> Option<String> {
+        v.to_possible_value().map(|p| p.get_name().to_owned())
     }
 
     fn built() -> clap::Command {

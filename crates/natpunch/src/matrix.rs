@@ -124,14 +124,8 @@ pub(crate) fn run(args: MatrixArgs) -> anyhow::Result<ExitCode> {
         engine: args.engine.name().to_owned(),
         candidates: args.candidates.name().to_owned(),
         attempt_timeout_ms: args.attempt_timeout_ms,
-        listener_args: args
-            .listener_engine
-            .map(|e| vec!["--engine".to_owned(), e.name().to_owned()])
-            .unwrap_or_default(),
-        dialer_args: args
-            .dialer_engine
-            .map(|e| vec!["--engine".to_owned(), e.name().to_owned()])
-            .unwrap_or_default(),
+        listener_engine: args.listener_engine.map(|e| e.name().to_owned()),
+        dialer_engine: args.dialer_engine.map(|e| e.name().to_owned()),
         ..MatrixConfig::new(exe, crate::stop_flag())
     };
     let pairs = if config.pairs.is_empty() {

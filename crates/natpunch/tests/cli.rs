@@ -1414,9 +1414,7 @@ fn peer_listen_holds_its_port_mappings_through_renewals_and_a_router_reboot() {
     let mut lab = Lab::build(&topology, LabOptions::default()).expect("lab");
     let dir = Scratch::new("peer-portmap");
     let exe = env!("CARGO_BIN_EXE_natpunch");
-    let key = dir.0.join("relay.key").display().to_string();
-    let args = labrun::matrix::relay_args(&key, 4001);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let args = labrun::args::RelayArgs::lab(dir.0.join("relay.key"), 4001).to_args();
     let relay = lab.spawn("relay", exe, &args).expect("relay");
     let line = relay
         .wait_for("\"event\":\"external-address\"", Duration::from_secs(20))
@@ -2496,8 +2494,7 @@ impl MeasurementLab {
         )
         .expect("lab");
         let path = |name: &str| dir.join(name).display().to_string();
-        let args = labrun::matrix::relay_args(&path("relay.key"), 4001);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let args = labrun::args::RelayArgs::lab(dir.join("relay.key"), 4001).to_args();
         let relay = lab.spawn("relay", exe, &args).expect("relay");
         let line = relay
             .wait_for("\"event\":\"external-address\"", Duration::from_secs(20))

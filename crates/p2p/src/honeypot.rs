@@ -38,7 +38,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 pub use recorder::{RecordError, Recorder, RecorderConfig, Retry, SightingStore};
 use reported::Reported;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 pub use store::{BadAddress, SqlSightings, connection_event};
 use telemetry::metrics::Registrar;
 
@@ -101,7 +101,7 @@ impl HoneypotConfig {
 }
 
 /// A peer the honeypot saw.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sighting {
     /// The peer.
     pub peer_id: String,
@@ -121,8 +121,9 @@ pub struct Sighting {
     pub opened_at: i64,
 }
 
-/// What the honeypot reports.
-#[derive(Debug, Clone, Serialize)]
+/// What the honeypot reports (and, read back from its JSON lines, what programs that run it
+/// read).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum HoneypotEvent {
     /// Listening.

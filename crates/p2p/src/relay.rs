@@ -27,7 +27,7 @@ use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, autonat, identify, noise, ping, relay, tcp, yamux};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use telemetry::metrics::Registrar;
 
 /// The identify protocol version natpunch's nodes announce.
@@ -198,8 +198,9 @@ pub struct RelayBehaviour {
     pub autonat: autonat::v2::server::Behaviour,
 }
 
-/// Something the relay did, for people and logs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// Something the relay did, for people and logs (and, read back from its JSON lines, for
+/// programs that run it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum RelayEvent {
     /// Listening on an address.

@@ -217,18 +217,11 @@ fn port_restricted_pair(bench: &PunchBench) -> MatrixConfig {
 
 /// Median throughput of the perf trials between two port-restricted homes, relayed or direct.
 fn throughput(bench: &PunchBench, relayed: bool) -> Result<Rate, MatrixError> {
-    let bytes = (bench.perf_mib.max(1) << 20).to_string();
-    let mut dialer_args = vec!["--perf-bytes".to_owned(), bytes];
-    let mut listener_args = Vec::new();
-    if relayed {
-        dialer_args.push("--no-punch".into());
-        listener_args.push("--no-punch".into());
-    }
     let config = MatrixConfig {
         transports: vec!["tcp".into()],
         trials: bench.perf_trials,
-        listener_args,
-        dialer_args,
+        perf_bytes: Some(bench.perf_mib.max(1) << 20),
+        no_punch: relayed,
         ..port_restricted_pair(bench)
     };
     let report = matrix::run(&config, &|_, _, _| {})?;
