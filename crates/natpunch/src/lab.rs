@@ -6,7 +6,7 @@ use std::process::{Command, ExitCode};
 use anyhow::{Context as _, bail};
 use clap::builder::BoolishValueParser;
 use clap::{Args, Subcommand};
-use natlab::lab::{self, LabState, ProcessId};
+use natlab::lab::{self, LabSummary, Removal};
 use natlab::{Lab, LabOptions, Preset, Topology, holder, selftest};
 
 use crate::args::Json;
@@ -260,23 +260,16 @@ fn down(args: DownArgs) -> anyhow::Result<ExitCode> {
         _ => {}
     }
     let Some(name) = args.lab else {
-        // --all: every detached lab and every stale one; labs that a running program (a test, a
-        // self-test) owns are its to remove.
         let mut removed = 0;
-        for state in lab::list() {
-            let name = &state.plan.lab;
-            if !state.detached && state.owner.is_alive() {
-                println!(
-                    "kept lab {name}: owned by running process {}",
-                    state.owner.pid
-                );
-                continue;
+        let swept = lab::down_all(&mut |r| match r {
+            Removal::Kept { lab, owner } => {
+                println!("kept lab {lab}: owned by running process {owner}");
             }
-            lab::down(name)?;
-            println!("removed lab {name}");
-            removed += 1;
-        }
-        let swept = lab::sweep();
+            Removal::Removed(lab) => {
+                println!("removed lab {lab}");
+                removed += 1;
+            }
+        })?;
         if !swept.is_empty() {
             println!("removed stale {}", swept.join(", "));
         }
@@ -291,27 +284,9 @@ fn down(args: DownArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
-    let labs = lab::list();
+    let labs: Vec<LabSummary> = lab::list().iter().map(LabSummary::from).collect();
     if args.json.json {
-        #[derive(serde::Serialize)]
-        struct Entry<'a> {
-            name: &'a str,
-            nodes: Vec<&'a str>,
-            detached: bool,
-            owner_alive: bool,
-            delay_holder: Option<u32>,
-        }
-        let entries: Vec<Entry<'_>> = labs.iter().map(entry).collect();
-        fn entry(s: &LabState) -> Entry<'_> {
-            Entry {
-                name: &s.plan.lab,
-                nodes: s.plan.nodes.iter().map(|n| n.name.as_str()).collect(),
-                detached: s.detached,
-                owner_alive: s.owner.is_alive(),
-                delay_holder: s.holder.filter(ProcessId::is_alive).map(|h| h.pid),
-            }
-        }
-        println!("{}", serde_json::to_string_pretty(&entries)?);
+        println!("{}", serde_json::to_string_pretty(&labs)?);
         return Ok(ExitCode::SUCCESS);
     }
     if labs.is_empty() {
@@ -320,20 +295,12 @@ fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     }
     println!("{:<24} {:>5}  {:<18} NODES", "LAB", "NODES", "KIND");
     for s in &labs {
-        let kind = if s.detached {
-            "detached".to_owned()
-        } else if s.owner.is_alive() {
-            format!("owned by pid {}", s.owner.pid)
-        } else {
-            "stale (owner gone)".to_owned()
-        };
-        let nodes: Vec<&str> = s.plan.nodes.iter().map(|n| n.name.as_str()).collect();
         println!(
             "{:<24} {:>5}  {:<18} {}",
-            s.plan.lab,
-            nodes.len(),
-            kind,
-            nodes.join(" ")
+            s.name,
+            s.nodes.len(),
+            s.kind(),
+            s.nodes.join(" ")
         );
     }
     Ok(ExitCode::SUCCESS)
