@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 /// Builds an argument list flag by flag.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Line(Vec<OsString>);
 
 impl Line {
