@@ -109,6 +109,11 @@ impl SelftestReport {
     }
 }
 
+/// The [`cell`] of one axis (`get`) of a configured and a measured behaviour.
+fn axis<A, T: PartialEq + ToString>(c: &A, m: Option<&A>, get: impl Fn(&A) -> T) -> String {
+    cell(get(c), m.map(&get))
+}
+
 /// `configured` when the measurement agrees, `configured≠measured` when it does not.
 fn cell<T: PartialEq + ToString>(configured: T, measured: Option<T>) -> String {
     match measured {
@@ -158,25 +163,13 @@ impl fmt::Display for SelftestReport {
                 f,
                 "{:<16} {:<10} {:<10} {:<10} {:<8} {:<10} {:<10} {:<11} {:<14} {}",
                 r.name.to_string(),
-                cell(
-                    c.mapping.abbreviation(),
-                    m.map(|m| m.mapping.abbreviation())
-                ),
-                cell(
-                    c.filtering.abbreviation(),
-                    m.map(|m| m.filtering.abbreviation())
-                ),
-                cell(c.port_allocation, m.map(|m| m.port_allocation)),
-                cell(on_off(c.hairpin), m.map(|m| on_off(m.hairpin))),
-                cell(
-                    tc.mapping.abbreviation(),
-                    tm.map(|m| m.mapping.abbreviation())
-                ),
-                cell(
-                    tc.filtering.abbreviation(),
-                    tm.map(|m| m.filtering.abbreviation())
-                ),
-                cell(tc.unsolicited, tm.map(|m| m.unsolicited)),
+                axis(c, m, |a| a.mapping.abbreviation()),
+                axis(c, m, |a| a.filtering.abbreviation()),
+                axis(c, m, |a| a.port_allocation),
+                axis(c, m, |a| on_off(a.hairpin)),
+                axis(tc, tm, |a| a.mapping.abbreviation()),
+                axis(tc, tm, |a| a.filtering.abbreviation()),
+                axis(tc, tm, |a| a.unsolicited),
                 idle,
                 if r.ok { "ok" } else { "MISMATCH" }
             )?;

@@ -369,13 +369,13 @@ mod tests {
             lifetime_secs: 7200,
         }))
         .expect("saved");
-        assert_eq!(
+        let on_disk = || {
             Record::load(path.clone())
                 .expect("read")
                 .on(gateway())
-                .count(),
-            1
-        );
+                .count()
+        };
+        assert_eq!(on_disk(), 1);
         r.apply(&update(Event::CheckFailed {
             error: "no answer".into(),
         }))
@@ -386,13 +386,7 @@ mod tests {
             external_port: m.external_port,
         }))
         .expect("saved");
-        assert_eq!(
-            Record::load(path.clone())
-                .expect("read")
-                .on(gateway())
-                .count(),
-            0
-        );
+        assert_eq!(on_disk(), 0);
         let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
     }
 }
