@@ -169,7 +169,7 @@ impl<R: IdentityRole> Identity<R> {
                 return Ok(Key {
                     key: Keypair::generate_ed25519(),
                     path: None,
-                    created: true,
+                    created: false,
                 });
             }
         };
