@@ -5,22 +5,28 @@
 //!   Go and Rust clients talk to natpunch's server unchanged. natpunch's own fields (idempotency
 //!   key, technique, time to direct, NAT behaviour of both ends, transport) have tags from 100 up.
 //! - [`report`]: validation of hole-punch reports, naming the first field that is wrong.
+//! - [`multiaddr`], [`peer_id`]: the binary and text forms of the multiaddrs and peer IDs that
+//!   reports carry (multiformats multiaddr and multihash specs, libp2p's peer-ID spec), checked
+//!   without panicking on what the network sends.
 //! - [`store`]: the [`store::Store`] trait and its SQLite and PostgreSQL backend.
 //! - [`postgres`]: a private PostgreSQL server (tests, benchmarks, lab campaigns).
 //! - [`sample`]: a realistic report, for benchmarks and tests.
 //! - [`server`]: the gRPC service on a store, its metrics, and the serving loops.
 //!
-//! It does not punch, dial or speak any libp2p protocol: the measurement client is the
-//! `measure` crate, and the server needs no libp2p. Multiaddrs and peer IDs come from the
-//! `multiaddr` crate (the same types libp2p re-exports, so the client passes its own), whose
-//! only libp2p-named dependency is `libp2p-identity` for `PeerId`;
-//! `cargo tree -p api -e normal | grep libp2p` shows nothing else.
+//! It does not punch, dial or speak any libp2p protocol, and it links no libp2p crate
+//! (`cargo tree -p api | grep libp2p` shows nothing): the measurement client is the `measure`
+//! crate; multiaddrs and peer IDs are this crate's own types, which read and write the same
+//! bytes and text as libp2p's (callers holding libp2p's types convert through the binary form).
+//! It does not check that a peer ID matches a key, nor resolve or dial an address.
 
+pub mod multiaddr;
+pub mod peer_id;
 pub mod postgres;
 pub mod report;
 pub mod sample;
 pub mod server;
 pub mod store;
+mod varint;
 
 /// The generated PunchrService messages, enums, client and server.
 #[allow(

@@ -10,9 +10,9 @@
 
 use std::net::IpAddr;
 
-use multiaddr::{Multiaddr, PeerId, Protocol};
-
+use crate::multiaddr::Multiaddr;
 use crate::pb;
+use crate::peer_id::PeerId;
 
 /// The longest idempotency key, technique, NAT description or transport name accepted.
 const MAX_LABEL: usize = 128;
@@ -74,17 +74,17 @@ impl Addr {
         let mut ip = None;
         let mut transport = None;
         let mut is_relay = false;
-        for p in addr {
-            match p {
-                Protocol::Ip4(a) if ip.is_none() => ip = Some(IpAddr::V4(a)),
-                Protocol::Ip6(a) if ip.is_none() => ip = Some(IpAddr::V6(a)),
-                Protocol::P2pCircuit => is_relay = true,
-                Protocol::Tcp(_) if !is_relay => transport = Some("tcp"),
-                Protocol::Quic if !is_relay => transport = Some("quic"),
-                Protocol::QuicV1 if !is_relay => transport = Some("quic-v1"),
-                Protocol::Ws(_) | Protocol::Wss(_) if !is_relay => transport = Some("ws"),
-                Protocol::WebTransport if !is_relay => transport = Some("webtransport"),
-                Protocol::WebRTCDirect if !is_relay => transport = Some("webrtc-direct"),
+        for c in addr {
+            match c.name() {
+                "ip4" | "ip6" if ip.is_none() => ip = c.ip(),
+                "p2p-circuit" => is_relay = true,
+                _ if is_relay => {}
+                "tcp" => transport = Some("tcp"),
+                "quic" => transport = Some("quic"),
+                "quic-v1" => transport = Some("quic-v1"),
+                "ws" | "wss" | "x-parity-ws" | "x-parity-wss" => transport = Some("ws"),
+                "webtransport" => transport = Some("webtransport"),
+                "webrtc-direct" => transport = Some("webrtc-direct"),
                 _ => {}
             }
         }
@@ -102,7 +102,7 @@ impl Addr {
         if bytes.is_empty() {
             return Err(invalid(field, "empty"));
         }
-        let addr = Multiaddr::try_from(bytes.to_vec())
+        let addr = Multiaddr::from_bytes(bytes)
             .map_err(|e| invalid(field, format!("not a multiaddr ({e})")))?;
         Ok(Self::of(&addr))
     }
@@ -140,7 +140,7 @@ fn is_public(ip: IpAddr) -> bool {
 /// Parses a peer ID from its binary form.
 pub fn peer_id(bytes: &[u8], field: &str) -> Result<String, Invalid> {
     PeerId::from_bytes(bytes)
-        .map(|p| p.to_base58())
+        .map(|p| p.to_string())
         .map_err(|_| invalid(field, "not a peer ID"))
 }
 
@@ -575,8 +575,8 @@ pub fn registration(r: &pb::RegisterRequest) -> Result<(), Invalid> {
 
 /// The hosts of a GetAddrInfo request as base58 peer IDs: `host_id` first, then each of
 /// `all_host_ids` not given before. At most [`MAX_HOSTS`] entries are accepted (duplicates
-/// count); each must be a peer ID, which bounds its length too (a multihash whose digest is at
-/// most 64 bytes, nothing after it).
+/// count); each must be a peer ID, which bounds its length too (a multihash of at most 44
+/// bytes, nothing after it).
 pub fn host_ids(host_id: &[u8], all_host_ids: &[Vec<u8>]) -> Result<Vec<String>, Invalid> {
     if all_host_ids.len() > MAX_HOSTS {
         return Err(invalid(
@@ -656,12 +656,8 @@ mod tests {
 
     #[test]
     fn a_remotes_identify_in_a_latency_measurement_is_cut_not_refused() {
-        let peer = || {
-            libp2p::identity::Keypair::generate_ed25519()
-                .public()
-                .to_peer_id()
-        };
-        let mut r = crate::sample::report(peer(), peer(), peer(), "key", None);
+        let peer = crate::sample::peer_id;
+        let mut r = crate::sample::report(&peer(), &peer(), &peer(), "key", None);
         r.latency_measurements[0].agent_version = "a".repeat(10_000);
         r.latency_measurements[0].protocols = vec!["/p".repeat(10_000), "/ipfs/id/1.0.0".into()];
         let report = Report::from_request(&r).expect("valid");

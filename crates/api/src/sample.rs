@@ -1,18 +1,26 @@
 //! A realistic hole-punch report, as punchr's Go client fills one plus natpunch's fields: for
 //! benchmarks (`natpunch bench server`) and tests.
 
-use multiaddr::{Multiaddr, PeerId};
+use rand::RngExt as _;
 
+use crate::multiaddr::Multiaddr;
 use crate::pb;
+use crate::peer_id::PeerId;
 
 /// The start of the sample punch, Unix ns.
 pub const STARTED_AT: u64 = 1_795_303_375_400_000_000;
 
+/// A random peer ID of the Ed25519 kind libp2p hosts have. The key bytes are random, not a
+/// point on the curve: the server never looks at the key.
+pub fn peer_id() -> PeerId {
+    PeerId::ed25519(rand::rng().random())
+}
+
 /// A relayed address through `relay`.
-pub fn relay_addr(relay: PeerId, port: u16) -> Multiaddr {
+pub fn relay_addr(relay: &PeerId, port: u16) -> Multiaddr {
     format!("/ip4/198.51.100.7/udp/{port}/quic-v1/p2p/{relay}/p2p-circuit")
         .parse()
-        .unwrap_or_else(|_| Multiaddr::empty())
+        .unwrap_or_default()
 }
 
 fn addr(s: &str) -> Vec<u8> {
@@ -25,9 +33,9 @@ fn addr(s: &str) -> Vec<u8> {
 /// then success), the served and open addresses, a latency measurement to the relay with one
 /// failed ping, a port mapping, network information, and every natpunch field.
 pub fn report(
-    client: PeerId,
-    remote: PeerId,
-    relay: PeerId,
+    client: &PeerId,
+    remote: &PeerId,
+    relay: &PeerId,
     api_key: &str,
     idempotency_key: Option<&str>,
 ) -> pb::TrackHolePunchRequest {

@@ -11,7 +11,6 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use multiaddr::{Multiaddr, PeerId};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
@@ -19,7 +18,9 @@ use rand::RngExt as _;
 use telemetry::metrics::{Histograms, Registrar};
 use tonic::{Request, Response, Status};
 
+use crate::multiaddr::Multiaddr;
 use crate::pb;
+use crate::peer_id::PeerId;
 use crate::report::{self, Report, peer_id};
 use crate::store::{Allocated, Host, Rules, Store, StoreError, Tracked};
 

@@ -2228,10 +2228,13 @@ async fn send_reports(
     let queue = Arc::new(Mutex::new(keys));
     let acked = Arc::new(Mutex::new(Vec::new()));
     let kept = Arc::new(Mutex::new(Vec::new()));
-    let (remote, relay) = (peer_id(), peer_id());
+    // The server crate has its own peer-ID type (it does not link libp2p).
+    let ours = |p: libp2p::PeerId| api::peer_id::PeerId::from_bytes(&p.to_bytes()).expect("peer");
+    let (host, remote, relay) = (ours(host), ours(peer_id()), ours(peer_id()));
     let mut handles = Vec::new();
     for _ in 0..tasks {
         let (queue, acked, kept) = (queue.clone(), acked.clone(), kept.clone());
+        let (host, remote, relay) = (host.clone(), remote.clone(), relay.clone());
         handles.push(tokio::spawn(async move {
             let mut client = PunchrServiceClient::connect(format!("http://{grpc}"))
                 .await
@@ -2243,9 +2246,9 @@ async fn send_reports(
                 let sent = match client.as_mut() {
                     Some(c) => c
                         .track_hole_punch(api::sample::report(
-                            host,
-                            remote,
-                            relay,
+                            &host,
+                            &remote,
+                            &relay,
                             "key",
                             Some(&key),
                         ))

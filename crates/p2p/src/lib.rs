@@ -4,6 +4,8 @@
 //!   every limit configurable, Prometheus metrics;
 //! * [`peer`]: the hole-punching peer (relay reservation or relayed dial, then DCUtR), with our
 //!   own DCUtR engine or rust-libp2p's, and [`record`]: what each side saw of a hole punch;
+//! * [`punch`]: the hole-punch engine itself, sans-IO: events and `now` in, actions and its
+//!   next timeout out, tested in virtual time;
 //! * [`honeypot`]: a Kademlia DHT server that records the peers connecting to it;
 //! * [`candidates`]: hands the swarm the addresses the relay observed, untouched;
 //! * [`identity`]: keys kept in files, created on first use;
@@ -17,6 +19,7 @@ pub mod candidates;
 pub mod honeypot;
 pub mod identity;
 pub mod peer;
+pub mod punch;
 pub mod record;
 pub mod relay;
 pub mod wire;

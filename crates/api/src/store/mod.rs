@@ -7,17 +7,18 @@
 //! - `postgres://…`: for campaigns at scale, with punchr's column types (TIMESTAMPTZ, INTERVAL,
 //!   arrays, enum types) so its notebooks work on it.
 //!
-//! Both get their migrations (`migrations/sqlite`, `migrations/postgres`) applied on open. The
-//! statements are written once; the few places where the two dialects differ are marked
-//! `{kind $n}` and rendered per backend when the store opens (see [`render`]).
+//! The schema and the statements are each written once. The schema (`migrations/`) is written in
+//! PostgreSQL's dialect with SQLite's lines derived from it, rendered for the backend and applied
+//! on open (`schema`); in the statements, the few places where the two dialects differ are
+//! marked `{kind $n}` and rendered per backend when the store opens (see [`render`]).
 //!
 //! Every write runs in one transaction: a report is stored whole or not at all.
 //!
-//! The parts: `dialect` ([`render`]), `statements` (every statement, rendered once per store),
-//! `ids` (write transactions and the cache of committed peer and address ids), `tracking`
-//! (registrations, connection events, reports) and `allocation` (which remote a host punches
-//! next); the [`Store`] methods here run those transactions, again after a deadlock or a
-//! serialization failure.
+//! The parts: `schema` (the migrations, rendered), `dialect` ([`render`]), `statements` (every
+//! statement, rendered once per store), `ids` (write transactions and the cache of committed
+//! peer and address ids), `tracking` (registrations, connection events, reports) and
+//! `allocation` (which remote a host punches next); the [`Store`] methods here run those
+//! transactions, again after a deadlock or a serialization failure.
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
@@ -33,6 +34,7 @@ use crate::report::{Addr, Report};
 mod allocation;
 mod dialect;
 mod ids;
+mod schema;
 mod statements;
 mod tracking;
 
@@ -369,10 +371,7 @@ impl SqlStore {
                 options.connect(&connect_url).await?
             }
         };
-        match backend {
-            Backend::Sqlite => sqlx::migrate!("migrations/sqlite").run(&pool).await?,
-            Backend::Postgres => sqlx::migrate!("migrations/postgres").run(&pool).await?,
-        }
+        schema::migrator(backend).await?.run(&pool).await?;
         Ok(Self {
             pool,
             backend,

@@ -17,8 +17,6 @@ use api::pb::punchr_service_client::PunchrServiceClient;
 use api::postgres::TempPostgres;
 use api::server::{Config, Service};
 use api::store::{SqlStore, Store as _, StoreError};
-use libp2p::PeerId;
-use libp2p::identity::Keypair;
 use serde::Serialize;
 
 use super::punch::figure;
@@ -183,10 +181,6 @@ impl fmt::Display for ServerReport {
     }
 }
 
-fn peer() -> PeerId {
-    Keypair::generate_ed25519().public().to_peer_id()
-}
-
 /// Runs the load against a server on `store`; `progress` hears the reports sent so far.
 async fn load(
     backend: &'static str,
@@ -203,7 +197,7 @@ async fn load(
     let server = tokio::spawn(api::server::serve(service, listener, None, async {
         let _ = stop_rx.await;
     }));
-    let (remote, relay) = (peer(), peer());
+    let (remote, relay) = (api::sample::peer_id(), api::sample::peer_id());
     let call = |call| move |source| ServerBenchError::Call { call, source };
     let mut hosts = Vec::with_capacity(clients);
     let mut channels = Vec::with_capacity(clients);
@@ -211,7 +205,7 @@ async fn load(
         let mut client = PunchrServiceClient::connect(url.clone())
             .await
             .map_err(ServerBenchError::Connect)?;
-        let host = peer();
+        let host = api::sample::peer_id();
         client
             .register(pb::RegisterRequest {
                 client_id: host.to_bytes(),
@@ -223,7 +217,7 @@ async fn load(
             .map_err(call("registering"))?;
         // Warm-up: the shared rows (remote, relay, addresses) exist before timing starts.
         client
-            .track_hole_punch(api::sample::report(host, remote, relay, "bench", None))
+            .track_hole_punch(api::sample::report(&host, &remote, &relay, "bench", None))
             .await
             .map_err(call("the warm-up report"))?;
         hosts.push(host);
@@ -235,6 +229,7 @@ async fn load(
     let mut tasks = Vec::with_capacity(clients);
     for (host, mut client) in hosts.into_iter().zip(channels) {
         let next = Arc::clone(&next);
+        let (remote, relay) = (remote.clone(), relay.clone());
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             loop {
@@ -243,7 +238,7 @@ async fn load(
                     return Ok::<_, tonic::Status>(latencies);
                 }
                 let key = format!("bench-{n}");
-                let report = api::sample::report(host, remote, relay, "bench", Some(&key));
+                let report = api::sample::report(&host, &remote, &relay, "bench", Some(&key));
                 let t = Instant::now();
                 client.track_hole_punch(report).await?;
                 latencies.push(t.elapsed().as_secs_f64() * 1000.0);

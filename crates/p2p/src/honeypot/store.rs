@@ -3,9 +3,10 @@
 
 use std::future::Future;
 
+use api::multiaddr::{Multiaddr, MultiaddrError};
 use api::report::Addr;
 use api::store::{ConnectionEvent, SqlStore, Store as _};
-use libp2p::{Multiaddr, PeerId};
+use libp2p::PeerId;
 
 use super::{Honeypot, HoneypotEvent, Metrics, RecordError, Recorder, RecorderConfig};
 use super::{Sighting, SightingStore};
@@ -17,7 +18,7 @@ pub struct BadAddress {
     /// The address as the peer gave it.
     pub address: String,
     /// Why it is not one.
-    pub error: libp2p::multiaddr::Error,
+    pub error: MultiaddrError,
 }
 
 /// The measurement store as the honeypot's writer sees it: sightings become connection events

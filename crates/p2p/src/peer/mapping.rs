@@ -275,6 +275,144 @@ fn address(m: &Mapped, fallback: Option<Ipv4Addr>) -> Option<Multiaddr> {
     })
 }
 
+use super::{Candidates, Peer, PeerEvent, defaults};
+use crate::punch::{dialable, transport_of, without_p2p};
+
+impl Peer {
+    /// The addresses this peer offers in CONNECT: mapped ones first.
+    pub(super) fn offered(&self) -> Vec<Multiaddr> {
+        let source = match self.config.candidates {
+            Candidates::Observed => &self.observed,
+            Candidates::Stock => &self.stock_candidates,
+        };
+        self.mapping
+            .iter()
+            .flat_map(|m| m.offered().iter().map(|(_, a)| a))
+            .chain(source.iter())
+            .filter(|a| dialable(a))
+            .map(|a| without_p2p(a.clone()).with(Protocol::P2p(self.peer_id())))
+            .collect()
+    }
+
+    /// Starts holding a mapping of every listen port on the local router, and waits until
+    /// each was made or failed once. A failed one is retried in the background and offered
+    /// once made.
+    pub(super) async fn map_ports(&mut self, report: &mut impl FnMut(PeerEvent)) {
+        use portmap::keeper::Want;
+        let mut wants: Vec<Want> = Vec::new();
+        for listen in self.swarm.listeners().filter(|a| dialable(a)) {
+            let protocol = if transport_of(listen) == "quic" {
+                portmap::Protocol::Udp
+            } else {
+                portmap::Protocol::Tcp
+            };
+            let Some(internal_port) = listen.iter().find_map(|p| match p {
+                Protocol::Tcp(port) | Protocol::Udp(port) => Some(port),
+                _ => None,
+            }) else {
+                continue;
+            };
+            // One mapping per port, however many interfaces it listens on.
+            if wants
+                .iter()
+                .any(|w| w.protocol == protocol && w.internal_port == internal_port)
+            {
+                continue;
+            }
+            wants.push(Want {
+                protocol,
+                internal_port,
+                external_port: None,
+                lifetime: self.config.port_mapping_lifetime,
+            });
+        }
+        let count = u32::try_from(wants.len()).unwrap_or(u32::MAX);
+        let names: Vec<String> = wants
+            .iter()
+            .map(|w| format!("{} port {}", w.protocol, w.internal_port))
+            .collect();
+        let wait = defaults::PORT_MAPPING_WAIT;
+        let mut mapping = match PortMapping::start(wants, defaults::PORT_MAPPING_CHECK, wait).await
+        {
+            Ok(m) => m,
+            Err(error) => {
+                report(PeerEvent::PortMapFailed { error });
+                return;
+            }
+        };
+        // Each request may take `wait`; they go one after another.
+        let mut failed = Vec::new();
+        for update in mapping.first_answers(wait * (count + 1)).await {
+            if let Event::Failed { id, error, .. } = &update.event
+                && !failed.contains(id)
+            {
+                failed.push(*id);
+                let what = names.get(*id).map_or("a port", String::as_str);
+                report(PeerEvent::PortMapFailed {
+                    error: format!("mapping {what}: {error} (retrying)"),
+                });
+            }
+            report(PeerEvent::PortMapUpdate { update });
+        }
+        self.mapping = Some(mapping);
+        self.on_mapping_changed(report);
+    }
+
+    /// The holder's mappings changed: offer the addresses they give now (the swarm's external
+    /// addresses, which identify tells the remotes, and CONNECT's) instead of the old ones.
+    pub(super) fn on_mapping_changed(&mut self, report: &mut impl FnMut(PeerEvent)) {
+        let Some(mapping) = self.mapping.as_mut() else {
+            return;
+        };
+        for change in mapping.update() {
+            match change {
+                Change::Mapped {
+                    mapping,
+                    addr,
+                    previous,
+                } => {
+                    if let Some(old) = &previous {
+                        self.swarm.remove_external_address(old);
+                    }
+                    self.swarm.add_external_address(addr.clone());
+                    report(PeerEvent::PortMapped {
+                        method: mapping.method.to_string(),
+                        internal: mapping.internal.to_string(),
+                        external: addr.to_string(),
+                        previous: previous.map(|a| a.to_string()),
+                    });
+                }
+                Change::Lost { mapping, addr } => {
+                    self.swarm.remove_external_address(&addr);
+                    report(PeerEvent::PortMapLost {
+                        internal: mapping.internal.to_string(),
+                        external: addr.to_string(),
+                    });
+                }
+            }
+        }
+        // Hole punches in progress offer the new addresses from their next CONNECT on.
+        let offered = self.offered();
+        for session in self.sessions.values_mut() {
+            session.set_offered(offered.clone());
+        }
+    }
+
+    /// The mappings this peer holds on its router now.
+    pub fn mappings(&self) -> impl Iterator<Item = &Mapped> {
+        self.mapping
+            .iter()
+            .flat_map(|m| m.offered().iter().map(|(m, _)| m))
+    }
+
+    /// Stops holding the mappings and deletes them on the router.
+    pub async fn unmap(&mut self) {
+        if let Some(mapping) = self.mapping.take() {
+            mapping.release().await;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

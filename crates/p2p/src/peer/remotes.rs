@@ -11,6 +11,7 @@ use libp2p::core::ConnectedPoint;
 use libp2p::swarm::ConnectionId;
 
 use super::defaults::MAX_REMOTES;
+use crate::punch::RemoteEngine;
 use crate::record::Side;
 
 /// A direct connection to a remote.
@@ -18,15 +19,6 @@ use crate::record::Side;
 pub(super) struct Direct {
     pub(super) id: ConnectionId,
     pub(super) endpoint: ConnectedPoint,
-}
-
-/// What identify says a remote runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum RemoteEngine {
-    /// natpunch's engine: it understands reversed attempts and drives the handshake itself.
-    Natpunch,
-    /// Anything else: plain DCUtR.
-    Other,
 }
 
 /// One remote.

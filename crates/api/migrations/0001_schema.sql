@@ -1,22 +1,40 @@
--- natpunch's measurement store on PostgreSQL. Table, column, type and enum names follow
--- punchr's schema (timestamps TIMESTAMPTZ, durations INTERVAL, lists as arrays, outcomes as
--- enum types), so its published dataset and notebooks map onto it. What punchr got wrong is
--- fixed here: api_key is unique, clients are unique per (peer, authorization), the allocation
--- and dedup queries have indexes, a report carries an idempotency key, network information is
--- linked to its result, latency statistics leave failed pings out.
+# The measurement store's schema, written once in PostgreSQL's dialect; src/store/schema.rs
+# renders it for each backend. Lines starting with `@sqlite ` or `@postgres ` belong to that
+# backend only; lines starting with `#` are notes on this file and belong to neither. SQLite's
+# column lines are derived from PostgreSQL's: its types (INTEGER for ids, integers, timestamps
+# and booleans; TEXT for text, addresses, arrays as JSON, and enums; REAL for intervals and
+# floats; BLOB for bytes), a CHECK for booleans and enums (the values of the enum's CREATE
+# TYPE), and '[]' for an empty array default.
+#
+# sqlx keeps the SHA-384 of each backend's rendered SQL in every database it migrated and
+# refuses to open one whose migration changed; store::schema's tests pin both. Change the schema
+# with a new migration, never by editing this one.
+@sqlite -- natpunch's measurement store on SQLite. Table, column and enum names follow punchr's schema,
+@sqlite -- so its published dataset and notebooks map onto it; what punchr got wrong is fixed here:
+@sqlite -- api_key is unique, the allocation and dedup queries have indexes, a report carries an
+@sqlite -- idempotency key, latency statistics leave failed pings out.
+@sqlite --
+@sqlite -- SQLite has no arrays, enums or time zones: lists are JSON text, enums are TEXT with a CHECK,
+@sqlite -- timestamps are INTEGER Unix nanoseconds (what the API carries), durations REAL seconds.
+@postgres -- natpunch's measurement store on PostgreSQL. Table, column, type and enum names follow
+@postgres -- punchr's schema (timestamps TIMESTAMPTZ, durations INTERVAL, lists as arrays, outcomes as
+@postgres -- enum types), so its published dataset and notebooks map onto it. What punchr got wrong is
+@postgres -- fixed here: api_key is unique, clients are unique per (peer, authorization), the allocation
+@postgres -- and dedup queries have indexes, a report carries an idempotency key, network information is
+@postgres -- linked to its result, latency statistics leave failed pings out.
 
-CREATE TYPE hole_punch_outcome AS ENUM (
-    'UNKNOWN', 'NO_CONNECTION', 'NO_STREAM', 'CONNECTION_REVERSED', 'CANCELLED', 'FAILED',
-    'SUCCESS'
-);
-CREATE TYPE hole_punch_attempt_outcome AS ENUM (
-    'UNKNOWN', 'DIRECT_DIAL', 'PROTOCOL_ERROR', 'CANCELLED', 'TIMEOUT', 'FAILED', 'SUCCESS'
-);
-CREATE TYPE hole_punch_multi_address_relationship AS ENUM ('INITIAL', 'FINAL');
-CREATE TYPE latency_measurement_type AS ENUM (
-    'TO_RELAY', 'TO_REMOTE_THROUGH_RELAY', 'TO_REMOTE_AFTER_HOLEPUNCH'
-);
-
+@postgres CREATE TYPE hole_punch_outcome AS ENUM (
+@postgres     'UNKNOWN', 'NO_CONNECTION', 'NO_STREAM', 'CONNECTION_REVERSED', 'CANCELLED', 'FAILED',
+@postgres     'SUCCESS'
+@postgres );
+@postgres CREATE TYPE hole_punch_attempt_outcome AS ENUM (
+@postgres     'UNKNOWN', 'DIRECT_DIAL', 'PROTOCOL_ERROR', 'CANCELLED', 'TIMEOUT', 'FAILED', 'SUCCESS'
+@postgres );
+@postgres CREATE TYPE hole_punch_multi_address_relationship AS ENUM ('INITIAL', 'FINAL');
+@postgres CREATE TYPE latency_measurement_type AS ENUM (
+@postgres     'TO_RELAY', 'TO_REMOTE_THROUGH_RELAY', 'TO_REMOTE_AFTER_HOLEPUNCH'
+@postgres );
+@postgres
 CREATE TABLE authorizations (
     id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     api_key     TEXT        NOT NULL UNIQUE,
@@ -100,7 +118,9 @@ CREATE TABLE hole_punch_results (
     updated_at                     TIMESTAMPTZ        NOT NULL,
     created_at                     TIMESTAMPTZ        NOT NULL
 );
+@sqlite -- The per-remote rate limit (results per remote in the last minute).
 CREATE INDEX idx_hole_punch_results_remote_created ON hole_punch_results (remote_id, created_at);
+@sqlite -- The per-client dedup (this client's results to a remote in the last 10 minutes).
 CREATE INDEX idx_hole_punch_results_local_remote_created
     ON hole_punch_results (local_id, remote_id, created_at);
 
@@ -145,7 +165,7 @@ CREATE TABLE port_mappings (
     addr                  TEXT   NOT NULL,
     addr_network          TEXT   NOT NULL
 );
-CREATE INDEX idx_port_mappings_result ON port_mappings (hole_punch_result_id);
+@postgres CREATE INDEX idx_port_mappings_result ON port_mappings (hole_punch_result_id);
 
 -- Linked to the result it came with (punchr linked it to the peer only).
 CREATE TABLE network_information (
@@ -175,7 +195,7 @@ CREATE TABLE latency_measurements (
     rtt_std               FLOAT8,
     created_at            TIMESTAMPTZ              NOT NULL
 );
-CREATE INDEX idx_latency_measurements_result ON latency_measurements (hole_punch_result_id);
+@postgres CREATE INDEX idx_latency_measurements_result ON latency_measurements (hole_punch_result_id);
 
 -- What GetAddrInfo served: the per-remote cap and the per-client dedup count these, so that a
 -- remote is not handed out again before the first report about it arrives (punchr counted
@@ -197,3 +217,6 @@ CREATE TABLE allocations_x_multi_addresses (
 );
 CREATE INDEX idx_allocations_x_multi_addresses_maddr
     ON allocations_x_multi_addresses (multi_address_id, allocation_id);
+@sqlite
+@sqlite CREATE INDEX idx_port_mappings_result ON port_mappings (hole_punch_result_id);
+@sqlite CREATE INDEX idx_latency_measurements_result ON latency_measurements (hole_punch_result_id);

@@ -1,0 +1,1102 @@
+//! The hole-punch engine: one hole punch with one remote, as a sans-IO state machine.
+//!
+//! [`Punch`] owns no socket, clock, task or random number. Its driver (the [`crate::peer`]
+//! event loop, or a simulation in the tests) tells it what happened, each time with `now`:
+//! the handshake stream opened or failed, a message came in, a dial was made or failed, a
+//! direct connection came up, a ping was answered, the timer ran out. It answers with
+//! [`Action`]s to carry out ([`Punch::poll_action`]: open a stream, send a message, dial,
+//! close a connection, the finished [`Record`]) and the time it next wants to be woken
+//! ([`Punch::poll_timeout`]). Once it yields [`Action::Record`] it is over.
+//!
+//! The handshake is DCUtR's CONNECT/SYNC round. The side that opens the stream (the *driver*)
+//! sends CONNECT with its addresses, times the reply, sends SYNC and dials half a round trip
+//! later; the other side answers CONNECT and dials when SYNC arrives, so both dial at once.
+//! With plain DCUtR ([`Handshake::Dcutr`]) the relayed connection's listener drives; between
+//! natpunch peers the dialer drives ([`Handshake::Natpunch`]) the moment its relayed connection
+//! is up, which saves the half round trip the listener needs to learn of it. A listener waits
+//! [`FAST_WAIT`] for that stream and then drives DCUtR itself; it drives at once when identify
+//! says the remote does not run natpunch. If both start (the dialer's stream came late), the
+//! listener's DCUtR goes on and the dialer answers it.
+//!
+//! Attempts are bounded by the attempt timeout and their number; between natpunch peers the
+//! second one is *reversed* (the listener dials as the connection's dialer, the dialer only
+//! waits), for TCP punches whose simultaneous open cannot happen. Of the two QUIC connections
+//! a simultaneous dial makes, both sides keep the one the relayed connection's dialer made.
+//!
+//! With [`Engine::Stock`] the engine only watches rust-libp2p's `dcutr` behaviour (its dials,
+//! its result, the direct connection) to write the same record.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::ConnectionId;
+use libp2p::{Multiaddr, StreamProtocol};
+use serde::Serialize;
+
+use crate::record::{Attempt, AttemptOutcome, DialFailure, Outcome, Record, Side};
+use crate::wire::{HolePunch, Kind};
+
+/// The DCUtR protocol.
+pub const DCUTR: StreamProtocol = StreamProtocol::new("/libp2p/dcutr");
+/// DCUtR with the roles swapped, between natpunch peers: the relayed connection's dialer (A)
+/// opens the stream, measures the round trip and sends SYNC the moment its relayed connection
+/// is up. The messages are DCUtR's.
+pub const NATPUNCH_DCUTR: StreamProtocol = StreamProtocol::new("/natpunch/dcutr/1.0.0");
+/// How long a listener waits for a natpunch dialer's stream before it drives DCUtR itself.
+pub const FAST_WAIT: Duration = Duration::from_secs(1);
+/// How long a session watching the stock `dcutr` behaviour waits: its three attempts of 10 s.
+const STOCK_WAIT: Duration = Duration::from_secs(35);
+/// The least time a stock dial is given before the record calls it timed out.
+const STOCK_DIAL_WAIT: Duration = Duration::from_secs(12);
+/// The longest a successful session waits for the first ping on the direct connection.
+const DIRECT_RTT_WAIT: Duration = Duration::from_secs(2);
+
+/// Which transports to listen, reach the relay and punch with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    /// TCP only.
+    Tcp,
+    /// QUIC only.
+    Quic,
+    /// Both; whichever punches through first wins.
+    Both,
+}
+
+impl Transport {
+    /// Whether TCP is in use.
+    pub fn tcp(self) -> bool {
+        matches!(self, Self::Tcp | Self::Both)
+    }
+
+    /// Whether QUIC is in use.
+    pub fn quic(self) -> bool {
+        matches!(self, Self::Quic | Self::Both)
+    }
+}
+
+/// Who drives the hole punch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Engine {
+    /// natpunch's own DCUtR engine.
+    Natpunch,
+    /// rust-libp2p's `dcutr` behaviour.
+    Stock,
+}
+
+/// What identify says a remote runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemoteEngine {
+    /// natpunch's engine: it understands reversed attempts and drives the handshake itself.
+    Natpunch,
+    /// Anything else: plain DCUtR.
+    Other,
+}
+
+/// The handshake protocol of a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handshake {
+    /// [`DCUTR`]: the relayed connection's listener drives.
+    Dcutr,
+    /// [`NATPUNCH_DCUTR`]: the relayed connection's dialer drives.
+    Natpunch,
+}
+
+impl Handshake {
+    /// The stream protocol.
+    pub fn protocol(self) -> StreamProtocol {
+        match self {
+            Self::Dcutr => DCUTR,
+            Self::Natpunch => NATPUNCH_DCUTR,
+        }
+    }
+
+    /// The side that opens the stream.
+    pub fn driver(self) -> Side {
+        match self {
+            Self::Dcutr => Side::Listener,
+            Self::Natpunch => Side::Dialer,
+        }
+    }
+
+    fn driven_by(side: Side) -> Self {
+        match side {
+            Side::Listener => Self::Dcutr,
+            Side::Dialer => Self::Natpunch,
+        }
+    }
+}
+
+/// A handshake stream of one session, named by the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamId(u32);
+
+/// How one hole punch runs.
+#[derive(Debug, Clone)]
+pub struct PunchConfig {
+    /// Which end of the relayed connection this peer is.
+    pub side: Side,
+    /// The engine.
+    pub engine: Engine,
+    /// Where the addresses offered come from (`observed` or `stock`), for the record.
+    pub candidates: String,
+    /// The transports to dial.
+    pub transport: Transport,
+    /// How long a handshake, or an attempt from its dial, may take.
+    pub attempt_timeout: Duration,
+    /// Attempts before giving up.
+    pub max_attempts: u32,
+    /// Hole-punch at all (off: the session ends at once, cancelled).
+    pub punch: bool,
+}
+
+/// Who the session is between, for the record.
+#[derive(Debug, Clone, Default)]
+pub struct Peers {
+    /// This peer.
+    pub local: String,
+    /// The remote.
+    pub remote: String,
+    /// The relay between them.
+    pub relay: String,
+}
+
+/// A direct connection to the remote, as the driver saw it come up.
+#[derive(Debug, Clone)]
+pub struct DirectConnection {
+    /// The connection.
+    pub connection: ConnectionId,
+    /// `tcp` or `quic`.
+    pub transport: &'static str,
+    /// This side dialed it.
+    pub dialed_here: bool,
+    /// The relayed connection's dialer (A) made it: of simultaneous connections, the one kept.
+    pub made_by_a: bool,
+}
+
+/// A dial that failed.
+#[derive(Debug, Clone)]
+pub struct DialFailed {
+    /// The error, with its causes.
+    pub error: String,
+    /// It ran out of time (rather than being refused).
+    pub timed_out: bool,
+    /// Per address.
+    pub failures: Vec<DialFailure>,
+}
+
+/// What the driver is to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Open a handshake stream to the remote over the relayed connection; report
+    /// [`Punch::stream_opened`] or [`Punch::stream_failed`].
+    Open {
+        /// The engine's name for it.
+        stream: StreamId,
+        /// Its protocol.
+        handshake: Handshake,
+    },
+    /// Write a message on a stream.
+    Send {
+        /// The stream.
+        stream: StreamId,
+        /// The message.
+        message: HolePunch,
+    },
+    /// Drop a stream: the engine no longer reads or writes it.
+    CloseStream {
+        /// The stream.
+        stream: StreamId,
+    },
+    /// Dial the remote directly; report [`Punch::dialed`] at once.
+    Dial {
+        /// The attempt (1, 2, 3 …).
+        attempt: u32,
+        /// Where (without `/p2p/…`).
+        addrs: Vec<Multiaddr>,
+        /// Dial in the listener's role (`override_role`): the connection's dialer is the remote.
+        as_listener: bool,
+    },
+    /// Close a direct connection (the duplicate of a simultaneous dial).
+    Close {
+        /// The connection.
+        connection: ConnectionId,
+    },
+    /// The hole punch is over; the engine does nothing more.
+    Record(Box<Record>),
+}
+
+/// Where a driving handshake is.
+#[derive(Debug, Clone)]
+enum Driving {
+    /// The stream is being opened.
+    Opening,
+    /// CONNECT went out at `sent`.
+    Connecting { sent: Instant },
+    /// SYNC went out; dial at `dial_at`.
+    Syncing {
+        dial_at: Instant,
+        remote: Vec<Multiaddr>,
+        rtt: Duration,
+    },
+}
+
+/// Where an answering handshake is.
+#[derive(Debug, Clone)]
+enum Answering {
+    /// Waiting for the remote's CONNECT.
+    Connect,
+    /// Answered; waiting for SYNC.
+    Sync {
+        remote: Vec<Multiaddr>,
+        reversed: bool,
+    },
+}
+
+/// The state of a hole punch.
+#[derive(Debug, Clone)]
+enum State {
+    /// Listener: waiting until `until` for a natpunch dialer's stream, then driving DCUtR.
+    Expecting { until: Instant },
+    /// Waiting for the remote to drive the next attempt (or for the stock behaviour) until
+    /// `until`.
+    Watching { until: Instant },
+    /// This side drives a handshake on `stream`.
+    Driving {
+        stream: StreamId,
+        reversed: bool,
+        step: Driving,
+        until: Instant,
+    },
+    /// This side answers the remote's handshake on `stream`.
+    Answering {
+        stream: StreamId,
+        step: Answering,
+        until: Instant,
+    },
+    /// Attempt `attempt` (an index) dials, on `connection` once known.
+    Dialing {
+        attempt: usize,
+        connection: Option<ConnectionId>,
+        until: Instant,
+    },
+    /// Attempt `attempt` is reversed: the remote dials, this side waits.
+    Awaiting { attempt: usize, until: Instant },
+    /// A direct connection is up; the record closes at its first ping or at `close_by`. A
+    /// handshake stream still open is dropped with the session.
+    Direct {
+        at: Instant,
+        transport: &'static str,
+        dialed_here: bool,
+        outcome: Outcome,
+        close_by: Instant,
+        lingering: Option<StreamId>,
+    },
+    /// Over.
+    Done,
+}
+
+impl State {
+    /// The handshake stream this state reads and writes.
+    fn stream(&self) -> Option<StreamId> {
+        match self {
+            Self::Driving { stream, .. } | Self::Answering { stream, .. } => Some(*stream),
+            Self::Direct { lingering, .. } => *lingering,
+            _ => None,
+        }
+    }
+
+    /// The attempt in progress.
+    fn attempt(&self) -> Option<usize> {
+        match self {
+            Self::Dialing { attempt, .. } | Self::Awaiting { attempt, .. } => Some(*attempt),
+            _ => None,
+        }
+    }
+
+    fn over(&self) -> bool {
+        matches!(self, Self::Direct { .. } | Self::Done)
+    }
+}
+
+/// One hole punch with one remote.
+#[derive(Debug)]
+pub struct Punch {
+    config: PunchConfig,
+    peers: Peers,
+    state: State,
+    /// The side that drives the handshakes and starts each attempt.
+    driver: Side,
+    remote: Option<RemoteEngine>,
+    /// When the relayed connection came up: the record's times count from here.
+    start: Instant,
+    started_unix_ms: u64,
+    /// When a side that does not drive stops waiting for the next attempt.
+    deadline: Instant,
+    attempts: Vec<Attempt>,
+    /// The direct connections up, and whether A made each.
+    directs: Vec<(ConnectionId, bool)>,
+    /// The addresses sent in CONNECT.
+    offered: Vec<Multiaddr>,
+    /// The addresses offered when the session began, for the record.
+    local_addrs: Vec<String>,
+    remote_addrs: Vec<String>,
+    relay_rtt: Option<Duration>,
+    direct_rtt: Option<Duration>,
+    next_stream: u32,
+    actions: VecDeque<Action>,
+}
+
+impl Punch {
+    /// A hole punch whose relayed connection came up at `now` (`unix_ms` by the wall clock).
+    /// `remote` is what identify said of the remote, if it answered yet; `offered` the
+    /// addresses to send in CONNECT (with `/p2p/<this peer>`).
+    pub fn new(
+        now: Instant,
+        unix_ms: u64,
+        config: PunchConfig,
+        peers: Peers,
+        remote: Option<RemoteEngine>,
+        offered: Vec<Multiaddr>,
+    ) -> Self {
+        let mut p = Self::idle(now, unix_ms, config, peers, remote, offered);
+        if !p.config.punch {
+            p.finish(now, Outcome::Cancelled, Some("hole punching is off".into()));
+        } else if p.config.engine == Engine::Natpunch {
+            match p.config.side {
+                Side::Dialer => {
+                    p.driver = Side::Dialer;
+                    p.drive(now);
+                }
+                Side::Listener if remote == Some(RemoteEngine::Other) => p.drive(now),
+                Side::Listener => {
+                    p.state = State::Expecting {
+                        until: now + FAST_WAIT,
+                    }
+                }
+            }
+        }
+        p
+    }
+
+    /// The record of a hole punch whose relayed connection did not come up (`error`).
+    pub fn no_connection(
+        now: Instant,
+        unix_ms: u64,
+        config: PunchConfig,
+        peers: Peers,
+        error: String,
+    ) -> Record {
+        Self::idle(now, unix_ms, config, peers, None, Vec::new()).record(
+            now,
+            Outcome::NoConnection,
+            Some(error),
+        )
+    }
+
+    /// A session that has not started: it watches until the wait is over.
+    fn idle(
+        now: Instant,
+        unix_ms: u64,
+        config: PunchConfig,
+        peers: Peers,
+        remote: Option<RemoteEngine>,
+        offered: Vec<Multiaddr>,
+    ) -> Self {
+        let wait = match config.engine {
+            Engine::Stock => STOCK_WAIT,
+            Engine::Natpunch => waiting(&config),
+        };
+        Self {
+            config,
+            peers,
+            state: State::Watching { until: now + wait },
+            driver: Side::Listener,
+            remote,
+            start: now,
+            started_unix_ms: unix_ms,
+            deadline: now + wait,
+            attempts: Vec::new(),
+            directs: Vec::new(),
+            local_addrs: offered.iter().map(ToString::to_string).collect(),
+            offered,
+            remote_addrs: Vec::new(),
+            relay_rtt: None,
+            direct_rtt: None,
+            next_stream: 0,
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// The next thing to do, in order.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When to call [`Punch::handle_timeout`] next; `None` once over.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match &self.state {
+            State::Expecting { until }
+            | State::Watching { until }
+            | State::Answering { until, .. }
+            | State::Dialing { until, .. }
+            | State::Awaiting { until, .. } => Some(*until),
+            State::Driving { step, until, .. } => Some(match step {
+                Driving::Syncing { dial_at, .. } => (*dial_at).min(*until),
+                _ => *until,
+            }),
+            State::Direct { close_by, .. } => Some(*close_by),
+            State::Done => None,
+        }
+    }
+
+    /// Whether the record is out.
+    pub fn is_done(&self) -> bool {
+        matches!(self.state, State::Done)
+    }
+
+    /// The addresses to offer in the next CONNECT (a port mapping changed them).
+    pub fn set_offered(&mut self, offered: Vec<Multiaddr>) {
+        self.offered = offered;
+    }
+
+    /// Identify told what the remote runs. A listener waiting for a natpunch dialer's stream
+    /// drives DCUtR at once when the remote does not run natpunch.
+    pub fn identified(&mut self, now: Instant, remote: RemoteEngine) {
+        self.remote = Some(remote);
+        if remote == RemoteEngine::Other && matches!(self.state, State::Expecting { .. }) {
+            self.drive(now);
+        }
+    }
+
+    /// The remote opened a handshake stream of `handshake`: its name if the engine answers
+    /// it, `None` if the driver is to drop it.
+    pub fn inbound(&mut self, now: Instant, handshake: Handshake) -> Option<StreamId> {
+        let remote_driver = handshake.driver();
+        // A stream claiming this side's role, or one that comes too late.
+        if remote_driver == self.config.side
+            || self.state.over()
+            || self.config.engine == Engine::Stock
+        {
+            return None;
+        }
+        // Both sides started: the listener's DCUtR goes on, the dialer answers it.
+        if self.config.side == Side::Listener && matches!(self.state, State::Driving { .. }) {
+            return None;
+        }
+        self.driver = remote_driver;
+        let stream = self.new_stream();
+        // A newer stream replaces an older handshake; an attempt still dialing is left to
+        // end on its own (the record counts it cancelled unless its connection comes).
+        self.set_state(State::Answering {
+            stream,
+            step: Answering::Connect,
+            until: now + self.config.attempt_timeout,
+        });
+        Some(stream)
+    }
+
+    /// A stream this engine asked for is open (writes may go out).
+    pub fn stream_opened(&mut self, now: Instant, stream: StreamId) {
+        if let State::Driving {
+            stream: s,
+            reversed,
+            step: step @ Driving::Opening,
+            ..
+        } = &mut self.state
+            && *s == stream
+        {
+            let message = HolePunch {
+                kind: Kind::Connect,
+                addrs: self.offered.iter().map(Multiaddr::to_vec).collect(),
+                reversed: *reversed,
+            };
+            *step = Driving::Connecting { sent: now };
+            self.actions.push_back(Action::Send { stream, message });
+        }
+    }
+
+    /// A stream failed to open, or broke. `unsupported`: the remote does not speak its
+    /// protocol.
+    pub fn stream_failed(
+        &mut self,
+        now: Instant,
+        stream: StreamId,
+        error: String,
+        unsupported: bool,
+    ) {
+        if self.state.stream() != Some(stream) || self.state.over() {
+            return;
+        }
+        if unsupported
+            && self.config.side == Side::Dialer
+            && matches!(self.state, State::Driving { .. })
+        {
+            // Not a natpunch listener: it drives DCUtR itself.
+            self.driver = Side::Listener;
+            self.deadline = self.deadline.max(now + waiting(&self.config));
+            self.set_state(State::Watching {
+                until: self.deadline,
+            });
+            return;
+        }
+        self.handshake_failed(now, AttemptOutcome::ProtocolError, error);
+    }
+
+    /// A message came in on `stream`.
+    pub fn message(&mut self, now: Instant, stream: StreamId, message: HolePunch) {
+        if self.state.stream() != Some(stream) || self.state.over() {
+            return;
+        }
+        match &mut self.state {
+            State::Driving {
+                step: step @ Driving::Connecting { .. },
+                ..
+            } => {
+                let Driving::Connecting { sent } = *step else {
+                    return;
+                };
+                if message.kind != Kind::Connect {
+                    return self.handshake_failed(
+                        now,
+                        AttemptOutcome::ProtocolError,
+                        "the remote answered CONNECT with SYNC".into(),
+                    );
+                }
+                let rtt = now.saturating_duration_since(sent);
+                let dial_at = now + rtt / 2;
+                *step = Driving::Syncing {
+                    dial_at,
+                    remote: parse_addrs(&message.addrs),
+                    rtt,
+                };
+                let sync = HolePunch {
+                    kind: Kind::Sync,
+                    addrs: Vec::new(),
+                    reversed: false,
+                };
+                self.actions.push_back(Action::Send {
+                    stream,
+                    message: sync,
+                });
+                if dial_at <= now {
+                    self.handle_timeout(now);
+                }
+            }
+            State::Answering {
+                step: step @ Answering::Connect,
+                ..
+            } => {
+                if message.kind != Kind::Connect {
+                    return self.handshake_failed(
+                        now,
+                        AttemptOutcome::ProtocolError,
+                        "the stream opened with SYNC".into(),
+                    );
+                }
+                *step = Answering::Sync {
+                    remote: parse_addrs(&message.addrs),
+                    reversed: message.reversed,
+                };
+                let reply = HolePunch {
+                    kind: Kind::Connect,
+                    addrs: self.offered.iter().map(Multiaddr::to_vec).collect(),
+                    reversed: false,
+                };
+                self.actions.push_back(Action::Send {
+                    stream,
+                    message: reply,
+                });
+            }
+            State::Answering {
+                step: Answering::Sync { remote, reversed },
+                ..
+            } => {
+                if message.kind != Kind::Sync {
+                    return self.handshake_failed(
+                        now,
+                        AttemptOutcome::ProtocolError,
+                        "a second CONNECT instead of SYNC".into(),
+                    );
+                }
+                let (remote, reversed) = (std::mem::take(remote), *reversed);
+                self.begin_attempt(now, remote, None, reversed);
+            }
+            _ => {}
+        }
+    }
+
+    /// The driver made the dial of [`Action::Dial`] (`Ok`, with its connection) or could
+    /// not start it.
+    pub fn dialed(&mut self, now: Instant, result: Result<ConnectionId, String>) {
+        let State::Dialing {
+            attempt,
+            connection: connection @ None,
+            ..
+        } = &mut self.state
+        else {
+            return;
+        };
+        match result {
+            Ok(id) => *connection = Some(id),
+            Err(error) => {
+                let attempt = *attempt;
+                self.end_attempt(now, attempt, AttemptOutcome::Failed, Some(error));
+                self.after_attempt(now);
+            }
+        }
+    }
+
+    /// The stock `dcutr` behaviour dials on `connection` (stock engine only: natpunch's own
+    /// dials are known from [`Action::Dial`]).
+    pub fn stock_dialing(&mut self, now: Instant, connection: ConnectionId) {
+        if self.config.engine != Engine::Stock || self.state.over() {
+            return;
+        }
+        let attempt = self.start_attempt(now, None);
+        if let Some(a) = self.attempts.get_mut(attempt) {
+            a.dialed_ms = Some(ms(self.start, now));
+        }
+        // The stock engine's own timeouts end its dials; this only keeps the record open.
+        let wait = self.config.attempt_timeout.max(STOCK_DIAL_WAIT);
+        self.set_state(State::Dialing {
+            attempt,
+            connection: Some(connection),
+            until: now + wait,
+        });
+    }
+
+    /// The stock `dcutr` behaviour gave up.
+    pub fn stock_failed(&mut self, now: Instant, error: String) {
+        if !self.state.over() {
+            self.finish(now, Outcome::Failed, Some(error));
+        }
+    }
+
+    /// The dial on `connection` failed.
+    pub fn dial_failed(&mut self, now: Instant, connection: ConnectionId, failed: DialFailed) {
+        let State::Dialing {
+            attempt,
+            connection: Some(c),
+            ..
+        } = self.state
+        else {
+            return;
+        };
+        if c != connection {
+            return;
+        }
+        if let Some(a) = self.attempts.get_mut(attempt) {
+            if a.dialed.is_empty() {
+                a.dialed = failed.failures.iter().map(|f| f.addr.clone()).collect();
+            }
+            a.dial_errors = failed.failures;
+        }
+        let outcome = if failed.timed_out {
+            AttemptOutcome::Timeout
+        } else {
+            AttemptOutcome::Failed
+        };
+        self.end_attempt(now, attempt, outcome, Some(failed.error));
+        self.after_attempt(now);
+    }
+
+    /// A direct connection to the remote came up.
+    pub fn direct(&mut self, now: Instant, direct: &DirectConnection) {
+        self.directs.push((direct.connection, direct.made_by_a));
+        if self.config.engine == Engine::Natpunch {
+            let extra = duplicates(&self.directs);
+            self.directs.retain(|(c, _)| !extra.contains(c));
+            for connection in extra {
+                self.actions.push_back(Action::Close { connection });
+            }
+        }
+        if self.state.over() {
+            return;
+        }
+        let handshaking = matches!(self.state, State::Driving { .. } | State::Answering { .. });
+        let outcome = if self.attempts.is_empty() && !handshaking {
+            Outcome::ConnectionReversed
+        } else {
+            Outcome::Success
+        };
+        if let Some(index) = self.state.attempt().or(self.attempts.len().checked_sub(1)) {
+            self.end_attempt(now, index, AttemptOutcome::Success, None);
+        }
+        self.state = State::Direct {
+            at: now,
+            transport: direct.transport,
+            dialed_here: direct.dialed_here,
+            outcome,
+            close_by: now + self.config.attempt_timeout.min(DIRECT_RTT_WAIT),
+            lingering: self.state.stream(),
+        };
+    }
+
+    /// A ping to the remote was answered, over a relayed connection or a direct one.
+    pub fn ping(&mut self, now: Instant, relayed: bool, rtt: Duration) {
+        if relayed {
+            self.relay_rtt.get_or_insert(rtt);
+            return;
+        }
+        self.direct_rtt.get_or_insert(rtt);
+        if let State::Direct { outcome, .. } = self.state {
+            self.finish(now, outcome, None);
+        }
+    }
+
+    /// The time of [`Punch::poll_timeout`] came (or passed).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let limit = self.config.attempt_timeout;
+        match &mut self.state {
+            State::Expecting { until } if now >= *until => self.drive(now),
+            State::Watching { until } if now >= *until => {
+                let (outcome, error) = if self.attempts.is_empty() {
+                    (
+                        Outcome::NoStream,
+                        "the remote never started a hole punch".to_owned(),
+                    )
+                } else {
+                    (
+                        Outcome::Failed,
+                        format!("{} attempts failed", self.attempts.len()),
+                    )
+                };
+                self.finish(now, outcome, Some(error));
+            }
+            State::Driving {
+                step:
+                    Driving::Syncing {
+                        dial_at,
+                        remote,
+                        rtt,
+                    },
+                reversed,
+                ..
+            } if now >= *dial_at => {
+                let (remote, rtt, reversed) = (std::mem::take(remote), *rtt, *reversed);
+                self.begin_attempt(now, remote, Some(rtt), reversed);
+            }
+            State::Driving { until, .. } if now >= *until => self.handshake_failed(
+                now,
+                AttemptOutcome::Timeout,
+                format!("no answer to CONNECT within {limit:?}"),
+            ),
+            State::Answering { until, .. } if now >= *until => self.handshake_failed(
+                now,
+                AttemptOutcome::Timeout,
+                format!("no SYNC within {limit:?}"),
+            ),
+            State::Dialing { attempt, until, .. } | State::Awaiting { attempt, until }
+                if now >= *until =>
+            {
+                let attempt = *attempt;
+                self.end_attempt(
+                    now,
+                    attempt,
+                    AttemptOutcome::Timeout,
+                    Some("no direct connection within the attempt's time".into()),
+                );
+                self.after_attempt(now);
+            }
+            State::Direct {
+                close_by, outcome, ..
+            } if now >= *close_by => {
+                let outcome = *outcome;
+                self.finish(now, outcome, None);
+            }
+            _ => {}
+        }
+    }
+
+    fn new_stream(&mut self) -> StreamId {
+        self.next_stream += 1;
+        StreamId(self.next_stream)
+    }
+
+    /// Moves to `state`, dropping the stream the old state used if the new one does not.
+    fn set_state(&mut self, state: State) {
+        let old = std::mem::replace(&mut self.state, state);
+        if let Some(stream) = old.stream()
+            && self.state.stream() != Some(stream)
+        {
+            self.actions.push_back(Action::CloseStream { stream });
+        }
+    }
+
+    /// Drives the next handshake from this side.
+    fn drive(&mut self, now: Instant) {
+        self.driver = self.config.side;
+        // The second attempt between natpunch peers is reversed: if a TCP simultaneous open
+        // failed because only this side's packets get through (its NAT maps per destination,
+        // the remote's does not filter by port), this side's dial, landing on the remote's
+        // listener, must take the dialer's role.
+        let reversed = self.attempts.len() == 1 && self.remote == Some(RemoteEngine::Natpunch);
+        let stream = self.new_stream();
+        let handshake = Handshake::driven_by(self.config.side);
+        self.set_state(State::Driving {
+            stream,
+            reversed,
+            step: Driving::Opening,
+            until: now + self.config.attempt_timeout,
+        });
+        self.actions.push_back(Action::Open { stream, handshake });
+    }
+
+    /// The handshake in progress failed: it counts as an attempt.
+    fn handshake_failed(&mut self, now: Instant, outcome: AttemptOutcome, error: String) {
+        let index = self.start_attempt(now, None);
+        self.end_attempt(now, index, outcome, Some(error));
+        self.after_attempt(now);
+    }
+
+    /// The handshake is done: dial `remote` (or, reversed on the dialer's side, wait).
+    fn begin_attempt(
+        &mut self,
+        now: Instant,
+        remote: Vec<Multiaddr>,
+        rtt: Option<Duration>,
+        reversed: bool,
+    ) {
+        let timeout = self.config.attempt_timeout;
+        let side = self.config.side;
+        if side != self.driver {
+            // Wait for this attempt, then for the driving side's next one.
+            self.deadline = self
+                .deadline
+                .max(now + timeout * 2 + Duration::from_secs(1));
+        }
+        let index = self.start_attempt(now, rtt);
+        self.remote_addrs = remote.iter().map(ToString::to_string).collect();
+        let transport = self.config.transport;
+        let targets: Vec<Multiaddr> = remote
+            .into_iter()
+            .filter(|a| usable(a, transport))
+            .map(without_p2p)
+            .collect();
+        let at = ms(self.start, now);
+        let Some(attempt) = self.attempts.get_mut(index) else {
+            return;
+        };
+        attempt.reversed = reversed;
+        attempt.remote_addrs.clone_from(&self.remote_addrs);
+        if reversed && side == Side::Dialer {
+            // The listener dials; this side only waits for its connection.
+            self.set_state(State::Awaiting {
+                attempt: index,
+                until: now + timeout,
+            });
+            return;
+        }
+        if targets.is_empty() {
+            self.end_attempt(
+                now,
+                index,
+                AttemptOutcome::ProtocolError,
+                Some("the remote offered no address this peer can dial".into()),
+            );
+            return self.after_attempt(now);
+        }
+        attempt.dialed_ms = Some(at);
+        attempt.dialed = targets.iter().map(ToString::to_string).collect();
+        let number = attempt.number;
+        self.set_state(State::Dialing {
+            attempt: index,
+            connection: None,
+            until: now + timeout,
+        });
+        self.actions.push_back(Action::Dial {
+            attempt: number,
+            addrs: targets,
+            as_listener: side == Side::Listener && !reversed,
+        });
+    }
+
+    /// An attempt ended: the next one, waiting for the remote's, or the end.
+    fn after_attempt(&mut self, now: Instant) {
+        let made = self.attempts.len();
+        let max = usize::try_from(self.config.max_attempts).unwrap_or(usize::MAX);
+        if self.config.engine == Engine::Stock || self.driver != self.config.side {
+            if self.config.engine == Engine::Natpunch && made >= max {
+                return self.finish(
+                    now,
+                    Outcome::Failed,
+                    Some(format!("{made} attempts failed")),
+                );
+            }
+            self.set_state(State::Watching {
+                until: self.deadline,
+            });
+        } else if made >= max {
+            self.finish(
+                now,
+                Outcome::Failed,
+                Some(format!("{made} attempts failed")),
+            );
+        } else {
+            self.drive(now);
+        }
+    }
+
+    fn start_attempt(&mut self, now: Instant, rtt: Option<Duration>) -> usize {
+        let number = u32::try_from(self.attempts.len() + 1).unwrap_or(u32::MAX);
+        self.attempts.push(Attempt {
+            number,
+            started_ms: ms(self.start, now),
+            rtt_ms: rtt.map(|r| r.as_secs_f64() * 1000.0),
+            reversed: false,
+            dialed_ms: None,
+            dialed: Vec::new(),
+            remote_addrs: Vec::new(),
+            outcome: AttemptOutcome::Unknown,
+            error: None,
+            dial_errors: Vec::new(),
+            ended_ms: 0.0,
+        });
+        self.attempts.len() - 1
+    }
+
+    fn end_attempt(
+        &mut self,
+        now: Instant,
+        index: usize,
+        outcome: AttemptOutcome,
+        error: Option<String>,
+    ) {
+        let at = ms(self.start, now);
+        if let Some(a) = self.attempts.get_mut(index)
+            && a.outcome == AttemptOutcome::Unknown
+        {
+            a.outcome = outcome;
+            a.error = error;
+            a.ended_ms = at;
+        }
+    }
+
+    /// Ends the session with `outcome` and yields its record.
+    fn finish(&mut self, now: Instant, outcome: Outcome, error: Option<String>) {
+        let record = self.record(now, outcome, error);
+        self.set_state(State::Done);
+        self.actions.push_back(Action::Record(Box::new(record)));
+    }
+
+    /// The record, as of `now`: attempts still open count as cancelled.
+    fn record(&mut self, now: Instant, outcome: Outcome, error: Option<String>) -> Record {
+        let end = ms(self.start, now);
+        let mut attempts = std::mem::take(&mut self.attempts);
+        for a in &mut attempts {
+            if a.outcome == AttemptOutcome::Unknown {
+                a.outcome = AttemptOutcome::Cancelled;
+                a.ended_ms = end;
+            }
+        }
+        let direct = match self.state {
+            State::Direct {
+                at,
+                transport,
+                dialed_here,
+                ..
+            } => Some((at, transport, dialed_here)),
+            _ => None,
+        };
+        Record {
+            side: self.config.side,
+            engine: format!("{:?}", self.config.engine).to_lowercase(),
+            candidates: self.config.candidates.clone(),
+            local_peer: self.peers.local.clone(),
+            remote_peer: self.peers.remote.clone(),
+            relay: self.peers.relay.clone(),
+            started_unix_ms: self.started_unix_ms,
+            outcome,
+            transport: direct.map(|(_, t, _)| t.to_owned()),
+            dialed_by: direct.map(|(_, _, here)| if here { "local" } else { "remote" }.to_owned()),
+            time_to_direct_ms: direct.map(|(at, _, _)| ms(self.start, at)),
+            to_relay_rtt_ms: None,
+            relay_rtt_ms: self.relay_rtt.map(|d| d.as_secs_f64() * 1000.0),
+            direct_rtt_ms: self.direct_rtt.map(|d| d.as_secs_f64() * 1000.0),
+            local_addrs: std::mem::take(&mut self.local_addrs),
+            remote_addrs: std::mem::take(&mut self.remote_addrs),
+            attempts,
+            direct_connections: u32::try_from(self.directs.len()).unwrap_or(u32::MAX),
+            error,
+            ended_ms: end,
+        }
+    }
+}
+
+/// How long a side that does not drive waits for the remote's attempts.
+fn waiting(config: &PunchConfig) -> Duration {
+    config.attempt_timeout * config.max_attempts.max(1) + Duration::from_secs(2)
+}
+
+/// Milliseconds from `start` to `at`.
+fn ms(start: Instant, at: Instant) -> f64 {
+    at.saturating_duration_since(start).as_secs_f64() * 1000.0
+}
+
+/// Of simultaneous direct connections to one remote, the ones to close: those A (the relayed
+/// connection's dialer) did not make, once one it made is up. Both sides decide alike, so both
+/// keep the same connection (QUIC punches make two).
+pub fn duplicates(directs: &[(ConnectionId, bool)]) -> Vec<ConnectionId> {
+    if !directs.iter().any(|(_, by_a)| *by_a) {
+        return Vec::new();
+    }
+    directs
+        .iter()
+        .filter(|(_, by_a)| !by_a)
+        .map(|(c, _)| *c)
+        .collect()
+}
+
+/// Whether `addr` is relayed (`/p2p-circuit`).
+pub fn is_relayed(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
+}
+
+/// `quic` or `tcp`.
+pub fn transport_of(addr: &Multiaddr) -> &'static str {
+    if addr.iter().any(|p| matches!(p, Protocol::QuicV1)) {
+        "quic"
+    } else {
+        "tcp"
+    }
+}
+
+/// The address without a trailing `/p2p/…`.
+pub fn without_p2p(mut a: Multiaddr) -> Multiaddr {
+    if matches!(a.iter().last(), Some(Protocol::P2p(_))) {
+        a.pop();
+    }
+    a
+}
+
+/// A direct, dialable IP address (not relayed, not loopback, not unspecified).
+pub fn dialable(a: &Multiaddr) -> bool {
+    let ip_ok = a.iter().any(|p| match p {
+        Protocol::Ip4(ip) => !ip.is_loopback() && !ip.is_unspecified(),
+        Protocol::Ip6(ip) => !ip.is_loopback() && !ip.is_unspecified(),
+        _ => false,
+    });
+    ip_ok && !is_relayed(a)
+}
+
+fn usable(a: &Multiaddr, transport: Transport) -> bool {
+    dialable(a)
+        && match transport_of(a) {
+            "quic" => transport.quic(),
+            _ => transport.tcp(),
+        }
+}
+
+/// The addresses of a CONNECT that decode and are not relayed.
+fn parse_addrs(raw: &[Vec<u8>]) -> Vec<Multiaddr> {
+    raw.iter()
+        .filter_map(|b| Multiaddr::try_from(b.clone()).ok())
+        .filter(|a| !is_relayed(a))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,835 @@
+//! Two engines against each other over a simulated relay, in virtual time: no socket, no task,
+//! no sleep. The relay forwards streams and messages after [`ONE_WAY`] in order; a direct dial
+//! connects, is refused or is dropped as each test's network says.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::*;
+
+/// The relayed path, one way.
+const ONE_WAY: Duration = Duration::from_millis(20);
+/// The direct path's handshake.
+const DIRECT: Duration = Duration::from_millis(10);
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The two ends of the relayed connection: A dialed it, B was dialed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Who {
+    A,
+    B,
+}
+
+impl Who {
+    fn other(self) -> Self {
+        match self {
+            Self::A => Self::B,
+            Self::B => Self::A,
+        }
+    }
+}
+
+/// What the direct path does with a dial.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Net {
+    /// It connects.
+    Connect,
+    /// The remote's stack refuses it.
+    Refuse,
+    /// A NAT drops it: the engine's timeout ends it.
+    Drop,
+}
+
+/// A dial as the network sees it: who dialed, in which attempt, in which role.
+#[derive(Debug, Clone, Copy)]
+struct DialSeen {
+    by: Who,
+    attempt: u32,
+    as_listener: bool,
+}
+
+#[derive(Debug)]
+enum Event {
+    Inbound {
+        to: Who,
+        from: StreamId,
+        handshake: Handshake,
+    },
+    Message {
+        to: Who,
+        stream: StreamId,
+        message: HolePunch,
+    },
+    Broken {
+        to: Who,
+        stream: StreamId,
+        unsupported: bool,
+    },
+    Direct {
+        to: Who,
+        direct: DirectConnection,
+    },
+    DialFailed {
+        to: Who,
+        connection: ConnectionId,
+        failed: DialFailed,
+    },
+    Ping {
+        to: Who,
+    },
+}
+
+/// rust-libp2p's `dcutr` on a listener, as the wire sees it: it drives DCUtR on the relayed
+/// connection at once, speaks no natpunch protocol, dials once.
+#[derive(Debug)]
+struct StockListener {
+    /// When its relayed connection comes up and it starts.
+    start_at: Option<Instant>,
+    actions: VecDeque<Action>,
+    stream: Option<StreamId>,
+    sent: Option<Instant>,
+    dial_at: Option<(Instant, Vec<Multiaddr>)>,
+}
+
+impl StockListener {
+    fn new(start_at: Instant) -> Self {
+        Self {
+            start_at: Some(start_at),
+            actions: VecDeque::new(),
+            stream: None,
+            sent: None,
+            dial_at: None,
+        }
+    }
+
+    fn start(&mut self, now: Instant) {
+        let stream = StreamId(1);
+        self.stream = Some(stream);
+        self.sent = Some(now);
+        self.actions.push_back(Action::Open {
+            stream,
+            handshake: Handshake::Dcutr,
+        });
+        self.actions.push_back(Action::Send {
+            stream,
+            message: HolePunch {
+                kind: Kind::Connect,
+                addrs: vec![addr(Who::B).to_vec()],
+                reversed: false,
+            },
+        });
+    }
+
+    fn message(&mut self, now: Instant, message: HolePunch) {
+        let (Some(stream), Some(sent)) = (self.stream, self.sent) else {
+            return;
+        };
+        let rtt = now - sent;
+        self.actions.push_back(Action::Send {
+            stream,
+            message: HolePunch {
+                kind: Kind::Sync,
+                addrs: Vec::new(),
+                reversed: false,
+            },
+        });
+        self.dial_at = Some((now + rtt / 2, parse_addrs(&message.addrs)));
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.start_at.or(self.dial_at.as_ref().map(|(at, _)| *at))
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        if self.start_at.take_if(|at| now >= *at).is_some() {
+            self.start(now);
+        }
+        if let Some((_, addrs)) = self.dial_at.take_if(|(at, _)| now >= *at) {
+            self.actions.push_back(Action::Dial {
+                attempt: 1,
+                addrs,
+                as_listener: true,
+            });
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Node {
+    Natpunch(Box<Punch>),
+    Stock(StockListener),
+}
+
+impl Node {
+    fn punch(&mut self) -> Option<&mut Punch> {
+        match self {
+            Self::Natpunch(p) => Some(p),
+            Self::Stock(_) => None,
+        }
+    }
+
+    fn poll_action(&mut self) -> Option<Action> {
+        match self {
+            Self::Natpunch(p) => p.poll_action(),
+            Self::Stock(s) => s.actions.pop_front(),
+        }
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        match self {
+            Self::Natpunch(p) => p.poll_timeout(),
+            Self::Stock(s) => s.poll_timeout(),
+        }
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        match self {
+            Self::Natpunch(p) => p.handle_timeout(now),
+            Self::Stock(s) => s.handle_timeout(now),
+        }
+    }
+}
+
+/// Where a node's `/p2p/…`-less address is.
+fn addr(who: Who) -> Multiaddr {
+    match who {
+        Who::A => "/ip4/11.99.0.10/udp/4000/quic-v1",
+        Who::B => "/ip4/11.99.0.11/udp/5000/quic-v1",
+    }
+    .parse()
+    .expect("addr")
+}
+
+fn config(side: Side) -> PunchConfig {
+    PunchConfig {
+        side,
+        engine: Engine::Natpunch,
+        candidates: "observed".into(),
+        transport: Transport::Both,
+        attempt_timeout: TIMEOUT,
+        max_attempts: 3,
+        punch: true,
+    }
+}
+
+fn natpunch(now: Instant, who: Who, remote: Option<RemoteEngine>) -> Node {
+    let side = match who {
+        Who::A => Side::Dialer,
+        Who::B => Side::Listener,
+    };
+    let peers = Peers {
+        local: format!("{who:?}"),
+        remote: format!("{:?}", who.other()),
+        relay: "relay".into(),
+    };
+    let punch = Punch::new(now, 0, config(side), peers, remote, vec![addr(who)]);
+    Node::Natpunch(Box::new(punch))
+}
+
+/// Two nodes, the relay between them, and a direct path that does what `net` says.
+struct Sim {
+    base: Instant,
+    now: Instant,
+    queue: BTreeMap<(Instant, u64), Event>,
+    seq: u64,
+    nodes: HashMap<Who, Node>,
+    /// Each stream end and the other end.
+    pairs: HashMap<(Who, StreamId), (Who, StreamId)>,
+    net: Box<dyn Fn(DialSeen) -> Net>,
+    next_connection: usize,
+    /// Each connection end and the physical connection (the dial) it belongs to.
+    physical: HashMap<(Who, ConnectionId), usize>,
+    dials: Vec<DialSeen>,
+    closed: Vec<(Who, usize)>,
+    records: HashMap<Who, Record>,
+}
+
+impl Sim {
+    fn new(base: Instant, a: Node, b: Node, net: impl Fn(DialSeen) -> Net + 'static) -> Self {
+        Self {
+            base,
+            now: base,
+            queue: BTreeMap::new(),
+            seq: 0,
+            nodes: HashMap::from([(Who::A, a), (Who::B, b)]),
+            pairs: HashMap::new(),
+            net: Box::new(net),
+            next_connection: 0,
+            physical: HashMap::new(),
+            dials: Vec::new(),
+            closed: Vec::new(),
+            records: HashMap::new(),
+        }
+    }
+
+    fn node(&mut self, who: Who) -> &mut Node {
+        self.nodes.get_mut(&who).expect("node")
+    }
+
+    fn at(&mut self, delay: Duration, event: Event) {
+        self.seq += 1;
+        self.queue.insert((self.now + delay, self.seq), event);
+    }
+
+    fn connection(&mut self, who: Who, physical: usize) -> ConnectionId {
+        self.next_connection += 1;
+        let id = ConnectionId::new_unchecked(self.next_connection);
+        self.physical.insert((who, id), physical);
+        id
+    }
+
+    /// Carries out what `who` asked for.
+    fn act(&mut self, who: Who, action: Action) {
+        let now = self.now;
+        match action {
+            Action::Open { stream, handshake } => {
+                // Optimistic negotiation: writes may go out at once.
+                if let Some(p) = self.node(who).punch() {
+                    p.stream_opened(now, stream);
+                }
+                self.at(
+                    ONE_WAY,
+                    Event::Inbound {
+                        to: who.other(),
+                        from: stream,
+                        handshake,
+                    },
+                );
+            }
+            Action::Send { stream, message } => {
+                // Sent before the far end was accepted: it is delivered after the open, in order.
+                self.at(
+                    ONE_WAY,
+                    Event::Message {
+                        to: who.other(),
+                        stream,
+                        message,
+                    },
+                );
+            }
+            Action::CloseStream { stream } => {
+                if let Some((to, far)) = self.pairs.get(&(who, stream)).copied() {
+                    self.at(
+                        ONE_WAY,
+                        Event::Broken {
+                            to,
+                            stream: far,
+                            unsupported: false,
+                        },
+                    );
+                }
+            }
+            Action::Dial {
+                attempt,
+                as_listener,
+                addrs,
+            } => {
+                assert!(!addrs.is_empty(), "{who:?} dials somewhere");
+                let seen = DialSeen {
+                    by: who,
+                    attempt,
+                    as_listener,
+                };
+                self.dials.push(seen);
+                let physical = self.dials.len();
+                let here = self.connection(who, physical);
+                if let Some(p) = self.node(who).punch() {
+                    p.dialed(now, Ok(here));
+                }
+                let made_by_a = who == Who::A;
+                match (self.net)(seen) {
+                    Net::Connect => {
+                        let there = self.connection(who.other(), physical);
+                        for (to, connection, dialed_here) in
+                            [(who, here, true), (who.other(), there, false)]
+                        {
+                            self.at(
+                                DIRECT,
+                                Event::Direct {
+                                    to,
+                                    direct: DirectConnection {
+                                        connection,
+                                        transport: "quic",
+                                        dialed_here,
+                                        made_by_a,
+                                    },
+                                },
+                            );
+                            self.at(DIRECT * 2, Event::Ping { to });
+                        }
+                    }
+                    Net::Refuse => self.at(
+                        DIRECT,
+                        Event::DialFailed {
+                            to: who,
+                            connection: here,
+                            failed: DialFailed {
+                                error: "connection refused".into(),
+                                timed_out: false,
+                                failures: Vec::new(),
+                            },
+                        },
+                    ),
+                    // The transport's own timeout, which comes after the engine's.
+                    Net::Drop => self.at(
+                        TIMEOUT + Duration::from_secs(1),
+                        Event::DialFailed {
+                            to: who,
+                            connection: here,
+                            failed: DialFailed {
+                                error: "timed out".into(),
+                                timed_out: true,
+                                failures: Vec::new(),
+                            },
+                        },
+                    ),
+                }
+            }
+            Action::Close { connection } => {
+                let physical = self.physical[&(who, connection)];
+                self.closed.push((who, physical));
+            }
+            Action::Record(record) => {
+                assert!(
+                    self.records.insert(who, *record).is_none(),
+                    "one record per side"
+                );
+            }
+        }
+    }
+
+    fn deliver(&mut self, event: Event) {
+        let now = self.now;
+        match event {
+            Event::Inbound {
+                to,
+                from,
+                handshake,
+            } => {
+                let answer = match self.node(to) {
+                    Node::Natpunch(p) => p.inbound(now, handshake).ok_or(false),
+                    // The stock behaviour does not speak natpunch's protocol.
+                    Node::Stock(_) => Err(handshake == Handshake::Natpunch),
+                };
+                match answer {
+                    Ok(stream) => {
+                        self.pairs.insert((to, stream), (to.other(), from));
+                        self.pairs.insert((to.other(), from), (to, stream));
+                    }
+                    Err(unsupported) => self.at(
+                        ONE_WAY,
+                        Event::Broken {
+                            to: to.other(),
+                            stream: from,
+                            unsupported,
+                        },
+                    ),
+                }
+            }
+            Event::Message {
+                to,
+                stream,
+                message,
+            } => {
+                // `stream` names the sender's end.
+                let Some((_, far)) = self.pairs.get(&(to.other(), stream)).copied() else {
+                    return;
+                };
+                match self.node(to) {
+                    Node::Natpunch(p) => p.message(now, far, message),
+                    Node::Stock(s) => s.message(now, message),
+                }
+            }
+            Event::Broken {
+                to,
+                stream,
+                unsupported,
+            } => {
+                if let Some(p) = self.node(to).punch() {
+                    p.stream_failed(now, stream, "stream closed".into(), unsupported);
+                }
+            }
+            Event::Direct { to, direct } => {
+                if let Some(p) = self.node(to).punch() {
+                    p.direct(now, &direct);
+                }
+            }
+            Event::DialFailed {
+                to,
+                connection,
+                failed,
+            } => {
+                if let Some(p) = self.node(to).punch() {
+                    p.dial_failed(now, connection, failed);
+                }
+            }
+            Event::Ping { to } => {
+                if let Some(p) = self.node(to).punch() {
+                    p.ping(now, false, DIRECT);
+                }
+            }
+        }
+    }
+
+    /// Runs until every natpunch node wrote its record.
+    fn run(&mut self) {
+        let natpunch = self
+            .nodes
+            .values()
+            .filter(|n| matches!(n, Node::Natpunch(_)))
+            .count();
+        while self.records.len() < natpunch {
+            for who in [Who::A, Who::B] {
+                while let Some(action) = self.node(who).poll_action() {
+                    self.act(who, action);
+                }
+            }
+            if self.records.len() == natpunch {
+                break;
+            }
+            let next_event = self.queue.keys().next().map(|(t, _)| *t);
+            let next_timer = self.nodes.values().filter_map(Node::poll_timeout).min();
+            let next = match (next_event, next_timer) {
+                (Some(e), Some(t)) => e.min(t),
+                (e, t) => e.or(t).expect("something to wait for"),
+            };
+            assert!(next >= self.now, "time runs forward");
+            assert!(next - self.base < Duration::from_secs(60), "the punch ends");
+            self.now = next;
+            if next_event == Some(next) {
+                let (_, event) = self.queue.pop_first().expect("event");
+                self.deliver(event);
+            } else {
+                for who in [Who::A, Who::B] {
+                    if self.node(who).poll_timeout().is_some_and(|t| t <= next) {
+                        self.node(who).handle_timeout(next);
+                    }
+                }
+            }
+        }
+    }
+
+    fn record(&self, who: Who) -> &Record {
+        &self.records[&who]
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn both_natpunch(net: impl Fn(DialSeen) -> Net + 'static) -> Sim {
+    let base = Instant::now();
+    let mut sim = Sim::new(
+        base,
+        natpunch(base, Who::A, Some(RemoteEngine::Natpunch)),
+        natpunch(base, Who::B, Some(RemoteEngine::Natpunch)),
+        net,
+    );
+    sim.run();
+    sim
+}
+
+#[test]
+fn the_first_attempt_punches_with_both_dials_at_the_same_moment() {
+    let sim = both_natpunch(|_| Net::Connect);
+    for who in [Who::A, Who::B] {
+        let r = sim.record(who);
+        assert_eq!(r.outcome, Outcome::Success, "{who:?}: {r:?}");
+        assert_eq!(r.attempts.len(), 1, "{who:?}");
+        assert_eq!(r.attempts[0].outcome, AttemptOutcome::Success);
+        // A's CONNECT reaches B after one way, the answer comes back after two; A sends SYNC
+        // and dials half a round trip later, just when SYNC reaches B and B dials.
+        assert_eq!(r.attempts[0].dialed_ms, Some(ms(ONE_WAY * 3)), "{who:?}");
+        assert_eq!(r.time_to_direct_ms, Some(ms(ONE_WAY * 3 + DIRECT)));
+        assert_eq!(r.transport.as_deref(), Some("quic"));
+        assert_eq!(r.direct_rtt_ms, Some(ms(DIRECT)));
+        assert_eq!(r.error, None);
+    }
+    assert_eq!(sim.record(Who::A).attempts[0].rtt_ms, Some(ms(ONE_WAY * 2)));
+    assert_eq!(
+        sim.record(Who::B).attempts[0].rtt_ms,
+        None,
+        "B did not time it"
+    );
+    assert_eq!(sim.record(Who::A).remote_addrs, [addr(Who::B).to_string()]);
+    assert_eq!(sim.record(Who::B).remote_addrs, [addr(Who::A).to_string()]);
+    assert!(!sim.dials.iter().any(|d| d.by == Who::A && d.as_listener));
+    assert!(sim.dials.iter().any(|d| d.by == Who::B && d.as_listener));
+}
+
+#[test]
+fn a_simultaneous_quic_dial_leaves_one_connection_the_same_on_both_sides() {
+    let sim = both_natpunch(|_| Net::Connect);
+    assert_eq!(sim.dials.len(), 2, "both dialed");
+    let b_dial = 1 + sim
+        .dials
+        .iter()
+        .position(|d| d.by == Who::B)
+        .expect("B dialed");
+    let mut closed = sim.closed.clone();
+    closed.sort_by_key(|(who, _)| format!("{who:?}"));
+    assert_eq!(
+        closed,
+        [(Who::A, b_dial), (Who::B, b_dial)],
+        "both close the connection B dialed and keep A's"
+    );
+    for who in [Who::A, Who::B] {
+        assert_eq!(sim.record(who).direct_connections, 1, "{who:?}");
+    }
+}
+
+#[test]
+fn the_second_attempt_is_reversed_and_the_listeners_dial_gets_through() {
+    // Only B's packets get through, and only when B dials as the connection's dialer.
+    let sim = both_natpunch(|d| {
+        if d.by == Who::B && !d.as_listener {
+            assert_eq!(
+                d.attempt, 2,
+                "B dials as the dialer in the reversed attempt only"
+            );
+            Net::Connect
+        } else {
+            Net::Drop
+        }
+    });
+    for who in [Who::A, Who::B] {
+        let r = sim.record(who);
+        assert_eq!(r.outcome, Outcome::Success, "{who:?}: {r:?}");
+        assert_eq!(r.attempts.len(), 2, "{who:?}");
+        assert_eq!(r.attempts[0].outcome, AttemptOutcome::Timeout);
+        assert!(!r.attempts[0].reversed && r.attempts[1].reversed, "{who:?}");
+        assert_eq!(r.attempts[1].outcome, AttemptOutcome::Success);
+    }
+    let (a, b) = (sim.record(Who::A), sim.record(Who::B));
+    assert_eq!(a.attempts[1].dialed_ms, None, "A only waits");
+    assert!(a.attempts[1].dialed.is_empty());
+    assert!(b.attempts[1].dialed_ms.is_some());
+    assert_eq!(a.dialed_by.as_deref(), Some("remote"));
+    assert_eq!(b.dialed_by.as_deref(), Some("local"));
+    // The second attempt starts when the first times out, 3 s after its dial.
+    let second = a.attempts[1].started_ms;
+    assert!(second >= ms(ONE_WAY * 3 + TIMEOUT), "{second}");
+    assert_eq!(sim.dials.iter().filter(|d| d.by == Who::A).count(), 1);
+}
+
+#[test]
+fn three_timed_out_attempts_fail_on_both_sides_in_bounded_time() {
+    let sim = both_natpunch(|_| Net::Drop);
+    for who in [Who::A, Who::B] {
+        let r = sim.record(who);
+        assert_eq!(r.outcome, Outcome::Failed, "{who:?}: {r:?}");
+        assert_eq!(r.error.as_deref(), Some("3 attempts failed"));
+        assert_eq!(r.attempts.len(), 3);
+        assert!(
+            r.attempts
+                .iter()
+                .all(|a| a.outcome == AttemptOutcome::Timeout),
+            "{who:?}: {:?}",
+            r.attempts
+        );
+        // Three handshakes of three one-way trips and three attempt timeouts; nothing more.
+        let bound = ms((ONE_WAY * 3 + TIMEOUT) * 3 + ONE_WAY * 2);
+        assert!(
+            r.ended_ms <= bound,
+            "{who:?} ended at {} > {bound}",
+            r.ended_ms
+        );
+        assert!(
+            r.ended_ms >= ms(TIMEOUT * 3),
+            "{who:?} ended at {}",
+            r.ended_ms
+        );
+        assert_eq!(r.transport, None);
+    }
+    assert_eq!(
+        sim.dials.iter().filter(|d| d.by == Who::A).count(),
+        2,
+        "A dials in attempts 1 and 3, waits in the reversed one"
+    );
+}
+
+#[test]
+fn refused_dials_end_their_attempts_at_once_and_the_next_starts() {
+    use AttemptOutcome::{Failed, Timeout};
+    let sim = both_natpunch(|_| Net::Refuse);
+    for who in [Who::A, Who::B] {
+        let r = sim.record(who);
+        assert_eq!(r.outcome, Outcome::Failed, "{who:?}: {r:?}");
+        assert_eq!(r.attempts.len(), 3, "{who:?}: {:?}", r.attempts);
+        // Only A's wait in the reversed attempt runs its time out: it cannot see B's dial fail.
+        let bound = ms(TIMEOUT + ONE_WAY * 20);
+        assert!(r.ended_ms < bound, "{who:?}: {} ms", r.ended_ms);
+        assert_eq!(r.attempts[0].outcome, Failed);
+        assert_eq!(r.attempts[0].error.as_deref(), Some("connection refused"));
+    }
+    let outcomes = |who| -> Vec<AttemptOutcome> {
+        sim.record(who).attempts.iter().map(|a| a.outcome).collect()
+    };
+    assert_eq!(outcomes(Who::A), [Failed, Timeout, Failed]);
+    assert_eq!(outcomes(Who::B), [Failed, Failed, Failed]);
+}
+
+#[test]
+fn a_stock_listener_drives_dcutr_and_the_natpunch_dialer_answers_it() {
+    // 0 ms: the stock listener's stream crosses the dialer's; 50 ms: the dialer learns first
+    // that the listener does not speak natpunch's protocol.
+    for start in [Duration::ZERO, Duration::from_millis(50)] {
+        let base = Instant::now();
+        let mut sim = Sim::new(
+            base,
+            natpunch(base, Who::A, None),
+            Node::Stock(StockListener::new(base + start)),
+            |_| Net::Connect,
+        );
+        sim.run();
+        let a = sim.record(Who::A);
+        assert_eq!(a.outcome, Outcome::Success, "start {start:?}: {a:?}");
+        assert_eq!(
+            a.attempts.len(),
+            1,
+            "the refused stream is no attempt: {a:?}"
+        );
+        assert_eq!(
+            a.attempts[0].rtt_ms, None,
+            "the listener timed the round trip"
+        );
+        // The dialer dials when SYNC comes, as DCUtR's listener does half a round trip after
+        // its answer.
+        let sync_at = ms(start + ONE_WAY * 3);
+        assert_eq!(a.attempts[0].dialed_ms, Some(sync_at), "start {start:?}");
+        assert!(sim.dials.iter().any(|d| d.by == Who::A && !d.as_listener));
+    }
+}
+
+#[test]
+fn a_natpunch_listener_drives_dcutr_at_once_for_a_stock_dialer_or_after_the_wait() {
+    let base = Instant::now();
+    for (remote, starts_at) in [
+        (Some(RemoteEngine::Other), base),
+        (None, base + FAST_WAIT),
+        (Some(RemoteEngine::Natpunch), base + FAST_WAIT),
+    ] {
+        let Node::Natpunch(mut b) = natpunch(base, Who::B, remote) else {
+            unreachable!()
+        };
+        if starts_at > base {
+            assert_eq!(b.poll_action(), None, "{remote:?}: nothing before its time");
+            assert_eq!(b.poll_timeout(), Some(starts_at));
+            b.handle_timeout(starts_at);
+        }
+        let Some(Action::Open { handshake, .. }) = b.poll_action() else {
+            panic!("{remote:?}: B opens a stream");
+        };
+        assert_eq!(handshake, Handshake::Dcutr);
+        assert_eq!(b.poll_timeout(), Some(starts_at + TIMEOUT), "{remote:?}");
+    }
+    // Identify's answer that the dialer runs something else starts it before the wait is out.
+    let Node::Natpunch(mut b) = natpunch(base, Who::B, None) else {
+        unreachable!()
+    };
+    b.identified(base + ONE_WAY, RemoteEngine::Other);
+    assert!(matches!(b.poll_action(), Some(Action::Open { .. })));
+}
+
+#[test]
+fn with_punching_off_the_session_ends_at_once_cancelled() {
+    let base = Instant::now();
+    let mut c = config(Side::Listener);
+    c.punch = false;
+    let mut p = Punch::new(base, 0, c, Peers::default(), None, Vec::new());
+    let Some(Action::Record(r)) = p.poll_action() else {
+        panic!("a record");
+    };
+    assert_eq!(r.outcome, Outcome::Cancelled);
+    assert!(p.is_done() && p.poll_timeout().is_none());
+}
+
+#[test]
+fn only_direct_routable_addresses_are_offered_or_dialed() {
+    for (a, ok) in [
+        ("/ip4/11.99.0.10/tcp/4000", true),
+        ("/ip4/11.99.0.10/udp/4000/quic-v1", true),
+        ("/ip4/127.0.0.1/tcp/4000", false),
+        ("/ip4/0.0.0.0/tcp/4000", false),
+        ("/ip4/11.99.0.12/tcp/4001/p2p-circuit", false),
+    ] {
+        assert_eq!(dialable(&a.parse().expect("addr")), ok, "{a}");
+    }
+    let id = libp2p::identity::Keypair::generate_ed25519()
+        .public()
+        .to_peer_id();
+    let with: Multiaddr = format!("/ip4/11.99.0.10/tcp/4000/p2p/{id}")
+        .parse()
+        .expect("addr");
+    assert_eq!(
+        without_p2p(with),
+        "/ip4/11.99.0.10/tcp/4000"
+            .parse::<Multiaddr>()
+            .expect("addr")
+    );
+    let relayed: Multiaddr = format!("/ip4/11.99.0.12/tcp/4001/p2p/{id}/p2p-circuit")
+        .parse()
+        .expect("addr");
+    assert_eq!(
+        parse_addrs(&[relayed.to_vec(), vec![0xff, 0x00], addr(Who::A).to_vec()]),
+        [addr(Who::A)],
+        "relayed and undecodable addresses are dropped"
+    );
+}
+
+#[test]
+fn a_newer_stream_from_the_remote_replaces_the_older_and_stale_messages_are_ignored() {
+    let base = Instant::now();
+    let Node::Natpunch(mut b) = natpunch(base, Who::B, Some(RemoteEngine::Natpunch)) else {
+        unreachable!()
+    };
+    let connect = |addr: Multiaddr| HolePunch {
+        kind: Kind::Connect,
+        addrs: vec![addr.to_vec()],
+        reversed: false,
+    };
+    let old = b.inbound(base, Handshake::Natpunch).expect("answered");
+    b.message(base, old, connect(addr(Who::A)));
+    assert!(matches!(b.poll_action(), Some(Action::Send { stream, .. }) if stream == old));
+    let new = b
+        .inbound(base + ONE_WAY, Handshake::Natpunch)
+        .expect("answered");
+    assert_ne!(new, old);
+    assert_eq!(b.poll_action(), Some(Action::CloseStream { stream: old }));
+    // SYNC on the dropped stream starts nothing.
+    let sync = HolePunch {
+        kind: Kind::Sync,
+        addrs: Vec::new(),
+        reversed: false,
+    };
+    b.message(base + ONE_WAY, old, sync.clone());
+    assert_eq!(b.poll_action(), None);
+    // A stream that claims B's own role is refused.
+    assert_eq!(b.inbound(base + ONE_WAY, Handshake::Dcutr), None);
+    b.message(base + ONE_WAY, new, connect(addr(Who::A)));
+    assert!(matches!(b.poll_action(), Some(Action::Send { stream, .. }) if stream == new));
+    b.message(base + ONE_WAY * 2, new, sync);
+    assert_eq!(b.poll_action(), Some(Action::CloseStream { stream: new }));
+    let Some(Action::Dial { attempt, .. }) = b.poll_action() else {
+        panic!("B dials on SYNC");
+    };
+    assert_eq!(attempt, 1, "the replaced handshake made no attempt");
+}
+
+#[test]
+fn the_next_connect_offers_the_addresses_a_port_mapping_gave_since() {
+    let base = Instant::now();
+    let Node::Natpunch(mut a) = natpunch(base, Who::A, Some(RemoteEngine::Natpunch)) else {
+        unreachable!()
+    };
+    let Some(Action::Open { stream, .. }) = a.poll_action() else {
+        panic!("A drives");
+    };
+    let mapped: Multiaddr = "/ip4/203.0.113.7/udp/41000/quic-v1".parse().expect("addr");
+    a.set_offered(vec![mapped.clone(), addr(Who::A)]);
+    a.stream_opened(base, stream);
+    let Some(Action::Send { message, .. }) = a.poll_action() else {
+        panic!("A sends CONNECT");
+    };
+    assert_eq!(message.addrs, [mapped.to_vec(), addr(Who::A).to_vec()]);
+}
