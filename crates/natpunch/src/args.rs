@@ -2,8 +2,9 @@
 //! telemetry port (`--telemetry-host`, `--telemetry-port`) and the key file (`--identity`).
 //!
 //! The telemetry and identity groups keep each role's own environment variables, defaults and
-//! help: a role's flags struct names them by implementing [`TelemetryRole`] or
-//! [`IdentityRole`], and flattens `Telemetry<Self>` or `Identity<Self>`.
+//! help: a role's flags struct flattens `Telemetry<Self>` or `Identity<Self>`, and its
+//! [`TelemetryRole`] or [`IdentityRole`] implementation below names them, every role's in one
+//! place.
 
 use std::marker::PhantomData;
 use std::net::{IpAddr, SocketAddr};
@@ -79,6 +80,34 @@ impl<R: TelemetryRole> Telemetry<R> {
         tokio::spawn(telemetry::serve_health(listener, registry, health));
         Ok(Some(addr))
     }
+}
+
+// Each role's telemetry flags.
+
+impl TelemetryRole for crate::relay::RelayArgs {
+    const HOST_ENV: &'static str = "NATPUNCH_TELEMETRY_HOST";
+    const PORT_ENV: &'static str = "NATPUNCH_TELEMETRY_PORT";
+    const PORT: &'static str = "9464";
+}
+
+impl TelemetryRole for crate::honeypot::HoneypotArgs {
+    const HOST_ENV: &'static str = "NATPUNCH_HONEYPOT_TELEMETRY_HOST";
+    const PORT_ENV: &'static str = "NATPUNCH_HONEYPOT_TELEMETRY_PORT";
+    const PORT: &'static str = "11001";
+}
+
+impl TelemetryRole for crate::client::ClientArgs {
+    const HOST_ENV: &'static str = "NATPUNCH_CLIENT_TELEMETRY_HOST";
+    const PORT_ENV: &'static str = "NATPUNCH_CLIENT_TELEMETRY_PORT";
+    const PORT: &'static str = "12001";
+}
+
+impl TelemetryRole for crate::server::ServerArgs {
+    const HOST_ENV: &'static str = "NATPUNCH_SERVER_TELEMETRY_HOST";
+    const PORT_ENV: &'static str = "NATPUNCH_SERVER_TELEMETRY_PORT";
+    const HOST: &'static str = "localhost";
+    const PORT: &'static str = "10001";
+    const NAMES: bool = true;
 }
 
 const TELEMETRY_HOST: &str = "telemetry_host";
@@ -180,6 +209,28 @@ impl<R: IdentityRole> Identity<R> {
             created,
         })
     }
+}
+
+// Each role's key file flag.
+
+impl IdentityRole for crate::relay::RelayArgs {
+    const ENV: &'static str = "NATPUNCH_RELAY_IDENTITY";
+    const HELP: &'static str = "The relay's key file, created on first start [default: \
+        $XDG_STATE_HOME/natpunch/relay.key or ~/.local/state/natpunch/relay.key]";
+    const FILE: Option<&'static str> = Some("relay.key");
+}
+
+impl IdentityRole for crate::honeypot::HoneypotArgs {
+    const ENV: &'static str = "NATPUNCH_HONEYPOT_IDENTITY";
+    const HELP: &'static str = "The honeypot's key file, created on first start [default: \
+        $XDG_STATE_HOME/natpunch/ honeypot.key or ~/.local/state/natpunch/honeypot.key]";
+    const FILE: Option<&'static str> = Some("honeypot.key");
+}
+
+impl IdentityRole for crate::peer::Common {
+    const ENV: &'static str = "NATPUNCH_PEER_IDENTITY";
+    const HELP: &'static str = "Key file [default: a fresh identity each run]";
+    const FILE: Option<&'static str> = None;
 }
 
 const IDENTITY: &str = "identity";

@@ -15,7 +15,7 @@ use measure::metrics::Metrics;
 use measure::spool::Spool;
 use p2p::peer::PeerConfig;
 
-use crate::args::{Json, Telemetry, TelemetryRole};
+use crate::args::{Json, Telemetry};
 
 #[derive(Debug, Args)]
 #[command(after_help = "The API key comes from --api-key, NATPUNCH_API_KEY, or \
@@ -74,12 +74,6 @@ pub(crate) struct ClientArgs {
     telemetry: Telemetry<Self>,
     #[command(flatten)]
     json: Json,
-}
-
-impl TelemetryRole for ClientArgs {
-    const HOST_ENV: &'static str = "NATPUNCH_CLIENT_TELEMETRY_HOST";
-    const PORT_ENV: &'static str = "NATPUNCH_CLIENT_TELEMETRY_PORT";
-    const PORT: &'static str = "12001";
 }
 
 pub(crate) fn run(args: ClientArgs) -> anyhow::Result<ExitCode> {

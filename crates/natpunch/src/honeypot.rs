@@ -11,7 +11,7 @@ use clap::builder::BoolishValueParser;
 use libp2p::{Multiaddr, StreamProtocol};
 use p2p::honeypot::{Honeypot, HoneypotConfig, HoneypotEvent, Metrics, SqlSightings, defaults};
 
-use crate::args::{Identity, IdentityRole, Json, Telemetry, TelemetryRole};
+use crate::args::{Identity, Json, Telemetry};
 
 #[derive(Debug, Args)]
 #[command(
@@ -93,19 +93,6 @@ pub(crate) struct HoneypotArgs {
     no_record: bool,
     #[command(flatten)]
     json: Json,
-}
-
-impl TelemetryRole for HoneypotArgs {
-    const HOST_ENV: &'static str = "NATPUNCH_HONEYPOT_TELEMETRY_HOST";
-    const PORT_ENV: &'static str = "NATPUNCH_HONEYPOT_TELEMETRY_PORT";
-    const PORT: &'static str = "11001";
-}
-
-impl IdentityRole for HoneypotArgs {
-    const ENV: &'static str = "NATPUNCH_HONEYPOT_IDENTITY";
-    const HELP: &'static str = "The honeypot's key file, created on first start [default: \
-        $XDG_STATE_HOME/natpunch/ honeypot.key or ~/.local/state/natpunch/honeypot.key]";
-    const FILE: Option<&'static str> = Some("honeypot.key");
 }
 
 pub(crate) fn run(args: HoneypotArgs) -> anyhow::Result<ExitCode> {

@@ -10,7 +10,7 @@ use libp2p::{Multiaddr, PeerId, StreamProtocol};
 use p2p::peer::{Candidates, Dht, Engine, Mode, Peer, PeerConfig, PeerEvent, Transport};
 use p2p::record::Outcome;
 
-use crate::args::{Identity, IdentityRole, Json};
+use crate::args::{Identity, Json};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum PeerCommand {
@@ -95,12 +95,6 @@ pub(crate) struct Common {
     dht_protocol: StreamProtocol,
     #[command(flatten)]
     json: Json,
-}
-
-impl IdentityRole for Common {
-    const ENV: &'static str = "NATPUNCH_PEER_IDENTITY";
-    const HELP: &'static str = "Key file [default: a fresh identity each run]";
-    const FILE: Option<&'static str> = None;
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -8,7 +8,7 @@ use clap::Args;
 use libp2p::Multiaddr;
 use p2p::relay::{Limits, Rate, Relay, RelayConfig, RelayEvent};
 
-use crate::args::{Identity, IdentityRole, Json, Telemetry, TelemetryRole};
+use crate::args::{Identity, Json, Telemetry};
 
 #[derive(Debug, Args)]
 #[command(
@@ -120,19 +120,6 @@ pub(crate) struct RelayArgs {
     telemetry: Telemetry<Self>,
     #[command(flatten)]
     json: Json,
-}
-
-impl TelemetryRole for RelayArgs {
-    const HOST_ENV: &'static str = "NATPUNCH_TELEMETRY_HOST";
-    const PORT_ENV: &'static str = "NATPUNCH_TELEMETRY_PORT";
-    const PORT: &'static str = "9464";
-}
-
-impl IdentityRole for RelayArgs {
-    const ENV: &'static str = "NATPUNCH_RELAY_IDENTITY";
-    const HELP: &'static str = "The relay's key file, created on first start [default: \
-        $XDG_STATE_HOME/natpunch/relay.key or ~/.local/state/natpunch/relay.key]";
-    const FILE: Option<&'static str> = Some("relay.key");
 }
 
 /// A rate, or none.

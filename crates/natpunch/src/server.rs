@@ -14,7 +14,7 @@ use api::store::{Backend, Rules, SqlStore};
 use clap::Args;
 use clap::builder::BoolishValueParser;
 
-use crate::args::{Json, Telemetry, TelemetryRole};
+use crate::args::{Json, Telemetry};
 
 #[derive(Debug, Args)]
 #[command(
@@ -94,14 +94,6 @@ pub(crate) struct ServerArgs {
     rust_client_wait_secs: u64,
     #[command(flatten)]
     json: Json,
-}
-
-impl TelemetryRole for ServerArgs {
-    const HOST_ENV: &'static str = "NATPUNCH_SERVER_TELEMETRY_HOST";
-    const PORT_ENV: &'static str = "NATPUNCH_SERVER_TELEMETRY_PORT";
-    const HOST: &'static str = "localhost";
-    const PORT: &'static str = "10001";
-    const NAMES: bool = true;
 }
 
 /// Prints a line on stdout; a closed stdout (the reader went away) is no reason to fail.
