@@ -115,7 +115,7 @@ async fn serve(args: HoneypotArgs) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("opening {}", api::store::redact(url)))?,
         )
     };
-    let mut config = HoneypotConfig::new(p2p::listen_addrs(args.listen_ip, args.port));
+    let mut config = HoneypotConfig::new(p2p::host::listen_addrs(args.listen_ip, args.port));
     config.protocol = args.protocol.clone();
     config.bootstrap = args.bootstrap.clone();
     config.crawler_count = args.crawler_count;

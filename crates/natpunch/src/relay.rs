@@ -136,7 +136,7 @@ fn parse_rate(s: &str) -> Result<RateArg, String> {
 impl RelayArgs {
     fn config(&self) -> RelayConfig {
         RelayConfig {
-            listen: p2p::listen_addrs(self.listen_ip, self.port),
+            listen: p2p::host::listen_addrs(self.listen_ip, self.port),
             external: self.external.clone(),
             limits: Limits {
                 max_reservations: self.max_reservations,

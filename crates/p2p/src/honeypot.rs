@@ -28,10 +28,7 @@ use futures::StreamExt as _;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::{DialError, ListenError, NetworkBehaviour, SwarmEvent};
-use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, Swarm, connection_limits, identify, kad, noise, ping, tcp,
-    yamux,
-};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, connection_limits, identify, kad, ping};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -318,31 +315,19 @@ impl Honeypot {
     /// Builds the honeypot (inside a tokio runtime), counting into `metrics`.
     pub fn new(key: Keypair, config: HoneypotConfig, metrics: &Metrics) -> Result<Self, String> {
         let peer = key.public().to_peer_id();
-        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
-            .with_tokio()
-            .with_tcp(
-                tcp::Config::default(),
-                noise::Config::new,
-                yamux::Config::default,
-            )
-            .map_err(|e| e.to_string())?
-            .with_quic()
-            .with_behaviour(|key| HoneypotBehaviour {
-                limits: connection_limits::Behaviour::new(config.connection_limits()),
-                identify: identify::Behaviour::new(
-                    identify::Config::new("/ipfs/0.1.0".into(), key.public())
-                        .with_agent_version(agent_version()),
-                ),
-                ping: ping::Behaviour::default(),
-                kad: kad::Behaviour::with_config(
-                    peer,
-                    kad::store::MemoryStore::new(peer),
-                    kad::Config::new(config.protocol.clone()),
-                ),
-            })
-            .map_err(|e| e.to_string())?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_timeout))
-            .build();
+        let mut swarm = crate::host::swarm(key, config.idle_timeout, |key| HoneypotBehaviour {
+            limits: connection_limits::Behaviour::new(config.connection_limits()),
+            identify: identify::Behaviour::new(
+                identify::Config::new("/ipfs/0.1.0".into(), key.public())
+                    .with_agent_version(agent_version()),
+            ),
+            ping: ping::Behaviour::default(),
+            kad: kad::Behaviour::with_config(
+                peer,
+                kad::store::MemoryStore::new(peer),
+                kad::Config::new(config.protocol.clone()),
+            ),
+        })?;
         swarm.behaviour_mut().kad.set_mode(Some(kad::Mode::Server));
         for addr in &config.listen {
             swarm
@@ -601,18 +586,8 @@ mod tests {
 
     /// A swarm that only connects.
     fn visitor() -> Swarm<dummy::Behaviour> {
-        libp2p::SwarmBuilder::with_new_identity()
-            .with_tokio()
-            .with_tcp(
-                tcp::Config::default(),
-                noise::Config::new,
-                yamux::Config::default,
-            )
-            .expect("tcp")
-            .with_behaviour(|_| dummy::Behaviour)
-            .expect("behaviour")
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-            .build()
+        let key = Keypair::generate_ed25519();
+        crate::host::swarm(key, Duration::from_secs(60), |_| dummy::Behaviour).expect("swarm")
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

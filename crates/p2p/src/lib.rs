@@ -10,34 +10,18 @@
 //! * [`candidates`]: hands the swarm the addresses the relay observed, untouched;
 //! * [`identity`]: keys kept in files, created on first use;
 //! * [`wire`]: a sans-IO codec for the DCUtR messages (length-prefixed protobuf);
-//! * [`listen_addrs`]: a server's TCP and QUIC listen addresses.
+//! * [`host`]: a server's TCP and QUIC listen addresses, and the swarm the relay and the
+//!   honeypot share the make of.
 //!
 //! Everything here speaks the real libp2p wire protocols (rust-libp2p 0.57), so go, js and nim
 //! peers and punchr's clients interoperate with it.
 
 pub mod candidates;
 pub mod honeypot;
+pub mod host;
 pub mod identity;
 pub mod peer;
 pub mod punch;
 pub mod record;
 pub mod relay;
 pub mod wire;
-
-use std::net::IpAddr;
-
-use libp2p::Multiaddr;
-use libp2p::multiaddr::Protocol;
-
-/// The addresses a server listens on at `ip`: TCP and QUIC v1 on the same port number (0: free
-/// ones).
-pub fn listen_addrs(ip: IpAddr, port: u16) -> Vec<Multiaddr> {
-    let base = Multiaddr::empty().with(match ip {
-        IpAddr::V4(ip) => Protocol::Ip4(ip),
-        IpAddr::V6(ip) => Protocol::Ip6(ip),
-    });
-    vec![
-        base.clone().with(Protocol::Tcp(port)),
-        base.with(Protocol::Udp(port)).with(Protocol::QuicV1),
-    ]
-}

@@ -24,7 +24,7 @@ use libp2p::identity::Keypair;
 use libp2p::metrics::{Metrics, Recorder as _};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, Swarm, autonat, identify, noise, ping, relay, tcp, yamux};
+use libp2p::{Multiaddr, PeerId, Swarm, autonat, identify, ping, relay};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
@@ -346,27 +346,16 @@ impl Relay {
         let circuits = natpunch.gauge("circuits", "Circuits open now");
         let limits = config.limits.to_config();
         let idle = config.idle_timeout;
-        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
-            .with_tokio()
-            .with_tcp(
-                tcp::Config::default(),
-                noise::Config::new,
-                yamux::Config::default,
-            )
-            .map_err(|e| RelayError::Transport(e.to_string()))?
-            .with_quic()
-            .with_behaviour(|key| RelayBehaviour {
-                relay: relay::Behaviour::new(key.public().to_peer_id(), limits),
-                identify: identify::Behaviour::new(
-                    identify::Config::new(PROTOCOL_VERSION.into(), key.public())
-                        .with_agent_version(agent_version()),
-                ),
-                ping: ping::Behaviour::default(),
-                autonat: autonat::v2::server::Behaviour::default(),
-            })
-            .map_err(|e| RelayError::Transport(e.to_string()))?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
-            .build();
+        let mut swarm = crate::host::swarm(key, idle, |key| RelayBehaviour {
+            relay: relay::Behaviour::new(key.public().to_peer_id(), limits),
+            identify: identify::Behaviour::new(
+                identify::Config::new(PROTOCOL_VERSION.into(), key.public())
+                    .with_agent_version(agent_version()),
+            ),
+            ping: ping::Behaviour::default(),
+            autonat: autonat::v2::server::Behaviour::default(),
+        })
+        .map_err(RelayError::Transport)?;
         for addr in &config.listen {
             swarm
                 .listen_on(addr.clone())
