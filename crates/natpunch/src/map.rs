@@ -108,14 +108,21 @@ pub(crate) struct AddArgs {
     /// Transport protocol.
     #[arg(long, env = "NATPUNCH_MAP_PROTO", value_enum, default_value_t = Proto::Udp)]
     proto: Proto,
+    #[command(flatten)]
+    lease: Lease,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// The lifetime to ask for and the protocol to map with (`map add`, `map keep`).
+#[derive(Debug, Args)]
+pub(crate) struct Lease {
     /// Lifetime to ask for, in seconds (routers clamp it; 0 asks UPnP for a permanent lease).
     #[arg(long, env = "NATPUNCH_MAP_LIFETIME", default_value_t = 7200)]
     lifetime: u32,
     /// Protocol to map with.
     #[arg(long, env = "NATPUNCH_MAP_VIA", value_enum, default_value_t = Via::Auto)]
     via: Via,
-    #[command(flatten)]
-    common: Common,
 }
 
 #[derive(Debug, Args)]
@@ -135,7 +142,10 @@ pub(crate) struct DeleteArgs {
 new external address on 224.0.0.1:5350, and UPnP routers multicast SSDP NOTIFYs when they start; \
 either makes natpunch ask the router at once (miniupnpd: about a second). A router that says \
 nothing is caught by the check every --check-secs (UPnP has no announcement of an external \
-address change, so that waits for the check)."
+address change, so that waits for the check).",
+    mut_arg("lifetime", |a| a.help(
+        "Lifetime to ask for, in seconds; mappings are renewed at half the lifetime granted"
+    ))
 )]
 pub(crate) struct KeepArgs {
     /// Mappings to hold: INTERNAL_PORT[:EXTERNAL_PORT][/udp|/tcp], e.g. `6000`, `6000/tcp`,
@@ -145,12 +155,8 @@ pub(crate) struct KeepArgs {
     /// Transport protocol of ports given without /udp or /tcp.
     #[arg(long, env = "NATPUNCH_MAP_PROTO", value_enum, default_value_t = Proto::Udp)]
     proto: Proto,
-    /// Lifetime to ask for, in seconds; mappings are renewed at half the lifetime granted.
-    #[arg(long, env = "NATPUNCH_MAP_LIFETIME", default_value_t = 7200)]
-    lifetime: u32,
-    /// Protocol to map with.
-    #[arg(long, env = "NATPUNCH_MAP_VIA", value_enum, default_value_t = Via::Auto)]
-    via: Via,
+    #[command(flatten)]
+    lease: Lease,
     /// Seconds between checks that the router still has the mappings (PCP ANNOUNCE, NAT-PMP
     /// external address, or the UPnP external address and mapping table).
     #[arg(long, env = "NATPUNCH_MAP_CHECK_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
@@ -313,12 +319,12 @@ async fn add(args: AddArgs) -> anyhow::Result<ExitCode> {
     let common = &args.common;
     let (gw, wait, mut record) = common.open()?;
     let say = |m: &str| eprintln!("map add: {m}");
-    let methods = record::methods(args.via.only(), gw, wait, &say).await?;
+    let methods = record::methods(args.lease.via.only(), gw, wait, &say).await?;
     let request = MapRequest {
         protocol: args.proto.into(),
         internal_port: args.internal_port,
         external_port: args.external_port,
-        lifetime_secs: args.lifetime,
+        lifetime_secs: args.lease.lifetime,
     };
     let m = record.add(gw, &methods, request, wait).await?;
     if common.json.json {
@@ -333,7 +339,7 @@ async fn keep(args: KeepArgs) -> anyhow::Result<ExitCode> {
     let common = &args.common;
     let (gw, wait, mut record) = common.open()?;
     let say = |m: &str| eprintln!("map keep: {m}");
-    let method = record::methods(args.via.only(), gw, wait, &say).await?[0];
+    let method = record::methods(args.lease.via.only(), gw, wait, &say).await?[0];
     let wants: Vec<Want> = args
         .ports
         .iter()
@@ -341,7 +347,7 @@ async fn keep(args: KeepArgs) -> anyhow::Result<ExitCode> {
             protocol: s.proto.unwrap_or(args.proto).into(),
             internal_port: s.internal,
             external_port: s.external,
-            lifetime: Duration::from_secs(u64::from(args.lifetime)),
+            lifetime: Duration::from_secs(u64::from(args.lease.lifetime)),
         })
         .collect();
     let prior: Vec<Option<Mapped>> = wants

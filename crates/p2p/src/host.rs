@@ -1,5 +1,5 @@
 //! What the relay and the honeypot, both long-running servers, build the same way: their
-//! listen addresses and their swarm.
+//! listen addresses and their swarm (which tests that need a plain libp2p host use too).
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -22,9 +22,9 @@ pub fn listen_addrs(ip: IpAddr, port: u16) -> Vec<Multiaddr> {
     ]
 }
 
-/// A server's swarm (within a tokio runtime): TCP with Noise and Yamux, and QUIC, running
-/// `behaviour`, closing connections idle for `idle`.
-pub(crate) fn swarm<B: NetworkBehaviour>(
+/// A swarm (within a tokio runtime) as natpunch's servers build theirs: TCP with Noise and
+/// Yamux, and QUIC, running `behaviour`, closing connections idle for `idle`.
+pub fn swarm<B: NetworkBehaviour>(
     key: Keypair,
     idle: Duration,
     behaviour: impl FnOnce(&Keypair) -> B,
