@@ -13,6 +13,10 @@
 //!
 //! The roles are the `natpunch` binary itself (`relay`, `peer listen`, `peer dial`), started in
 //! the lab's namespaces, so what is measured is exactly what a user runs.
+//!
+//! What it does not do: build labs (natlab does), implement any role (it starts the binary, or
+//! for the STUN and server benchmarks the library servers and coturn), or decide pass or fail:
+//! it measures and reports.
 
 pub mod args;
 pub mod bench;

@@ -11,10 +11,13 @@
 //! * [`identity`]: keys kept in files, created on first use;
 //! * [`wire`]: a sans-IO codec for the DCUtR messages (length-prefixed protobuf);
 //! * [`host`]: a server's TCP and QUIC listen addresses, and the swarm the relay and the
-//!   honeypot share the make of.
+//!   honeypot build alike.
 //!
 //! Everything here speaks the real libp2p wire protocols (rust-libp2p 0.57), so go, js and nim
 //! peers and punchr's clients interoperate with it.
+//!
+//! What it does not do: NAT discovery (`natcheck`), the port-mapping protocols (`portmap`, which
+//! the peer drives), or keep measurements (the honeypot writes into `api`'s store).
 
 pub mod candidates;
 pub mod honeypot;
