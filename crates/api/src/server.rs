@@ -13,9 +13,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use rand::RngExt as _;
+use telemetry::metrics::{Histograms, Registrar};
 use tonic::{Request, Response, Status};
 
 use crate::multiaddr::Multiaddr;
@@ -203,44 +203,29 @@ fn transport_label(transport: Option<&str>) -> &str {
 #[derive(Debug, Clone)]
 struct Metrics {
     requests: Family<Labels, Counter>,
-    durations: Family<Labels, Histogram, fn() -> Histogram>,
+    durations: Histograms<Labels>,
     results: Family<Labels, Counter>,
     duplicates: Counter,
 }
 
-fn latency_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.0002, 2.0, 16))
-}
-
 impl Metrics {
     fn new(registry: &mut Registry) -> Self {
-        let m = Self {
-            requests: Family::default(),
-            durations: Family::new_with_constructor(latency_histogram),
-            results: Family::default(),
-            duplicates: Counter::default(),
-        };
-        registry.register(
-            "natpunch_server_requests",
-            "gRPC requests by method and status code",
-            m.requests.clone(),
-        );
-        registry.register(
-            "natpunch_server_request_duration_seconds",
-            "gRPC request handling time by method",
-            m.durations.clone(),
-        );
-        registry.register(
-            "natpunch_server_results",
-            "Stored hole-punch results by outcome and transport",
-            m.results.clone(),
-        );
-        registry.register(
-            "natpunch_server_duplicate_reports",
-            "Reports acknowledged without storing, their idempotency key being stored already",
-            m.duplicates.clone(),
-        );
-        m
+        let mut r = Registrar::with_prefix(registry, "natpunch_server");
+        Self {
+            requests: r.counters("requests", "gRPC requests by method and status code"),
+            durations: r.latencies(
+                "request_duration_seconds",
+                "gRPC request handling time by method",
+            ),
+            results: r.counters(
+                "results",
+                "Stored hole-punch results by outcome and transport",
+            ),
+            duplicates: r.counter(
+                "duplicate_reports",
+                "Reports acknowledged without storing, their idempotency key being stored already",
+            ),
+        }
     }
 
     fn observe<T>(&self, method: &str, start: Instant, result: &Result<T, Status>) {

@@ -9,6 +9,7 @@
 //! the NAT-pair matrix) is computed from the database, the same place a researcher would read.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,8 +17,14 @@ use std::time::{Duration, Instant};
 
 use api::store::SqlStore;
 use natlab::{Lab, LabOptions, LabProcess, Preset};
+use p2p::honeypot::HoneypotEvent;
+use p2p::relay::RelayEvent;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 
+use crate::args::{
+    ClientArgs, HoneypotArgs, PeerArgs, PeerMode, RelayArgs, ServerArgs, StunServerArgs,
+};
 use crate::matrix::{host, topology};
 use crate::stats::quantile;
 
@@ -180,8 +187,87 @@ pub struct CampaignReport {
     pub interrupted: bool,
 }
 
+impl CampaignReport {
+    /// The summary as `natpunch lab campaign --json` prints it: the counts, outcomes and rates,
+    /// the matrix, and the peers.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "punches": self.punches,
+            "stored": self.stored,
+            "outcomes": self.outcomes,
+            "database": self.database,
+            "success_rate": self.success_rate,
+            "end_to_end_rate": self.end_to_end_rate,
+            "median_ms": self.median_ms,
+            "p95_ms": self.p95_ms,
+            "targets_recorded": self.targets_recorded,
+            "targets": self.targets,
+            "seconds": self.seconds,
+            "interrupted": self.interrupted,
+            "matrix": self.matrix,
+            "measured_nat": self.measured_nat,
+            "peers": self.peers,
+        })
+    }
+}
+
+/// The summary for people: counts, outcomes and rates, then the NAT-pair table.
+impl std::fmt::Display for CampaignReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pct = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{:.1}%", v * 100.0));
+        let ms = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{v:.0} ms"));
+        writeln!(
+            f,
+            "{} punches, {} in the database ({}); honeypot recorded {} of {} targets",
+            self.punches, self.stored, self.database, self.targets_recorded, self.targets
+        )?;
+        let outcomes: Vec<String> = self
+            .outcomes
+            .iter()
+            .map(|(o, n)| format!("{o} {n}"))
+            .collect();
+        writeln!(f, "outcomes: {}", outcomes.join(", "))?;
+        writeln!(
+            f,
+            "success rate {} (SUCCESS/(SUCCESS+FAILED)), end to end {}, time to direct median {} \
+             p95 {}",
+            pct(self.success_rate),
+            pct(self.end_to_end_rate),
+            ms(self.median_ms),
+            ms(self.p95_ms)
+        )?;
+        for (name, m) in &self.measured_nat {
+            writeln!(f, "client behind {name}: measured {m}")?;
+        }
+        writeln!(f)?;
+        writeln!(
+            f,
+            "{:<24} {:<16} {:<5} {:>7} {:>8} {:>10}",
+            "client NAT", "target NAT", "via", "punches", "success", "median ms"
+        )?;
+        for c in &self.matrix {
+            writeln!(
+                f,
+                "{:<24} {:<16} {:<5} {:>7} {:>8} {:>10}",
+                c.client_nat,
+                c.target_nat,
+                c.transport,
+                c.trials,
+                c.success,
+                c.median_ms
+                    .map_or_else(|| "-".into(), |m| format!("{m:.0}"))
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// The first JSON line of `p` with `needle`, parsed.
-fn json_line(p: &LabProcess, needle: &str, what: &str) -> Result<serde_json::Value, CampaignError> {
+fn json_line<T: DeserializeOwned>(
+    p: &LabProcess,
+    needle: &str,
+    what: &str,
+) -> Result<T, CampaignError> {
     let line = p
         .wait_for(needle, START_TIMEOUT)
         // The error carries what the process printed.
@@ -190,12 +276,10 @@ fn json_line(p: &LabProcess, needle: &str, what: &str) -> Result<serde_json::Val
 }
 
 fn listen_addr(p: &LabProcess, ip: &str, port: u16, what: &str) -> Result<String, CampaignError> {
-    let v = json_line(p, &format!("/ip4/{ip}/tcp/{port}\""), what)?;
-    Ok(format!(
-        "{}/p2p/{}",
-        v["address"].as_str().unwrap_or_default(),
-        v["peer_id"].as_str().unwrap_or_default()
-    ))
+    match json_line(p, &format!("/ip4/{ip}/tcp/{port}\""), what)? {
+        HoneypotEvent::Listening { address, peer_id } => Ok(format!("{address}/p2p/{peer_id}")),
+        other => Err(CampaignError::Role(format!("{what}: unexpected {other:?}"))),
+    }
 }
 
 /// Sends SIGTERM to `p` (our child, by PID).
@@ -256,138 +340,96 @@ pub fn run(
         }
     }
     let lab = Lab::build(&t, LabOptions::default())?;
-    let relay_args = crate::matrix::relay_args(&path("relay.key"), RELAY_PORT);
-    let relay_args: Vec<&str> = relay_args.iter().map(String::as_str).collect();
+    let file = |name: &str| config.work_dir.join(name);
+    let relay_args = RelayArgs::lab(file("relay.key"), RELAY_PORT).to_args();
     let relay = lab.spawn("relay", &exe, &relay_args)?;
     // An RFC 5780 STUN server on two addresses: the clients measure their NAT with it.
     let stun_addrs = lab.node("stun")?.uplink.addrs.clone();
-    let (primary, alternate) = match stun_addrs.as_slice() {
-        [a, b, ..] => (format!("{a}:3478"), format!("{b}:3479")),
+    let stun = match stun_addrs.as_slice() {
+        [a, b, ..] => StunServerArgs {
+            primary: SocketAddr::new((*a).into(), 3478),
+            alternate: SocketAddr::new((*b).into(), 3479),
+        },
         _ => {
             return Err(CampaignError::Role(
                 "the STUN node lacks two addresses".into(),
             ));
         }
     };
-    let stun = lab.spawn(
-        "stun",
-        &exe,
-        &[
-            "stun-server",
-            "--primary",
-            &primary,
-            "--alternate",
-            &alternate,
-        ],
-    )?;
+    let primary = stun.primary;
+    let stun = lab.spawn("stun", &exe, &stun.to_args())?;
     stun.wait_for("listening on", START_TIMEOUT)
         .map_err(|e| CampaignError::Role(format!("the STUN server: {}", natlab::chain(&e))))?;
-    let relay_addr = json_line(&relay, "\"event\":\"external-address\"", "the relay")?["address"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let relay_addr = match json_line(&relay, "\"event\":\"external-address\"", "the relay")? {
+        RelayEvent::ExternalAddress { address } => address,
+        other => {
+            return Err(CampaignError::Role(format!(
+                "the relay: unexpected {other:?}"
+            )));
+        }
+    };
     progress(Progress::Step(format!("relay at {relay_addr}")));
     let dht_ip = lab.public_addr("dht")?.to_string();
-    let port = DHT_PORT.to_string();
-    let dht_key = path("dht.key");
-    let dht = lab.spawn(
-        "dht",
-        &exe,
-        &[
-            "honeypot",
-            "--json",
-            "--no-record",
-            "--port",
-            &port,
-            "--identity",
-            &dht_key,
-            "--protocol",
-            DHT_PROTOCOL,
-        ],
-    )?;
+    let dht_args = HoneypotArgs {
+        port: DHT_PORT,
+        identity: file("dht.key"),
+        protocol: DHT_PROTOCOL.to_owned(),
+        bootstrap: None,
+        crawler_count: None,
+        crawl_secs: None,
+        database_url: None,
+    };
+    let dht = lab.spawn("dht", &exe, &dht_args.to_args())?;
     let dht_addr = listen_addr(&dht, &dht_ip, DHT_PORT, "the DHT bootstrap node")?;
     let hp_ip = lab.public_addr("honeypot")?.to_string();
-    let hp_key = path("honeypot.key");
-    let honeypot = lab.spawn(
-        "honeypot",
-        &exe,
-        &[
-            "honeypot",
-            "--json",
-            "--port",
-            &port,
-            "--identity",
-            &hp_key,
-            "--protocol",
-            DHT_PROTOCOL,
-            "--bootstrap",
-            &dht_addr,
-            "--crawler-count",
-            "3",
-            "--crawl-secs",
-            "60",
-            "--database-url",
-            &database_url,
-        ],
-    )?;
+    let honeypot_args = HoneypotArgs {
+        identity: file("honeypot.key"),
+        bootstrap: Some(dht_addr.clone()),
+        crawler_count: Some(3),
+        crawl_secs: Some(60),
+        database_url: Some(database_url.clone()),
+        ..dht_args
+    };
+    let honeypot = lab.spawn("honeypot", &exe, &honeypot_args.to_args())?;
     listen_addr(&honeypot, &hp_ip, DHT_PORT, "the honeypot")?;
-    json_line(
+    json_line::<HoneypotEvent>(
         &honeypot,
         "\"event\":\"crawl-ended\"",
         "the honeypot's first crawl",
     )?;
-    let server_args = [
-        "server",
-        "--json",
-        "--port",
-        &SERVER_PORT.to_string(),
-        "--telemetry-port",
-        "0",
-        "--database-url",
-        &database_url,
+    let server_args = ServerArgs {
+        port: SERVER_PORT,
+        database_url: database_url.clone(),
         // One transport per punch, so that failures count for a transport too; every
         // target may be punched again at once and often.
-        "--protocol-filters",
-        "ip4/tcp:1,ip4/quic-v1:1",
-        "--dedup-secs",
-        "0",
-        "--per-remote",
-        "100000",
-    ];
+        protocol_filters: Some("ip4/tcp:1,ip4/quic-v1:1".to_owned()),
+        dedup_secs: Some(0),
+        per_remote: Some(100_000),
+    }
+    .to_args();
     let start_server = || -> Result<LabProcess, CampaignError> {
         let server = lab.spawn("honeypot", &exe, &server_args)?;
-        json_line(&server, "\"event\":\"listening\"", "the server")?;
+        json_line::<serde_json::Value>(&server, "\"event\":\"listening\"", "the server")?;
         Ok(server)
     };
     let mut server = Some(start_server()?);
     progress(Progress::Step(format!(
         "DHT, honeypot and server up; database {}",
-        api_redact(&database_url)
+        api::store::redact(&database_url)
     )));
 
     // Targets: reserve on the relay, then join the DHT through the bootstrap node.
     let mut targets = Vec::new();
     let mut nat_of: HashMap<String, Preset> = HashMap::new();
     for &p in &config.presets {
-        let key = path(&format!("target-{}.key", p.name()));
-        let target = lab.spawn(
-            &host('b', p),
-            &exe,
-            &[
-                "peer",
-                "listen",
-                "--json",
-                "--relay",
-                &relay_addr,
-                "--identity",
-                &key,
-                "--dht-bootstrap",
-                &dht_addr,
-                "--dht-protocol",
-                DHT_PROTOCOL,
-            ],
-        )?;
-        let reserved = json_line(&target, "\"event\":\"reserved\"", "a target")?;
+        let target_args = PeerArgs {
+            identity: Some(file(&format!("target-{}.key", p.name()))),
+            dht_bootstrap: Some(dht_addr.clone()),
+            dht_protocol: Some(DHT_PROTOCOL.to_owned()),
+            ..PeerArgs::new(PeerMode::Listen, relay_addr.clone())
+        };
+        let target = lab.spawn(&host('b', p), &exe, &target_args.to_args())?;
+        let reserved: serde_json::Value = json_line(&target, "\"event\":\"reserved\"", "a target")?;
         let id = reserved["address"]
             .as_str()
             .and_then(|a| a.rsplit('/').next())
@@ -429,37 +471,24 @@ pub fn run(
         .map(|(id, p)| (id.clone(), p.name().to_owned()))
         .collect();
     let server_url = format!("http://{hp_ip}:{SERVER_PORT}");
-    let hosts = config.hosts_per_client.max(1).to_string();
     for (i, (node, nat, mapped)) in homes.iter().enumerate() {
-        let keys = path(&format!("client-{nat}"));
         let share = config
             .punches
-            .map(|total| (total / n + u64::from((i as u64) < total % n)).to_string());
-        let mut args = vec![
-            "client",
-            "--json",
-            "--server",
-            &server_url,
-            "--api-key",
-            "natpunch-lab-campaign",
-            "--host-count",
-            &hosts,
-            "--idle-secs",
-            "1",
-            "--keys-dir",
-            &keys,
-            "--stun-server",
-            &primary,
-        ];
-        if *mapped {
-            args.push("--port-mapping");
+            .map(|total| total / n + u64::from((i as u64) < total % n));
+        if share == Some(0) {
+            continue;
         }
-        if let Some(s) = &share {
-            if s == "0" {
-                continue;
-            }
-            args.extend(["--punches", s]);
+        let args = ClientArgs {
+            server: server_url.clone(),
+            api_key: "natpunch-lab-campaign".to_owned(),
+            host_count: config.hosts_per_client.max(1),
+            idle_secs: 1.0,
+            keys_dir: file(&format!("client-{nat}")),
+            stun_server: Some(primary),
+            port_mapping: *mapped,
+            punches: share,
         }
+        .to_args();
         // The keys are made here, before the client starts: it loads these, so the labels are
         // those of the identities it punches with.
         for i in 0..config.hosts_per_client.max(1) {
@@ -549,20 +578,6 @@ pub fn run(
     )
 }
 
-/// The URL without its password.
-fn api_redact(url: &str) -> String {
-    match url
-        .split_once("://")
-        .and_then(|(s, r)| Some((s, r.split_once('@')?)))
-    {
-        Some((scheme, (cred, host))) if cred.contains(':') => {
-            let user = cred.split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}:***@{host}")
-        }
-        _ => url.to_owned(),
-    }
-}
-
 fn transport_of(filters: &[i32], transport: Option<&str>) -> String {
     if filters.contains(&6) {
         "tcp".into()
@@ -646,7 +661,7 @@ fn summarise(
         punches,
         stored,
         outcomes,
-        database: api_redact(database_url),
+        database: api::store::redact(database_url),
         success_rate: (success + failed > 0).then(|| success as f64 / (success + failed) as f64),
         end_to_end_rate: (stored > 0).then(|| success as f64 / stored as f64),
         median_ms: quantile(&all, 0.5),
@@ -672,9 +687,5 @@ mod tests {
         assert_eq!(transport_of(&[4, 461], Some("tcp")), "quic");
         assert_eq!(transport_of(&[], Some("quic")), "quic");
         assert_eq!(transport_of(&[], None), "any");
-        assert_eq!(
-            api_redact("postgres://u:secret@h/db"),
-            "postgres://u:***@h/db"
-        );
     }
 }

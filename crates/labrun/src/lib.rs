@@ -1,5 +1,9 @@
 //! labrun: natpunch's roles run inside a NAT lab, trial after trial.
 //!
+//! * [`args`]: the command lines of the roles it starts, as typed values;
+//! * [`bench`]: benchmarks against a baseline in the same run: hole punching (natpunch's
+//!   engine against stock rust-libp2p), the STUN server (against coturn), the measurement
+//!   server (SQLite against PostgreSQL);
 //! * [`campaign`]: the measurement system end to end (relay, DHT, honeypot, server, targets
 //!   and clients behind every preset), summed up from its database;
 //! * [`html`]: the campaign's report as a self-contained page with plots;
@@ -9,7 +13,13 @@
 //!
 //! The roles are the `natpunch` binary itself (`relay`, `peer listen`, `peer dial`), started in
 //! the lab's namespaces, so what is measured is exactly what a user runs.
+//!
+//! What it does not do: build labs (natlab does), implement any role (it starts the binary, or
+//! for the STUN and server benchmarks the library servers and coturn), or decide pass or fail:
+//! it measures and reports.
 
+pub mod args;
+pub mod bench;
 pub mod campaign;
 pub mod html;
 pub mod matrix;

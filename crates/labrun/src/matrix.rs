@@ -15,8 +15,10 @@ use std::time::{Duration, Instant};
 use natlab::selftest::add_path;
 use natlab::{Lab, LabError, LabOptions, LinkCondition, Preset, Topology};
 use p2p::record::{Outcome, Record};
+use p2p::relay::RelayEvent;
 use serde::Serialize;
 
+use crate::args::{PeerArgs, PeerMode, RelayArgs};
 use crate::stats::{quantile, wilson95};
 
 /// How long a listener may take to reserve on the relay.
@@ -49,10 +51,14 @@ pub struct MatrixConfig {
     pub candidates: String,
     /// Each attempt's time, in ms (natpunch engine).
     pub attempt_timeout_ms: u64,
-    /// More arguments for `natpunch peer listen`.
-    pub listener_args: Vec<String>,
-    /// More arguments for `natpunch peer dial`.
-    pub dialer_args: Vec<String>,
+    /// The listener's engine, when it differs from `engine` (interoperability runs).
+    pub listener_engine: Option<String>,
+    /// The dialer's engine, when it differs from `engine`.
+    pub dialer_engine: Option<String>,
+    /// Both peers stay on the relayed connection (to measure the relay).
+    pub no_punch: bool,
+    /// After the punch, the dialer sends this many bytes and reports the throughput.
+    pub perf_bytes: Option<u64>,
     /// Set to stop: no new trial starts, the labs are removed, the report has what ran.
     pub stop: Arc<AtomicBool>,
 }
@@ -72,8 +78,10 @@ impl MatrixConfig {
             engine: "natpunch".to_owned(),
             candidates: "observed".to_owned(),
             attempt_timeout_ms: 3000,
-            listener_args: Vec::new(),
-            dialer_args: Vec::new(),
+            listener_engine: None,
+            dialer_engine: None,
+            no_punch: false,
+            perf_bytes: None,
             stop,
         }
     }
@@ -176,6 +184,82 @@ pub struct Conditions {
     pub elapsed_secs: f64,
 }
 
+/// The matrix as a table, one row per cell, under the conditions it was measured in.
+impl std::fmt::Display for MatrixReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let c = &self.conditions;
+        if self.interrupted {
+            writeln!(
+                f,
+                "interrupted: the cells below hold only the trials that ran"
+            )?;
+        }
+        writeln!(
+            f,
+            "NAT-pair matrix: {} trials per cell, {} ms host-to-host RTT, engine {}, candidates \
+             {}, {:.0} s",
+            c.trials, c.rtt_ms, c.engine, c.candidates, c.elapsed_secs
+        )?;
+        writeln!(
+            f,
+            "{:<16} {:<16} {:<5} {:>7} {:>13} {:>8} {:>8} {:>9} {:>9}  outcomes",
+            "dialer (A)",
+            "listener (B)",
+            "tr",
+            "success",
+            "95% CI",
+            "median",
+            "p95",
+            "attempts",
+            "fail at"
+        )?;
+        for cell in &self.cells {
+            writeln!(f, "{cell}")?;
+        }
+        Ok(())
+    }
+}
+
+/// One row of the matrix's table.
+impl std::fmt::Display for Cell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |v: Option<f64>| v.map_or("-".to_owned(), |m| format!("{m:.0} ms"));
+        let attempts: Vec<String> = self
+            .attempts_needed
+            .iter()
+            .map(|(n, k)| format!("{n}:{k}"))
+            .collect();
+        let outcomes: Vec<String> = self
+            .outcomes
+            .iter()
+            .map(|(o, k)| format!("{o} {k}"))
+            .collect();
+        write!(
+            f,
+            "{:<16} {:<16} {:<5} {:>3}/{:<3} {:>13} {:>8} {:>8} {:>9} {:>9}  {}",
+            self.a,
+            self.b,
+            self.transport,
+            self.success,
+            self.trials,
+            format!(
+                "{:.0}–{:.0}%",
+                self.success_ci95.0 * 100.0,
+                self.success_ci95.1 * 100.0
+            ),
+            ms(self.median_ms),
+            ms(self.p95_ms),
+            if attempts.is_empty() {
+                "-".to_owned()
+            } else {
+                attempts.join(",")
+            },
+            ms(self.median_fail_ms),
+            outcomes.join(", ")
+        )
+    }
+}
+
 /// Why the matrix could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum MatrixError {
@@ -199,36 +283,6 @@ fn code(p: Preset) -> &'static str {
         Preset::Symmetric => "sy",
         Preset::Cgnat => "cg",
     }
-}
-
-/// `natpunch relay` as a lab runs it: every trial comes from the same few NAT addresses, so the
-/// per-IP and per-peer rates are off, and circuits may be long and large.
-pub fn relay_args(key: &str, port: u16) -> Vec<String> {
-    [
-        "relay",
-        "--json",
-        "--telemetry-port",
-        "0",
-        "--identity",
-        key,
-        "--reservation-rate-per-ip",
-        "off",
-        "--reservation-rate-per-peer",
-        "off",
-        "--circuit-rate-per-ip",
-        "off",
-        "--circuit-rate-per-peer",
-        "off",
-        "--max-circuit-secs",
-        "600",
-        "--max-circuit-bytes",
-        "67108864",
-        "--port",
-    ]
-    .into_iter()
-    .map(str::to_owned)
-    .chain([port.to_string()])
-    .collect()
 }
 
 /// The host behind `preset` on `side` (`a` or `b`).
@@ -378,18 +432,16 @@ fn serve(
     exe: &str,
     key: &std::path::Path,
 ) -> Result<(), MatrixError> {
-    let args = relay_args(&key.to_string_lossy(), RELAY_PORT);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let args = RelayArgs::lab(key.to_owned(), RELAY_PORT).to_args();
     let relay = lab
         .spawn("relay", exe, &args)
         .map_err(|e| MatrixError::Relay(natlab::chain(&e).to_string()))?;
     let line = relay
         .wait_for("\"event\":\"external-address\"", Duration::from_secs(20))
         .map_err(|e| MatrixError::Relay(natlab::chain(&e).to_string()))?;
-    let address = serde_json::from_str::<serde_json::Value>(&line)
-        .ok()
-        .and_then(|v| v["address"].as_str().map(str::to_owned))
-        .ok_or_else(|| MatrixError::Relay(format!("unexpected line: {line}")))?;
+    let Ok(RelayEvent::ExternalAddress { address }) = serde_json::from_str(&line) else {
+        return Err(MatrixError::Relay(format!("unexpected line: {line}")));
+    };
     loop {
         if config.stop.load(Ordering::Relaxed) {
             return Ok(());
@@ -423,23 +475,15 @@ fn run_trial(lab: &Lab, config: &MatrixConfig, exe: &str, relay: &str, job: &Job
     let result = (|| -> Result<(), String> {
         let text = |e: LabError| natlab::chain(&e).to_string();
         lab.flush_nat_state().map_err(text)?;
-        let timeout = config.attempt_timeout_ms.to_string();
-        let common = [
-            "--relay",
-            relay,
-            "--transport",
-            &job.transport,
-            "--engine",
-            &config.engine,
-            "--candidates",
-            &config.candidates,
-            "--attempt-timeout-ms",
-            &timeout,
-            "--json",
-        ];
-        let mut args = vec!["peer", "listen"];
-        args.extend_from_slice(&common);
-        args.extend(config.listener_args.iter().map(String::as_str));
+        let peer = |mode, engine: &Option<String>| PeerArgs {
+            transport: Some(job.transport.clone()),
+            engine: Some(engine.as_ref().unwrap_or(&config.engine).clone()),
+            candidates: Some(config.candidates.clone()),
+            attempt_timeout_ms: Some(config.attempt_timeout_ms),
+            no_punch: config.no_punch,
+            ..PeerArgs::new(mode, relay)
+        };
+        let args = peer(PeerMode::Listen, &config.listener_engine).to_args();
         let listener = lab.spawn(&host('b', job.b), exe, &args).map_err(text)?;
         let reserved = listener
             .wait_for("\"event\":\"reserved\"", RESERVE_TIMEOUT)
@@ -450,9 +494,11 @@ fn run_trial(lab: &Lab, config: &MatrixConfig, exe: &str, relay: &str, job: &Job
             .and_then(|a| a.rsplit('/').next().map(str::to_owned))
             .ok_or_else(|| format!("unexpected line: {reserved}"))?;
         let mut cmd = lab.command(&host('a', job.a), exe).map_err(text)?;
-        cmd.args(["peer", "dial", &peer_id])
-            .args(common)
-            .args(&config.dialer_args);
+        let dialer = PeerArgs {
+            perf_bytes: config.perf_bytes,
+            ..peer(PeerMode::Dial { peer_id }, &config.dialer_engine)
+        };
+        cmd.args(dialer.to_args());
         let out = cmd
             .output()
             .map_err(|e| format!("running the dialer: {e}"))?;

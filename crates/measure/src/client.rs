@@ -126,6 +126,45 @@ pub enum ClientEvent {
     },
 }
 
+impl ClientEvent {
+    /// One line for people, or `None` for an event not worth one (a peer served, a report
+    /// delivered).
+    pub fn line(&self) -> Option<String> {
+        Some(match self {
+            Self::Registered { host, db_peer_id } => {
+                format!("registered {host} (id {db_peer_id})")
+            }
+            Self::Served { .. } | Self::Delivered { .. } => return None,
+            Self::Idle { host, wait_secs } => {
+                format!("{host}: nothing to punch, waiting {wait_secs:.0} s")
+            }
+            Self::Punched {
+                host,
+                remote,
+                outcome,
+                transport,
+                time_to_direct_ms,
+                ..
+            } => format!(
+                "{host} → {remote}: {outcome:?}{}{}",
+                transport
+                    .as_ref()
+                    .map_or(String::new(), |t| format!(" over {t}")),
+                time_to_direct_ms.map_or(String::new(), |t| format!(" in {t:.0} ms"))
+            ),
+            Self::Deferred {
+                key,
+                error,
+                retry_secs,
+            } => format!("report {key} not delivered ({error}); next try in {retry_secs:.1} s"),
+            Self::Rejected { key, error } => {
+                format!("report {key} refused by the server: {error} (kept in rejected/)")
+            }
+            Self::ServerError { call, error } => format!("{call}: {error}"),
+        })
+    }
+}
+
 /// Why the client stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

@@ -5,7 +5,10 @@
 //!   peer, and report every punch (TrackHolePunch) with every field punchr's Go client fills and
 //!   natpunch's own;
 //! - [`spool`]: the on-disk queue every report goes through first, so that a server outage or a
-//!   restart of the client loses nothing.
+//!   restart of the client loses nothing;
+//! - [`metrics`]: the client's Prometheus metrics, fed from its events;
+//! - [`connect`]: the API key (given, or kept in the user's config directory) and the gRPC
+//!   channel, with TLS for an https server.
 //!
 //! The messages and the validation the server applies come from `api`; this crate is the only
 //! side of the measurement system that needs libp2p, so that the server (`api`) does not. It
@@ -13,4 +16,6 @@
 //! (`natcheck` does; its verdict comes in as [`client::ClientConfig::client_nat`]).
 
 pub mod client;
+pub mod connect;
+pub mod metrics;
 pub mod spool;

@@ -116,6 +116,85 @@ impl NatReport {
     }
 }
 
+/// The report for people: one `name  value` row per finding, unknowns said as such, the
+/// verdict last.
+impl std::fmt::Display for NatReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        fn or_unknown<T: ToString>(v: Option<T>) -> String {
+            v.map_or_else(|| "unknown".to_owned(), |v| v.to_string())
+        }
+        fn yes_no(v: Option<bool>, yes: &str, no: &str) -> String {
+            v.map_or("unknown".into(), |v| if v { yes.into() } else { no.into() })
+        }
+        let public: Vec<String> = self
+            .public_addresses
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let delta = self
+            .port_delta
+            .map(|d| format!(", delta {d:+}"))
+            .unwrap_or_default();
+        let mut rows = vec![
+            (
+                "server",
+                format!(
+                    "{} (RFC 5780: {})",
+                    self.server,
+                    if self.rfc5780 { "yes" } else { "no" }
+                ),
+            ),
+            ("local address", or_unknown(self.local_address)),
+            (
+                "public address",
+                if public.is_empty() {
+                    "unknown".into()
+                } else {
+                    public.join(", ")
+                },
+            ),
+            ("NAT", yes_no(self.nat, "present", "none")),
+            (
+                "mapping",
+                self.mapping
+                    .map_or("unknown".into(), |m| format!("{m} ({})", m.abbreviation())),
+            ),
+            (
+                "filtering",
+                self.filtering
+                    .map_or("unknown".into(), |f| format!("{f} ({})", f.abbreviation())),
+            ),
+            (
+                "port allocation",
+                format!("{}{delta}", or_unknown(self.port_allocation)),
+            ),
+            ("hairpin", yes_no(self.hairpin, "yes", "no")),
+        ];
+        if let Some(l) = &self.mapping_lifetime {
+            let text = match (l.alive_secs, l.gone_secs, l.estimate_secs) {
+                (Some(a), Some(g), Some(e)) => {
+                    format!("about {e:.0} s (alive after {a:.1} s, gone after {g:.1} s)")
+                }
+                (Some(a), None, _) => format!("longer than {a:.0} s"),
+                (None, Some(g), _) => format!("shorter than {g:.0} s"),
+                _ => "unknown".into(),
+            };
+            rows.push(("mapping lifetime", text));
+        }
+        if self.udp_blocked {
+            rows.push((
+                "UDP",
+                "blocked: the server answered over TCP only".to_owned(),
+            ));
+        }
+        rows.push(("verdict", self.summary.to_owned()));
+        for (k, v) in rows {
+            writeln!(f, "{k:<18} {v}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Why a check could not run at all.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -551,6 +630,21 @@ async fn mapping_lifetime(options: &CheckOptions, max: Duration) -> Result<Lifet
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_report_prints_one_row_per_finding_and_the_verdict_last() {
+        let server: SocketAddr = "192.0.2.1:3478".parse().expect("addr");
+        let text = NatReport::udp_blocked(server).to_string();
+        let rows: Vec<&str> = text.lines().collect();
+        assert_eq!(rows[0], "server             192.0.2.1:3478 (RFC 5780: no)");
+        assert_eq!(rows[3], "NAT                unknown");
+        assert!(rows.contains(&"UDP                blocked: the server answered over TCP only"));
+        assert!(
+            rows.last()
+                .expect("rows")
+                .starts_with("verdict            ")
+        );
+    }
 
     #[test]
     fn lifetime_schedule_grows_by_a_fifth_and_stops_at_the_limit() {

@@ -236,6 +236,82 @@ pub fn list() -> Vec<LabState> {
         .collect()
 }
 
+/// A lab as `natpunch lab list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LabSummary {
+    /// Lab name.
+    pub name: String,
+    /// Its nodes, in creation order.
+    pub nodes: Vec<String>,
+    /// Whether it lives until `natpunch lab down`.
+    pub detached: bool,
+    /// Whether the process that owns it runs.
+    pub owner_alive: bool,
+    /// The process running its delay lines, if one runs.
+    pub delay_holder: Option<u32>,
+    #[serde(skip)]
+    owner: u32,
+}
+
+impl From<&LabState> for LabSummary {
+    fn from(s: &LabState) -> Self {
+        Self {
+            name: s.plan.lab.clone(),
+            nodes: s.plan.nodes.iter().map(|n| n.name.clone()).collect(),
+            detached: s.detached,
+            owner_alive: s.owner.is_alive(),
+            delay_holder: s.holder.filter(ProcessId::is_alive).map(|h| h.pid),
+            owner: s.owner.pid,
+        }
+    }
+}
+
+impl LabSummary {
+    /// `detached`, `owned by pid N`, or `stale (owner gone)`.
+    pub fn kind(&self) -> String {
+        if self.detached {
+            "detached".to_owned()
+        } else if self.owner_alive {
+            format!("owned by pid {}", self.owner)
+        } else {
+            "stale (owner gone)".to_owned()
+        }
+    }
+}
+
+/// What [`down_all`] did with one lab.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Removal {
+    /// Kept: a running program owns it, and removing it is that program's business.
+    Kept {
+        /// Lab name.
+        lab: String,
+        /// The owner's process ID.
+        owner: u32,
+    },
+    /// Removed.
+    Removed(String),
+}
+
+/// Removes every detached lab and every stale one, telling `each` as it goes (labs owned by
+/// running programs, a test or a self-test, are kept), then sweeps what crashed runs left
+/// behind; returns what the sweep removed.
+pub fn down_all(each: &mut dyn FnMut(Removal)) -> Result<Vec<String>, LabError> {
+    for state in list() {
+        let lab = state.plan.lab;
+        if !state.detached && state.owner.is_alive() {
+            each(Removal::Kept {
+                lab,
+                owner: state.owner.pid,
+            });
+            continue;
+        }
+        down(&lab)?;
+        each(Removal::Removed(lab));
+    }
+    Ok(sweep())
+}
+
 /// Removes lab `lab`: ends its holder process, deletes its namespaces and its state file.
 pub fn down(lab: &str) -> Result<(), LabError> {
     let state = load_state(lab)?;
@@ -532,7 +608,12 @@ impl Lab {
     /// process ends when the returned handle or the lab is dropped, whichever comes first.
     /// It gets none of the caller's `NATPUNCH_*` variables: the roles a lab starts are set by
     /// their arguments alone, not by what the person running the lab has exported.
-    pub fn spawn(&self, node: &str, program: &str, args: &[&str]) -> Result<LabProcess, LabError> {
+    pub fn spawn<S: AsRef<std::ffi::OsStr>>(
+        &self,
+        node: &str,
+        program: &str,
+        args: &[S],
+    ) -> Result<LabProcess, LabError> {
         let mut cmd = self.command(node, program)?;
         for name in natpunch_settings(std::env::vars_os().map(|(k, _)| k)) {
             cmd.env_remove(name);

@@ -9,7 +9,8 @@
 //!
 //! What it does not do: IPv6, port-block allocation, firewall profiles beyond NAT filtering, and
 //! non-deterministic "bad NAT" modes. Routers can also run real miniupnpd for UPnP IGD, NAT-PMP
-//! and PCP ([`portmap`]), and be rebooted or renumbered while a lab runs.
+//! and PCP ([`portmap`]), and be rebooted or renumbered while a lab runs. A detached lab's
+//! delay lines run in a [`holder`] process.
 //!
 //! Safety: every namespace carries the prefix `natlab.LAB.`; veths are created inside lab namespaces
 //! only, so lab traffic never reaches the root namespace, and the internet namespace does not
@@ -33,6 +34,7 @@ pub mod defaults;
 pub mod delay;
 pub mod environment;
 mod error_chain;
+pub mod holder;
 pub mod lab;
 pub mod nat;
 pub mod net;

@@ -7,6 +7,7 @@
 //! UDP idle timeout of at most a minute, that a mapping is still there just before the timeout
 //! and gone just after it. Presets are measured in parallel.
 
+use std::fmt;
 use std::net::Ipv4Addr;
 use std::thread;
 use std::time::Duration;
@@ -105,6 +106,92 @@ impl SelftestReport {
     /// Whether every row matches.
     pub fn ok(&self) -> bool {
         self.presets.iter().all(|r| r.ok)
+    }
+}
+
+/// The [`cell`] of one axis (`get`) of a configured and a measured behaviour.
+fn axis<A, T: PartialEq + ToString>(c: &A, m: Option<&A>, get: impl Fn(&A) -> T) -> String {
+    cell(get(c), m.map(&get))
+}
+
+/// `configured` when the measurement agrees, `configured≠measured` when it does not.
+fn cell<T: PartialEq + ToString>(configured: T, measured: Option<T>) -> String {
+    match measured {
+        Some(m) if m == configured => configured.to_string(),
+        Some(m) => format!("{}≠{}", configured.to_string(), m.to_string()),
+        None => format!("{}≠?", configured.to_string()),
+    }
+}
+
+/// The presets as a table (configured≠measured where they differ), the tally below it.
+impl fmt::Display for SelftestReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let report = self;
+        writeln!(f, "each cell: the configured value, or configured≠measured")?;
+        writeln!(
+            f,
+            "{:<16} {:<10} {:<10} {:<10} {:<8} {:<10} {:<10} {:<11} {:<14} RESULT",
+            "PRESET",
+            "MAPPING",
+            "FILTERING",
+            "PORTS",
+            "HAIRPIN",
+            "TCP MAP",
+            "TCP FILTER",
+            "UNSOLICITED",
+            "UDP IDLE"
+        )?;
+        for r in &report.presets {
+            let (c, m) = (&r.configured, r.measured.as_ref());
+            let (tc, tm) = (&r.tcp.configured, r.tcp.measured.as_ref());
+            let on_off = |b: bool| if b { "on" } else { "off" };
+            let idle = r.udp_timeout.as_ref().map_or_else(
+                || "-".to_owned(),
+                |t| {
+                    format!(
+                        "{} s {}",
+                        t.configured_secs,
+                        if t.alive_before && !t.alive_after {
+                            "ok"
+                        } else {
+                            "WRONG"
+                        }
+                    )
+                },
+            );
+            writeln!(
+                f,
+                "{:<16} {:<10} {:<10} {:<10} {:<8} {:<10} {:<10} {:<11} {:<14} {}",
+                r.name.to_string(),
+                axis(c, m, |a| a.mapping.abbreviation()),
+                axis(c, m, |a| a.filtering.abbreviation()),
+                axis(c, m, |a| a.port_allocation),
+                axis(c, m, |a| on_off(a.hairpin)),
+                axis(tc, tm, |a| a.mapping.abbreviation()),
+                axis(tc, tm, |a| a.filtering.abbreviation()),
+                axis(tc, tm, |a| a.unsolicited),
+                idle,
+                if r.ok { "ok" } else { "MISMATCH" }
+            )?;
+            if let Some(t) = &r.udp_timeout {
+                writeln!(
+                    f,
+                    "{:<16} udp idle timeout: mapping alive after {:.0} s: {}, after {:.0} s: {}",
+                    "", t.checked_before_secs, t.alive_before, t.checked_after_secs, t.alive_after
+                )?;
+            }
+            if let Some(e) = &r.error {
+                writeln!(f, "{:<16} error: {e}", "")?;
+            }
+        }
+        let failed = report.presets.iter().filter(|r| !r.ok).count();
+        writeln!(
+            f,
+            "\n{} of {} presets behave as configured",
+            report.presets.len() - failed,
+            report.presets.len()
+        )?;
+        Ok(())
     }
 }
 

@@ -20,6 +20,7 @@
 //! `docs/lab.md` documents the format and the address plan.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
@@ -752,6 +753,74 @@ impl NodePlan {
     }
 }
 
+/// The plan as a table: one row per node with its kind, addresses, upstream and details (the
+/// router's NAT, its port mapping, the link's impairment).
+impl fmt::Display for LabPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "lab {}: {} nodes; namespaces natlab.{}.*",
+            self.lab,
+            self.nodes.len(),
+            self.lab
+        )?;
+        writeln!(
+            f,
+            "{:<14} {:<7} {:<24} {:<12} DETAILS",
+            "NODE", "KIND", "ADDRESS", "UPSTREAM"
+        )?;
+        for n in &self.nodes {
+            let addrs: Vec<String> = n.uplink.addrs.iter().map(ToString::to_string).collect();
+            writeln!(
+                f,
+                "{:<14} {:<7} {:<24} {:<12} {}",
+                n.name,
+                if n.is_router() { "router" } else { "host" },
+                addrs.join(","),
+                n.upstream.as_deref().unwrap_or("internet"),
+                n.details()
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl NodePlan {
+    /// The node's details in one line: a router's NAT behaviour, LAN and port mapping, and the
+    /// link's delay and loss when it has any.
+    pub fn details(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(r) = &self.router {
+            let nat = &r.nat;
+            let name = r
+                .preset
+                .map_or_else(|| "custom".to_owned(), |p| p.to_string());
+            parts.push(format!(
+                "{name}: {} mapping, {} filtering, {} ports, hairpin {}, udp {} s, tcp {} s, \
+                 unsolicited: {}; lan {}",
+                nat.mapping,
+                nat.filtering,
+                nat.port_allocation,
+                if nat.hairpin { "on" } else { "off" },
+                nat.udp_timeout_secs,
+                nat.tcp_timeout_secs,
+                nat.unsolicited,
+                r.lan_net
+            ));
+            if let Some(p) = &r.portmap {
+                parts.push(p.summary());
+            }
+        }
+        if self.link.is_impaired() {
+            parts.push(format!(
+                "link: {} ms ± {} ms, {}% loss each way",
+                self.link.delay_ms, self.link.jitter_ms, self.link.loss_pct
+            ));
+        }
+        parts.join("; ")
+    }
+}
+
 /// The complete, addressed plan of a lab.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LabPlan {
@@ -830,6 +899,23 @@ mod tests {
         [host.relay]
         addresses = 2
     "#;
+
+    #[test]
+    fn a_plan_prints_one_row_per_node() {
+        let plan = Topology::from_toml(CHAIN)
+            .and_then(|t| t.plan("t1"))
+            .expect("valid");
+        let text = plan.to_string();
+        let rows: Vec<&str> = text.lines().collect();
+        assert_eq!(rows[0], "lab t1: 6 nodes; namespaces natlab.t1.*");
+        assert_eq!(rows.len(), 2 + 6);
+        assert!(
+            rows[2].starts_with("cgn            router  11.99.0.10"),
+            "{text}"
+        );
+        assert!(rows[2].contains("lan 100.64.1.0/24"), "{text}");
+        assert!(rows[5].contains(" host "), "{text}");
+    }
 
     #[test]
     fn chain_gets_the_documented_address_plan() {

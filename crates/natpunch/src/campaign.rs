@@ -9,15 +9,18 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Args;
 use clap::builder::BoolishValueParser;
-use labrun::campaign::{self, CampaignConfig, CampaignReport, Progress};
+use labrun::campaign::{self, CampaignConfig, Progress};
 use natlab::Preset;
+
+use crate::args::Json;
 
 #[derive(Debug, Args)]
 #[command(
     after_help = "The lab: a relay, a DHT bootstrap node, a node with the honeypot and the \
 server, and behind each preset a target that reserves on the relay and joins the DHT, and a \
 client with --hosts-per-client hosts. The clients stop when the budget is spent, deliver their \
-reports and the summary is read from the database."
+reports and the summary is read from the database.",
+    mut_arg("json", |a| a.help("Print the summary as JSON"))
 )]
 pub(crate) struct CampaignArgs {
     /// How long the clients punch: 90s, 3m, 1h [default: 3m, unless --punches is given].
@@ -73,9 +76,8 @@ pub(crate) struct CampaignArgs {
     /// Also write a self-contained HTML report with plots to this file.
     #[arg(long, env = "NATPUNCH_CAMPAIGN_REPORT")]
     report: Option<PathBuf>,
-    /// Print the summary as JSON.
-    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
-    json: bool,
+    #[command(flatten)]
+    json: Json,
 }
 
 /// `90s`, `3m`, `1h`, or plain seconds. clap shows the value with the error, so the message
@@ -214,10 +216,10 @@ pub(crate) fn run(args: CampaignArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("writing {}", path.display()))?;
         eprintln!("lab campaign: report in {}", path.display());
     }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&json(&report))?);
+    if args.json.json {
+        println!("{}", serde_json::to_string_pretty(&report.to_json())?);
     } else {
-        print_summary(&report);
+        print!("{report}");
     }
     Ok(if report.stored == report.punches {
         ExitCode::SUCCESS
@@ -228,65 +230,6 @@ pub(crate) fn run(args: CampaignArgs) -> anyhow::Result<ExitCode> {
         );
         ExitCode::FAILURE
     })
-}
-
-/// The JSON form the issue names, plus the rates.
-fn json(r: &CampaignReport) -> serde_json::Value {
-    serde_json::json!({
-        "punches": r.punches,
-        "stored": r.stored,
-        "outcomes": r.outcomes,
-        "database": r.database,
-        "success_rate": r.success_rate,
-        "end_to_end_rate": r.end_to_end_rate,
-        "median_ms": r.median_ms,
-        "p95_ms": r.p95_ms,
-        "targets_recorded": r.targets_recorded,
-        "targets": r.targets,
-        "seconds": r.seconds,
-        "interrupted": r.interrupted,
-        "matrix": r.matrix,
-        "measured_nat": r.measured_nat,
-        "peers": r.peers,
-    })
-}
-
-fn print_summary(r: &CampaignReport) {
-    let pct = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{:.1}%", v * 100.0));
-    let ms = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{v:.0} ms"));
-    println!(
-        "{} punches, {} in the database ({}); honeypot recorded {} of {} targets",
-        r.punches, r.stored, r.database, r.targets_recorded, r.targets
-    );
-    let outcomes: Vec<String> = r.outcomes.iter().map(|(o, n)| format!("{o} {n}")).collect();
-    println!("outcomes: {}", outcomes.join(", "));
-    println!(
-        "success rate {} (SUCCESS/(SUCCESS+FAILED)), end to end {}, time to direct median {} p95 {}",
-        pct(r.success_rate),
-        pct(r.end_to_end_rate),
-        ms(r.median_ms),
-        ms(r.p95_ms)
-    );
-    for (name, m) in &r.measured_nat {
-        println!("client behind {name}: measured {m}");
-    }
-    println!();
-    println!(
-        "{:<24} {:<16} {:<5} {:>7} {:>8} {:>10}",
-        "client NAT", "target NAT", "via", "punches", "success", "median ms"
-    );
-    for c in &r.matrix {
-        println!(
-            "{:<24} {:<16} {:<5} {:>7} {:>8} {:>10}",
-            c.client_nat,
-            c.target_nat,
-            c.transport,
-            c.trials,
-            c.success,
-            c.median_ms
-                .map_or_else(|| "-".into(), |m| format!("{m:.0}"))
-        );
-    }
 }
 
 #[cfg(test)]

@@ -2,26 +2,23 @@
 //! measurement store, where `natpunch server` hands them to clients.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use api::report::Addr;
-use api::store::{ConnectionEvent, SqlStore, Store as _};
+use api::store::SqlStore;
 use clap::Args;
 use clap::builder::BoolishValueParser;
-use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, StreamProtocol};
-use p2p::honeypot::{
-    Honeypot, HoneypotConfig, HoneypotEvent, Metrics, RecordError, Recorder, RecorderConfig,
-    Sighting, SightingStore, defaults,
-};
+use p2p::honeypot::{Honeypot, HoneypotConfig, HoneypotEvent, Metrics, SqlSightings, defaults};
+
+use crate::args::{Identity, Json, Telemetry};
 
 #[derive(Debug, Args)]
 #[command(
     after_help = "The public IPFS DHT: --protocol /ipfs/kad/1.0.0 (the default) with its \
 bootstrap peers. A private lab DHT: any protocol name, and this honeypot as the first node (no \
---bootstrap) or joined through the lab's bootstrap peers."
+--bootstrap) or joined through the lab's bootstrap peers.",
+    mut_arg("json", |a| a.help("Print one JSON object per event"))
 )]
 pub(crate) struct HoneypotArgs {
     /// Address to listen on (TCP and QUIC).
@@ -30,10 +27,8 @@ pub(crate) struct HoneypotArgs {
     /// Port, TCP and UDP (QUIC) alike; 0 picks free ones.
     #[arg(long, env = "NATPUNCH_HONEYPOT_PORT", default_value_t = defaults::PORT)]
     port: u16,
-    /// The honeypot's key file, created on first start [default: $XDG_STATE_HOME/natpunch/
-    /// honeypot.key or ~/.local/state/natpunch/honeypot.key].
-    #[arg(long, env = "NATPUNCH_HONEYPOT_IDENTITY")]
-    identity: Option<PathBuf>,
+    #[command(flatten)]
+    identity: Identity<Self>,
     /// The DHT's protocol name.
     #[arg(
         long,
@@ -91,26 +86,13 @@ pub(crate) struct HoneypotArgs {
         default_value = "sqlite://natpunch.db"
     )]
     database_url: String,
-    /// Host of the telemetry port (/metrics, /health).
-    #[arg(
-        long,
-        env = "NATPUNCH_HONEYPOT_TELEMETRY_HOST",
-        default_value = "127.0.0.1"
-    )]
-    telemetry_host: IpAddr,
-    /// Telemetry port; 0 turns it off.
-    #[arg(
-        long,
-        env = "NATPUNCH_HONEYPOT_TELEMETRY_PORT",
-        default_value_t = 11001
-    )]
-    telemetry_port: u16,
+    #[command(flatten)]
+    telemetry: Telemetry<Self>,
     /// Record nothing: a plain DHT server (a lab's bootstrap node).
     #[arg(long, env = "NATPUNCH_HONEYPOT_NO_RECORD", value_parser = BoolishValueParser::new())]
     no_record: bool,
-    /// Print one JSON object per event.
-    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
-    json: bool,
+    #[command(flatten)]
+    json: Json,
 }
 
 pub(crate) fn run(args: HoneypotArgs) -> anyhow::Result<ExitCode> {
@@ -121,54 +103,8 @@ pub(crate) fn run(args: HoneypotArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(serve(args))
 }
 
-/// The measurement store as the honeypot's writer sees it.
-struct Store {
-    store: SqlStore,
-    /// The honeypot's peer ID (base58).
-    local: String,
-}
-
-impl SightingStore for Store {
-    async fn record(&self, s: &Sighting) -> Result<(), RecordError> {
-        let event =
-            connection_event(&self.local, s).map_err(|e| RecordError::Refused(format!("{e:#}")))?;
-        self.store
-            .record_connection(&event, api::server::now_ns())
-            .await
-            .map(drop)
-            .map_err(|e| RecordError::Failed(e.to_string()))
-    }
-}
-
-/// The store's form of a sighting.
-fn connection_event(local: &str, s: &Sighting) -> anyhow::Result<ConnectionEvent> {
-    let parse = |a: &str| -> anyhow::Result<Addr> {
-        Ok(Addr::of(
-            &a.parse::<api::multiaddr::Multiaddr>()
-                .with_context(|| format!("address {a}"))?,
-        ))
-    };
-    Ok(ConnectionEvent {
-        local: local.to_owned(),
-        remote: s.peer_id.clone(),
-        agent_version: Some(s.agent_version.clone()),
-        protocols: s.protocols.clone(),
-        conn_addr: parse(&s.conn_addr)?,
-        addrs: s
-            .listen_addrs
-            .iter()
-            .map(|a| parse(a))
-            .collect::<anyhow::Result<_>>()?,
-        opened_at: s.opened_at,
-    })
-}
-
 async fn serve(args: HoneypotArgs) -> anyhow::Result<ExitCode> {
-    let path = match &args.identity {
-        Some(p) => p.clone(),
-        None => crate::state_dir()?.join("honeypot.key"),
-    };
-    let (key, created) = p2p::identity::load_or_create(&path)?;
+    let key = args.identity.load()?;
     let store = if args.no_record {
         None
     } else {
@@ -176,18 +112,10 @@ async fn serve(args: HoneypotArgs) -> anyhow::Result<ExitCode> {
         Some(
             SqlStore::open(url)
                 .await
-                .with_context(|| format!("opening {}", crate::server::redact(url)))?,
+                .with_context(|| format!("opening {}", api::store::redact(url)))?,
         )
     };
-    let ip = match args.listen_ip {
-        IpAddr::V4(ip) => Protocol::Ip4(ip),
-        IpAddr::V6(ip) => Protocol::Ip6(ip),
-    };
-    let base = Multiaddr::empty().with(ip);
-    let mut config = HoneypotConfig::new(vec![
-        base.clone().with(Protocol::Tcp(args.port)),
-        base.with(Protocol::Udp(args.port)).with(Protocol::QuicV1),
-    ]);
+    let mut config = HoneypotConfig::new(p2p::host::listen_addrs(args.listen_ip, args.port));
     config.protocol = args.protocol.clone();
     config.bootstrap = args.bootstrap.clone();
     config.crawler_count = args.crawler_count;
@@ -197,58 +125,37 @@ async fn serve(args: HoneypotArgs) -> anyhow::Result<ExitCode> {
     config.max_connections_per_peer = args.max_connections_per_peer;
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Metrics::new(&mut registry);
-    let honeypot = Honeypot::new(key, config, &metrics).map_err(anyhow::Error::msg)?;
+    let honeypot = Honeypot::new(key.key, config, &metrics).map_err(anyhow::Error::msg)?;
     let local = honeypot.peer_id().to_base58();
     eprintln!(
         "honeypot: peer id {local} ({} key {}), {}",
-        if created { "new" } else { "from" },
-        path.display(),
+        if key.created { "new" } else { "from" },
+        key.path.unwrap_or_default().display(),
         if store.is_some() {
-            format!(
-                "recording into {}",
-                crate::server::redact(&args.database_url)
-            )
+            format!("recording into {}", api::store::redact(&args.database_url))
         } else {
             "recording nothing".to_owned()
         }
     );
-    if args.telemetry_port != 0 {
-        let addr = std::net::SocketAddr::new(args.telemetry_host, args.telemetry_port);
-        crate::serve_telemetry(
-            addr,
-            std::sync::Arc::new(std::sync::Mutex::new(registry)),
-            telemetry::Health::default(),
-        )
+    args.telemetry
+        .serve(registry, telemetry::Health::default())
         .await?;
-    }
-    // Sightings are written by their own task, so that a slow database never stalls the swarm.
-    let mut recorder = store.clone().map(|store| {
-        let store = Store {
-            store,
-            local: local.clone(),
-        };
-        Recorder::start(store, RecorderConfig::default(), &metrics)
-    });
-    let json = args.json;
-    let mut report = |e: HoneypotEvent| {
+    let json = args.json.json;
+    let mut report = |e: &HoneypotEvent| {
         if json {
-            println!("{}", serde_json::to_string(&e).unwrap_or_default());
+            println!("{}", serde_json::to_string(e).unwrap_or_default());
         } else {
-            println!("{}", describe(&e));
-        }
-        if let (HoneypotEvent::Seen(s), Some(recorder)) = (e, recorder.as_mut()) {
-            recorder.offer(s);
+            println!("{e}");
         }
     };
-    honeypot.run(crate::stop_signal(), &mut report).await;
-    // What was seen before the stop is written before the process ends, if the store lets it.
-    if let Some(recorder) = recorder {
-        let left = recorder.close().await;
-        if left > 0 {
-            eprintln!(
-                "honeypot: {left} sightings not written: the store did not take them in time"
-            );
-        }
+    let sightings = store
+        .clone()
+        .map(|store| SqlSightings::new(store, honeypot.peer_id()));
+    let left = honeypot
+        .run_recording(sightings, &metrics, crate::stop_signal(), &mut report)
+        .await;
+    if left > 0 {
+        eprintln!("honeypot: {left} sightings not written: the store did not take them in time");
     }
     if let Some(store) = store {
         store.close().await;
@@ -257,26 +164,64 @@ async fn serve(args: HoneypotArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn describe(e: &HoneypotEvent) -> String {
-    match e {
-        HoneypotEvent::Listening { peer_id, address } => {
-            format!("listening on {address}/p2p/{peer_id}")
+#[cfg(test)]
+mod tests {
+    use labrun::args::HoneypotArgs as Child;
+    use p2p::honeypot::defaults;
+
+    use crate::Command;
+    use crate::tests::parse;
+
+    fn check(child: &Child) {
+        let Command::Honeypot(args) = parse(child.to_args()) else {
+            panic!("not `honeypot`");
+        };
+        assert_eq!(args.port, child.port);
+        assert_eq!(args.identity.path.as_ref(), Some(&child.identity));
+        assert_eq!(args.protocol.to_string(), child.protocol);
+        let bootstrap: Vec<String> = args.bootstrap.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            bootstrap,
+            child.bootstrap.clone().into_iter().collect::<Vec<_>>()
+        );
+        assert_eq!(
+            args.crawler_count,
+            child.crawler_count.unwrap_or(defaults::CRAWLER_COUNT)
+        );
+        assert_eq!(
+            args.crawl_secs,
+            child
+                .crawl_secs
+                .unwrap_or(defaults::CRAWL_INTERVAL.as_secs())
+        );
+        match &child.database_url {
+            Some(url) => assert!(!args.no_record && args.database_url == *url),
+            None => assert!(args.no_record),
         }
-        HoneypotEvent::Seen(s) => format!(
-            "seen {} ({}) from {}: {} addresses, {} relayed{}",
-            s.peer_id,
-            s.agent_version,
-            s.conn_addr,
-            s.listen_addrs.len(),
-            s.relay_addrs.len(),
-            if s.dcutr { ", speaks DCUtR" } else { "" }
-        ),
-        HoneypotEvent::CrawlStarted { walks } => format!("crawl: {walks} walks"),
-        HoneypotEvent::CrawlEnded { peers, secs } => {
-            format!("crawl: met {peers} peers in {secs:.1} s")
-        }
-        HoneypotEvent::BootstrapFailed { address, error } => {
-            format!("bootstrap peer {address} unreachable: {error}")
-        }
+        assert!(args.json.json);
+    }
+
+    #[test]
+    fn the_labs_honeypot_command_lines_parse_to_their_values() {
+        let dht = Child {
+            port: 4002,
+            identity: "dht.key".into(),
+            protocol: "/natpunch/lab/kad/1.0.0".into(),
+            bootstrap: None,
+            crawler_count: None,
+            crawl_secs: None,
+            database_url: None,
+        };
+        check(&dht);
+        check(&Child {
+            bootstrap: Some(
+                "/ip4/203.0.113.2/tcp/4002/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
+                    .into(),
+            ),
+            crawler_count: Some(3),
+            crawl_secs: Some(60),
+            database_url: Some("sqlite://campaign.db".into()),
+            ..dht
+        });
     }
 }

@@ -1,15 +1,15 @@
 //! `natpunch lab …`: wiring between the command line and the natlab library.
 
-use std::io::{self, Write as _};
 use std::path::PathBuf;
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 
 use anyhow::{Context as _, bail};
 use clap::builder::BoolishValueParser;
 use clap::{Args, Subcommand};
-use natlab::lab::{self, LabState, ProcessId};
-use natlab::topology::{LabPlan, NodePlan};
-use natlab::{Lab, LabOptions, Preset, Topology, selftest};
+use natlab::lab::{self, LabSummary, Removal};
+use natlab::{Lab, LabOptions, Preset, Topology, holder, selftest};
+
+use crate::args::Json;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum LabCommand {
@@ -46,6 +46,7 @@ pub(crate) enum LabCommand {
 }
 
 #[derive(Debug, Args)]
+#[command(mut_arg("json", |a| a.help("Print the lab plan as JSON")))]
 pub(crate) struct UpArgs {
     /// Topology file (TOML; see docs/lab.md and examples/labs/).
     file: PathBuf,
@@ -55,9 +56,8 @@ pub(crate) struct UpArgs {
     /// Seed for link jitter and loss.
     #[arg(long, env = "NATPUNCH_LAB_SEED", default_value_t = 1)]
     seed: u64,
-    /// Print the lab plan as JSON.
-    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
-    json: bool,
+    #[command(flatten)]
+    json: Json,
 }
 
 #[derive(Debug, Args)]
@@ -92,6 +92,7 @@ pub(crate) struct RebootArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(mut_arg("json", |a| a.help("Print `{\"router\":…,\"old\":…,\"new\":…}` as JSON")))]
 pub(crate) struct RenumberArgs {
     /// Lab name.
     lab: String,
@@ -100,23 +101,21 @@ pub(crate) struct RenumberArgs {
     /// The new address [default: the highest free address of the router's uplink network].
     #[arg(long, env = "NATPUNCH_LAB_IP")]
     ip: Option<std::net::Ipv4Addr>,
-    /// Print `{"router":…,"old":…,"new":…}` as JSON.
-    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
-    json: bool,
+    #[command(flatten)]
+    json: Json,
 }
 
 #[derive(Debug, Args)]
 pub(crate) struct ListArgs {
-    /// Print JSON.
-    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
-    json: bool,
+    #[command(flatten)]
+    json: Json,
 }
 
 #[derive(Debug, Args)]
+#[command(mut_arg("json", |a| a.help("Print `{\"presets\":[…]}` as JSON instead of a table")))]
 pub(crate) struct SelftestArgs {
-    /// Print `{"presets":[…]}` as JSON instead of a table.
-    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
-    json: bool,
+    #[command(flatten)]
+    json: Json,
     /// Test only these presets: open, full-cone, restricted-cone, port-restricted, symmetric,
     /// cgnat (comma-separated or repeated) [default: all].
     #[arg(long = "preset", env = "NATPUNCH_LAB_PRESETS", value_delimiter = ',')]
@@ -161,7 +160,7 @@ pub(crate) fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
                 .map(|n| n.addr())
                 .with_context(|| format!("lab {} has no node {}", args.lab, args.router))?;
             let new = lab::renumber_router(&mut state, &args.router, args.ip)?;
-            if args.json {
+            if args.json.json {
                 let report = serde_json::json!({"router": args.router, "old": old, "new": new});
                 println!("{report}");
             } else {
@@ -169,7 +168,10 @@ pub(crate) fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        LabCommand::Hold { name } => hold(&name),
+        LabCommand::Hold { name } => {
+            holder::hold(&name)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -206,10 +208,10 @@ fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         let _ = lab::down(&plan.lab);
         return Err(e.context("starting the delay lines"));
     }
-    if args.json {
+    if args.json.json {
         println!("{}", serde_json::to_string_pretty(&plan)?);
     } else {
-        print_plan(&plan);
+        print!("{plan}");
         println!(
             "\nrun a command in a node:  natpunch lab exec {} NODE -- COMMAND",
             plan.lab
@@ -221,62 +223,10 @@ fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
 
 /// Starts `natpunch lab hold NAME` detached from this process and waits until it is ready.
 fn start_holder(name: &str) -> anyhow::Result<()> {
-    use std::io::BufRead as _;
-    use std::os::unix::process::CommandExt as _;
     let exe = std::env::current_exe().context("locating the natpunch executable")?;
-    let mut child = Command::new(exe)
-        .args(["lab", "hold", name])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .context("starting the delay-line holder")?;
-    let stdout = child.stdout.take().context("holder stdout")?;
-    let mut line = String::new();
-    io::BufReader::new(stdout).read_line(&mut line)?;
-    if line.trim() != "ready" {
-        let _ = child.kill();
-        let _ = child.wait();
-        // The holder's `error: …` line says why.
-        let why = line.trim();
-        let why = why.strip_prefix("error: ").unwrap_or(why);
-        bail!(
-            "the delay-line holder did not start{}",
-            if why.is_empty() {
-                String::new()
-            } else {
-                format!(": {why}")
-            }
-        );
-    }
-    Ok(())
-}
-
-fn hold(name: &str) -> anyhow::Result<ExitCode> {
-    use nix::sys::signal::{SigSet, Signal};
-    let mut signals = SigSet::empty();
-    signals.add(Signal::SIGTERM);
-    signals.add(Signal::SIGINT);
-    signals.add(Signal::SIGHUP);
-    signals.thread_block()?;
-    let mut state = lab::load_state(name)?;
-    let lines = match lab::start_delay_lines(&state.plan, state.seed) {
-        Ok(lines) => lines,
-        Err(e) => {
-            // `lab up` passes this line on as the reason the holder did not start.
-            let e = anyhow::Error::from(e);
-            println!("error: {e:#}");
-            return Err(e);
-        }
-    };
-    state.holder = Some(ProcessId::current());
-    lab::save_state(&state)?;
-    println!("ready");
-    io::stdout().flush()?;
-    signals.wait()?;
-    drop(lines);
-    Ok(ExitCode::SUCCESS)
+    let mut command = Command::new(exe);
+    command.args(["lab", "hold", name]);
+    Ok(holder::start(command)?)
 }
 
 fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
@@ -310,23 +260,16 @@ fn down(args: DownArgs) -> anyhow::Result<ExitCode> {
         _ => {}
     }
     let Some(name) = args.lab else {
-        // --all: every detached lab and every stale one; labs that a running program (a test, a
-        // self-test) owns are its to remove.
         let mut removed = 0;
-        for state in lab::list() {
-            let name = &state.plan.lab;
-            if !state.detached && state.owner.is_alive() {
-                println!(
-                    "kept lab {name}: owned by running process {}",
-                    state.owner.pid
-                );
-                continue;
+        let swept = lab::down_all(&mut |r| match r {
+            Removal::Kept { lab, owner } => {
+                println!("kept lab {lab}: owned by running process {owner}");
             }
-            lab::down(name)?;
-            println!("removed lab {name}");
-            removed += 1;
-        }
-        let swept = lab::sweep();
+            Removal::Removed(lab) => {
+                println!("removed lab {lab}");
+                removed += 1;
+            }
+        })?;
         if !swept.is_empty() {
             println!("removed stale {}", swept.join(", "));
         }
@@ -341,27 +284,9 @@ fn down(args: DownArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
-    let labs = lab::list();
-    if args.json {
-        #[derive(serde::Serialize)]
-        struct Entry<'a> {
-            name: &'a str,
-            nodes: Vec<&'a str>,
-            detached: bool,
-            owner_alive: bool,
-            delay_holder: Option<u32>,
-        }
-        let entries: Vec<Entry<'_>> = labs.iter().map(entry).collect();
-        fn entry(s: &LabState) -> Entry<'_> {
-            Entry {
-                name: &s.plan.lab,
-                nodes: s.plan.nodes.iter().map(|n| n.name.as_str()).collect(),
-                detached: s.detached,
-                owner_alive: s.owner.is_alive(),
-                delay_holder: s.holder.filter(ProcessId::is_alive).map(|h| h.pid),
-            }
-        }
-        println!("{}", serde_json::to_string_pretty(&entries)?);
+    let labs: Vec<LabSummary> = lab::list().iter().map(LabSummary::from).collect();
+    if args.json.json {
+        println!("{}", serde_json::to_string_pretty(&labs)?);
         return Ok(ExitCode::SUCCESS);
     }
     if labs.is_empty() {
@@ -370,78 +295,15 @@ fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     }
     println!("{:<24} {:>5}  {:<18} NODES", "LAB", "NODES", "KIND");
     for s in &labs {
-        let kind = if s.detached {
-            "detached".to_owned()
-        } else if s.owner.is_alive() {
-            format!("owned by pid {}", s.owner.pid)
-        } else {
-            "stale (owner gone)".to_owned()
-        };
-        let nodes: Vec<&str> = s.plan.nodes.iter().map(|n| n.name.as_str()).collect();
         println!(
             "{:<24} {:>5}  {:<18} {}",
-            s.plan.lab,
-            nodes.len(),
-            kind,
-            nodes.join(" ")
+            s.name,
+            s.nodes.len(),
+            s.kind(),
+            s.nodes.join(" ")
         );
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn describe_node(n: &NodePlan) -> String {
-    let mut parts = Vec::new();
-    if let Some(r) = &n.router {
-        let nat = &r.nat;
-        let name = r
-            .preset
-            .map_or_else(|| "custom".to_owned(), |p| p.to_string());
-        parts.push(format!(
-            "{name}: {} mapping, {} filtering, {} ports, hairpin {}, udp {} s, tcp {} s, unsolicited: {}; lan {}",
-            nat.mapping,
-            nat.filtering,
-            nat.port_allocation,
-            if nat.hairpin { "on" } else { "off" },
-            nat.udp_timeout_secs,
-            nat.tcp_timeout_secs,
-            nat.unsolicited,
-            r.lan_net
-        ));
-        if let Some(p) = &r.portmap {
-            parts.push(p.summary());
-        }
-    }
-    if n.link.is_impaired() {
-        parts.push(format!(
-            "link: {} ms ± {} ms, {}% loss each way",
-            n.link.delay_ms, n.link.jitter_ms, n.link.loss_pct
-        ));
-    }
-    parts.join("; ")
-}
-
-fn print_plan(plan: &LabPlan) {
-    println!(
-        "lab {}: {} nodes; namespaces natlab.{}.*",
-        plan.lab,
-        plan.nodes.len(),
-        plan.lab
-    );
-    println!(
-        "{:<14} {:<7} {:<24} {:<12} DETAILS",
-        "NODE", "KIND", "ADDRESS", "UPSTREAM"
-    );
-    for n in &plan.nodes {
-        let addrs: Vec<String> = n.uplink.addrs.iter().map(ToString::to_string).collect();
-        println!(
-            "{:<14} {:<7} {:<24} {:<12} {}",
-            n.name,
-            if n.is_router() { "router" } else { "host" },
-            addrs.join(","),
-            n.upstream.as_deref().unwrap_or("internet"),
-            describe_node(n)
-        );
-    }
 }
 
 fn run_selftest(args: SelftestArgs) -> anyhow::Result<ExitCode> {
@@ -452,98 +314,14 @@ fn run_selftest(args: SelftestArgs) -> anyhow::Result<ExitCode> {
     };
     let progress = |msg: &str| eprintln!("selftest: {msg}");
     let report = selftest::run(&presets, &progress)?;
-    if args.json {
+    if args.json.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print_report(&report);
+        print!("{report}");
     }
     Ok(if report.ok() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
-}
-
-/// `configured` when the measurement agrees, `configured≠measured` when it does not.
-fn cell<T: PartialEq + ToString>(configured: T, measured: Option<T>) -> String {
-    match measured {
-        Some(m) if m == configured => configured.to_string(),
-        Some(m) => format!("{}≠{}", configured.to_string(), m.to_string()),
-        None => format!("{}≠?", configured.to_string()),
-    }
-}
-
-fn print_report(report: &selftest::SelftestReport) {
-    println!("each cell: the configured value, or configured≠measured");
-    println!(
-        "{:<16} {:<10} {:<10} {:<10} {:<8} {:<10} {:<10} {:<11} {:<14} RESULT",
-        "PRESET",
-        "MAPPING",
-        "FILTERING",
-        "PORTS",
-        "HAIRPIN",
-        "TCP MAP",
-        "TCP FILTER",
-        "UNSOLICITED",
-        "UDP IDLE"
-    );
-    for r in &report.presets {
-        let (c, m) = (&r.configured, r.measured.as_ref());
-        let (tc, tm) = (&r.tcp.configured, r.tcp.measured.as_ref());
-        let on_off = |b: bool| if b { "on" } else { "off" };
-        let idle = r.udp_timeout.as_ref().map_or_else(
-            || "-".to_owned(),
-            |t| {
-                format!(
-                    "{} s {}",
-                    t.configured_secs,
-                    if t.alive_before && !t.alive_after {
-                        "ok"
-                    } else {
-                        "WRONG"
-                    }
-                )
-            },
-        );
-        println!(
-            "{:<16} {:<10} {:<10} {:<10} {:<8} {:<10} {:<10} {:<11} {:<14} {}",
-            r.name.to_string(),
-            cell(
-                c.mapping.abbreviation(),
-                m.map(|m| m.mapping.abbreviation())
-            ),
-            cell(
-                c.filtering.abbreviation(),
-                m.map(|m| m.filtering.abbreviation())
-            ),
-            cell(c.port_allocation, m.map(|m| m.port_allocation)),
-            cell(on_off(c.hairpin), m.map(|m| on_off(m.hairpin))),
-            cell(
-                tc.mapping.abbreviation(),
-                tm.map(|m| m.mapping.abbreviation())
-            ),
-            cell(
-                tc.filtering.abbreviation(),
-                tm.map(|m| m.filtering.abbreviation())
-            ),
-            cell(tc.unsolicited, tm.map(|m| m.unsolicited)),
-            idle,
-            if r.ok { "ok" } else { "MISMATCH" }
-        );
-        if let Some(t) = &r.udp_timeout {
-            println!(
-                "{:<16} udp idle timeout: mapping alive after {:.0} s: {}, after {:.0} s: {}",
-                "", t.checked_before_secs, t.alive_before, t.checked_after_secs, t.alive_after
-            );
-        }
-        if let Some(e) = &r.error {
-            println!("{:<16} error: {e}", "");
-        }
-    }
-    let failed = report.presets.iter().filter(|r| !r.ok).count();
-    println!(
-        "\n{} of {} presets behave as configured",
-        report.presets.len() - failed,
-        report.presets.len()
-    );
 }

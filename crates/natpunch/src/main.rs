@@ -1,6 +1,7 @@
 //! `natpunch`: one binary, one subcommand per role. This file parses the command line, sets up
 //! logging and hands over to the role's module; the logic lives in the library crates.
 
+mod args;
 mod bench;
 mod campaign;
 mod client;
@@ -12,7 +13,6 @@ mod nat;
 mod peer;
 mod relay;
 mod server;
-mod serverbench;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -130,19 +130,6 @@ fn stream_protocol(s: &str) -> Result<libp2p::StreamProtocol, String> {
         .map_err(|e| format!("{e} (a protocol name starts with /, e.g. /ipfs/kad/1.0.0)"))
 }
 
-/// Serves `/metrics` (for `registry`) and `/health` (from `health`) on `addr` in the background.
-async fn serve_telemetry(
-    addr: std::net::SocketAddr,
-    registry: std::sync::Arc<std::sync::Mutex<prometheus_client::registry::Registry>>,
-    health: telemetry::Health,
-) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the telemetry port {addr}"))?;
-    tokio::spawn(telemetry::serve_health(listener, registry, health));
-    Ok(())
-}
-
 /// Completes on Ctrl-C or SIGTERM.
 async fn stop_signal() {
     use tokio::signal::unix::{SignalKind, signal};
@@ -179,7 +166,7 @@ fn stop_flag() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
 
 #[cfg(test)]
 mod tests {
-    use clap::{ArgAction, CommandFactory as _};
+    use clap::{ArgAction, CommandFactory as _, Parser as _};
 
     use super::Cli;
 
@@ -190,6 +177,20 @@ mod tests {
         for sub in cmd.get_subcommands() {
             walk(sub, &format!("{path} {}", sub.get_name()), f);
         }
+    }
+
+    /// The subcommand `args` (a labrun child's command line, without the program) parses to.
+    pub(crate) fn parse(args: Vec<std::ffi::OsString>) -> super::Command {
+        let line = std::iter::once("natpunch".into()).chain(args);
+        match Cli::try_parse_from(line) {
+            Ok(cli) => cli.command,
+            Err(e) => panic!("natpunch refuses labrun's command line: {e}"),
+        }
+    }
+
+    /// The name a `ValueEnum` value has on the command line.
+    pub(crate) fn name(v: impl clap::ValueEnum) -> Option<String> {
+        v.to_possible_value().map(|p| p.get_name().to_owned())
     }
 
     fn built() -> clap::Command {

@@ -1,22 +1,21 @@
-//! `natpunch map …`: port mappings on the local router over PCP, NAT-PMP or UPnP IGD.
-//!
-//! Mappings this host makes are recorded in a small JSON file (PCP needs the nonce to renew or
-//! delete a mapping, and NAT-PMP has no way to list them), keyed by gateway and internal
-//! address, so that `map list` and `map delete` work across invocations.
+//! `natpunch map …`: port mappings on the local router over PCP, NAT-PMP or UPnP IGD. The
+//! record of this host's mappings and the renew policy live in `portmap`.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
-use clap::builder::BoolishValueParser;
+use anyhow::Context as _;
 use clap::{Args, Subcommand, ValueEnum};
 use portmap::Protocol;
-use portmap::client::{self, Gateway, MapRequest, Mapped, ProbeReport};
+use portmap::client::{self, Gateway, MapRequest, Mapped};
 use portmap::hold::{HoldConfig, Holder, Update};
-use portmap::keeper::{Event, Method, Want};
+use portmap::keeper::{Method, Want};
+use portmap::record::{self, Record};
 use portmap::upnp::Igd;
+
+use crate::args::Json;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum MapCommand {
@@ -34,6 +33,7 @@ pub(crate) enum MapCommand {
 }
 
 #[derive(Debug, Args)]
+#[command(mut_arg("json", |a| a.global(true)))]
 pub(crate) struct Common {
     /// The router to ask [default: the IPv4 default gateway].
     #[arg(long, env = "NATPUNCH_MAP_GATEWAY", global = true)]
@@ -51,9 +51,8 @@ pub(crate) struct Common {
     /// or ~/.local/state/natpunch/mappings.json].
     #[arg(long, env = "NATPUNCH_MAP_STATE", global = true)]
     state: Option<PathBuf>,
-    /// Print JSON.
-    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new(), global = true)]
-    json: bool,
+    #[command(flatten)]
+    json: Json,
 }
 
 #[derive(Debug, Args)]
@@ -109,14 +108,21 @@ pub(crate) struct AddArgs {
     /// Transport protocol.
     #[arg(long, env = "NATPUNCH_MAP_PROTO", value_enum, default_value_t = Proto::Udp)]
     proto: Proto,
+    #[command(flatten)]
+    lease: Lease,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// The lifetime to ask for and the protocol to map with (`map add`, `map keep`).
+#[derive(Debug, Args)]
+pub(crate) struct Lease {
     /// Lifetime to ask for, in seconds (routers clamp it; 0 asks UPnP for a permanent lease).
     #[arg(long, env = "NATPUNCH_MAP_LIFETIME", default_value_t = 7200)]
     lifetime: u32,
     /// Protocol to map with.
     #[arg(long, env = "NATPUNCH_MAP_VIA", value_enum, default_value_t = Via::Auto)]
     via: Via,
-    #[command(flatten)]
-    common: Common,
 }
 
 #[derive(Debug, Args)]
@@ -136,7 +142,10 @@ pub(crate) struct DeleteArgs {
 new external address on 224.0.0.1:5350, and UPnP routers multicast SSDP NOTIFYs when they start; \
 either makes natpunch ask the router at once (miniupnpd: about a second). A router that says \
 nothing is caught by the check every --check-secs (UPnP has no announcement of an external \
-address change, so that waits for the check)."
+address change, so that waits for the check).",
+    mut_arg("lifetime", |a| a.help(
+        "Lifetime to ask for, in seconds; mappings are renewed at half the lifetime granted"
+    ))
 )]
 pub(crate) struct KeepArgs {
     /// Mappings to hold: INTERNAL_PORT[:EXTERNAL_PORT][/udp|/tcp], e.g. `6000`, `6000/tcp`,
@@ -146,12 +155,8 @@ pub(crate) struct KeepArgs {
     /// Transport protocol of ports given without /udp or /tcp.
     #[arg(long, env = "NATPUNCH_MAP_PROTO", value_enum, default_value_t = Proto::Udp)]
     proto: Proto,
-    /// Lifetime to ask for, in seconds; mappings are renewed at half the lifetime granted.
-    #[arg(long, env = "NATPUNCH_MAP_LIFETIME", default_value_t = 7200)]
-    lifetime: u32,
-    /// Protocol to map with.
-    #[arg(long, env = "NATPUNCH_MAP_VIA", value_enum, default_value_t = Via::Auto)]
-    via: Via,
+    #[command(flatten)]
+    lease: Lease,
     /// Seconds between checks that the router still has the mappings (PCP ANNOUNCE, NAT-PMP
     /// external address, or the UPnP external address and mapping table).
     #[arg(long, env = "NATPUNCH_MAP_CHECK_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
@@ -227,55 +232,25 @@ impl Common {
             Some(p) => p.clone(),
             None => crate::state_dir()?.join("mappings.json"),
         };
-        Record::load(path)
+        Ok(Record::load(path)?)
+    }
+
+    /// The router, how long to wait for it, and this host's record of its mappings.
+    fn open(&self) -> anyhow::Result<(Gateway, Duration, Record)> {
+        Ok((self.gateway()?, self.wait(), self.record()?))
     }
 }
 
-/// The mappings this host made, on disk.
-#[derive(Debug)]
-struct Record {
-    path: PathBuf,
-    mappings: Vec<Mapped>,
-}
-
-impl Record {
-    fn load(path: PathBuf) -> anyhow::Result<Self> {
-        let mappings = match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text)
-                .with_context(|| format!("{} is not a mapping record", path.display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-        };
-        Ok(Self { path, mappings })
-    }
-
-    fn save(&self) -> anyhow::Result<()> {
-        if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+impl Via {
+    /// The one protocol asked for, or `None` for the best the router offers.
+    fn only(self) -> Option<Method> {
+        match self {
+            Self::Auto => None,
+            Self::Pcp => Some(Method::Pcp),
+            Self::Natpmp => Some(Method::NatPmp),
+            Self::Upnp => Some(Method::Upnp),
         }
-        let tmp = self.path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_string_pretty(&self.mappings)?)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &self.path)
-            .with_context(|| format!("writing {}", self.path.display()))
     }
-
-    /// This host's mappings on `gw`.
-    fn on(&self, gw: Gateway) -> impl Iterator<Item = &Mapped> {
-        self.mappings
-            .iter()
-            .filter(move |m| m.gateway == gw.addr && *m.internal.ip() == gw.local)
-    }
-
-    /// Replaces the record of the same mapping (gateway, internal endpoint, protocol).
-    fn put(&mut self, m: Mapped) {
-        self.mappings.retain(|o| !same(o, &m));
-        self.mappings.push(m);
-    }
-}
-
-fn same(a: &Mapped, b: &Mapped) -> bool {
-    a.gateway == b.gateway && a.internal == b.internal && a.protocol == b.protocol
 }
 
 async fn probe(common: Common) -> anyhow::Result<ExitCode> {
@@ -285,50 +260,16 @@ async fn probe(common: Common) -> anyhow::Result<ExitCode> {
         gw.addr, gw.local
     );
     let report = client::probe(gw, common.wait()).await;
-    if common.json {
+    if common.json.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print_probe(&report);
+        print!("{report}");
     }
     Ok(if report.methods().is_empty() {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
     })
-}
-
-fn print_probe(r: &ProbeReport) {
-    println!(
-        "gateway      {} (this host {})",
-        r.gateway.addr, r.gateway.local
-    );
-    let row = |name: &str, offer: &Option<client::Offer>| match offer {
-        Some(o) => {
-            let mut parts = vec!["yes".to_owned()];
-            if let Some(e) = o.epoch {
-                parts.push(format!("epoch {e}"));
-            }
-            if let Some(c) = o.control {
-                parts.push(format!("control {c}"));
-            }
-            println!("{name:<12} {}", parts.join(", "));
-        }
-        None => println!("{name:<12} no"),
-    };
-    row("pcp", &r.pcp);
-    row("nat-pmp", &r.nat_pmp);
-    row("upnp", &r.upnp);
-    match r.external_ip {
-        Some(ip) if r.behind_another_nat => println!(
-            "external ip  {ip} (not global: another NAT is in front of this router; mappings \
-             here are not reachable from the internet)"
-        ),
-        Some(ip) => println!("external ip  {ip}"),
-        None => println!("external ip  unknown"),
-    }
-    for p in &r.problems {
-        println!("  {p}");
-    }
 }
 
 async fn list(common: Common) -> anyhow::Result<ExitCode> {
@@ -343,7 +284,7 @@ async fn list(common: Common) -> anyhow::Result<ExitCode> {
         ),
         Err(_) => None,
     };
-    if common.json {
+    if common.json.json {
         let report = serde_json::json!({"gateway": gw, "recorded": ours, "upnp": upnp});
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);
@@ -351,13 +292,13 @@ async fn list(common: Common) -> anyhow::Result<ExitCode> {
     println!(
         "mappings this host made on {} ({}):",
         gw.addr,
-        record.path.display()
+        record.path().display()
     );
     if ours.is_empty() {
         println!("  none");
     }
     for m in &ours {
-        println!("  {}", describe(m));
+        println!("  {m}");
     }
     match upnp {
         Some(entries) => {
@@ -366,15 +307,7 @@ async fn list(common: Common) -> anyhow::Result<ExitCode> {
                 println!("  empty");
             }
             for e in entries {
-                println!(
-                    "  {} {} -> {}:{} lease {} s \"{}\"",
-                    e.protocol,
-                    e.external_port,
-                    e.internal_client,
-                    e.internal_port,
-                    e.lease_secs,
-                    e.description
-                );
+                println!("  {e}");
             }
         }
         None => println!("the router answers no UPnP search"),
@@ -382,104 +315,31 @@ async fn list(common: Common) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn describe(m: &Mapped) -> String {
-    let external = m.external_ip.map_or_else(
-        || format!("?:{}", m.external_port),
-        |ip| SocketAddrV4::new(ip, m.external_port).to_string(),
-    );
-    let lifetime = if m.lifetime_secs == 0 {
-        "permanent".to_owned()
-    } else {
-        format!("{} s", m.lifetime_secs)
-    };
-    format!(
-        "{} {external} -> {} ({lifetime}, via {})",
-        m.protocol, m.internal, m.method
-    )
-}
-
 async fn add(args: AddArgs) -> anyhow::Result<ExitCode> {
     let common = &args.common;
-    let gw = common.gateway()?;
-    let wait = common.wait();
-    let mut record = common.record()?;
-    let protocol = Protocol::from(args.proto);
-    let methods = methods(args.via, gw, wait, "map add").await?;
-    // Renewing a mapping this host already holds keeps its port and, for PCP, its nonce.
-    let previous = record
-        .on(gw)
-        .find(|m| m.internal.port() == args.internal_port && m.transport() == protocol)
-        .cloned();
+    let (gw, wait, mut record) = common.open()?;
+    let say = |m: &str| eprintln!("map add: {m}");
+    let methods = record::methods(args.lease.via.only(), gw, wait, &say).await?;
     let request = MapRequest {
-        protocol,
+        protocol: args.proto.into(),
         internal_port: args.internal_port,
-        external_port: args
-            .external_port
-            .or(previous.as_ref().map(|m| m.external_port)),
-        lifetime_secs: args.lifetime,
+        external_port: args.external_port,
+        lifetime_secs: args.lease.lifetime,
     };
-    let mut errors = Vec::new();
-    for method in methods {
-        let nonce = match previous.as_ref().filter(|m| m.method == method) {
-            Some(m) => m.nonce_bytes(),
-            None => None,
-        };
-        let nonce = match nonce {
-            Some(n) => n,
-            None => client::random_nonce()?,
-        };
-        match client::map(gw, method, request, nonce, wait).await {
-            Ok(m) => {
-                record.put(m.clone());
-                record.save()?;
-                if common.json {
-                    println!("{}", serde_json::to_string_pretty(&m)?);
-                } else {
-                    println!("mapped {}", describe(&m));
-                }
-                return Ok(ExitCode::SUCCESS);
-            }
-            // Said once, in the error below.
-            Err(e) => errors.push(e.to_string()),
-        }
+    let m = record.add(gw, &methods, request, wait).await?;
+    if common.json.json {
+        println!("{}", serde_json::to_string_pretty(&m)?);
+    } else {
+        println!("mapped {m}");
     }
-    bail!("no protocol could map the port: {}", errors.join("; "))
-}
-
-/// The protocols to try, best first: the one asked for, or (auto) those the router offers.
-async fn methods(via: Via, gw: Gateway, wait: Duration, cmd: &str) -> anyhow::Result<Vec<Method>> {
-    let methods = match via {
-        Via::Auto => {
-            eprintln!("{cmd}: asking {} which protocols it speaks", gw.addr);
-            let report = client::probe(gw, wait).await;
-            if report.behind_another_nat {
-                eprintln!(
-                    "{cmd}: warning: the router's external address {} is not global; another \
-                     NAT is in front of it",
-                    report
-                        .external_ip
-                        .map(|ip| ip.to_string())
-                        .unwrap_or_default()
-                );
-            }
-            report.methods()
-        }
-        Via::Pcp => vec![Method::Pcp],
-        Via::Natpmp => vec![Method::NatPmp],
-        Via::Upnp => vec![Method::Upnp],
-    };
-    if methods.is_empty() {
-        bail!(client::ClientError::NoProtocol(gw.addr));
-    }
-    Ok(methods)
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn keep(args: KeepArgs) -> anyhow::Result<ExitCode> {
     let common = &args.common;
-    let gw = common.gateway()?;
-    let wait = common.wait();
-    let mut record = common.record()?;
-    let method = methods(args.via, gw, wait, "map keep").await?[0];
+    let (gw, wait, mut record) = common.open()?;
+    let say = |m: &str| eprintln!("map keep: {m}");
+    let method = record::methods(args.lease.via.only(), gw, wait, &say).await?[0];
     let wants: Vec<Want> = args
         .ports
         .iter()
@@ -487,17 +347,12 @@ async fn keep(args: KeepArgs) -> anyhow::Result<ExitCode> {
             protocol: s.proto.unwrap_or(args.proto).into(),
             internal_port: s.internal,
             external_port: s.external,
-            lifetime: Duration::from_secs(u64::from(args.lifetime)),
+            lifetime: Duration::from_secs(u64::from(args.lease.lifetime)),
         })
         .collect();
     let prior: Vec<Option<Mapped>> = wants
         .iter()
-        .map(|w| {
-            record
-                .on(gw)
-                .find(|m| m.internal.port() == w.internal_port && m.transport() == w.protocol)
-                .cloned()
-        })
+        .map(|w| record.find(gw, w.protocol, w.internal_port).cloned())
         .collect();
     let config = HoldConfig {
         method,
@@ -513,7 +368,7 @@ async fn keep(args: KeepArgs) -> anyhow::Result<ExitCode> {
         args.check_secs
     );
     let start = std::time::Instant::now();
-    let json = common.json;
+    let json = common.json.json;
     let mut report = |u: Update| {
         let elapsed = start.elapsed().as_secs_f64();
         if json {
@@ -523,19 +378,10 @@ async fn keep(args: KeepArgs) -> anyhow::Result<ExitCode> {
             }
             println!("{value}");
         } else {
-            println!("[{elapsed:8.1} s] {}", describe_update(&u));
+            println!("[{elapsed:8.1} s] {u}");
         }
-        if let Some(m) = &u.mapping {
-            match u.event {
-                Event::Mapped { .. } | Event::Renewed { .. } | Event::Remapped { .. } => {
-                    record.put(m.clone());
-                }
-                Event::Released { .. } => record.mappings.retain(|o| !same(o, m)),
-                _ => return,
-            }
-            if let Err(e) = record.save() {
-                eprintln!("map keep: {e:#}");
-            }
+        if let Err(e) = record.apply(&u) {
+            eprintln!("map keep: {:#}", anyhow::Error::from(e));
         }
     };
     let stop = crate::stop_signal();
@@ -548,66 +394,16 @@ async fn keep(args: KeepArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub(crate) fn describe_update(u: &Update) -> String {
-    let what = u.mapping.as_ref().map(describe).unwrap_or_default();
-    match &u.event {
-        Event::Mapped { .. } => format!("mapped {what}"),
-        Event::Renewed {
-            previous_port,
-            external_port,
-            ..
-        } if previous_port != external_port => {
-            format!("renewed {what}; the router moved it from port {previous_port}")
-        }
-        Event::Renewed { .. } => format!("renewed {what}"),
-        Event::Remapped { previous_port, .. } => {
-            format!("re-mapped {what} (it had port {previous_port})")
-        }
-        Event::GatewayLostState { reason } => format!("the router lost the mappings: {reason}"),
-        Event::ExternalIpChanged { old, new } => {
-            format!("external address changed: {old} -> {new}")
-        }
-        Event::CheckFailed { error } => format!("check failed: {error}"),
-        Event::Released { .. } => format!("deleted {what}"),
-        Event::ReleaseFailed { error, .. } => format!("could not delete {what}: {error}"),
-        Event::Failed {
-            error,
-            retry_in_secs,
-            ..
-        } => {
-            format!("request failed: {error}; retrying in {retry_in_secs} s")
-        }
-    }
-}
-
 async fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
     let common = &args.common;
-    let gw = common.gateway()?;
-    let mut record = common.record()?;
-    let protocol = Protocol::from(args.proto);
-    let ours: Vec<&Mapped> = record
-        .on(gw)
-        .filter(|m| m.transport() == protocol)
-        .collect();
-    let found = ours
-        .iter()
-        .find(|m| m.internal.port() == args.port)
-        .or_else(|| ours.iter().find(|m| m.external_port == args.port))
-        .map(|m| (*m).clone());
-    let Some(m) = found else {
-        bail!(
-            "this host has no recorded {protocol} mapping with port {} on {} (see `natpunch map list`)",
-            args.port,
-            gw.addr
-        );
-    };
-    client::delete(gw, &m, common.wait()).await?;
-    record.mappings.retain(|o| !same(o, &m));
-    record.save()?;
-    if common.json {
+    let (gw, wait, mut record) = common.open()?;
+    let m = record
+        .delete(gw, args.proto.into(), args.port, wait)
+        .await?;
+    if common.json.json {
         println!("{}", serde_json::json!({"deleted": m}));
     } else {
-        println!("deleted {}", describe(&m));
+        println!("deleted {m}");
     }
     Ok(ExitCode::SUCCESS)
 }

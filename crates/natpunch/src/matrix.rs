@@ -5,13 +5,15 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Args;
-use clap::builder::BoolishValueParser;
-use labrun::matrix::{self, Cell, MatrixConfig, MatrixReport, Trial};
+use labrun::matrix::{self, MatrixConfig, Trial};
 use natlab::Preset;
 
 use crate::peer::{CandidatesArg, EngineArg, TransportArg};
 
+use crate::args::Json;
+
 #[derive(Debug, Args)]
+#[command(mut_arg("json", |a| a.help("Print the report as JSON (`{\"cells\":[…]}`)")))]
 pub(crate) struct MatrixArgs {
     /// Trials per cell (dialer preset × listener preset × transport).
     #[arg(long, env = "NATPUNCH_MATRIX_TRIALS", default_value_t = 5)]
@@ -66,9 +68,8 @@ pub(crate) struct MatrixArgs {
         default_value_t = 3000
     )]
     attempt_timeout_ms: u64,
-    /// Print the report as JSON (`{"cells":[…]}`).
-    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
-    json: bool,
+    #[command(flatten)]
+    json: Json,
     /// Also write every trial, both sides' records, as JSON lines to this file.
     #[arg(long, env = "NATPUNCH_MATRIX_TRIALS_OUT")]
     trials_out: Option<std::path::PathBuf>,
@@ -123,14 +124,8 @@ pub(crate) fn run(args: MatrixArgs) -> anyhow::Result<ExitCode> {
         engine: args.engine.name().to_owned(),
         candidates: args.candidates.name().to_owned(),
         attempt_timeout_ms: args.attempt_timeout_ms,
-        listener_args: args
-            .listener_engine
-            .map(|e| vec!["--engine".to_owned(), e.name().to_owned()])
-            .unwrap_or_default(),
-        dialer_args: args
-            .dialer_engine
-            .map(|e| vec!["--engine".to_owned(), e.name().to_owned()])
-            .unwrap_or_default(),
+        listener_engine: args.listener_engine.map(|e| e.name().to_owned()),
+        dialer_engine: args.dialer_engine.map(|e| e.name().to_owned()),
         ..MatrixConfig::new(exe, crate::stop_flag())
     };
     let pairs = if config.pairs.is_empty() {
@@ -172,69 +167,10 @@ pub(crate) fn run(args: MatrixArgs) -> anyhow::Result<ExitCode> {
             writeln!(file, "{}", serde_json::to_string(t)?)?;
         }
     }
-    if args.json {
+    if args.json.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print_table(&report);
+        print!("{report}");
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn print_table(r: &MatrixReport) {
-    let c = &r.conditions;
-    if r.interrupted {
-        println!("interrupted: the cells below hold only the trials that ran");
-    }
-    println!(
-        "NAT-pair matrix: {} trials per cell, {} ms host-to-host RTT, engine {}, candidates {}, \
-         {:.0} s",
-        c.trials, c.rtt_ms, c.engine, c.candidates, c.elapsed_secs
-    );
-    println!(
-        "{:<16} {:<16} {:<5} {:>7} {:>13} {:>8} {:>8} {:>9} {:>9}  outcomes",
-        "dialer (A)",
-        "listener (B)",
-        "tr",
-        "success",
-        "95% CI",
-        "median",
-        "p95",
-        "attempts",
-        "fail at"
-    );
-    for cell in &r.cells {
-        println!("{}", row(cell));
-    }
-}
-
-fn row(c: &Cell) -> String {
-    let ms = |v: Option<f64>| v.map_or("-".to_owned(), |m| format!("{m:.0} ms"));
-    let attempts: Vec<String> = c
-        .attempts_needed
-        .iter()
-        .map(|(n, k)| format!("{n}:{k}"))
-        .collect();
-    let outcomes: Vec<String> = c.outcomes.iter().map(|(o, k)| format!("{o} {k}")).collect();
-    format!(
-        "{:<16} {:<16} {:<5} {:>3}/{:<3} {:>13} {:>8} {:>8} {:>9} {:>9}  {}",
-        c.a,
-        c.b,
-        c.transport,
-        c.success,
-        c.trials,
-        format!(
-            "{:.0}–{:.0}%",
-            c.success_ci95.0 * 100.0,
-            c.success_ci95.1 * 100.0
-        ),
-        ms(c.median_ms),
-        ms(c.p95_ms),
-        if attempts.is_empty() {
-            "-".to_owned()
-        } else {
-            attempts.join(",")
-        },
-        ms(c.median_fail_ms),
-        outcomes.join(", ")
-    )
 }

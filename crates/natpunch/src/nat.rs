@@ -7,7 +7,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::builder::BoolishValueParser;
 use clap::{Args, Subcommand};
-use natcheck::{CheckOptions, NatReport, StunServer};
+use natcheck::{CheckOptions, StunServer};
+
+use crate::args::Json;
 
 #[derive(Debug, Args)]
 pub(crate) struct StunServerArgs {
@@ -27,13 +29,13 @@ pub(crate) enum NatCommand {
 }
 
 #[derive(Debug, Args)]
+#[command(mut_arg("json", |a| a.help("Print the report as JSON")))]
 pub(crate) struct CheckArgs {
     /// The server's primary address (HOST:PORT).
     #[arg(long, env = "NATPUNCH_STUN_SERVER")]
     server: String,
-    /// Print the report as JSON.
-    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
-    json: bool,
+    #[command(flatten)]
+    json: Json,
     /// Also measure the UDP mapping lifetime (takes as long as the lifetime, up to --lifetime-max).
     #[arg(long, env = "NATPUNCH_NAT_LIFETIME", value_parser = BoolishValueParser::new())]
     lifetime: bool,
@@ -92,7 +94,7 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         Ok(r) => r,
         Err(e) => {
             // Scripts get the same error on stdout, with a kind to branch on.
-            if args.json {
+            if args.json.json {
                 let error = serde_json::json!({ "error": {
                     "kind": e.kind(),
                     "server": server,
@@ -103,85 +105,33 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
             return Err(e.into());
         }
     };
-    if args.json {
+    if args.json.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print_report(&report);
+        print!("{report}");
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn or_unknown<T: ToString>(v: Option<T>) -> String {
-    v.map_or_else(|| "unknown".to_owned(), |v| v.to_string())
-}
+#[cfg(test)]
+mod tests {
+    use labrun::args::StunServerArgs as Child;
 
-fn print_report(r: &NatReport) {
-    let row = |k: &str, v: String| println!("{k:<18} {v}");
-    row(
-        "server",
-        format!(
-            "{} (RFC 5780: {})",
-            r.server,
-            if r.rfc5780 { "yes" } else { "no" }
-        ),
-    );
-    row("local address", or_unknown(r.local_address));
-    let public: Vec<String> = r.public_addresses.iter().map(ToString::to_string).collect();
-    row(
-        "public address",
-        if public.is_empty() {
-            "unknown".into()
-        } else {
-            public.join(", ")
-        },
-    );
-    row(
-        "NAT",
-        r.nat.map_or("unknown".into(), |n| {
-            if n { "present".into() } else { "none".into() }
-        }),
-    );
-    row(
-        "mapping",
-        r.mapping
-            .map_or("unknown".into(), |m| format!("{m} ({})", m.abbreviation())),
-    );
-    row(
-        "filtering",
-        r.filtering
-            .map_or("unknown".into(), |f| format!("{f} ({})", f.abbreviation())),
-    );
-    let delta = r
-        .port_delta
-        .map(|d| format!(", delta {d:+}"))
-        .unwrap_or_default();
-    row(
-        "port allocation",
-        format!("{}{delta}", or_unknown(r.port_allocation)),
-    );
-    row(
-        "hairpin",
-        r.hairpin.map_or(
-            "unknown".into(),
-            |h| if h { "yes".into() } else { "no".into() },
-        ),
-    );
-    if let Some(l) = &r.mapping_lifetime {
-        let text = match (l.alive_secs, l.gone_secs, l.estimate_secs) {
-            (Some(a), Some(g), Some(e)) => {
-                format!("about {e:.0} s (alive after {a:.1} s, gone after {g:.1} s)")
-            }
-            (Some(a), None, _) => format!("longer than {a:.0} s"),
-            (None, Some(g), _) => format!("shorter than {g:.0} s"),
-            _ => "unknown".into(),
+    use crate::Command;
+    use crate::tests::parse;
+
+    #[test]
+    fn the_labs_stun_server_command_line_parses_to_its_values() {
+        let child = Child {
+            primary: "203.0.113.5:3478".parse().expect("addr"),
+            alternate: "203.0.113.6:3479".parse().expect("addr"),
         };
-        row("mapping lifetime", text);
-    }
-    if r.udp_blocked {
-        row(
-            "UDP",
-            "blocked: the server answered over TCP only".to_owned(),
+        let Command::StunServer(args) = parse(child.to_args()) else {
+            panic!("not `stun-server`");
+        };
+        assert_eq!(
+            (args.primary, args.alternate),
+            (child.primary, child.alternate)
         );
     }
-    row("verdict", r.summary.to_owned());
 }

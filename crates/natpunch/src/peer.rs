@@ -1,7 +1,6 @@
 //! `natpunch peer listen|dial`: a libp2p peer that hole-punches through a relay.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -9,7 +8,9 @@ use clap::builder::BoolishValueParser;
 use clap::{Args, Subcommand, ValueEnum};
 use libp2p::{Multiaddr, PeerId, StreamProtocol};
 use p2p::peer::{Candidates, Dht, Engine, Mode, Peer, PeerConfig, PeerEvent, Transport};
-use p2p::record::{Outcome, Record};
+use p2p::record::Outcome;
+
+use crate::args::{Identity, Json};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum PeerCommand {
@@ -32,6 +33,7 @@ pub(crate) struct DialArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(mut_arg("json", |a| a.help("Print one JSON object per event")))]
 pub(crate) struct Common {
     /// The relay, with /p2p/<relay id> (repeat for its TCP and QUIC addresses; a missing one
     /// is derived with the same port).
@@ -73,9 +75,8 @@ pub(crate) struct Common {
         value_parser = clap::value_parser!(u64).range(1..=u64::from(u32::MAX))
     )]
     port_mapping_lifetime_secs: u64,
-    /// Key file [default: a fresh identity each run].
-    #[arg(long, env = "NATPUNCH_PEER_IDENTITY")]
-    identity: Option<PathBuf>,
+    #[command(flatten)]
+    identity: Identity<Self>,
     /// Join a Kademlia DHT (as a client) through these peers, with /p2p/<peer id>, once set
     /// up; a honeypot among its servers then records this peer.
     #[arg(
@@ -92,9 +93,8 @@ pub(crate) struct Common {
         value_parser = crate::stream_protocol
     )]
     dht_protocol: StreamProtocol,
-    /// Print one JSON object per event.
-    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
-    json: bool,
+    #[command(flatten)]
+    json: Json,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -185,17 +185,14 @@ pub(crate) fn run(cmd: PeerCommand) -> anyhow::Result<ExitCode> {
             PeerCommand::Listen(c) => (c, Mode::Listen),
             PeerCommand::Dial(d) => (&d.common, Mode::Dial(d.peer_id)),
         };
-        let key = match &common.identity {
-            Some(path) => p2p::identity::load_or_create(path)?.0,
-            None => libp2p::identity::Keypair::generate_ed25519(),
-        };
+        let key = common.identity.load()?.key;
         let mut config = common.config();
         if let PeerCommand::Dial(d) = &cmd {
             config.perf_bytes = d.perf_bytes;
         }
         let mut peer = Peer::new(key, config)?;
         eprintln!("peer: {}", peer.peer_id());
-        let json = common.json;
+        let json = common.json.json;
         let mut report = |e: PeerEvent| {
             if json {
                 println!("{}", serde_json::to_string(&e).unwrap_or_default());
@@ -234,7 +231,7 @@ fn describe(e: &PeerEvent) -> String {
             (false, Some(e)) => format!("autonat: {address} is not reachable ({e})"),
             (false, None) => format!("autonat: {address} is not reachable"),
         },
-        PeerEvent::HolePunch(r) => describe_record(r),
+        PeerEvent::HolePunch(r) => r.to_string(),
         PeerEvent::PortMapped {
             method,
             internal,
@@ -251,7 +248,7 @@ fn describe(e: &PeerEvent) -> String {
             format!("the router lost the mapping of {internal} to {external}; making it again")
         }
         PeerEvent::PortMapUpdate { update } => {
-            format!("port mapping: {}", crate::map::describe_update(update))
+            format!("port mapping: {update}")
         }
         PeerEvent::PortMapFailed { error } => format!("no port mapping: {error}"),
         PeerEvent::Throughput {
@@ -265,20 +262,90 @@ fn describe(e: &PeerEvent) -> String {
     }
 }
 
-fn describe_record(r: &Record) -> String {
-    let mut text = format!(
-        "hole punch with {} ({:?} side): {:?}",
-        r.remote_peer, r.side, r.outcome
-    );
-    if let (Some(t), Some(ms)) = (&r.transport, r.time_to_direct_ms) {
-        text += &format!(" over {t} after {ms:.0} ms");
+#[cfg(test)]
+mod tests {
+    use labrun::args::{PeerArgs as Child, PeerMode};
+
+    use super::PeerCommand;
+    use crate::Command;
+    use crate::tests::{name, parse};
+
+    const RELAY: &str =
+        "/ip4/203.0.113.1/tcp/4001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN";
+    const PEER: &str = "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN";
+
+    fn check(child: &Child) {
+        let (common, perf_bytes) = match (parse(child.to_args()), &child.mode) {
+            (Command::Peer(PeerCommand::Listen(common)), PeerMode::Listen) => (common, None),
+            (Command::Peer(PeerCommand::Dial(d)), PeerMode::Dial { peer_id }) => {
+                assert_eq!(d.peer_id.to_base58(), *peer_id);
+                (d.common, d.perf_bytes)
+            }
+            (other, mode) => panic!("{mode:?} parsed as {other:?}"),
+        };
+        let relays: Vec<String> = common.relay.iter().map(ToString::to_string).collect();
+        assert_eq!(relays, std::slice::from_ref(&child.relay));
+        let given = |v: Option<String>, default| v.unwrap_or_else(|| String::from(default));
+        assert_eq!(
+            name(common.transport),
+            Some(given(child.transport.clone(), "both"))
+        );
+        assert_eq!(
+            name(common.engine),
+            Some(given(child.engine.clone(), "natpunch"))
+        );
+        assert_eq!(
+            name(common.candidates),
+            Some(given(child.candidates.clone(), "observed"))
+        );
+        assert_eq!(
+            common.attempt_timeout_ms,
+            child.attempt_timeout_ms.unwrap_or(3000)
+        );
+        assert_eq!(common.identity.path, child.identity);
+        let dht: Vec<String> = common
+            .dht_bootstrap
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            dht,
+            child.dht_bootstrap.clone().into_iter().collect::<Vec<_>>()
+        );
+        assert_eq!(
+            common.dht_protocol.to_string(),
+            given(child.dht_protocol.clone(), "/ipfs/kad/1.0.0")
+        );
+        assert_eq!(common.no_punch, child.no_punch);
+        assert_eq!(perf_bytes, child.perf_bytes);
+        assert!(common.json.json);
     }
-    if let Some(rtt) = r.direct_rtt_ms {
-        text += &format!(", direct rtt {rtt:.1} ms");
+
+    #[test]
+    fn the_labs_peer_command_lines_parse_to_their_values() {
+        let listener = Child {
+            transport: Some("quic".into()),
+            engine: Some("stock".into()),
+            candidates: Some("stock".into()),
+            attempt_timeout_ms: Some(1500),
+            identity: Some("target.key".into()),
+            dht_bootstrap: Some(RELAY.into()),
+            dht_protocol: Some("/natpunch/lab/kad/1.0.0".into()),
+            no_punch: true,
+            ..Child::new(PeerMode::Listen, RELAY)
+        };
+        check(&listener);
+        check(&Child::new(PeerMode::Listen, RELAY));
+        let dialer = Child {
+            perf_bytes: Some(1 << 20),
+            transport: Some("tcp".into()),
+            ..Child::new(
+                PeerMode::Dial {
+                    peer_id: PEER.into(),
+                },
+                RELAY,
+            )
+        };
+        check(&dialer);
     }
-    text += &format!(", {} attempt(s)", r.attempts.len());
-    if let Some(e) = &r.error {
-        text += &format!(": {e}");
-    }
-    text
 }

@@ -1,23 +1,22 @@
 //! `natpunch relay`: a circuit relay v2 server for hole punching.
 
-use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::net::IpAddr;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Args;
-use clap::builder::BoolishValueParser;
 use libp2p::Multiaddr;
-use libp2p::multiaddr::Protocol;
 use p2p::relay::{Limits, Rate, Relay, RelayConfig, RelayEvent};
+
+use crate::args::{Identity, Json, Telemetry};
 
 #[derive(Debug, Args)]
 #[command(
     after_help = "Defaults are rust-libp2p's limits. A measurement lab, where every trial \
 comes from the same few NAT addresses, wants the per-IP rates off and longer, larger circuits: \
 --reservation-rate-per-ip off --circuit-rate-per-ip off --max-circuit-secs 600 \
---max-circuit-bytes 67108864."
+--max-circuit-bytes 67108864.",
+    mut_arg("json", |a| a.help("Print one JSON object per event"))
 )]
 pub(crate) struct RelayArgs {
     /// Address to listen on (TCP and QUIC).
@@ -26,10 +25,8 @@ pub(crate) struct RelayArgs {
     /// Port to listen on, TCP and UDP (QUIC) alike.
     #[arg(long, env = "NATPUNCH_RELAY_PORT", default_value_t = 4001)]
     port: u16,
-    /// The relay's key file, created on first start [default: $XDG_STATE_HOME/natpunch/relay.key
-    /// or ~/.local/state/natpunch/relay.key].
-    #[arg(long, env = "NATPUNCH_RELAY_IDENTITY")]
-    identity: Option<PathBuf>,
+    #[command(flatten)]
+    identity: Identity<Self>,
     /// Address to announce as the relay's own (repeatable) [default: every listen address
     /// except loopback].
     #[arg(
@@ -119,15 +116,10 @@ pub(crate) struct RelayArgs {
         value_parser = parse_rate
     )]
     circuit_rate_per_ip: RateArg,
-    /// Host of the telemetry port (/metrics, /health).
-    #[arg(long, env = "NATPUNCH_TELEMETRY_HOST", default_value = "127.0.0.1")]
-    telemetry_host: IpAddr,
-    /// Telemetry port; 0 turns it off.
-    #[arg(long, env = "NATPUNCH_TELEMETRY_PORT", default_value_t = 9464)]
-    telemetry_port: u16,
-    /// Print one JSON object per event.
-    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
-    json: bool,
+    #[command(flatten)]
+    telemetry: Telemetry<Self>,
+    #[command(flatten)]
+    json: Json,
 }
 
 /// A rate, or none.
@@ -143,16 +135,8 @@ fn parse_rate(s: &str) -> Result<RateArg, String> {
 
 impl RelayArgs {
     fn config(&self) -> RelayConfig {
-        let ip = match self.listen_ip {
-            IpAddr::V4(ip) => Protocol::Ip4(ip),
-            IpAddr::V6(ip) => Protocol::Ip6(ip),
-        };
-        let base = Multiaddr::empty().with(ip);
         RelayConfig {
-            listen: vec![
-                base.clone().with(Protocol::Tcp(self.port)),
-                base.with(Protocol::Udp(self.port)).with(Protocol::QuicV1),
-            ],
+            listen: p2p::host::listen_addrs(self.listen_ip, self.port),
             external: self.external.clone(),
             limits: Limits {
                 max_reservations: self.max_reservations,
@@ -181,26 +165,19 @@ pub(crate) fn run(args: RelayArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(args: RelayArgs) -> anyhow::Result<ExitCode> {
-    let path = match &args.identity {
-        Some(p) => p.clone(),
-        None => crate::state_dir()?.join("relay.key"),
-    };
-    let (key, created) = p2p::identity::load_or_create(&path)?;
+    let key = args.identity.load()?;
     let mut registry = prometheus_client::registry::Registry::default();
-    let mut relay = Relay::new(key, args.config(), &mut registry)?;
+    let mut relay = Relay::new(key.key, args.config(), &mut registry)?;
     eprintln!(
         "relay: peer id {} ({} key {})",
         relay.peer_id(),
-        if created { "new" } else { "from" },
-        path.display()
+        if key.created { "new" } else { "from" },
+        key.path.unwrap_or_default().display()
     );
-    let registry = Arc::new(Mutex::new(registry));
-    if args.telemetry_port != 0 {
-        let addr = SocketAddr::new(args.telemetry_host, args.telemetry_port);
-        crate::serve_telemetry(addr, Arc::clone(&registry), relay.health()).await?;
+    if let Some(addr) = args.telemetry.serve(registry, relay.health()).await? {
         eprintln!("relay: metrics on http://{addr}/metrics");
     }
-    let json = args.json;
+    let json = args.json.json;
     let mut report = |e: RelayEvent| {
         if let RelayEvent::NoExternalAddress { message } = &e {
             eprintln!("relay: warning: {message}");
@@ -208,7 +185,7 @@ async fn serve(args: RelayArgs) -> anyhow::Result<ExitCode> {
         if json {
             println!("{}", serde_json::to_string(&e).unwrap_or_default());
         } else {
-            println!("{}", describe(&e));
+            println!("{e}");
         }
     };
     relay.run(crate::stop_signal(), &mut report).await;
@@ -216,31 +193,32 @@ async fn serve(args: RelayArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn describe(e: &RelayEvent) -> String {
-    match e {
-        RelayEvent::Listening { address } => format!("listening on {address}"),
-        RelayEvent::ExternalAddress { address } => format!("announcing {address}"),
-        RelayEvent::NoExternalAddress { .. } => "announcing no address".to_owned(),
-        RelayEvent::ReservationAccepted { peer, renewed } => {
-            format!(
-                "reservation {} for {peer}",
-                if *renewed { "renewed" } else { "accepted" }
-            )
+#[cfg(test)]
+mod tests {
+    use labrun::args::RelayArgs as Child;
+
+    use crate::Command;
+    use crate::tests::parse;
+
+    #[test]
+    fn the_labs_relay_command_line_parses_to_its_values() {
+        let child = Child::lab("relay.key".into(), 4001);
+        let Command::Relay(args) = parse(child.to_args()) else {
+            panic!("not `relay`");
+        };
+        assert_eq!(args.identity.path.as_ref(), Some(&child.identity));
+        assert_eq!(args.port, child.port);
+        assert_eq!(args.max_circuit_secs, child.max_circuit_secs);
+        assert_eq!(args.max_circuit_bytes, child.max_circuit_bytes);
+        assert_eq!(args.telemetry.port, 0);
+        assert!(args.json.json);
+        for rate in [
+            args.reservation_rate_per_ip,
+            args.reservation_rate_per_peer,
+            args.circuit_rate_per_ip,
+            args.circuit_rate_per_peer,
+        ] {
+            assert!(rate.0.is_none(), "a rate is on");
         }
-        RelayEvent::ReservationDenied { peer, status } => {
-            format!("reservation refused for {peer}: {status}")
-        }
-        RelayEvent::ReservationEnded { peer, timed_out } => format!(
-            "reservation of {peer} {}",
-            if *timed_out { "timed out" } else { "closed" }
-        ),
-        RelayEvent::CircuitAccepted { src, dst } => format!("circuit {src} -> {dst}"),
-        RelayEvent::CircuitDenied { src, dst, status } => {
-            format!("circuit {src} -> {dst} refused: {status}")
-        }
-        RelayEvent::CircuitClosed { src, dst, error } => match error {
-            Some(e) => format!("circuit {src} -> {dst} closed: {e}"),
-            None => format!("circuit {src} -> {dst} closed"),
-        },
     }
 }

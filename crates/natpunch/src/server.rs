@@ -14,12 +14,15 @@ use api::store::{Backend, Rules, SqlStore};
 use clap::Args;
 use clap::builder::BoolishValueParser;
 
+use crate::args::{Json, Telemetry};
+
 #[derive(Debug, Args)]
 #[command(
     after_help = "punchr's Go and Rust clients work unchanged: point them at this server \
 (Go: --server-host H --server-port 10000 --server-ssl=false, or give this server --tls-cert and \
 --tls-key). Unknown API keys register as anonymous, as with punchr, unless \
---closed-registration is given."
+--closed-registration is given.",
+    mut_arg("json", |a| a.help("Print start and stop as JSON objects, one per line"))
 )]
 pub(crate) struct ServerArgs {
     /// Address to listen on for gRPC.
@@ -28,16 +31,8 @@ pub(crate) struct ServerArgs {
     /// gRPC port; 0 picks a free one (printed at start).
     #[arg(long, env = "NATPUNCH_SERVER_PORT", default_value_t = 10000)]
     port: u16,
-    /// Host of the telemetry port (/metrics, /health).
-    #[arg(
-        long,
-        env = "NATPUNCH_SERVER_TELEMETRY_HOST",
-        default_value = "localhost"
-    )]
-    telemetry_host: String,
-    /// Telemetry port; 0 turns it off.
-    #[arg(long, env = "NATPUNCH_SERVER_TELEMETRY_PORT", default_value_t = 10001)]
-    telemetry_port: u16,
+    #[command(flatten)]
+    telemetry: Telemetry<Self>,
     /// The database: sqlite://FILE (created on first start) or postgres://USER@HOST/DB.
     #[arg(
         long,
@@ -97,28 +92,13 @@ pub(crate) struct ServerArgs {
         default_value_t = Config::default().rust_client_wait.as_secs()
     )]
     rust_client_wait_secs: u64,
-    /// Print start and stop as JSON objects, one per line.
-    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
-    json: bool,
+    #[command(flatten)]
+    json: Json,
 }
 
 /// Prints a line on stdout; a closed stdout (the reader went away) is no reason to fail.
 fn say(line: &str) {
     let _ = writeln!(std::io::stdout(), "{line}");
-}
-
-/// `url` without its password.
-pub(crate) fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let Some((credentials, host)) = rest.split_once('@') else {
-        return url.to_owned();
-    };
-    match credentials.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_owned(),
-    }
 }
 
 pub(crate) fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
@@ -137,7 +117,7 @@ async fn serve(args: ServerArgs) -> anyhow::Result<ExitCode> {
         }),
         _ => None,
     };
-    let shown_url = redact(&args.database_url);
+    let shown_url = api::store::redact(&args.database_url);
     let store = SqlStore::open(&args.database_url)
         .await
         .with_context(|| format!("opening the database {shown_url}"))?;
@@ -154,24 +134,17 @@ async fn serve(args: ServerArgs) -> anyhow::Result<ExitCode> {
         rust_client_wait: Duration::from_secs(args.rust_client_wait_secs),
     };
     let service = Service::new(store.clone(), config, &mut registry);
-    let telemetry = if args.telemetry_port == 0 {
-        None
-    } else {
-        let addr = tokio::net::lookup_host((args.telemetry_host.as_str(), args.telemetry_port))
-            .await
-            .ok()
-            .and_then(|mut a| a.next())
-            .with_context(|| format!("resolving the telemetry host {}", args.telemetry_host))?;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the telemetry port {addr}"))?;
-        let bound = listener.local_addr()?;
-        tokio::spawn(api::server::serve_telemetry(
-            listener,
-            registry,
-            store.clone(),
-        ));
-        Some(bound)
+    let telemetry = match args.telemetry.bind().await? {
+        Some(listener) => {
+            let bound = listener.local_addr()?;
+            tokio::spawn(api::server::serve_telemetry(
+                listener,
+                registry,
+                store.clone(),
+            ));
+            Some(bound)
+        }
+        None => None,
     };
     let addr = SocketAddr::new(args.listen_ip, args.port);
     let listener = tokio::net::TcpListener::bind(addr)
@@ -182,7 +155,7 @@ async fn serve(args: ServerArgs) -> anyhow::Result<ExitCode> {
         Backend::Sqlite => "sqlite",
         Backend::Postgres => "postgres",
     };
-    if args.json {
+    if args.json.json {
         say(&serde_json::json!({
             "event": "listening",
             "grpc": bound.to_string(),
@@ -208,7 +181,7 @@ async fn serve(args: ServerArgs) -> anyhow::Result<ExitCode> {
         .context("serving gRPC")?;
     // Requests in flight have finished; their transactions are committed.
     store.close().await;
-    if args.json {
+    if args.json.json {
         say(&serde_json::json!({"event": "stopped"}).to_string());
     } else {
         say("server: stopped");
@@ -218,18 +191,33 @@ async fn serve(args: ServerArgs) -> anyhow::Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use labrun::args::ServerArgs as Child;
+
+    use crate::Command;
+    use crate::tests::parse;
 
     #[test]
-    fn passwords_are_not_printed() {
+    fn the_labs_server_command_line_parses_to_its_values() {
+        let child = Child {
+            port: 10000,
+            database_url: "sqlite://campaign.db".into(),
+            protocol_filters: Some("ip4/tcp:1,ip4/quic-v1:1".into()),
+            dedup_secs: Some(0),
+            per_remote: Some(100_000),
+        };
+        let Command::Server(args) = parse(child.to_args()) else {
+            panic!("not `server`");
+        };
+        assert_eq!(args.port, child.port);
+        assert_eq!(args.database_url, child.database_url);
+        let filters = child.protocol_filters.as_deref().map(str::parse);
         assert_eq!(
-            redact("postgres://punchr:secret@db:5432/punchr"),
-            "postgres://punchr:***@db:5432/punchr"
+            Some(args.protocol_filters),
+            filters.transpose().expect("filters")
         );
-        assert_eq!(
-            redact("postgres://natpunch@db/x"),
-            "postgres://natpunch@db/x"
-        );
-        assert_eq!(redact("sqlite://natpunch.db"), "sqlite://natpunch.db");
+        assert_eq!(Some(args.dedup_secs), child.dedup_secs);
+        assert_eq!(Some(args.per_remote), child.per_remote);
+        assert_eq!(args.telemetry.port, 0);
+        assert!(args.json.json);
     }
 }

@@ -1297,7 +1297,7 @@ fn map_keep_survives_router_reboot_and_renumbering_with_every_protocol() {
 fn libp2p_reaches(lab: &natlab::Lab, from: &str, addr: &str) -> Result<(), String> {
     use futures::StreamExt as _;
     use libp2p::swarm::SwarmEvent;
-    use libp2p::{Multiaddr, noise, ping, tcp, yamux};
+    use libp2p::{Multiaddr, ping};
     use std::time::Duration;
 
     let addr: Multiaddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
@@ -1307,18 +1307,9 @@ fn libp2p_reaches(lab: &natlab::Lab, from: &str, addr: &str) -> Result<(), Strin
             .build()
             .map_err(|e| e.to_string())?;
         rt.block_on(async move {
-            let mut swarm = libp2p::SwarmBuilder::with_new_identity()
-                .with_tokio()
-                .with_tcp(
-                    tcp::Config::default(),
-                    noise::Config::new,
-                    yamux::Config::default,
-                )
-                .map_err(|e| e.to_string())?
-                .with_quic()
-                .with_behaviour(|_| ping::Behaviour::default())
-                .map_err(|e| e.to_string())?
-                .build();
+            let key = libp2p::identity::Keypair::generate_ed25519();
+            let mut swarm =
+                p2p::host::swarm(key, Duration::from_secs(10), |_| ping::Behaviour::default())?;
             swarm.dial(addr.clone()).map_err(|e| e.to_string())?;
             let wait = async {
                 loop {
@@ -1414,9 +1405,7 @@ fn peer_listen_holds_its_port_mappings_through_renewals_and_a_router_reboot() {
     let mut lab = Lab::build(&topology, LabOptions::default()).expect("lab");
     let dir = Scratch::new("peer-portmap");
     let exe = env!("CARGO_BIN_EXE_natpunch");
-    let key = dir.0.join("relay.key").display().to_string();
-    let args = labrun::matrix::relay_args(&key, 4001);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let args = labrun::args::RelayArgs::lab(dir.0.join("relay.key"), 4001).to_args();
     let relay = lab.spawn("relay", exe, &args).expect("relay");
     let line = relay
         .wait_for("\"event\":\"external-address\"", Duration::from_secs(20))
@@ -2499,8 +2488,7 @@ impl MeasurementLab {
         )
         .expect("lab");
         let path = |name: &str| dir.join(name).display().to_string();
-        let args = labrun::matrix::relay_args(&path("relay.key"), 4001);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let args = labrun::args::RelayArgs::lab(dir.join("relay.key"), 4001).to_args();
         let relay = lab.spawn("relay", exe, &args).expect("relay");
         let line = relay
             .wait_for("\"event\":\"external-address\"", Duration::from_secs(20))

@@ -12,11 +12,13 @@
 //! What the network feeds is bounded ([`defaults`]): connections (total, per peer, handshakes in
 //! flight), the peers remembered as already reported, and the sightings waiting for the store
 //! ([`Recorder`]: a bounded queue and bounded retries; what does not fit is dropped and
-//! counted in [`Metrics`]).
+//! counted in [`Metrics`]). [`SqlSightings`] writes them into the measurement store, and
+//! [`Honeypot::run_recording`] runs the server with the writer beside it.
 
 pub mod defaults;
 mod recorder;
 mod reported;
+mod store;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -26,17 +28,16 @@ use futures::StreamExt as _;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::{DialError, ListenError, NetworkBehaviour, SwarmEvent};
-use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, Swarm, connection_limits, identify, kad, noise, ping, tcp,
-    yamux,
-};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, connection_limits, identify, kad, ping};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 pub use recorder::{RecordError, Recorder, RecorderConfig, Retry, SightingStore};
 use reported::Reported;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+pub use store::{BadAddress, SqlSightings, connection_event};
+use telemetry::metrics::Registrar;
 
 /// The agent version the honeypot announces.
 fn agent_version() -> String {
@@ -97,7 +98,7 @@ impl HoneypotConfig {
 }
 
 /// A peer the honeypot saw.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sighting {
     /// The peer.
     pub peer_id: String,
@@ -117,8 +118,9 @@ pub struct Sighting {
     pub opened_at: i64,
 }
 
-/// What the honeypot reports.
-#[derive(Debug, Clone, Serialize)]
+/// What the honeypot reports (and, read back from its JSON lines, what programs that run it
+/// read).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum HoneypotEvent {
     /// Listening.
@@ -179,6 +181,35 @@ pub struct Honeypot {
 }
 
 /// Label sets of the honeypot's counter families.
+/// One line for people, e.g. `seen 12D3… (kubo/0.30) from /ip4/…: 4 addresses, 1 relayed,
+/// speaks DCUtR`.
+impl fmt::Display for HoneypotEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Listening { peer_id, address } => {
+                write!(f, "listening on {address}/p2p/{peer_id}")
+            }
+            Self::Seen(s) => write!(
+                f,
+                "seen {} ({}) from {}: {} addresses, {} relayed{}",
+                s.peer_id,
+                s.agent_version,
+                s.conn_addr,
+                s.listen_addrs.len(),
+                s.relay_addrs.len(),
+                if s.dcutr { ", speaks DCUtR" } else { "" }
+            ),
+            Self::CrawlStarted { walks } => write!(f, "crawl: {walks} walks"),
+            Self::CrawlEnded { peers, secs } => {
+                write!(f, "crawl: met {peers} peers in {secs:.1} s")
+            }
+            Self::BootstrapFailed { address, error } => {
+                write!(f, "bootstrap peer {address} unreachable: {error}")
+            }
+        }
+    }
+}
+
 type Labels = Vec<(&'static str, &'static str)>;
 
 /// The honeypot's Prometheus metrics (`natpunch_honeypot_*`), shared by the swarm and the
@@ -204,52 +235,33 @@ const DROP_REASONS: [&str; 4] = ["queue_full", "gave_up", "refused", "writer_sto
 impl Metrics {
     /// Metrics registered in `registry`.
     pub fn new(registry: &mut Registry) -> Self {
-        let m = Self::default();
-        let r = registry.sub_registry_with_prefix("natpunch_honeypot");
-        r.register(
-            "peers_seen",
-            "Inbound peers identified (again on address changes), by DCUtR support",
-            m.seen.clone(),
-        );
-        r.register(
-            "recorded",
-            "Sightings written to the store",
-            m.recorded.clone(),
-        );
-        r.register(
-            "record_errors",
-            "Failed writes to the store (tried again until the sighting is given up)",
-            m.record_errors.clone(),
-        );
-        r.register(
-            "sightings_dropped",
-            "Sightings not written, by reason: queue_full (the store is down or behind), \
-             gave_up (the store failed to take it for too long), refused (the store will never \
-             take it), writer_stopped",
-            m.dropped.clone(),
-        );
-        r.register(
-            "sightings_queued",
-            "Sightings waiting for the store",
-            m.queued.clone(),
-        );
-        r.register(
-            "reported_peers",
-            "Peers remembered as already reported",
-            m.reported_peers.clone(),
-        );
-        r.register("connections", "Connections open now", m.connections.clone());
-        r.register(
-            "connections_denied",
-            "Connections refused by the connection limits, by direction",
-            m.connections_denied.clone(),
-        );
-        r.register("crawls", "Crawls completed", m.crawls.clone());
-        r.register(
-            "crawl_peers",
-            "Peers met by the last crawl",
-            m.crawl_peers.clone(),
-        );
+        let mut r = Registrar::with_prefix(registry, "natpunch_honeypot");
+        let m = Self {
+            seen: r.counters(
+                "peers_seen",
+                "Inbound peers identified (again on address changes), by DCUtR support",
+            ),
+            recorded: r.counter("recorded", "Sightings written to the store"),
+            record_errors: r.counter(
+                "record_errors",
+                "Failed writes to the store (tried again until the sighting is given up)",
+            ),
+            dropped: r.counters(
+                "sightings_dropped",
+                "Sightings not written, by reason: queue_full (the store is down or behind), \
+                 gave_up (the store failed to take it for too long), refused (the store will \
+                 never take it), writer_stopped",
+            ),
+            queued: r.gauge("sightings_queued", "Sightings waiting for the store"),
+            reported_peers: r.gauge("reported_peers", "Peers remembered as already reported"),
+            connections: r.gauge("connections", "Connections open now"),
+            connections_denied: r.counters(
+                "connections_denied",
+                "Connections refused by the connection limits, by direction",
+            ),
+            crawls: r.counter("crawls", "Crawls completed"),
+            crawl_peers: r.gauge("crawl_peers", "Peers met by the last crawl"),
+        };
         // Every series from the start, so that dashboards see zeros rather than nothing.
         for reason in DROP_REASONS {
             let _ = m.dropped.get_or_create(&vec![("reason", reason)]);
@@ -303,31 +315,19 @@ impl Honeypot {
     /// Builds the honeypot (inside a tokio runtime), counting into `metrics`.
     pub fn new(key: Keypair, config: HoneypotConfig, metrics: &Metrics) -> Result<Self, String> {
         let peer = key.public().to_peer_id();
-        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
-            .with_tokio()
-            .with_tcp(
-                tcp::Config::default(),
-                noise::Config::new,
-                yamux::Config::default,
-            )
-            .map_err(|e| e.to_string())?
-            .with_quic()
-            .with_behaviour(|key| HoneypotBehaviour {
-                limits: connection_limits::Behaviour::new(config.connection_limits()),
-                identify: identify::Behaviour::new(
-                    identify::Config::new("/ipfs/0.1.0".into(), key.public())
-                        .with_agent_version(agent_version()),
-                ),
-                ping: ping::Behaviour::default(),
-                kad: kad::Behaviour::with_config(
-                    peer,
-                    kad::store::MemoryStore::new(peer),
-                    kad::Config::new(config.protocol.clone()),
-                ),
-            })
-            .map_err(|e| e.to_string())?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_timeout))
-            .build();
+        let mut swarm = crate::host::swarm(key, config.idle_timeout, |key| HoneypotBehaviour {
+            limits: connection_limits::Behaviour::new(config.connection_limits()),
+            identify: identify::Behaviour::new(
+                identify::Config::new("/ipfs/0.1.0".into(), key.public())
+                    .with_agent_version(agent_version()),
+            ),
+            ping: ping::Behaviour::default(),
+            kad: kad::Behaviour::with_config(
+                peer,
+                kad::store::MemoryStore::new(peer),
+                kad::Config::new(config.protocol.clone()),
+            ),
+        })?;
         swarm.behaviour_mut().kad.set_mode(Some(kad::Mode::Server));
         for addr in &config.listen {
             swarm
@@ -586,18 +586,8 @@ mod tests {
 
     /// A swarm that only connects.
     fn visitor() -> Swarm<dummy::Behaviour> {
-        libp2p::SwarmBuilder::with_new_identity()
-            .with_tokio()
-            .with_tcp(
-                tcp::Config::default(),
-                noise::Config::new,
-                yamux::Config::default,
-            )
-            .expect("tcp")
-            .with_behaviour(|_| dummy::Behaviour)
-            .expect("behaviour")
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-            .build()
+        let key = Keypair::generate_ed25519();
+        crate::host::swarm(key, Duration::from_secs(60), |_| dummy::Behaviour).expect("swarm")
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,13 +9,19 @@
 //! * [`honeypot`]: a Kademlia DHT server that records the peers connecting to it;
 //! * [`candidates`]: hands the swarm the addresses the relay observed, untouched;
 //! * [`identity`]: keys kept in files, created on first use;
-//! * [`wire`]: a sans-IO codec for the DCUtR messages (length-prefixed protobuf).
+//! * [`wire`]: a sans-IO codec for the DCUtR messages (length-prefixed protobuf);
+//! * [`host`]: a server's TCP and QUIC listen addresses, and the swarm the relay and the
+//!   honeypot build alike.
 //!
 //! Everything here speaks the real libp2p wire protocols (rust-libp2p 0.57), so go, js and nim
 //! peers and punchr's clients interoperate with it.
+//!
+//! What it does not do: NAT discovery (`natcheck`), the port-mapping protocols (`portmap`, which
+//! the peer drives), or keep measurements (the honeypot writes into `api`'s store).
 
 pub mod candidates;
 pub mod honeypot;
+pub mod host;
 pub mod identity;
 pub mod peer;
 pub mod punch;

@@ -24,10 +24,11 @@ use libp2p::identity::Keypair;
 use libp2p::metrics::{Metrics, Recorder as _};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, Swarm, autonat, identify, noise, ping, relay, tcp, yamux};
+use libp2p::{Multiaddr, PeerId, Swarm, autonat, identify, ping, relay};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use telemetry::metrics::Registrar;
 
 /// The identify protocol version natpunch's nodes announce.
 pub const PROTOCOL_VERSION: &str = "/natpunch/1.0.0";
@@ -197,8 +198,9 @@ pub struct RelayBehaviour {
     pub autonat: autonat::v2::server::Behaviour,
 }
 
-/// Something the relay did, for people and logs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// Something the relay did, for people and logs (and, read back from its JSON lines, for
+/// programs that run it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum RelayEvent {
     /// Listening on an address.
@@ -298,6 +300,38 @@ pub enum RelayError {
     },
 }
 
+/// One line for people, e.g. `circuit 12D3… -> 12D3… closed`.
+impl fmt::Display for RelayEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Listening { address } => write!(f, "listening on {address}"),
+            Self::ExternalAddress { address } => write!(f, "announcing {address}"),
+            Self::NoExternalAddress { .. } => f.write_str("announcing no address"),
+            Self::ReservationAccepted { peer, renewed } => write!(
+                f,
+                "reservation {} for {peer}",
+                if *renewed { "renewed" } else { "accepted" }
+            ),
+            Self::ReservationDenied { peer, status } => {
+                write!(f, "reservation refused for {peer}: {status}")
+            }
+            Self::ReservationEnded { peer, timed_out } => write!(
+                f,
+                "reservation of {peer} {}",
+                if *timed_out { "timed out" } else { "closed" }
+            ),
+            Self::CircuitAccepted { src, dst } => write!(f, "circuit {src} -> {dst}"),
+            Self::CircuitDenied { src, dst, status } => {
+                write!(f, "circuit {src} -> {dst} refused: {status}")
+            }
+            Self::CircuitClosed { src, dst, error } => match error {
+                Some(e) => write!(f, "circuit {src} -> {dst} closed: {e}"),
+                None => write!(f, "circuit {src} -> {dst} closed"),
+            },
+        }
+    }
+}
+
 impl Relay {
     /// Builds the relay (within a tokio runtime) and starts listening. Its metrics are
     /// registered in `registry`.
@@ -307,38 +341,21 @@ impl Relay {
         registry: &mut Registry,
     ) -> Result<Self, RelayError> {
         let metrics = Metrics::new(registry);
-        let natpunch = registry.sub_registry_with_prefix("natpunch_relay");
-        let reservations = Gauge::default();
-        natpunch.register(
-            "reservations",
-            "Reservations held now",
-            reservations.clone(),
-        );
-        let circuits = Gauge::default();
-        natpunch.register("circuits", "Circuits open now", circuits.clone());
+        let mut natpunch = Registrar::with_prefix(registry, "natpunch_relay");
+        let reservations = natpunch.gauge("reservations", "Reservations held now");
+        let circuits = natpunch.gauge("circuits", "Circuits open now");
         let limits = config.limits.to_config();
         let idle = config.idle_timeout;
-        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
-            .with_tokio()
-            .with_tcp(
-                tcp::Config::default(),
-                noise::Config::new,
-                yamux::Config::default,
-            )
-            .map_err(|e| RelayError::Transport(e.to_string()))?
-            .with_quic()
-            .with_behaviour(|key| RelayBehaviour {
-                relay: relay::Behaviour::new(key.public().to_peer_id(), limits),
-                identify: identify::Behaviour::new(
-                    identify::Config::new(PROTOCOL_VERSION.into(), key.public())
-                        .with_agent_version(agent_version()),
-                ),
-                ping: ping::Behaviour::default(),
-                autonat: autonat::v2::server::Behaviour::default(),
-            })
-            .map_err(|e| RelayError::Transport(e.to_string()))?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
-            .build();
+        let mut swarm = crate::host::swarm(key, idle, |key| RelayBehaviour {
+            relay: relay::Behaviour::new(key.public().to_peer_id(), limits),
+            identify: identify::Behaviour::new(
+                identify::Config::new(PROTOCOL_VERSION.into(), key.public())
+                    .with_agent_version(agent_version()),
+            ),
+            ping: ping::Behaviour::default(),
+            autonat: autonat::v2::server::Behaviour::default(),
+        })
+        .map_err(RelayError::Transport)?;
         for addr in &config.listen {
             swarm
                 .listen_on(addr.clone())

@@ -140,6 +140,49 @@ pub fn behind_another_nat(ip: Ipv4Addr) -> bool {
         || ip.is_multicast()
 }
 
+/// The report for people: a row per protocol (with its epoch and control address when it has
+/// them), the external address, and the problems of those that did not answer.
+impl std::fmt::Display for ProbeReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "gateway      {} (this host {})",
+            self.gateway.addr, self.gateway.local
+        )?;
+        for (name, offer) in [
+            ("pcp", &self.pcp),
+            ("nat-pmp", &self.nat_pmp),
+            ("upnp", &self.upnp),
+        ] {
+            let Some(o) = offer else {
+                writeln!(f, "{name:<12} no")?;
+                continue;
+            };
+            let mut parts = vec!["yes".to_owned()];
+            if let Some(e) = o.epoch {
+                parts.push(format!("epoch {e}"));
+            }
+            if let Some(c) = o.control {
+                parts.push(format!("control {c}"));
+            }
+            writeln!(f, "{name:<12} {}", parts.join(", "))?;
+        }
+        match self.external_ip {
+            Some(ip) if self.behind_another_nat => writeln!(
+                f,
+                "external ip  {ip} (not global: another NAT is in front of this router; mappings \
+                 here are not reachable from the internet)"
+            )?,
+            Some(ip) => writeln!(f, "external ip  {ip}")?,
+            None => writeln!(f, "external ip  unknown")?,
+        }
+        for p in &self.problems {
+            writeln!(f, "  {p}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Asks the gateway, over all three protocols at once, what it offers. Waits at most `wait`
 /// for each.
 pub async fn probe(gateway: Gateway, wait: Duration) -> ProbeReport {
@@ -303,6 +346,27 @@ pub struct Mapped {
     pub epoch: Option<u32>,
     /// The PCP nonce, in hex (needed to renew or delete a PCP mapping).
     pub nonce: Option<String>,
+}
+
+/// One line: `udp 203.0.113.5:16000 -> 192.168.1.10:6000 (7200 s, via pcp)`; the external
+/// address is `?` when unknown and a lifetime of 0 reads `permanent`.
+impl std::fmt::Display for Mapped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let external = self.external_ip.map_or_else(
+            || format!("?:{}", self.external_port),
+            |ip| SocketAddrV4::new(ip, self.external_port).to_string(),
+        );
+        let lifetime = if self.lifetime_secs == 0 {
+            "permanent".to_owned()
+        } else {
+            format!("{} s", self.lifetime_secs)
+        };
+        write!(
+            f,
+            "{} {external} -> {} ({lifetime}, via {})",
+            self.protocol, self.internal, self.method
+        )
+    }
 }
 
 impl Mapped {

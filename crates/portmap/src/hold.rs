@@ -62,6 +62,49 @@ pub struct Update {
     pub mapping: Option<Mapped>,
 }
 
+/// One line for people, e.g. `renewed udp 203.0.113.5:16000 -> 192.168.1.10:6000 (7200 s, via
+/// pcp)` or `external address changed: 203.0.113.5 -> 203.0.113.9`.
+impl std::fmt::Display for Update {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = self
+            .mapping
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        match &self.event {
+            Event::Mapped { .. } => write!(f, "mapped {what}"),
+            Event::Renewed {
+                previous_port,
+                external_port,
+                ..
+            } if previous_port != external_port => {
+                write!(
+                    f,
+                    "renewed {what}; the router moved it from port {previous_port}"
+                )
+            }
+            Event::Renewed { .. } => write!(f, "renewed {what}"),
+            Event::Remapped { previous_port, .. } => {
+                write!(f, "re-mapped {what} (it had port {previous_port})")
+            }
+            Event::GatewayLostState { reason } => {
+                write!(f, "the router lost the mappings: {reason}")
+            }
+            Event::ExternalIpChanged { old, new } => {
+                write!(f, "external address changed: {old} -> {new}")
+            }
+            Event::CheckFailed { error } => write!(f, "check failed: {error}"),
+            Event::Released { .. } => write!(f, "deleted {what}"),
+            Event::ReleaseFailed { error, .. } => write!(f, "could not delete {what}: {error}"),
+            Event::Failed {
+                error,
+                retry_in_secs,
+                ..
+            } => write!(f, "request failed: {error}; retrying in {retry_in_secs} s"),
+        }
+    }
+}
+
 /// Listening sockets for what gateways say unasked. Each is optional: without it the periodic
 /// check still notices, later.
 #[derive(Debug)]

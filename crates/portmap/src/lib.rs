@@ -24,6 +24,8 @@
 //! * [`client`]: probe all three protocols at once; map and delete with any of them.
 //! * [`hold`]: the keeper driven over the network, listening for announcements and SSDP
 //!   NOTIFYs, releasing every mapping at the end.
+//! * [`record`]: the mappings this host made, kept in a file between runs (PCP needs the
+//!   nonce to renew or delete, NAT-PMP cannot list), and the choice of protocol.
 //!
 //! What it does not do: IPv6 mappings and pinholes, PCP PEER requests, the THIRD_PARTY and
 //! FILTER options, PCP authentication (RFC 7652), the server side.
@@ -40,6 +42,7 @@ pub mod hold;
 pub mod keeper;
 pub mod pcp;
 pub mod pmp;
+pub mod record;
 pub mod upnp;
 mod wire;
 

@@ -89,6 +89,22 @@ pub struct Entry {
     pub description: String,
 }
 
+/// `udp 16000 -> 192.168.1.10:6000 lease 7200 s "natpunch"`.
+impl std::fmt::Display for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} -> {}:{} lease {} s \"{}\"",
+            self.protocol,
+            self.external_port,
+            self.internal_client,
+            self.internal_port,
+            self.lease_secs,
+            self.description
+        )
+    }
+}
+
 /// An IGD found by SSDP, and our address towards it.
 #[derive(Debug, Clone)]
 pub struct Igd {

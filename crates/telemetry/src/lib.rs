@@ -5,6 +5,9 @@
 //! A deliberately small HTTP/1.1 responder: one request per connection, a bounded request
 //! head, a short read deadline. Anything else gets 404, 405 or 400.
 //!
+//! [`metrics::Registrar`] declares a role's metrics in one line each (name, help, kind), with
+//! the latency histogram the roles share.
+//!
 //! It does not do TLS, authentication, keep-alive, chunked bodies or any path but those two;
 //! put it on a loopback or private address, or behind a proxy that adds what is missing. It
 //! depends on tokio and prometheus-client only, so that every role (the measurement server too,
@@ -17,6 +20,8 @@ use std::time::Duration;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
+
+pub mod metrics;
 
 /// The longest request head read.
 const MAX_HEAD: usize = 8 * 1024;

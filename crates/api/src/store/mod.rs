@@ -279,6 +279,21 @@ pub struct SqlStore {
     ids: Arc<std::sync::Mutex<IdCache>>,
 }
 
+/// `url` with its password, if it has one, replaced by `***`: the form a database URL is
+/// printed in.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((credentials, host)) = rest.split_once('@') else {
+        return url.to_owned();
+    };
+    match credentials.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
 /// Nanoseconds of a duration, for window arithmetic.
 fn nanos(d: Duration) -> i64 {
     i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
@@ -562,5 +577,23 @@ impl Store for SqlStore {
             peers: row.try_get(6)?,
             allocations: row.try_get(7)?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_are_not_printed() {
+        assert_eq!(
+            redact("postgres://punchr:secret@db:5432/punchr"),
+            "postgres://punchr:***@db:5432/punchr"
+        );
+        assert_eq!(
+            redact("postgres://natpunch@db/x"),
+            "postgres://natpunch@db/x"
+        );
+        assert_eq!(redact("sqlite://natpunch.db"), "sqlite://natpunch.db");
     }
 }
