@@ -197,7 +197,7 @@ pub(crate) fn run(cmd: PeerCommand) -> anyhow::Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string(&e).unwrap_or_default());
             } else {
-                println!("{}", describe(&e));
+                println!("{e}");
             }
         };
         let outcome = peer.run(mode, crate::stop_signal(), &mut report).await;
@@ -211,55 +211,6 @@ pub(crate) fn run(cmd: PeerCommand) -> anyhow::Result<ExitCode> {
             Some(_) => ExitCode::FAILURE,
         })
     })
-}
-
-fn describe(e: &PeerEvent) -> String {
-    match e {
-        PeerEvent::RelayConnected {
-            relay, observed, ..
-        } => format!(
-            "connected to relay {relay}; it sees us at {}",
-            observed.join(", ")
-        ),
-        PeerEvent::Reserved { address } => format!("reserved: reachable at {address}"),
-        PeerEvent::Reachability {
-            address,
-            reachable,
-            error,
-        } => match (reachable, error) {
-            (true, _) => format!("autonat: {address} is reachable"),
-            (false, Some(e)) => format!("autonat: {address} is not reachable ({e})"),
-            (false, None) => format!("autonat: {address} is not reachable"),
-        },
-        PeerEvent::HolePunch(r) => r.to_string(),
-        PeerEvent::PortMapped {
-            method,
-            internal,
-            external,
-            previous: None,
-        } => format!("mapped {internal} to {external} with {method}"),
-        PeerEvent::PortMapped {
-            method,
-            internal,
-            external,
-            previous: Some(old),
-        } => format!("mapped {internal} to {external} with {method}, instead of {old}"),
-        PeerEvent::PortMapLost { internal, external } => {
-            format!("the router lost the mapping of {internal} to {external}; making it again")
-        }
-        PeerEvent::PortMapUpdate { update } => {
-            format!("port mapping: {update}")
-        }
-        PeerEvent::PortMapFailed { error } => format!("no port mapping: {error}"),
-        PeerEvent::Throughput {
-            connection,
-            bytes,
-            secs,
-            mbit_s,
-        } => format!(
-            "throughput over the {connection} connection: {bytes} bytes in {secs:.2} s, {mbit_s:.1} Mbit/s"
-        ),
-    }
 }
 
 #[cfg(test)]

@@ -361,7 +361,10 @@ impl Punch {
         remote: Option<RemoteEngine>,
         offered: Vec<Multiaddr>,
     ) -> Self {
-        let mut p = Self::idle(now, unix_ms, config, peers, remote, offered);
+        let mut p = Self::idle(now, unix_ms, config, peers);
+        p.remote = remote;
+        p.local_addrs = offered.iter().map(ToString::to_string).collect();
+        p.offered = offered;
         if !p.config.punch {
             p.finish(now, Outcome::Cancelled, Some("hole punching is off".into()));
         } else if p.config.engine == Engine::Natpunch {
@@ -389,22 +392,11 @@ impl Punch {
         peers: Peers,
         error: String,
     ) -> Record {
-        Self::idle(now, unix_ms, config, peers, None, Vec::new()).record(
-            now,
-            Outcome::NoConnection,
-            Some(error),
-        )
+        Self::idle(now, unix_ms, config, peers).record(now, Outcome::NoConnection, Some(error))
     }
 
-    /// A session that has not started: it watches until the wait is over.
-    fn idle(
-        now: Instant,
-        unix_ms: u64,
-        config: PunchConfig,
-        peers: Peers,
-        remote: Option<RemoteEngine>,
-        offered: Vec<Multiaddr>,
-    ) -> Self {
+    /// A session that has not started and offers nothing: it watches until the wait is over.
+    fn idle(now: Instant, unix_ms: u64, config: PunchConfig, peers: Peers) -> Self {
         let wait = match config.engine {
             Engine::Stock => STOCK_WAIT,
             Engine::Natpunch => waiting(&config),
@@ -414,14 +406,14 @@ impl Punch {
             peers,
             state: State::Watching { until: now + wait },
             driver: Side::Listener,
-            remote,
+            remote: None,
             start: now,
             started_unix_ms: unix_ms,
             deadline: now + wait,
             attempts: Vec::new(),
             directs: Vec::new(),
-            local_addrs: offered.iter().map(ToString::to_string).collect(),
-            offered,
+            local_addrs: Vec::new(),
+            offered: Vec::new(),
             remote_addrs: Vec::new(),
             relay_rtt: None,
             direct_rtt: None,

@@ -1,5 +1,6 @@
 //! How a peer runs, what it reports, and why it stops.
 
+use std::fmt;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -211,4 +212,64 @@ pub struct PeerStats {
     pub stock_candidates: usize,
     /// Mapping-holder reports dropped because the peer did not read them in time.
     pub port_map_reports_dropped: u64,
+}
+
+impl fmt::Display for PeerEvent {
+    /// One line for people (`--json` prints the event itself).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::RelayConnected {
+                relay, observed, ..
+            } => write!(
+                f,
+                "connected to relay {relay}; it sees us at {}",
+                observed.join(", ")
+            ),
+            Self::Reserved { address } => write!(f, "reserved: reachable at {address}"),
+            Self::Reachability {
+                address,
+                reachable,
+                error,
+            } => match (reachable, error) {
+                (true, _) => write!(f, "autonat: {address} is reachable"),
+                (false, Some(e)) => write!(f, "autonat: {address} is not reachable ({e})"),
+                (false, None) => write!(f, "autonat: {address} is not reachable"),
+            },
+            Self::HolePunch(r) => write!(f, "{r}"),
+            Self::PortMapped {
+                method,
+                internal,
+                external,
+                previous: None,
+            } => write!(f, "mapped {internal} to {external} with {method}"),
+            Self::PortMapped {
+                method,
+                internal,
+                external,
+                previous: Some(old),
+            } => write!(
+                f,
+                "mapped {internal} to {external} with {method}, instead of {old}"
+            ),
+            Self::PortMapLost { internal, external } => {
+                write!(
+                    f,
+                    "the router lost the mapping of {internal} to {external}; making it again"
+                )
+            }
+            Self::PortMapUpdate { update } => {
+                write!(f, "port mapping: {update}")
+            }
+            Self::PortMapFailed { error } => write!(f, "no port mapping: {error}"),
+            Self::Throughput {
+                connection,
+                bytes,
+                secs,
+                mbit_s,
+            } => write!(
+                f,
+                "throughput over the {connection} connection: {bytes} bytes in {secs:.2} s, {mbit_s:.1} Mbit/s"
+            ),
+        }
+    }
 }
