@@ -1,56 +1,31 @@
-//! Flag groups that several subcommands share, each flattened into them: `--json`, the
-//! telemetry port (`--telemetry-host`, `--telemetry-port`) and the key file (`--identity`).
-//!
-//! The telemetry and identity groups keep each role's own environment variables, defaults and
-//! help: a role's flags struct flattens `Telemetry<Self>` or `Identity<Self>`, and its
-//! [`TelemetryRole`] or [`IdentityRole`] implementation below names them, every role's in one
-//! place.
+//! What the binary does with the shared flag groups of `cli::args`: serve the telemetry port,
+//! load the key file.
 
-use std::marker::PhantomData;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
-use clap::builder::BoolishValueParser;
-use clap::error::ErrorKind;
-use clap::{Arg, ArgMatches, Args, Command, FromArgMatches};
+use cli::args::{Identity, IdentityRole, Telemetry, TelemetryRole};
 use libp2p::identity::Keypair;
 use prometheus_client::registry::Registry;
 
-/// `--json` (a subcommand whose output is not "Print JSON." says so with `mut_arg`).
-#[derive(Debug, Clone, Copy, Args)]
-pub(crate) struct Json {
-    /// Print JSON.
-    #[arg(long, env = "NATPUNCH_JSON", value_parser = BoolishValueParser::new())]
-    pub(crate) json: bool,
-}
-
-/// What one role's telemetry flags are called and default to.
-pub(crate) trait TelemetryRole {
-    /// The variable for `--telemetry-host`.
-    const HOST_ENV: &'static str;
-    /// The variable for `--telemetry-port`.
-    const PORT_ENV: &'static str;
-    /// The default host.
-    const HOST: &'static str = "127.0.0.1";
-    /// The default port.
-    const PORT: &'static str;
-    /// Whether the host may be a name (resolved at start) rather than an IP address.
-    const NAMES: bool = false;
-}
-
-/// The telemetry port (`/metrics`, `/health`) of a long-running role.
-#[derive(Debug, Clone)]
-pub(crate) struct Telemetry<R> {
-    pub(crate) host: String,
-    pub(crate) port: u16,
-    role: PhantomData<R>,
-}
-
-impl<R: TelemetryRole> Telemetry<R> {
+/// Serving a role's telemetry port.
+pub(crate) trait ServeTelemetry {
     /// Binds the port, unless it is 0.
-    pub(crate) async fn bind(&self) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    async fn bind(&self) -> anyhow::Result<Option<tokio::net::TcpListener>>;
+
+    /// Serves `registry` on `/metrics` and `health` on `/health` in the background, unless the
+    /// port is 0; the address served.
+    async fn serve(
+        &self,
+        registry: Registry,
+        health: telemetry::Health,
+    ) -> anyhow::Result<Option<SocketAddr>>;
+}
+
+impl<R: TelemetryRole> ServeTelemetry for Telemetry<R> {
+    async fn bind(&self) -> anyhow::Result<Option<tokio::net::TcpListener>> {
         if self.port == 0 {
             return Ok(None);
         }
@@ -65,9 +40,7 @@ impl<R: TelemetryRole> Telemetry<R> {
         Ok(Some(listener))
     }
 
-    /// Serves `registry` on `/metrics` and `health` on `/health` in the background, unless the
-    /// port is 0; the address served.
-    pub(crate) async fn serve(
+    async fn serve(
         &self,
         registry: Registry,
         health: telemetry::Health,
@@ -82,101 +55,6 @@ impl<R: TelemetryRole> Telemetry<R> {
     }
 }
 
-// Each role's telemetry flags.
-
-impl TelemetryRole for crate::relay::RelayArgs {
-    const HOST_ENV: &'static str = "NATPUNCH_TELEMETRY_HOST";
-    const PORT_ENV: &'static str = "NATPUNCH_TELEMETRY_PORT";
-    const PORT: &'static str = "9464";
-}
-
-impl TelemetryRole for crate::honeypot::HoneypotArgs {
-    const HOST_ENV: &'static str = "NATPUNCH_HONEYPOT_TELEMETRY_HOST";
-    const PORT_ENV: &'static str = "NATPUNCH_HONEYPOT_TELEMETRY_PORT";
-    const PORT: &'static str = "11001";
-}
-
-impl TelemetryRole for crate::client::ClientArgs {
-    const HOST_ENV: &'static str = "NATPUNCH_CLIENT_TELEMETRY_HOST";
-    const PORT_ENV: &'static str = "NATPUNCH_CLIENT_TELEMETRY_PORT";
-    const PORT: &'static str = "12001";
-}
-
-impl TelemetryRole for crate::server::ServerArgs {
-    const HOST_ENV: &'static str = "NATPUNCH_SERVER_TELEMETRY_HOST";
-    const PORT_ENV: &'static str = "NATPUNCH_SERVER_TELEMETRY_PORT";
-    const HOST: &'static str = "localhost";
-    const PORT: &'static str = "10001";
-    const NAMES: bool = true;
-}
-
-const TELEMETRY_HOST: &str = "telemetry_host";
-const TELEMETRY_PORT: &str = "telemetry_port";
-
-impl<R: TelemetryRole> Args for Telemetry<R> {
-    fn augment_args(cmd: Command) -> Command {
-        let host = Arg::new(TELEMETRY_HOST)
-            .long("telemetry-host")
-            .value_name("TELEMETRY_HOST")
-            .env(R::HOST_ENV)
-            .default_value(R::HOST)
-            .help("Host of the telemetry port (/metrics, /health)");
-        let host = if R::NAMES {
-            host
-        } else {
-            host.value_parser(|s: &str| s.parse::<IpAddr>().map(|_| s.to_owned()))
-        };
-        let port = Arg::new(TELEMETRY_PORT)
-            .long("telemetry-port")
-            .value_name("TELEMETRY_PORT")
-            .env(R::PORT_ENV)
-            .default_value(R::PORT)
-            .value_parser(clap::value_parser!(u16))
-            .help("Telemetry port; 0 turns it off");
-        cmd.arg(host).arg(port)
-    }
-
-    fn augment_args_for_update(cmd: Command) -> Command {
-        Self::augment_args(cmd)
-    }
-}
-
-impl<R> FromArgMatches for Telemetry<R> {
-    fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
-        Self::from_arg_matches_mut(&mut m.clone())
-    }
-
-    fn from_arg_matches_mut(m: &mut ArgMatches) -> Result<Self, clap::Error> {
-        Ok(Self {
-            host: take(m, TELEMETRY_HOST)?,
-            port: take(m, TELEMETRY_PORT)?,
-            role: PhantomData,
-        })
-    }
-
-    fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
-        *self = Self::from_arg_matches(m)?;
-        Ok(())
-    }
-}
-
-/// What one role's `--identity` is called and where its key lives by default.
-pub(crate) trait IdentityRole {
-    /// The variable for `--identity`.
-    const ENV: &'static str;
-    /// The flag's help.
-    const HELP: &'static str;
-    /// The key file in natpunch's state directory, or `None` for a fresh key each run.
-    const FILE: Option<&'static str>;
-}
-
-/// A role's key file (`--identity`).
-#[derive(Debug, Clone)]
-pub(crate) struct Identity<R> {
-    pub(crate) path: Option<PathBuf>,
-    role: PhantomData<R>,
-}
-
 /// A role's key, and the file it is kept in.
 #[derive(Debug)]
 pub(crate) struct Key {
@@ -188,9 +66,14 @@ pub(crate) struct Key {
     pub(crate) created: bool,
 }
 
-impl<R: IdentityRole> Identity<R> {
+/// Loading a role's key.
+pub(crate) trait LoadKey {
     /// The key in the file given, or in the role's default file; made there on first use.
-    pub(crate) fn load(&self) -> anyhow::Result<Key> {
+    fn load(&self) -> anyhow::Result<Key>;
+}
+
+impl<R: IdentityRole> LoadKey for Identity<R> {
+    fn load(&self) -> anyhow::Result<Key> {
         let path = match (&self.path, R::FILE) {
             (Some(p), _) => p.clone(),
             (None, Some(file)) => crate::state_dir()?.join(file),
@@ -209,73 +92,4 @@ impl<R: IdentityRole> Identity<R> {
             created,
         })
     }
-}
-
-// Each role's key file flag.
-
-impl IdentityRole for crate::relay::RelayArgs {
-    const ENV: &'static str = "NATPUNCH_RELAY_IDENTITY";
-    const HELP: &'static str = "The relay's key file, created on first start [default: \
-        $XDG_STATE_HOME/natpunch/relay.key or ~/.local/state/natpunch/relay.key]";
-    const FILE: Option<&'static str> = Some("relay.key");
-}
-
-impl IdentityRole for crate::honeypot::HoneypotArgs {
-    const ENV: &'static str = "NATPUNCH_HONEYPOT_IDENTITY";
-    const HELP: &'static str = "The honeypot's key file, created on first start [default: \
-        $XDG_STATE_HOME/natpunch/ honeypot.key or ~/.local/state/natpunch/honeypot.key]";
-    const FILE: Option<&'static str> = Some("honeypot.key");
-}
-
-impl IdentityRole for crate::peer::Common {
-    const ENV: &'static str = "NATPUNCH_PEER_IDENTITY";
-    const HELP: &'static str = "Key file [default: a fresh identity each run]";
-    const FILE: Option<&'static str> = None;
-}
-
-const IDENTITY: &str = "identity";
-
-impl<R: IdentityRole> Args for Identity<R> {
-    fn augment_args(cmd: Command) -> Command {
-        cmd.arg(
-            Arg::new(IDENTITY)
-                .long("identity")
-                .value_name("IDENTITY")
-                .env(R::ENV)
-                .value_parser(clap::value_parser!(PathBuf))
-                .help(R::HELP),
-        )
-    }
-
-    fn augment_args_for_update(cmd: Command) -> Command {
-        Self::augment_args(cmd)
-    }
-}
-
-impl<R> FromArgMatches for Identity<R> {
-    fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
-        Self::from_arg_matches_mut(&mut m.clone())
-    }
-
-    fn from_arg_matches_mut(m: &mut ArgMatches) -> Result<Self, clap::Error> {
-        Ok(Self {
-            path: m.remove_one(IDENTITY),
-            role: PhantomData,
-        })
-    }
-
-    fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
-        *self = Self::from_arg_matches(m)?;
-        Ok(())
-    }
-}
-
-/// The value of a flag that has a default.
-fn take<T: Clone + Send + Sync + 'static>(m: &mut ArgMatches, id: &str) -> Result<T, clap::Error> {
-    m.remove_one(id).ok_or_else(|| {
-        clap::Error::raw(
-            ErrorKind::MissingRequiredArgument,
-            format!("--{} has no value\n", id.replace('_', "-")),
-        )
-    })
 }

@@ -1,80 +1,18 @@
 //! `natpunch client`: libp2p hosts that take peers from a measurement server, hole-punch them
 //! and report every punch (punchr's client, with a spool, concurrency and natpunch's engine).
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::Args;
-use clap::builder::BoolishValueParser;
 use measure::client::{ClientConfig, ClientEvent};
 use measure::connect;
 use measure::metrics::Metrics;
 use measure::spool::Spool;
 use p2p::peer::PeerConfig;
 
-use crate::args::{Json, Telemetry};
-
-#[derive(Debug, Args)]
-#[command(after_help = "The API key comes from --api-key, NATPUNCH_API_KEY, or \
-$XDG_CONFIG_HOME/natpunch/api-key.txt (~/.config/natpunch/api-key.txt), where a new one is saved \
-when there is none (the server registers unknown keys as anonymous unless its registration is \
-closed). Reports wait in the spool until the server acknowledges them: stopping the client or \
-the server loses none.", mut_arg("json", |a| a.help("Print one JSON object per event")))]
-pub(crate) struct ClientArgs {
-    /// The measurement server: http://HOST:PORT or https://HOST:PORT.
-    #[arg(
-        long,
-        env = "NATPUNCH_SERVER",
-        default_value = "http://127.0.0.1:10000"
-    )]
-    server: String,
-    /// The API key.
-    #[arg(long, env = "NATPUNCH_API_KEY", hide_env_values = true)]
-    api_key: Option<String>,
-    /// libp2p hosts, each with its own identity, punching concurrently (1 to 256).
-    #[arg(long, env = "NATPUNCH_CLIENT_HOST_COUNT", default_value_t = 10)]
-    host_count: usize,
-    /// Where the hosts' keys live (host-N.key, created on first start) [default:
-    /// $XDG_STATE_HOME/natpunch/client or ~/.local/state/natpunch/client].
-    #[arg(long, env = "NATPUNCH_CLIENT_KEYS")]
-    keys_dir: Option<PathBuf>,
-    /// Where reports wait until acknowledged [default: the keys directory's spool/].
-    #[arg(long, env = "NATPUNCH_CLIENT_SPOOL")]
-    spool: Option<PathBuf>,
-    /// Stop after this many punches (all hosts together) once every report is delivered
-    /// [default: run until stopped].
-    #[arg(long, env = "NATPUNCH_CLIENT_PUNCHES")]
-    punches: Option<u64>,
-    /// Seconds a host waits when the server has no peer for it.
-    #[arg(long, env = "NATPUNCH_CLIENT_IDLE_SECS", default_value_t = 30.0)]
-    idle_secs: f64,
-    /// A STUN server (RFC 5780, e.g. `natpunch stun-server`) to measure this network's NAT
-    /// behaviour once at start; sent with every report.
-    #[arg(long, env = "NATPUNCH_STUN_SERVER")]
-    stun_server: Option<SocketAddr>,
-    /// Send the router's login page with each host's first report (punchr did this unless told
-    /// not to; natpunch does not unless told to).
-    #[arg(long, env = "NATPUNCH_CLIENT_ROUTER_CHECK", value_parser = BoolishValueParser::new())]
-    router_check: bool,
-    /// CA certificate(s) (PEM) for an https server [default: the system's,
-    /// /etc/ssl/certs/ca-certificates.crt].
-    #[arg(long, env = "NATPUNCH_CLIENT_CA_CERT")]
-    ca_cert: Option<PathBuf>,
-    /// Map each punch's listen ports on the local router (PCP, NAT-PMP or UPnP) and offer the
-    /// mapped addresses first; the mappings go into the report and are deleted after the punch.
-    #[arg(long, env = "NATPUNCH_PORT_MAPPING", value_parser = BoolishValueParser::new())]
-    port_mapping: bool,
-    /// How long one hole-punch attempt may take, in ms.
-    #[arg(long, env = "NATPUNCH_ATTEMPT_TIMEOUT_MS", default_value_t = 3000)]
-    attempt_timeout_ms: u64,
-    #[command(flatten)]
-    telemetry: Telemetry<Self>,
-    #[command(flatten)]
-    json: Json,
-}
+use crate::args::ServeTelemetry as _;
+use cli::client::ClientArgs;
 
 pub(crate) fn run(args: ClientArgs) -> anyhow::Result<ExitCode> {
     let max = api::report::MAX_HOSTS;
@@ -177,38 +115,4 @@ async fn serve(args: ClientArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-#[cfg(test)]
-mod tests {
-    use labrun::args::ClientArgs as Child;
-
-    use crate::Command;
-    use crate::tests::parse;
-
-    #[test]
-    fn the_labs_client_command_line_parses_to_its_values() {
-        let child = Child {
-            server: "http://203.0.113.3:10000".into(),
-            api_key: "natpunch-lab-campaign".into(),
-            host_count: 2,
-            idle_secs: 1.0,
-            keys_dir: "client-open".into(),
-            stun_server: Some("203.0.113.4:3478".parse().expect("addr")),
-            port_mapping: true,
-            punches: Some(7),
-        };
-        let Command::Client(args) = parse(child.to_args()) else {
-            panic!("not `client`");
-        };
-        assert_eq!(args.server, child.server);
-        assert_eq!(args.api_key.as_ref(), Some(&child.api_key));
-        assert_eq!(args.host_count, child.host_count);
-        assert_eq!(args.idle_secs, child.idle_secs);
-        assert_eq!(args.keys_dir.as_ref(), Some(&child.keys_dir));
-        assert_eq!(args.stun_server, child.stun_server);
-        assert_eq!(args.port_mapping, child.port_mapping);
-        assert_eq!(args.punches, child.punches);
-        assert!(args.json.json);
-    }
 }

@@ -1,126 +1,12 @@
 //! `natpunch lab …`: wiring between the command line and the natlab library.
 
-use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
 use anyhow::{Context as _, bail};
-use clap::builder::BoolishValueParser;
-use clap::{Args, Subcommand};
 use natlab::lab::{self, LabSummary, Removal};
 use natlab::{Lab, LabOptions, Preset, Topology, holder, selftest};
 
-use crate::args::Json;
-
-#[derive(Debug, Subcommand)]
-pub(crate) enum LabCommand {
-    /// Build a lab from a topology file and leave it running; prints its nodes and addresses.
-    Up(UpArgs),
-    /// Run a command inside a node of a running lab (with the terminal attached).
-    Exec(ExecArgs),
-    /// Remove a running lab: its namespaces with their veths and nft tables, and every process
-    /// still running inside them.
-    Down(DownArgs),
-    /// List running labs.
-    List(ListArgs),
-    /// Build every NAT preset, measure it from a host behind it, and compare with its configuration.
-    Selftest(SelftestArgs),
-    /// Remove labs left behind by crashed runs (detached labs are kept).
-    Sweep,
-    /// Power-cycle a router: it goes dark, forgets its NAT and port mappings, and comes back
-    /// with a fresh miniupnpd (epoch from zero) if it maps ports.
-    Reboot(RebootArgs),
-    /// Give a router a new external address (its NAT rules follow; miniupnpd announces it).
-    Renumber(RenumberArgs),
-    /// Hole punches between every pair of NAT presets (fresh peers and NAT state per trial):
-    /// success rate, outcomes, time to direct, attempts needed, per transport.
-    Matrix(crate::matrix::MatrixArgs),
-    /// The measurement system end to end: relay, DHT, honeypot, server, and a target and a
-    /// client behind every preset; outcome mix, rates and the NAT-pair matrix from the database.
-    Campaign(crate::campaign::CampaignArgs),
-    /// Run the delay lines of a detached lab until terminated (started by `lab up`).
-    #[command(hide = true)]
-    Hold {
-        /// Lab name.
-        name: String,
-    },
-}
-
-#[derive(Debug, Args)]
-#[command(mut_arg("json", |a| a.help("Print the lab plan as JSON")))]
-pub(crate) struct UpArgs {
-    /// Topology file (TOML; see docs/lab.md and examples/labs/).
-    file: PathBuf,
-    /// Lab name [default: the file name without extension].
-    #[arg(long, env = "NATPUNCH_LAB_NAME")]
-    name: Option<String>,
-    /// Seed for link jitter and loss.
-    #[arg(long, env = "NATPUNCH_LAB_SEED", default_value_t = 1)]
-    seed: u64,
-    #[command(flatten)]
-    json: Json,
-}
-
-#[derive(Debug, Args)]
-pub(crate) struct ExecArgs {
-    /// Lab name.
-    lab: String,
-    /// Node name.
-    node: String,
-    /// The command and its arguments (after `--`).
-    #[arg(last = true, required = true)]
-    command: Vec<String>,
-}
-
-#[derive(Debug, Args)]
-pub(crate) struct DownArgs {
-    /// Lab name (or --all).
-    lab: Option<String>,
-    /// Remove every detached or stale lab on this machine (labs owned by running programs stay).
-    #[arg(long, env = "NATPUNCH_LAB_ALL", value_parser = BoolishValueParser::new())]
-    all: bool,
-}
-
-#[derive(Debug, Args)]
-pub(crate) struct RebootArgs {
-    /// Lab name.
-    lab: String,
-    /// Router name.
-    router: String,
-    /// How long the router stays dark, in seconds.
-    #[arg(long, env = "NATPUNCH_LAB_DOWN_SECS", default_value_t = natlab::defaults::REBOOT_DOWNTIME.as_secs_f64())]
-    down_secs: f64,
-}
-
-#[derive(Debug, Args)]
-#[command(mut_arg("json", |a| a.help("Print `{\"router\":…,\"old\":…,\"new\":…}` as JSON")))]
-pub(crate) struct RenumberArgs {
-    /// Lab name.
-    lab: String,
-    /// Router name.
-    router: String,
-    /// The new address [default: the highest free address of the router's uplink network].
-    #[arg(long, env = "NATPUNCH_LAB_IP")]
-    ip: Option<std::net::Ipv4Addr>,
-    #[command(flatten)]
-    json: Json,
-}
-
-#[derive(Debug, Args)]
-pub(crate) struct ListArgs {
-    #[command(flatten)]
-    json: Json,
-}
-
-#[derive(Debug, Args)]
-#[command(mut_arg("json", |a| a.help("Print `{\"presets\":[…]}` as JSON instead of a table")))]
-pub(crate) struct SelftestArgs {
-    #[command(flatten)]
-    json: Json,
-    /// Test only these presets: open, full-cone, restricted-cone, port-restricted, symmetric,
-    /// cgnat (comma-separated or repeated) [default: all].
-    #[arg(long = "preset", env = "NATPUNCH_LAB_PRESETS", value_delimiter = ',')]
-    presets: Vec<Preset>,
-}
+use cli::lab::{DownArgs, ExecArgs, LabCommand, ListArgs, SelftestArgs, UpArgs};
 
 pub(crate) fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
     match cmd {

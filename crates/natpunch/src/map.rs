@@ -1,207 +1,17 @@
 //! `natpunch map …`: port mappings on the local router over PCP, NAT-PMP or UPnP IGD. The
 //! record of this host's mappings and the renew policy live in `portmap`.
 
-use std::net::Ipv4Addr;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Args, Subcommand, ValueEnum};
-use portmap::Protocol;
 use portmap::client::{self, Gateway, MapRequest, Mapped};
 use portmap::hold::{HoldConfig, Holder, Update};
-use portmap::keeper::{Method, Want};
+use portmap::keeper::Want;
 use portmap::record::{self, Record};
 use portmap::upnp::Igd;
 
-use crate::args::Json;
-
-#[derive(Debug, Subcommand)]
-pub(crate) enum MapCommand {
-    /// Ask the router which of PCP, NAT-PMP and UPnP IGD it speaks, and its external address.
-    Probe(ProbeArgs),
-    /// Mappings this host made (from its record), and the router's UPnP table.
-    List(ListArgs),
-    /// Map an internal port of this host on the router.
-    Add(AddArgs),
-    /// Delete a mapping this host made (by internal or external port).
-    Delete(DeleteArgs),
-    /// Hold mappings until Ctrl-C: renew them, re-create them when the router loses them
-    /// (reboot, new external address), print every change, delete them at the end.
-    Keep(KeepArgs),
-}
-
-#[derive(Debug, Args)]
-#[command(mut_arg("json", |a| a.global(true)))]
-pub(crate) struct Common {
-    /// The router to ask [default: the IPv4 default gateway].
-    #[arg(long, env = "NATPUNCH_MAP_GATEWAY", global = true)]
-    gateway: Option<Ipv4Addr>,
-    /// How long to wait for each protocol's answer, in milliseconds (NAT-PMP and PCP
-    /// retransmit after 250, 500, 1000 … ms within it).
-    #[arg(
-        long,
-        env = "NATPUNCH_MAP_WAIT_MS",
-        default_value_t = 2000,
-        global = true
-    )]
-    wait_ms: u64,
-    /// Where this host records its mappings [default: $XDG_STATE_HOME/natpunch/mappings.json
-    /// or ~/.local/state/natpunch/mappings.json].
-    #[arg(long, env = "NATPUNCH_MAP_STATE", global = true)]
-    state: Option<PathBuf>,
-    #[command(flatten)]
-    json: Json,
-}
-
-#[derive(Debug, Args)]
-pub(crate) struct ProbeArgs {
-    #[command(flatten)]
-    common: Common,
-}
-
-#[derive(Debug, Args)]
-pub(crate) struct ListArgs {
-    #[command(flatten)]
-    common: Common,
-}
-
-/// Which protocol to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub(crate) enum Via {
-    /// The best the router offers: PCP, then NAT-PMP, then UPnP.
-    Auto,
-    /// UPnP IGD.
-    Upnp,
-    /// NAT-PMP.
-    Natpmp,
-    /// PCP.
-    Pcp,
-}
-
-/// Transport protocol of a mapping.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub(crate) enum Proto {
-    /// UDP.
-    Udp,
-    /// TCP.
-    Tcp,
-}
-
-impl From<Proto> for Protocol {
-    fn from(p: Proto) -> Self {
-        match p {
-            Proto::Udp => Self::Udp,
-            Proto::Tcp => Self::Tcp,
-        }
-    }
-}
-
-#[derive(Debug, Args)]
-pub(crate) struct AddArgs {
-    /// The port on this host.
-    internal_port: u16,
-    /// The external port to ask for [default: the internal port]. The router may give another.
-    #[arg(long, env = "NATPUNCH_MAP_EXTERNAL_PORT")]
-    external_port: Option<u16>,
-    /// Transport protocol.
-    #[arg(long, env = "NATPUNCH_MAP_PROTO", value_enum, default_value_t = Proto::Udp)]
-    proto: Proto,
-    #[command(flatten)]
-    lease: Lease,
-    #[command(flatten)]
-    common: Common,
-}
-
-/// The lifetime to ask for and the protocol to map with (`map add`, `map keep`).
-#[derive(Debug, Args)]
-pub(crate) struct Lease {
-    /// Lifetime to ask for, in seconds (routers clamp it; 0 asks UPnP for a permanent lease).
-    #[arg(long, env = "NATPUNCH_MAP_LIFETIME", default_value_t = 7200)]
-    lifetime: u32,
-    /// Protocol to map with.
-    #[arg(long, env = "NATPUNCH_MAP_VIA", value_enum, default_value_t = Via::Auto)]
-    via: Via,
-}
-
-#[derive(Debug, Args)]
-pub(crate) struct DeleteArgs {
-    /// Internal (or else external) port of the mapping.
-    port: u16,
-    /// Transport protocol.
-    #[arg(long, env = "NATPUNCH_MAP_PROTO", value_enum, default_value_t = Proto::Udp)]
-    proto: Proto,
-    #[command(flatten)]
-    common: Common,
-}
-
-#[derive(Debug, Args)]
-#[command(
-    after_help = "How changes are noticed: PCP and NAT-PMP routers announce a reboot or a \
-new external address on 224.0.0.1:5350, and UPnP routers multicast SSDP NOTIFYs when they start; \
-either makes natpunch ask the router at once (miniupnpd: about a second). A router that says \
-nothing is caught by the check every --check-secs (UPnP has no announcement of an external \
-address change, so that waits for the check).",
-    mut_arg("lifetime", |a| a.help(
-        "Lifetime to ask for, in seconds; mappings are renewed at half the lifetime granted"
-    ))
-)]
-pub(crate) struct KeepArgs {
-    /// Mappings to hold: INTERNAL_PORT[:EXTERNAL_PORT][/udp|/tcp], e.g. `6000`, `6000/tcp`,
-    /// `6000:16000/udp`.
-    #[arg(required = true, value_parser = parse_spec)]
-    ports: Vec<Spec>,
-    /// Transport protocol of ports given without /udp or /tcp.
-    #[arg(long, env = "NATPUNCH_MAP_PROTO", value_enum, default_value_t = Proto::Udp)]
-    proto: Proto,
-    #[command(flatten)]
-    lease: Lease,
-    /// Seconds between checks that the router still has the mappings (PCP ANNOUNCE, NAT-PMP
-    /// external address, or the UPnP external address and mapping table).
-    #[arg(long, env = "NATPUNCH_MAP_CHECK_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
-    check_secs: u64,
-    #[command(flatten)]
-    common: Common,
-}
-
-/// One mapping to hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Spec {
-    internal: u16,
-    external: Option<u16>,
-    proto: Option<Proto>,
-}
-
-fn parse_spec(text: &str) -> Result<Spec, String> {
-    let (ports, proto) = match text.split_once('/') {
-        Some((ports, "udp")) => (ports, Some(Proto::Udp)),
-        Some((ports, "tcp")) => (ports, Some(Proto::Tcp)),
-        Some((_, other)) => return Err(format!("unknown protocol `{other}` (udp or tcp)")),
-        None => (text, None),
-    };
-    // clap shows the whole value: name the part only when it is not the whole.
-    let port = |p: &str| {
-        p.parse::<u16>().ok().filter(|&p| p != 0).ok_or_else(|| {
-            if p == text {
-                "not a port (1-65535)".to_owned()
-            } else if p.is_empty() {
-                "a port is missing (1-65535)".to_owned()
-            } else {
-                format!("`{p}` is not a port (1-65535)")
-            }
-        })
-    };
-    let (internal, external) = match ports.split_once(':') {
-        Some((i, e)) => (port(i)?, Some(port(e)?)),
-        None => (port(ports)?, None),
-    };
-    Ok(Spec {
-        internal,
-        external,
-        proto,
-    })
-}
+use cli::map::{AddArgs, Common, DeleteArgs, KeepArgs, MapCommand};
 
 pub(crate) fn run(cmd: MapCommand) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -218,7 +28,19 @@ pub(crate) fn run(cmd: MapCommand) -> anyhow::Result<ExitCode> {
     })
 }
 
-impl Common {
+/// What the shared `map` flags open: the router, its wait, this host's record.
+trait Router {
+    fn gateway(&self) -> anyhow::Result<Gateway>;
+
+    fn wait(&self) -> Duration;
+
+    fn record(&self) -> anyhow::Result<Record>;
+
+    /// The router, how long to wait for it, and this host's record of its mappings.
+    fn open(&self) -> anyhow::Result<(Gateway, Duration, Record)>;
+}
+
+impl Router for Common {
     fn gateway(&self) -> anyhow::Result<Gateway> {
         Gateway::find(self.gateway).context("finding the router")
     }
@@ -235,21 +57,8 @@ impl Common {
         Ok(Record::load(path)?)
     }
 
-    /// The router, how long to wait for it, and this host's record of its mappings.
     fn open(&self) -> anyhow::Result<(Gateway, Duration, Record)> {
         Ok((self.gateway()?, self.wait(), self.record()?))
-    }
-}
-
-impl Via {
-    /// The one protocol asked for, or `None` for the best the router offers.
-    fn only(self) -> Option<Method> {
-        match self {
-            Self::Auto => None,
-            Self::Pcp => Some(Method::Pcp),
-            Self::Natpmp => Some(Method::NatPmp),
-            Self::Upnp => Some(Method::Upnp),
-        }
     }
 }
 

@@ -4,102 +4,12 @@ use std::io::Write as _;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::Args;
 use labrun::matrix::{self, MatrixConfig, Trial};
 use natlab::Preset;
 
-use crate::peer::{CandidatesArg, EngineArg, TransportArg};
+use cli::peer::TransportArg;
 
-use crate::args::Json;
-
-#[derive(Debug, Args)]
-#[command(mut_arg("json", |a| a.help("Print the report as JSON (`{\"cells\":[…]}`)")))]
-pub(crate) struct MatrixArgs {
-    /// Trials per cell (dialer preset × listener preset × transport).
-    #[arg(long, env = "NATPUNCH_MATRIX_TRIALS", default_value_t = 5)]
-    trials: u32,
-    /// Transports: each gets its own cells (`both` means a TCP and a QUIC cell).
-    #[arg(
-        long,
-        env = "NATPUNCH_MATRIX_TRANSPORT",
-        value_enum,
-        default_value_t = TransportArg::Both
-    )]
-    transport: TransportArg,
-    /// Host-to-host round trip through the lab's internet, in ms.
-    #[arg(long, env = "NATPUNCH_MATRIX_RTT_MS", default_value_t = 100)]
-    rtt_ms: u32,
-    /// Presets to pair (comma-separated) [default: all].
-    #[arg(
-        long,
-        env = "NATPUNCH_MATRIX_PRESETS",
-        value_delimiter = ',',
-        value_parser = parse_preset
-    )]
-    presets: Vec<Preset>,
-    /// Only these pairs, as DIALER:LISTENER (comma-separated), e.g.
-    /// `port-restricted:port-restricted,symmetric:symmetric` [default: every pair of --presets].
-    #[arg(long, env = "NATPUNCH_MATRIX_PAIRS", value_delimiter = ',', value_parser = parse_pair)]
-    pairs: Vec<(Preset, Preset)>,
-    /// Labs running trials at once.
-    #[arg(long, env = "NATPUNCH_MATRIX_PARALLEL", default_value_t = 4)]
-    parallel: usize,
-    /// Hole-punching engine.
-    #[arg(long, env = "NATPUNCH_MATRIX_ENGINE", value_enum, default_value_t = EngineArg::Natpunch)]
-    engine: EngineArg,
-    /// The dialer's engine, when it differs from --engine (interoperability runs).
-    #[arg(long, env = "NATPUNCH_MATRIX_DIALER_ENGINE", value_enum)]
-    dialer_engine: Option<EngineArg>,
-    /// The listener's engine, when it differs from --engine.
-    #[arg(long, env = "NATPUNCH_MATRIX_LISTENER_ENGINE", value_enum)]
-    listener_engine: Option<EngineArg>,
-    /// Addresses the peers offer.
-    #[arg(
-        long,
-        env = "NATPUNCH_MATRIX_CANDIDATES",
-        value_enum,
-        default_value_t = CandidatesArg::Observed
-    )]
-    candidates: CandidatesArg,
-    /// Each attempt's time after its dial, in ms.
-    #[arg(
-        long,
-        env = "NATPUNCH_MATRIX_ATTEMPT_TIMEOUT_MS",
-        default_value_t = 3000
-    )]
-    attempt_timeout_ms: u64,
-    #[command(flatten)]
-    json: Json,
-    /// Also write every trial, both sides' records, as JSON lines to this file.
-    #[arg(long, env = "NATPUNCH_MATRIX_TRIALS_OUT")]
-    trials_out: Option<std::path::PathBuf>,
-}
-
-/// A preset named on the command line. clap shows the value with the error, so the message
-/// names only what is wrong: the value is not repeated.
-pub(crate) fn parse_preset(s: &str) -> Result<Preset, String> {
-    preset_named(s).ok_or_else(|| format!("unknown NAT preset (known: {})", known_presets()))
-}
-
-fn preset_named(s: &str) -> Option<Preset> {
-    Preset::ALL.into_iter().find(|p| p.name() == s)
-}
-
-fn known_presets() -> String {
-    let names: Vec<&str> = Preset::ALL.iter().map(|p| p.name()).collect();
-    names.join(", ")
-}
-
-fn parse_pair(s: &str) -> Result<(Preset, Preset), String> {
-    let (a, b) = s
-        .split_once(':')
-        .ok_or("not a pair: DIALER:LISTENER, e.g. symmetric:open")?;
-    let side = |p: &str| {
-        preset_named(p)
-            .ok_or_else(|| format!("unknown NAT preset `{p}` (known: {})", known_presets()))
-    };
-    Ok((side(a)?, side(b)?))
-}
+use cli::matrix::MatrixArgs;
 
 pub(crate) fn run(args: MatrixArgs) -> anyhow::Result<ExitCode> {
     natlab::environment::check().map_err(anyhow::Error::msg)?;

@@ -1,0 +1,261 @@
+//! The flags of `natpunch peer listen|dial`, and the peer configuration they ask for.
+
+use crate::args::{Identity, Json};
+use clap::builder::BoolishValueParser;
+use clap::{Args, Subcommand, ValueEnum};
+use libp2p::{Multiaddr, PeerId, StreamProtocol};
+use p2p::peer::{Candidates, Dht, Engine, PeerConfig, Transport};
+use std::net::IpAddr;
+use std::time::Duration;
+
+#[derive(Debug, Subcommand)]
+pub enum PeerCommand {
+    /// Reserve on the relay, print the relayed address, and accept hole punches until Ctrl-C.
+    Listen(Common),
+    /// Dial PEER_ID through the relay and hole-punch once; exit 0 on a direct connection.
+    Dial(DialArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DialArgs {
+    /// The peer to reach (it must be listening on the same relay).
+    pub peer_id: PeerId,
+    /// After the hole punch, send this many bytes to the peer over the connection left (the
+    /// direct one, or the relayed one with --no-punch) and report the throughput.
+    #[arg(long, env = "NATPUNCH_PEER_PERF_BYTES")]
+    pub perf_bytes: Option<u64>,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Debug, Args)]
+#[command(mut_arg("json", |a| a.help("Print one JSON object per event")))]
+pub struct Common {
+    /// The relay, with /p2p/<relay id> (repeat for its TCP and QUIC addresses; a missing one
+    /// is derived with the same port).
+    #[arg(long, required = true, env = "NATPUNCH_RELAY", value_delimiter = ',')]
+    pub relay: Vec<Multiaddr>,
+    /// Transports to listen, reach the relay and punch with.
+    #[arg(long, value_enum, env = "NATPUNCH_TRANSPORT", default_value_t = TransportArg::Both)]
+    pub transport: TransportArg,
+    /// Hole-punching engine: natpunch's, or rust-libp2p's stock `dcutr` (for comparisons).
+    #[arg(long, value_enum, env = "NATPUNCH_ENGINE", default_value_t = EngineArg::Natpunch, overrides_with = "engine")]
+    pub engine: EngineArg,
+    /// Addresses offered to the remote: as the relay observed them, or identify's candidates
+    /// (listen port in place of the observed one) as stock libp2p does.
+    #[arg(long, value_enum, env = "NATPUNCH_CANDIDATES", default_value_t = CandidatesArg::Observed)]
+    pub candidates: CandidatesArg,
+    /// How long one attempt may take after its dial, in milliseconds (natpunch engine).
+    #[arg(long, env = "NATPUNCH_ATTEMPT_TIMEOUT_MS", default_value_t = 3000)]
+    pub attempt_timeout_ms: u64,
+    /// Attempts before giving up.
+    #[arg(long, env = "NATPUNCH_PEER_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: u32,
+    /// Address to listen on.
+    #[arg(long, env = "NATPUNCH_PEER_LISTEN_IP", default_value = "0.0.0.0")]
+    pub listen_ip: IpAddr,
+    /// Do not hole-punch: stay on the relayed connection (to measure the relay).
+    #[arg(long, env = "NATPUNCH_PEER_NO_PUNCH", value_parser = BoolishValueParser::new())]
+    pub no_punch: bool,
+    /// Map the listen ports on the local router (PCP, NAT-PMP or UPnP) and offer the mapped
+    /// addresses first. The mappings are renewed at half their lifetime and made again when
+    /// the router reboots or gets a new external address (as `natpunch map keep` does); they
+    /// are deleted when the peer stops.
+    #[arg(long, env = "NATPUNCH_PORT_MAPPING", value_parser = BoolishValueParser::new())]
+    pub port_mapping: bool,
+    /// With --port-mapping: the lifetime to ask for, in seconds (routers may grant another).
+    #[arg(
+        long,
+        env = "NATPUNCH_PORT_MAPPING_LIFETIME_SECS",
+        default_value_t = p2p::peer::defaults::PORT_MAPPING_LIFETIME.as_secs(),
+        value_parser = clap::value_parser!(u64).range(1..=u64::from(u32::MAX))
+    )]
+    pub port_mapping_lifetime_secs: u64,
+    #[command(flatten)]
+    pub identity: Identity<Self>,
+    /// Join a Kademlia DHT (as a client) through these peers, with /p2p/<peer id>, once set
+    /// up; a honeypot among its servers then records this peer.
+    #[arg(
+        long = "dht-bootstrap",
+        env = "NATPUNCH_DHT_BOOTSTRAP",
+        value_delimiter = ','
+    )]
+    pub dht_bootstrap: Vec<Multiaddr>,
+    /// The DHT's protocol name.
+    #[arg(
+        long,
+        env = "NATPUNCH_DHT_PROTOCOL",
+        default_value = "/ipfs/kad/1.0.0",
+        value_parser = crate::stream_protocol
+    )]
+    pub dht_protocol: StreamProtocol,
+    #[command(flatten)]
+    pub json: Json,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum TransportArg {
+    /// TCP only.
+    Tcp,
+    /// QUIC only.
+    Quic,
+    /// Both; the first direct connection wins.
+    Both,
+}
+
+impl EngineArg {
+    /// The name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Natpunch => "natpunch",
+            Self::Stock => "stock",
+        }
+    }
+}
+
+impl CandidatesArg {
+    /// The name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Observed => "observed",
+            Self::Stock => "stock",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum EngineArg {
+    /// natpunch's DCUtR engine (every attempt recorded on both sides, bounded, one connection).
+    Natpunch,
+    /// rust-libp2p's `dcutr` behaviour.
+    Stock,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum CandidatesArg {
+    /// The addresses the relay observed.
+    Observed,
+    /// identify's candidates.
+    Stock,
+}
+
+impl Common {
+    /// The peer's configuration these flags ask for.
+    pub fn config(&self) -> PeerConfig {
+        let mut c = PeerConfig::new(self.relay.clone());
+        c.listen_ip = self.listen_ip;
+        c.transport = match self.transport {
+            TransportArg::Tcp => Transport::Tcp,
+            TransportArg::Quic => Transport::Quic,
+            TransportArg::Both => Transport::Both,
+        };
+        c.engine = match self.engine {
+            EngineArg::Natpunch => Engine::Natpunch,
+            EngineArg::Stock => Engine::Stock,
+        };
+        c.candidates = match self.candidates {
+            CandidatesArg::Observed => Candidates::Observed,
+            CandidatesArg::Stock => Candidates::Stock,
+        };
+        c.attempt_timeout = Duration::from_millis(self.attempt_timeout_ms.max(100));
+        c.max_attempts = self.max_attempts.max(1);
+        c.punch = !self.no_punch;
+        c.port_mapping = self.port_mapping;
+        c.port_mapping_lifetime = Duration::from_secs(self.port_mapping_lifetime_secs);
+        if !self.dht_bootstrap.is_empty() {
+            c.dht = Some(Dht {
+                protocol: self.dht_protocol.clone(),
+                bootstrap: self.dht_bootstrap.clone(),
+            });
+        }
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use labrun::args::{PeerArgs as Child, PeerMode};
+
+    use super::PeerCommand;
+    use crate::Command;
+    use crate::tests::{name, parse};
+
+    const RELAY: &str =
+        "/ip4/203.0.113.1/tcp/4001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN";
+    const PEER: &str = "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN";
+
+    fn check(child: &Child) {
+        let (common, perf_bytes) = match (parse(child.to_args()), &child.mode) {
+            (Command::Peer(PeerCommand::Listen(common)), PeerMode::Listen) => (common, None),
+            (Command::Peer(PeerCommand::Dial(d)), PeerMode::Dial { peer_id }) => {
+                assert_eq!(d.peer_id.to_base58(), *peer_id);
+                (d.common, d.perf_bytes)
+            }
+            (other, mode) => panic!("{mode:?} parsed as {other:?}"),
+        };
+        let relays: Vec<String> = common.relay.iter().map(ToString::to_string).collect();
+        assert_eq!(relays, std::slice::from_ref(&child.relay));
+        let given = |v: Option<String>, default| v.unwrap_or_else(|| String::from(default));
+        assert_eq!(
+            name(common.transport),
+            Some(given(child.transport.clone(), "both"))
+        );
+        assert_eq!(
+            name(common.engine),
+            Some(given(child.engine.clone(), "natpunch"))
+        );
+        assert_eq!(
+            name(common.candidates),
+            Some(given(child.candidates.clone(), "observed"))
+        );
+        assert_eq!(
+            common.attempt_timeout_ms,
+            child.attempt_timeout_ms.unwrap_or(3000)
+        );
+        assert_eq!(common.identity.path, child.identity);
+        let dht: Vec<String> = common
+            .dht_bootstrap
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            dht,
+            child.dht_bootstrap.clone().into_iter().collect::<Vec<_>>()
+        );
+        assert_eq!(
+            common.dht_protocol.to_string(),
+            given(child.dht_protocol.clone(), "/ipfs/kad/1.0.0")
+        );
+        assert_eq!(common.no_punch, child.no_punch);
+        assert_eq!(perf_bytes, child.perf_bytes);
+        assert!(common.json.json);
+    }
+
+    #[test]
+    fn the_labs_peer_command_lines_parse_to_their_values() {
+        let listener = Child {
+            transport: Some("quic".into()),
+            engine: Some("stock".into()),
+            candidates: Some("stock".into()),
+            attempt_timeout_ms: Some(1500),
+            identity: Some("target.key".into()),
+            dht_bootstrap: Some(RELAY.into()),
+            dht_protocol: Some("/natpunch/lab/kad/1.0.0".into()),
+            no_punch: true,
+            ..Child::new(PeerMode::Listen, RELAY)
+        };
+        check(&listener);
+        check(&Child::new(PeerMode::Listen, RELAY));
+        let dialer = Child {
+            perf_bytes: Some(1 << 20),
+            transport: Some("tcp".into()),
+            ..Child::new(
+                PeerMode::Dial {
+                    peer_id: PEER.into(),
+                },
+                RELAY,
+            )
+        };
+        check(&dialer);
+    }
+}
