@@ -117,6 +117,26 @@ impl std::str::FromStr for Filters {
     }
 }
 
+impl std::fmt::Display for Filters {
+    /// As [`FromStr`](std::str::FromStr) reads it, the protocols by their codes: `4/6:15,none:40`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (weight, codes)) in self.0.iter().enumerate() {
+            let filter = if codes.is_empty() {
+                "none".to_owned()
+            } else {
+                codes
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("/")
+            };
+            let comma = if i == 0 { "" } else { "," };
+            write!(f, "{comma}{filter}:{weight}")?;
+        }
+        Ok(())
+    }
+}
+
 impl Filters {
     /// Draws one filter.
     pub fn pick(&self) -> Vec<i32> {

@@ -203,3 +203,28 @@ fn take<T: Clone + Send + Sync + 'static>(m: &mut ArgMatches, id: &str) -> Resul
         )
     })
 }
+
+crate::write_args!(Json { json });
+
+impl<R> crate::write::WriteArgs for Telemetry<R> {
+    fn write(&self, w: &mut crate::write::Writer) {
+        w.field(TELEMETRY_HOST, crate::write::display(&self.host));
+        w.field(TELEMETRY_PORT, crate::write::display(&self.port));
+    }
+}
+
+impl<R> crate::write::WriteArgs for Identity<R> {
+    fn write(&self, w: &mut crate::write::Writer) {
+        w.field(IDENTITY, crate::write::ArgValue::texts(&self.path));
+    }
+}
+
+impl<R> Identity<R> {
+    /// The key in `path`, or (`None`) the role's default.
+    pub fn new(path: Option<PathBuf>) -> Self {
+        Self {
+            path,
+            role: PhantomData,
+        }
+    }
+}

@@ -65,36 +65,19 @@ pub struct ClientArgs {
     pub json: Json,
 }
 
-#[cfg(test)]
-mod tests {
-    use labrun::args::ClientArgs as Child;
-
-    use crate::Command;
-    use crate::tests::parse;
-
-    #[test]
-    fn the_labs_client_command_line_parses_to_its_values() {
-        let child = Child {
-            server: "http://203.0.113.3:10000".into(),
-            api_key: "natpunch-lab-campaign".into(),
-            host_count: 2,
-            idle_secs: 1.0,
-            keys_dir: "client-open".into(),
-            stun_server: Some("203.0.113.4:3478".parse().expect("addr")),
-            port_mapping: true,
-            punches: Some(7),
-        };
-        let Command::Client(args) = parse(child.to_args()) else {
-            panic!("not `client`");
-        };
-        assert_eq!(args.server, child.server);
-        assert_eq!(args.api_key.as_ref(), Some(&child.api_key));
-        assert_eq!(args.host_count, child.host_count);
-        assert_eq!(args.idle_secs, child.idle_secs);
-        assert_eq!(args.keys_dir.as_ref(), Some(&child.keys_dir));
-        assert_eq!(args.stun_server, child.stun_server);
-        assert_eq!(args.port_mapping, child.port_mapping);
-        assert_eq!(args.punches, child.punches);
-        assert!(args.json.json);
-    }
-}
+crate::write_args!(ClientArgs {
+    server,
+    api_key,
+    host_count,
+    keys_dir,
+    spool,
+    punches,
+    idle_secs,
+    stun_server,
+    router_check,
+    ca_cert,
+    port_mapping,
+    attempt_timeout_ms;
+    telemetry,
+    json,
+});

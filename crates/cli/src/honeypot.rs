@@ -89,64 +89,19 @@ pub struct HoneypotArgs {
     pub json: Json,
 }
 
-#[cfg(test)]
-mod tests {
-    use labrun::args::HoneypotArgs as Child;
-    use p2p::honeypot::defaults;
-
-    use crate::Command;
-    use crate::tests::parse;
-
-    fn check(child: &Child) {
-        let Command::Honeypot(args) = parse(child.to_args()) else {
-            panic!("not `honeypot`");
-        };
-        assert_eq!(args.port, child.port);
-        assert_eq!(args.identity.path.as_ref(), Some(&child.identity));
-        assert_eq!(args.protocol.to_string(), child.protocol);
-        let bootstrap: Vec<String> = args.bootstrap.iter().map(ToString::to_string).collect();
-        assert_eq!(
-            bootstrap,
-            child.bootstrap.clone().into_iter().collect::<Vec<_>>()
-        );
-        assert_eq!(
-            args.crawler_count,
-            child.crawler_count.unwrap_or(defaults::CRAWLER_COUNT)
-        );
-        assert_eq!(
-            args.crawl_secs,
-            child
-                .crawl_secs
-                .unwrap_or(defaults::CRAWL_INTERVAL.as_secs())
-        );
-        match &child.database_url {
-            Some(url) => assert!(!args.no_record && args.database_url == *url),
-            None => assert!(args.no_record),
-        }
-        assert!(args.json.json);
-    }
-
-    #[test]
-    fn the_labs_honeypot_command_lines_parse_to_their_values() {
-        let dht = Child {
-            port: 4002,
-            identity: "dht.key".into(),
-            protocol: "/natpunch/lab/kad/1.0.0".into(),
-            bootstrap: None,
-            crawler_count: None,
-            crawl_secs: None,
-            database_url: None,
-        };
-        check(&dht);
-        check(&Child {
-            bootstrap: Some(
-                "/ip4/203.0.113.2/tcp/4002/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
-                    .into(),
-            ),
-            crawler_count: Some(3),
-            crawl_secs: Some(60),
-            database_url: Some("sqlite://campaign.db".into()),
-            ..dht
-        });
-    }
-}
+crate::write_args!(HoneypotArgs {
+    listen_ip,
+    port,
+    protocol,
+    bootstrap,
+    crawler_count,
+    crawl_secs,
+    idle_secs,
+    max_connections,
+    max_connections_per_peer,
+    database_url,
+    no_record;
+    identity,
+    telemetry,
+    json,
+});

@@ -3,10 +3,11 @@
 //! port, `--identity`), the value parsers, and the conversion of a role's flags into its
 //! library's configuration.
 //!
-//! The `natpunch` binary parses [`Cli`] and hands each subcommand to its wiring. Tests here
-//! check that every flag has its variable, and that the command lines labrun writes for the
-//! roles it starts (`labrun::args`) parse back to the values it meant, so a flag renamed on one
-//! side fails a plain `cargo test`.
+//! The `natpunch` binary parses [`Cli`] and hands each subcommand to its wiring. labrun builds
+//! the command lines of the roles it starts as processes from the same types ([`write`]): a
+//! field renamed or removed fails to compile there, and a renamed flag follows by itself. Tests
+//! here check that every flag has its variable, and that what [`write`] writes parses back to
+//! the same values.
 //!
 //! What it does not do: run anything, read files, or print; that is the binary's and the
 //! libraries'.
@@ -29,6 +30,7 @@ pub mod nat;
 pub mod peer;
 pub mod relay;
 pub mod server;
+pub mod write;
 
 use clap::{Parser, Subcommand};
 
@@ -104,18 +106,14 @@ mod tests {
         }
     }
 
-    /// The subcommand `args` (a labrun child's command line, without the program) parses to.
+    /// The subcommand `args` (a command line written for a child, without the program)
+    /// parses to.
     pub(crate) fn parse(args: Vec<std::ffi::OsString>) -> super::Command {
         let line = std::iter::once("natpunch".into()).chain(args);
         match Cli::try_parse_from(line) {
             Ok(cli) => cli.command,
-            Err(e) => panic!("natpunch refuses labrun's command line: {e}"),
+            Err(e) => panic!("natpunch refuses the command line written for a child: {e}"),
         }
-    }
-
-    /// The name a `ValueEnum` value has on the command line.
-    pub(crate) fn name(v: impl clap::ValueEnum) -> Option<String> {
-        v.to_possible_value().map(|p| p.get_name().to_owned())
     }
 
     fn built() -> clap::Command {

@@ -38,25 +38,4 @@ pub struct CheckArgs {
     pub lifetime_max: u64,
 }
 
-#[cfg(test)]
-mod tests {
-    use labrun::args::StunServerArgs as Child;
-
-    use crate::Command;
-    use crate::tests::parse;
-
-    #[test]
-    fn the_labs_stun_server_command_line_parses_to_its_values() {
-        let child = Child {
-            primary: "203.0.113.5:3478".parse().expect("addr"),
-            alternate: "203.0.113.6:3479".parse().expect("addr"),
-        };
-        let Command::StunServer(args) = parse(child.to_args()) else {
-            panic!("not `stun-server`");
-        };
-        assert_eq!(
-            (args.primary, args.alternate),
-            (child.primary, child.alternate)
-        );
-    }
-}
+crate::write_args!(StunServerArgs { primary, alternate });

@@ -172,90 +172,33 @@ impl Common {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use labrun::args::{PeerArgs as Child, PeerMode};
-
-    use super::PeerCommand;
-    use crate::Command;
-    use crate::tests::{name, parse};
-
-    const RELAY: &str =
-        "/ip4/203.0.113.1/tcp/4001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN";
-    const PEER: &str = "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN";
-
-    fn check(child: &Child) {
-        let (common, perf_bytes) = match (parse(child.to_args()), &child.mode) {
-            (Command::Peer(PeerCommand::Listen(common)), PeerMode::Listen) => (common, None),
-            (Command::Peer(PeerCommand::Dial(d)), PeerMode::Dial { peer_id }) => {
-                assert_eq!(d.peer_id.to_base58(), *peer_id);
-                (d.common, d.perf_bytes)
+macro_rules! named_values {
+    ($($t:ty),*) => {
+        $(impl crate::write::ArgValue for $t {
+            fn texts(&self) -> Vec<std::ffi::OsString> {
+                crate::write::value_name(self)
             }
-            (other, mode) => panic!("{mode:?} parsed as {other:?}"),
-        };
-        let relays: Vec<String> = common.relay.iter().map(ToString::to_string).collect();
-        assert_eq!(relays, std::slice::from_ref(&child.relay));
-        let given = |v: Option<String>, default| v.unwrap_or_else(|| String::from(default));
-        assert_eq!(
-            name(common.transport),
-            Some(given(child.transport.clone(), "both"))
-        );
-        assert_eq!(
-            name(common.engine),
-            Some(given(child.engine.clone(), "natpunch"))
-        );
-        assert_eq!(
-            name(common.candidates),
-            Some(given(child.candidates.clone(), "observed"))
-        );
-        assert_eq!(
-            common.attempt_timeout_ms,
-            child.attempt_timeout_ms.unwrap_or(3000)
-        );
-        assert_eq!(common.identity.path, child.identity);
-        let dht: Vec<String> = common
-            .dht_bootstrap
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        assert_eq!(
-            dht,
-            child.dht_bootstrap.clone().into_iter().collect::<Vec<_>>()
-        );
-        assert_eq!(
-            common.dht_protocol.to_string(),
-            given(child.dht_protocol.clone(), "/ipfs/kad/1.0.0")
-        );
-        assert_eq!(common.no_punch, child.no_punch);
-        assert_eq!(perf_bytes, child.perf_bytes);
-        assert!(common.json.json);
-    }
-
-    #[test]
-    fn the_labs_peer_command_lines_parse_to_their_values() {
-        let listener = Child {
-            transport: Some("quic".into()),
-            engine: Some("stock".into()),
-            candidates: Some("stock".into()),
-            attempt_timeout_ms: Some(1500),
-            identity: Some("target.key".into()),
-            dht_bootstrap: Some(RELAY.into()),
-            dht_protocol: Some("/natpunch/lab/kad/1.0.0".into()),
-            no_punch: true,
-            ..Child::new(PeerMode::Listen, RELAY)
-        };
-        check(&listener);
-        check(&Child::new(PeerMode::Listen, RELAY));
-        let dialer = Child {
-            perf_bytes: Some(1 << 20),
-            transport: Some("tcp".into()),
-            ..Child::new(
-                PeerMode::Dial {
-                    peer_id: PEER.into(),
-                },
-                RELAY,
-            )
-        };
-        check(&dialer);
-    }
+        })*
+    };
 }
+
+named_values!(TransportArg, EngineArg, CandidatesArg);
+
+crate::write_args!(DialArgs { peer_id, perf_bytes; common });
+
+crate::write_args!(Common {
+    relay,
+    transport,
+    engine,
+    candidates,
+    attempt_timeout_ms,
+    max_attempts,
+    listen_ip,
+    no_punch,
+    port_mapping,
+    port_mapping_lifetime_secs,
+    dht_bootstrap,
+    dht_protocol;
+    identity,
+    json,
+});

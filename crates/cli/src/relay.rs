@@ -155,32 +155,31 @@ impl RelayArgs {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use labrun::args::RelayArgs as Child;
-
-    use crate::Command;
-    use crate::tests::parse;
-
-    #[test]
-    fn the_labs_relay_command_line_parses_to_its_values() {
-        let child = Child::lab("relay.key".into(), 4001);
-        let Command::Relay(args) = parse(child.to_args()) else {
-            panic!("not `relay`");
-        };
-        assert_eq!(args.identity.path.as_ref(), Some(&child.identity));
-        assert_eq!(args.port, child.port);
-        assert_eq!(args.max_circuit_secs, child.max_circuit_secs);
-        assert_eq!(args.max_circuit_bytes, child.max_circuit_bytes);
-        assert_eq!(args.telemetry.port, 0);
-        assert!(args.json.json);
-        for rate in [
-            args.reservation_rate_per_ip,
-            args.reservation_rate_per_peer,
-            args.circuit_rate_per_ip,
-            args.circuit_rate_per_peer,
-        ] {
-            assert!(rate.0.is_none(), "a rate is on");
+impl crate::write::ArgValue for RateArg {
+    fn texts(&self) -> Vec<std::ffi::OsString> {
+        match &self.0 {
+            Some(rate) => crate::write::display(rate),
+            None => vec!["off".into()],
         }
     }
 }
+
+crate::write_args!(RelayArgs {
+    listen_ip,
+    port,
+    external,
+    max_reservations,
+    max_reservations_per_peer,
+    reservation_secs,
+    max_circuits,
+    max_circuits_per_peer,
+    max_circuit_secs,
+    max_circuit_bytes,
+    reservation_rate_per_peer,
+    reservation_rate_per_ip,
+    circuit_rate_per_peer,
+    circuit_rate_per_ip;
+    identity,
+    telemetry,
+    json,
+});

@@ -88,35 +88,19 @@ pub struct ServerArgs {
     pub json: Json,
 }
 
-#[cfg(test)]
-mod tests {
-    use labrun::args::ServerArgs as Child;
-
-    use crate::Command;
-    use crate::tests::parse;
-
-    #[test]
-    fn the_labs_server_command_line_parses_to_its_values() {
-        let child = Child {
-            port: 10000,
-            database_url: "sqlite://campaign.db".into(),
-            protocol_filters: Some("ip4/tcp:1,ip4/quic-v1:1".into()),
-            dedup_secs: Some(0),
-            per_remote: Some(100_000),
-        };
-        let Command::Server(args) = parse(child.to_args()) else {
-            panic!("not `server`");
-        };
-        assert_eq!(args.port, child.port);
-        assert_eq!(args.database_url, child.database_url);
-        let filters = child.protocol_filters.as_deref().map(str::parse);
-        assert_eq!(
-            Some(args.protocol_filters),
-            filters.transpose().expect("filters")
-        );
-        assert_eq!(Some(args.dedup_secs), child.dedup_secs);
-        assert_eq!(Some(args.per_remote), child.per_remote);
-        assert_eq!(args.telemetry.port, 0);
-        assert!(args.json.json);
-    }
-}
+crate::write_args!(ServerArgs {
+    listen_ip,
+    port,
+    database_url,
+    tls_cert,
+    tls_key,
+    closed_registration,
+    protocol_filters,
+    recency_secs,
+    per_remote,
+    per_remote_secs,
+    dedup_secs,
+    rust_client_wait_secs;
+    telemetry,
+    json,
+});

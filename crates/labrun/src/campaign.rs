@@ -22,9 +22,10 @@ use p2p::relay::RelayEvent;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::args::{
-    ClientArgs, HoneypotArgs, PeerArgs, PeerMode, RelayArgs, ServerArgs, StunServerArgs,
-};
+use cli::args::Identity;
+use cli::write::to_args;
+
+use crate::args::{self, StunServerArgs};
 use crate::matrix::{host, topology};
 use crate::stats::quantile;
 
@@ -341,7 +342,7 @@ pub fn run(
     }
     let lab = Lab::build(&t, LabOptions::default())?;
     let file = |name: &str| config.work_dir.join(name);
-    let relay_args = RelayArgs::lab(file("relay.key"), RELAY_PORT).to_args();
+    let relay_args = args::relay(file("relay.key"), RELAY_PORT).map_err(CampaignError::Role)?;
     let relay = lab.spawn("relay", &exe, &relay_args)?;
     // An RFC 5780 STUN server on two addresses: the clients measure their NAT with it.
     let stun_addrs = lab.node("stun")?.uplink.addrs.clone();
@@ -357,7 +358,7 @@ pub fn run(
         }
     };
     let primary = stun.primary;
-    let stun = lab.spawn("stun", &exe, &stun.to_args())?;
+    let stun = lab.spawn("stun", &exe, &to_args(&["stun-server"], &stun))?;
     stun.wait_for("listening on", START_TIMEOUT)
         .map_err(|e| CampaignError::Role(format!("the STUN server: {}", natlab::chain(&e))))?;
     let relay_addr = match json_line(&relay, "\"event\":\"external-address\"", "the relay")? {
@@ -370,43 +371,36 @@ pub fn run(
     };
     progress(Progress::Step(format!("relay at {relay_addr}")));
     let dht_ip = lab.public_addr("dht")?.to_string();
-    let dht_args = HoneypotArgs {
-        port: DHT_PORT,
-        identity: file("dht.key"),
-        protocol: DHT_PROTOCOL.to_owned(),
-        bootstrap: None,
-        crawler_count: None,
-        crawl_secs: None,
-        database_url: None,
-    };
-    let dht = lab.spawn("dht", &exe, &dht_args.to_args())?;
+    let role = CampaignError::Role;
+    let dht_args = args::honeypot(DHT_PORT, file("dht.key"), DHT_PROTOCOL).map_err(role)?;
+    let dht = lab.spawn("dht", &exe, &to_args(&["honeypot"], &dht_args))?;
     let dht_addr = listen_addr(&dht, &dht_ip, DHT_PORT, "the DHT bootstrap node")?;
     let hp_ip = lab.public_addr("honeypot")?.to_string();
-    let honeypot_args = HoneypotArgs {
-        identity: file("honeypot.key"),
-        bootstrap: Some(dht_addr.clone()),
-        crawler_count: Some(3),
-        crawl_secs: Some(60),
-        database_url: Some(database_url.clone()),
-        ..dht_args
-    };
-    let honeypot = lab.spawn("honeypot", &exe, &honeypot_args.to_args())?;
+    let mut honeypot_args =
+        args::honeypot(DHT_PORT, file("honeypot.key"), DHT_PROTOCOL).map_err(role)?;
+    honeypot_args.bootstrap = vec![
+        dht_addr
+            .parse()
+            .map_err(|e| role(format!("{dht_addr}: {e}")))?,
+    ];
+    honeypot_args.crawler_count = 3;
+    honeypot_args.crawl_secs = 60;
+    honeypot_args.database_url.clone_from(&database_url);
+    honeypot_args.no_record = false;
+    let honeypot = lab.spawn("honeypot", &exe, &to_args(&["honeypot"], &honeypot_args))?;
     listen_addr(&honeypot, &hp_ip, DHT_PORT, "the honeypot")?;
     json_line::<HoneypotEvent>(
         &honeypot,
         "\"event\":\"crawl-ended\"",
         "the honeypot's first crawl",
     )?;
-    let server_args = ServerArgs {
-        port: SERVER_PORT,
-        database_url: database_url.clone(),
-        // One transport per punch, so that failures count for a transport too; every
-        // target may be punched again at once and often.
-        protocol_filters: Some("ip4/tcp:1,ip4/quic-v1:1".to_owned()),
-        dedup_secs: Some(0),
-        per_remote: Some(100_000),
-    }
-    .to_args();
+    let mut server = args::server(SERVER_PORT, &database_url).map_err(role)?;
+    // One transport per punch, so that failures count for a transport too; every target may
+    // be punched again at once and often.
+    server.protocol_filters = "ip4/tcp:1,ip4/quic-v1:1".parse().map_err(role)?;
+    server.dedup_secs = 0;
+    server.per_remote = 100_000;
+    let server_args = to_args(&["server"], &server);
     let start_server = || -> Result<LabProcess, CampaignError> {
         let server = lab.spawn("honeypot", &exe, &server_args)?;
         json_line::<serde_json::Value>(&server, "\"event\":\"listening\"", "the server")?;
@@ -422,13 +416,11 @@ pub fn run(
     let mut targets = Vec::new();
     let mut nat_of: HashMap<String, Preset> = HashMap::new();
     for &p in &config.presets {
-        let target_args = PeerArgs {
-            identity: Some(file(&format!("target-{}.key", p.name()))),
-            dht_bootstrap: Some(dht_addr.clone()),
-            dht_protocol: Some(DHT_PROTOCOL.to_owned()),
-            ..PeerArgs::new(PeerMode::Listen, relay_addr.clone())
-        };
-        let target = lab.spawn(&host('b', p), &exe, &target_args.to_args())?;
+        let mut target_args = args::peer(&relay_addr).map_err(role)?;
+        target_args.identity = Identity::new(Some(file(&format!("target-{}.key", p.name()))));
+        target_args.dht_bootstrap = honeypot_args.bootstrap.clone();
+        target_args.dht_protocol = honeypot_args.protocol.clone();
+        let target = lab.spawn(&host('b', p), &exe, &args::listen(&target_args))?;
         let reserved: serde_json::Value = json_line(&target, "\"event\":\"reserved\"", "a target")?;
         let id = reserved["address"]
             .as_str()
@@ -478,17 +470,14 @@ pub fn run(
         if share == Some(0) {
             continue;
         }
-        let args = ClientArgs {
-            server: server_url.clone(),
-            api_key: "natpunch-lab-campaign".to_owned(),
-            host_count: config.hosts_per_client.max(1),
-            idle_secs: 1.0,
-            keys_dir: file(&format!("client-{nat}")),
-            stun_server: Some(primary),
-            port_mapping: *mapped,
-            punches: share,
-        }
-        .to_args();
+        let mut client = args::client(&server_url, "natpunch-lab-campaign").map_err(role)?;
+        client.host_count = config.hosts_per_client.max(1);
+        client.idle_secs = 1.0;
+        client.keys_dir = Some(file(&format!("client-{nat}")));
+        client.stun_server = Some(primary);
+        client.port_mapping = *mapped;
+        client.punches = share;
+        let args = to_args(&["client"], &client);
         // The keys are made here, before the client starts: it loads these, so the labels are
         // those of the identities it punches with.
         for i in 0..config.hosts_per_client.max(1) {

@@ -18,7 +18,7 @@ use p2p::record::{Outcome, Record};
 use p2p::relay::RelayEvent;
 use serde::Serialize;
 
-use crate::args::{PeerArgs, PeerMode, RelayArgs};
+use crate::args::{self, named};
 use crate::stats::{quantile, wilson95};
 
 /// How long a listener may take to reserve on the relay.
@@ -432,7 +432,7 @@ fn serve(
     exe: &str,
     key: &std::path::Path,
 ) -> Result<(), MatrixError> {
-    let args = RelayArgs::lab(key.to_owned(), RELAY_PORT).to_args();
+    let args = args::relay(key.to_owned(), RELAY_PORT).map_err(MatrixError::Relay)?;
     let relay = lab
         .spawn("relay", exe, &args)
         .map_err(|e| MatrixError::Relay(natlab::chain(&e).to_string()))?;
@@ -475,15 +475,16 @@ fn run_trial(lab: &Lab, config: &MatrixConfig, exe: &str, relay: &str, job: &Job
     let result = (|| -> Result<(), String> {
         let text = |e: LabError| natlab::chain(&e).to_string();
         lab.flush_nat_state().map_err(text)?;
-        let peer = |mode, engine: &Option<String>| PeerArgs {
-            transport: Some(job.transport.clone()),
-            engine: Some(engine.as_ref().unwrap_or(&config.engine).clone()),
-            candidates: Some(config.candidates.clone()),
-            attempt_timeout_ms: Some(config.attempt_timeout_ms),
-            no_punch: config.no_punch,
-            ..PeerArgs::new(mode, relay)
+        let peer = |engine: &Option<String>| -> Result<args::PeerArgs, String> {
+            let mut p = args::peer(relay)?;
+            p.transport = named(&job.transport)?;
+            p.engine = named(engine.as_ref().unwrap_or(&config.engine))?;
+            p.candidates = named(&config.candidates)?;
+            p.attempt_timeout_ms = config.attempt_timeout_ms;
+            p.no_punch = config.no_punch;
+            Ok(p)
         };
-        let args = peer(PeerMode::Listen, &config.listener_engine).to_args();
+        let args = args::listen(&peer(&config.listener_engine)?);
         let listener = lab.spawn(&host('b', job.b), exe, &args).map_err(text)?;
         let reserved = listener
             .wait_for("\"event\":\"reserved\"", RESERVE_TIMEOUT)
@@ -494,11 +495,8 @@ fn run_trial(lab: &Lab, config: &MatrixConfig, exe: &str, relay: &str, job: &Job
             .and_then(|a| a.rsplit('/').next().map(str::to_owned))
             .ok_or_else(|| format!("unexpected line: {reserved}"))?;
         let mut cmd = lab.command(&host('a', job.a), exe).map_err(text)?;
-        let dialer = PeerArgs {
-            perf_bytes: config.perf_bytes,
-            ..peer(PeerMode::Dial { peer_id }, &config.dialer_engine)
-        };
-        cmd.args(dialer.to_args());
+        let dialer = peer(&config.dialer_engine)?;
+        cmd.args(args::dial(&peer_id, dialer, config.perf_bytes)?);
         let out = cmd
             .output()
             .map_err(|e| format!("running the dialer: {e}"))?;

@@ -1405,7 +1405,7 @@ fn peer_listen_holds_its_port_mappings_through_renewals_and_a_router_reboot() {
     let mut lab = Lab::build(&topology, LabOptions::default()).expect("lab");
     let dir = Scratch::new("peer-portmap");
     let exe = env!("CARGO_BIN_EXE_natpunch");
-    let args = labrun::args::RelayArgs::lab(dir.0.join("relay.key"), 4001).to_args();
+    let args = labrun::args::relay(dir.0.join("relay.key"), 4001).expect("relay flags");
     let relay = lab.spawn("relay", exe, &args).expect("relay");
     let line = relay
         .wait_for("\"event\":\"external-address\"", Duration::from_secs(20))
@@ -2488,7 +2488,7 @@ impl MeasurementLab {
         )
         .expect("lab");
         let path = |name: &str| dir.join(name).display().to_string();
-        let args = labrun::args::RelayArgs::lab(dir.join("relay.key"), 4001).to_args();
+        let args = labrun::args::relay(dir.join("relay.key"), 4001).expect("relay flags");
         let relay = lab.spawn("relay", exe, &args).expect("relay");
         let line = relay
             .wait_for("\"event\":\"external-address\"", Duration::from_secs(20))
