@@ -1,6 +1,7 @@
 //! labrun: natpunch's roles run inside a NAT lab, trial after trial.
 //!
-//! * [`args`]: the command lines of the roles it starts, as typed values;
+//! * [`args`]: the command lines of the roles it starts, built from the binary's own flag types
+//!   (`cli`), so a renamed field fails to compile and a renamed flag follows;
 //! * [`bench`]: benchmarks against a baseline in the same run: hole punching (natpunch's
 //!   engine against stock rust-libp2p), the STUN server (against coturn), the measurement
 //!   server (SQLite against PostgreSQL);
