@@ -123,3 +123,28 @@ pub fn client(server: &str, api_key: &str) -> Result<ClientArgs, String> {
     c.json.json = true;
     Ok(c)
 }
+
+/// The peer ID a listener's `reserved` line gives (its relayed address ends in `/p2p/<id>`).
+pub fn reserved_peer(line: &str) -> Option<String> {
+    match serde_json::from_str(line).ok()? {
+        p2p::peer::PeerEvent::Reserved { address } => address.rsplit('/').next().map(str::to_owned),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reserved_line_gives_the_listeners_peer_id() {
+        let event = p2p::peer::PeerEvent::Reserved {
+            address: "/ip4/203.0.113.1/tcp/4001/p2p/12D3KooWRelay/p2p-circuit/p2p/12D3KooWPeer"
+                .into(),
+        };
+        let line = serde_json::to_string(&event).expect("json");
+        assert_eq!(reserved_peer(&line).as_deref(), Some("12D3KooWPeer"));
+        assert_eq!(reserved_peer(r#"{"event":"relay-connected"}"#), None);
+        assert_eq!(reserved_peer("not json"), None);
+    }
+}

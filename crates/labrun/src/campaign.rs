@@ -421,12 +421,11 @@ pub fn run(
         target_args.dht_bootstrap = honeypot_args.bootstrap.clone();
         target_args.dht_protocol = honeypot_args.protocol.clone();
         let target = lab.spawn(&host('b', p), &exe, &args::listen(&target_args))?;
-        let reserved: serde_json::Value = json_line(&target, "\"event\":\"reserved\"", "a target")?;
-        let id = reserved["address"]
-            .as_str()
-            .and_then(|a| a.rsplit('/').next())
-            .unwrap_or_default()
-            .to_owned();
+        let reserved = target
+            .wait_for("\"event\":\"reserved\"", START_TIMEOUT)
+            .map_err(|e| CampaignError::Role(format!("a target: {}", natlab::chain(&e))))?;
+        let id = args::reserved_peer(&reserved)
+            .ok_or_else(|| CampaignError::Role(format!("a target: unexpected line: {reserved}")))?;
         nat_of.insert(id.clone(), p);
         targets.push((id, target));
     }

@@ -489,11 +489,8 @@ fn run_trial(lab: &Lab, config: &MatrixConfig, exe: &str, relay: &str, job: &Job
         let reserved = listener
             .wait_for("\"event\":\"reserved\"", RESERVE_TIMEOUT)
             .map_err(|e| format!("the listener did not reserve: {}", natlab::chain(&e)))?;
-        let peer_id = serde_json::from_str::<serde_json::Value>(&reserved)
-            .ok()
-            .and_then(|v| v["address"].as_str().map(str::to_owned))
-            .and_then(|a| a.rsplit('/').next().map(str::to_owned))
-            .ok_or_else(|| format!("unexpected line: {reserved}"))?;
+        let peer_id =
+            args::reserved_peer(&reserved).ok_or_else(|| format!("unexpected line: {reserved}"))?;
         let mut cmd = lab.command(&host('a', job.a), exe).map_err(text)?;
         let dialer = peer(&config.dialer_engine)?;
         cmd.args(args::dial(&peer_id, dialer, config.perf_bytes)?);

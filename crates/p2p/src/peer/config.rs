@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use libp2p::{Multiaddr, PeerId, StreamProtocol};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::defaults;
 use crate::punch::{Engine, Transport};
@@ -104,7 +104,9 @@ impl PeerConfig {
 }
 
 /// What a peer reports.
-#[derive(Debug, Clone, Serialize)]
+/// Its JSON lines (`natpunch peer --json`) read back into it, except a port-mapping holder's
+/// report, which is for people.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum PeerEvent {
     /// Connected to the relay; the addresses it observed.
@@ -155,6 +157,7 @@ pub enum PeerEvent {
     },
     /// What the mapping holder did (as `natpunch map keep --json` prints it): made, renewed,
     /// lost, made again, a new external address, a failed request to be retried.
+    #[serde(skip_deserializing)]
     PortMapUpdate {
         /// The holder's report.
         update: portmap::hold::Update,
