@@ -6,7 +6,12 @@
 //! JSON lines they travel as, bounded and safe on any bytes. `docs/daemon-api.md` specifies the
 //! same API for applications in any language.
 //!
-//! What it does not do (yet): run the daemon, pass file descriptors, or punch; the technique
-//! sequencer and the shell around it come next.
+//! [`plan`] decides which techniques a connection tries, from what both ends know of their NATs,
+//! and runs them as a sans-IO sequencer (racing a stage's techniques, the relay standing by),
+//! tested in virtual time.
+//!
+//! What it does not do (yet): run the daemon, pass file descriptors, or carry out a technique;
+//! the shell around the sequencer comes next.
 
 pub mod api;
+pub mod plan;
