@@ -8,9 +8,10 @@ set -euo pipefail
 # postgresql: the measurement store's second backend; tests and `bench server` run private
 # servers of their own, so the package's service is not started at install.
 packages=(iproute2 nftables iptables conntrack procps coturn miniupnpd-nftables miniupnpd postgresql)
-# The test suite also opens the campaign's HTML report in headless Chromium.
+# The test suite also opens the campaign's HTML report in headless Chromium, and talks to the
+# daemon's API from a Python client written from the spec.
 if [[ ${NATPUNCH_TEST_DEPS:-} == 1 ]]; then
-  packages+=(chromium)
+  packages+=(chromium python3)
 fi
 
 missing=()

@@ -10,8 +10,12 @@
 //! and runs them as a sans-IO sequencer (racing a stage's techniques, the relay standing by),
 //! tested in virtual time.
 //!
-//! What it does not do (yet): run the daemon, pass file descriptors, or carry out a technique;
-//! the shell around the sequencer comes next.
+//! [`fdpass`] hands a socket over with its `ok` line (`SCM_RIGHTS`), and takes it on the
+//! client's side.
+//!
+//! What it does not do (yet): run the daemon or carry out a technique; the shell around the
+//! sequencer comes next.
 
 pub mod api;
+pub mod fdpass;
 pub mod plan;

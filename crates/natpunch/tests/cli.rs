@@ -222,6 +222,7 @@ fn tests_that_need_the_machine_are_ignored_with_a_reason_never_skipped_silently(
         "crates/natpunch/tests/cli.rs",
         "crates/natlab/tests/lab.rs",
         "crates/api/tests/api.rs",
+        "crates/daemon/tests/api.rs",
     ] {
         let text = std::fs::read_to_string(repo_file(file)).expect("test source");
         assert!(
