@@ -11,7 +11,8 @@
 //! tested in virtual time.
 //!
 //! [`fdpass`] hands a socket over with its `ok` line (`SCM_RIGHTS`), and takes it on the
-//! client's side.
+//! client's side; [`socket`] places the API socket (mode 0660), replaces a dead daemon's, and
+//! tells a client that finds no daemon how to start one.
 //!
 //! What it does not do (yet): run the daemon or carry out a technique; the shell around the
 //! sequencer comes next.
@@ -19,3 +20,4 @@
 pub mod api;
 pub mod fdpass;
 pub mod plan;
+pub mod socket;

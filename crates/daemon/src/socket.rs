@@ -1,0 +1,154 @@
+//! Where the daemon's API socket lives, how the daemon takes it, and how a client reaches it.
+//!
+//! The path is `/run/natpunch/daemon.sock` for root and `$XDG_RUNTIME_DIR/natpunch/daemon.sock`
+//! for other users (`/tmp/natpunch-<uid>/daemon.sock` when that variable is unset). The daemon
+//! binds it with mode 0660. A socket file that nobody answers on (a daemon that died) is
+//! replaced; one that a daemon answers on is left alone, and the second daemon says so. A
+//! client that finds no daemon says how to start one.
+
+use std::io;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+
+/// The socket file's mode: the daemon's user and group.
+pub const MODE: u32 = 0o660;
+
+/// The API socket for user `uid`, given `$XDG_RUNTIME_DIR`.
+pub fn default_path(uid: u32, runtime_dir: Option<&Path>) -> PathBuf {
+    let dir = match (uid, runtime_dir) {
+        (0, _) => PathBuf::from("/run/natpunch"),
+        (_, Some(dir)) => dir.join("natpunch"),
+        (_, None) => PathBuf::from(format!("/tmp/natpunch-{uid}")),
+    };
+    dir.join("daemon.sock")
+}
+
+/// Why the daemon could not take its socket, or a client could not reach it.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    /// Another daemon answers on it.
+    #[error("a natpunch daemon already listens on {0}")]
+    Taken(PathBuf),
+    /// No daemon answers on it.
+    #[error(
+        "no natpunch daemon listens on {0}: start one with `natpunch daemon --relay <relay address>`"
+    )]
+    NotRunning(PathBuf),
+    /// This user may not open it.
+    #[error(
+        "{0} is not open to this user: the socket is mode 0660, so run as the daemon's user or join its group"
+    )]
+    NotPermitted(PathBuf),
+    /// Anything else, with what was being done.
+    #[error("{what} {path}: {cause}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The cause (in the message, so not a `source()`).
+        cause: io::Error,
+    },
+}
+
+fn io_error(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SocketError {
+    let path = path.to_owned();
+    move |cause| SocketError::Io { what, path, cause }
+}
+
+/// Takes the socket at `path` for the daemon: its directory made if missing, a dead daemon's
+/// file replaced, the file's mode [`MODE`]. Inside a tokio runtime.
+///
+/// # Errors
+///
+/// [`SocketError::Taken`] when a daemon answers there; the file system's errors.
+pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, SocketError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io_error("making", dir))?;
+    }
+    if path.exists() {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => return Err(SocketError::Taken(path.to_owned())),
+            // Nobody answers: a daemon died and left its file.
+            Err(_) => std::fs::remove_file(path).map_err(io_error("removing the stale", path))?,
+        }
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(io_error("binding", path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(MODE))
+        .map_err(io_error("setting the mode of", path))?;
+    Ok(listener)
+}
+
+/// Reaches the daemon at `path`, for a client.
+///
+/// # Errors
+///
+/// [`SocketError::NotRunning`] when no daemon answers, [`SocketError::NotPermitted`] when this
+/// user may not open the socket.
+pub fn connect(path: &Path) -> Result<std::os::unix::net::UnixStream, SocketError> {
+    std::os::unix::net::UnixStream::connect(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+            SocketError::NotRunning(path.to_owned())
+        }
+        io::ErrorKind::PermissionDenied => SocketError::NotPermitted(path.to_owned()),
+        _ => SocketError::Io {
+            what: "connecting to",
+            path: path.to_owned(),
+            cause: e,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_and_users_have_their_own_places() {
+        assert_eq!(
+            default_path(0, Some(Path::new("/run/user/0"))),
+            Path::new("/run/natpunch/daemon.sock")
+        );
+        assert_eq!(
+            default_path(1000, Some(Path::new("/run/user/1000"))),
+            Path::new("/run/user/1000/natpunch/daemon.sock")
+        );
+        assert_eq!(
+            default_path(1000, None),
+            Path::new("/tmp/natpunch-1000/daemon.sock")
+        );
+    }
+
+    #[tokio::test]
+    async fn the_socket_is_taken_once_replaced_when_dead_and_named_when_missing() {
+        let dir = std::env::temp_dir().join(format!("natpunch-socket-{}", std::process::id()));
+        let path = dir.join("run").join("daemon.sock");
+        let _ = std::fs::remove_dir_all(&dir);
+        let e = connect(&path).expect_err("nothing there yet");
+        assert!(matches!(e, SocketError::NotRunning(_)));
+        assert!(
+            e.to_string().contains("start one with `natpunch daemon"),
+            "{e}"
+        );
+
+        let first = bind(&path).expect("bind");
+        let mode = std::fs::metadata(&path).expect("file").permissions().mode() & 0o777;
+        assert_eq!(mode, MODE);
+        assert!(connect(&path).is_ok(), "a client reaches it");
+        let e = bind(&path).expect_err("taken");
+        assert!(matches!(e, SocketError::Taken(_)), "{e}");
+        assert!(
+            connect(&path).is_ok(),
+            "the second daemon left the first alone"
+        );
+
+        // The daemon dies without removing its file: the file stays, nobody answers.
+        drop(first);
+        assert!(path.exists());
+        let e = connect(&path).expect_err("dead");
+        assert!(matches!(e, SocketError::NotRunning(_)), "{e}");
+        let _again = bind(&path).expect("a dead daemon's file is replaced");
+        assert!(connect(&path).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
