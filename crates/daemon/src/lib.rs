@@ -12,12 +12,15 @@
 //!
 //! [`fdpass`] hands a socket over with its `ok` line (`SCM_RIGHTS`), and takes it on the
 //! client's side; [`socket`] places the API socket (mode 0660), replaces a dead daemon's, and
-//! tells a client that finds no daemon how to start one.
+//! tells a client that finds no daemon how to start one; [`bridge`] carries a relayed
+//! connection's bytes (TCP) or framed datagrams (UDP) to the socket pair whose other end the
+//! application gets.
 //!
 //! What it does not do (yet): run the daemon or carry out a technique; the shell around the
 //! sequencer comes next.
 
 pub mod api;
+pub mod bridge;
 pub mod fdpass;
 pub mod plan;
 pub mod socket;
