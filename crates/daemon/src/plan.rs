@@ -237,7 +237,7 @@ impl Sequencer {
             self.end(now, technique, "ok");
             self.relay = Relay::Ready(connected);
             if self.running.is_empty() && self.stages.is_empty() {
-                self.deliver_relay(now);
+                self.deliver_relay();
             }
             return;
         }
@@ -295,7 +295,7 @@ impl Sequencer {
             }
             self.stages.clear();
             if let Relay::Ready(_) = self.relay {
-                return self.deliver_relay(now);
+                return self.deliver_relay();
             }
             self.stop(now, Technique::Relay, "timeout");
             self.finish();
@@ -325,14 +325,14 @@ impl Sequencer {
             return;
         }
         match self.relay {
-            Relay::Ready(_) => self.deliver_relay(now),
+            Relay::Ready(_) => self.deliver_relay(),
             Relay::Failed(_) => self.fail_all(),
             // Delivered when it is ready, or failed at the deadline.
             Relay::Opening => {}
         }
     }
 
-    fn deliver_relay(&mut self, _now: Instant) {
+    fn deliver_relay(&mut self) {
         let Relay::Ready(connected) = self.relay.clone() else {
             return;
         };

@@ -66,11 +66,29 @@ pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, SocketError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io_error("making", dir))?;
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt as _;
+        if !meta.file_type().is_socket() {
+            return Err(SocketError::Io {
+                what: "checking the existing",
+                path: path.to_owned(),
+                cause: io::Error::new(io::ErrorKind::AlreadyExists, "not a socket, left alone"),
+            });
+        }
         match std::os::unix::net::UnixStream::connect(path) {
             Ok(_) => return Err(SocketError::Taken(path.to_owned())),
             // Nobody answers: a daemon died and left its file.
-            Err(_) => std::fs::remove_file(path).map_err(io_error("removing the stale", path))?,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(path).map_err(io_error("removing the stale", path))?;
+            }
+            // Not ours to judge (another user's socket, not a socket at all): leave it.
+            Err(cause) => {
+                return Err(SocketError::Io {
+                    what: "checking the existing",
+                    path: path.to_owned(),
+                    cause,
+                });
+            }
         }
     }
     let listener = tokio::net::UnixListener::bind(path).map_err(io_error("binding", path))?;
@@ -147,8 +165,15 @@ mod tests {
         assert!(path.exists());
         let e = connect(&path).expect_err("dead");
         assert!(matches!(e, SocketError::NotRunning(_)), "{e}");
-        let _again = bind(&path).expect("a dead daemon's file is replaced");
+        let again = bind(&path).expect("a dead daemon's file is replaced");
         assert!(connect(&path).is_ok());
+        drop(again);
+        // A plain file in the socket's place is not removed: the error names it.
+        std::fs::remove_file(&path).expect("remove");
+        std::fs::write(&path, b"not a socket").expect("file");
+        let e = bind(&path).expect_err("not a socket");
+        assert!(e.to_string().starts_with("checking the existing"), "{e}");
+        assert!(path.exists(), "left alone");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
