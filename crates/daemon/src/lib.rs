@@ -16,11 +16,16 @@
 //! connection's bytes (TCP) or framed datagrams (UDP) to the socket pair whose other end the
 //! application gets.
 //!
-//! What it does not do (yet): run the daemon or carry out a technique; the shell around the
-//! sequencer comes next.
+//! [`technique`] carries out the direct techniques as async functions: UDP hole punching and
+//! TCP simultaneous open (plain, or NUTSS-style with a low-TTL first SYN and an nftables guard
+//! against ICMP time exceeded), each checking a shared token on the wire and returning a
+//! connected std socket.
+//!
+//! What it does not do (yet): run the daemon; the shell around the sequencer comes next.
 
 pub mod api;
 pub mod bridge;
 pub mod fdpass;
 pub mod plan;
 pub mod socket;
+pub mod technique;
