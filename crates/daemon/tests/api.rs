@@ -1,5 +1,8 @@
 //! The application API from the outside: a client written from `docs/daemon-api.md` alone, in
-//! Python with its standard library only, receives a socket and talks through it.
+//! Python with its standard library only, receives a socket and talks through it. The direct
+//! techniques in the NAT lab are in [`technique`].
+
+mod technique;
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::os::fd::AsFd as _;
