@@ -106,11 +106,53 @@ pub enum TechniqueError {
     #[error("local socket")]
     Io(#[from] std::io::Error),
     /// No candidate to try.
-    #[error("no candidates: the peer sent no address to try")]
+    #[error("no candidate to try: the peer sent none, or only IPv6 addresses to an IPv4 socket")]
     NoCandidates,
+}
+
+/// The candidates (the first [`defaults::MAX_CANDIDATES`]) a socket bound to `local` can
+/// reach, as it must name them: an IPv4 candidate becomes IPv4-mapped for an IPv6 socket
+/// (dual-stack, as Linux makes them by default), and an IPv6 one is left out for an IPv4
+/// socket.
+fn reachable(local: SocketAddr, candidates: &[SocketAddr]) -> Vec<SocketAddr> {
+    candidates
+        .iter()
+        .take(defaults::MAX_CANDIDATES)
+        .filter_map(|c| match (local, c) {
+            (SocketAddr::V4(_), SocketAddr::V6(_)) => None,
+            (SocketAddr::V6(_), SocketAddr::V4(v4)) => {
+                Some(SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()))
+            }
+            _ => Some(*c),
+        })
+        .collect()
+}
+
+/// `addr` as the peer gave it: an IPv4-mapped address as IPv4.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 fn last_of(last: &Option<String>) -> String {
     last.as_ref()
         .map_or_else(String::new, |l| format!(", last: {l}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidates_are_named_as_the_local_socket_needs() {
+        let v4: SocketAddr = "11.99.0.10:4000".parse().expect("v4");
+        let v6: SocketAddr = "[2001:db8::1]:4000".parse().expect("v6");
+        let mapped: SocketAddr = "[::ffff:11.99.0.10]:4000".parse().expect("mapped");
+        let any4: SocketAddr = "0.0.0.0:1".parse().expect("any4");
+        let any6: SocketAddr = "[::]:1".parse().expect("any6");
+        assert_eq!(reachable(any4, &[v6, v4]), vec![v4]);
+        assert_eq!(reachable(any6, &[v6, v4]), vec![v6, mapped]);
+        assert_eq!(canonical(mapped), v4);
+        assert_eq!(canonical(v6), v6);
+        assert_eq!(reachable(any4, &[v4; 40]).len(), defaults::MAX_CANDIDATES);
+    }
 }

@@ -44,8 +44,8 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, timeout_at};
 
-use super::defaults::{HELLO_TIMEOUT, MAX_CANDIDATES, TCP_RETRY};
-use super::{Punched, Side, TechniqueError};
+use super::defaults::{HELLO_TIMEOUT, TCP_RETRY};
+use super::{Punched, Side, TechniqueError, canonical, reachable};
 
 /// The first 8 bytes of a hello.
 pub const HELLO_MAGIC: [u8; 8] = *b"NPTCP001";
@@ -139,6 +139,7 @@ pub async fn tcp_simultaneous_open(
     nutss_ttl: Option<u32>,
     deadline: Instant,
 ) -> Result<Punched<std::net::TcpStream>, TechniqueError> {
+    let candidates = reachable(local, candidates);
     if candidates.is_empty() {
         return Err(TechniqueError::NoCandidates);
     }
@@ -146,7 +147,7 @@ pub async fn tcp_simultaneous_open(
     let (local, _hold) = pin_port(local)?;
     let progress = Arc::new(Progress::default());
     let mut attempts = JoinSet::new();
-    for &remote in candidates.iter().take(MAX_CANDIDATES) {
+    for &remote in &candidates {
         let attempt = Attempt {
             local,
             remote,
@@ -179,7 +180,7 @@ pub async fn tcp_simultaneous_open(
         socket.set_nodelay(true)?;
         return Ok(Punched {
             socket,
-            remote,
+            remote: canonical(remote),
             rtt: None,
         });
     }
@@ -494,5 +495,33 @@ mod tests {
             Err(HelloError::Magic)
         );
         assert_eq!(Hello::decode(&hello[..3]), Err(HelloError::Length(3)));
+    }
+
+    #[test]
+    fn hellos_round_trip_and_random_bytes_never_panic() {
+        let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..10_000 {
+            let mut token = [0u8; 16];
+            token.iter_mut().for_each(|b| *b = next() as u8);
+            let side = if next() & 1 == 0 {
+                Side::Initiator
+            } else {
+                Side::Responder
+            };
+            let hello = Hello { token, side };
+            assert_eq!(Hello::decode(&hello.encode()), Ok(hello));
+            let len = (next() % 40) as usize;
+            let mut bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if len >= 8 && next() & 1 == 0 {
+                bytes[..8].copy_from_slice(&HELLO_MAGIC);
+            }
+            let _ = Hello::check(&bytes, TOKEN, side);
+        }
     }
 }

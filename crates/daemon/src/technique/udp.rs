@@ -32,7 +32,7 @@ use super::defaults::{
     ACK_INTERVAL, ADDRESS_MEMORY, LINGER, MAX_CANDIDATES, PROBE_INTERVAL, SENT_MEMORY,
     TRANSMIT_QUEUE,
 };
-use super::{Punched, TechniqueError};
+use super::{Punched, TechniqueError, canonical, reachable};
 
 /// The first 8 bytes of every datagram.
 pub const MAGIC: [u8; 8] = *b"NPPUNCH1";
@@ -316,12 +316,13 @@ pub async fn udp_punch(
     token: [u8; 16],
     deadline: tokio::time::Instant,
 ) -> Result<Punched<std::net::UdpSocket>, TechniqueError> {
+    let candidates = reachable(local, candidates);
     if candidates.is_empty() {
         return Err(TechniqueError::NoCandidates);
     }
-    let tried = candidates.len().min(MAX_CANDIDATES);
+    let tried = candidates.len();
     let socket = tokio::net::UdpSocket::from_std(bind(local)?.into())?;
-    let mut punch = Puncher::new(Instant::now(), candidates, token);
+    let mut punch = Puncher::new(Instant::now(), &candidates, token);
     let mut last = None;
     // Larger than a datagram, so that a longer one is seen as such and not truncated to fit.
     let mut buf = [0u8; 64];
@@ -337,7 +338,7 @@ pub async fn udp_punch(
             socket.set_nonblocking(false)?;
             return Ok(Punched {
                 socket,
-                remote,
+                remote: canonical(remote),
                 rtt,
             });
         }

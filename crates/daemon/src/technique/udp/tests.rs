@@ -204,3 +204,24 @@ fn acks_to_one_address_are_rate_limited_and_memory_is_bounded() {
     assert_eq!(puncher.sent.len(), SENT_MEMORY);
     assert!(puncher.transmits.len() <= TRANSMIT_QUEUE);
 }
+
+#[test]
+fn every_datagram_round_trips() {
+    let mut state = 0x0123_4567_89ab_cdef;
+    for _ in 0..10_000 {
+        let mut token = [0u8; 16];
+        token
+            .iter_mut()
+            .for_each(|b| *b = xorshift(&mut state) as u8);
+        let datagram = Datagram {
+            kind: if xorshift(&mut state) & 1 == 0 {
+                Kind::Probe
+            } else {
+                Kind::Ack
+            },
+            token,
+            seq: xorshift(&mut state) as u32,
+        };
+        assert_eq!(Datagram::decode(&datagram.encode()), Ok(datagram));
+    }
+}
