@@ -21,6 +21,11 @@
 //! An application that gets the socket may still receive a few of these 29-byte datagrams
 //! (the peer's last probes and acks, in flight or queued before the socket was connected)
 //! right after it. It must drop datagrams that start with the magic `NPPUNCH1`.
+//!
+//! The socket sets SO_REUSEPORT, but Linux spreads the datagrams of a port among the
+//! unconnected sockets that share it (by a hash of the sender), so another UDP socket on the
+//! same port (a QUIC endpoint, say) may take the peer's probes while this one punches: punch
+//! from a port no other socket receives on.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
