@@ -439,3 +439,59 @@ fn tcp_the_peer_wins_over_a_listener_that_does_not_speak_the_hello() {
     (&b.socket).read_exact(&mut got).expect("read");
     assert_eq!(&got, b"ping");
 }
+
+#[test]
+#[ignore = "needs root and the NAT lab: ./test runs it"]
+fn tcp_when_one_end_starts_late_through_nats_that_reset_only_nutss_connects() {
+    testkit::require::lab(
+        "tcp_when_one_end_starts_late_through_nats_that_reset_only_nutss_connects",
+    );
+    let lab = two_homes(r#"{ preset = "port-restricted", unsolicited = "reject" }"#);
+    route_through_the_internet(&lab);
+    // Bob starts 300 ms after alice: the first SYN of each reaches the other's NAT before
+    // that NAT has the flow, and is reset; retrying every 200 ms keeps them 100 ms apart.
+    let attempt = |ttl: Option<u32>, port: u16| {
+        let (a_pub, b_pub) = (public(&lab, "alice", port), public(&lab, "bob", port + 1));
+        both(
+            &lab,
+            move || {
+                let _guard = ttl.map(|_| IcmpGuard::install().expect("guard"));
+                block_on(tcp_simultaneous_open(
+                    any(port),
+                    &[b_pub],
+                    TOKEN,
+                    Side::Initiator,
+                    ttl,
+                    in_secs(3),
+                ))
+            },
+            move || {
+                let _guard = ttl.map(|_| IcmpGuard::install().expect("guard"));
+                std::thread::sleep(Duration::from_millis(300));
+                block_on(tcp_simultaneous_open(
+                    any(port + 1),
+                    &[a_pub],
+                    TOKEN,
+                    Side::Responder,
+                    ttl,
+                    in_secs(3),
+                ))
+            },
+        )
+    };
+    let (a, b) = attempt(None, 43001);
+    for plain in [&a.map(|p| p.remote), &b.map(|p| p.remote)] {
+        match plain {
+            Err(TechniqueError::Timeout {
+                last: Some(last), ..
+            }) => assert!(last.contains("refused"), "{last}"),
+            other => panic!("plain simultaneous open should be refused, got {other:?}"),
+        }
+    }
+    let (a, b) = attempt(Some(2), 44001);
+    let (a, b) = (a.expect("alice connected"), b.expect("bob connected"));
+    assert_eq!(
+        (a.remote, b.remote),
+        (public(&lab, "bob", 44002), public(&lab, "alice", 44001))
+    );
+}
