@@ -30,6 +30,9 @@
 //! initiator writes one byte, `1` ("chosen"), on the first connection that passed and drops
 //! the others; the responder keeps the connection that brings that byte. So both ends keep
 //! the same connection even when more than one formed. The application's bytes follow.
+//!
+//! Plain and NUTSS raced at once need a local port each (and the remote learns both): two
+//! sockets cannot connect the same 4-tuple (the second gets EADDRNOTAVAIL).
 
 use std::io;
 use std::net::SocketAddr;
