@@ -261,3 +261,73 @@ fn a_bad_line_is_shown_cut_and_the_stream_goes_on() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn no_bytes_make_the_event_reader_panic_or_hold_more_than_it_may() {
+    // A cheap stand-in for the fuzz target (`fuzz/fuzz_targets/client_events.rs`).
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let pieces: [&[u8]; 9] = [
+        b"{\"id\":\"a\",\"event\":\"ok\",\"technique\":\"relay\",",
+        b"\"direct\":false,\"remote\":\"r\",\"fd\":true}",
+        b"\n",
+        b"\r\n",
+        b"\xff\xfe",
+        b"{\"event\":\"progress\",\"rtt_ms\":1e400}",
+        b"[[[[[[[[[[[[",
+        b"}",
+        b"\"id\":\"\\u0000\"",
+    ];
+    let mut reader = EventReader::default();
+    let mut given = std::collections::BTreeSet::new();
+    for i in 0..20_000_u32 {
+        let piece = pieces[(next() % 9) as usize];
+        let fd = (next() % 3 == 0).then_some(i);
+        for incoming in reader.push(piece, fd) {
+            if let Incoming::Event {
+                reply,
+                fd: Some(fd),
+            } = incoming
+            {
+                assert!(matches!(reply.event, Event::Ok(Ready { fd: true, .. })));
+                assert!(given.insert(fd), "descriptor {fd} given twice");
+            }
+        }
+        assert!(reader.held_fds() <= 1);
+    }
+    assert!(!given.is_empty(), "some ok lines got their descriptors");
+}
+
+#[test]
+fn the_session_in_the_spec_is_what_the_client_writes_and_reads() {
+    let spec = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/daemon-api.md"
+    ));
+    let connect = spec
+        .lines()
+        .find_map(|l| l.strip_prefix("→ "))
+        .expect("a request");
+    let shown: Value = serde_json::from_str(connect).expect("json");
+    let written = Request::Connect {
+        peer: "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN".into(),
+        proto: Proto::Tcp,
+        service: "ssh".into(),
+    }
+    .to_line("a1");
+    let written: Value = serde_json::from_slice(&written).expect("json");
+    assert_eq!(written, shown);
+    let mut read = 0;
+    for line in spec.lines().filter_map(|l| l.strip_prefix("← ")) {
+        let json = line.split("   (+").next().unwrap_or(line).replace('…', "");
+        let reply = parse_event(json.as_bytes()).expect("an event");
+        assert!(!matches!(reply.event, Event::Unknown { .. }), "{line}");
+        read += 1;
+    }
+    assert_eq!(read, 4, "the example session's events");
+}
