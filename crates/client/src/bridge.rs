@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Instant;
 
-use crate::defaults::{MAX_DATAGRAM, UDP_LINGER, UDP_POLL};
+use crate::defaults::{COPY_CHUNK, MAX_DATAGRAM, UDP_LINGER, UDP_POLL};
 use crate::{Socket, fd};
 
 /// What went wrong with a connected socket.
@@ -117,7 +117,7 @@ where
 {
     let to_socket = stream.try_clone().map_err(copy_error(UP))?;
     let up = std::thread::spawn(move || copy_up(input, to_socket));
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; COPY_CHUNK];
     let down = loop {
         match (&stream).read(&mut buf) {
             Ok(0) => break output.flush(),
@@ -143,7 +143,7 @@ where
 }
 
 fn copy_up(mut input: impl Read, stream: TcpStream) -> io::Result<()> {
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; COPY_CHUNK];
     let result = loop {
         match input.read(&mut buf) {
             Ok(0) => break Ok(()),

@@ -12,6 +12,14 @@ pub const MAX_EVENT_LINE: usize = 64 * 1024 + 4 * 1024;
 /// most of the time, and small beside [`MAX_EVENT_LINE`].
 pub const READ_CHUNK: usize = 16 * 1024;
 
+/// The first bytes of a broken line that an error shows: enough to recognise it, short enough
+/// for one terminal line or two.
+pub const SHOWN_LINE: usize = 200;
+
+/// Bytes a stream bridge moves per read: 64 KiB, 16 reads per MiB of a bulk transfer (scp over
+/// ssh), and 128 KiB of memory for the two directions.
+pub const COPY_CHUNK: usize = 64 * 1024;
+
 /// The service asked for when none is named: the API's own default.
 pub const SERVICE: &str = "default";
 

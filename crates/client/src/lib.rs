@@ -249,6 +249,8 @@ pub struct Client {
     path: PathBuf,
     reader: EventReader<OwnedFd>,
     ready: VecDeque<Incoming<OwnedFd>>,
+    /// Where `recvmsg` reads to.
+    buf: Vec<u8>,
     next_id: u64,
 }
 
@@ -293,6 +295,7 @@ impl Client {
             path: path.into(),
             reader: EventReader::default(),
             ready: VecDeque::new(),
+            buf: vec![0; defaults::READ_CHUNK],
             next_id: 0,
         }
     }
@@ -456,12 +459,11 @@ impl Client {
     }
 
     fn next_incoming(&mut self) -> Result<Incoming<OwnedFd>, ClientError> {
-        let mut buf = vec![0u8; defaults::READ_CHUNK];
         loop {
             if let Some(incoming) = self.ready.pop_front() {
                 return Ok(incoming);
             }
-            let (n, fd) = match fd::recv_with_fd(self.stream.as_fd(), &mut buf) {
+            let (n, fd) = match fd::recv_with_fd(self.stream.as_fd(), &mut self.buf) {
                 Ok(got) => got,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(ClientError::Io(e)),
@@ -469,7 +471,7 @@ impl Client {
             if n == 0 {
                 return Err(ClientError::Closed);
             }
-            let bytes = buf.get(..n).unwrap_or_default();
+            let bytes = self.buf.get(..n).unwrap_or_default();
             self.ready.extend(self.reader.push(bytes, fd));
         }
     }

@@ -12,7 +12,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::defaults::MAX_EVENT_LINE;
+use crate::defaults::{MAX_EVENT_LINE, SHOWN_LINE};
 
 /// The API version this client speaks.
 pub const VERSION: u64 = 1;
@@ -295,7 +295,7 @@ pub enum Incoming<F> {
         /// Its descriptor.
         fd: Option<F>,
     },
-    /// A line that is no event, cut to 200 bytes for showing.
+    /// A line that is no event, cut to [`SHOWN_LINE`] bytes for showing.
     BadLine {
         /// What is wrong.
         reason: BadLine,
@@ -428,7 +428,7 @@ impl<F> EventReader<F> {
         let reply = match parse_event(&line) {
             Ok(reply) => reply,
             Err(reason) => {
-                let shown = line.get(..200).unwrap_or(&line);
+                let shown = line.get(..SHOWN_LINE).unwrap_or(&line);
                 return Some(Incoming::BadLine {
                     reason,
                     line: String::from_utf8_lossy(shown).into_owned(),
