@@ -84,8 +84,8 @@ pub enum ClientError {
     /// Reading or writing the daemon's socket failed.
     #[error("reading or writing the daemon's socket: {0}")]
     Io(io::Error),
-    /// The daemon closed the connection before answering.
-    #[error("the natpunch daemon closed the connection before it answered")]
+    /// The daemon closed the connection (it stopped, or ended the request by closing).
+    #[error("the natpunch daemon closed the connection")]
     Closed,
     /// The daemon answered the request with an error.
     #[error("{code}: {message}")]
