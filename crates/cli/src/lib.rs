@@ -22,6 +22,7 @@ pub mod args;
 pub mod bench;
 pub mod campaign;
 pub mod client;
+pub mod connect;
 pub mod honeypot;
 pub mod lab;
 pub mod map;
@@ -80,6 +81,14 @@ pub enum Command {
     /// The measurement server: punchr-compatible gRPC API on SQLite or PostgreSQL.
     #[command(display_order = 50)]
     Server(server::ServerArgs),
+    /// A connection to a service of another natpunch daemon, through this host's daemon: copied
+    /// to and from stdin/stdout (like netcat), given to a command, or passed to ssh.
+    #[command(display_order = 60)]
+    Connect(connect::ConnectArgs),
+    /// Take connections to a service from other daemons, through this host's daemon: the first
+    /// copied to and from stdin/stdout (like netcat), or each given to a command.
+    #[command(display_order = 61)]
+    Accept(connect::AcceptArgs),
     /// Benchmarks, each against a baseline in the same run.
     #[command(subcommand, display_order = 90)]
     Bench(bench::BenchCommand),

@@ -6,6 +6,7 @@ mod args;
 mod bench;
 mod campaign;
 mod client;
+mod connect;
 mod honeypot;
 mod lab;
 mod map;
@@ -39,6 +40,8 @@ fn main() -> ExitCode {
         Command::Server(args) => server::run(args),
         Command::Honeypot(args) => honeypot::run(args),
         Command::Client(args) => client::run(args),
+        Command::Connect(args) => connect::connect(args),
+        Command::Accept(args) => connect::accept(args),
         Command::Bench(cmd) => bench::run(cmd),
     };
     match result {

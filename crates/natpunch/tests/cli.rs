@@ -74,6 +74,29 @@ fn help_and_version_describe_the_tool() {
             stderr(&out)
         );
     }
+    let help = stdout(&help);
+    for cmd in ["connect", "accept"] {
+        assert!(help.contains(cmd), "`--help` lacks {cmd}: {help}");
+    }
+    let connect_help = stdout(&natpunch(&["connect", "--help"]));
+    for text in [
+        "<PEER>",
+        "NATPUNCH_DAEMON_SOCKET",
+        "NATPUNCH_FDPASS",
+        "ProxyUseFdpass=yes",
+    ] {
+        assert!(
+            connect_help.contains(text),
+            "`connect --help` lacks {text}: {connect_help}"
+        );
+    }
+    let accept_help = stdout(&natpunch(&["accept", "--help"]));
+    for text in ["--service", "--exec", "NATPUNCH_ONCE"] {
+        assert!(
+            accept_help.contains(text),
+            "`accept --help` lacks {text}: {accept_help}"
+        );
+    }
     let version = natpunch(&["--version"]);
     assert_eq!(
         stdout(&version).trim(),
@@ -257,6 +280,85 @@ fn tests_that_need_the_machine_are_ignored_with_a_reason_never_skipped_silently(
     assert!(
         checked >= 30,
         "only {checked} tests found that need the machine"
+    );
+}
+
+const A_PEER: &str = "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN";
+
+/// `natpunch connect` and `accept` without a daemon say so, where they looked, and how to
+/// start one; with `--json`, as one JSON line.
+#[test]
+fn connect_and_accept_without_a_daemon_say_how_to_start_one() {
+    let dir = Scratch::new("no-daemon");
+    let socket = dir.0.join("daemon.sock");
+    let socket = socket.to_str().expect("utf-8 path");
+    let expected = format!(
+        "error: no natpunch daemon listens on {socket}: start one with `natpunch daemon --relay <relay multiaddr>`\n"
+    );
+    let out = natpunch(&["connect", A_PEER, "--socket", socket]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(stderr(&out), expected);
+    assert!(out.stdout.is_empty());
+    // The same through the variable, for accept.
+    let out = Command::new(env!("CARGO_BIN_EXE_natpunch"))
+        .args(["accept", "--service", "echo"])
+        .env("NATPUNCH_DAEMON_SOCKET", socket)
+        .env_remove("NATPUNCH_JSON")
+        .output()
+        .expect("natpunch runs");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(stderr(&out), expected);
+    let out = natpunch(&["connect", A_PEER, "--socket", socket, "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let lines: Vec<Value> = stderr(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["event"], "error");
+    assert!(
+        lines[0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("natpunch daemon --relay")),
+        "{lines:?}"
+    );
+}
+
+/// `--fdpass` hands the socket to ssh over standard output, so standard output must be a
+/// socket: when it is not, natpunch says so before it asks the daemon for anything.
+#[test]
+fn connect_fdpass_needs_a_socket_on_standard_output() {
+    let dir = Scratch::new("fdpass");
+    let socket = dir.0.join("daemon.sock");
+    let out = natpunch(&[
+        "connect",
+        A_PEER,
+        "--fdpass",
+        "--socket",
+        socket.to_str().expect("utf-8 path"),
+    ]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with("error: --fdpass: standard output is not a socket")
+            && err.contains("ProxyUseFdpass=yes"),
+        "{err}"
+    );
+    assert!(!err.contains("daemon listens"), "checked first: {err}");
+    let out = natpunch(&[
+        "connect",
+        A_PEER,
+        "--fdpass",
+        "--exec",
+        "cat",
+        "--socket",
+        "/nonexistent",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("--exec and --fdpass exclude each other"),
+        "{}",
+        stderr(&out)
     );
 }
 
@@ -3850,6 +3952,25 @@ fn cli_errors_say_each_thing_once() {
                 "postgres://natpunch@127.0.0.1:1/natpunch".into(),
             ],
             "Connection refused",
+        ),
+        (
+            vec![
+                "connect".into(),
+                A_PEER.into(),
+                "--socket".into(),
+                missing_dir("daemon.sock"),
+            ],
+            "start one with `natpunch daemon --relay",
+        ),
+        (
+            vec![
+                "connect".into(),
+                A_PEER.into(),
+                "--fdpass".into(),
+                "--socket".into(),
+                missing_dir("daemon.sock"),
+            ],
+            "standard output is not a socket",
         ),
         (
             vec![
