@@ -61,6 +61,12 @@ impl TelemetryRole for crate::client::ClientArgs {
     const PORT: &'static str = "12001";
 }
 
+impl TelemetryRole for crate::daemon::DaemonArgs {
+    const HOST_ENV: &'static str = "NATPUNCH_DAEMON_TELEMETRY_HOST";
+    const PORT_ENV: &'static str = "NATPUNCH_DAEMON_TELEMETRY_PORT";
+    const PORT: &'static str = "13001";
+}
+
 impl TelemetryRole for crate::server::ServerArgs {
     const HOST_ENV: &'static str = "NATPUNCH_SERVER_TELEMETRY_HOST";
     const PORT_ENV: &'static str = "NATPUNCH_SERVER_TELEMETRY_PORT";
@@ -149,6 +155,13 @@ impl IdentityRole for crate::honeypot::HoneypotArgs {
     const HELP: &'static str = "The honeypot's key file, created on first start [default: \
         $XDG_STATE_HOME/natpunch/ honeypot.key or ~/.local/state/natpunch/honeypot.key]";
     const FILE: Option<&'static str> = Some("honeypot.key");
+}
+
+impl IdentityRole for crate::daemon::DaemonArgs {
+    const ENV: &'static str = "NATPUNCH_DAEMON_IDENTITY";
+    const HELP: &'static str = "The daemon's key file, created on first start [default: \
+        $XDG_STATE_HOME/natpunch/daemon.key or ~/.local/state/natpunch/daemon.key]";
+    const FILE: Option<&'static str> = Some("daemon.key");
 }
 
 impl IdentityRole for crate::peer::Common {

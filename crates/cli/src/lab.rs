@@ -29,6 +29,10 @@ pub enum LabCommand {
     /// Hole punches between every pair of NAT presets (fresh peers and NAT state per trial):
     /// success rate, outcomes, time to direct, attempts needed, per transport.
     Matrix(crate::matrix::MatrixArgs),
+    /// Applications connected by two daemons behind every pair of NAT presets (fresh daemons
+    /// and NAT state per trial): sockets that carried 1 MiB each way, direct ones, winning
+    /// technique, time to socket, per transport.
+    ConnectMatrix(crate::matrix::ConnectMatrixArgs),
     /// The measurement system end to end: relay, DHT, honeypot, server, and a target and a
     /// client behind every preset; outcome mix, rates and the NAT-pair matrix from the database.
     Campaign(crate::campaign::CampaignArgs),

@@ -23,6 +23,7 @@ pub mod bench;
 pub mod campaign;
 pub mod client;
 pub mod connect;
+pub mod daemon;
 pub mod honeypot;
 pub mod lab;
 pub mod map;
@@ -81,6 +82,10 @@ pub enum Command {
     /// The measurement server: punchr-compatible gRPC API on SQLite or PostgreSQL.
     #[command(display_order = 50)]
     Server(server::ServerArgs),
+    /// The connectivity daemon: hands applications a connected socket, direct when the NATs
+    /// allow it and relayed when they do not (API: docs/daemon-api.md).
+    #[command(display_order = 59)]
+    Daemon(daemon::DaemonArgs),
     /// A connection to a service of another natpunch daemon, through this host's daemon: copied
     /// to and from stdin/stdout (like netcat), given to a command, or passed to ssh.
     #[command(display_order = 60)]

@@ -4,6 +4,7 @@
 use crate::args::Json;
 use crate::peer::{CandidatesArg, EngineArg, TransportArg};
 use clap::Args;
+use clap::builder::BoolishValueParser;
 use natlab::Preset;
 
 #[derive(Debug, Args)]
@@ -67,6 +68,71 @@ pub struct MatrixArgs {
     /// Also write every trial, both sides' records, as JSON lines to this file.
     #[arg(long, env = "NATPUNCH_MATRIX_TRIALS_OUT")]
     pub trials_out: Option<std::path::PathBuf>,
+}
+
+/// The transports of `lab connect-matrix`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProtoArg {
+    /// TCP sockets only.
+    Tcp,
+    /// UDP sockets only.
+    Udp,
+    /// A TCP cell and a UDP cell per pair.
+    Both,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    mut_arg("json", |a| a.help("Print the report as JSON (`{\"cells\":[…]}`)")),
+    after_help = "Each trial starts two fresh daemons (`natpunch daemon`), one behind each \
+preset, connects an application behind the first to one listening behind the second, and moves \
+1 MiB each way through the socket it got, compared byte for byte."
+)]
+pub struct ConnectMatrixArgs {
+    /// Trials per cell (connecting preset × listening preset × transport).
+    #[arg(long, env = "NATPUNCH_CONNECT_MATRIX_TRIALS", default_value_t = 3)]
+    pub trials: u32,
+    /// Socket transports: each gets its own cells.
+    #[arg(
+        long,
+        env = "NATPUNCH_CONNECT_MATRIX_PROTO",
+        value_enum,
+        default_value_t = ProtoArg::Both
+    )]
+    pub proto: ProtoArg,
+    /// Host-to-host round trip through the lab's internet, in ms.
+    #[arg(long, env = "NATPUNCH_CONNECT_MATRIX_RTT_MS", default_value_t = 100)]
+    pub rtt_ms: u32,
+    /// Presets to pair (comma-separated) [default: all].
+    #[arg(
+        long,
+        env = "NATPUNCH_CONNECT_MATRIX_PRESETS",
+        value_delimiter = ',',
+        value_parser = parse_preset
+    )]
+    pub presets: Vec<Preset>,
+    /// Only these pairs, as CONNECTING:LISTENING (comma-separated) [default: every pair of
+    /// --presets].
+    #[arg(
+        long,
+        env = "NATPUNCH_CONNECT_MATRIX_PAIRS",
+        value_delimiter = ',',
+        value_parser = parse_pair
+    )]
+    pub pairs: Vec<(Preset, Preset)>,
+    /// Labs running trials at once.
+    #[arg(long, env = "NATPUNCH_CONNECT_MATRIX_PARALLEL", default_value_t = 2)]
+    pub parallel: usize,
+    /// Do not tell the daemons their NAT's behaviour: they try a hole punch with every pair
+    /// (what a daemon that has not checked its NAT does).
+    #[arg(
+        long,
+        env = "NATPUNCH_CONNECT_MATRIX_UNTOLD",
+        value_parser = BoolishValueParser::new()
+    )]
+    pub untold: bool,
+    #[command(flatten)]
+    pub json: Json,
 }
 
 /// A preset named on the command line. clap shows the value with the error, so the message

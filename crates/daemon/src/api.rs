@@ -124,7 +124,7 @@ impl fmt::Display for ErrorCode {
 }
 
 /// A way to a connected socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Technique {
     /// A plain dial of the remote's reachable (or mapped) address.

@@ -1,10 +1,14 @@
 //! daemon: natpunch's connectivity daemon, which hands applications a connected socket, direct
 //! when the NATs allow it and relayed when they do not.
 //!
-//! So far this crate holds the daemon's application API ([`api`]): the requests an application
-//! sends over the daemon's Unix socket, the events it gets back, and a sans-IO codec for the
-//! JSON lines they travel as, bounded and safe on any bytes. `docs/daemon-api.md` specifies the
-//! same API for applications in any language.
+//! [`service`] is the daemon (`natpunch daemon`): a libp2p host that holds relay reservations,
+//! serves the application API on a Unix socket, and connects applications to each other, the
+//! two daemons talking over a relayed stream ([`signal`]).
+//!
+//! [`api`] is the application API: the requests an application sends over the daemon's Unix
+//! socket, the events it gets back, and a sans-IO codec for the JSON lines they travel as,
+//! bounded and safe on any bytes. `docs/daemon-api.md` specifies the same API for applications
+//! in any language.
 //!
 //! [`plan`] decides which techniques a connection tries, from what both ends know of their NATs,
 //! and runs them as a sans-IO sequencer (racing a stage's techniques, the relay standing by),
@@ -21,11 +25,14 @@
 //! against ICMP time exceeded), each checking a shared token on the wire and returning a
 //! connected std socket.
 //!
-//! What it does not do (yet): run the daemon; the shell around the sequencer comes next.
+//! What it does not do (yet): direct dials and reversal through port mappings, `initiate` and
+//! `respond`, and finding a NAT's port for a fresh UDP socket when the NAT does not keep ports.
 
 pub mod api;
 pub mod bridge;
 pub mod fdpass;
 pub mod plan;
+pub mod service;
+pub mod signal;
 pub mod socket;
 pub mod technique;

@@ -13,6 +13,7 @@ use cli::args::Identity;
 use cli::write::{defaults, to_args};
 
 pub use cli::client::ClientArgs;
+pub use cli::daemon::DaemonArgs;
 pub use cli::honeypot::HoneypotArgs;
 pub use cli::nat::StunServerArgs;
 pub use cli::peer::{Common as PeerArgs, DialArgs};
@@ -122,6 +123,39 @@ pub fn client(server: &str, api_key: &str) -> Result<ClientArgs, String> {
     c.api_key = Some(api_key.to_owned());
     c.json.json = true;
     Ok(c)
+}
+
+/// `natpunch daemon` on `relay` with its API socket at `socket` and its key in `identity`, events
+/// as JSON, no telemetry port; told its NAT's behaviour when `nat` is given (as `natpunch nat
+/// check` would have found it behind that preset).
+///
+/// # Errors
+///
+/// `relay` is not a multiaddr.
+pub fn daemon(
+    relay: &str,
+    socket: &std::path::Path,
+    identity: &std::path::Path,
+    nat: Option<natlab::Preset>,
+) -> Result<Vec<OsString>, String> {
+    let mut d: DaemonArgs = defaults(&[("relay", relay)])?;
+    d.socket = Some(socket.to_owned());
+    d.identity = Identity::new(Some(identity.to_owned()));
+    d.telemetry.port = 0;
+    d.json.json = true;
+    if let Some(p) = nat {
+        match p.config() {
+            Some(c) => {
+                d.mapping = Some(c.mapping);
+                d.filtering = Some(c.filtering);
+            }
+            None => {
+                d.mapping = Some(behaviour::Mapping::None);
+                d.filtering = Some(behaviour::Filtering::None);
+            }
+        }
+    }
+    Ok(to_args(&["daemon"], &d))
 }
 
 /// The peer ID a listener's `reserved` line gives (its relayed address ends in `/p2p/<id>`).

@@ -5,6 +5,9 @@
 //! * [`bench`]: benchmarks against a baseline in the same run: hole punching (natpunch's
 //!   engine against stock rust-libp2p), the STUN server (against coturn), the measurement
 //!   server (SQLite against PostgreSQL);
+//! * [`connect`]: applications connected by two daemons (`natpunch daemon`) behind every pair
+//!   of NAT presets, 1 MiB each way through the socket each got, summed up per cell (sockets,
+//!   direct ones, winning technique, time to socket);
 //! * [`campaign`]: the measurement system end to end (relay, DHT, honeypot, server, targets
 //!   and clients behind every preset), summed up from its database;
 //! * [`html`]: the campaign's report as a self-contained page with plots;
@@ -22,6 +25,7 @@
 pub mod args;
 pub mod bench;
 pub mod campaign;
+pub mod connect;
 pub mod html;
 pub mod matrix;
 pub mod stats;

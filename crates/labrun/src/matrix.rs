@@ -530,12 +530,17 @@ fn record_in(text: &str) -> Option<Record> {
 
 /// The (dialer, listener) pairs to run.
 fn pairs(config: &MatrixConfig) -> Vec<(Preset, Preset)> {
-    if !config.pairs.is_empty() {
-        return config.pairs.clone();
+    pairs_of(&config.presets, &config.pairs)
+}
+
+/// `pairs`, or when it is empty every ordered pair of `presets`.
+pub(crate) fn pairs_of(presets: &[Preset], pairs: &[(Preset, Preset)]) -> Vec<(Preset, Preset)> {
+    if !pairs.is_empty() {
+        return pairs.to_vec();
     }
     let mut out = Vec::new();
-    for &a in &config.presets {
-        for &b in &config.presets {
+    for &a in presets {
+        for &b in presets {
             out.push((a, b));
         }
     }

@@ -12,6 +12,7 @@ pub(crate) fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         LabCommand::Up(args) => up(args),
         LabCommand::Matrix(args) => crate::matrix::run(args),
+        LabCommand::ConnectMatrix(args) => crate::matrix::connect(args),
         LabCommand::Campaign(args) => crate::campaign::run(args),
         LabCommand::Exec(args) => exec(args),
         LabCommand::Down(args) => down(args),

@@ -7,6 +7,7 @@ mod bench;
 mod campaign;
 mod client;
 mod connect;
+mod daemon;
 mod honeypot;
 mod lab;
 mod map;
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
         Command::StunServer(args) => nat::stun_server(args),
         Command::Map(cmd) => map::run(cmd),
         Command::Relay(args) => relay::run(args),
+        Command::Daemon(args) => daemon::run(args),
         Command::Peer(cmd) => peer::run(cmd),
         Command::Server(args) => server::run(args),
         Command::Honeypot(args) => honeypot::run(args),

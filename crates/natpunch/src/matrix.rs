@@ -9,7 +9,9 @@ use natlab::Preset;
 
 use cli::peer::TransportArg;
 
-use cli::matrix::MatrixArgs;
+use cli::matrix::{ConnectMatrixArgs, MatrixArgs, ProtoArg};
+use labrun::connect::{self, ConnectConfig, ConnectTrial};
+use natpunch_client::Proto;
 
 pub(crate) fn run(args: MatrixArgs) -> anyhow::Result<ExitCode> {
     natlab::environment::check().map_err(anyhow::Error::msg)?;
@@ -83,4 +85,79 @@ pub(crate) fn run(args: MatrixArgs) -> anyhow::Result<ExitCode> {
         print!("{report}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `natpunch lab connect-matrix`: applications connected by two daemons behind every pair of
+/// NAT presets.
+pub(crate) fn connect(args: ConnectMatrixArgs) -> anyhow::Result<ExitCode> {
+    natlab::environment::check().map_err(anyhow::Error::msg)?;
+    let presets = if args.presets.is_empty() && args.pairs.is_empty() {
+        Preset::ALL.to_vec()
+    } else {
+        args.presets.clone()
+    };
+    let protos = match args.proto {
+        ProtoArg::Tcp => vec![Proto::Tcp],
+        ProtoArg::Udp => vec![Proto::Udp],
+        ProtoArg::Both => vec![Proto::Tcp, Proto::Udp],
+    };
+    let exe = std::env::current_exe().context("finding the natpunch binary")?;
+    let config = ConnectConfig {
+        presets,
+        pairs: args.pairs.clone(),
+        protos,
+        trials: args.trials.max(1),
+        rtt_ms: args.rtt_ms,
+        parallel: args.parallel.max(1),
+        tell_nat: !args.untold,
+        ..ConnectConfig::new(exe, crate::stop_flag())
+    };
+    let pairs = if config.pairs.is_empty() {
+        config.presets.len().pow(2)
+    } else {
+        config.pairs.len()
+    };
+    eprintln!(
+        "lab connect-matrix: {} cells × {} trials, {} labs in parallel, {} ms RTT",
+        pairs * config.protos.len(),
+        config.trials,
+        config.parallel,
+        config.rtt_ms
+    );
+    let progress = |t: &ConnectTrial, done: usize, total: usize| {
+        let how = match (&t.technique, t.time_to_socket_ms) {
+            (Some(technique), Some(ms)) => format!(
+                "{} via {technique} in {ms:.0} ms",
+                if t.direct { "direct" } else { "relayed" }
+            ),
+            _ => "no socket".to_owned(),
+        };
+        let transfer = if t.transfer_ok {
+            ", 1 MiB each way ok"
+        } else {
+            ""
+        };
+        let err = t
+            .error
+            .as_deref()
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default();
+        eprintln!(
+            "[{done:>4}/{total}] {} × {} {}: {how}{transfer}{err}",
+            t.a, t.b, t.proto
+        );
+    };
+    let report = connect::run(&config, &progress)?;
+    if args.json.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{report}");
+    }
+    let failed = report.trials.iter().filter(|t| !t.transfer_ok).count();
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("lab connect-matrix: {failed} trials without a working socket");
+        ExitCode::FAILURE
+    })
 }

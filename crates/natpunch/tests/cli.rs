@@ -6,6 +6,9 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+#[path = "cli/daemon.rs"]
+mod daemon;
+
 fn natpunch(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_natpunch"))
         .args(args)

@@ -1,0 +1,75 @@
+//! The flags of `natpunch daemon`, and the daemon configuration they ask for.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use behaviour::{Filtering, Mapping};
+use clap::Args;
+use libp2p::Multiaddr;
+
+use crate::args::{Identity, Json, Telemetry};
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Applications talk to the daemon over its Unix socket (docs/daemon-api.md), or \
+through `natpunch connect` and `natpunch accept`. Two daemons need a relay in common and each \
+other's peer ID. Give the NAT's behaviour with --mapping and --filtering (as `natpunch nat \
+check` reports it) so that pairs that cannot punch get the relayed socket at once.",
+    mut_arg("json", |a| a.help("Print one JSON object per event"))
+)]
+pub struct DaemonArgs {
+    /// A relay to hold a reservation on, with /p2p/<relay id> (repeatable; TCP or QUIC, the
+    /// other transport is tried on the same port).
+    #[arg(
+        long,
+        env = "NATPUNCH_DAEMON_RELAYS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub relay: Vec<Multiaddr>,
+    /// Address to listen on (TCP and QUIC).
+    #[arg(long, env = "NATPUNCH_DAEMON_LISTEN_IP", default_value = "0.0.0.0")]
+    pub listen_ip: Ipv4Addr,
+    /// The API socket [default: /run/natpunch/daemon.sock as root, else
+    /// $XDG_RUNTIME_DIR/natpunch/daemon.sock].
+    #[arg(long, env = "NATPUNCH_DAEMON_SOCKET")]
+    pub socket: Option<PathBuf>,
+    #[command(flatten)]
+    pub identity: Identity<Self>,
+    /// TTL of NUTSS's first SYN: enough to leave this end's NAT, too little to reach the
+    /// remote's (0 turns NUTSS off; it needs root, for the nft rule that keeps the ICMP
+    /// time-exceeded reply from killing the socket).
+    #[arg(long, env = "NATPUNCH_DAEMON_NUTSS_TTL", default_value_t = 2)]
+    pub nutss_ttl: u32,
+    /// How this end's NAT maps (RFC 4787), if known.
+    #[arg(long, env = "NATPUNCH_DAEMON_MAPPING", value_parser = parse_behaviour::<Mapping>)]
+    pub mapping: Option<Mapping>,
+    /// How this end's NAT filters (RFC 4787), if known.
+    #[arg(long, env = "NATPUNCH_DAEMON_FILTERING", value_parser = parse_behaviour::<Filtering>)]
+    pub filtering: Option<Filtering>,
+    #[command(flatten)]
+    pub telemetry: Telemetry<Self>,
+    #[command(flatten)]
+    pub json: Json,
+}
+
+crate::write_args!(DaemonArgs {
+    relay,
+    listen_ip,
+    socket,
+    nutss_ttl,
+    mapping,
+    filtering;
+    identity,
+    telemetry,
+    json
+});
+
+/// A NAT behaviour in RFC 4787's words, kebab-case (`endpoint-independent`, `address-dependent`,
+/// `address-and-port-dependent`, `none`).
+pub fn parse_behaviour<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned())).map_err(|_| {
+        "expected none, endpoint-independent, address-dependent or address-and-port-dependent"
+            .to_owned()
+    })
+}

@@ -1,0 +1,1061 @@
+//! The daemon: a libp2p host that holds reservations on relays, serves the application API on
+//! a Unix socket, and connects applications to each other.
+//!
+//! One task owns the swarm ([`Daemon::run`]): it keeps a connection and a reservation on every
+//! relay (dialled again with backoff when lost; a relay that stops answering pings is dropped
+//! and dialled again, which is how a new external address is noticed), learns the addresses the
+//! relays observe, and dials remote daemons through the relays when a connection asks for one.
+//! Every application connection has its own task (`app`), and every connection between two
+//! daemons too (`session`): the initiator's drives a [`crate::plan::Sequencer`], the
+//! responder's follows what the initiator says on the daemons' stream ([`crate::signal`]).
+//! Everything fed by the network or by applications is bounded: applications, requests per
+//! application, sessions, listeners, messages.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt as _;
+use libp2p::core::transport::ListenerId;
+use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Swarm, identify, noise, ping, relay, tcp, yamux};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::api::{Proto, Technique};
+use crate::plan::Tried;
+use crate::signal::{self, NatInfo};
+
+mod app;
+mod session;
+
+/// Applications connected at once.
+pub const MAX_APPS: usize = 256;
+/// Requests running at once on one application connection.
+pub const MAX_REQUESTS: usize = 64;
+/// Connections being made at once, both directions.
+pub const MAX_SESSIONS: usize = 128;
+/// `listen` requests held at once.
+pub const MAX_LISTENERS: usize = 256;
+/// How long a relay that stopped answering may stay before it is dropped and dialled again.
+const RELAY_PING: Duration = Duration::from_secs(1);
+const RELAY_PING_TIMEOUT: Duration = Duration::from_secs(2);
+/// The longest wait before a lost relay is dialled again.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// How to run a daemon.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// The relays, each with `/p2p/<relay peer id>` (TCP or QUIC; the other transport is
+    /// dialled on the same port too).
+    pub relays: Vec<Multiaddr>,
+    /// The address to listen on.
+    pub listen_ip: Ipv4Addr,
+    /// The API socket's path.
+    pub socket: PathBuf,
+    /// NUTSS's first-SYN TTL (`None`: NUTSS is not tried).
+    pub nutss_ttl: Option<u32>,
+    /// What is known of this end's NAT (from `natpunch nat check` or a STUN check at start).
+    pub nat: NatInfo,
+}
+
+/// What the daemon reports.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum DaemonEvent {
+    /// The API socket is open.
+    Started {
+        /// The daemon's peer ID.
+        peer_id: String,
+        /// The API socket.
+        socket: String,
+    },
+    /// Connected to a relay; the address it observed.
+    RelayConnected {
+        /// The relay.
+        relay: String,
+        /// What it observed, per transport.
+        observed: String,
+    },
+    /// A reservation is held on a relay.
+    Reserved {
+        /// The relay.
+        relay: String,
+        /// The relayed address others dial.
+        address: String,
+    },
+    /// A relay's connection or reservation is gone; it is being made again.
+    RelayLost {
+        /// The relay.
+        relay: String,
+        /// Why.
+        reason: String,
+    },
+    /// A connection between two applications was made, or failed.
+    Connection(ConnectionRecord),
+    /// Something that needs a person's attention.
+    Warning {
+        /// What.
+        message: String,
+    },
+}
+
+impl fmt::Display for DaemonEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Started { peer_id, socket } => {
+                write!(f, "daemon: peer id {peer_id}, API on {socket}")
+            }
+            Self::RelayConnected { relay, observed } => {
+                write!(f, "daemon: relay {relay} connected, observed {observed}")
+            }
+            Self::Reserved { relay, address } => {
+                write!(f, "daemon: reservation on {relay}: {address}")
+            }
+            Self::RelayLost { relay, reason } => {
+                write!(f, "daemon: relay {relay} lost ({reason}); connecting again")
+            }
+            Self::Connection(r) => write!(f, "daemon: {r}"),
+            Self::Warning { message } => write!(f, "daemon: warning: {message}"),
+        }
+    }
+}
+
+/// What one connection between two applications did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectionRecord {
+    /// `initiator` (this end's application connected) or `responder` (it listened).
+    pub side: &'static str,
+    /// The remote daemon.
+    pub peer: String,
+    /// The service.
+    pub service: String,
+    /// The socket's transport.
+    pub proto: Proto,
+    /// The technique whose socket the application got (`None`: it got none).
+    pub technique: Option<Technique>,
+    /// Whether that socket is direct.
+    pub direct: bool,
+    /// From the request (initiator) or the remote's hello (responder) to the socket or the error.
+    pub time_to_socket_ms: f64,
+    /// Every technique tried, with its timing and result.
+    pub tried: Vec<TriedRecord>,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl fmt::Display for ConnectionRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let proto = match self.proto {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        };
+        write!(f, "{} {proto} {} {}: ", self.side, self.peer, self.service)?;
+        match (&self.technique, &self.error) {
+            (Some(t), _) => write!(
+                f,
+                "{} via {} in {:.0} ms",
+                if self.direct { "direct" } else { "relayed" },
+                technique_name(*t),
+                self.time_to_socket_ms
+            )?,
+            (None, Some(e)) => write!(f, "failed after {:.0} ms: {e}", self.time_to_socket_ms)?,
+            (None, None) => write!(f, "no socket")?,
+        }
+        let tried: Vec<String> = self
+            .tried
+            .iter()
+            .map(|t| format!("{} {}", t.technique, t.result))
+            .collect();
+        if !tried.is_empty() {
+            write!(f, " (tried: {})", tried.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// One technique tried, in a [`ConnectionRecord`].
+#[derive(Debug, Clone, Serialize)]
+pub struct TriedRecord {
+    /// The technique.
+    pub technique: String,
+    /// When it started, after the request.
+    pub started_ms: f64,
+    /// When it ended (`None`: it ran until the connection was decided).
+    pub ended_ms: Option<f64>,
+    /// `ok`, `stopped`, `timeout` or the failure.
+    pub result: String,
+}
+
+impl From<&Tried> for TriedRecord {
+    fn from(t: &Tried) -> Self {
+        Self {
+            technique: technique_name(t.technique).to_owned(),
+            started_ms: ms(t.started),
+            ended_ms: t.ended.map(ms),
+            result: if t.result.is_empty() {
+                "running".into()
+            } else {
+                t.result.clone()
+            },
+        }
+    }
+}
+
+/// A technique's name as the API writes it.
+pub fn technique_name(t: Technique) -> &'static str {
+    match t {
+        Technique::Direct => "direct",
+        Technique::Reversal => "reversal",
+        Technique::UdpPunch => "udp-punch",
+        Technique::TcpSimultaneousOpen => "tcp-simultaneous-open",
+        Technique::TcpNutss => "tcp-nutss",
+        Technique::Relay => "relay",
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Why the daemon could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The swarm could not be built.
+    #[error("building the libp2p host: {0}")]
+    Build(String),
+    /// A relay address is unusable.
+    #[error("relay address {0}: {1}")]
+    RelayAddress(Multiaddr, &'static str),
+    /// No relay was given.
+    #[error("no relay given: the daemon needs at least one (--relay)")]
+    NoRelay,
+    /// Listening failed.
+    #[error("listening on {0}: {1}")]
+    Listen(Multiaddr, String),
+    /// The API socket could not be opened.
+    #[error(transparent)]
+    Socket(#[from] crate::socket::SocketError),
+}
+
+/// The daemon's counters, in the registry given to [`Daemon::new`].
+#[derive(Debug, Clone)]
+struct Metrics {
+    connections: Family<Vec<(String, String)>, Counter>,
+    failures: Family<Vec<(String, String)>, Counter>,
+    time_to_socket: telemetry::metrics::Histograms<Vec<(String, String)>>,
+    reservations: Gauge,
+    apps: Gauge,
+    sessions: Gauge,
+}
+
+impl Metrics {
+    fn new(registry: &mut Registry) -> Self {
+        let mut r = telemetry::metrics::Registrar::with_prefix(registry, "natpunch_daemon");
+        Self {
+            connections: r.counters(
+                "connections",
+                "Sockets handed to applications, by side, transport, technique and directness",
+            ),
+            failures: r.counters(
+                "failures",
+                "Connections that ended without a socket, by side",
+            ),
+            time_to_socket: r.latencies(
+                "time_to_socket_seconds",
+                "From the request to the socket, by transport and technique",
+            ),
+            reservations: r.gauge("reservations", "Relay reservations held"),
+            apps: r.gauge("applications", "Applications connected to the API socket"),
+            sessions: r.gauge("sessions", "Connections being made"),
+        }
+    }
+
+    fn record(&self, r: &ConnectionRecord) {
+        let proto = match r.proto {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        };
+        match r.technique {
+            Some(t) => {
+                let labels = vec![
+                    ("side".to_owned(), r.side.to_owned()),
+                    ("proto".to_owned(), proto.to_owned()),
+                    ("technique".to_owned(), technique_name(t).to_owned()),
+                    ("direct".to_owned(), r.direct.to_string()),
+                ];
+                self.connections.get_or_create(&labels).inc();
+                self.time_to_socket
+                    .get_or_create(&vec![
+                        ("proto".to_owned(), proto.to_owned()),
+                        ("technique".to_owned(), technique_name(t).to_owned()),
+                    ])
+                    .observe(r.time_to_socket_ms / 1000.0);
+            }
+            None => {
+                self.failures
+                    .get_or_create(&vec![("side".to_owned(), r.side.to_owned())])
+                    .inc();
+            }
+        }
+    }
+}
+
+/// Counts one in a gauge while it lives, also when its task is aborted.
+struct Counted(Gauge);
+
+impl Counted {
+    fn new(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// What the swarm task is asked by the others.
+enum Command {
+    /// Make sure there is a connection to `peer` (through the relays), then answer.
+    Reach {
+        peer: PeerId,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// What every task reads and some update: this end's addresses and reservations.
+#[derive(Debug, Default, Clone)]
+struct State {
+    /// Relay → the relayed address reserved there.
+    reservations: HashMap<PeerId, Multiaddr>,
+    /// The addresses the relays observed (TCP and QUIC).
+    observed: Vec<Multiaddr>,
+    /// This host's own addresses (from the listeners).
+    local_ips: Vec<Ipv4Addr>,
+    /// The libp2p listen ports: TCP, UDP (QUIC).
+    tcp_port: Option<u16>,
+    udp_port: Option<u16>,
+}
+
+impl State {
+    /// The external IPv4 address the relays see.
+    fn external_ip(&self) -> Option<Ipv4Addr> {
+        self.observed.iter().find_map(|a| match a.iter().next() {
+            Some(Protocol::Ip4(ip)) => Some(ip),
+            _ => None,
+        })
+    }
+
+    /// Whether the NAT keeps a connection's port (observed port = listen port), for `udp`
+    /// (QUIC) or TCP; `None` when nothing was observed on that transport.
+    fn preserves_ports(&self, udp: bool) -> Option<bool> {
+        let listen = if udp { self.udp_port } else { self.tcp_port }?;
+        self.observed.iter().find_map(|a| {
+            let quic = a.iter().any(|p| matches!(p, Protocol::QuicV1));
+            if quic != udp {
+                return None;
+            }
+            a.iter().find_map(|p| match p {
+                Protocol::Tcp(port) | Protocol::Udp(port) => Some(port == listen),
+                _ => None,
+            })
+        })
+    }
+
+    /// The candidates the remote is to use for a technique on local `port`: the external
+    /// address with that port (the NAT keeps free ports, as most do: the relays' observations
+    /// tell), then this host's own addresses (for a remote on the same network).
+    fn candidates_for(&self, port: u16, udp: bool) -> Vec<SocketAddr> {
+        let mut out = Vec::new();
+        if let Some(ip) = self.external_ip()
+            && !self.local_ips.contains(&ip)
+            && self.preserves_ports(udp) != Some(false)
+        {
+            out.push(SocketAddr::new(IpAddr::V4(ip), port));
+        }
+        for ip in &self.local_ips {
+            out.push(SocketAddr::new(IpAddr::V4(*ip), port));
+        }
+        out.truncate(signal::MAX_CANDIDATES);
+        out
+    }
+}
+
+/// A `listen` request: where to deliver the sockets for a service.
+struct Listener {
+    app: u64,
+    id: String,
+    proto: Proto,
+    out: mpsc::Sender<app::Outgoing>,
+}
+
+/// What the tasks share.
+struct Ctx {
+    peer_id: PeerId,
+    config: DaemonConfig,
+    control: libp2p_stream::Control,
+    commands: mpsc::Sender<Command>,
+    state: Mutex<State>,
+    listeners: Mutex<HashMap<String, Vec<Listener>>>,
+    sessions: Arc<Semaphore>,
+    events: mpsc::Sender<DaemonEvent>,
+    metrics: Metrics,
+}
+
+impl Ctx {
+    fn state(&self) -> State {
+        self.state.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    fn report(&self, event: DaemonEvent) {
+        if let DaemonEvent::Connection(r) = &event {
+            self.metrics.record(r);
+        }
+        // A full queue drops the report, never the daemon's work.
+        let _ = self.events.try_send(event);
+    }
+
+    /// The techniques this daemon carries out, in the order `status` lists them.
+    fn techniques(&self) -> Vec<Technique> {
+        let mut t = vec![Technique::UdpPunch, Technique::TcpSimultaneousOpen];
+        if self.config.nutss_ttl.is_some() {
+            t.push(Technique::TcpNutss);
+        }
+        t.push(Technique::Relay);
+        t
+    }
+
+    /// The listener that takes `service` connections of `proto`, if one is alive.
+    fn listener(
+        &self,
+        service: &str,
+        proto: Proto,
+    ) -> Option<(String, mpsc::Sender<app::Outgoing>)> {
+        let mut listeners = self.listeners.lock().ok()?;
+        let list = listeners.get_mut(service)?;
+        list.retain(|l| !l.out.is_closed());
+        list.iter()
+            .find(|l| l.proto == proto)
+            .map(|l| (l.id.clone(), l.out.clone()))
+    }
+}
+
+/// The swarm's behaviours.
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    relay_client: relay::client::Behaviour,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    stream: libp2p_stream::Behaviour,
+}
+
+/// One relay and what is held on it.
+struct RelayState {
+    id: PeerId,
+    /// Its TCP and QUIC addresses, with `/p2p`.
+    addrs: Vec<Multiaddr>,
+    connections: Vec<ConnectionId>,
+    dialing: usize,
+    listener: Option<ListenerId>,
+    reserved: Option<Multiaddr>,
+    next_dial: Option<Instant>,
+    backoff: Duration,
+}
+
+/// The connectivity daemon.
+pub struct Daemon {
+    swarm: Swarm<Behaviour>,
+    ctx: Arc<Ctx>,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Receiver<DaemonEvent>,
+    relays: Vec<RelayState>,
+    /// Dials to remote daemons waiting for a connection.
+    reaching: HashMap<PeerId, Vec<oneshot::Sender<Result<(), String>>>>,
+    api: tokio::net::UnixListener,
+    health: telemetry::Health,
+}
+
+impl fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Daemon")
+            .field("peer_id", &self.ctx.peer_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Daemon {
+    /// Builds the daemon (inside a tokio runtime): the libp2p host with `key`, its metrics in
+    /// `registry`, and the API socket, bound now.
+    ///
+    /// # Errors
+    ///
+    /// No relay or an unusable relay address, the host, listening, or the API socket.
+    pub fn new(
+        key: Keypair,
+        config: DaemonConfig,
+        registry: &mut Registry,
+    ) -> Result<Self, DaemonError> {
+        let relays = relay_states(&config.relays)?;
+        let peer_id = key.public().to_peer_id();
+        let mut swarm = build_swarm(key)?;
+        for a in [
+            Multiaddr::from(config.listen_ip).with(Protocol::Tcp(0)),
+            Multiaddr::from(config.listen_ip)
+                .with(Protocol::Udp(0))
+                .with(Protocol::QuicV1),
+        ] {
+            swarm
+                .listen_on(a.clone())
+                .map_err(|e| DaemonError::Listen(a, e.to_string()))?;
+        }
+        let api = crate::socket::bind(&config.socket)?;
+        let control = swarm.behaviour().stream.new_control();
+        let (commands_tx, commands) = mpsc::channel(64);
+        let (events_tx, events) = mpsc::channel(256);
+        let ctx = Arc::new(Ctx {
+            peer_id,
+            config,
+            control,
+            commands: commands_tx,
+            state: Mutex::new(State::default()),
+            listeners: Mutex::new(HashMap::new()),
+            sessions: Arc::new(Semaphore::new(MAX_SESSIONS)),
+            events: events_tx,
+            metrics: Metrics::new(registry),
+        });
+        Ok(Self {
+            swarm,
+            ctx,
+            commands,
+            events,
+            relays,
+            reaching: HashMap::new(),
+            api,
+            health: telemetry::Health::default(),
+        })
+    }
+
+    /// This daemon's peer ID.
+    pub fn peer_id(&self) -> PeerId {
+        self.ctx.peer_id
+    }
+
+    /// What `/health` answers: a problem while no relay reservation is held.
+    pub fn health(&self) -> telemetry::Health {
+        self.health.clone()
+    }
+
+    /// Serves until `stop` completes, reporting to `report`.
+    pub async fn run(
+        &mut self,
+        stop: impl Future<Output = ()>,
+        report: &mut impl FnMut(DaemonEvent),
+    ) {
+        tokio::pin!(stop);
+        report(DaemonEvent::Started {
+            peer_id: self.ctx.peer_id.to_string(),
+            socket: self.ctx.config.socket.display().to_string(),
+        });
+        let mut incoming = match self.ctx.control.clone().accept(signal::PROTOCOL) {
+            Ok(incoming) => incoming,
+            Err(e) => {
+                report(DaemonEvent::Warning {
+                    message: format!("cannot accept {}: {e}", signal::PROTOCOL),
+                });
+                return;
+            }
+        };
+        self.count_reservations();
+        let apps = Arc::new(Semaphore::new(MAX_APPS));
+        let mut next_app = 0u64;
+        for r in &mut self.relays {
+            r.next_dial = Some(Instant::now());
+        }
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                () = &mut stop => break,
+                event = self.swarm.select_next_some() => self.on_swarm(event, report),
+                Some(command) = self.commands.recv() => self.on_command(command),
+                Some(event) = self.events.recv() => report(event),
+                accepted = self.api.accept() => match accepted {
+                    Ok((conn, _)) => match apps.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            next_app += 1;
+                            let ctx = self.ctx.clone();
+                            let id = next_app;
+                            tokio::spawn(async move {
+                                let _counted = Counted::new(&ctx.metrics.apps);
+                                app::serve(ctx.clone(), id, conn).await;
+                                drop(permit);
+                            });
+                        }
+                        // Beyond the limit the connection is closed at once.
+                        Err(_) => drop(conn),
+                    },
+                    // EMFILE and the like: wait rather than spin.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                },
+                Some((peer, stream)) = incoming.next() => {
+                    match self.ctx.sessions.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            let ctx = self.ctx.clone();
+                            tokio::spawn(async move {
+                                let _counted = Counted::new(&ctx.metrics.sessions);
+                                session::respond(ctx.clone(), peer, stream).await;
+                                drop(permit);
+                            });
+                        }
+                        Err(_) => drop(stream),
+                    }
+                }
+                _ = tick.tick() => self.tick(),
+            }
+        }
+    }
+
+    fn tick(&mut self) {
+        let now = Instant::now();
+        // Relays are dialled from the listen ports (port reuse), once both are known: what
+        // the relays observe is then the NAT's mapping of those ports.
+        let listening = self.update_state(|s| s.tcp_port.is_some() && s.udp_port.is_some());
+        if !listening {
+            return;
+        }
+        for r in &mut self.relays {
+            if r.connections.is_empty() && r.dialing == 0 && r.next_dial.is_some_and(|t| t <= now) {
+                r.next_dial = None;
+                for addr in &r.addrs {
+                    let opts = DialOpts::peer_id(r.id)
+                        .addresses(vec![addr.clone()])
+                        .condition(PeerCondition::Always)
+                        .build();
+                    if self.swarm.dial(opts).is_ok() {
+                        r.dialing += 1;
+                    }
+                }
+                if r.dialing == 0 {
+                    r.next_dial = Some(now + r.backoff);
+                    r.backoff = (r.backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Reach { peer, reply } => {
+                if self.swarm.is_connected(&peer) {
+                    let _ = reply.send(Ok(()));
+                    return;
+                }
+                let addrs: Vec<Multiaddr> = self
+                    .relays
+                    .iter()
+                    .filter(|r| r.reserved.is_some() || !r.connections.is_empty())
+                    .filter_map(|r| r.addrs.first())
+                    .map(|a| {
+                        a.clone()
+                            .with(Protocol::P2pCircuit)
+                            .with(Protocol::P2p(peer))
+                    })
+                    .collect();
+                if addrs.is_empty() {
+                    let _ = reply.send(Err("no relay is connected".into()));
+                    return;
+                }
+                let waiting = self.reaching.entry(peer).or_default();
+                if waiting.len() >= MAX_SESSIONS {
+                    let _ = reply.send(Err("too many connections to this peer at once".into()));
+                    return;
+                }
+                let first = waiting.is_empty();
+                waiting.push(reply);
+                if first {
+                    let opts = DialOpts::peer_id(peer)
+                        .addresses(addrs)
+                        .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .build();
+                    if let Err(e) = self.swarm.dial(opts) {
+                        self.reached(peer, Err(e.to_string()));
+                    }
+                }
+            }
+        }
+    }
+
+    fn reached(&mut self, peer: PeerId, result: Result<(), String>) {
+        for reply in self.reaching.remove(&peer).unwrap_or_default() {
+            let _ = reply.send(result.clone());
+        }
+    }
+
+    fn relay_mut(&mut self, peer: &PeerId) -> Option<&mut RelayState> {
+        self.relays.iter_mut().find(|r| r.id == *peer)
+    }
+
+    fn on_swarm(
+        &mut self,
+        event: SwarmEvent<BehaviourEvent>,
+        report: &mut impl FnMut(DaemonEvent),
+    ) {
+        match event {
+            SwarmEvent::NewListenAddr {
+                listener_id,
+                address,
+            } => {
+                if let Some(r) = self
+                    .relays
+                    .iter_mut()
+                    .find(|r| r.listener == Some(listener_id))
+                {
+                    // One event per reservation, not per relayed address.
+                    if r.reserved.replace(address.clone()).is_none() {
+                        report(DaemonEvent::Reserved {
+                            relay: r.id.to_string(),
+                            address: address.to_string(),
+                        });
+                    }
+                    r.backoff = Duration::from_secs(1);
+                    let id = r.id;
+                    self.update_state(|s| {
+                        s.reservations.entry(id).or_insert(address);
+                    });
+                    self.count_reservations();
+                    return;
+                }
+                let mut it = address.iter();
+                if let (Some(Protocol::Ip4(ip)), Some(p)) = (it.next(), it.next())
+                    && !ip.is_loopback()
+                {
+                    self.update_state(|s| {
+                        if !s.local_ips.contains(&ip) {
+                            s.local_ips.push(ip);
+                        }
+                        match p {
+                            Protocol::Tcp(port) => s.tcp_port = Some(port),
+                            Protocol::Udp(port) => s.udp_port = Some(port),
+                            _ => {}
+                        }
+                    });
+                }
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => {
+                if let Some(r) = self
+                    .relays
+                    .iter_mut()
+                    .find(|r| r.listener == Some(listener_id))
+                {
+                    r.listener = None;
+                    r.reserved = None;
+                    let id = r.id;
+                    report(DaemonEvent::RelayLost {
+                        relay: id.to_string(),
+                        reason: match reason {
+                            Ok(()) => "the reservation ended".into(),
+                            Err(e) => format!("the reservation failed: {e}"),
+                        },
+                    });
+                    self.update_state(|s| {
+                        s.reservations.remove(&id);
+                    });
+                    self.count_reservations();
+                    self.reserve(id);
+                }
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                ..
+            } => {
+                if let Some(r) = self.relay_mut(&peer_id) {
+                    r.dialing = r.dialing.saturating_sub(1);
+                    r.connections.push(connection_id);
+                } else {
+                    self.reached(peer_id, Ok(()));
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(peer),
+                error,
+                ..
+            } => {
+                if let Some(r) = self.relay_mut(&peer) {
+                    r.dialing = r.dialing.saturating_sub(1);
+                    if r.dialing == 0 && r.connections.is_empty() {
+                        r.next_dial = Some(Instant::now() + r.backoff);
+                        r.backoff = (r.backoff * 2).min(MAX_BACKOFF);
+                        report(DaemonEvent::RelayLost {
+                            relay: peer.to_string(),
+                            reason: format!("dialing it failed: {error}"),
+                        });
+                    }
+                } else if !self.swarm.is_connected(&peer) {
+                    self.reached(peer, Err(error.to_string()));
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                cause,
+                ..
+            } => {
+                if let Some(r) = self.relay_mut(&peer_id) {
+                    r.connections.retain(|c| *c != connection_id);
+                    // One transport's connection died (a new external address, say; QUIC may
+                    // migrate and live on): start over on every transport, so that what the
+                    // relay observes is learnt again.
+                    let others = r.connections.clone();
+                    for c in others {
+                        self.swarm.close_connection(c);
+                    }
+                    let Some(r) = self.relay_mut(&peer_id) else {
+                        return;
+                    };
+                    if r.connections.is_empty() {
+                        r.next_dial = Some(Instant::now());
+                        report(DaemonEvent::RelayLost {
+                            relay: peer_id.to_string(),
+                            reason: cause.map_or_else(
+                                || "the connection closed".to_owned(),
+                                |e| format!("the connection closed: {e}"),
+                            ),
+                        });
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                if self.relay_mut(&peer_id).is_none() {
+                    return;
+                }
+                let observed = info.observed_addr;
+                let quic = observed.iter().any(|p| matches!(p, Protocol::QuicV1));
+                let changed = self.update_state(|s| {
+                    let before = s.observed.clone();
+                    s.observed
+                        .retain(|a| a.iter().any(|p| matches!(p, Protocol::QuicV1)) != quic);
+                    s.observed.push(observed.clone());
+                    s.observed.sort();
+                    before != s.observed
+                });
+                if changed {
+                    report(DaemonEvent::RelayConnected {
+                        relay: peer_id.to_string(),
+                        observed: observed.to_string(),
+                    });
+                }
+                self.reserve(peer_id);
+            }
+            // A relay that stopped answering (a new external address, a dead path): drop the
+            // connection, which dials it again.
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                connection,
+                result: Err(_),
+            })) if self.relay_mut(&peer).is_some() => {
+                self.swarm.close_connection(connection);
+            }
+            _ => {}
+        }
+    }
+
+    /// Asks for a reservation on relay `id`, unless one is held or asked for.
+    fn reserve(&mut self, id: PeerId) {
+        let Some(r) = self.relays.iter().find(|r| r.id == id) else {
+            return;
+        };
+        if r.listener.is_some() || r.connections.is_empty() {
+            return;
+        }
+        let Some(addr) = r.addrs.first().cloned() else {
+            return;
+        };
+        let circuit = addr.with(Protocol::P2pCircuit);
+        if let Ok(listener) = self.swarm.listen_on(circuit)
+            && let Some(r) = self.relay_mut(&id)
+        {
+            r.listener = Some(listener);
+        }
+    }
+
+    /// The reservations held now, in the gauge and in `/health`.
+    fn count_reservations(&self) {
+        let held = self.relays.iter().filter(|r| r.reserved.is_some()).count();
+        self.ctx
+            .metrics
+            .reservations
+            .set(i64::try_from(held).unwrap_or(i64::MAX));
+        self.health
+            .set((held == 0).then(|| "no relay reservation is held".to_owned()));
+    }
+
+    fn update_state<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        match self.ctx.state.lock() {
+            Ok(mut s) => f(&mut s),
+            Err(poisoned) => f(&mut poisoned.into_inner()),
+        }
+    }
+}
+
+fn build_swarm(key: Keypair) -> Result<Swarm<Behaviour>, DaemonError> {
+    let build = |e: &dyn fmt::Display| DaemonError::Build(e.to_string());
+    Ok(libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| build(&e))?
+        .with_quic()
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| build(&e))?
+        .with_behaviour(|key, relay_client| Behaviour {
+            relay_client,
+            identify: identify::Behaviour::new(
+                identify::Config::new("/natpunch/daemon/1".into(), key.public())
+                    .with_agent_version(format!("natpunch-daemon/{}", env!("CARGO_PKG_VERSION"))),
+            ),
+            ping: ping::Behaviour::new(
+                ping::Config::new()
+                    .with_interval(RELAY_PING)
+                    .with_timeout(RELAY_PING_TIMEOUT),
+            ),
+            stream: libp2p_stream::Behaviour::new(),
+        })
+        .map_err(|e| build(&e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build())
+}
+
+/// Each relay with its TCP and QUIC addresses (the missing one on the same port).
+fn relay_states(relays: &[Multiaddr]) -> Result<Vec<RelayState>, DaemonError> {
+    if relays.is_empty() {
+        return Err(DaemonError::NoRelay);
+    }
+    let mut out: Vec<RelayState> = Vec::new();
+    for addr in relays {
+        let Some(Protocol::P2p(id)) = addr.iter().last() else {
+            return Err(DaemonError::RelayAddress(
+                addr.clone(),
+                "needs /p2p/<relay peer id> at the end",
+            ));
+        };
+        let mut it = addr.iter();
+        let ip = it.next().filter(|p| {
+            matches!(
+                p,
+                Protocol::Ip4(_) | Protocol::Ip6(_) | Protocol::Dns(_) | Protocol::Dns4(_)
+            )
+        });
+        let port = addr.iter().find_map(|p| match p {
+            Protocol::Tcp(port) | Protocol::Udp(port) => Some(port),
+            _ => None,
+        });
+        let (Some(ip), Some(port)) = (ip, port) else {
+            return Err(DaemonError::RelayAddress(
+                addr.clone(),
+                "needs an IP address (or DNS name) and a port",
+            ));
+        };
+        let tcp = Multiaddr::empty()
+            .with(ip.clone())
+            .with(Protocol::Tcp(port))
+            .with(Protocol::P2p(id));
+        let quic = Multiaddr::empty()
+            .with(ip)
+            .with(Protocol::Udp(port))
+            .with(Protocol::QuicV1)
+            .with(Protocol::P2p(id));
+        if let Some(r) = out.iter_mut().find(|r| r.id == id) {
+            for a in [tcp, quic] {
+                if !r.addrs.contains(&a) {
+                    r.addrs.push(a);
+                }
+            }
+            continue;
+        }
+        out.push(RelayState {
+            id,
+            addrs: vec![tcp, quic],
+            connections: Vec::new(),
+            dialing: 0,
+            listener: None,
+            reserved: None,
+            next_dial: None,
+            backoff: Duration::from_secs(1),
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_addresses_gain_the_other_transport_and_bad_ones_say_why() {
+        let id = PeerId::random();
+        let tcp: Multiaddr = format!("/ip4/11.0.0.1/tcp/4001/p2p/{id}")
+            .parse()
+            .expect("addr");
+        let r = relay_states(std::slice::from_ref(&tcp)).expect("relay");
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].addrs[0], tcp);
+        assert_eq!(
+            r[0].addrs[1].to_string(),
+            format!("/ip4/11.0.0.1/udp/4001/quic-v1/p2p/{id}")
+        );
+        assert!(matches!(relay_states(&[]), Err(DaemonError::NoRelay)));
+        let bare: Multiaddr = "/ip4/11.0.0.1/tcp/4001".parse().expect("addr");
+        let e = relay_states(&[bare]).err().expect("refused").to_string();
+        assert!(e.contains("/p2p/<relay peer id>"), "{e}");
+    }
+
+    #[test]
+    fn candidates_put_the_external_address_first_unless_the_nat_changes_ports() {
+        let mut s = State {
+            local_ips: vec![Ipv4Addr::new(192, 168, 1, 2)],
+            tcp_port: Some(4000),
+            udp_port: Some(4000),
+            observed: vec!["/ip4/11.0.0.5/tcp/4000".parse().expect("addr")],
+            ..State::default()
+        };
+        let c = s.candidates_for(5000, false);
+        assert_eq!(
+            c,
+            [
+                "11.0.0.5:5000".parse::<SocketAddr>().expect("addr"),
+                "192.168.1.2:5000".parse().expect("addr")
+            ]
+        );
+        // The relay saw another port than the listen port: the NAT does not keep ports, so
+        // the external address with ours would be a guess; it is left out.
+        s.observed = vec!["/ip4/11.0.0.5/tcp/4999".parse().expect("addr")];
+        assert_eq!(s.candidates_for(5000, false).len(), 1);
+        // Nothing observed over UDP: the guess is offered.
+        assert_eq!(s.candidates_for(5000, true).len(), 2);
+    }
+}

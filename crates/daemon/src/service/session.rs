@@ -1,0 +1,795 @@
+//! One connection between two applications, as each daemon makes it.
+//!
+//! The initiator ([`initiate`]) reaches the remote daemon through the relays, opens the
+//! daemons' stream, says hello with its candidates, and runs the plan for both ends' NATs with
+//! a [`Sequencer`]: techniques start and stop as it says, the first direct socket wins, and the
+//! relayed stream itself is the standby. The responder ([`respond`]) checks that an application
+//! listens on the service, answers with its candidates, starts the techniques for the transport
+//! at once, and hands its application the socket the initiator chose, or the relayed stream.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::os::fd::OwnedFd;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use futures::{AsyncReadExt as _, AsyncWriteExt as _};
+use libp2p::PeerId;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::{AbortHandle, JoinSet};
+use tokio_util::compat::FuturesAsyncReadCompatExt as _;
+
+use super::app::Outgoing;
+use super::{Command, ConnectionRecord, Ctx, DaemonEvent, TriedRecord, ms, technique_name};
+use crate::api::{ErrorCode, Event, Proto, Reply, Technique};
+use crate::plan::{self, Action, Connected, DEADLINE, Nat, Sequencer};
+use crate::signal::{self, Candidates, Message, MessageReader, NatInfo};
+use crate::technique::{self, Side};
+
+/// How long reaching the remote daemon and opening the stream may take.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an end waits for the other's hello or welcome.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A socket a technique made.
+enum Made {
+    Tcp(std::net::TcpStream),
+    Udp(UdpSocket),
+}
+
+impl Made {
+    fn into_fd(self) -> OwnedFd {
+        match self {
+            Self::Tcp(s) => s.into(),
+            Self::Udp(s) => s.into(),
+        }
+    }
+}
+
+/// What a technique made, and where it leads.
+struct Punch {
+    made: Made,
+    remote: SocketAddr,
+    rtt: Option<Duration>,
+}
+
+/// The daemons' stream, message by message.
+struct Signal {
+    stream: libp2p::Stream,
+    reader: MessageReader,
+}
+
+impl Signal {
+    fn new(stream: libp2p::Stream) -> Self {
+        Self {
+            stream,
+            reader: MessageReader::default(),
+        }
+    }
+
+    async fn send(&mut self, message: &Message) -> io::Result<()> {
+        self.stream.write_all(&signal::encode(message)).await?;
+        self.stream.flush().await
+    }
+
+    /// The next message; `Ok(None)` when the stream ended.
+    async fn recv(&mut self) -> Result<Option<Message>, String> {
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(m) = self.reader.next_message().map_err(|e| e.to_string())? {
+                return Ok(Some(m));
+            }
+            match self.stream.read(&mut buf).await {
+                Ok(0) => return Ok(None),
+                Ok(n) => self.reader.push(buf.get(..n).unwrap_or_default()),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    /// The stream, with the bytes read past the last message in front.
+    fn into_relayed(self) -> Prefixed<tokio_util::compat::Compat<libp2p::Stream>> {
+        Prefixed {
+            prefix: self.reader.into_rest(),
+            at: 0,
+            inner: self.stream.compat(),
+        }
+    }
+}
+
+/// A stream whose first bytes were read already.
+struct Prefixed<S> {
+    prefix: Vec<u8>,
+    at: usize,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if let Some(rest) = this.prefix.get(this.at..).filter(|r| !r.is_empty()) {
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(rest.get(..n).unwrap_or_default());
+            this.at += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Fresh local ports for a connection's techniques.
+#[derive(Debug, Clone, Copy)]
+struct Ports {
+    udp: u16,
+    tcp: u16,
+    nutss: u16,
+}
+
+impl Ports {
+    fn fresh(proto: Proto, nutss: bool) -> io::Result<Self> {
+        let tcp_port =
+            || -> io::Result<u16> { Ok(TcpListener::bind(("0.0.0.0", 0))?.local_addr()?.port()) };
+        Ok(match proto {
+            Proto::Udp => Self {
+                udp: UdpSocket::bind(("0.0.0.0", 0))?.local_addr()?.port(),
+                tcp: 0,
+                nutss: 0,
+            },
+            Proto::Tcp => Self {
+                udp: 0,
+                tcp: tcp_port()?,
+                nutss: if nutss { tcp_port()? } else { 0 },
+            },
+        })
+    }
+
+    fn of(&self, t: Technique) -> u16 {
+        match t {
+            Technique::UdpPunch => self.udp,
+            Technique::TcpNutss => self.nutss,
+            _ => self.tcp,
+        }
+    }
+}
+
+/// The techniques this end runs for `proto`.
+fn direct_techniques(ctx: &Ctx, proto: Proto) -> Vec<Technique> {
+    let all = ctx.techniques();
+    match proto {
+        Proto::Udp => vec![Technique::UdpPunch],
+        Proto::Tcp => [Technique::TcpSimultaneousOpen, Technique::TcpNutss]
+            .into_iter()
+            .filter(|t| all.contains(t))
+            .collect(),
+    }
+}
+
+fn candidates(ctx: &Ctx, proto: Proto, ports: Ports) -> Candidates {
+    let state = ctx.state();
+    let techniques = direct_techniques(ctx, proto);
+    let mut c = Candidates::default();
+    if techniques.contains(&Technique::UdpPunch) {
+        c.udp = state.candidates_for(ports.udp, true);
+    }
+    if techniques.contains(&Technique::TcpSimultaneousOpen) {
+        c.tcp = state.candidates_for(ports.tcp, false);
+    }
+    if techniques.contains(&Technique::TcpNutss) {
+        c.nutss = state.candidates_for(ports.nutss, false);
+    }
+    c
+}
+
+fn nat_of(info: NatInfo) -> Nat {
+    Nat {
+        mapping: info.mapping,
+        filtering: info.filtering,
+        port_mapped: false,
+    }
+}
+
+/// The techniques running for one connection.
+struct Running {
+    set: JoinSet<(Technique, Result<Punch, String>)>,
+    handles: HashMap<Technique, AbortHandle>,
+}
+
+impl Running {
+    fn new() -> Self {
+        Self {
+            set: JoinSet::new(),
+            handles: HashMap::new(),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        &mut self,
+        t: Technique,
+        port: u16,
+        remote: Vec<SocketAddr>,
+        token: [u8; 16],
+        side: Side,
+        nutss_ttl: Option<u32>,
+        deadline: tokio::time::Instant,
+    ) {
+        let local = SocketAddr::from(([0, 0, 0, 0], port));
+        let handle = self.set.spawn(async move {
+            let result = match t {
+                Technique::UdpPunch => technique::udp_punch(local, &remote, token, deadline)
+                    .await
+                    .map(|p| Punch {
+                        made: Made::Udp(p.socket),
+                        remote: p.remote,
+                        rtt: p.rtt,
+                    }),
+                Technique::TcpSimultaneousOpen | Technique::TcpNutss => {
+                    let ttl = if t == Technique::TcpNutss {
+                        nutss_ttl
+                    } else {
+                        None
+                    };
+                    technique::tcp_simultaneous_open(local, &remote, token, side, ttl, deadline)
+                        .await
+                        .map(|p| Punch {
+                            made: Made::Tcp(p.socket),
+                            remote: p.remote,
+                            rtt: p.rtt,
+                        })
+                }
+                _ => {
+                    return (t, Err("not carried out by this daemon".to_owned()));
+                }
+            };
+            (t, result.map_err(|e| e.to_string()))
+        });
+        self.handles.insert(t, handle);
+    }
+
+    fn stop(&mut self, t: Technique) {
+        if let Some(h) = self.handles.remove(&t) {
+            h.abort();
+        }
+    }
+
+    /// The next technique to end.
+    async fn next(&mut self) -> Option<(Technique, Result<Punch, String>)> {
+        loop {
+            // An error is a technique stopped on purpose (aborted).
+            if let Ok((t, result)) = self.set.join_next().await? {
+                self.handles.remove(&t);
+                return Some((t, result));
+            }
+        }
+    }
+}
+
+/// Makes a socket pair, bridges the daemon's end to `relayed`, and returns the application's.
+fn bridge_relayed(
+    proto: Proto,
+    relayed: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
+) -> io::Result<OwnedFd> {
+    match proto {
+        Proto::Tcp => {
+            let (app, ours) = std::os::unix::net::UnixStream::pair()?;
+            ours.set_nonblocking(true)?;
+            let ours = tokio::net::UnixStream::from_std(ours)?;
+            tokio::spawn(crate::bridge::stream(ours, relayed));
+            Ok(app.into())
+        }
+        Proto::Udp => {
+            let (app, ours) = std::os::unix::net::UnixDatagram::pair()?;
+            ours.set_nonblocking(true)?;
+            let ours = tokio::net::UnixDatagram::from_std(ours)?;
+            tokio::spawn(crate::bridge::datagrams(ours, relayed));
+            Ok(app.into())
+        }
+    }
+}
+
+fn progress(
+    tx: &mpsc::Sender<Outgoing>,
+    id: &str,
+    technique: Technique,
+    step: &str,
+    detail: String,
+) {
+    // Progress is dropped rather than waited for when the application does not read.
+    let _ = tx.try_send(Outgoing::event(
+        id,
+        Event::Progress {
+            technique,
+            step: step.to_owned(),
+            detail,
+        },
+    ));
+}
+
+fn ok(
+    id: &str,
+    technique: Technique,
+    remote: String,
+    rtt: Option<Duration>,
+    fd: OwnedFd,
+) -> Outgoing {
+    Outgoing {
+        reply: Reply {
+            id: id.to_owned(),
+            event: Event::Ok {
+                technique,
+                direct: technique != Technique::Relay,
+                remote,
+                rtt_ms: rtt.map(|d| d.as_secs_f64() * 1000.0),
+                fd: true,
+            },
+        },
+        fd: Some(fd),
+    }
+}
+
+fn elapsed_ms(start: Instant) -> f64 {
+    start.elapsed().as_secs_f64() * 1000.0
+}
+
+/// Connects this end's application `id` to `service` on `peer`; the final event (`ok` with the
+/// socket, or `error`). Progress goes to `tx` as it happens.
+pub(super) async fn initiate(
+    ctx: Arc<Ctx>,
+    id: &str,
+    peer: PeerId,
+    proto: Proto,
+    service: String,
+    tx: &mpsc::Sender<Outgoing>,
+) -> Outgoing {
+    let start = Instant::now();
+    let mut record = ConnectionRecord {
+        side: "initiator",
+        peer: peer.to_string(),
+        service: service.clone(),
+        proto,
+        technique: None,
+        direct: false,
+        time_to_socket_ms: 0.0,
+        tried: Vec::new(),
+        error: None,
+    };
+    let result = initiate_inner(&ctx, id, peer, proto, &service, tx, start, &mut record).await;
+    record.time_to_socket_ms = elapsed_ms(start);
+    let out = match result {
+        Ok(out) => out,
+        Err((code, message)) => {
+            record.error = Some(format!("{code}: {message}"));
+            Outgoing::error(id, code, message)
+        }
+    };
+    ctx.report(DaemonEvent::Connection(record));
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn initiate_inner(
+    ctx: &Ctx,
+    id: &str,
+    peer: PeerId,
+    proto: Proto,
+    service: &str,
+    tx: &mpsc::Sender<Outgoing>,
+    start: Instant,
+    record: &mut ConnectionRecord,
+) -> Result<Outgoing, (ErrorCode, String)> {
+    if peer == ctx.peer_id {
+        return Err((
+            ErrorCode::BadRequest,
+            "that is this daemon's own peer ID".into(),
+        ));
+    }
+    if ctx.state().reservations.is_empty() {
+        return Err((
+            ErrorCode::NoRelay,
+            "this daemon holds no relay reservation yet (see its log, or `status`)".into(),
+        ));
+    }
+    progress(
+        tx,
+        id,
+        Technique::Relay,
+        "reaching",
+        format!("dialling {peer} through the relays"),
+    );
+    let (reply, reached) = oneshot::channel();
+    ctx.commands
+        .send(Command::Reach { peer, reply })
+        .await
+        .map_err(|_| (ErrorCode::Internal, "the daemon is stopping".to_owned()))?;
+    let offline = |why: String| {
+        (
+            ErrorCode::PeerOffline,
+            format!("{peer} cannot be reached through this daemon's relays: {why}"),
+        )
+    };
+    match tokio::time::timeout(OPEN_TIMEOUT, reached).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => return Err(offline(e)),
+        Ok(Err(_)) => return Err((ErrorCode::Internal, "the daemon is stopping".into())),
+        Err(_) => return Err(offline(format!("no connection within {OPEN_TIMEOUT:?}"))),
+    }
+    let stream = tokio::time::timeout(
+        OPEN_TIMEOUT,
+        ctx.control.clone().open_stream(peer, signal::PROTOCOL),
+    )
+    .await
+    .map_err(|_| offline("the stream did not open in time".into()))?
+    .map_err(|e| match e {
+        libp2p_stream::OpenStreamError::UnsupportedProtocol(_) => (
+            ErrorCode::PeerOffline,
+            format!(
+                "{peer} is not a natpunch daemon (it does not speak {})",
+                signal::PROTOCOL
+            ),
+        ),
+        e => offline(e.to_string()),
+    })?;
+    let mut sig = Signal::new(stream);
+    let nutss = ctx.config.nutss_ttl.is_some();
+    let ports = Ports::fresh(proto, nutss)
+        .map_err(|e| (ErrorCode::Internal, format!("no free local port: {e}")))?;
+    let ours = candidates(ctx, proto, ports);
+    let token: [u8; 16] = rand::random();
+    sig.send(&Message::Hello {
+        service: service.to_owned(),
+        proto,
+        token: signal::token_hex(&token),
+        nat: ctx.config.nat,
+        candidates: ours.clone(),
+    })
+    .await
+    .map_err(|e| offline(format!("the stream broke: {e}")))?;
+    progress(
+        tx,
+        id,
+        Technique::Relay,
+        "candidates-sent",
+        format!(
+            "{} addresses through the relay",
+            ours.udp.len() + ours.tcp.len() + ours.nutss.len()
+        ),
+    );
+    let (their_nat, theirs) = match tokio::time::timeout(ANSWER_TIMEOUT, sig.recv()).await {
+        Ok(Ok(Some(Message::Welcome { nat, candidates }))) => (nat, candidates),
+        Ok(Ok(Some(Message::Refuse { code, message }))) => return Err((code, message)),
+        Ok(Ok(Some(other))) => {
+            return Err((
+                ErrorCode::Internal,
+                format!("the remote daemon answered out of turn: {other:?}"),
+            ));
+        }
+        Ok(Ok(None)) => return Err(offline("it closed the stream".into())),
+        Ok(Err(e)) => return Err((ErrorCode::Internal, format!("the remote daemon: {e}"))),
+        Err(_) => return Err(offline(format!("no answer within {ANSWER_TIMEOUT:?}"))),
+    };
+    let implemented = direct_techniques(ctx, proto);
+    let stages: Vec<plan::Stage> = plan::plan(&nat_of(ctx.config.nat), &nat_of(their_nat), proto)
+        .into_iter()
+        .map(|mut s| {
+            s.techniques.retain(|t| implemented.contains(t));
+            s
+        })
+        .filter(|s| !s.techniques.is_empty())
+        .collect();
+    // The stages' budgets run from here, once both ends know each other's candidates.
+    let planned = Instant::now();
+    let mut seq = Sequencer::new(planned, stages);
+    let mut running = Running::new();
+    let deadline = tokio::time::Instant::from_std(planned + DEADLINE);
+    let mut made: HashMap<Technique, Punch> = HashMap::new();
+    let relay_remote = format!("/p2p-circuit/p2p/{peer}");
+    let delivered = loop {
+        let mut decided = None;
+        while let Some(action) = seq.poll_action() {
+            match action {
+                Action::Start(Technique::Relay) => seq.connected(
+                    Instant::now(),
+                    Technique::Relay,
+                    Connected {
+                        remote: relay_remote.clone(),
+                        rtt: None,
+                    },
+                ),
+                Action::Start(t) => {
+                    progress(
+                        tx,
+                        id,
+                        t,
+                        "probing",
+                        format!("{} candidates", theirs.of(t).len()),
+                    );
+                    running.start(
+                        t,
+                        ports.of(t),
+                        theirs.of(t).to_vec(),
+                        token,
+                        Side::Initiator,
+                        ctx.config.nutss_ttl,
+                        deadline,
+                    );
+                }
+                Action::Stop(t) => {
+                    running.stop(t);
+                    made.remove(&t);
+                }
+                Action::Deliver { technique, .. } => decided = Some(Ok(technique)),
+                Action::Fail { code, message } => decided = Some(Err((code, message))),
+            }
+        }
+        if let Some(decided) = decided {
+            break decided;
+        }
+        let wake = seq
+            .poll_timeout()
+            .map_or(deadline, tokio::time::Instant::from_std);
+        tokio::select! {
+            Some((t, result)) = running.next() => match result {
+                Ok(punch) => {
+                    let connected = Connected {
+                        remote: punch.remote.to_string(),
+                        rtt: punch.rtt,
+                    };
+                    made.insert(t, punch);
+                    seq.connected(Instant::now(), t, connected);
+                }
+                Err(e) => {
+                    progress(tx, id, t, "failed", e.clone());
+                    seq.failed(Instant::now(), t, &e);
+                }
+            },
+            () = tokio::time::sleep_until(wake) => seq.handle_timeout(Instant::now()),
+        }
+    };
+    let offset = ms(planned.saturating_duration_since(start));
+    record.tried = seq
+        .tried()
+        .iter()
+        .map(|t| {
+            let mut r = TriedRecord::from(t);
+            r.started_ms += offset;
+            r.ended_ms = r.ended_ms.map(|e| e + offset);
+            r
+        })
+        .collect();
+    let technique = delivered?;
+    for t in direct_techniques(ctx, proto) {
+        if t != technique {
+            running.stop(t);
+        }
+    }
+    record.technique = Some(technique);
+    record.direct = technique != Technique::Relay;
+    if technique == Technique::Relay {
+        sig.send(&Message::UseRelay).await.map_err(|e| {
+            (
+                ErrorCode::Internal,
+                format!("the relayed stream broke: {e}"),
+            )
+        })?;
+        let fd = bridge_relayed(proto, sig.into_relayed())
+            .map_err(|e| (ErrorCode::Internal, format!("making the socket pair: {e}")))?;
+        return Ok(ok(id, technique, relay_remote, None, fd));
+    }
+    let punch = made.remove(&technique).ok_or_else(|| {
+        (
+            ErrorCode::Internal,
+            "the winning socket went missing".to_owned(),
+        )
+    })?;
+    // The responder hands over the same technique's socket; the stream is done after it.
+    let _ = sig.send(&Message::Chose { technique }).await;
+    let _ = sig.stream.close().await;
+    Ok(ok(
+        id,
+        technique,
+        punch.remote.to_string(),
+        punch.rtt,
+        punch.made.into_fd(),
+    ))
+}
+
+/// Answers a remote daemon's stream: checks the service, runs the techniques, and hands the
+/// listening application the socket the initiator chose.
+pub(super) async fn respond(ctx: Arc<Ctx>, peer: PeerId, stream: libp2p::Stream) {
+    let start = Instant::now();
+    let mut sig = Signal::new(stream);
+    let Ok(Ok(Some(Message::Hello {
+        service,
+        proto,
+        token,
+        nat: _,
+        candidates: theirs,
+    }))) = tokio::time::timeout(ANSWER_TIMEOUT, sig.recv()).await
+    else {
+        return;
+    };
+    let Some(token) = signal::parse_token(&token) else {
+        return;
+    };
+    let mut record = ConnectionRecord {
+        side: "responder",
+        peer: peer.to_string(),
+        service: service.clone(),
+        proto,
+        technique: None,
+        direct: false,
+        time_to_socket_ms: 0.0,
+        tried: Vec::new(),
+        error: None,
+    };
+    if ctx.listener(&service, proto).is_none() {
+        let proto_name = match proto {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        };
+        let _ = sig
+            .send(&Message::Refuse {
+                code: ErrorCode::NoService,
+                message: format!(
+                    "nothing listens on service `{service}` ({proto_name}) on {}",
+                    ctx.peer_id
+                ),
+            })
+            .await;
+        return;
+    }
+    let result = respond_inner(
+        &ctx,
+        sig,
+        peer,
+        proto,
+        &service,
+        token,
+        &theirs,
+        start,
+        &mut record,
+    )
+    .await;
+    record.time_to_socket_ms = elapsed_ms(start);
+    if let Err(e) = result {
+        record.error = Some(e);
+    }
+    ctx.report(DaemonEvent::Connection(record));
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn respond_inner(
+    ctx: &Ctx,
+    mut sig: Signal,
+    peer: PeerId,
+    proto: Proto,
+    service: &str,
+    token: [u8; 16],
+    theirs: &Candidates,
+    start: Instant,
+    record: &mut ConnectionRecord,
+) -> Result<(), String> {
+    let nutss = ctx.config.nutss_ttl.is_some();
+    let ports = Ports::fresh(proto, nutss).map_err(|e| format!("no free local port: {e}"))?;
+    let ours = candidates(ctx, proto, ports);
+    sig.send(&Message::Welcome {
+        nat: ctx.config.nat,
+        candidates: ours,
+    })
+    .await
+    .map_err(|e| format!("the stream broke: {e}"))?;
+    let deadline = tokio::time::Instant::from_std(start + DEADLINE);
+    let mut running = Running::new();
+    let mut tried: Vec<TriedRecord> = Vec::new();
+    for t in direct_techniques(ctx, proto) {
+        // Nothing to aim at: the initiator offers none for a technique it does not run.
+        if theirs.of(t).is_empty() {
+            continue;
+        }
+        running.start(
+            t,
+            ports.of(t),
+            theirs.of(t).to_vec(),
+            token,
+            Side::Responder,
+            ctx.config.nutss_ttl,
+            deadline,
+        );
+        tried.push(TriedRecord {
+            technique: technique_name(t).to_owned(),
+            started_ms: elapsed_ms(start),
+            ended_ms: None,
+            result: "running".into(),
+        });
+    }
+    let mut results: HashMap<Technique, Result<Punch, String>> = HashMap::new();
+    let mut chosen: Option<Technique> = None;
+    let end = |tried: &mut Vec<TriedRecord>, t: Technique, result: &str| {
+        if let Some(r) = tried
+            .iter_mut()
+            .find(|r| r.technique == technique_name(t) && r.ended_ms.is_none())
+        {
+            r.ended_ms = Some(elapsed_ms(start));
+            result.clone_into(&mut r.result);
+        }
+    };
+    let outcome: Result<(Technique, String, Option<Duration>, OwnedFd), String> = loop {
+        if let Some(t) = chosen {
+            match results.remove(&t) {
+                Some(Ok(punch)) => {
+                    break Ok((t, punch.remote.to_string(), punch.rtt, punch.made.into_fd()));
+                }
+                Some(Err(e)) => break Err(format!("{}: {e}", technique_name(t))),
+                None => {}
+            }
+        }
+        tokio::select! {
+            message = sig.recv(), if chosen.is_none() => match message {
+                Ok(Some(Message::Chose { technique })) => chosen = Some(technique),
+                Ok(Some(Message::UseRelay)) => break Err(String::new()),
+                Ok(Some(other)) => break Err(format!("the initiator said something out of turn: {other:?}")),
+                Ok(None) => break Err("the initiator went away".into()),
+                Err(e) => break Err(format!("the initiator's stream: {e}")),
+            },
+            Some((t, result)) = running.next() => {
+                end(&mut tried, t, match &result { Ok(_) => "ok", Err(e) => e });
+                results.insert(t, result);
+            }
+            () = tokio::time::sleep_until(deadline) => break Err(format!("no decision within {DEADLINE:?}")),
+        }
+    };
+    for t in direct_techniques(ctx, proto) {
+        running.stop(t);
+        end(&mut tried, t, "stopped");
+    }
+    record.tried = tried;
+    let (technique, remote, rtt, fd) = match outcome {
+        Ok(o) => o,
+        // The relay: the stream carries the applications' bytes from here on.
+        Err(e) if e.is_empty() => {
+            let fd = bridge_relayed(proto, sig.into_relayed())
+                .map_err(|e| format!("making the socket pair: {e}"))?;
+            (
+                Technique::Relay,
+                format!("/p2p-circuit/p2p/{peer}"),
+                None,
+                fd,
+            )
+        }
+        Err(e) => return Err(e),
+    };
+    record.technique = Some(technique);
+    record.direct = technique != Technique::Relay;
+    let Some((id, out)) = ctx.listener(service, proto) else {
+        return Err("the listening application went away".into());
+    };
+    out.send(ok(&id, technique, remote, rtt, fd))
+        .await
+        .map_err(|_| "the listening application went away".to_owned())
+}

@@ -1,0 +1,305 @@
+//! The daemons' own protocol: what two daemons say to each other over a relayed libp2p stream
+//! before they hand their applications a socket.
+//!
+//! The connecting daemon (the initiator) opens a stream with [`PROTOCOL`] to the remote daemon
+//! through a relay both hold reservations on, and sends [`Message::Hello`]: the service and
+//! transport its application wants, a random token, what it knows of its NAT and its
+//! candidates (the addresses each technique will use). The remote daemon (the responder) answers
+//! [`Message::Welcome`] with its own, or [`Message::Refuse`]. Both start the techniques at once;
+//! the initiator decides which socket wins and says so with [`Message::Chose`], or
+//! [`Message::UseRelay`], after which the stream itself carries the application's bytes (for
+//! UDP, datagrams framed by `bridge`).
+//!
+//! Messages are JSON objects, one per line, at most [`MAX_MESSAGE`] bytes. [`MessageReader`]
+//! cuts them out of the stream's bytes without reading past the last one asked for, so that the
+//! bytes after [`Message::UseRelay`] reach the application intact. [`decode`] never panics.
+
+use std::net::SocketAddr;
+
+use behaviour::{Filtering, Mapping};
+use libp2p::StreamProtocol;
+use serde::{Deserialize, Serialize};
+
+use crate::api::{ErrorCode, MAX_NAME, Proto, Technique};
+
+/// The protocol of the daemons' stream.
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/natpunch/daemon/1.0.0");
+/// The longest message line, newline excluded.
+pub const MAX_MESSAGE: usize = 16 * 1024;
+/// The most candidates one technique may offer.
+pub const MAX_CANDIDATES: usize = 16;
+
+/// What an end knows of its NAT (RFC 4787), `None` when unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NatInfo {
+    /// How its NAT maps.
+    #[serde(default)]
+    pub mapping: Option<Mapping>,
+    /// How its NAT filters.
+    #[serde(default)]
+    pub filtering: Option<Filtering>,
+}
+
+/// The addresses an end's techniques use, each list the remote's targets for that technique.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Candidates {
+    /// UDP hole punching.
+    #[serde(default)]
+    pub udp: Vec<SocketAddr>,
+    /// Plain TCP simultaneous open.
+    #[serde(default)]
+    pub tcp: Vec<SocketAddr>,
+    /// TCP simultaneous open with a low-TTL first SYN.
+    #[serde(default)]
+    pub nutss: Vec<SocketAddr>,
+}
+
+impl Candidates {
+    /// The list for `technique` (empty for the ones without candidates).
+    pub fn of(&self, technique: Technique) -> &[SocketAddr] {
+        match technique {
+            Technique::UdpPunch => &self.udp,
+            Technique::TcpSimultaneousOpen => &self.tcp,
+            Technique::TcpNutss => &self.nutss,
+            _ => &[],
+        }
+    }
+}
+
+/// One message between two daemons.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum Message {
+    /// The initiator's request.
+    Hello {
+        /// The service the application wants on the remote daemon.
+        service: String,
+        /// The socket's transport.
+        proto: Proto,
+        /// 32 hex digits, shared by both ends' techniques.
+        token: String,
+        /// The initiator's NAT.
+        nat: NatInfo,
+        /// The initiator's candidates.
+        candidates: Candidates,
+    },
+    /// The responder accepts.
+    Welcome {
+        /// The responder's NAT.
+        nat: NatInfo,
+        /// The responder's candidates.
+        candidates: Candidates,
+    },
+    /// The responder refuses.
+    Refuse {
+        /// Why, for programs (`no-service`, …).
+        code: ErrorCode,
+        /// Why, for people.
+        message: String,
+    },
+    /// The initiator's application got the socket `technique` made; the responder hands its
+    /// application the socket of the same technique. The stream ends after it.
+    Chose {
+        /// The technique.
+        technique: Technique,
+    },
+    /// Nothing direct worked: from the next byte on, the stream carries the applications'
+    /// bytes.
+    UseRelay,
+}
+
+/// Why a message line was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(String);
+
+/// The message on `line` (without its newline), checked: service name, token, candidate counts.
+///
+/// # Errors
+///
+/// What is wrong with it.
+pub fn decode(line: &[u8]) -> Result<Message, Invalid> {
+    if line.len() > MAX_MESSAGE {
+        return Err(Invalid(format!(
+            "a message of more than {MAX_MESSAGE} bytes"
+        )));
+    }
+    let message: Message =
+        serde_json::from_slice(line).map_err(|e| Invalid(format!("not a message: {e}")))?;
+    let check = |c: &Candidates| {
+        if [&c.udp, &c.tcp, &c.nutss]
+            .iter()
+            .any(|l| l.len() > MAX_CANDIDATES)
+        {
+            return Err(Invalid(format!(
+                "more than {MAX_CANDIDATES} candidates for one technique"
+            )));
+        }
+        Ok(())
+    };
+    match &message {
+        Message::Hello {
+            service,
+            token,
+            candidates,
+            ..
+        } => {
+            if !valid_service(service) {
+                return Err(Invalid(format!(
+                    "the service must be 1 to {MAX_NAME} characters of A-Z a-z 0-9 . _ -"
+                )));
+            }
+            if parse_token(token).is_none() {
+                return Err(Invalid("the token must be 32 hex digits".into()));
+            }
+            check(candidates)?;
+        }
+        Message::Welcome { candidates, .. } => check(candidates)?,
+        Message::Refuse { message, .. } if message.len() > 1024 => {
+            return Err(Invalid(
+                "a refusal's message of more than 1,024 bytes".into(),
+            ));
+        }
+        _ => {}
+    }
+    Ok(message)
+}
+
+/// `message` as a line, newline included.
+pub fn encode(message: &Message) -> Vec<u8> {
+    // Every field serialises (no maps with non-string keys, no floats).
+    let mut line = serde_json::to_vec(message).unwrap_or_default();
+    line.push(b'\n');
+    line
+}
+
+/// Whether `service` is a valid service name.
+pub fn valid_service(service: &str) -> bool {
+    !service.is_empty()
+        && service.len() <= MAX_NAME
+        && service
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// The token's hex form.
+pub fn token_hex(token: &[u8; 16]) -> String {
+    token.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The token a hex form stands for.
+pub fn parse_token(hex: &str) -> Option<[u8; 16]> {
+    if hex.len() != 32 || !hex.is_ascii() {
+        return None;
+    }
+    let mut token = [0u8; 16];
+    for (i, b) in token.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(token)
+}
+
+/// Cuts message lines out of a byte stream, keeping what follows the last one.
+#[derive(Debug, Default)]
+pub struct MessageReader {
+    buf: Vec<u8>,
+}
+
+impl MessageReader {
+    /// Adds bytes read from the stream.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete message, if one is buffered.
+    ///
+    /// # Errors
+    ///
+    /// The line is invalid, or no newline came within [`MAX_MESSAGE`] bytes (the stream is then
+    /// of no use).
+    pub fn next_message(&mut self) -> Result<Option<Message>, Invalid> {
+        match self.buf.iter().position(|b| *b == b'\n') {
+            Some(end) => {
+                let line: Vec<u8> = self.buf.drain(..=end).collect();
+                let line = line.strip_suffix(b"\n").unwrap_or(&line);
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                decode(line).map(Some)
+            }
+            None if self.buf.len() > MAX_MESSAGE => {
+                Err(Invalid(format!("no line end within {MAX_MESSAGE} bytes")))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The bytes after the last message taken (the first of the relayed data).
+    pub fn into_rest(self) -> Vec<u8> {
+        self.buf
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello() -> Message {
+        Message::Hello {
+            service: "ssh".into(),
+            proto: Proto::Tcp,
+            token: token_hex(&[7; 16]),
+            nat: NatInfo {
+                mapping: Some(Mapping::EndpointIndependent),
+                filtering: None,
+            },
+            candidates: Candidates {
+                udp: vec![],
+                tcp: vec!["11.0.0.2:4000".parse().expect("addr")],
+                nutss: vec!["11.0.0.2:4001".parse().expect("addr")],
+            },
+        }
+    }
+
+    #[test]
+    fn messages_round_trip_and_the_bytes_after_the_last_one_are_kept() {
+        let mut r = MessageReader::default();
+        let mut bytes = encode(&hello());
+        bytes.extend(encode(&Message::UseRelay));
+        bytes.extend(b"app data\n");
+        // Byte by byte: nothing is lost at any cut.
+        for b in &bytes[..bytes.len() - 3] {
+            r.push(std::slice::from_ref(b));
+        }
+        assert_eq!(r.next_message(), Ok(Some(hello())));
+        assert_eq!(r.next_message(), Ok(Some(Message::UseRelay)));
+        r.push(&bytes[bytes.len() - 3..]);
+        assert_eq!(r.into_rest(), b"app data\n");
+    }
+
+    #[test]
+    fn bad_lines_are_refused_with_the_reason() {
+        let refused = |line: &str| decode(line.as_bytes()).expect_err(line).0;
+        assert!(refused("{").starts_with("not a message"));
+        assert!(refused(r#"{"type":"dance"}"#).contains("unknown variant"));
+        let mut h = serde_json::to_value(hello()).expect("json");
+        h["token"] = "xyz".into();
+        assert_eq!(refused(&h.to_string()), "the token must be 32 hex digits");
+        h["token"] = token_hex(&[1; 16]).into();
+        h["service"] = "a b".into();
+        assert!(refused(&h.to_string()).starts_with("the service must be"));
+        h["service"] = "ok".into();
+        h["candidates"]["udp"] = vec!["1.2.3.4:5"; MAX_CANDIDATES + 1].into();
+        assert!(refused(&h.to_string()).contains("candidates"));
+        let mut r = MessageReader::default();
+        r.push(&vec![b'x'; MAX_MESSAGE + 1]);
+        assert!(r.next_message().is_err());
+    }
+
+    #[test]
+    fn tokens_read_back_and_bad_ones_do_not() {
+        let t = [0xab; 16];
+        assert_eq!(parse_token(&token_hex(&t)), Some(t));
+        assert_eq!(parse_token("ab"), None);
+        assert_eq!(parse_token(&"é".repeat(16)), None);
+        assert_eq!(parse_token(&"g".repeat(32)), None);
+    }
+}

@@ -1,0 +1,653 @@
+//! The connect matrix: applications connected by two daemons behind every pair of NAT presets.
+//!
+//! Each worker builds the matrix lab of [`crate::matrix`] (a relay, and a host behind each
+//! preset on each side). A trial flushes the lab's NAT state, starts a fresh daemon (new
+//! identity) on each side's host, waits for both reservations, has an application listen behind
+//! `b`'s preset and one connect from behind `a`'s, and then moves 1 MiB each way through the
+//! socket the application got: for TCP as a stream echoed back, for UDP as numbered datagrams
+//! echoed back (a window of them in flight, each resent until its echo came), compared byte for
+//! byte. The applications talk to the daemons over their API sockets with `natpunch-client`;
+//! the sockets they get live in the daemons' namespaces.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::io::{Read as _, Write as _};
+use std::net::{Shutdown, TcpStream, UdpSocket};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use natlab::{Lab, LabProcess, Preset};
+use natpunch_client::{Client, Proto, Socket};
+use p2p::relay::RelayEvent;
+use serde::Serialize;
+
+use crate::matrix::{MatrixError, host, pairs_of, topology};
+use crate::stats::quantile;
+
+/// How long a daemon may take to reserve on the relay.
+const RESERVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the transfer may take.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(60);
+/// The bytes moved each way.
+pub const TRANSFER_BYTES: usize = 1 << 20;
+/// The relay's port.
+const RELAY_PORT: u16 = 4001;
+/// A UDP datagram's payload (after its 4-byte sequence number).
+const CHUNK: usize = 1024;
+/// Datagrams in flight.
+const WINDOW: usize = 64;
+/// The first bytes of a daemon's probe datagram, which applications drop.
+const PROBE_MAGIC: &[u8] = b"NPPUNCH1";
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct ConnectConfig {
+    /// The `natpunch` binary.
+    pub exe: PathBuf,
+    /// The presets; every ordered pair (connecting side's, listening side's) is a row.
+    pub presets: Vec<Preset>,
+    /// Only these pairs, when not empty.
+    pub pairs: Vec<(Preset, Preset)>,
+    /// Transports, each its own cells.
+    pub protos: Vec<Proto>,
+    /// Trials per cell.
+    pub trials: u32,
+    /// Host-to-host round trip, ms.
+    pub rtt_ms: u32,
+    /// Labs running trials at once.
+    pub parallel: usize,
+    /// Tell each daemon its NAT's behaviour (as `natpunch nat check` would find it), so that
+    /// pairs that cannot punch go to the relay at once.
+    pub tell_nat: bool,
+    /// Set to stop: no new trial starts.
+    pub stop: Arc<AtomicBool>,
+}
+
+impl ConnectConfig {
+    /// Every pair of every preset, TCP and UDP, 3 trials, 100 ms RTT, 2 labs, NATs told.
+    pub fn new(exe: PathBuf, stop: Arc<AtomicBool>) -> Self {
+        Self {
+            exe,
+            presets: Preset::ALL.to_vec(),
+            pairs: Vec::new(),
+            protos: vec![Proto::Tcp, Proto::Udp],
+            trials: 3,
+            rtt_ms: 100,
+            parallel: 2,
+            tell_nat: true,
+            stop,
+        }
+    }
+}
+
+/// One trial.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectTrial {
+    /// The connecting side's preset.
+    pub a: String,
+    /// The listening side's preset.
+    pub b: String,
+    /// The transport.
+    pub proto: String,
+    /// The technique whose socket the application got.
+    pub technique: Option<String>,
+    /// Whether the socket was direct.
+    pub direct: bool,
+    /// From `connect` to the socket, ms.
+    pub time_to_socket_ms: Option<f64>,
+    /// 1 MiB went each way, byte-exact.
+    pub transfer_ok: bool,
+    /// The transfer's time, ms.
+    pub transfer_ms: Option<f64>,
+    /// What went wrong.
+    pub error: Option<String>,
+}
+
+/// One cell.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectCell {
+    /// The connecting side's preset.
+    pub a: String,
+    /// The listening side's preset.
+    pub b: String,
+    /// `tcp` or `udp`.
+    pub proto: String,
+    /// Trials run.
+    pub trials: u32,
+    /// Trials where the application got a socket that carried 1 MiB each way byte-exact.
+    pub sockets: u32,
+    /// Of those, direct ones.
+    pub direct: u32,
+    /// Winning technique → trials.
+    pub techniques: BTreeMap<String, u32>,
+    /// Median time to socket, ms.
+    pub median_ms: Option<f64>,
+    /// 95th percentile time to socket, ms.
+    pub p95_ms: Option<f64>,
+    /// The errors, distinct.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
+}
+
+/// The whole run.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectReport {
+    /// Cells, in preset order.
+    pub cells: Vec<ConnectCell>,
+    /// Every trial.
+    pub trials: Vec<ConnectTrial>,
+    /// Host-to-host RTT, ms.
+    pub rtt_ms: u32,
+    /// Wall-clock time, s.
+    pub elapsed_secs: f64,
+    /// Stopped before every trial ran.
+    pub interrupted: bool,
+}
+
+impl std::fmt::Display for ConnectReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.interrupted {
+            writeln!(
+                f,
+                "interrupted: the cells below hold only the trials that ran"
+            )?;
+        }
+        writeln!(
+            f,
+            "connect matrix: {} ms host-to-host RTT, 1 MiB each way per trial, {:.0} s",
+            self.rtt_ms, self.elapsed_secs
+        )?;
+        writeln!(
+            f,
+            "{:<16} {:<16} {:<5} {:>8} {:>8} {:>9} {:>9}  techniques",
+            "connects (A)", "listens (B)", "proto", "sockets", "direct", "median", "p95"
+        )?;
+        let ms = |v: Option<f64>| v.map_or("-".to_owned(), |m| format!("{m:.0} ms"));
+        for c in &self.cells {
+            let techniques: Vec<String> = c
+                .techniques
+                .iter()
+                .map(|(t, n)| format!("{t} {n}"))
+                .collect();
+            writeln!(
+                f,
+                "{:<16} {:<16} {:<5} {:>4}/{:<3} {:>4}/{:<3} {:>9} {:>9}  {}{}",
+                c.a,
+                c.b,
+                c.proto,
+                c.sockets,
+                c.trials,
+                c.direct,
+                c.trials,
+                ms(c.median_ms),
+                ms(c.p95_ms),
+                techniques.join(", "),
+                if c.errors.is_empty() {
+                    String::new()
+                } else {
+                    format!("; errors: {}", c.errors.join("; "))
+                }
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn proto_name(p: Proto) -> &'static str {
+    match p {
+        Proto::Tcp => "tcp",
+        Proto::Udp => "udp",
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Job {
+    a: Preset,
+    b: Preset,
+    proto: Proto,
+}
+
+/// Runs the matrix; `progress` hears every finished trial (and how many are done, of how many).
+///
+/// # Errors
+///
+/// No lab or relay could start, so no trial ran.
+pub fn run(
+    config: &ConnectConfig,
+    progress: &(dyn Fn(&ConnectTrial, usize, usize) + Sync),
+) -> Result<ConnectReport, MatrixError> {
+    let started = Instant::now();
+    let pairs = pairs_of(&config.presets, &config.pairs);
+    let mut jobs = VecDeque::new();
+    for _ in 0..config.trials {
+        for &(a, b) in &pairs {
+            for &proto in &config.protos {
+                jobs.push_back(Job { a, b, proto });
+            }
+        }
+    }
+    let total = jobs.len();
+    let jobs = Mutex::new(jobs);
+    let (tx, rx) = mpsc::channel::<Result<ConnectTrial, MatrixError>>();
+    let mut trials = Vec::with_capacity(total);
+    let mut first_error = None;
+    std::thread::scope(|scope| {
+        for _ in 0..config.parallel.clamp(1, total.max(1)) {
+            let tx = tx.clone();
+            let jobs = &jobs;
+            scope.spawn(move || {
+                if let Err(e) = worker(config, jobs, &tx) {
+                    let _ = tx.send(Err(e));
+                }
+            });
+        }
+        drop(tx);
+        for result in rx {
+            match result {
+                Ok(trial) => {
+                    trials.push(trial);
+                    if let Some(last) = trials.last() {
+                        progress(last, trials.len(), total);
+                    }
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+    });
+    if trials.is_empty()
+        && let Some(e) = first_error
+    {
+        return Err(e);
+    }
+    let mut cells = Vec::new();
+    for (a, b) in pairs {
+        for &proto in &config.protos {
+            let these: Vec<&ConnectTrial> = trials
+                .iter()
+                .filter(|t| t.a == a.name() && t.b == b.name() && t.proto == proto_name(proto))
+                .collect();
+            cells.push(cell(a, b, proto, &these));
+        }
+    }
+    Ok(ConnectReport {
+        interrupted: trials.len() < total,
+        cells,
+        trials,
+        rtt_ms: config.rtt_ms,
+        elapsed_secs: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn cell(a: Preset, b: Preset, proto: Proto, trials: &[&ConnectTrial]) -> ConnectCell {
+    let mut techniques = BTreeMap::new();
+    let mut times = Vec::new();
+    let mut errors: Vec<String> = Vec::new();
+    let (mut sockets, mut direct) = (0, 0);
+    for t in trials {
+        if t.transfer_ok {
+            sockets += 1;
+            direct += u32::from(t.direct);
+        }
+        if let Some(technique) = &t.technique {
+            *techniques.entry(technique.clone()).or_insert(0) += 1;
+        }
+        times.extend(t.time_to_socket_ms);
+        if let Some(e) = &t.error
+            && !errors.contains(e)
+        {
+            errors.push(e.clone());
+        }
+    }
+    ConnectCell {
+        a: a.name().to_owned(),
+        b: b.name().to_owned(),
+        proto: proto_name(proto).to_owned(),
+        trials: u32::try_from(trials.len()).unwrap_or(u32::MAX),
+        sockets,
+        direct,
+        techniques,
+        median_ms: quantile(&times, 0.5),
+        p95_ms: quantile(&times, 0.95),
+        errors,
+    }
+}
+
+fn worker(
+    config: &ConnectConfig,
+    jobs: &Mutex<VecDeque<Job>>,
+    tx: &mpsc::Sender<Result<ConnectTrial, MatrixError>>,
+) -> Result<(), MatrixError> {
+    let mut presets = config.presets.clone();
+    for &(a, b) in &config.pairs {
+        for p in [a, b] {
+            if !presets.contains(&p) {
+                presets.push(p);
+            }
+        }
+    }
+    let lab = Lab::build(
+        &topology(&presets, config.rtt_ms),
+        natlab::LabOptions::default(),
+    )?;
+    let dir = std::env::temp_dir().join(format!("natpunch-connect-{}", lab.name()));
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| MatrixError::Worker(format!("creating {}: {e}", dir.display())))?;
+    let result = serve(config, jobs, tx, &lab, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn serve(
+    config: &ConnectConfig,
+    jobs: &Mutex<VecDeque<Job>>,
+    tx: &mpsc::Sender<Result<ConnectTrial, MatrixError>>,
+    lab: &Lab,
+    dir: &std::path::Path,
+) -> Result<(), MatrixError> {
+    let exe = config.exe.to_string_lossy().into_owned();
+    let args = crate::args::relay(dir.join("relay.key"), RELAY_PORT).map_err(MatrixError::Relay)?;
+    let relay = lab
+        .spawn("relay", &exe, &args)
+        .map_err(|e| MatrixError::Relay(natlab::chain(&e).to_string()))?;
+    let line = relay
+        .wait_for("\"event\":\"external-address\"", Duration::from_secs(20))
+        .map_err(|e| MatrixError::Relay(natlab::chain(&e).to_string()))?;
+    let Ok(RelayEvent::ExternalAddress { address }) = serde_json::from_str(&line) else {
+        return Err(MatrixError::Relay(format!("unexpected line: {line}")));
+    };
+    let mut n = 0u64;
+    loop {
+        if config.stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let Some(job) = jobs
+            .lock()
+            .map_err(|_| MatrixError::Worker("the job queue is poisoned".into()))?
+            .pop_front()
+        else {
+            return Ok(());
+        };
+        n += 1;
+        let trial = run_trial(lab, config, &exe, &address, dir, n, job);
+        if tx.send(Ok(trial)).is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// A daemon started for one trial, with its socket and peer ID.
+struct Daemon {
+    _process: LabProcess,
+    socket: PathBuf,
+    peer: String,
+}
+
+fn start_daemon(
+    lab: &Lab,
+    exe: &str,
+    node: &str,
+    relay: &str,
+    dir: &std::path::Path,
+    name: &str,
+    nat: Option<Preset>,
+) -> Result<Daemon, String> {
+    let socket = dir.join(format!("{name}.sock"));
+    let key = dir.join(format!("{name}.key"));
+    let _ = std::fs::remove_file(&key);
+    let args = crate::args::daemon(relay, &socket, &key, nat)?;
+    let process = lab
+        .spawn(node, exe, &args)
+        .map_err(|e| natlab::chain(&e).to_string())?;
+    let started = process
+        .wait_for("\"event\":\"started\"", RESERVE_TIMEOUT)
+        .map_err(|e| format!("the daemon on {node} did not start: {}", natlab::chain(&e)))?;
+    let peer = serde_json::from_str::<serde_json::Value>(&started)
+        .ok()
+        .and_then(|v| v["peer_id"].as_str().map(str::to_owned))
+        .ok_or_else(|| format!("unexpected line: {started}"))?;
+    process
+        .wait_for("\"event\":\"reserved\"", RESERVE_TIMEOUT)
+        .map_err(|e| {
+            format!(
+                "the daemon on {node} did not reserve: {}",
+                natlab::chain(&e)
+            )
+        })?;
+    Ok(Daemon {
+        _process: process,
+        socket,
+        peer,
+    })
+}
+
+fn run_trial(
+    lab: &Lab,
+    config: &ConnectConfig,
+    exe: &str,
+    relay: &str,
+    dir: &std::path::Path,
+    n: u64,
+    job: Job,
+) -> ConnectTrial {
+    let mut trial = ConnectTrial {
+        a: job.a.name().to_owned(),
+        b: job.b.name().to_owned(),
+        proto: proto_name(job.proto).to_owned(),
+        technique: None,
+        direct: false,
+        time_to_socket_ms: None,
+        transfer_ok: false,
+        transfer_ms: None,
+        error: None,
+    };
+    let result = (|| -> Result<(), String> {
+        lab.flush_nat_state()
+            .map_err(|e| natlab::chain(&e).to_string())?;
+        let nat = |p: Preset| config.tell_nat.then_some(p);
+        let a = start_daemon(
+            lab,
+            exe,
+            &host('a', job.a),
+            relay,
+            dir,
+            &format!("a{n}"),
+            nat(job.a),
+        )?;
+        let b = start_daemon(
+            lab,
+            exe,
+            &host('b', job.b),
+            relay,
+            dir,
+            &format!("b{n}"),
+            nat(job.b),
+        )?;
+        let service = format!("matrix-{n}");
+        let mut listening = Client::connect(&b.socket)
+            .map_err(|e| e.to_string())?
+            .listen(&service, job.proto)
+            .map_err(|e| e.to_string())?;
+        let echo = std::thread::spawn(move || -> Result<(), String> {
+            let conn = listening.accept().map_err(|e| e.to_string())?;
+            echo(conn.socket)
+        });
+        let mut client = Client::connect(&a.socket).map_err(|e| e.to_string())?;
+        let asked = Instant::now();
+        let conn = client
+            .connect_peer(&b.peer, job.proto, &service, |_| {})
+            .map_err(|e| e.to_string())?;
+        trial.time_to_socket_ms = Some(asked.elapsed().as_secs_f64() * 1000.0);
+        trial.technique = Some(conn.technique.clone());
+        trial.direct = conn.direct;
+        let moved = Instant::now();
+        let sent = transfer(conn.socket);
+        trial.transfer_ms = Some(moved.elapsed().as_secs_f64() * 1000.0);
+        let echoed = echo
+            .join()
+            .map_err(|_| "the echoing application panicked".to_owned())?;
+        sent.map_err(|e| format!("transfer: {e}"))?;
+        echoed.map_err(|e| format!("echo: {e}"))?;
+        trial.transfer_ok = true;
+        Ok(())
+    })();
+    trial.error = result.err();
+    trial
+}
+
+/// Echoes what comes until the other side is done (a UDP sender: quiet for 3 s), dropping
+/// the daemons' probe datagrams.
+///
+/// # Errors
+///
+/// The socket's, or nothing arrived over UDP.
+pub fn echo(socket: Socket) -> Result<(), String> {
+    match socket {
+        Socket::Tcp(mut s) => {
+            s.set_read_timeout(Some(TRANSFER_TIMEOUT))
+                .map_err(|e| e.to_string())?;
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = s.read(&mut buf).map_err(|e| e.to_string())?;
+                if n == 0 {
+                    return s.shutdown(Shutdown::Write).map_err(|e| e.to_string());
+                }
+                s.write_all(buf.get(..n).unwrap_or_default())
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        Socket::Udp(s) => {
+            // Until the sender has been quiet for a while: it is done.
+            s.set_read_timeout(Some(Duration::from_secs(3)))
+                .map_err(|e| e.to_string())?;
+            let mut buf = vec![0u8; 65_536];
+            let mut echoed = 0usize;
+            loop {
+                match s.recv(&mut buf) {
+                    Ok(n) => {
+                        let d = buf.get(..n).unwrap_or_default();
+                        if d.starts_with(PROBE_MAGIC) {
+                            continue;
+                        }
+                        s.send(d).map_err(|e| e.to_string())?;
+                        echoed += 1;
+                    }
+                    Err(_) if echoed > 0 => return Ok(()),
+                    Err(e) => return Err(format!("nothing arrived: {e}")),
+                }
+            }
+        }
+    }
+}
+
+/// Sends 1 MiB to an [`echo`] and checks that it all comes back, byte for byte.
+///
+/// # Errors
+///
+/// What went wrong or differed.
+pub fn transfer(socket: Socket) -> Result<(), String> {
+    let data: Vec<u8> = (0..TRANSFER_BYTES)
+        .map(|i| u8::try_from((i * 7 + i / 251) % 256).unwrap_or(0))
+        .collect();
+    match socket {
+        Socket::Tcp(s) => transfer_tcp(s, &data),
+        Socket::Udp(s) => transfer_udp(&s, &data),
+    }
+}
+
+fn transfer_tcp(s: TcpStream, data: &[u8]) -> Result<(), String> {
+    s.set_read_timeout(Some(TRANSFER_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    let mut writer = s.try_clone().map_err(|e| e.to_string())?;
+    let owned = data.to_vec();
+    let sender = std::thread::spawn(move || -> std::io::Result<()> {
+        writer.write_all(&owned)?;
+        writer.shutdown(Shutdown::Write)
+    });
+    let mut back = Vec::with_capacity(data.len());
+    let mut reader = s;
+    reader
+        .read_to_end(&mut back)
+        .map_err(|e| format!("after {} bytes back: {e}", back.len()))?;
+    sender
+        .join()
+        .map_err(|_| "the sender panicked".to_owned())?
+        .map_err(|e| e.to_string())?;
+    if back != data {
+        return Err(format!(
+            "{} bytes came back of {}, not the same",
+            back.len(),
+            data.len()
+        ));
+    }
+    Ok(())
+}
+
+fn transfer_udp(s: &UdpSocket, data: &[u8]) -> Result<(), String> {
+    let chunks: Vec<&[u8]> = data.chunks(CHUNK).collect();
+    let total = chunks.len();
+    s.set_read_timeout(Some(Duration::from_millis(50)))
+        .map_err(|e| e.to_string())?;
+    let mut done: HashSet<usize> = HashSet::new();
+    let mut sent_at: BTreeMap<usize, Instant> = BTreeMap::new();
+    let mut next = 0usize;
+    let deadline = Instant::now() + TRANSFER_TIMEOUT;
+    let mut buf = vec![0u8; 65_536];
+    let resend = Duration::from_millis(300);
+    let datagram = |i: usize| -> Vec<u8> {
+        let mut d = u32::try_from(i).unwrap_or(u32::MAX).to_be_bytes().to_vec();
+        d.extend_from_slice(chunks.get(i).copied().unwrap_or_default());
+        d
+    };
+    while done.len() < total {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{} of {total} datagrams echoed in time",
+                done.len()
+            ));
+        }
+        let now = Instant::now();
+        let due: Vec<usize> = sent_at
+            .iter()
+            .filter(|(_, t)| now.duration_since(**t) >= resend)
+            .map(|(i, _)| *i)
+            .collect();
+        for i in due {
+            s.send(&datagram(i)).map_err(|e| e.to_string())?;
+            sent_at.insert(i, now);
+        }
+        while sent_at.len() < WINDOW && next < total {
+            s.send(&datagram(next)).map_err(|e| e.to_string())?;
+            sent_at.insert(next, Instant::now());
+            next += 1;
+        }
+        match s.recv(&mut buf) {
+            Ok(n) => {
+                let d = buf.get(..n).unwrap_or_default();
+                if d.starts_with(PROBE_MAGIC) || n < 4 {
+                    continue;
+                }
+                let seq = d
+                    .get(..4)
+                    .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                    .map_or(usize::MAX, |b| u32::from_be_bytes(b) as usize);
+                if sent_at.contains_key(&seq) {
+                    if d.get(4..) != chunks.get(seq).copied() {
+                        return Err(format!("datagram {seq} came back changed"));
+                    }
+                    sent_at.remove(&seq);
+                    done.insert(seq);
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(())
+}

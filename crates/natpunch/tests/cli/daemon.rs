@@ -1,0 +1,493 @@
+//! `natpunch daemon` in the NAT lab: applications behind NATs get sockets from their daemons,
+//! direct where the NATs allow it and relayed where they do not; the daemon keeps its identity,
+//! follows a renumbered router, and answers bad input and faults without leaking.
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use natlab::{Lab, LabOptions, LabProcess, Topology};
+use natpunch_client::{Client, Proto};
+use serde_json::Value;
+
+use super::Scratch;
+
+/// Three homes (two port-restricted cones, one symmetric NAT), a relay on the internet.
+const HOMES: &str = r#"
+    [router.home-a]
+    nat = "port-restricted"
+    link = { delay_ms = 10 }
+
+    [router.home-b]
+    nat = "port-restricted"
+    link = { delay_ms = 10 }
+
+    [router.home-c]
+    nat = "symmetric"
+    link = { delay_ms = 10 }
+
+    [host.alice]
+    upstream = "home-a"
+
+    [host.bob]
+    upstream = "home-b"
+
+    [host.carol]
+    upstream = "home-c"
+
+    [host.relay]
+"#;
+
+/// A lab with a relay running, and a scratch directory for keys and sockets.
+struct DaemonLab {
+    lab: Lab,
+    dir: Scratch,
+    relay: String,
+    _relay: LabProcess,
+}
+
+impl DaemonLab {
+    fn new(tag: &str) -> Self {
+        let topology = Topology::from_toml(HOMES).expect("topology");
+        let lab = Lab::build(&topology, LabOptions::default()).expect("lab");
+        let dir = Scratch::new(tag);
+        let exe = env!("CARGO_BIN_EXE_natpunch");
+        let args = labrun::args::relay(dir.0.join("relay.key"), 4001).expect("relay flags");
+        let relay = lab.spawn("relay", exe, &args).expect("relay");
+        let line = relay
+            .wait_for("\"event\":\"external-address\"", Duration::from_secs(20))
+            .expect("the relay's address");
+        let relay_addr = serde_json::from_str::<Value>(&line).expect("json")["address"]
+            .as_str()
+            .expect("address")
+            .to_owned();
+        Self {
+            lab,
+            dir,
+            relay: relay_addr,
+            _relay: relay,
+        }
+    }
+
+    /// Starts a daemon on `node` named `name` (its key and socket in the scratch directory),
+    /// told `nat` (a preset name) if given, with `extra` flags; waits for its reservation.
+    fn daemon(
+        &self,
+        node: &str,
+        name: &str,
+        nat: Option<natlab::Preset>,
+        extra: &[&str],
+    ) -> Daemon {
+        let socket = self.dir.0.join(format!("{name}.sock"));
+        let key = self.dir.0.join(format!("{name}.key"));
+        let mut args = labrun::args::daemon(&self.relay, &socket, &key, nat).expect("flags");
+        // A flag given in `extra` replaces the lab's.
+        for flag in extra.iter().filter(|f| f.starts_with("--")) {
+            if let Some(i) = args.iter().position(|a| a == flag) {
+                args.drain(i..(i + 2).min(args.len()));
+            }
+        }
+        args.extend(extra.iter().map(Into::into));
+        let process = self
+            .lab
+            .spawn(node, env!("CARGO_BIN_EXE_natpunch"), &args)
+            .expect("daemon");
+        let started = process
+            .wait_for("\"event\":\"started\"", Duration::from_secs(10))
+            .expect("started");
+        let peer = serde_json::from_str::<Value>(&started).expect("json")["peer_id"]
+            .as_str()
+            .expect("peer id")
+            .to_owned();
+        process
+            .wait_for("\"event\":\"reserved\"", Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("{name} did not reserve: {e}\n{}", process.output()));
+        Daemon {
+            process,
+            socket,
+            peer,
+        }
+    }
+}
+
+struct Daemon {
+    process: LabProcess,
+    socket: PathBuf,
+    peer: String,
+}
+
+/// Echoes every connection to `service` on the daemon at `socket`, until the test ends.
+fn echo_service(socket: &Path, service: &str, proto: Proto) {
+    let mut listener = Client::connect(socket)
+        .expect("the daemon's socket")
+        .listen(service, proto)
+        .expect("listen");
+    std::thread::spawn(move || {
+        while let Ok(conn) = listener.accept() {
+            std::thread::spawn(move || {
+                let _ = labrun::connect::echo(conn.socket);
+            });
+        }
+    });
+}
+
+/// One request line to the daemon at `socket` and the first event it answers with, progress
+/// aside.
+fn ask(socket: &Path, line: &[u8]) -> Value {
+    let mut s = UnixStream::connect(socket).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    s.write_all(line).expect("write");
+    let mut reader = BufReader::new(s);
+    loop {
+        let mut answer = String::new();
+        reader.read_line(&mut answer).expect("answer");
+        let event: Value =
+            serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"));
+        if event["event"] != "progress" {
+            return event;
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root and the NAT lab: ./test runs it"]
+fn daemon_gives_direct_sockets_through_cone_nats_and_relayed_ones_through_a_symmetric_nat() {
+    testkit::require::lab(
+        "daemon_gives_direct_sockets_through_cone_nats_and_relayed_ones_through_a_symmetric_nat",
+    );
+    use natlab::Preset::{PortRestricted, Symmetric};
+    let l = DaemonLab::new("daemon-direct");
+    let alice = l.daemon("alice", "alice", Some(PortRestricted), &[]);
+    let bob = l.daemon("bob", "bob", Some(PortRestricted), &[]);
+    let carol = l.daemon("carol", "carol", Some(Symmetric), &[]);
+    for proto in [Proto::Tcp, Proto::Udp] {
+        echo_service(&bob.socket, "echo", proto);
+        echo_service(&carol.socket, "echo", proto);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+
+    for proto in [Proto::Tcp, Proto::Udp] {
+        // Two port-restricted cones: a direct socket, by hole punching.
+        let mut client = Client::connect(&alice.socket).expect("alice's daemon");
+        let mut steps = Vec::new();
+        let asked = Instant::now();
+        let conn = client
+            .connect_peer(&bob.peer, proto, "echo", |p| steps.push(p.step.clone()))
+            .unwrap_or_else(|e| panic!("{proto:?} to bob: {e}\n{}", alice.process.output()));
+        let took = asked.elapsed();
+        println!("{proto:?} alice → bob: {} in {took:?}", conn.describe("to"));
+        assert!(conn.direct, "{proto:?}: direct: {}", conn.describe("to"));
+        let expected: &[&str] = match proto {
+            Proto::Tcp => &["tcp-simultaneous-open", "tcp-nutss"],
+            Proto::Udp => &["udp-punch"],
+        };
+        assert!(
+            expected.contains(&conn.technique.as_str()),
+            "{}",
+            conn.technique
+        );
+        assert!(
+            conn.remote.starts_with("11.99."),
+            "connected to bob's public address: {}",
+            conn.remote
+        );
+        assert!(steps.contains(&"candidates-sent".to_owned()), "{steps:?}");
+        labrun::connect::transfer(conn.socket).expect("1 MiB each way through the direct socket");
+
+        // A symmetric NAT against a port-restricted cone: no hole punch can work, so the
+        // relayed socket comes at once.
+        let asked = Instant::now();
+        let conn = client
+            .connect_peer(&carol.peer, proto, "echo", |_| {})
+            .unwrap_or_else(|e| panic!("{proto:?} to carol: {e}"));
+        let took = asked.elapsed();
+        println!(
+            "{proto:?} alice → carol: {} in {took:?}",
+            conn.describe("to")
+        );
+        assert!(!conn.direct);
+        assert_eq!(conn.technique, "relay");
+        assert!(
+            took < Duration::from_secs(5),
+            "relayed within 5 s: {took:?}"
+        );
+        labrun::connect::transfer(conn.socket).expect("1 MiB each way through the relay");
+    }
+    // Each side's record of each connection is in its log.
+    let records = |d: &Daemon, side: &str| {
+        d.process
+            .output()
+            .lines()
+            .filter(|l| l.contains("\"event\":\"connection\"") && l.contains(side))
+            .count()
+    };
+    assert_eq!(
+        records(&alice, "\"initiator\""),
+        4,
+        "{}",
+        alice.process.output()
+    );
+    assert_eq!(
+        records(&bob, "\"responder\""),
+        2,
+        "{}",
+        bob.process.output()
+    );
+
+    // status: identity, reservation, techniques.
+    let status = ask(&alice.socket, b"{\"v\":1,\"id\":\"s\",\"op\":\"status\"}\n");
+    assert_eq!(status["event"], "status");
+    assert_eq!(status["peer"], alice.peer.as_str());
+    assert_eq!(
+        status["nat"],
+        "endpoint-independent/address-and-port-dependent"
+    );
+    assert!(
+        status["reservations"][0]
+            .as_str()
+            .is_some_and(|r| r.contains("/p2p-circuit/p2p/"))
+    );
+    assert!(
+        status["techniques"]
+            .as_array()
+            .is_some_and(|t| t.contains(&"udp-punch".into()) && t.contains(&"relay".into()))
+    );
+}
+
+#[test]
+#[ignore = "needs root and the NAT lab: ./test runs it"]
+fn daemon_keeps_its_identity_and_reserves_again_within_5s_after_its_router_is_renumbered() {
+    testkit::require::lab(
+        "daemon_keeps_its_identity_and_reserves_again_within_5s_after_its_router_is_renumbered",
+    );
+    use natlab::Preset::PortRestricted;
+    let mut l = DaemonLab::new("daemon-renumber");
+    let first = l.daemon("alice", "alice", Some(PortRestricted), &[]);
+    let peer = first.peer.clone();
+    drop(first);
+    let alice = l.daemon("alice", "alice", Some(PortRestricted), &[]);
+    assert_eq!(alice.peer, peer, "a restarted daemon keeps its identity");
+    let bob = l.daemon("bob", "bob", Some(PortRestricted), &[]);
+    echo_service(&bob.socket, "echo", Proto::Tcp);
+
+    let seen = alice.process.output().len();
+    let moved = Instant::now();
+    let new = l.lab.renumber_router("home-a", None).expect("renumber");
+    let new_text = format!("/ip4/{new}/");
+    let deadline = moved + Duration::from_secs(5);
+    loop {
+        let out = alice.process.output();
+        let after = out.get(seen..).unwrap_or_default();
+        let observed = after
+            .lines()
+            .any(|l| l.contains("\"event\":\"relay-connected\"") && l.contains(&new_text));
+        if observed && after.contains("\"event\":\"reserved\"") {
+            println!(
+                "renumbered: reserved again {:?} after the change",
+                moved.elapsed()
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new reservation at {new} within 5 s:\n{after}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let conn = Client::connect(&alice.socket)
+        .expect("alice")
+        .connect_peer(&bob.peer, Proto::Tcp, "echo", |_| {})
+        .expect("a connection after the renumbering");
+    assert!(conn.direct, "{}", conn.describe("to"));
+    assert!(conn.remote.starts_with("11.99."), "{}", conn.describe("to"));
+    labrun::connect::transfer(conn.socket).expect("1 MiB each way");
+}
+
+/// The number of descriptors process `pid` holds.
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
+#[test]
+#[ignore = "needs root and the NAT lab: ./test runs it"]
+fn daemon_answers_bad_input_and_faults_with_clear_errors_keeps_serving_and_leaks_nothing() {
+    testkit::require::lab(
+        "daemon_answers_bad_input_and_faults_with_clear_errors_keeps_serving_and_leaks_nothing",
+    );
+    use natlab::Preset::PortRestricted;
+    let l = DaemonLab::new("daemon-faults");
+    let alice = l.daemon(
+        "alice",
+        "alice",
+        Some(PortRestricted),
+        &["--telemetry-port", "13001"],
+    );
+    let bob = l.daemon("bob", "bob", Some(PortRestricted), &[]);
+    echo_service(&bob.socket, "echo", Proto::Tcp);
+    std::thread::sleep(Duration::from_millis(200));
+    let pid = alice.process.pid().expect("pid");
+    // One connection first, so that what a first connection sets up for good (the relayed
+    // connection to bob, its streams' buffers) is there before counting.
+    let warm = Client::connect(&alice.socket)
+        .expect("alice")
+        .connect_peer(&bob.peer, Proto::Tcp, "echo", |_| {})
+        .expect("warm-up connection");
+    labrun::connect::transfer(warm.socket).expect("warm-up transfer");
+    std::thread::sleep(Duration::from_millis(500));
+    let fds_before = fds(pid);
+
+    // Bad lines, each with its precise error; the connection stays usable.
+    let code = |line: &[u8]| {
+        ask(&alice.socket, line)["code"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    };
+    assert_eq!(code(b"{not json\n"), "bad-request");
+    assert_eq!(code(b"{\"v\":1,\"op\":\"dance\"}\n"), "unknown-op");
+    assert_eq!(
+        code(b"{\"v\":2,\"op\":\"status\"}\n"),
+        "unsupported-version"
+    );
+    assert_eq!(code(b"{\"v\":1,\"op\":\"connect\"}\n"), "bad-request");
+    let mut huge = vec![b'x'; 70_000];
+    huge.push(b'\n');
+    assert_eq!(code(&huge), "too-large");
+    let mut s = UnixStream::connect(&alice.socket).expect("connect");
+    s.write_all(b"garbage\n{\"v\":1,\"id\":\"after\",\"op\":\"status\"}\n")
+        .expect("write");
+    let mut lines = BufReader::new(s.try_clone().expect("clone")).lines();
+    let first: Value =
+        serde_json::from_str(&lines.next().expect("line").expect("read")).expect("json");
+    let second: Value =
+        serde_json::from_str(&lines.next().expect("line").expect("read")).expect("json");
+    assert_eq!(first["code"], "bad-request");
+    assert_eq!(
+        (second["id"].as_str(), second["event"].as_str()),
+        (Some("after"), Some("status"))
+    );
+    drop((s, lines));
+
+    // A peer no relay knows, and a service nobody listens on.
+    let offline = libp2p::PeerId::random().to_string();
+    let line = format!("{{\"v\":1,\"id\":\"o\",\"op\":\"connect\",\"peer\":\"{offline}\"}}\n");
+    let answer = ask(&alice.socket, line.as_bytes());
+    assert_eq!(answer["code"], "peer-offline", "{answer}");
+    let line = format!(
+        "{{\"v\":1,\"id\":\"n\",\"op\":\"connect\",\"peer\":\"{}\",\"service\":\"nobody\"}}\n",
+        bob.peer
+    );
+    let answer = ask(&alice.socket, line.as_bytes());
+    assert_eq!(answer["code"], "no-service", "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("nobody"))
+    );
+
+    // A user the socket is not open to.
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_natpunch"))
+        .args(["connect", "--socket"])
+        .arg(&alice.socket)
+        .arg(&bob.peer)
+        .output()
+        .expect("setpriv");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("not open to this user"), "{err}");
+
+    // Applications that go away in the middle of their connect.
+    for _ in 0..5 {
+        let mut s = UnixStream::connect(&alice.socket).expect("connect");
+        let line = format!(
+            "{{\"v\":1,\"id\":\"gone\",\"op\":\"connect\",\"peer\":\"{}\",\"service\":\"echo\"}}\n",
+            bob.peer
+        );
+        s.write_all(line.as_bytes()).expect("write");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // 100 applications at once, a third of them writing garbage: every one gets its answer.
+    let threads: Vec<_> = (0..100)
+        .map(|i| {
+            let socket = alice.socket.clone();
+            let peer = bob.peer.clone();
+            std::thread::spawn(move || -> Result<(), String> {
+                if i % 3 == 0 {
+                    let answer = ask(&socket, b"\x00\xff garbage {\n");
+                    return (answer["code"] == "bad-request")
+                        .then_some(())
+                        .ok_or_else(|| answer.to_string());
+                }
+                let conn = Client::connect(&socket)
+                    .map_err(|e| e.to_string())?
+                    .connect_peer(&peer, Proto::Tcp, "echo", |_| {})
+                    .map_err(|e| e.to_string())?;
+                let natpunch_client::Socket::Tcp(mut s) = conn.socket else {
+                    return Err("not a TCP socket".into());
+                };
+                s.set_read_timeout(Some(Duration::from_secs(20)))
+                    .map_err(|e| e.to_string())?;
+                let hello = format!("hello {i}");
+                s.write_all(hello.as_bytes()).map_err(|e| e.to_string())?;
+                s.shutdown(std::net::Shutdown::Write)
+                    .map_err(|e| e.to_string())?;
+                let mut back = String::new();
+                s.read_to_string(&mut back).map_err(|e| e.to_string())?;
+                (back == hello).then_some(()).ok_or(back)
+            })
+        })
+        .collect();
+    let failures: Vec<String> = threads
+        .into_iter()
+        .filter_map(|t| t.join().expect("thread").err())
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} failed: {failures:?}",
+        failures.len()
+    );
+
+    // Nothing left behind: descriptors, sessions, applications.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let metrics = || {
+        let text = l
+            .lab
+            .run_in("alice", || {
+                super::http_get(([127, 0, 0, 1], 13001).into(), "/metrics")
+            })
+            .expect("alice");
+        let gauge = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+        };
+        (
+            gauge("natpunch_daemon_sessions "),
+            gauge("natpunch_daemon_applications "),
+        )
+    };
+    loop {
+        let now = fds(pid);
+        let (sessions, apps) = metrics();
+        if now <= fds_before && sessions == Some(0.0) && apps == Some(0.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "descriptors {fds_before} → {now}, sessions {sessions:?}, applications {apps:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // And it still serves.
+    let conn = Client::connect(&alice.socket)
+        .expect("alice")
+        .connect_peer(&bob.peer, Proto::Tcp, "echo", |_| {})
+        .expect("a connection after all that");
+    labrun::connect::transfer(conn.socket).expect("1 MiB each way");
+}
