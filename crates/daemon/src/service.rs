@@ -377,13 +377,14 @@ impl State {
     }
 
     /// The candidates the remote is to use for a technique on local `port`: the external
-    /// address with that port (the NAT keeps free ports, as most do: the relays' observations
-    /// tell), then this host's own addresses (for a remote on the same network).
-    fn candidates_for(&self, port: u16, udp: bool) -> Vec<SocketAddr> {
+    /// address with that port, then this host's own addresses (for a remote on the same
+    /// network). When the NAT keeps ports (as the relays' observations tell) the external one
+    /// is right; when it does not, its address still opens a filter that lets in any port of
+    /// it (restricted cone), and the remote's probes carry what the NAT really chose.
+    fn candidates_for(&self, port: u16) -> Vec<SocketAddr> {
         let mut out = Vec::new();
         if let Some(ip) = self.external_ip()
             && !self.local_ips.contains(&ip)
-            && self.preserves_ports(udp) != Some(false)
         {
             out.push(SocketAddr::new(IpAddr::V4(ip), port));
         }
@@ -1035,27 +1036,28 @@ mod tests {
     }
 
     #[test]
-    fn candidates_put_the_external_address_first_unless_the_nat_changes_ports() {
-        let mut s = State {
+    fn candidates_put_the_external_address_first_and_this_hosts_own_after() {
+        let s = State {
             local_ips: vec![Ipv4Addr::new(192, 168, 1, 2)],
             tcp_port: Some(4000),
             udp_port: Some(4000),
-            observed: vec!["/ip4/11.0.0.5/tcp/4000".parse().expect("addr")],
+            observed: vec!["/ip4/11.0.0.5/tcp/4999".parse().expect("addr")],
             ..State::default()
         };
-        let c = s.candidates_for(5000, false);
+        assert_eq!(s.preserves_ports(false), Some(false));
+        assert_eq!(s.preserves_ports(true), None);
         assert_eq!(
-            c,
+            s.candidates_for(5000),
             [
                 "11.0.0.5:5000".parse::<SocketAddr>().expect("addr"),
                 "192.168.1.2:5000".parse().expect("addr")
             ]
         );
-        // The relay saw another port than the listen port: the NAT does not keep ports, so
-        // the external address with ours would be a guess; it is left out.
-        s.observed = vec!["/ip4/11.0.0.5/tcp/4999".parse().expect("addr")];
-        assert_eq!(s.candidates_for(5000, false).len(), 1);
-        // Nothing observed over UDP: the guess is offered.
-        assert_eq!(s.candidates_for(5000, true).len(), 2);
+        // No NAT: the observed address is this host's own, offered once.
+        let open = State {
+            local_ips: vec![Ipv4Addr::new(11, 0, 0, 5)],
+            ..s
+        };
+        assert_eq!(open.candidates_for(5000).len(), 1);
     }
 }

@@ -195,13 +195,13 @@ fn candidates(ctx: &Ctx, proto: Proto, ports: Ports) -> Candidates {
     let techniques = direct_techniques(ctx, proto);
     let mut c = Candidates::default();
     if techniques.contains(&Technique::UdpPunch) {
-        c.udp = state.candidates_for(ports.udp, true);
+        c.udp = state.candidates_for(ports.udp);
     }
     if techniques.contains(&Technique::TcpSimultaneousOpen) {
-        c.tcp = state.candidates_for(ports.tcp, false);
+        c.tcp = state.candidates_for(ports.tcp);
     }
     if techniques.contains(&Technique::TcpNutss) {
-        c.nutss = state.candidates_for(ports.nutss, false);
+        c.nutss = state.candidates_for(ports.nutss);
     }
     c
 }

@@ -43,7 +43,7 @@ use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, timeout_at};
 
@@ -150,6 +150,25 @@ pub async fn tcp_simultaneous_open(
     let (local, _hold) = pin_port(local)?;
     let progress = Arc::new(Progress::default());
     let mut attempts = JoinSet::new();
+    // A SYN from a port we did not aim at (a NAT that picks a new port per destination, in
+    // front of an end whose NAT lets any port of the right address in) finds no socket in
+    // SYN_SENT: a listener on the same port takes it.
+    let listener = bound(local)?;
+    listener.listen(16)?;
+    let listener = TcpListener::from_std(listener.into())?;
+    let first = candidates[0];
+    attempts.spawn(accept_until(
+        listener,
+        Attempt {
+            local,
+            remote: first,
+            token,
+            side,
+            ttl: None,
+            deadline,
+        },
+        Arc::clone(&progress),
+    ));
     for &remote in &candidates {
         let attempt = Attempt {
             local,
@@ -259,6 +278,30 @@ async fn keep_trying(a: Attempt, progress: Arc<Progress>) -> Result<(TcpStream, 
     }
 }
 
+/// Accepts connections on `listener` until one passes the hellos, or the deadline.
+async fn accept_until(
+    listener: TcpListener,
+    a: Attempt,
+    progress: Arc<Progress>,
+) -> Result<(TcpStream, SocketAddr), Stop> {
+    loop {
+        let (stream, from) = match timeout_at(a.deadline, listener.accept()).await {
+            Err(_) => return Err(Stop::Deadline),
+            Ok(Err(e)) => {
+                progress.note(format!("accepting: {e}"));
+                tokio::time::sleep(TCP_RETRY).await;
+                continue;
+            }
+            Ok(Ok(accepted)) => accepted,
+        };
+        match greet(stream, &a).await {
+            Ok(stream) => return Ok((stream, from)),
+            Err(Step::Failed(why)) => progress.note(format!("{from} (accepted): {why}")),
+            Err(Step::Local(e)) => return Err(Stop::Local(e)),
+        }
+    }
+}
+
 /// One socket: connect, exchange hellos, and (responder) wait to be chosen.
 async fn try_once(a: &Attempt) -> Result<TcpStream, Step> {
     let socket = bound(a.local).map_err(Step::Local)?;
@@ -287,7 +330,11 @@ async fn try_once(a: &Attempt) -> Result<TcpStream, Step> {
     if let Err(e) = stream.peer_addr() {
         return Err(Step::Failed(format!("connect: {e}")));
     }
-    let mut stream = stream;
+    greet(stream, a).await
+}
+
+/// A connected socket's hellos and (responder) the initiator's choice.
+async fn greet(mut stream: TcpStream, a: &Attempt) -> Result<TcpStream, Step> {
     let hello_by = (Instant::now() + HELLO_TIMEOUT).min(a.deadline);
     let exchange = async {
         let hello = Hello {
