@@ -41,6 +41,11 @@ pub struct DaemonArgs {
     /// time-exceeded reply from killing the socket).
     #[arg(long, env = "NATPUNCH_DAEMON_NUTSS_TTL", default_value_t = 2)]
     pub nutss_ttl: u32,
+    /// A STUN server (the relay's reflector, or any RFC 8489 server) that tells which external
+    /// port the NAT gave a fresh socket, asked when the NAT does not keep ports [default: each
+    /// relay's IP address, port 3478, where `natpunch relay` answers].
+    #[arg(long, env = "NATPUNCH_DAEMON_STUN_SERVER", value_delimiter = ',')]
+    pub stun_server: Vec<std::net::SocketAddr>,
     /// How this end's NAT maps (RFC 4787), if known.
     #[arg(long, env = "NATPUNCH_DAEMON_MAPPING", value_parser = parse_behaviour::<Mapping>)]
     pub mapping: Option<Mapping>,
@@ -53,11 +58,36 @@ pub struct DaemonArgs {
     pub json: Json,
 }
 
+impl DaemonArgs {
+    /// The STUN servers to ask: `--stun-server`, or each relay's IP address with port 3478.
+    pub fn stun_servers(&self) -> Vec<std::net::SocketAddr> {
+        if !self.stun_server.is_empty() {
+            return self.stun_server.clone();
+        }
+        let mut out = Vec::new();
+        for relay in &self.relay {
+            let ip = relay.iter().find_map(|p| match p {
+                libp2p::multiaddr::Protocol::Ip4(ip) => Some(std::net::IpAddr::V4(ip)),
+                libp2p::multiaddr::Protocol::Ip6(ip) => Some(std::net::IpAddr::V6(ip)),
+                _ => None,
+            });
+            if let Some(ip) = ip {
+                let server = std::net::SocketAddr::new(ip, 3478);
+                if !out.contains(&server) {
+                    out.push(server);
+                }
+            }
+        }
+        out
+    }
+}
+
 crate::write_args!(DaemonArgs {
     relay,
     listen_ip,
     socket,
     nutss_ttl,
+    stun_server,
     mapping,
     filtering;
     identity,

@@ -114,6 +114,10 @@ pub struct RelayArgs {
         value_parser = parse_rate
     )]
     pub circuit_rate_per_ip: RateArg,
+    /// Port of the STUN reflector (UDP and TCP): it tells a daemon behind a NAT which external
+    /// port the NAT gave a fresh socket (0 turns it off).
+    #[arg(long, env = "NATPUNCH_RELAY_STUN_PORT", default_value_t = 3478)]
+    pub stun_port: u16,
     #[command(flatten)]
     pub telemetry: Telemetry<Self>,
     #[command(flatten)]
@@ -178,7 +182,8 @@ crate::write_args!(RelayArgs {
     reservation_rate_per_peer,
     reservation_rate_per_ip,
     circuit_rate_per_peer,
-    circuit_rate_per_ip;
+    circuit_rate_per_ip,
+    stun_port;
     identity,
     telemetry,
     json,

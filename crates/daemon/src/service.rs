@@ -67,6 +67,9 @@ pub struct DaemonConfig {
     pub nutss_ttl: Option<u32>,
     /// What is known of this end's NAT (from `natpunch nat check` or a STUN check at start).
     pub nat: NatInfo,
+    /// STUN reflectors (a relay's, on its STUN port) that tell which external port the NAT
+    /// gave a fresh socket, asked when the NAT does not keep ports; the first is used.
+    pub stun: Vec<SocketAddr>,
 }
 
 /// What the daemon reports.

@@ -48,6 +48,7 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
             mapping: args.mapping,
             filtering: args.filtering,
         },
+        stun: args.stun_servers(),
     };
     let mut registry = prometheus_client::registry::Registry::default();
     let mut d = Daemon::new(key.key, config, &mut registry)?;

@@ -2,6 +2,8 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context as _;
+
 use p2p::relay::{Relay, RelayEvent};
 
 use crate::args::{LoadKey as _, ServeTelemetry as _};
@@ -28,6 +30,17 @@ async fn serve(args: RelayArgs) -> anyhow::Result<ExitCode> {
     if let Some(addr) = args.telemetry.serve(registry, relay.health()).await? {
         eprintln!("relay: metrics on http://{addr}/metrics");
     }
+    let (stop_stun, stun_stopped) = tokio::sync::watch::channel(false);
+    if args.stun_port != 0 {
+        let addr = std::net::SocketAddr::new(args.listen_ip, args.stun_port);
+        let reflector = natcheck::reflector::Reflector::bind(addr)
+            .await
+            .with_context(|| {
+                format!("binding the STUN reflector on {addr} (--stun-port 0 turns it off)")
+            })?;
+        eprintln!("relay: STUN reflector on {addr} (UDP and TCP)");
+        tokio::spawn(reflector.run(stun_stopped));
+    }
     let json = args.json.json;
     let mut report = |e: RelayEvent| {
         if let RelayEvent::NoExternalAddress { message } = &e {
@@ -40,6 +53,7 @@ async fn serve(args: RelayArgs) -> anyhow::Result<ExitCode> {
         }
     };
     relay.run(crate::stop_signal(), &mut report).await;
+    let _ = stop_stun.send(true);
     eprintln!("relay: stopping");
     Ok(ExitCode::SUCCESS)
 }

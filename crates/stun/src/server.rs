@@ -250,10 +250,39 @@ impl Server {
     }
 }
 
+/// The answer of a plain reflector (no RFC 5780 tests) to `bytes` from `from`: a Binding
+/// success response carrying `from` (XOR-MAPPED-ADDRESS and MAPPED-ADDRESS) to a Binding
+/// request, nothing to anything else. A relay answers this on its STUN port so that a daemon
+/// behind it learns which external port its NAT gave a fresh socket.
+pub fn reflect(bytes: &[u8], from: SocketAddr) -> Option<Vec<u8>> {
+    let request = message::decode(bytes).ok()?;
+    if request.class() != MessageClass::Request || request.method() != BINDING {
+        return None;
+    }
+    let mut answer = Message::new(
+        MessageClass::SuccessResponse,
+        BINDING,
+        request.transaction_id(),
+    );
+    answer.add_attribute(XorMappedAddress::new(from));
+    answer.add_attribute(MappedAddress::new(from));
+    Some(message::encode(answer, true))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::message::{binding_request, parse_binding_response};
+
+    #[test]
+    fn the_reflector_answers_a_binding_request_with_the_senders_address_and_nothing_else() {
+        let from = addr(CLIENT);
+        let answer = reflect(&binding_request([9; 12], None, None), from).expect("answered");
+        let parsed = parse_binding_response(&answer).expect("a binding response");
+        assert_eq!((parsed.transaction_id, parsed.mapped), ([9; 12], from));
+        assert_eq!(reflect(&answer, from), None, "a response is not answered");
+        assert_eq!(reflect(b"not stun at all, really", from), None);
+    }
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().expect("address")

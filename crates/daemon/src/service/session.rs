@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use futures::{AsyncReadExt as _, AsyncWriteExt as _};
 use libp2p::PeerId;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::compat::FuturesAsyncReadCompatExt as _;
@@ -32,6 +33,8 @@ use crate::technique::{self, Side};
 
 /// How long reaching the remote daemon and opening the stream may take.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a STUN question over TCP may take.
+const STUN_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long an end waits for the other's hello or welcome.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -190,20 +193,47 @@ fn direct_techniques(ctx: &Ctx, proto: Proto) -> Vec<Technique> {
     }
 }
 
-fn candidates(ctx: &Ctx, proto: Proto, ports: Ports) -> Candidates {
+/// This end's candidates for `proto`'s techniques on `ports`, and the STUN connections that
+/// hold the TCP ports' mappings while they are used. When the relays' observations do not show
+/// that the NAT keeps ports, the STUN reflector tells each port's external address, which goes
+/// first.
+async fn candidates(ctx: &Ctx, proto: Proto, ports: Ports) -> (Candidates, Vec<TcpStream>) {
     let state = ctx.state();
     let techniques = direct_techniques(ctx, proto);
     let mut c = Candidates::default();
-    if techniques.contains(&Technique::UdpPunch) {
-        c.udp = state.candidates_for(ports.udp);
+    let mut held = Vec::new();
+    let stun = ctx.config.stun.first().copied();
+    let udp = proto == Proto::Udp;
+    let ask = stun.filter(|_| state.preserves_ports(udp) != Some(true));
+    for t in techniques {
+        let port = ports.of(t);
+        let mut list = state.candidates_for(port);
+        if let Some(server) = ask {
+            let mapped = if udp {
+                natcheck::reflector::mapped_udp(port, server).await.ok()
+            } else {
+                natcheck::reflector::mapped_tcp(port, server, STUN_TIMEOUT)
+                    .await
+                    .ok()
+                    .map(|(mapped, stream)| {
+                        held.push(stream);
+                        mapped
+                    })
+            };
+            if let Some(mapped) = mapped {
+                list.retain(|a| *a != mapped);
+                list.insert(0, mapped);
+                list.truncate(signal::MAX_CANDIDATES);
+            }
+        }
+        match t {
+            Technique::UdpPunch => c.udp = list,
+            Technique::TcpSimultaneousOpen => c.tcp = list,
+            Technique::TcpNutss => c.nutss = list,
+            _ => {}
+        }
     }
-    if techniques.contains(&Technique::TcpSimultaneousOpen) {
-        c.tcp = state.candidates_for(ports.tcp);
-    }
-    if techniques.contains(&Technique::TcpNutss) {
-        c.nutss = state.candidates_for(ports.nutss);
-    }
-    c
+    (c, held)
 }
 
 fn nat_of(info: NatInfo) -> Nat {
@@ -357,6 +387,43 @@ fn elapsed_ms(start: Instant) -> f64 {
     start.elapsed().as_secs_f64() * 1000.0
 }
 
+/// Reaches `peer` through the relays and opens the daemons' stream to it.
+async fn open(ctx: &Ctx, peer: PeerId) -> Result<libp2p::Stream, (ErrorCode, String)> {
+    let (reply, reached) = oneshot::channel();
+    ctx.commands
+        .send(Command::Reach { peer, reply })
+        .await
+        .map_err(|_| (ErrorCode::Internal, "the daemon is stopping".to_owned()))?;
+    let offline = |why: String| {
+        (
+            ErrorCode::PeerOffline,
+            format!("{peer} cannot be reached through this daemon's relays: {why}"),
+        )
+    };
+    match tokio::time::timeout(OPEN_TIMEOUT, reached).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => return Err(offline(e)),
+        Ok(Err(_)) => return Err((ErrorCode::Internal, "the daemon is stopping".into())),
+        Err(_) => return Err(offline(format!("no connection within {OPEN_TIMEOUT:?}"))),
+    }
+    tokio::time::timeout(
+        OPEN_TIMEOUT,
+        ctx.control.clone().open_stream(peer, signal::PROTOCOL),
+    )
+    .await
+    .map_err(|_| offline("the stream did not open in time".into()))?
+    .map_err(|e| match e {
+        libp2p_stream::OpenStreamError::UnsupportedProtocol(_) => (
+            ErrorCode::PeerOffline,
+            format!(
+                "{peer} is not a natpunch daemon (it does not speak {})",
+                signal::PROTOCOL
+            ),
+        ),
+        e => offline(e.to_string()),
+    })
+}
+
 /// Connects this end's application `id` to `service` on `peer`; the final event (`ok` with the
 /// socket, or `error`). Progress goes to `tx` as it happens.
 pub(super) async fn initiate(
@@ -422,44 +489,19 @@ async fn initiate_inner(
         "reaching",
         format!("dialling {peer} through the relays"),
     );
-    let (reply, reached) = oneshot::channel();
-    ctx.commands
-        .send(Command::Reach { peer, reply })
-        .await
-        .map_err(|_| (ErrorCode::Internal, "the daemon is stopping".to_owned()))?;
+    let nutss = ctx.config.nutss_ttl.is_some();
+    let ports = Ports::fresh(proto, nutss)
+        .map_err(|e| (ErrorCode::Internal, format!("no free local port: {e}")))?;
+    // Reaching the peer and learning this end's own ports (STUN, when the NAT does not keep
+    // them) overlap.
+    let (stream, (ours, _held)) = tokio::join!(open(ctx, peer), candidates(ctx, proto, ports));
+    let mut sig = Signal::new(stream?);
     let offline = |why: String| {
         (
             ErrorCode::PeerOffline,
             format!("{peer} cannot be reached through this daemon's relays: {why}"),
         )
     };
-    match tokio::time::timeout(OPEN_TIMEOUT, reached).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => return Err(offline(e)),
-        Ok(Err(_)) => return Err((ErrorCode::Internal, "the daemon is stopping".into())),
-        Err(_) => return Err(offline(format!("no connection within {OPEN_TIMEOUT:?}"))),
-    }
-    let stream = tokio::time::timeout(
-        OPEN_TIMEOUT,
-        ctx.control.clone().open_stream(peer, signal::PROTOCOL),
-    )
-    .await
-    .map_err(|_| offline("the stream did not open in time".into()))?
-    .map_err(|e| match e {
-        libp2p_stream::OpenStreamError::UnsupportedProtocol(_) => (
-            ErrorCode::PeerOffline,
-            format!(
-                "{peer} is not a natpunch daemon (it does not speak {})",
-                signal::PROTOCOL
-            ),
-        ),
-        e => offline(e.to_string()),
-    })?;
-    let mut sig = Signal::new(stream);
-    let nutss = ctx.config.nutss_ttl.is_some();
-    let ports = Ports::fresh(proto, nutss)
-        .map_err(|e| (ErrorCode::Internal, format!("no free local port: {e}")))?;
-    let ours = candidates(ctx, proto, ports);
     let token: [u8; 16] = rand::random();
     sig.send(&Message::Hello {
         service: service.to_owned(),
@@ -697,7 +739,7 @@ async fn respond_inner(
 ) -> Result<(), String> {
     let nutss = ctx.config.nutss_ttl.is_some();
     let ports = Ports::fresh(proto, nutss).map_err(|e| format!("no free local port: {e}"))?;
-    let ours = candidates(ctx, proto, ports);
+    let (ours, _held) = candidates(ctx, proto, ports).await;
     sig.send(&Message::Welcome {
         nat: ctx.config.nat,
         candidates: ours,
