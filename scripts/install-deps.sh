@@ -8,10 +8,11 @@ set -euo pipefail
 # postgresql: the measurement store's second backend; tests and `bench server` run private
 # servers of their own, so the package's service is not started at install.
 packages=(iproute2 nftables iptables conntrack procps coturn miniupnpd-nftables miniupnpd postgresql)
-# The test suite also opens the campaign's HTML report in headless Chromium, and talks to the
-# daemon's API from a Python client written from the spec.
+# The test suite also opens the campaign's HTML report in headless Chromium, talks to the
+# daemon's API from a Python client written from the spec, and logs in with OpenSSH through
+# `natpunch connect --fdpass`.
 if [[ ${NATPUNCH_TEST_DEPS:-} == 1 ]]; then
-  packages+=(chromium python3)
+  packages+=(chromium python3 openssh-server openssh-client)
 fi
 
 missing=()

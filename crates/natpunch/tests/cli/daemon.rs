@@ -491,3 +491,106 @@ fn daemon_answers_bad_input_and_faults_with_clear_errors_keeps_serving_and_leaks
         .expect("a connection after all that");
     labrun::connect::transfer(conn.socket).expect("1 MiB each way");
 }
+
+#[test]
+#[ignore = "needs root, the NAT lab and OpenSSH: ./test runs it"]
+fn openssh_logs_in_between_two_port_restricted_homes_through_natpunch_connect_fdpass() {
+    let name = "openssh_logs_in_between_two_port_restricted_homes_through_natpunch_connect_fdpass";
+    testkit::require::lab(name);
+    testkit::require::program(name, "sshd", "openssh-server");
+    testkit::require::program(name, "ssh", "openssh-client");
+    use natlab::Preset::PortRestricted;
+    let l = DaemonLab::new("daemon-ssh");
+    let alice = l.daemon("alice", "alice", Some(PortRestricted), &[]);
+    let bob = l.daemon("bob", "bob", Some(PortRestricted), &[]);
+    let dir = &l.dir.0;
+    let keygen = |file: &str| {
+        let out = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(dir.join(file))
+            .output()
+            .expect("ssh-keygen");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    keygen("host_key");
+    keygen("id");
+    std::fs::copy(dir.join("id.pub"), dir.join("authorized_keys")).expect("authorized_keys");
+    let config = dir.join("sshd_config");
+    std::fs::write(
+        &config,
+        format!(
+            "HostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n\
+             PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\nPidFile none\n\
+             LogLevel ERROR\n",
+            d = dir.display()
+        ),
+    )
+    .expect("sshd_config");
+    // sshd wants its privilege-separation directory, which its service would make.
+    std::fs::create_dir_all("/run/sshd").expect("/run/sshd");
+    // bob: every connection to service `ssh` is handed to an sshd in inetd mode.
+    let accept = l
+        .lab
+        .spawn(
+            "bob",
+            env!("CARGO_BIN_EXE_natpunch"),
+            &[
+                "accept".to_owned(),
+                "--service".to_owned(),
+                "ssh".to_owned(),
+                "--socket".to_owned(),
+                bob.socket.display().to_string(),
+                "--exec".to_owned(),
+                format!("/usr/sbin/sshd -i -f {}", config.display()),
+            ],
+        )
+        .expect("accept");
+    std::thread::sleep(Duration::from_millis(300));
+    // alice: ssh, its connection made by natpunch and passed over as a descriptor.
+    let proxy = format!(
+        "ProxyCommand={} connect --socket {} --service ssh --fdpass {}",
+        env!("CARGO_BIN_EXE_natpunch"),
+        alice.socket.display(),
+        bob.peer
+    );
+    let out = l
+        .lab
+        .command("alice", "ssh")
+        .expect("ssh")
+        .args(["-F", "none", "-o", "ProxyUseFdpass=yes", "-o", &proxy])
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+        ])
+        .args(["-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-i"])
+        .arg(dir.join("id"))
+        .args(["root@bob", "echo logged in over natpunch"])
+        .output()
+        .expect("ssh");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success(),
+        "ssh: {stdout}{stderr}\naccept: {}",
+        accept.output()
+    );
+    assert_eq!(stdout.trim(), "logged in over natpunch");
+    // The login went over a direct connection.
+    let record = alice
+        .process
+        .output()
+        .lines()
+        .find(|l| l.contains("\"event\":\"connection\"") && l.contains("\"service\":\"ssh\""))
+        .map(str::to_owned)
+        .expect("alice's record of the connection");
+    let record: Value = serde_json::from_str(&record).expect("json");
+    assert_eq!(record["direct"], true, "{record}");
+}
