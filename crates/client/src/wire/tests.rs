@@ -329,5 +329,5 @@ fn the_session_in_the_spec_is_what_the_client_writes_and_reads() {
         assert!(!matches!(reply.event, Event::Unknown { .. }), "{line}");
         read += 1;
     }
-    assert_eq!(read, 4, "the example session's events");
+    assert_eq!(read, 6, "the example session's events");
 }

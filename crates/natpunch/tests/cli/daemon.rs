@@ -646,3 +646,55 @@ fn openssh_logs_in_between_two_port_restricted_homes_through_natpunch_connect_fd
     let record: Value = serde_json::from_str(&record).expect("json");
     assert_eq!(record["direct"], true, "{record}");
 }
+
+/// The README's demonstration of the daemon, as written there.
+#[test]
+#[ignore = "needs root and the NAT lab: ./test runs it"]
+fn lab_connect_matrix_gives_direct_sockets_through_cones_and_relayed_ones_through_a_symmetric_nat()
+{
+    testkit::require::lab(
+        "lab_connect_matrix_gives_direct_sockets_through_cones_and_relayed_ones_through_a_symmetric_nat",
+    );
+    let out = super::natpunch(&[
+        "lab",
+        "connect-matrix",
+        "--pairs",
+        "port-restricted:port-restricted,port-restricted:symmetric",
+        "--trials",
+        "1",
+        "--json",
+    ]);
+    let stderr = super::stderr(&out);
+    assert!(out.status.success(), "{stderr}");
+    let report: Value = serde_json::from_str(&super::stdout(&out)).expect("json");
+    let cells = report["cells"].as_array().expect("cells");
+    assert_eq!(cells.len(), 4, "{report}");
+    for cell in cells {
+        let (b, proto) = (
+            cell["b"].as_str().expect("b"),
+            cell["proto"].as_str().expect("proto"),
+        );
+        assert_eq!(
+            (cell["trials"].as_u64(), cell["sockets"].as_u64()),
+            (Some(1), Some(1)),
+            "{cell}"
+        );
+        let median = cell["median_ms"].as_f64().expect("median");
+        if b == "symmetric" {
+            assert_eq!(cell["direct"], 0, "{cell}");
+            assert_eq!(cell["techniques"]["relay"], 1, "{cell}");
+            assert!(median < 5000.0, "relayed within 5 s: {cell}");
+        } else {
+            assert_eq!(cell["direct"], 1, "{cell}");
+            let technique = if proto == "udp" { "udp-punch" } else { "tcp-" };
+            assert!(
+                cell["techniques"]
+                    .as_object()
+                    .is_some_and(|t| t.keys().any(|k| k.starts_with(technique))),
+                "{cell}"
+            );
+        }
+    }
+    // Progress on stderr, one line per trial.
+    assert_eq!(stderr.matches("1 MiB each way ok").count(), 4, "{stderr}");
+}
