@@ -11,6 +11,9 @@ pub enum BenchCommand {
     /// Time to a direct connection, natpunch's DCUtR engine against stock rust-libp2p, between
     /// two port-restricted homes in the lab, each as a ratio to the floor.
     Punch(PunchArgs),
+    /// Time to a socket from the daemon (TCP, UDP, and relayed where no punch can work) against
+    /// the libp2p engine's time to direct, between two port-restricted homes in the lab.
+    Connect(ConnectBenchArgs),
     /// The measurement server under concurrent clients: reports/s and latency on SQLite and on
     /// PostgreSQL, with the ratio.
     Server(ServerBenchArgs),
@@ -30,6 +33,19 @@ pub struct PunchArgs {
     /// Throughput tests per connection kind (0: none).
     #[arg(long, env = "NATPUNCH_BENCH_PERF_TRIALS", default_value_t = 3)]
     pub perf_trials: u32,
+    #[command(flatten)]
+    pub json: Json,
+}
+
+#[derive(Debug, Args)]
+#[command(mut_arg("json", |a| a.help("Print the figures as JSON")))]
+pub struct ConnectBenchArgs {
+    /// Connections per arm (and hole punches per transport for the libp2p engine).
+    #[arg(long, env = "NATPUNCH_BENCH_TRIALS", default_value_t = 10)]
+    pub trials: u32,
+    /// Host-to-host round trip through the lab's internet, in ms.
+    #[arg(long, env = "NATPUNCH_BENCH_RTT_MS", default_value_t = 100)]
+    pub rtt_ms: u32,
     #[command(flatten)]
     pub json: Json,
 }

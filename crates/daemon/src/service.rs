@@ -950,7 +950,12 @@ fn build_swarm(key: Keypair) -> Result<Swarm<Behaviour>, DaemonError> {
             stream: libp2p_stream::Behaviour::new(),
         })
         .map_err(|e| build(&e))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        // Streams are negotiated optimistically: a hello leaves with its protocol's name, a
+        // round trip sooner.
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(Duration::from_secs(60))
+                .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+        })
         .build())
 }
 

@@ -378,14 +378,16 @@ fn serve(
     }
 }
 
-/// A daemon started for one trial, with its socket and peer ID.
-struct Daemon {
+/// A daemon started in a lab, with its API socket and peer ID; it stops when dropped.
+pub(crate) struct StartedDaemon {
     _process: LabProcess,
-    socket: PathBuf,
-    peer: String,
+    pub(crate) socket: PathBuf,
+    pub(crate) peer: String,
 }
 
-fn start_daemon(
+/// Starts a daemon with a fresh identity on `node`, its key and socket named `name` in `dir`,
+/// told `nat`; returns once it holds a reservation.
+pub(crate) fn start_daemon(
     lab: &Lab,
     exe: &str,
     node: &str,
@@ -393,7 +395,7 @@ fn start_daemon(
     dir: &std::path::Path,
     name: &str,
     nat: Option<Preset>,
-) -> Result<Daemon, String> {
+) -> Result<StartedDaemon, String> {
     let socket = dir.join(format!("{name}.sock"));
     let key = dir.join(format!("{name}.key"));
     let _ = std::fs::remove_file(&key);
@@ -416,7 +418,7 @@ fn start_daemon(
                 natlab::chain(&e)
             )
         })?;
-    Ok(Daemon {
+    Ok(StartedDaemon {
         _process: process,
         socket,
         peer,
@@ -538,6 +540,42 @@ pub fn echo(socket: Socket) -> Result<(), String> {
                     Err(e) => return Err(format!("nothing arrived: {e}")),
                 }
             }
+        }
+    }
+}
+
+/// Sends a few bytes to an [`echo`] and checks that they come back: the socket works.
+///
+/// # Errors
+///
+/// What went wrong or differed.
+pub fn hello(socket: Socket) -> Result<(), String> {
+    const HELLO: &[u8] = b"hello through natpunch";
+    match socket {
+        Socket::Tcp(mut s) => {
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .map_err(|e| e.to_string())?;
+            s.write_all(HELLO).map_err(|e| e.to_string())?;
+            s.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
+            let mut back = Vec::new();
+            s.read_to_end(&mut back).map_err(|e| e.to_string())?;
+            (back == HELLO)
+                .then_some(())
+                .ok_or_else(|| format!("{} bytes came back changed", back.len()))
+        }
+        Socket::Udp(s) => {
+            s.set_read_timeout(Some(Duration::from_millis(300)))
+                .map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 64];
+            for _ in 0..10 {
+                s.send(HELLO).map_err(|e| e.to_string())?;
+                while let Ok(n) = s.recv(&mut buf) {
+                    if buf.get(..n) == Some(HELLO) {
+                        return Ok(());
+                    }
+                }
+            }
+            Err("no echo over UDP".into())
         }
     }
 }

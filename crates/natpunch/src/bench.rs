@@ -8,12 +8,14 @@ use labrun::bench::punch::{self, PunchBench, PunchProgress};
 use labrun::bench::server::{self as server_bench, ServerBench};
 use labrun::bench::stun::{self, StunBench};
 
-use cli::bench::{BenchCommand, PunchArgs, ServerBenchArgs, StunArgs};
+use cli::bench::{BenchCommand, ConnectBenchArgs, PunchArgs, ServerBenchArgs, StunArgs};
+use labrun::bench::connect::{self as connect_bench, ConnectBench};
 
 pub(crate) fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::Stun(args) => stun(&args),
         BenchCommand::Punch(args) => punch(&args),
+        BenchCommand::Connect(args) => connect(&args),
         BenchCommand::Server(args) => server(&args),
     }
 }
@@ -41,6 +43,23 @@ fn punch(args: &PunchArgs) -> anyhow::Result<ExitCode> {
     let report = punch::run(&bench, &progress)?;
     if args.json.json {
         println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+    } else {
+        print!("{report}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn connect(args: &ConnectBenchArgs) -> anyhow::Result<ExitCode> {
+    natlab::environment::check().map_err(anyhow::Error::msg)?;
+    let bench = ConnectBench {
+        exe: std::env::current_exe().context("finding the natpunch binary")?,
+        trials: args.trials,
+        rtt_ms: args.rtt_ms,
+        stop: crate::stop_flag(),
+    };
+    let report = connect_bench::run(&bench, &|what| eprintln!("bench connect: {what}"))?;
+    if args.json.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{report}");
     }

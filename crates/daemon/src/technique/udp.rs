@@ -12,7 +12,9 @@
 //! Both ends send a probe to every candidate at once, then every 25 ms (one sequence number
 //! per round, from 1). A probe with our token from X gets an ack to X, at most one per 50 ms
 //! per address. An ack with our token from X means X reached us and we reached X: the socket
-//! is connected to X, and the RTT is the time since that round was sent. Before it hands the
+//! is connected to X, and the RTT is the time since that round was sent. So does a probe from
+//! a candidate we have been probing (our probes went where it came from, through the state its
+//! own sends opened): the punch ends half a round trip sooner, without an RTT. Before it hands the
 //! socket over, an end answers the peer once more (a "parting" ack, echoing the peer's last
 //! probe, or 0 if it saw none), waiting up to 300 ms for a probe when it has not answered one
 //! yet, because the peer finishes only when it gets an ack too. Anything else (wrong length,
@@ -241,6 +243,13 @@ impl Puncher {
             (Kind::Probe, State::Lingering { remote, rtt, .. }) if remote == from => {
                 self.peer(from).probe_seq = Some(datagram.seq);
                 self.finish(remote, rtt);
+            }
+            // A probe from an address we have been probing: it reached us, and our probes
+            // went to where it came from, through the state its own sends opened. Done at
+            // once, half a round trip before its ack could come.
+            (Kind::Probe, State::Punching) if self.seq > 0 && self.candidates.contains(&from) => {
+                self.peer(from).probe_seq = Some(datagram.seq);
+                self.finish(from, None);
             }
             (Kind::Probe, _) => {
                 let peer = self.peer(from);

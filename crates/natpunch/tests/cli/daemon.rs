@@ -698,3 +698,27 @@ fn lab_connect_matrix_gives_direct_sockets_through_cones_and_relayed_ones_throug
     // Progress on stderr, one line per trial.
     assert_eq!(stderr.matches("1 MiB each way ok").count(), 4, "{stderr}");
 }
+
+#[test]
+#[ignore = "needs root and the NAT lab: ./test runs it"]
+fn bench_connect_measures_the_daemon_against_the_libp2p_engine_and_prints_the_ratios() {
+    testkit::require::lab(
+        "bench_connect_measures_the_daemon_against_the_libp2p_engine_and_prints_the_ratios",
+    );
+    let out = super::natpunch(&["bench", "connect", "--trials", "1", "--json"]);
+    assert!(out.status.success(), "{}", super::stderr(&out));
+    let report: Value = serde_json::from_str(&super::stdout(&out)).expect("json");
+    let arms = report["arms"].as_array().expect("arms");
+    assert_eq!(arms.len(), 6, "{report}");
+    for arm in arms {
+        assert_eq!(
+            arm["ok"], arm["trials"],
+            "every connection as expected: {arm}"
+        );
+        assert!(arm["median_ms"].as_f64().is_some_and(|m| m > 0.0), "{arm}");
+    }
+    // The ratios are figures, whatever they are: measured, not asserted.
+    for ratio in ["tcp_over_libp2p", "udp_rtts", "relayed_ms"] {
+        assert!(report[ratio].as_f64().is_some(), "{ratio}: {report}");
+    }
+}
