@@ -294,6 +294,42 @@ mod tests {
         assert!(r.next_message().is_err());
     }
 
+    /// A cheap stand-in for the fuzz target `daemon_signal`: random lines, and bytes cut
+    /// into random chunks, never panic the parser or the reader.
+    #[test]
+    fn random_bytes_never_panic_and_what_parses_round_trips() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let good = encode(&hello());
+        for _ in 0..2000 {
+            let mut bytes = good.clone();
+            // Flip a few bytes of a valid message, or take random ones.
+            for _ in 0..(next() % 4) {
+                let at = usize::try_from(next()).unwrap_or(0) % bytes.len();
+                bytes[at] = u8::try_from(next() % 256).unwrap_or(0);
+            }
+            if next() % 3 == 0 {
+                bytes = (0..next() % 64)
+                    .map(|_| u8::try_from(next() % 256).unwrap_or(0))
+                    .collect();
+            }
+            if let Ok(m) = decode(bytes.strip_suffix(b"\n").unwrap_or(&bytes)) {
+                let line = encode(&m);
+                assert_eq!(decode(line.strip_suffix(b"\n").unwrap_or(&line)), Ok(m));
+            }
+            let mut r = MessageReader::default();
+            for chunk in bytes.chunks(usize::try_from(next() % 7 + 1).unwrap_or(1)) {
+                r.push(chunk);
+                while let Ok(Some(_)) = r.next_message() {}
+            }
+        }
+    }
+
     #[test]
     fn tokens_read_back_and_bad_ones_do_not() {
         let t = [0xab; 16];
