@@ -241,6 +241,26 @@ impl Connection {
     }
 }
 
+/// An `initiate` waiting for the other end's `respond`.
+#[derive(Debug)]
+pub struct Initiated {
+    client: Client,
+    id: String,
+    proto: Proto,
+}
+
+impl Initiated {
+    /// Waits for the other end to respond; the socket connected to it.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::Daemon`] when the connection failed; the connection's errors otherwise.
+    pub fn wait(mut self) -> Result<Connection, ClientError> {
+        let (id, proto) = (self.id.clone(), self.proto);
+        self.client.until_connected(id, proto, |_| {})
+    }
+}
+
 /// A connection to the local daemon. One request at a time: a call writes its request and
 /// reads events until the request's answer.
 #[derive(Debug)]
@@ -318,13 +338,84 @@ impl Client {
         peer: &str,
         proto: Proto,
         service: &str,
-        mut on_progress: impl FnMut(&Progress),
+        on_progress: impl FnMut(&Progress),
     ) -> Result<Connection, ClientError> {
         let id = self.send(&Request::Connect {
             peer: peer.to_owned(),
             proto,
             service: service.to_owned(),
         })?;
+        self.until_connected(id, proto, on_progress)
+    }
+
+    /// For applications with a rendezvous of their own: an offer to carry to the other end's
+    /// [`Client::respond`], and an [`Initiated`] that gives the socket once it responded. It
+    /// takes this connection to the daemon; closing it withdraws the offer.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::Daemon`] when the daemon cannot make an offer (`no-relay`); the
+    /// connection's errors otherwise.
+    pub fn initiate(mut self, proto: Proto) -> Result<(String, Initiated), ClientError> {
+        let id = self.send(&Request::Initiate { proto })?;
+        loop {
+            let (reply, _) = self.next_for(&id)?;
+            match reply.event {
+                Event::Offer { offer } => {
+                    return Ok((
+                        offer,
+                        Initiated {
+                            client: self,
+                            id,
+                            proto,
+                        },
+                    ));
+                }
+                Event::Error { code, message } => {
+                    return Err(ClientError::Daemon { code, message });
+                }
+                Event::Unknown { .. } | Event::Progress(_) => {}
+                other => {
+                    return Err(ClientError::Unexpected {
+                        id,
+                        event: other.name().to_owned(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Answers the other end's `offer` (from its [`Client::initiate`], carried by the
+    /// application): a socket connected to it, progress as with [`Client::connect_peer`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::connect_peer`]; `bad-request` for an offer no daemon wrote.
+    pub fn respond(
+        &mut self,
+        offer: &str,
+        on_progress: impl FnMut(&Progress),
+    ) -> Result<Connection, ClientError> {
+        let proto = serde_json::from_str::<serde_json::Value>(offer)
+            .ok()
+            .and_then(|v| v["proto"].as_str().map(str::to_owned))
+            .map_or(
+                Proto::Tcp,
+                |p| if p == "udp" { Proto::Udp } else { Proto::Tcp },
+            );
+        let id = self.send(&Request::Respond {
+            offer: offer.to_owned(),
+        })?;
+        self.until_connected(id, proto, on_progress)
+    }
+
+    /// Reads request `id`'s events until its socket or its error.
+    fn until_connected(
+        &mut self,
+        id: String,
+        proto: Proto,
+        mut on_progress: impl FnMut(&Progress),
+    ) -> Result<Connection, ClientError> {
         loop {
             let (reply, fd) = self.next_for(&id)?;
             match reply.event {

@@ -62,6 +62,16 @@ pub enum Request {
         /// The sockets' transport.
         proto: Proto,
     },
+    /// An offer for the other end's `respond`, and later the socket.
+    Initiate {
+        /// The socket's transport.
+        proto: Proto,
+    },
+    /// The other end's offer, carried by the application.
+    Respond {
+        /// The offer as the other end's daemon wrote it.
+        offer: String,
+    },
     /// Ends the running request `target` of this connection.
     Cancel {
         /// Its id.
@@ -95,6 +105,14 @@ impl Request {
                 put("op", "listen");
                 put("service", service);
                 put("proto", proto.as_str());
+            }
+            Self::Initiate { proto } => {
+                put("op", "initiate");
+                put("proto", proto.as_str());
+            }
+            Self::Respond { offer } => {
+                put("op", "respond");
+                put("offer", offer);
             }
             Self::Cancel { target } => {
                 put("op", "cancel");

@@ -25,8 +25,8 @@
 //! against ICMP time exceeded), each checking a shared token on the wire and returning a
 //! connected std socket.
 //!
-//! What it does not do (yet): direct dials and reversal through port mappings, `initiate` and
-//! `respond`, and finding a NAT's port for a fresh UDP socket when the NAT does not keep ports.
+//! What it does not do (yet): hold port mappings, and so the direct dials and reversal they
+//! would allow; report its connections to a measurement server.
 
 pub mod api;
 pub mod bridge;

@@ -336,6 +336,8 @@ enum Command {
     /// Make sure there is a connection to `peer` (through the relays), then answer.
     Reach {
         peer: PeerId,
+        /// Relayed addresses of `peer` to try besides our own relays' (from an offer).
+        via: Vec<Multiaddr>,
         reply: oneshot::Sender<Result<(), String>>,
     },
 }
@@ -407,6 +409,14 @@ struct Listener {
     out: mpsc::Sender<app::Outgoing>,
 }
 
+/// An `initiate` waiting for the other end's `respond`.
+struct PendingOffer {
+    app: u64,
+    id: String,
+    proto: Proto,
+    out: mpsc::Sender<app::Outgoing>,
+}
+
 /// What the tasks share.
 struct Ctx {
     peer_id: PeerId,
@@ -415,6 +425,8 @@ struct Ctx {
     commands: mpsc::Sender<Command>,
     state: Mutex<State>,
     listeners: Mutex<HashMap<String, Vec<Listener>>>,
+    /// `initiate` requests by their offer's token.
+    offers: Mutex<HashMap<[u8; 16], PendingOffer>>,
     sessions: Arc<Semaphore>,
     events: mpsc::Sender<DaemonEvent>,
     metrics: Metrics,
@@ -441,6 +453,26 @@ impl Ctx {
         }
         t.push(Technique::Relay);
         t
+    }
+
+    /// Where a connection for `service` of `proto` goes: for [`signal::OFFER_SERVICE`], the
+    /// `initiate` whose offer holds `token` (taken: an offer is answered once); otherwise a
+    /// live listener.
+    fn destination(
+        &self,
+        service: &str,
+        proto: Proto,
+        token: [u8; 16],
+    ) -> Option<(String, mpsc::Sender<app::Outgoing>)> {
+        if service != signal::OFFER_SERVICE {
+            return self.listener(service, proto);
+        }
+        let mut offers = self.offers.lock().ok()?;
+        offers.retain(|_, o| !o.out.is_closed());
+        match offers.get(&token) {
+            Some(o) if o.proto == proto => offers.remove(&token).map(|o| (o.id, o.out)),
+            _ => None,
+        }
     }
 
     /// The listener that takes `service` connections of `proto`, if one is alive.
@@ -537,6 +569,7 @@ impl Daemon {
             commands: commands_tx,
             state: Mutex::new(State::default()),
             listeners: Mutex::new(HashMap::new()),
+            offers: Mutex::new(HashMap::new()),
             sessions: Arc::new(Semaphore::new(MAX_SESSIONS)),
             events: events_tx,
             metrics: Metrics::new(registry),
@@ -662,12 +695,12 @@ impl Daemon {
 
     fn on_command(&mut self, command: Command) {
         match command {
-            Command::Reach { peer, reply } => {
+            Command::Reach { peer, via, reply } => {
                 if self.swarm.is_connected(&peer) {
                     let _ = reply.send(Ok(()));
                     return;
                 }
-                let addrs: Vec<Multiaddr> = self
+                let mut addrs: Vec<Multiaddr> = self
                     .relays
                     .iter()
                     .filter(|r| r.reserved.is_some() || !r.connections.is_empty())
@@ -678,6 +711,11 @@ impl Daemon {
                             .with(Protocol::P2p(peer))
                     })
                     .collect();
+                for a in via.into_iter().take(signal::MAX_CANDIDATES) {
+                    if !addrs.contains(&a) {
+                        addrs.push(a);
+                    }
+                }
                 if addrs.is_empty() {
                     let _ = reply.send(Err("no relay is connected".into()));
                     return;

@@ -28,6 +28,87 @@ pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/natpunch/daemon/1.0.0
 pub const MAX_MESSAGE: usize = 16 * 1024;
 /// The most candidates one technique may offer.
 pub const MAX_CANDIDATES: usize = 16;
+/// The service a hello names when it answers an offer (`initiate`/`respond`); its token is the
+/// offer's.
+pub const OFFER_SERVICE: &str = "offer";
+
+/// What `initiate` hands the application to carry to the other end's `respond`: how to reach
+/// this daemon (its peer ID and relayed addresses), the transport, and the token that lets the
+/// other daemon in once. Applications treat it as an opaque string.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offer {
+    /// The version of this format: 1.
+    pub v: u8,
+    /// The initiating daemon's peer ID.
+    pub peer: String,
+    /// Its relayed addresses (`…/p2p-circuit/p2p/<peer>`), at most [`MAX_CANDIDATES`].
+    pub relayed: Vec<String>,
+    /// The socket's transport.
+    pub proto: Proto,
+    /// 32 hex digits.
+    pub token: String,
+}
+
+impl Offer {
+    /// The offer as the string an application carries.
+    pub fn to_text(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// The offer `text` stands for, checked.
+    ///
+    /// # Errors
+    ///
+    /// It is not an offer a natpunch daemon of this version wrote.
+    pub fn parse(text: &str) -> Result<Parsed, Invalid> {
+        let offer: Self = serde_json::from_str(text)
+            .map_err(|e| Invalid(format!("not an offer from a natpunch daemon: {e}")))?;
+        if offer.v != 1 {
+            return Err(Invalid(format!(
+                "an offer of version {}; this daemon reads 1",
+                offer.v
+            )));
+        }
+        if offer.relayed.len() > MAX_CANDIDATES {
+            return Err(Invalid(format!(
+                "more than {MAX_CANDIDATES} relayed addresses"
+            )));
+        }
+        let token = parse_token(&offer.token)
+            .ok_or_else(|| Invalid("the token must be 32 hex digits".into()))?;
+        let peer = offer
+            .peer
+            .parse()
+            .map_err(|_| Invalid(format!("`{}` is not a peer ID", offer.peer)))?;
+        let relayed = offer
+            .relayed
+            .iter()
+            .map(|a| {
+                a.parse()
+                    .map_err(|_| Invalid(format!("`{a}` is not a multiaddr")))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Parsed {
+            peer,
+            relayed,
+            proto: offer.proto,
+            token,
+        })
+    }
+}
+
+/// An offer, read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parsed {
+    /// The initiating daemon.
+    pub peer: libp2p::PeerId,
+    /// Its relayed addresses.
+    pub relayed: Vec<libp2p::Multiaddr>,
+    /// The socket's transport.
+    pub proto: Proto,
+    /// The token.
+    pub token: [u8; 16],
+}
 
 /// What an end knows of its NAT (RFC 4787), `None` when unknown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -328,6 +409,42 @@ mod tests {
                 while let Ok(Some(_)) = r.next_message() {}
             }
         }
+    }
+
+    #[test]
+    fn offers_read_back_and_bad_ones_say_why() {
+        let peer = libp2p::PeerId::random();
+        let relayed: libp2p::Multiaddr =
+            format!("/ip4/11.0.0.1/tcp/4001/p2p/{peer}/p2p-circuit/p2p/{peer}")
+                .parse()
+                .expect("addr");
+        let offer = Offer {
+            v: 1,
+            peer: peer.to_string(),
+            relayed: vec![relayed.to_string()],
+            proto: Proto::Udp,
+            token: token_hex(&[5; 16]),
+        };
+        assert_eq!(
+            Offer::parse(&offer.to_text()),
+            Ok(Parsed {
+                peer,
+                relayed: vec![relayed],
+                proto: Proto::Udp,
+                token: [5; 16]
+            })
+        );
+        let refused = |text: String| Offer::parse(&text).expect_err("refused").0;
+        assert!(refused("hello".into()).starts_with("not an offer"));
+        let mut v = serde_json::to_value(&offer).expect("json");
+        v["v"] = 2.into();
+        assert!(refused(v.to_string()).contains("version 2"));
+        v["v"] = 1.into();
+        v["token"] = "zz".into();
+        assert!(refused(v.to_string()).contains("token"));
+        v["token"] = token_hex(&[5; 16]).into();
+        v["peer"] = "nobody".into();
+        assert!(refused(v.to_string()).contains("not a peer ID"));
     }
 
     #[test]

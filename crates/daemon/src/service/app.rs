@@ -10,8 +10,10 @@ use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 
-use super::{Counted, Ctx, Listener, MAX_LISTENERS, MAX_REQUESTS, session};
+use super::session::Target;
+use super::{Counted, Ctx, Listener, MAX_LISTENERS, MAX_REQUESTS, PendingOffer, session};
 use crate::api::{self, ErrorCode, Event, LineReader, Op, Reply, Request};
+use crate::signal;
 
 /// An event for the application, with the descriptor its `ok` hands over.
 pub(super) struct Outgoing {
@@ -97,6 +99,9 @@ pub(super) async fn serve(ctx: Arc<Ctx>, app: u64, conn: UnixStream) {
         }
     }
     tasks.abort_all();
+    if let Ok(mut offers) = ctx.offers.lock() {
+        offers.retain(|_, o| o.app != app);
+    }
     if let Ok(mut listeners) = ctx.listeners.lock() {
         for list in listeners.values_mut() {
             list.retain(|l| l.app != app);
@@ -144,6 +149,9 @@ fn start(
                     for list in listeners.values_mut() {
                         list.retain(|l| !(l.app == app && l.id == target));
                     }
+                }
+                if let Ok(mut offers) = ctx.offers.lock() {
+                    offers.retain(|_, o| !(o.app == app && o.id == target));
                 }
                 Some(Outgoing::error(
                     &target,
@@ -198,34 +206,127 @@ fn start(
             proto,
             service,
         } => {
-            let ctx = ctx.clone();
-            let tx = tx.clone();
-            let rid = id.clone();
-            let handle = tasks.spawn(async move {
-                let Ok(permit) = ctx.sessions.clone().try_acquire_owned() else {
-                    let _ = tx
-                        .send(Outgoing::error(
-                            &rid,
-                            ErrorCode::Internal,
-                            "the daemon is making as many connections as it may; try again",
-                        ))
-                        .await;
-                    return;
-                };
-                let counted = Counted::new(&ctx.metrics.sessions);
-                let out = session::initiate(ctx.clone(), &rid, peer, proto, service, &tx).await;
-                drop((counted, permit));
-                let _ = tx.send(out).await;
-            });
-            running.insert(id, handle);
+            let target = Target {
+                peer,
+                proto,
+                service,
+                token: None,
+                via: Vec::new(),
+            };
+            running.insert(id.clone(), connect(ctx, id, target, tx, tasks));
             None
         }
-        Op::Initiate { .. } | Op::Respond { .. } => Some(Outgoing::error(
-            &id,
-            ErrorCode::Internal,
-            "initiate and respond are not served by this version of the daemon yet; use connect",
-        )),
+        Op::Initiate { proto } => {
+            let state = ctx.state();
+            if state.reservations.is_empty() {
+                return Some(Outgoing::error(
+                    &id,
+                    ErrorCode::NoRelay,
+                    "this daemon holds no relay reservation yet, so the other end could not \
+                     reach it (see its log, or `status`)",
+                ));
+            }
+            let Ok(mut offers) = ctx.offers.lock() else {
+                return Some(Outgoing::error(
+                    &id,
+                    ErrorCode::Internal,
+                    "the offer table failed",
+                ));
+            };
+            offers.retain(|_, o| !o.out.is_closed());
+            if offers.len() >= MAX_LISTENERS {
+                return Some(Outgoing::error(
+                    &id,
+                    ErrorCode::BadRequest,
+                    format!("this daemon holds at most {MAX_LISTENERS} open offers"),
+                ));
+            }
+            let token: [u8; 16] = rand::random();
+            let mut relayed: Vec<String> = state
+                .reservations
+                .values()
+                .map(ToString::to_string)
+                .collect();
+            relayed.sort();
+            relayed.truncate(signal::MAX_CANDIDATES);
+            let offer = signal::Offer {
+                v: 1,
+                peer: ctx.peer_id.to_string(),
+                relayed,
+                proto,
+                token: signal::token_hex(&token),
+            };
+            offers.insert(
+                token,
+                PendingOffer {
+                    app,
+                    id: id.clone(),
+                    proto,
+                    out: tx.clone(),
+                },
+            );
+            // The request runs while its offer is open (cancel aborts it); the socket comes to
+            // its id once the other end responded, and takes the offer.
+            let watch = ctx.clone();
+            let handle = tasks.spawn(async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    if !watch.offers.lock().is_ok_and(|o| o.contains_key(&token)) {
+                        return;
+                    }
+                }
+            });
+            running.insert(id.clone(), handle);
+            Some(Outgoing::event(
+                &id,
+                Event::Offer {
+                    offer: offer.to_text(),
+                },
+            ))
+        }
+        Op::Respond { offer } => match signal::Offer::parse(&offer) {
+            Err(e) => Some(Outgoing::error(&id, ErrorCode::BadRequest, e.to_string())),
+            Ok(offer) => {
+                let target = Target {
+                    peer: offer.peer,
+                    proto: offer.proto,
+                    service: signal::OFFER_SERVICE.to_owned(),
+                    token: Some(offer.token),
+                    via: offer.relayed,
+                };
+                running.insert(id.clone(), connect(ctx, id, target, tx, tasks));
+                None
+            }
+        },
     }
+}
+
+/// Starts a connection to `target` for request `id`, in a task of its own.
+fn connect(
+    ctx: &Arc<Ctx>,
+    id: String,
+    target: Target,
+    tx: &mpsc::Sender<Outgoing>,
+    tasks: &mut JoinSet<()>,
+) -> AbortHandle {
+    let ctx = ctx.clone();
+    let tx = tx.clone();
+    tasks.spawn(async move {
+        let Ok(permit) = ctx.sessions.clone().try_acquire_owned() else {
+            let _ = tx
+                .send(Outgoing::error(
+                    &id,
+                    ErrorCode::Internal,
+                    "the daemon is making as many connections as it may; try again",
+                ))
+                .await;
+            return;
+        };
+        let counted = Counted::new(&ctx.metrics.sessions);
+        let out = session::initiate(ctx.clone(), &id, target, &tx).await;
+        drop((counted, permit));
+        let _ = tx.send(out).await;
+    })
 }
 
 fn status(ctx: &Ctx) -> Event {

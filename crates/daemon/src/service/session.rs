@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures::{AsyncReadExt as _, AsyncWriteExt as _};
-use libp2p::PeerId;
+use libp2p::{Multiaddr, PeerId};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -387,11 +387,30 @@ fn elapsed_ms(start: Instant) -> f64 {
     start.elapsed().as_secs_f64() * 1000.0
 }
 
+/// Whom a connection is for.
+#[derive(Debug, Clone)]
+pub(super) struct Target {
+    /// The remote daemon.
+    pub(super) peer: PeerId,
+    /// The socket's transport.
+    pub(super) proto: Proto,
+    /// The service on it ([`signal::OFFER_SERVICE`] for an answered offer).
+    pub(super) service: String,
+    /// The offer's token (a fresh one otherwise).
+    pub(super) token: Option<[u8; 16]>,
+    /// Relayed addresses of the peer besides our relays' (an offer's).
+    pub(super) via: Vec<Multiaddr>,
+}
+
 /// Reaches `peer` through the relays and opens the daemons' stream to it.
-async fn open(ctx: &Ctx, peer: PeerId) -> Result<libp2p::Stream, (ErrorCode, String)> {
+async fn open(
+    ctx: &Ctx,
+    peer: PeerId,
+    via: Vec<Multiaddr>,
+) -> Result<libp2p::Stream, (ErrorCode, String)> {
     let (reply, reached) = oneshot::channel();
     ctx.commands
-        .send(Command::Reach { peer, reply })
+        .send(Command::Reach { peer, via, reply })
         .await
         .map_err(|_| (ErrorCode::Internal, "the daemon is stopping".to_owned()))?;
     let offline = |why: String| {
@@ -429,11 +448,15 @@ async fn open(ctx: &Ctx, peer: PeerId) -> Result<libp2p::Stream, (ErrorCode, Str
 pub(super) async fn initiate(
     ctx: Arc<Ctx>,
     id: &str,
-    peer: PeerId,
-    proto: Proto,
-    service: String,
+    target: Target,
     tx: &mpsc::Sender<Outgoing>,
 ) -> Outgoing {
+    let Target {
+        peer,
+        proto,
+        service,
+        ..
+    } = target.clone();
     let start = Instant::now();
     let mut record = ConnectionRecord {
         side: "initiator",
@@ -446,7 +469,7 @@ pub(super) async fn initiate(
         tried: Vec::new(),
         error: None,
     };
-    let result = initiate_inner(&ctx, id, peer, proto, &service, tx, start, &mut record).await;
+    let result = initiate_inner(&ctx, id, target, tx, start, &mut record).await;
     record.time_to_socket_ms = elapsed_ms(start);
     let out = match result {
         Ok(out) => out,
@@ -459,17 +482,21 @@ pub(super) async fn initiate(
     out
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn initiate_inner(
     ctx: &Ctx,
     id: &str,
-    peer: PeerId,
-    proto: Proto,
-    service: &str,
+    target: Target,
     tx: &mpsc::Sender<Outgoing>,
     start: Instant,
     record: &mut ConnectionRecord,
 ) -> Result<Outgoing, (ErrorCode, String)> {
+    let Target {
+        peer,
+        proto,
+        service,
+        token,
+        via,
+    } = target;
     if peer == ctx.peer_id {
         return Err((
             ErrorCode::BadRequest,
@@ -494,7 +521,7 @@ async fn initiate_inner(
         .map_err(|e| (ErrorCode::Internal, format!("no free local port: {e}")))?;
     // Reaching the peer and learning this end's own ports (STUN, when the NAT does not keep
     // them) overlap.
-    let (stream, (ours, _held)) = tokio::join!(open(ctx, peer), candidates(ctx, proto, ports));
+    let (stream, (ours, _held)) = tokio::join!(open(ctx, peer, via), candidates(ctx, proto, ports));
     let mut sig = Signal::new(stream?);
     let offline = |why: String| {
         (
@@ -502,9 +529,9 @@ async fn initiate_inner(
             format!("{peer} cannot be reached through this daemon's relays: {why}"),
         )
     };
-    let token: [u8; 16] = rand::random();
+    let token: [u8; 16] = token.unwrap_or_else(rand::random);
     sig.send(&Message::Hello {
-        service: service.to_owned(),
+        service: service.clone(),
         proto,
         token: signal::token_hex(&token),
         nat: ctx.config.nat,
@@ -690,28 +717,36 @@ pub(super) async fn respond(ctx: Arc<Ctx>, peer: PeerId, stream: libp2p::Stream)
         tried: Vec::new(),
         error: None,
     };
-    if ctx.listener(&service, proto).is_none() {
+    let Some(destination) = ctx.destination(&service, proto, token) else {
         let proto_name = match proto {
             Proto::Tcp => "tcp",
             Proto::Udp => "udp",
         };
+        let message = if service == signal::OFFER_SERVICE {
+            format!(
+                "{} holds no open {proto_name} offer with that token",
+                ctx.peer_id
+            )
+        } else {
+            format!(
+                "nothing listens on service `{service}` ({proto_name}) on {}",
+                ctx.peer_id
+            )
+        };
         let _ = sig
             .send(&Message::Refuse {
                 code: ErrorCode::NoService,
-                message: format!(
-                    "nothing listens on service `{service}` ({proto_name}) on {}",
-                    ctx.peer_id
-                ),
+                message,
             })
             .await;
         return;
-    }
+    };
     let result = respond_inner(
         &ctx,
         sig,
         peer,
         proto,
-        &service,
+        destination,
         token,
         &theirs,
         start,
@@ -731,7 +766,7 @@ async fn respond_inner(
     mut sig: Signal,
     peer: PeerId,
     proto: Proto,
-    service: &str,
+    destination: (String, mpsc::Sender<Outgoing>),
     token: [u8; 16],
     theirs: &Candidates,
     start: Instant,
@@ -828,9 +863,7 @@ async fn respond_inner(
     };
     record.technique = Some(technique);
     record.direct = technique != Technique::Relay;
-    let Some((id, out)) = ctx.listener(service, proto) else {
-        return Err("the listening application went away".into());
-    };
+    let (id, out) = destination;
     out.send(ok(&id, technique, remote, rtt, fd))
         .await
         .map_err(|_| "the listening application went away".to_owned())

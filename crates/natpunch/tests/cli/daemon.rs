@@ -722,3 +722,46 @@ fn bench_connect_measures_the_daemon_against_the_libp2p_engine_and_prints_the_ra
         assert!(report[ratio].as_f64().is_some(), "{ratio}: {report}");
     }
 }
+
+#[test]
+#[ignore = "needs root and the NAT lab: ./test runs it"]
+fn an_offer_carried_by_the_applications_gives_both_a_direct_socket_once() {
+    testkit::require::lab("an_offer_carried_by_the_applications_gives_both_a_direct_socket_once");
+    use natlab::Preset::PortRestricted;
+    let l = DaemonLab::new("daemon-offer");
+    let alice = l.daemon("alice", "alice", Some(PortRestricted), &[]);
+    let bob = l.daemon("bob", "bob", Some(PortRestricted), &[]);
+    for proto in [Proto::Udp, Proto::Tcp] {
+        let (offer, initiated) = Client::connect(&alice.socket)
+            .expect("alice")
+            .initiate(proto)
+            .expect("an offer");
+        // The applications carry the offer themselves; bob's daemon answers it.
+        let waiting = std::thread::spawn(move || initiated.wait());
+        let mut bob_client = Client::connect(&bob.socket).expect("bob");
+        let answered = bob_client
+            .respond(&offer, |_| {})
+            .unwrap_or_else(|e| panic!("{proto:?}: {e}\n{}", bob.process.output()));
+        let initiated = waiting.join().expect("thread").expect("alice's socket");
+        assert!(
+            answered.direct && initiated.direct,
+            "{}",
+            answered.describe("to")
+        );
+        // Bob connected, so his socket echoes what alice's sends.
+        let echo = std::thread::spawn(move || labrun::connect::echo(answered.socket));
+        labrun::connect::transfer(initiated.socket).expect("1 MiB each way");
+        echo.join().expect("thread").expect("echo");
+        // An offer is answered once.
+        let again = bob_client
+            .respond(&offer, |_| {})
+            .expect_err("an offer is answered once");
+        assert_eq!(again.code(), Some("no-service"), "{again}");
+    }
+    // Something that is no offer.
+    let e = Client::connect(&bob.socket)
+        .expect("bob")
+        .respond("{\"v\":1}", |_| {})
+        .expect_err("no offer");
+    assert_eq!(e.code(), Some("bad-request"), "{e}");
+}
