@@ -90,6 +90,18 @@ pub enum DaemonEvent {
         /// What it observed, per transport.
         observed: String,
     },
+    /// The daemon checked its NAT against an RFC 5780 STUN server.
+    Nat {
+        /// The server.
+        server: String,
+        /// How the NAT maps, if the check could tell (`None`: not known).
+        mapping: Option<behaviour::Mapping>,
+        /// How it filters, if the check could tell.
+        filtering: Option<behaviour::Filtering>,
+        /// Why it could not tell, if it could not.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        problem: Option<String>,
+    },
     /// A reservation is held on a relay.
     Reserved {
         /// The relay.
@@ -124,6 +136,24 @@ impl fmt::Display for DaemonEvent {
             }
             Self::Reserved { relay, address } => {
                 write!(f, "daemon: reservation on {relay}: {address}")
+            }
+            Self::Nat {
+                server,
+                mapping,
+                filtering,
+                problem,
+            } => {
+                let word = |v: Option<String>| v.unwrap_or_else(|| "unknown".to_owned());
+                write!(
+                    f,
+                    "daemon: NAT check against {server}: mapping {}, filtering {}",
+                    word(mapping.map(|m| m.to_string())),
+                    word(filtering.map(|x| x.to_string()))
+                )?;
+                if let Some(p) = problem {
+                    write!(f, " ({p})")?;
+                }
+                Ok(())
             }
             Self::RelayLost { relay, reason } => {
                 write!(f, "daemon: relay {relay} lost ({reason}); connecting again")
@@ -354,6 +384,8 @@ struct State {
     /// The libp2p listen ports: TCP, UDP (QUIC).
     tcp_port: Option<u16>,
     udp_port: Option<u16>,
+    /// What is known of this end's NAT: what the daemon was told, completed by its own check.
+    nat: NatInfo,
 }
 
 impl State {
@@ -562,12 +594,16 @@ impl Daemon {
         let control = swarm.behaviour().stream.new_control();
         let (commands_tx, commands) = mpsc::channel(64);
         let (events_tx, events) = mpsc::channel(256);
+        let told = config.nat;
         let ctx = Arc::new(Ctx {
             peer_id,
             config,
             control,
             commands: commands_tx,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                nat: told,
+                ..State::default()
+            }),
             listeners: Mutex::new(HashMap::new()),
             offers: Mutex::new(HashMap::new()),
             sessions: Arc::new(Semaphore::new(MAX_SESSIONS)),
@@ -617,6 +653,7 @@ impl Daemon {
             }
         };
         self.count_reservations();
+        self.check_nat();
         let apps = Arc::new(Semaphore::new(MAX_APPS));
         let mut next_app = 0u64;
         for r in &mut self.relays {
@@ -663,6 +700,42 @@ impl Daemon {
                 _ = tick.tick() => self.tick(),
             }
         }
+    }
+
+    /// Unless told both, learns how this end's NAT maps and filters from the first STUN server
+    /// (RFC 5780: a relay's plain reflector cannot tell, a `natpunch stun-server` can), in the
+    /// background; what it learns goes into the hellos and the plans from then on.
+    fn check_nat(&self) {
+        let told = self.ctx.config.nat;
+        let Some(server) = self.ctx.config.stun.first().copied() else {
+            return;
+        };
+        if told.mapping.is_some() && told.filtering.is_some() {
+            return;
+        }
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            let options = natcheck::CheckOptions::new(server);
+            let (mapping, filtering, problem) = match natcheck::check(&options, &|_| {}).await {
+                Ok(report) => {
+                    let problem = (!report.rfc5780).then(|| {
+                        "the server does not support RFC 5780 (no OTHER-ADDRESS)".to_owned()
+                    });
+                    (report.mapping, report.filtering, problem)
+                }
+                Err(e) => (None, None, Some(e.to_string())),
+            };
+            if let Ok(mut s) = ctx.state.lock() {
+                s.nat.mapping = told.mapping.or(mapping);
+                s.nat.filtering = told.filtering.or(filtering);
+            }
+            ctx.report(DaemonEvent::Nat {
+                server: server.to_string(),
+                mapping,
+                filtering,
+                problem,
+            });
+        });
     }
 
     fn tick(&mut self) {

@@ -250,3 +250,29 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
     }
 }
+
+#[cfg(test)]
+mod check_against_a_reflector {
+    use super::*;
+
+    /// A plain reflector is no RFC 5780 server: a check against it says so and guesses
+    /// nothing about filtering; on loopback it sees that nothing translates.
+    #[tokio::test]
+    async fn a_nat_check_against_a_reflector_tells_nothing_it_cannot_know() {
+        let reflector = Reflector::bind("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("bind");
+        let addr = reflector.local_addr().expect("addr");
+        let (stop, stopped) = watch::channel(false);
+        let served = tokio::spawn(reflector.run(stopped));
+        let report = crate::check(&crate::CheckOptions::new(addr), &|_| {})
+            .await
+            .expect("a report");
+        assert!(!report.rfc5780);
+        assert_eq!(report.nat, Some(false));
+        assert_eq!(report.mapping, Some(behaviour::Mapping::None));
+        assert_eq!(report.filtering, None);
+        stop.send(true).expect("stop");
+        served.await.expect("stopped");
+    }
+}

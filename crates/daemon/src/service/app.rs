@@ -337,7 +337,7 @@ fn status(ctx: &Ctx) -> Event {
         .map(ToString::to_string)
         .collect();
     reservations.sort();
-    let nat = ctx.config.nat;
+    let nat = ctx.state().nat;
     let nat = match (nat.mapping, nat.filtering) {
         (None, None) => None,
         (m, f) => Some(format!(

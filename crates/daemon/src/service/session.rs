@@ -534,7 +534,7 @@ async fn initiate_inner(
         service: service.clone(),
         proto,
         token: signal::token_hex(&token),
-        nat: ctx.config.nat,
+        nat: ctx.state().nat,
         candidates: ours.clone(),
     })
     .await
@@ -563,7 +563,7 @@ async fn initiate_inner(
         Err(_) => return Err(offline(format!("no answer within {ANSWER_TIMEOUT:?}"))),
     };
     let implemented = direct_techniques(ctx, proto);
-    let stages: Vec<plan::Stage> = plan::plan(&nat_of(ctx.config.nat), &nat_of(their_nat), proto)
+    let stages: Vec<plan::Stage> = plan::plan(&nat_of(ctx.state().nat), &nat_of(their_nat), proto)
         .into_iter()
         .map(|mut s| {
             s.techniques.retain(|t| implemented.contains(t));
@@ -776,7 +776,7 @@ async fn respond_inner(
     let ports = Ports::fresh(proto, nutss).map_err(|e| format!("no free local port: {e}"))?;
     let (ours, _held) = candidates(ctx, proto, ports).await;
     sig.send(&Message::Welcome {
-        nat: ctx.config.nat,
+        nat: ctx.state().nat,
         candidates: ours,
     })
     .await

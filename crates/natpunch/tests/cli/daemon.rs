@@ -37,6 +37,7 @@ const HOMES: &str = r#"
     upstream = "home-c"
 
     [host.relay]
+    addresses = 2
 "#;
 
 /// A lab with a relay running, and a scratch directory for keys and sockets.
@@ -764,4 +765,71 @@ fn an_offer_carried_by_the_applications_gives_both_a_direct_socket_once() {
         .respond("{\"v\":1}", |_| {})
         .expect_err("no offer");
     assert_eq!(e.code(), Some("bad-request"), "{e}");
+}
+
+#[test]
+#[ignore = "needs root and the NAT lab: ./test runs it"]
+fn a_daemon_not_told_its_nat_learns_it_from_an_rfc_5780_server_and_sends_a_symmetric_pair_to_the_relay_at_once()
+ {
+    testkit::require::lab(
+        "a_daemon_not_told_its_nat_learns_it_from_an_rfc_5780_server_and_sends_a_symmetric_pair_to_the_relay_at_once",
+    );
+    use natlab::Preset::PortRestricted;
+    let l = DaemonLab::new("daemon-natcheck");
+    let addrs = l.lab.node("relay").expect("relay").uplink.addrs.clone();
+    let (primary, alternate) = (format!("{}:3479", addrs[0]), format!("{}:3480", addrs[1]));
+    let server = l
+        .lab
+        .spawn(
+            "relay",
+            env!("CARGO_BIN_EXE_natpunch"),
+            &[
+                "stun-server",
+                "--primary",
+                &primary,
+                "--alternate",
+                &alternate,
+            ],
+        )
+        .expect("stun-server");
+    server
+        .wait_for("listening on", Duration::from_secs(10))
+        .expect("stun-server ready");
+    let alice = l.daemon("alice", "alice", Some(PortRestricted), &[]);
+    // Carol is told nothing; she checks.
+    let carol = l.daemon("carol", "carol", None, &["--stun-server", &primary]);
+    let line = carol
+        .process
+        .wait_for("\"event\":\"nat\"", Duration::from_secs(30))
+        .expect("carol's NAT check");
+    let event: Value = serde_json::from_str(&line).expect("json");
+    assert_eq!(event["mapping"], "address-and-port-dependent", "{event}");
+    assert_eq!(event["filtering"], "address-and-port-dependent", "{event}");
+    let status = ask(&carol.socket, b"{\"v\":1,\"op\":\"status\"}\n");
+    assert_eq!(
+        status["nat"],
+        "address-and-port-dependent/address-and-port-dependent"
+    );
+    // Knowing both ends, alice sends a connection to carol to the relay without a punch.
+    echo_service(&carol.socket, "echo", Proto::Tcp);
+    std::thread::sleep(Duration::from_millis(200));
+    let conn = Client::connect(&alice.socket)
+        .expect("alice")
+        .connect_peer(&carol.peer, Proto::Tcp, "echo", |_| {})
+        .expect("a socket");
+    assert_eq!(conn.technique, "relay");
+    labrun::connect::hello(conn.socket).expect("it carries data");
+    let record = alice
+        .process
+        .output()
+        .lines()
+        .find(|l| l.contains("\"event\":\"connection\""))
+        .map(str::to_owned)
+        .expect("a record");
+    let record: Value = serde_json::from_str(&record).expect("json");
+    assert_eq!(
+        record["tried"].as_array().map(Vec::len),
+        Some(1),
+        "only the relay: {record}"
+    );
 }
