@@ -36,6 +36,16 @@ pub enum Proto {
     Udp,
 }
 
+impl Proto {
+    /// `tcp` or `udp`, as the API writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
+}
+
 /// A request from an application.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {

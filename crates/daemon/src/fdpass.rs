@@ -1,15 +1,14 @@
 //! Handing a socket to an application: the `ok` line and the descriptor in one `sendmsg`
-//! (`SCM_RIGHTS`), as `docs/daemon-api.md` specifies, and the receiving side for clients.
+//! (`SCM_RIGHTS`), as `docs/daemon-api.md` specifies. The receiving side is the client's
+//! (`natpunch_client::fd`).
 //!
 //! The descriptor travels with the first byte of the line; if the kernel takes only part of
-//! the line, the rest follows as plain bytes. A receiver takes at most one descriptor per read
-//! and marks it close-on-exec; any more that a peer attached are closed at once.
+//! the line, the rest follows as plain bytes.
 
-use std::io::{self, IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, BorrowedFd};
 
-use nix::cmsg_space;
-use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 
 /// Sends what the socket takes of `line`, with `fd` attached; the bytes sent.
 ///
@@ -28,45 +27,6 @@ pub fn send_with_fd(socket: BorrowedFd<'_>, line: &[u8], fd: BorrowedFd<'_>) -> 
         None,
     )
     .map_err(io::Error::from)
-}
-
-/// Reads into `buf`, and the descriptor that came with these bytes, if any.
-///
-/// # Errors
-///
-/// `recvmsg`'s (`WouldBlock` on a non-blocking socket with nothing to read).
-pub fn recv_with_fd(
-    socket: BorrowedFd<'_>,
-    buf: &mut [u8],
-) -> io::Result<(usize, Option<OwnedFd>)> {
-    let mut space = cmsg_space!([RawFd; 4]);
-    let mut iov = [IoSliceMut::new(buf)];
-    let msg = recvmsg::<()>(
-        socket.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )
-    .map_err(io::Error::from)?;
-    let mut first = None;
-    for cmsg in msg.cmsgs().map_err(io::Error::from)? {
-        if let ControlMessageOwned::ScmRights(fds) = cmsg {
-            for raw in fds {
-                // SAFETY: the kernel just installed `raw` in this process for us; nothing else
-                // owns it.
-                #[allow(
-                    unsafe_code,
-                    reason = "taking ownership of a descriptor SCM_RIGHTS gave"
-                )]
-                let owned = unsafe { OwnedFd::from_raw_fd(raw) };
-                if first.is_none() {
-                    first = Some(owned);
-                }
-                // Any others are dropped, so closed.
-            }
-        }
-    }
-    Ok((msg.bytes, first))
 }
 
 /// Writes `line` with `fd` attached on a tokio Unix stream, the whole line.
@@ -107,6 +67,8 @@ mod tests {
     use std::net::{TcpListener, TcpStream};
     use std::os::fd::AsFd as _;
     use std::os::unix::net::UnixStream;
+
+    use natpunch_client::fd::recv_with_fd;
 
     use super::*;
 

@@ -14,9 +14,9 @@
 //! and runs them as a sans-IO sequencer (racing a stage's techniques, the relay standing by),
 //! tested in virtual time.
 //!
-//! [`fdpass`] hands a socket over with its `ok` line (`SCM_RIGHTS`), and takes it on the
-//! client's side; [`socket`] places the API socket (mode 0660), replaces a dead daemon's, and
-//! tells a client that finds no daemon how to start one; [`bridge`] carries a relayed
+//! [`fdpass`] hands a socket over with its `ok` line (`SCM_RIGHTS`); [`socket`] places the API
+//! socket (mode 0660, where `natpunch-client` looks) and replaces a dead daemon's; [`bridge`]
+//! carries a relayed
 //! connection's bytes (TCP) or framed datagrams (UDP) to the socket pair whose other end the
 //! application gets.
 //!

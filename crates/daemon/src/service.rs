@@ -190,10 +190,7 @@ pub struct ConnectionRecord {
 
 impl fmt::Display for ConnectionRecord {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let proto = match self.proto {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-        };
+        let proto = self.proto.as_str();
         write!(f, "{} {proto} {} {}: ", self.side, self.peer, self.service)?;
         match (&self.technique, &self.error) {
             (Some(t), _) => write!(
@@ -316,10 +313,7 @@ impl Metrics {
     }
 
     fn record(&self, r: &ConnectionRecord) {
-        let proto = match r.proto {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-        };
+        let proto = r.proto.as_str();
         match r.technique {
             Some(t) => {
                 let labels = vec![

@@ -1,10 +1,11 @@
-//! Where the daemon's API socket lives, how the daemon takes it, and how a client reaches it.
+//! How the daemon takes its API socket.
 //!
 //! The path is `/run/natpunch/daemon.sock` for root and `$XDG_RUNTIME_DIR/natpunch/daemon.sock`
-//! for other users (`/tmp/natpunch-<uid>/daemon.sock` when that variable is unset). The daemon
+//! for other users (`/tmp/natpunch-<uid>/daemon.sock` when that variable is unset): the
+//! client's [`natpunch_client::default_path`], so that both find the same place. The daemon
 //! binds it with mode 0660. A socket file that nobody answers on (a daemon that died) is
-//! replaced; one that a daemon answers on is left alone, and the second daemon says so. A
-//! client that finds no daemon says how to start one.
+//! replaced; one that a daemon answers on is left alone, and the second daemon says so. The
+//! client side (and its "no daemon: start one with …") is `natpunch-client`'s.
 
 use std::io;
 use std::os::unix::fs::PermissionsExt as _;
@@ -13,32 +14,12 @@ use std::path::{Path, PathBuf};
 /// The socket file's mode: the daemon's user and group.
 pub const MODE: u32 = 0o660;
 
-/// The API socket for user `uid`, given `$XDG_RUNTIME_DIR`.
-pub fn default_path(uid: u32, runtime_dir: Option<&Path>) -> PathBuf {
-    let dir = match (uid, runtime_dir) {
-        (0, _) => PathBuf::from("/run/natpunch"),
-        (_, Some(dir)) => dir.join("natpunch"),
-        (_, None) => PathBuf::from(format!("/tmp/natpunch-{uid}")),
-    };
-    dir.join("daemon.sock")
-}
-
-/// Why the daemon could not take its socket, or a client could not reach it.
+/// Why the daemon could not take its socket.
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
     /// Another daemon answers on it.
     #[error("a natpunch daemon already listens on {0}")]
     Taken(PathBuf),
-    /// No daemon answers on it.
-    #[error(
-        "no natpunch daemon listens on {0}: start one with `natpunch daemon --relay <relay address>`"
-    )]
-    NotRunning(PathBuf),
-    /// This user may not open it.
-    #[error(
-        "{0} is not open to this user: the socket is mode 0660, so run as the daemon's user or join its group"
-    )]
-    NotPermitted(PathBuf),
     /// Anything else, with what was being done.
     #[error("{what} {path}: {cause}")]
     Io {
@@ -97,55 +78,19 @@ pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, SocketError> {
     Ok(listener)
 }
 
-/// Reaches the daemon at `path`, for a client.
-///
-/// # Errors
-///
-/// [`SocketError::NotRunning`] when no daemon answers, [`SocketError::NotPermitted`] when this
-/// user may not open the socket.
-pub fn connect(path: &Path) -> Result<std::os::unix::net::UnixStream, SocketError> {
-    std::os::unix::net::UnixStream::connect(path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
-            SocketError::NotRunning(path.to_owned())
-        }
-        io::ErrorKind::PermissionDenied => SocketError::NotPermitted(path.to_owned()),
-        _ => SocketError::Io {
-            what: "connecting to",
-            path: path.to_owned(),
-            cause: e,
-        },
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn root_and_users_have_their_own_places() {
-        assert_eq!(
-            default_path(0, Some(Path::new("/run/user/0"))),
-            Path::new("/run/natpunch/daemon.sock")
-        );
-        assert_eq!(
-            default_path(1000, Some(Path::new("/run/user/1000"))),
-            Path::new("/run/user/1000/natpunch/daemon.sock")
-        );
-        assert_eq!(
-            default_path(1000, None),
-            Path::new("/tmp/natpunch-1000/daemon.sock")
-        );
-    }
 
     #[tokio::test]
     async fn the_socket_is_taken_once_replaced_when_dead_and_named_when_missing() {
         let dir = std::env::temp_dir().join(format!("natpunch-socket-{}", std::process::id()));
         let path = dir.join("run").join("daemon.sock");
         let _ = std::fs::remove_dir_all(&dir);
+        let connect = |path: &Path| natpunch_client::Client::connect(path).map(drop);
         let e = connect(&path).expect_err("nothing there yet");
-        assert!(matches!(e, SocketError::NotRunning(_)));
         assert!(
-            e.to_string().contains("start one with `natpunch daemon"),
+            matches!(e, natpunch_client::ClientError::NotRunning { .. }),
             "{e}"
         );
 
@@ -164,7 +109,10 @@ mod tests {
         drop(first);
         assert!(path.exists());
         let e = connect(&path).expect_err("dead");
-        assert!(matches!(e, SocketError::NotRunning(_)), "{e}");
+        assert!(
+            matches!(e, natpunch_client::ClientError::NotRunning { .. }),
+            "{e}"
+        );
         let again = bind(&path).expect("a dead daemon's file is replaced");
         assert!(connect(&path).is_ok());
         drop(again);

@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use natlab::{Lab, LabProcess, Preset};
 use natpunch_client::{Client, Proto, Socket};
-use p2p::relay::RelayEvent;
 use serde::Serialize;
 
 use crate::matrix::{MatrixError, host, pairs_of, topology};
@@ -31,8 +30,6 @@ const RESERVE_TIMEOUT: Duration = Duration::from_secs(20);
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(60);
 /// The bytes moved each way.
 pub const TRANSFER_BYTES: usize = 1 << 20;
-/// The relay's port.
-const RELAY_PORT: u16 = 4001;
 /// A UDP datagram's payload (after its 4-byte sequence number).
 const CHUNK: usize = 1024;
 /// Datagrams in flight.
@@ -348,16 +345,7 @@ fn serve(
     dir: &std::path::Path,
 ) -> Result<(), MatrixError> {
     let exe = config.exe.to_string_lossy().into_owned();
-    let args = crate::args::relay(dir.join("relay.key"), RELAY_PORT).map_err(MatrixError::Relay)?;
-    let relay = lab
-        .spawn("relay", &exe, &args)
-        .map_err(|e| MatrixError::Relay(natlab::chain(&e).to_string()))?;
-    let line = relay
-        .wait_for("\"event\":\"external-address\"", Duration::from_secs(20))
-        .map_err(|e| MatrixError::Relay(natlab::chain(&e).to_string()))?;
-    let Ok(RelayEvent::ExternalAddress { address }) = serde_json::from_str(&line) else {
-        return Err(MatrixError::Relay(format!("unexpected line: {line}")));
-    };
+    let (_relay, address) = crate::matrix::start_relay(lab, &exe, &dir.join("relay.key"))?;
     let mut n = 0u64;
     loop {
         if config.stop.load(Ordering::Relaxed) {

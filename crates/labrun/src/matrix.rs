@@ -432,16 +432,7 @@ fn serve(
     exe: &str,
     key: &std::path::Path,
 ) -> Result<(), MatrixError> {
-    let args = args::relay(key.to_owned(), RELAY_PORT).map_err(MatrixError::Relay)?;
-    let relay = lab
-        .spawn("relay", exe, &args)
-        .map_err(|e| MatrixError::Relay(natlab::chain(&e).to_string()))?;
-    let line = relay
-        .wait_for("\"event\":\"external-address\"", Duration::from_secs(20))
-        .map_err(|e| MatrixError::Relay(natlab::chain(&e).to_string()))?;
-    let Ok(RelayEvent::ExternalAddress { address }) = serde_json::from_str(&line) else {
-        return Err(MatrixError::Relay(format!("unexpected line: {line}")));
-    };
+    let (_relay, address) = start_relay(lab, exe, key)?;
     loop {
         if config.stop.load(Ordering::Relaxed) {
             return Ok(());
@@ -458,6 +449,26 @@ fn serve(
             return Ok(());
         }
     }
+}
+
+/// Starts `natpunch relay` (as [`args::relay`] has it) on the lab's node `relay` with its key
+/// in `key`; the relay, and its address once it announces one.
+pub(crate) fn start_relay(
+    lab: &Lab,
+    exe: &str,
+    key: &std::path::Path,
+) -> Result<(natlab::LabProcess, String), MatrixError> {
+    let args = args::relay(key.to_owned(), RELAY_PORT).map_err(MatrixError::Relay)?;
+    let relay = lab
+        .spawn("relay", exe, &args)
+        .map_err(|e| MatrixError::Relay(natlab::chain(&e).to_string()))?;
+    let line = relay
+        .wait_for("\"event\":\"external-address\"", Duration::from_secs(20))
+        .map_err(|e| MatrixError::Relay(natlab::chain(&e).to_string()))?;
+    let Ok(RelayEvent::ExternalAddress { address }) = serde_json::from_str(&line) else {
+        return Err(MatrixError::Relay(format!("unexpected line: {line}")));
+    };
+    Ok((relay, address))
 }
 
 fn run_trial(lab: &Lab, config: &MatrixConfig, exe: &str, relay: &str, job: &Job) -> Trial {

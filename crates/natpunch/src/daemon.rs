@@ -19,10 +19,11 @@ pub(crate) fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
 async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     let key = args.identity.load()?;
     let uid = nix::unistd::getuid().as_raw();
-    let socket = args.socket.clone().unwrap_or_else(|| {
-        let runtime_dir = std::env::var_os("XDG_RUNTIME_DIR").map(std::path::PathBuf::from);
-        daemon::socket::default_path(uid, runtime_dir.as_deref())
-    });
+    // Where natpunch-client (and so natpunch connect and accept) looks by default.
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(natpunch_client::default_socket);
     let nutss_ttl = match args.nutss_ttl {
         0 => None,
         _ if uid != 0 => {

@@ -718,10 +718,7 @@ pub(super) async fn respond(ctx: Arc<Ctx>, peer: PeerId, stream: libp2p::Stream)
         error: None,
     };
     let Some(destination) = ctx.destination(&service, proto, token) else {
-        let proto_name = match proto {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-        };
+        let proto_name = proto.as_str();
         let message = if service == signal::OFFER_SERVICE {
             format!(
                 "{} holds no open {proto_name} offer with that token",

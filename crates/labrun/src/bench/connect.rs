@@ -10,11 +10,10 @@
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use natlab::{Lab, LabOptions, Preset};
 use natpunch_client::{Client, Proto};
-use p2p::relay::RelayEvent;
 use serde::Serialize;
 
 use crate::bench::punch::figure;
@@ -199,16 +198,7 @@ fn measure(
 ) -> Result<Vec<ConnectArm>, MatrixError> {
     let (pr, sy) = (Preset::PortRestricted, Preset::Symmetric);
     let exe = bench.exe.to_string_lossy().into_owned();
-    let args = crate::args::relay(dir.join("relay.key"), 4001).map_err(MatrixError::Relay)?;
-    let relay = lab
-        .spawn("relay", &exe, &args)
-        .map_err(|e| MatrixError::Relay(natlab::chain(&e).to_string()))?;
-    let line = relay
-        .wait_for("\"event\":\"external-address\"", Duration::from_secs(20))
-        .map_err(|e| MatrixError::Relay(natlab::chain(&e).to_string()))?;
-    let Ok(RelayEvent::ExternalAddress { address }) = serde_json::from_str(&line) else {
-        return Err(MatrixError::Relay(format!("unexpected line: {line}")));
-    };
+    let (_relay, address) = matrix::start_relay(lab, &exe, &dir.join("relay.key"))?;
     let start = |side: char, preset: Preset, name: &str| {
         connect::start_daemon(
             lab,
