@@ -46,6 +46,14 @@ pub struct DaemonArgs {
     /// relay's IP address, port 3478, where `natpunch relay` answers].
     #[arg(long, env = "NATPUNCH_DAEMON_STUN_SERVER", value_delimiter = ',')]
     pub stun_server: Vec<std::net::SocketAddr>,
+    /// Do not map a direct port on the router (by default the daemon asks the router, with PCP,
+    /// NAT-PMP or UPnP IGD, for a TCP and UDP port that others can dial straight, and holds it).
+    #[arg(
+        long,
+        env = "NATPUNCH_DAEMON_NO_PORT_MAPPING",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub no_port_mapping: bool,
     /// How this end's NAT maps (RFC 4787), if known.
     #[arg(long, env = "NATPUNCH_DAEMON_MAPPING", value_parser = parse_behaviour::<Mapping>)]
     pub mapping: Option<Mapping>,
@@ -88,6 +96,7 @@ crate::write_args!(DaemonArgs {
     socket,
     nutss_ttl,
     stun_server,
+    no_port_mapping,
     mapping,
     filtering;
     identity,

@@ -32,11 +32,14 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use p2p::peer::mapping::{MappingEvent, PortMapping};
+
 use crate::api::{Proto, Technique};
 use crate::plan::Tried;
 use crate::signal::{self, NatInfo};
 
 mod app;
+mod direct;
 mod session;
 
 /// Applications connected at once.
@@ -50,6 +53,8 @@ pub const MAX_LISTENERS: usize = 256;
 /// How long a relay that stopped answering may stay before it is dropped and dialled again.
 const RELAY_PING: Duration = Duration::from_secs(1);
 const RELAY_PING_TIMEOUT: Duration = Duration::from_secs(2);
+/// A peer that answered a ping this recently is alive, however slow its daemon's answer.
+const ALIVE: Duration = Duration::from_secs(3);
 /// The longest wait before a lost relay is dialled again.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -70,6 +75,9 @@ pub struct DaemonConfig {
     /// STUN reflectors (a relay's, on its STUN port) that tell which external port the NAT
     /// gave a fresh socket, asked when the NAT does not keep ports; the first is used.
     pub stun: Vec<SocketAddr>,
+    /// Map a direct port (TCP and UDP) on the router (PCP, NAT-PMP or UPnP IGD) and hold it, so
+    /// that other daemons can dial this one straight.
+    pub port_mapping: bool,
 }
 
 /// What the daemon reports.
@@ -116,6 +124,11 @@ pub enum DaemonEvent {
         /// Why.
         reason: String,
     },
+    /// The direct port's mappings changed: the ones held now (none: the router lost them).
+    Mappings {
+        /// As `natpunch map` prints them.
+        held: Vec<String>,
+    },
     /// A connection between two applications was made, or failed.
     Connection(ConnectionRecord),
     /// Something that needs a person's attention.
@@ -157,6 +170,12 @@ impl fmt::Display for DaemonEvent {
             }
             Self::RelayLost { relay, reason } => {
                 write!(f, "daemon: relay {relay} lost ({reason}); connecting again")
+            }
+            Self::Mappings { held } if held.is_empty() => {
+                write!(f, "daemon: the direct port has no mapping (now)")
+            }
+            Self::Mappings { held } => {
+                write!(f, "daemon: direct port mapped: {}", held.join("; "))
             }
             Self::Connection(r) => write!(f, "daemon: {r}"),
             Self::Warning { message } => write!(f, "daemon: warning: {message}"),
@@ -364,6 +383,13 @@ enum Command {
         via: Vec<Multiaddr>,
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// `peer` did not answer on its connection: unless it answered a ping lately, drop every
+    /// connection to it and answer `true` once none is left (the next `Reach` dials again);
+    /// `false` when it is alive (busy, not gone).
+    Forget {
+        peer: PeerId,
+        reply: oneshot::Sender<bool>,
+    },
 }
 
 /// What every task reads and some update: this end's addresses and reservations.
@@ -380,6 +406,11 @@ struct State {
     udp_port: Option<u16>,
     /// What is known of this end's NAT: what the daemon was told, completed by its own check.
     nat: NatInfo,
+    /// The direct port as the router maps it, per transport.
+    direct_tcp: Option<SocketAddr>,
+    direct_udp: Option<SocketAddr>,
+    /// The mappings held, as `natpunch map` prints them.
+    mappings: Vec<String>,
 }
 
 impl State {
@@ -453,6 +484,8 @@ struct Ctx {
     listeners: Mutex<HashMap<String, Vec<Listener>>>,
     /// `initiate` requests by their offer's token.
     offers: Mutex<HashMap<[u8; 16], PendingOffer>>,
+    /// Connections waiting for a dial on the direct port.
+    waiters: Arc<direct::Waiters>,
     sessions: Arc<Semaphore>,
     events: mpsc::Sender<DaemonEvent>,
     metrics: Metrics,
@@ -547,6 +580,10 @@ pub struct Daemon {
     relays: Vec<RelayState>,
     /// Dials to remote daemons waiting for a connection.
     reaching: HashMap<PeerId, Vec<oneshot::Sender<Result<(), String>>>>,
+    /// Forgets waiting for a peer's last connection to close.
+    forgetting: HashMap<PeerId, Vec<oneshot::Sender<bool>>>,
+    /// When each connected peer last answered a ping.
+    last_pong: HashMap<PeerId, Instant>,
     api: tokio::net::UnixListener,
     health: telemetry::Health,
 }
@@ -600,6 +637,7 @@ impl Daemon {
             }),
             listeners: Mutex::new(HashMap::new()),
             offers: Mutex::new(HashMap::new()),
+            waiters: Arc::new(direct::Waiters::default()),
             sessions: Arc::new(Semaphore::new(MAX_SESSIONS)),
             events: events_tx,
             metrics: Metrics::new(registry),
@@ -611,6 +649,8 @@ impl Daemon {
             events,
             relays,
             reaching: HashMap::new(),
+            forgetting: HashMap::new(),
+            last_pong: HashMap::new(),
             api,
             health: telemetry::Health::default(),
         })
@@ -646,6 +686,22 @@ impl Daemon {
                 return;
             }
         };
+        // The other daemons' streams are taken by a task of their own, as fast as they come:
+        // libp2p hands them over one at a time and drops what is not taken at once.
+        let ctx = Arc::clone(&self.ctx);
+        let accepting = tokio::spawn(async move {
+            while let Some((peer, stream)) = incoming.next().await {
+                let Ok(permit) = Arc::clone(&ctx.sessions).try_acquire_owned() else {
+                    continue;
+                };
+                let ctx = Arc::clone(&ctx);
+                tokio::spawn(async move {
+                    let _counted = Counted::new(&ctx.metrics.sessions);
+                    session::respond(Arc::clone(&ctx), peer, stream).await;
+                    drop(permit);
+                });
+            }
+        });
         self.count_reservations();
         self.check_nat();
         let apps = Arc::new(Semaphore::new(MAX_APPS));
@@ -654,9 +710,33 @@ impl Daemon {
             r.next_dial = Some(Instant::now());
         }
         let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut mapping_started = self.map_direct_port(report);
+        let mut mapping: Option<PortMapping> = None;
         loop {
             tokio::select! {
                 () = &mut stop => break,
+                Some(started) = async {
+                    match mapping_started.as_mut() {
+                        Some(rx) => rx.await.ok(),
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    mapping_started = None;
+                    match started {
+                        Ok(m) => {
+                            mapping = Some(m);
+                            self.on_mappings(mapping.as_mut(), report);
+                        }
+                        Err(e) => report(DaemonEvent::Warning {
+                            message: format!("no direct port: {e}"),
+                        }),
+                    }
+                }
+                event = mapping_event(mapping.as_mut()) => {
+                    if let MappingEvent::Changed = event {
+                        self.on_mappings(mapping.as_mut(), report);
+                    }
+                }
                 event = self.swarm.select_next_some() => self.on_swarm(event, report),
                 Some(command) = self.commands.recv() => self.on_command(command),
                 Some(event) = self.events.recv() => report(event),
@@ -678,21 +758,90 @@ impl Daemon {
                     // EMFILE and the like: wait rather than spin.
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 },
-                Some((peer, stream)) = incoming.next() => {
-                    match self.ctx.sessions.clone().try_acquire_owned() {
-                        Ok(permit) => {
-                            let ctx = self.ctx.clone();
-                            tokio::spawn(async move {
-                                let _counted = Counted::new(&ctx.metrics.sessions);
-                                session::respond(ctx.clone(), peer, stream).await;
-                                drop(permit);
-                            });
-                        }
-                        Err(_) => drop(stream),
-                    }
-                }
                 _ = tick.tick() => self.tick(),
             }
+        }
+        accepting.abort();
+        if let Some(m) = mapping {
+            m.release().await;
+        }
+    }
+
+    /// Binds the direct port and starts mapping it on the router, in the background; the
+    /// mapping holder comes on the returned channel.
+    fn map_direct_port(
+        &self,
+        report: &mut impl FnMut(DaemonEvent),
+    ) -> Option<oneshot::Receiver<Result<PortMapping, String>>> {
+        if !self.ctx.config.port_mapping {
+            return None;
+        }
+        let port = match direct::DirectPort::bind() {
+            Ok(port) => port,
+            Err(e) => {
+                report(DaemonEvent::Warning {
+                    message: format!("no direct port: binding one: {e}"),
+                });
+                return None;
+            }
+        };
+        let number = port.port;
+        tokio::spawn(port.serve(Arc::clone(&self.ctx.waiters)));
+        let wants = [portmap::Protocol::Tcp, portmap::Protocol::Udp]
+            .into_iter()
+            .map(|protocol| portmap::keeper::Want {
+                protocol,
+                internal_port: number,
+                external_port: None,
+                lifetime: p2p::peer::defaults::PORT_MAPPING_LIFETIME,
+            })
+            .collect();
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let started = PortMapping::start(
+                wants,
+                p2p::peer::defaults::PORT_MAPPING_CHECK,
+                p2p::peer::defaults::PORT_MAPPING_WAIT,
+            )
+            .await;
+            let _ = tx.send(started);
+        });
+        Some(rx)
+    }
+
+    /// The mappings changed: the direct addresses offered from now on.
+    fn on_mappings(&self, mapping: Option<&mut PortMapping>, report: &mut impl FnMut(DaemonEvent)) {
+        let Some(mapping) = mapping else {
+            return;
+        };
+        let _ = mapping.update();
+        let offered = mapping.offered();
+        let socket_of = |addr: &Multiaddr| {
+            let mut it = addr.iter();
+            match (it.next(), it.next()) {
+                (Some(Protocol::Ip4(ip)), Some(Protocol::Tcp(port) | Protocol::Udp(port))) => {
+                    Some(SocketAddr::from((ip, port)))
+                }
+                _ => None,
+            }
+        };
+        let find = |protocol: &str| {
+            offered
+                .iter()
+                .find(|(m, _)| m.protocol == protocol)
+                .and_then(|(_, a)| socket_of(a))
+        };
+        let held: Vec<String> = offered.iter().map(|(m, _)| m.to_string()).collect();
+        let (tcp, udp) = (find("tcp"), find("udp"));
+        let changed = self.update_state(|s| {
+            let changed = s.mappings != held;
+            s.direct_tcp = tcp;
+            s.direct_udp = udp;
+            s.mappings.clone_from(&held);
+            changed
+        });
+        if changed {
+            report(DaemonEvent::Mappings { held });
         }
     }
 
@@ -762,6 +911,25 @@ impl Daemon {
 
     fn on_command(&mut self, command: Command) {
         match command {
+            Command::Forget { peer, reply } => {
+                if self
+                    .last_pong
+                    .get(&peer)
+                    .is_some_and(|t| t.elapsed() < ALIVE)
+                {
+                    let _ = reply.send(false);
+                    return;
+                }
+                if !self.swarm.is_connected(&peer) {
+                    let _ = reply.send(true);
+                    return;
+                }
+                let waiting = self.forgetting.entry(peer).or_default();
+                if waiting.len() < MAX_SESSIONS {
+                    waiting.push(reply);
+                }
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
             Command::Reach { peer, via, reply } => {
                 if self.swarm.is_connected(&peer) {
                     let _ = reply.send(Ok(()));
@@ -925,8 +1093,15 @@ impl Daemon {
                 peer_id,
                 connection_id,
                 cause,
+                num_established,
                 ..
             } => {
+                if num_established == 0 {
+                    self.last_pong.remove(&peer_id);
+                    for reply in self.forgetting.remove(&peer_id).unwrap_or_default() {
+                        let _ = reply.send(true);
+                    }
+                }
                 if let Some(r) = self.relay_mut(&peer_id) {
                     r.connections.retain(|c| *c != connection_id);
                     // One transport's connection died (a new external address, say; QUIC may
@@ -941,6 +1116,8 @@ impl Daemon {
                     };
                     if r.connections.is_empty() {
                         r.next_dial = Some(Instant::now());
+                        // What it observed may be an old address: learn it again.
+                        self.update_state(|s| s.observed.clear());
                         report(DaemonEvent::RelayLost {
                             relay: peer_id.to_string(),
                             reason: cause.map_or_else(
@@ -976,6 +1153,13 @@ impl Daemon {
                     });
                 }
                 self.reserve(peer_id);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Ok(_),
+                ..
+            })) => {
+                self.last_pong.insert(peer, Instant::now());
             }
             // A relay that stopped answering (a new external address, a dead path): drop the
             // connection, which dials it again.
@@ -1025,6 +1209,14 @@ impl Daemon {
             Ok(mut s) => f(&mut s),
             Err(poisoned) => f(&mut poisoned.into_inner()),
         }
+    }
+}
+
+/// The mapping holder's next event, or never when there is none. Cancel-safe.
+async fn mapping_event(mapping: Option<&mut PortMapping>) -> MappingEvent {
+    match mapping {
+        Some(m) => m.next_event().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -133,6 +133,10 @@ pub struct Candidates {
     /// TCP simultaneous open with a low-TTL first SYN.
     #[serde(default)]
     pub nutss: Vec<SocketAddr>,
+    /// The end's direct port as its router maps it, for the connection's transport: the other
+    /// end may dial it straight (`direct`, or `reversal` seen from this end).
+    #[serde(default)]
+    pub direct: Vec<SocketAddr>,
 }
 
 impl Candidates {
@@ -142,7 +146,8 @@ impl Candidates {
             Technique::UdpPunch => &self.udp,
             Technique::TcpSimultaneousOpen => &self.tcp,
             Technique::TcpNutss => &self.nutss,
-            _ => &[],
+            Technique::Direct | Technique::Reversal => &self.direct,
+            Technique::Relay => &[],
         }
     }
 }
@@ -208,7 +213,7 @@ pub fn decode(line: &[u8]) -> Result<Message, Invalid> {
     let message: Message =
         serde_json::from_slice(line).map_err(|e| Invalid(format!("not a message: {e}")))?;
     let check = |c: &Candidates| {
-        if [&c.udp, &c.tcp, &c.nutss]
+        if [&c.udp, &c.tcp, &c.nutss, &c.direct]
             .iter()
             .any(|l| l.len() > MAX_CANDIDATES)
         {
@@ -336,6 +341,7 @@ mod tests {
                 udp: vec![],
                 tcp: vec!["11.0.0.2:4000".parse().expect("addr")],
                 nutss: vec!["11.0.0.2:4001".parse().expect("addr")],
+                direct: vec!["11.0.0.2:4002".parse().expect("addr")],
             },
         }
     }

@@ -50,6 +50,7 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
             filtering: args.filtering,
         },
         stun: args.stun_servers(),
+        port_mapping: !args.no_port_mapping,
     };
     let mut registry = prometheus_client::registry::Registry::default();
     let mut d = Daemon::new(key.key, config, &mut registry)?;

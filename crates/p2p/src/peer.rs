@@ -39,7 +39,7 @@ use crate::record::{Outcome, Record, Side};
 
 mod config;
 pub mod defaults;
-mod mapping;
+pub mod mapping;
 pub mod perf;
 mod remotes;
 mod setup;

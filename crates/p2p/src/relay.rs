@@ -14,7 +14,9 @@
 //! go-libp2p's) for circuits and reservations. A measurement lab sends every trial from the same
 //! few NAT addresses, so it raises the per-IP rates or turns them off.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::str::FromStr;
 use std::time::Duration;
@@ -23,7 +25,7 @@ use futures::StreamExt as _;
 use libp2p::identity::Keypair;
 use libp2p::metrics::{Metrics, Recorder as _};
 use libp2p::multiaddr::Protocol;
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, autonat, identify, ping, relay};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -274,6 +276,8 @@ pub struct Relay {
     metrics: Metrics,
     reservations: Gauge,
     circuits: Gauge,
+    /// Each peer's connections and the IP address each comes from, oldest first.
+    connections: HashMap<PeerId, Vec<(ConnectionId, IpAddr)>>,
 }
 
 impl fmt::Debug for Relay {
@@ -372,6 +376,7 @@ impl Relay {
             health.set(Some(NO_EXTERNAL_ADDRESS.into()));
         }
         Ok(Self {
+            connections: HashMap::new(),
             swarm,
             config,
             health,
@@ -459,8 +464,46 @@ impl Relay {
                     address: address.with(Protocol::P2p(me)).to_string(),
                 })
             }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => {
+                if let Some(ip) = endpoint.get_remote_address().iter().find_map(|p| match p {
+                    Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+                    Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+                    _ => None,
+                }) {
+                    self.connections
+                        .entry(peer_id)
+                        .or_default()
+                        .push((connection_id, ip));
+                }
+                None
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                ..
+            } => {
+                if let Some(list) = self.connections.get_mut(&peer_id) {
+                    list.retain(|(c, _)| *c != connection_id);
+                    if list.is_empty() {
+                        self.connections.remove(&peer_id);
+                    }
+                }
+                None
+            }
             SwarmEvent::Behaviour(RelayBehaviourEvent::Relay(e)) => {
                 self.metrics.record(&e);
+                if let relay::Event::ReservationReqAccepted {
+                    src_peer_id,
+                    renewed: false,
+                } = &e
+                {
+                    self.drop_moved_connections(*src_peer_id);
+                }
                 self.on_relay_event(e)
             }
             SwarmEvent::Behaviour(RelayBehaviourEvent::Identify(e)) => {
@@ -475,6 +518,26 @@ impl Relay {
         };
         events.extend(e);
         events
+    }
+
+    /// A peer reserved anew: its connections from an address other than its newest
+    /// connection's are a host that moved (its router got a new address) and cannot answer any
+    /// more, though nothing told this end. They go, so that no circuit is routed into them.
+    fn drop_moved_connections(&mut self, peer: PeerId) {
+        let Some(list) = self.connections.get(&peer) else {
+            return;
+        };
+        let Some(&(_, newest)) = list.last() else {
+            return;
+        };
+        let moved: Vec<ConnectionId> = list
+            .iter()
+            .filter(|(_, ip)| *ip != newest)
+            .map(|(c, _)| *c)
+            .collect();
+        for c in moved {
+            self.swarm.close_connection(c);
+        }
     }
 
     #[allow(

@@ -357,7 +357,7 @@ fn status(ctx: &Ctx) -> Event {
         version: api::VERSION,
         reservations,
         nat,
-        mappings: Vec::new(),
+        mappings: state.mappings.clone(),
         techniques: ctx.techniques(),
     }
 }

@@ -25,6 +25,7 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::compat::FuturesAsyncReadCompatExt as _;
 
 use super::app::Outgoing;
+use super::direct::{self, Dialed};
 use super::{Command, ConnectionRecord, Ctx, DaemonEvent, TriedRecord, ms, technique_name};
 use crate::api::{ErrorCode, Event, Proto, Reply, Technique};
 use crate::plan::{self, Action, Connected, DEADLINE, Nat, Sequencer};
@@ -35,6 +36,11 @@ use crate::technique::{self, Side};
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a STUN question over TCP may take.
 const STUN_TIMEOUT: Duration = Duration::from_secs(1);
+/// Hellos sent at most for one connection (a reset stream is tried again).
+const MAX_HELLOS: u32 = 5;
+/// How long the initiator waits for the welcome over a relayed connection it already had,
+/// before it takes the connection for dead and makes another.
+const FIRST_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long an end waits for the other's hello or welcome.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -172,11 +178,13 @@ impl Ports {
         })
     }
 
+    /// The port of `t` (0: any, for a dial to the other end's direct port).
     fn of(&self, t: Technique) -> u16 {
         match t {
             Technique::UdpPunch => self.udp,
             Technique::TcpNutss => self.nutss,
-            _ => self.tcp,
+            Technique::TcpSimultaneousOpen => self.tcp,
+            Technique::Direct | Technique::Reversal | Technique::Relay => 0,
         }
     }
 }
@@ -233,14 +241,20 @@ async fn candidates(ctx: &Ctx, proto: Proto, ports: Ports) -> (Candidates, Vec<T
             _ => {}
         }
     }
+    c.direct = match proto {
+        Proto::Tcp => state.direct_tcp,
+        Proto::Udp => state.direct_udp,
+    }
+    .into_iter()
+    .collect();
     (c, held)
 }
 
-fn nat_of(info: NatInfo) -> Nat {
+fn nat_of(info: NatInfo, direct: &[SocketAddr]) -> Nat {
     Nat {
         mapping: info.mapping,
         filtering: info.filtering,
-        port_mapped: false,
+        port_mapped: !direct.is_empty(),
     }
 }
 
@@ -258,10 +272,13 @@ impl Running {
         }
     }
 
+    /// Starts `t` from `port` towards `remote`: a hole punch, or (`direct`, `reversal`) a dial
+    /// of the other end's direct port over `proto`.
     #[allow(clippy::too_many_arguments)]
     fn start(
         &mut self,
         t: Technique,
+        proto: Proto,
         port: u16,
         remote: Vec<SocketAddr>,
         token: [u8; 16],
@@ -279,7 +296,19 @@ impl Running {
                         remote: p.remote,
                         rtt: p.rtt,
                     }),
-                Technique::TcpSimultaneousOpen | Technique::TcpNutss => {
+                Technique::Direct | Technique::Reversal if proto == Proto::Udp => {
+                    technique::udp_punch(local, &remote, token, deadline)
+                        .await
+                        .map(|p| Punch {
+                            made: Made::Udp(p.socket),
+                            remote: p.remote,
+                            rtt: p.rtt,
+                        })
+                }
+                Technique::TcpSimultaneousOpen
+                | Technique::TcpNutss
+                | Technique::Direct
+                | Technique::Reversal => {
                     let ttl = if t == Technique::TcpNutss {
                         nutss_ttl
                     } else {
@@ -293,11 +322,41 @@ impl Running {
                             rtt: p.rtt,
                         })
                 }
-                _ => {
+                Technique::Relay => {
                     return (t, Err("not carried out by this daemon".to_owned()));
                 }
             };
             (t, result.map_err(|e| e.to_string()))
+        });
+        self.handles.insert(t, handle);
+    }
+
+    /// Starts `t` as a wait for the other end's dial of this end's direct port.
+    fn start_wait(
+        &mut self,
+        t: Technique,
+        rx: Option<oneshot::Receiver<Dialed>>,
+        deadline: tokio::time::Instant,
+    ) {
+        let handle = self.set.spawn(async move {
+            let Some(rx) = rx else {
+                return (t, Err("already waiting".to_owned()));
+            };
+            let result = match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(Dialed::Tcp(stream, remote))) => Ok(Punch {
+                    made: Made::Tcp(stream),
+                    remote,
+                    rtt: None,
+                }),
+                Ok(Ok(Dialed::Udp(socket, remote))) => Ok(Punch {
+                    made: Made::Udp(socket),
+                    remote,
+                    rtt: None,
+                }),
+                Ok(Err(_)) => Err("the direct port stopped".to_owned()),
+                Err(_) => Err("no dial came to the direct port".to_owned()),
+            };
+            (t, result)
         });
         self.handles.insert(t, handle);
     }
@@ -521,8 +580,9 @@ async fn initiate_inner(
         .map_err(|e| (ErrorCode::Internal, format!("no free local port: {e}")))?;
     // Reaching the peer and learning this end's own ports (STUN, when the NAT does not keep
     // them) overlap.
-    let (stream, (ours, _held)) = tokio::join!(open(ctx, peer, via), candidates(ctx, proto, ports));
-    let mut sig = Signal::new(stream?);
+    let (stream, (ours, _held)) =
+        tokio::join!(open(ctx, peer, via.clone()), candidates(ctx, proto, ports));
+    let mut stream = Some(stream?);
     let offline = |why: String| {
         (
             ErrorCode::PeerOffline,
@@ -530,47 +590,117 @@ async fn initiate_inner(
         )
     };
     let token: [u8; 16] = token.unwrap_or_else(rand::random);
-    sig.send(&Message::Hello {
+    // With a mapped direct port, the other end may dial it (reversal): wait for it from now.
+    let mut expected = if ours.direct.is_empty() {
+        None
+    } else {
+        ctx.waiters.expect(token, Side::Initiator)
+    };
+    let hello = Message::Hello {
         service: service.clone(),
         proto,
         token: signal::token_hex(&token),
         nat: ctx.state().nat,
         candidates: ours.clone(),
-    })
-    .await
-    .map_err(|e| offline(format!("the stream broke: {e}")))?;
-    progress(
-        tx,
-        id,
-        Technique::Relay,
-        "candidates-sent",
-        format!(
-            "{} addresses through the relay",
-            ours.udp.len() + ours.tcp.len() + ours.nutss.len()
-        ),
-    );
-    let (their_nat, theirs) = match tokio::time::timeout(ANSWER_TIMEOUT, sig.recv()).await {
-        Ok(Ok(Some(Message::Welcome { nat, candidates }))) => (nat, candidates),
-        Ok(Ok(Some(Message::Refuse { code, message }))) => return Err((code, message)),
-        Ok(Ok(Some(other))) => {
-            return Err((
-                ErrorCode::Internal,
-                format!("the remote daemon answered out of turn: {other:?}"),
-            ));
-        }
-        Ok(Ok(None)) => return Err(offline("it closed the stream".into())),
-        Ok(Err(e)) => return Err((ErrorCode::Internal, format!("the remote daemon: {e}"))),
-        Err(_) => return Err(offline(format!("no answer within {ANSWER_TIMEOUT:?}"))),
     };
-    let implemented = direct_techniques(ctx, proto);
-    let stages: Vec<plan::Stage> = plan::plan(&nat_of(ctx.state().nat), &nat_of(their_nat), proto)
-        .into_iter()
-        .map(|mut s| {
-            s.techniques.retain(|t| implemented.contains(t));
-            s
-        })
-        .filter(|s| !s.techniques.is_empty())
-        .collect();
+    // A relayed connection can be dead without knowing it yet (the other end's router got a
+    // new address, and the relay still holds its old connection): when the first answer does
+    // not come in time and the peer has not answered a ping lately either, the connection is
+    // dropped and made again, once. A peer that answers pings is only slow: wait on.
+    let mut attempt = 0u32;
+    let mut forgot = false;
+    let (mut sig, their_nat, theirs) = loop {
+        attempt += 1;
+        let s = match stream.take() {
+            Some(s) => s,
+            None => open(ctx, peer, via.clone()).await?,
+        };
+        let mut sig = Signal::new(s);
+        sig.send(&hello)
+            .await
+            .map_err(|e| offline(format!("the stream broke: {e}")))?;
+        progress(
+            tx,
+            id,
+            Technique::Relay,
+            "candidates-sent",
+            format!(
+                "{} addresses through the relay",
+                ours.udp.len() + ours.tcp.len() + ours.nutss.len() + ours.direct.len()
+            ),
+        );
+        let wait = if forgot {
+            ANSWER_TIMEOUT
+        } else {
+            FIRST_ANSWER_TIMEOUT
+        };
+        let mut answer = tokio::time::timeout(wait, sig.recv()).await;
+        match &answer {
+            // The stream was reset at once: libp2p drops an inbound stream that its receiver
+            // does not take at once, as in a burst of connections to one daemon. Again, after
+            // a random pause that spreads the burst.
+            Ok(Ok(None) | Err(_)) if attempt < MAX_HELLOS => {
+                let pause = rand::random_range(20..200) * u64::from(attempt);
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+                continue;
+            }
+            // No answer: a relayed connection that died without knowing it, or a slow peer.
+            Err(_) if !forgot => {
+                forgot = true;
+                let (reply, forgotten) = oneshot::channel();
+                let _ = ctx.commands.send(Command::Forget { peer, reply }).await;
+                match tokio::time::timeout(OPEN_TIMEOUT, forgotten).await {
+                    // Alive, only slow: wait on.
+                    Ok(Ok(false)) => {
+                        answer = tokio::time::timeout(ANSWER_TIMEOUT - wait, sig.recv()).await;
+                    }
+                    _ => {
+                        progress(
+                            tx,
+                            id,
+                            Technique::Relay,
+                            "reaching",
+                            format!("no answer within {wait:?}: dialling {peer} again"),
+                        );
+                        continue;
+                    }
+                }
+            }
+            _ => {}
+        }
+        match answer {
+            Ok(Ok(Some(Message::Welcome { nat, candidates }))) => break (sig, nat, candidates),
+            Ok(Ok(Some(Message::Refuse { code, message }))) => return Err((code, message)),
+            Ok(Ok(Some(other))) => {
+                return Err((
+                    ErrorCode::Internal,
+                    format!("the remote daemon answered out of turn: {other:?}"),
+                ));
+            }
+            Ok(Ok(None)) => return Err(offline("it closed the stream".into())),
+            Ok(Err(e)) => return Err((ErrorCode::Internal, format!("the remote daemon: {e}"))),
+            Err(_) => return Err(offline(format!("no answer within {ANSWER_TIMEOUT:?}"))),
+        }
+    };
+    let mut implemented = direct_techniques(ctx, proto);
+    if !theirs.direct.is_empty() {
+        implemented.push(Technique::Direct);
+    }
+    if expected.is_some() {
+        implemented.push(Technique::Reversal);
+    }
+    let stages: Vec<plan::Stage> = plan::plan(
+        &nat_of(ctx.state().nat, &ours.direct),
+        &nat_of(their_nat, &theirs.direct),
+        proto,
+    )
+    .into_iter()
+    .map(|mut s| {
+        s.techniques.retain(|t| implemented.contains(t));
+        s
+    })
+    .filter(|s| !s.techniques.is_empty())
+    .collect();
     // The stages' budgets run from here, once both ends know each other's candidates.
     let planned = Instant::now();
     let mut seq = Sequencer::new(planned, stages);
@@ -590,6 +720,17 @@ async fn initiate_inner(
                         rtt: None,
                     },
                 ),
+                Action::Start(Technique::Reversal) => {
+                    progress(
+                        tx,
+                        id,
+                        Technique::Reversal,
+                        "waiting",
+                        format!("for a dial of this end's direct port {:?}", ours.direct),
+                    );
+                    let rx = expected.as_mut().and_then(direct::Expected::take);
+                    running.start_wait(Technique::Reversal, rx, deadline);
+                }
                 Action::Start(t) => {
                     progress(
                         tx,
@@ -600,6 +741,7 @@ async fn initiate_inner(
                     );
                     running.start(
                         t,
+                        proto,
                         ports.of(t),
                         theirs.of(t).to_vec(),
                         token,
@@ -772,6 +914,13 @@ async fn respond_inner(
     let nutss = ctx.config.nutss_ttl.is_some();
     let ports = Ports::fresh(proto, nutss).map_err(|e| format!("no free local port: {e}"))?;
     let (ours, _held) = candidates(ctx, proto, ports).await;
+    // The initiator may dial this end's direct port (direct, seen from there): wait for it
+    // before it learns the port; this end dials the initiator's (reversal).
+    let mut expected = if ours.direct.is_empty() {
+        None
+    } else {
+        ctx.waiters.expect(token, Side::Responder)
+    };
     sig.send(&Message::Welcome {
         nat: ctx.state().nat,
         candidates: ours,
@@ -781,13 +930,27 @@ async fn respond_inner(
     let deadline = tokio::time::Instant::from_std(start + DEADLINE);
     let mut running = Running::new();
     let mut tried: Vec<TriedRecord> = Vec::new();
-    for t in direct_techniques(ctx, proto) {
+    let mut techniques = direct_techniques(ctx, proto);
+    if let Some(rx) = expected.as_mut().and_then(direct::Expected::take) {
+        running.start_wait(Technique::Direct, Some(rx), deadline);
+        tried.push(TriedRecord {
+            technique: technique_name(Technique::Direct).to_owned(),
+            started_ms: elapsed_ms(start),
+            ended_ms: None,
+            result: "running".into(),
+        });
+    }
+    if !theirs.direct.is_empty() {
+        techniques.push(Technique::Reversal);
+    }
+    for t in techniques {
         // Nothing to aim at: the initiator offers none for a technique it does not run.
         if theirs.of(t).is_empty() {
             continue;
         }
         running.start(
             t,
+            proto,
             ports.of(t),
             theirs.of(t).to_vec(),
             token,

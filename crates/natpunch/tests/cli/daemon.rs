@@ -50,7 +50,11 @@ struct DaemonLab {
 
 impl DaemonLab {
     fn new(tag: &str) -> Self {
-        let topology = Topology::from_toml(HOMES).expect("topology");
+        Self::with(tag, HOMES)
+    }
+
+    fn with(tag: &str, topology: &str) -> Self {
+        let topology = Topology::from_toml(topology).expect("topology");
         let lab = Lab::build(&topology, LabOptions::default()).expect("lab");
         let dir = Scratch::new(tag);
         let exe = env!("CARGO_BIN_EXE_natpunch");
@@ -832,4 +836,130 @@ fn a_daemon_not_told_its_nat_learns_it_from_an_rfc_5780_server_and_sends_a_symme
         Some(1),
         "only the relay: {record}"
     );
+}
+
+/// A home whose router maps ports (miniupnpd), and a home behind a symmetric NAT.
+const MAPPED_AND_SYMMETRIC: &str = r#"
+    [router.home-a]
+    nat = "port-restricted"
+    portmap = true
+    link = { delay_ms = 10 }
+
+    [router.home-c]
+    nat = "symmetric"
+    link = { delay_ms = 10 }
+
+    [host.alice]
+    upstream = "home-a"
+
+    [host.carol]
+    upstream = "home-c"
+
+    [host.relay]
+"#;
+
+/// Waits until `d`'s output after byte `seen` has a `mappings` event whose first mapping names
+/// `ip`; that event.
+fn mapped_at(d: &Daemon, seen: usize, ip: &str, limit: Duration) -> Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let out = d.process.output();
+        let found = out
+            .get(seen..)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"event\":\"mappings\""))
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|e| {
+                e["held"].as_array().is_some_and(|h| {
+                    h.len() == 2 && h.iter().all(|m| m.as_str().is_some_and(|m| m.contains(ip)))
+                })
+            });
+        if let Some(event) = found {
+            return event;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no mappings at {ip} within {limit:?}:\n{out}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+#[ignore = "needs root, the NAT lab and miniupnpd: ./test runs it"]
+fn a_mapped_direct_port_connects_a_symmetric_nat_directly_both_ways_and_follows_a_renumbering() {
+    testkit::require::portmap(
+        "a_mapped_direct_port_connects_a_symmetric_nat_directly_both_ways_and_follows_a_renumbering",
+    );
+    use natlab::Preset::{PortRestricted, Symmetric};
+    let mut l = DaemonLab::with("daemon-mapped", MAPPED_AND_SYMMETRIC);
+    let alice = l.daemon("alice", "alice", Some(PortRestricted), &[]);
+    let carol = l.daemon("carol", "carol", Some(Symmetric), &[]);
+    let public = l
+        .lab
+        .public_addr("alice")
+        .expect("alice's public address")
+        .to_string();
+    mapped_at(&alice, 0, &public, Duration::from_secs(15));
+    let status = ask(&alice.socket, b"{\"v\":1,\"op\":\"status\"}\n");
+    assert_eq!(
+        status["mappings"].as_array().map(Vec::len),
+        Some(2),
+        "{status}"
+    );
+    for proto in [Proto::Tcp, Proto::Udp] {
+        echo_service(&alice.socket, "echo", proto);
+        echo_service(&carol.socket, "echo", proto);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    // A symmetric NAT and a port-restricted one cannot punch; the mapped port lets carol dial
+    // alice (direct), and alice have carol dial her (reversal).
+    for proto in [Proto::Tcp, Proto::Udp] {
+        for (from, to, technique) in [(&carol, &alice, "direct"), (&alice, &carol, "reversal")] {
+            let conn = Client::connect(&from.socket)
+                .expect("daemon")
+                .connect_peer(&to.peer, proto, "echo", |_| {})
+                .unwrap_or_else(|e| panic!("{proto:?} {technique}: {e}"));
+            assert!(conn.direct, "{proto:?}: {}", conn.describe("to"));
+            assert_eq!(
+                conn.technique,
+                technique,
+                "{proto:?}: {}",
+                conn.describe("to")
+            );
+            labrun::connect::transfer(conn.socket).expect("1 MiB each way");
+        }
+    }
+    // A new external address: the mappings follow within 5 s, and so does the reservation.
+    let seen = alice.process.output().len();
+    let moved = Instant::now();
+    let new = l.lab.renumber_router("home-a", None).expect("renumber");
+    mapped_at(&alice, seen, &new.to_string(), Duration::from_secs(5));
+    println!(
+        "renumbered: mapped again {:?} after the change",
+        moved.elapsed()
+    );
+    let deadline = moved + Duration::from_secs(5);
+    while !alice
+        .process
+        .output()
+        .get(seen..)
+        .unwrap_or_default()
+        .contains("\"event\":\"reserved\"")
+    {
+        assert!(Instant::now() < deadline, "no reservation within 5 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let conn = Client::connect(&carol.socket)
+        .expect("carol")
+        .connect_peer(&alice.peer, Proto::Tcp, "echo", |_| {})
+        .expect("a connection after the renumbering");
+    assert_eq!((conn.technique.as_str(), conn.direct), ("direct", true));
+    assert!(
+        conn.remote.starts_with(&new.to_string()),
+        "{}",
+        conn.describe("to")
+    );
+    labrun::connect::transfer(conn.socket).expect("1 MiB each way");
 }

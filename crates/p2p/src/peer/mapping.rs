@@ -25,7 +25,7 @@ use super::defaults::PORT_MAPPING_REPORTS;
 
 /// A change in the addresses the mappings give.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Change {
+pub enum Change {
     /// A mapping gives an address it did not give before (`previous`: the one it replaces).
     Mapped {
         mapping: Mapped,
@@ -38,7 +38,7 @@ pub(super) enum Change {
 
 /// What the holder has for the event loop.
 #[derive(Debug)]
-pub(super) enum MappingEvent {
+pub enum MappingEvent {
     /// The live mappings changed: call [`PortMapping::update`].
     Changed,
     /// A report for people.
@@ -47,7 +47,7 @@ pub(super) enum MappingEvent {
 
 /// Mappings of the listen ports, held in a task.
 #[derive(Debug)]
-pub(super) struct PortMapping {
+pub struct PortMapping {
     /// The holder's task; it hands the holder back when stopped, to release the mappings.
     task: JoinSet<Holder>,
     stop: Option<oneshot::Sender<()>>,
@@ -65,7 +65,7 @@ pub(super) struct PortMapping {
 impl PortMapping {
     /// Asks the router which protocols it speaks and starts holding a mapping for each of
     /// `wants` with the best one (PCP, NAT-PMP, UPnP). Inside a tokio runtime.
-    pub(super) async fn start(
+    pub async fn start(
         wants: Vec<Want>,
         check_interval: Duration,
         wait: Duration,
@@ -109,13 +109,13 @@ impl PortMapping {
     }
 
     /// The mappings whose addresses are offered now.
-    pub(super) fn offered(&self) -> &[(Mapped, Multiaddr)] {
+    pub fn offered(&self) -> &[(Mapped, Multiaddr)] {
         &self.offered
     }
 
     /// Waits (at most `limit`) until every mapping was made or failed once, and returns the
     /// holder's reports meanwhile.
-    pub(super) async fn first_answers(&mut self, limit: Duration) -> Vec<Update> {
+    pub async fn first_answers(&mut self, limit: Duration) -> Vec<Update> {
         let mut seen = Vec::new();
         let mut answered = std::collections::HashSet::new();
         let deadline = tokio::time::Instant::now() + limit;
@@ -147,7 +147,7 @@ impl PortMapping {
 
     /// The next report or change; never, once the holder stopped. Reports come first, so that
     /// what the holder did is told before the addresses it changed. Cancel-safe.
-    pub(super) async fn next_event(&mut self) -> MappingEvent {
+    pub async fn next_event(&mut self) -> MappingEvent {
         tokio::select! {
             biased;
             Some(update) = self.reports.recv() => MappingEvent::Report(update),
@@ -157,7 +157,7 @@ impl PortMapping {
     }
 
     /// Takes the live mappings as they are now: the changes in the addresses offered.
-    pub(super) fn update(&mut self) -> Vec<Change> {
+    pub fn update(&mut self) -> Vec<Change> {
         let live = self.live.borrow_and_update().clone();
         let (offered, changes) = diff(&self.offered, &live, self.external_ip);
         self.offered = offered;
@@ -165,12 +165,12 @@ impl PortMapping {
     }
 
     /// Reports dropped so far because they were not read in time.
-    pub(super) fn dropped(&self) -> u64 {
+    pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
 
     /// Stops holding and deletes the mappings on the router.
-    pub(super) async fn release(mut self) {
+    pub async fn release(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -280,7 +280,7 @@ use crate::punch::{dialable, transport_of, without_p2p};
 
 impl Peer {
     /// The addresses this peer offers in CONNECT: mapped ones first.
-    pub(super) fn offered(&self) -> Vec<Multiaddr> {
+    pub fn offered(&self) -> Vec<Multiaddr> {
         let source = match self.config.candidates {
             Candidates::Observed => &self.observed,
             Candidates::Stock => &self.stock_candidates,
