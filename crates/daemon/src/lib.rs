@@ -25,8 +25,8 @@
 //! against ICMP time exceeded), each checking a shared token on the wire and returning a
 //! connected std socket.
 //!
-//! What it does not do (yet): hold port mappings, and so the direct dials and reversal they
-//! would allow; report its connections to a measurement server.
+//! What it does not do (yet): report its connections to a measurement server (they are
+//! logged and counted); port prediction for symmetric NATs (the hard-NAT work).
 
 pub mod api;
 pub mod bridge;
