@@ -60,6 +60,21 @@ pub struct DaemonArgs {
     /// How this end's NAT filters (RFC 4787), if known.
     #[arg(long, env = "NATPUNCH_DAEMON_FILTERING", value_parser = parse_behaviour::<Filtering>)]
     pub filtering: Option<Filtering>,
+    /// Report each connection this daemon's applications make to this measurement server
+    /// (`natpunch server`, punchr's format with the technique), e.g. http://127.0.0.1:10000.
+    #[arg(long, env = "NATPUNCH_DAEMON_REPORT_TO")]
+    pub report_to: Option<String>,
+    /// The API key for --report-to [default: the one kept in natpunch's config directory, made
+    /// on first use].
+    #[arg(long, env = "NATPUNCH_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Where reports wait until the server acknowledged them [default:
+    /// $XDG_STATE_HOME/natpunch/daemon-spool].
+    #[arg(long, env = "NATPUNCH_DAEMON_SPOOL")]
+    pub spool: Option<PathBuf>,
+    /// CA certificate(s) (PEM) for an https --report-to [default: the system's].
+    #[arg(long, env = "NATPUNCH_DAEMON_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
     #[command(flatten)]
     pub telemetry: Telemetry<Self>,
     #[command(flatten)]
@@ -98,7 +113,11 @@ crate::write_args!(DaemonArgs {
     stun_server,
     no_port_mapping,
     mapping,
-    filtering;
+    filtering,
+    report_to,
+    api_key,
+    spool,
+    ca_cert;
     identity,
     telemetry,
     json

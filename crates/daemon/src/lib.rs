@@ -25,8 +25,9 @@
 //! against ICMP time exceeded), each checking a shared token on the wire and returning a
 //! connected std socket.
 //!
-//! What it does not do (yet): report its connections to a measurement server (they are
-//! logged and counted); port prediction for symmetric NATs (the hard-NAT work).
+//! What it does not do (yet): port prediction for symmetric NATs (the hard-NAT work). Its
+//! connection records go to a measurement server through `measure::daemon` (`natpunch daemon
+//! --report-to`).
 
 pub mod api;
 pub mod bridge;

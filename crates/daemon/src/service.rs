@@ -188,6 +188,12 @@ impl fmt::Display for DaemonEvent {
 pub struct ConnectionRecord {
     /// `initiator` (this end's application connected) or `responder` (it listened).
     pub side: &'static str,
+    /// This daemon.
+    pub local: String,
+    /// When it began, ms since the Unix epoch.
+    pub started_unix_ms: u64,
+    /// The addresses this end offered (its candidates).
+    pub offered: Vec<SocketAddr>,
     /// The remote daemon.
     pub peer: String,
     /// The service.
@@ -260,6 +266,13 @@ impl From<&Tried> for TriedRecord {
             },
         }
     }
+}
+
+/// Now, ms since the Unix epoch.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// A technique's name as the API writes it.

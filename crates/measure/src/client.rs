@@ -494,6 +494,30 @@ async fn deliver(
     }
 }
 
+/// Registers `key`'s host with the server, then delivers what comes into `spool` (announced
+/// on `wake`) for as long as the task runs, with the client's retries and backoff: the reports
+/// of a long-running role such as `natpunch daemon`.
+///
+/// # Errors
+///
+/// The server refuses the API key, or the spool fails.
+pub async fn deliver_forever(
+    mut server: PunchrServiceClient<Channel>,
+    key: Keypair,
+    api_key: String,
+    spool: Spool,
+    wake: Arc<tokio::sync::Notify>,
+    report: &(dyn Fn(ClientEvent) + Sync),
+) -> Result<(), ClientError> {
+    register(&mut server, &key, &api_key, report).await?;
+    let never = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopping = Stopping {
+        set: std::sync::atomic::AtomicBool::new(false),
+        notify: tokio::sync::Notify::new(),
+    };
+    deliver(server, spool, wake, never, &stopping, report).await
+}
+
 /// How long a stopping client keeps trying to deliver what is in its spool.
 const STOP_GRACE: Duration = Duration::from_secs(20);
 

@@ -4,6 +4,7 @@
 //!   for a peer to hole-punch (GetAddrInfo), punch it through the served relay with the `p2p`
 //!   peer, and report every punch (TrackHolePunch) with every field punchr's Go client fills and
 //!   natpunch's own;
+//! - [`daemon`]: the connectivity daemon's connections as reports, with their technique;
 //! - [`spool`]: the on-disk queue every report goes through first, so that a server outage or a
 //!   restart of the client loses nothing;
 //! - [`metrics`]: the client's Prometheus metrics, fed from its events;
@@ -17,5 +18,6 @@
 
 pub mod client;
 pub mod connect;
+pub mod daemon;
 pub mod metrics;
 pub mod spool;

@@ -53,6 +53,7 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         port_mapping: !args.no_port_mapping,
     };
     let mut registry = prometheus_client::registry::Registry::default();
+    let report_key = key.key.clone();
     let mut d = Daemon::new(key.key, config, &mut registry)?;
     eprintln!(
         "daemon: peer id {} ({} key {})",
@@ -63,8 +64,15 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     if let Some(addr) = args.telemetry.serve(registry, d.health()).await? {
         eprintln!("daemon: metrics on http://{addr}/metrics");
     }
+    let reporter = match &args.report_to {
+        Some(server) => Some(reporter(&args, server, report_key)?),
+        None => None,
+    };
     let json = args.json.json;
     let mut report = |e: DaemonEvent| {
+        if let (Some(r), DaemonEvent::Connection(record)) = (&reporter, &e) {
+            r.put(record);
+        }
         if json {
             println!("{}", serde_json::to_string(&e).unwrap_or_default());
         } else {
@@ -76,4 +84,79 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     let _ = std::fs::remove_file(&socket);
     eprintln!("daemon: stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where connection reports go: the spool, and a task that delivers it to the server.
+struct Reporter {
+    spool: measure::spool::Spool,
+    wake: std::sync::Arc<tokio::sync::Notify>,
+    api_key: String,
+    /// Reports spooled by this process, for their idempotency keys.
+    count: std::sync::atomic::AtomicU64,
+}
+
+impl Reporter {
+    /// Spools `record`'s report (the connecting side's), for the delivering task.
+    fn put(&self, record: &daemon::service::ConnectionRecord) {
+        let n = self
+            .count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Unique per daemon (its peer ID), start time and connection.
+        let key = format!("{}-{}-{n}", record.local, record.started_unix_ms);
+        let Some(request) = measure::daemon::connection_report(record, &self.api_key, &key) else {
+            return;
+        };
+        match self.spool.put(&request) {
+            Ok(_) => self.wake.notify_one(),
+            Err(e) => eprintln!("daemon: the report spool failed: {e}"),
+        }
+    }
+}
+
+/// Opens the spool and starts delivering it to `server`.
+fn reporter(
+    args: &DaemonArgs,
+    server: &str,
+    key: libp2p::identity::Keypair,
+) -> anyhow::Result<Reporter> {
+    use anyhow::Context as _;
+    let api_key = measure::connect::api_key(args.api_key.clone())?;
+    if let Some(path) = &api_key.saved_in {
+        eprintln!("daemon: a new API key is saved in {}", path.display());
+    }
+    let dir = match &args.spool {
+        Some(dir) => dir.clone(),
+        None => crate::state_dir()?.join("daemon-spool"),
+    };
+    let spool = measure::spool::Spool::open(&dir)
+        .with_context(|| format!("creating the spool {}", dir.display()))?;
+    let channel = measure::connect::channel(server, args.ca_cert.as_deref())?;
+    let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+    let (task_spool, task_wake, task_key) = (spool.clone(), wake.clone(), api_key.key.clone());
+    eprintln!(
+        "daemon: reporting connections to {server} (spool {}, {} waiting)",
+        dir.display(),
+        spool.len()
+    );
+    tokio::spawn(async move {
+        let client = api::pb::punchr_service_client::PunchrServiceClient::new(channel);
+        let say = |e: measure::client::ClientEvent| {
+            eprintln!(
+                "daemon: report: {}",
+                serde_json::to_string(&e).unwrap_or_default()
+            );
+        };
+        if let Err(e) =
+            measure::client::deliver_forever(client, key, task_key, task_spool, task_wake, &say)
+                .await
+        {
+            eprintln!("daemon: reports are not delivered: {e}");
+        }
+    });
+    Ok(Reporter {
+        spool,
+        wake,
+        api_key: api_key.key,
+        count: std::sync::atomic::AtomicU64::new(0),
+    })
 }

@@ -26,7 +26,9 @@ use tokio_util::compat::FuturesAsyncReadCompatExt as _;
 
 use super::app::Outgoing;
 use super::direct::{self, Dialed};
-use super::{Command, ConnectionRecord, Ctx, DaemonEvent, TriedRecord, ms, technique_name};
+use super::{
+    Command, ConnectionRecord, Ctx, DaemonEvent, TriedRecord, ms, technique_name, unix_ms,
+};
 use crate::api::{ErrorCode, Event, Proto, Reply, Technique};
 use crate::plan::{self, Action, Connected, DEADLINE, Nat, Sequencer};
 use crate::signal::{self, Candidates, Message, MessageReader, NatInfo};
@@ -248,6 +250,17 @@ async fn candidates(ctx: &Ctx, proto: Proto, ports: Ports) -> (Candidates, Vec<T
     .into_iter()
     .collect();
     (c, held)
+}
+
+/// Every address in `c`, once.
+fn all_candidates(c: &Candidates) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for a in c.udp.iter().chain(&c.tcp).chain(&c.nutss).chain(&c.direct) {
+        if !out.contains(a) {
+            out.push(*a);
+        }
+    }
+    out
 }
 
 fn nat_of(info: NatInfo, direct: &[SocketAddr]) -> Nat {
@@ -519,6 +532,9 @@ pub(super) async fn initiate(
     let start = Instant::now();
     let mut record = ConnectionRecord {
         side: "initiator",
+        local: ctx.peer_id.to_string(),
+        started_unix_ms: unix_ms(),
+        offered: Vec::new(),
         peer: peer.to_string(),
         service: service.clone(),
         proto,
@@ -583,6 +599,7 @@ async fn initiate_inner(
     let (stream, (ours, _held)) =
         tokio::join!(open(ctx, peer, via.clone()), candidates(ctx, proto, ports));
     let mut stream = Some(stream?);
+    record.offered = all_candidates(&ours);
     let offline = |why: String| {
         (
             ErrorCode::PeerOffline,
@@ -850,6 +867,9 @@ pub(super) async fn respond(ctx: Arc<Ctx>, peer: PeerId, stream: libp2p::Stream)
     };
     let mut record = ConnectionRecord {
         side: "responder",
+        local: ctx.peer_id.to_string(),
+        started_unix_ms: unix_ms(),
+        offered: Vec::new(),
         peer: peer.to_string(),
         service: service.clone(),
         proto,
@@ -914,6 +934,7 @@ async fn respond_inner(
     let nutss = ctx.config.nutss_ttl.is_some();
     let ports = Ports::fresh(proto, nutss).map_err(|e| format!("no free local port: {e}"))?;
     let (ours, _held) = candidates(ctx, proto, ports).await;
+    record.offered = all_candidates(&ours);
     // The initiator may dial this end's direct port (direct, seen from there): wait for it
     // before it learns the port; this end dials the initiator's (reversal).
     let mut expected = if ours.direct.is_empty() {

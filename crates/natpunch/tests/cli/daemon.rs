@@ -963,3 +963,113 @@ fn a_mapped_direct_port_connects_a_symmetric_nat_directly_both_ways_and_follows_
     );
     labrun::connect::transfer(conn.socket).expect("1 MiB each way");
 }
+
+#[test]
+#[ignore = "needs root and the NAT lab: ./test runs it"]
+fn a_daemon_reports_its_connections_to_the_measurement_server_with_their_technique() {
+    testkit::require::lab(
+        "a_daemon_reports_its_connections_to_the_measurement_server_with_their_technique",
+    );
+    use natlab::Preset::{PortRestricted, Symmetric};
+    let l = DaemonLab::new("daemon-report");
+    let relay_ip = l.lab.node("relay").expect("relay").uplink.addrs[0].to_string();
+    let db = l.dir.0.join("natpunch.db");
+    let url = format!("sqlite://{}", db.display());
+    let server = l
+        .lab
+        .spawn(
+            "relay",
+            env!("CARGO_BIN_EXE_natpunch"),
+            &[
+                "server",
+                "--listen-ip",
+                &relay_ip,
+                "--port",
+                "10000",
+                "--telemetry-port",
+                "0",
+                "--database-url",
+                &url,
+                "--json",
+            ],
+        )
+        .expect("server");
+    server
+        .wait_for("\"event\":\"listening\"", Duration::from_secs(20))
+        .expect("the server listens");
+    let spool = l.dir.0.join("spool");
+    let report_to = format!("http://{relay_ip}:10000");
+    let spool_arg = spool.display().to_string();
+    let alice = l.daemon(
+        "alice",
+        "alice",
+        Some(PortRestricted),
+        &[
+            "--report-to",
+            &report_to,
+            "--api-key",
+            "daemon-report-test",
+            "--spool",
+            &spool_arg,
+        ],
+    );
+    let bob = l.daemon("bob", "bob", Some(PortRestricted), &[]);
+    let carol = l.daemon("carol", "carol", Some(Symmetric), &[]);
+    echo_service(&bob.socket, "echo", Proto::Udp);
+    echo_service(&carol.socket, "echo", Proto::Tcp);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut client = Client::connect(&alice.socket).expect("alice");
+    let direct = client
+        .connect_peer(&bob.peer, Proto::Udp, "echo", |_| {})
+        .expect("to bob");
+    labrun::connect::hello(direct.socket).expect("it works");
+    let relayed = client
+        .connect_peer(&carol.peer, Proto::Tcp, "echo", |_| {})
+        .expect("to carol");
+    labrun::connect::hello(relayed.socket).expect("it works");
+    // Both reports reach the server, and the spool empties.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let rows = loop {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let rows = rt.block_on(async {
+            let store = api::store::SqlStore::open(&url).await.expect("store");
+            let rows: Vec<(Option<String>, String, Option<String>)> = sqlx::query_as(
+                "SELECT technique, CAST(outcome AS TEXT), transport FROM hole_punch_results",
+            )
+            .fetch_all(store.pool())
+            .await
+            .expect("results");
+            store.close().await;
+            rows
+        });
+        if rows.len() == 2 {
+            break rows;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} reports stored:\n{}",
+            rows.len(),
+            alice.process.output()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let mut rows = rows;
+    rows.sort();
+    assert_eq!(
+        rows,
+        [
+            (Some("relay".into()), "FAILED".into(), Some("tcp".into())),
+            (
+                Some("udp-punch".into()),
+                "SUCCESS".into(),
+                Some("udp".into())
+            ),
+        ]
+    );
+    let left = std::fs::read_dir(&spool)
+        .expect("spool")
+        .filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "pb"))
+        .count();
+    assert_eq!(left, 0, "the spool is empty");
+}
