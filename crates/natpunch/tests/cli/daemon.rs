@@ -45,7 +45,7 @@ struct DaemonLab {
     lab: Lab,
     dir: Scratch,
     relay: String,
-    _relay: LabProcess,
+    relay_process: Option<LabProcess>,
 }
 
 impl DaemonLab {
@@ -71,8 +71,22 @@ impl DaemonLab {
             lab,
             dir,
             relay: relay_addr,
-            _relay: relay,
+            relay_process: Some(relay),
         }
+    }
+
+    /// Stops the relay and starts it again (same key, same port).
+    fn restart_relay(&mut self) {
+        drop(self.relay_process.take());
+        let args = labrun::args::relay(self.dir.0.join("relay.key"), 4001).expect("relay flags");
+        let relay = self
+            .lab
+            .spawn("relay", env!("CARGO_BIN_EXE_natpunch"), &args)
+            .expect("relay");
+        relay
+            .wait_for("\"event\":\"external-address\"", Duration::from_secs(20))
+            .expect("the relay's address");
+        self.relay_process = Some(relay);
     }
 
     /// Starts a daemon on `node` named `name` (its key and socket in the scratch directory),
@@ -1072,4 +1086,49 @@ fn a_daemon_reports_its_connections_to_the_measurement_server_with_their_techniq
         .filter(|e| e.path().extension().is_some_and(|x| x == "pb"))
         .count();
     assert_eq!(left, 0, "the spool is empty");
+}
+
+#[test]
+#[ignore = "needs root and the NAT lab: ./test runs it"]
+fn daemons_reserve_again_after_their_relay_restarts_and_connect_through_it() {
+    testkit::require::lab(
+        "daemons_reserve_again_after_their_relay_restarts_and_connect_through_it",
+    );
+    use natlab::Preset::{PortRestricted, Symmetric};
+    let mut l = DaemonLab::new("daemon-relay-restart");
+    let alice = l.daemon("alice", "alice", Some(PortRestricted), &[]);
+    let carol = l.daemon("carol", "carol", Some(Symmetric), &[]);
+    echo_service(&carol.socket, "echo", Proto::Tcp);
+    let seen = (alice.process.output().len(), carol.process.output().len());
+    let restarted = Instant::now();
+    l.restart_relay();
+    // Each daemon notices, dials the relay again (backoff from 1 s) and reserves again.
+    let deadline = restarted + Duration::from_secs(15);
+    for (d, seen) in [(&alice, seen.0), (&carol, seen.1)] {
+        loop {
+            let out = d.process.output();
+            let after = out.get(seen..).unwrap_or_default();
+            if after.contains("\"event\":\"relay-lost\"")
+                && after.contains("\"event\":\"reserved\"")
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no new reservation within 15 s:\n{after}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    println!(
+        "both reserved again {:?} after the restart",
+        restarted.elapsed()
+    );
+    // The pair cannot punch: the new relay carries the connection.
+    let conn = Client::connect(&alice.socket)
+        .expect("alice")
+        .connect_peer(&carol.peer, Proto::Tcp, "echo", |_| {})
+        .expect("a connection through the restarted relay");
+    assert_eq!(conn.technique, "relay");
+    labrun::connect::transfer(conn.socket).expect("1 MiB each way");
 }
