@@ -32,6 +32,7 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use behaviour::Mapping;
 use p2p::peer::mapping::{MappingEvent, PortMapping};
 
 use crate::api::{Proto, Technique};
@@ -103,7 +104,7 @@ pub enum DaemonEvent {
         /// The server.
         server: String,
         /// How the NAT maps, if the check could tell (`None`: not known).
-        mapping: Option<behaviour::Mapping>,
+        mapping: Option<Mapping>,
         /// How it filters, if the check could tell.
         filtering: Option<behaviour::Filtering>,
         /// Why it could not tell, if it could not.
@@ -424,6 +425,11 @@ struct State {
     direct_udp: Option<SocketAddr>,
     /// The mappings held, as `natpunch map` prints them.
     mappings: Vec<String>,
+    /// What each relay observed of the TCP listen port (the relay's IP address, the
+    /// observed address), for the mapping behaviour when nothing better is known.
+    relay_observations: Vec<(PeerId, IpAddr, SocketAddr)>,
+    /// The mapping behaviour came from the daemon's flags or its RFC 5780 check.
+    mapping_measured: bool,
 }
 
 impl State {
@@ -646,6 +652,7 @@ impl Daemon {
             commands: commands_tx,
             state: Mutex::new(State {
                 nat: told,
+                mapping_measured: told.mapping.is_some(),
                 ..State::default()
             }),
             listeners: Mutex::new(HashMap::new()),
@@ -829,20 +836,12 @@ impl Daemon {
         };
         let _ = mapping.update();
         let offered = mapping.offered();
-        let socket_of = |addr: &Multiaddr| {
-            let mut it = addr.iter();
-            match (it.next(), it.next()) {
-                (Some(Protocol::Ip4(ip)), Some(Protocol::Tcp(port) | Protocol::Udp(port))) => {
-                    Some(SocketAddr::from((ip, port)))
-                }
-                _ => None,
-            }
-        };
         let find = |protocol: &str| {
             offered
                 .iter()
                 .find(|(m, _)| m.protocol == protocol)
-                .and_then(|(_, a)| socket_of(a))
+                .and_then(|(_, a)| ip_port(a))
+                .map(|(ip, port)| SocketAddr::new(ip, port))
         };
         let held: Vec<String> = offered.iter().map(|(m, _)| m.to_string()).collect();
         let (tcp, udp) = (find("tcp"), find("udp"));
@@ -882,7 +881,10 @@ impl Daemon {
                 Err(e) => (None, None, Some(e.to_string())),
             };
             if let Ok(mut s) = ctx.state.lock() {
-                s.nat.mapping = told.mapping.or(mapping);
+                if mapping.is_some() {
+                    s.mapping_measured = true;
+                }
+                s.nat.mapping = told.mapping.or(mapping).or(s.nat.mapping);
                 s.nat.filtering = told.filtering.or(filtering);
             }
             ctx.report(DaemonEvent::Nat {
@@ -1151,12 +1153,27 @@ impl Daemon {
                 }
                 let observed = info.observed_addr;
                 let quic = observed.iter().any(|p| matches!(p, Protocol::QuicV1));
+                let relay_ip = self
+                    .relay_mut(&peer_id)
+                    .and_then(|r| r.addrs.first())
+                    .and_then(|a| ip_port(a).map(|(ip, _)| ip));
                 let changed = self.update_state(|s| {
                     let before = s.observed.clone();
                     s.observed
                         .retain(|a| a.iter().any(|p| matches!(p, Protocol::QuicV1)) != quic);
                     s.observed.push(observed.clone());
                     s.observed.sort();
+                    if let (false, Some(relay_ip), Some((ip, port))) =
+                        (quic, relay_ip, ip_port(&observed))
+                    {
+                        s.relay_observations.retain(|(r, _, _)| *r != peer_id);
+                        s.relay_observations
+                            .push((peer_id, relay_ip, SocketAddr::new(ip, port)));
+                        if !s.mapping_measured {
+                            s.nat.mapping =
+                                infer_mapping(&s.relay_observations, &s.local_ips, s.tcp_port);
+                        }
+                    }
                     before != s.observed
                 });
                 if changed {
@@ -1223,6 +1240,50 @@ impl Daemon {
             Err(poisoned) => f(&mut poisoned.into_inner()),
         }
     }
+}
+
+/// The IP address and port of `addr`.
+fn ip_port(addr: &Multiaddr) -> Option<(IpAddr, u16)> {
+    let mut it = addr.iter();
+    let ip = match it.next()? {
+        Protocol::Ip4(ip) => IpAddr::V4(ip),
+        Protocol::Ip6(ip) => IpAddr::V6(ip),
+        _ => return None,
+    };
+    match it.next()? {
+        Protocol::Tcp(port) | Protocol::Udp(port) => Some((ip, port)),
+        _ => None,
+    }
+}
+
+/// How the NAT maps, from what relays observed of the TCP listen port (every connection to
+/// them leaves from it): the host's own address and port mean no NAT; the same external
+/// address towards relays at two or more addresses means endpoint-independent mapping, and
+/// different ones a mapping per destination (which of address- or port-dependent is not
+/// told, so the stricter). One relay behind a NAT tells nothing.
+fn infer_mapping(
+    observations: &[(PeerId, IpAddr, SocketAddr)],
+    local_ips: &[Ipv4Addr],
+    listen_port: Option<u16>,
+) -> Option<Mapping> {
+    let first = observations.first()?.2;
+    let own = |a: &SocketAddr| {
+        matches!(a.ip(), IpAddr::V4(ip) if local_ips.contains(&ip)) && Some(a.port()) == listen_port
+    };
+    if observations.iter().all(|(_, _, a)| own(a)) {
+        return Some(Mapping::None);
+    }
+    let mut relays: Vec<IpAddr> = observations.iter().map(|(_, ip, _)| *ip).collect();
+    relays.sort();
+    relays.dedup();
+    if relays.len() < 2 {
+        return None;
+    }
+    Some(if observations.iter().all(|(_, _, a)| *a == first) {
+        Mapping::EndpointIndependent
+    } else {
+        Mapping::AddressAndPortDependent
+    })
 }
 
 /// The mapping holder's next event, or never when there is none. Cancel-safe.
@@ -1351,6 +1412,48 @@ mod tests {
         let bare: Multiaddr = "/ip4/11.0.0.1/tcp/4001".parse().expect("addr");
         let e = relay_states(&[bare]).err().expect("refused").to_string();
         assert!(e.contains("/p2p/<relay peer id>"), "{e}");
+    }
+
+    #[test]
+    fn the_relays_observations_tell_the_mapping_only_when_they_can() {
+        let (r1, r2) = (PeerId::random(), PeerId::random());
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        let lan = [Ipv4Addr::new(192, 168, 1, 2)];
+        // One relay behind a NAT: nothing to compare.
+        let one = [(r1, ip("11.0.0.1"), addr("11.0.0.5:4000"))];
+        assert_eq!(infer_mapping(&one, &lan, Some(4000)), None);
+        assert_eq!(infer_mapping(&[], &lan, Some(4000)), None);
+        // Its own address and port, seen from outside: no NAT.
+        let public = [Ipv4Addr::new(11, 0, 0, 5)];
+        assert_eq!(
+            infer_mapping(&one, &public, Some(4000)),
+            Some(Mapping::None)
+        );
+        // Two relays at two addresses, one external endpoint: endpoint-independent.
+        let same = [
+            (r1, ip("11.0.0.1"), addr("11.0.0.5:4000")),
+            (r2, ip("11.0.0.2"), addr("11.0.0.5:4000")),
+        ];
+        assert_eq!(
+            infer_mapping(&same, &lan, Some(4000)),
+            Some(Mapping::EndpointIndependent)
+        );
+        // Two, each seeing another port: a mapping per destination.
+        let differ = [
+            (r1, ip("11.0.0.1"), addr("11.0.0.5:4000")),
+            (r2, ip("11.0.0.2"), addr("11.0.0.5:51000")),
+        ];
+        assert_eq!(
+            infer_mapping(&differ, &lan, Some(4000)),
+            Some(Mapping::AddressAndPortDependent)
+        );
+        // Two relays at one address are one destination: nothing to compare.
+        let one_place = [
+            (r1, ip("11.0.0.1"), addr("11.0.0.5:4000")),
+            (r2, ip("11.0.0.1"), addr("11.0.0.5:51000")),
+        ];
+        assert_eq!(infer_mapping(&one_place, &lan, Some(4000)), None);
     }
 
     #[test]
