@@ -214,6 +214,26 @@ pub struct ConnectionRecord {
     pub error: Option<String>,
 }
 
+impl ConnectionRecord {
+    /// The record of a connection that begins now, on `side`, between `local` and `peer`.
+    fn begin(side: &'static str, local: PeerId, peer: PeerId, service: &str, proto: Proto) -> Self {
+        Self {
+            side,
+            local: local.to_string(),
+            started_unix_ms: unix_ms(),
+            offered: Vec::new(),
+            peer: peer.to_string(),
+            service: service.to_owned(),
+            proto,
+            technique: None,
+            direct: false,
+            time_to_socket_ms: 0.0,
+            tried: Vec::new(),
+            error: None,
+        }
+    }
+}
+
 impl fmt::Display for ConnectionRecord {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let proto = self.proto.as_str();

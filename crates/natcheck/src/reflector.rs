@@ -113,8 +113,14 @@ async fn read_message(stream: &mut TcpStream, buf: &mut [u8]) -> io::Result<usiz
     Ok(len)
 }
 
-/// A socket of `kind` bound to `0.0.0.0:port`, sharing the port.
-fn shared(port: u16, kind: Type, protocol: Protocol) -> io::Result<Socket> {
+/// A non-blocking socket of `kind` bound to `0.0.0.0:port`, sharing the port with others
+/// (SO_REUSEADDR and SO_REUSEPORT): how the daemon's techniques use one port for several
+/// sockets.
+///
+/// # Errors
+///
+/// Making or binding the socket.
+pub fn shared(port: u16, kind: Type, protocol: Protocol) -> io::Result<Socket> {
     let socket = Socket::new(Domain::IPV4, kind, Some(protocol))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;

@@ -14,7 +14,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, Socket, Type};
+use natcheck::reflector::shared;
+use socket2::{Protocol, Type};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Semaphore, oneshot};
@@ -91,16 +92,6 @@ impl Drop for Expected {
             map.remove(&self.token);
         }
     }
-}
-
-/// A socket of `kind` bound to `0.0.0.0:port`, sharing the port.
-fn shared(port: u16, kind: Type, protocol: Protocol) -> io::Result<Socket> {
-    let socket = Socket::new(Domain::IPV4, kind, Some(protocol))?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
-    Ok(socket)
 }
 
 /// The direct port, bound for TCP and UDP.

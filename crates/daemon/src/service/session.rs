@@ -26,9 +26,7 @@ use tokio_util::compat::FuturesAsyncReadCompatExt as _;
 
 use super::app::Outgoing;
 use super::direct::{self, Dialed};
-use super::{
-    Command, ConnectionRecord, Ctx, DaemonEvent, TriedRecord, ms, technique_name, unix_ms,
-};
+use super::{Command, ConnectionRecord, Ctx, DaemonEvent, TriedRecord, ms, technique_name};
 use crate::api::{ErrorCode, Event, Proto, Reply, Technique};
 use crate::plan::{self, Action, Connected, DEADLINE, Nat, Sequencer};
 use crate::signal::{self, Candidates, Message, MessageReader, NatInfo};
@@ -530,20 +528,7 @@ pub(super) async fn initiate(
         ..
     } = target.clone();
     let start = Instant::now();
-    let mut record = ConnectionRecord {
-        side: "initiator",
-        local: ctx.peer_id.to_string(),
-        started_unix_ms: unix_ms(),
-        offered: Vec::new(),
-        peer: peer.to_string(),
-        service: service.clone(),
-        proto,
-        technique: None,
-        direct: false,
-        time_to_socket_ms: 0.0,
-        tried: Vec::new(),
-        error: None,
-    };
+    let mut record = ConnectionRecord::begin("initiator", ctx.peer_id, peer, &service, proto);
     let result = initiate_inner(&ctx, id, target, tx, start, &mut record).await;
     record.time_to_socket_ms = elapsed_ms(start);
     let out = match result {
@@ -865,20 +850,7 @@ pub(super) async fn respond(ctx: Arc<Ctx>, peer: PeerId, stream: libp2p::Stream)
     let Some(token) = signal::parse_token(&token) else {
         return;
     };
-    let mut record = ConnectionRecord {
-        side: "responder",
-        local: ctx.peer_id.to_string(),
-        started_unix_ms: unix_ms(),
-        offered: Vec::new(),
-        peer: peer.to_string(),
-        service: service.clone(),
-        proto,
-        technique: None,
-        direct: false,
-        time_to_socket_ms: 0.0,
-        tried: Vec::new(),
-        error: None,
-    };
+    let mut record = ConnectionRecord::begin("responder", ctx.peer_id, peer, &service, proto);
     let Some(destination) = ctx.destination(&service, proto, token) else {
         let proto_name = proto.as_str();
         let message = if service == signal::OFFER_SERVICE {
