@@ -8,8 +8,9 @@
 //! some other program on the same port, nor a stale attempt). Each returns a connected std
 //! socket in blocking mode, ready to be passed to an application.
 //!
-//! [`birthday`] holds the arithmetic and the sans-IO prober of birthday probing, for a NAT that
-//! picks a random port per destination (not wired into the daemon yet).
+//! [`birthday`] is birthday probing, for a NAT that picks a random port per destination: the
+//! arithmetic, the easy side's sans-IO prober, and both sides' drivers (not chosen by the
+//! daemon's plan yet).
 //!
 //! What they do not do: learn candidates (STUN, port mappings), talk to the relay, pick local
 //! ports, or predict ports for NATs that map per destination. Reusing one 4-tuple for a new

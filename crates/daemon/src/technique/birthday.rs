@@ -25,8 +25,10 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{RngExt as _, SeedableRng as _};
+use tokio::task::JoinSet;
 
 use super::udp::{Datagram, Kind};
+use super::{Punched, TechniqueError};
 
 /// The ports a NAT picks from: 1024 to 65535.
 pub const PORTS: u32 = 65_536 - 1_024;
@@ -183,6 +185,163 @@ impl EasyProber {
         if Datagram::decode(bytes).is_ok_and(|d| d.token == self.token) {
             self.hit = Some(from);
         }
+    }
+}
+
+/// What an easy side's attempt did.
+#[derive(Debug)]
+pub struct Probed {
+    /// The socket, connected to the hard side's port that answered.
+    pub punched: Punched<std::net::UdpSocket>,
+    /// Probes sent.
+    pub probes: usize,
+}
+
+/// The easy side: probes random ports of `hard` from `local` (shared with SO_REUSEPORT; its
+/// NAT maps it endpoint-independently, so the hard side knows where to send), at most
+/// `budget` probes at `rate` per second, until one is answered or `deadline`.
+///
+/// # Errors
+///
+/// [`TechniqueError::Timeout`] (with the probes sent) when nothing answered; the socket's.
+pub async fn easy_side(
+    local: SocketAddr,
+    hard: IpAddr,
+    token: [u8; 16],
+    budget: usize,
+    rate: u32,
+    deadline: tokio::time::Instant,
+) -> Result<Probed, TechniqueError> {
+    let socket = tokio::net::UdpSocket::from_std(
+        natcheck::reflector::shared(local.port(), socket2::Type::DGRAM, socket2::Protocol::UDP)?
+            .into(),
+    )?;
+    let mut prober = EasyProber::new(Instant::now(), hard, token, budget, rate, rand::random());
+    let mut buf = [0u8; 64];
+    let mut last = None;
+    loop {
+        while let Some(p) = prober.poll_probe(Instant::now()) {
+            if let Err(e) = socket.send_to(&p.datagram.encode(), p.to).await {
+                last = Some(format!("sending to {}: {e}", p.to));
+            }
+        }
+        if let Some(remote) = prober.outcome() {
+            socket.connect(remote).await?;
+            let socket = socket.into_std()?;
+            socket.set_nonblocking(false)?;
+            return Ok(Probed {
+                punched: Punched {
+                    socket,
+                    remote,
+                    rtt: None,
+                },
+                probes: prober.sent(),
+            });
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Err(TechniqueError::Timeout {
+                tried: prober.sent(),
+                last,
+            });
+        }
+        // Past the budget, wait for late answers until the deadline.
+        let wake = prober.poll_timeout().map_or(deadline, |t| {
+            tokio::time::Instant::from_std(t).min(deadline)
+        });
+        tokio::select! {
+            received = socket.recv_from(&mut buf) => {
+                if let Ok((n, from)) = received {
+                    prober.handle_input(from, buf.get(..n).unwrap_or_default());
+                }
+            }
+            () = tokio::time::sleep_until(wake) => {}
+        }
+    }
+}
+
+/// How often the hard side's sockets send towards the easy side again, to keep their mappings.
+const KEEP_OPEN: Duration = Duration::from_secs(1);
+
+/// The hard side: `sockets` fresh sockets each send towards `easy` (opening as many mappings
+/// on its NAT, each letting in what comes from `easy`), and the first that hears a probe with
+/// `token` answers it and is the punched socket; the others close at once.
+///
+/// # Errors
+///
+/// [`TechniqueError::Timeout`] when no probe came by `deadline`; binding the sockets.
+pub async fn hard_side(
+    sockets: usize,
+    easy: SocketAddr,
+    token: [u8; 16],
+    deadline: tokio::time::Instant,
+) -> Result<Punched<std::net::UdpSocket>, TechniqueError> {
+    let mut set = JoinSet::new();
+    for i in 0..sockets.max(1) {
+        let socket = tokio::net::UdpSocket::bind(("0.0.0.0", 0)).await?;
+        set.spawn(async move {
+            let seq = u32::try_from(i).unwrap_or(u32::MAX);
+            let open = Datagram {
+                kind: Kind::Probe,
+                token,
+                seq,
+            }
+            .encode();
+            let mut buf = [0u8; 64];
+            let mut keep = tokio::time::interval(KEEP_OPEN);
+            loop {
+                tokio::select! {
+                    _ = keep.tick() => {
+                        let _ = socket.send_to(&open, easy).await;
+                    }
+                    received = socket.recv_from(&mut buf) => {
+                        let Ok((n, from)) = received else { continue };
+                        if from.ip() != easy.ip() {
+                            continue;
+                        }
+                        let Ok(d) = Datagram::decode(buf.get(..n).unwrap_or_default()) else {
+                            continue;
+                        };
+                        if d.token != token || d.kind != Kind::Probe {
+                            continue;
+                        }
+                        let ack = Datagram { kind: Kind::Ack, token, seq: d.seq }.encode();
+                        socket.send_to(&ack, from).await?;
+                        socket.connect(from).await?;
+                        return Ok::<_, std::io::Error>((socket, from));
+                    }
+                }
+            }
+        });
+    }
+    let found = tokio::time::timeout_at(deadline, async {
+        while let Some(joined) = set.join_next().await {
+            if let Ok(Ok(found)) = joined {
+                return Some(found);
+            }
+        }
+        None
+    })
+    .await;
+    // The losers go now: their mappings stop being refreshed and their sockets close.
+    set.abort_all();
+    match found {
+        Ok(Some((socket, remote))) => {
+            let socket = socket.into_std()?;
+            socket.set_nonblocking(false)?;
+            Ok(Punched {
+                socket,
+                remote,
+                rtt: None,
+            })
+        }
+        _ => Err(TechniqueError::Timeout {
+            tried: sockets,
+            last: Some(format!(
+                "no probe from {} reached any of {sockets} sockets",
+                easy.ip()
+            )),
+        }),
     }
 }
 

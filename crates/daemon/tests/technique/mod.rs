@@ -499,3 +499,60 @@ fn tcp_when_one_end_starts_late_through_nats_that_reset_only_nutss_connects() {
         (public(&lab, "bob", 44002), public(&lab, "alice", 44001))
     );
 }
+
+/// alice behind `a`, bob behind `b`.
+fn homes(a: &str, b: &str) -> Lab {
+    let topology = Topology::from_toml(&format!(
+        r#"
+        [router.home-a]
+        nat = "{a}"
+        [router.home-b]
+        nat = "{b}"
+        [host.alice]
+        upstream = "home-a"
+        [host.bob]
+        upstream = "home-b"
+        "#
+    ))
+    .expect("topology");
+    Lab::build(&topology, LabOptions::default()).expect("lab")
+}
+
+#[test]
+#[ignore = "needs root and the NAT lab: ./test runs it"]
+fn birthday_probing_joins_a_port_restricted_cone_and_a_symmetric_nat() {
+    use daemon::technique::birthday::{easy_side, hard_side};
+    testkit::require::lab("birthday_probing_joins_a_port_restricted_cone_and_a_symmetric_nat");
+    let lab = homes("port-restricted", "symmetric");
+    let alice_public = public(&lab, "alice", 40_011);
+    let bob_ip = lab.public_addr("bob").expect("bob's public address");
+    let started = Instant::now();
+    let (easy, hard) = both(
+        &lab,
+        || {
+            block_on(easy_side(
+                any(40_011),
+                bob_ip.into(),
+                TOKEN,
+                2048,
+                4000,
+                in_secs(10),
+            ))
+        },
+        || block_on(hard_side(256, alice_public, TOKEN, in_secs(10))),
+    );
+    let (easy, hard) = (
+        easy.expect("alice probed her way in"),
+        hard.expect("bob was reached"),
+    );
+    println!(
+        "birthday: {} probes, {:?}; bob's port {}",
+        easy.probes,
+        started.elapsed(),
+        easy.punched.remote.port()
+    );
+    assert_eq!(easy.punched.remote.ip(), std::net::IpAddr::from(bob_ip));
+    assert_eq!(hard.remote, alice_public);
+    assert!(easy.probes <= 2048);
+    udp_talk(&easy.punched.socket, &hard.socket);
+}
