@@ -147,6 +147,10 @@ pub enum Technique {
     TcpSimultaneousOpen,
     /// NUTSS: a low-TTL SYN opens this end's NAT, then the remote connects.
     TcpNutss,
+    /// Birthday probing (UDP): the end whose NAT maps endpoint-independently probes random
+    /// ports of the other end's address while the other, behind a NAT that picks a port per
+    /// destination, opens many mappings towards it.
+    UdpBirthday,
     /// A relayed stream, bridged to a local socket pair: always works, never direct.
     Relay,
 }

@@ -59,7 +59,7 @@ impl Nat {
     }
 
     /// Its external port is the same whatever the destination.
-    fn independent(&self) -> bool {
+    pub fn independent(&self) -> bool {
         matches!(
             self.mapping,
             Some(Mapping::None | Mapping::EndpointIndependent)
@@ -94,6 +94,14 @@ pub fn punchable(a: &Nat, b: &Nat) -> bool {
         || (b.independent() && b.accepts_any_port())
 }
 
+/// Whether birthday probing can join `a` and `b` where a plain punch cannot: both behaviours
+/// known, one end mapping endpoint-independently (it probes) and the other per destination (it
+/// opens many mappings). Two ends that both map per destination cannot: neither can tell the
+/// other where to aim.
+pub fn birthday(a: &Nat, b: &Nat) -> bool {
+    a.known() && b.known() && (a.independent() != b.independent())
+}
+
 /// The direct stages for a `proto` connection from `local` to `remote`, in order.
 pub fn plan(local: &Nat, remote: &Nat, proto: Proto) -> Vec<Stage> {
     let stage = |techniques: Vec<Technique>| Stage {
@@ -111,6 +119,8 @@ pub fn plan(local: &Nat, remote: &Nat, proto: Proto) -> Vec<Stage> {
             Proto::Udp => vec![Technique::UdpPunch],
             Proto::Tcp => vec![Technique::TcpSimultaneousOpen, Technique::TcpNutss],
         }));
+    } else if proto == Proto::Udp && birthday(local, remote) {
+        stages.push(stage(vec![Technique::UdpBirthday]));
     }
     stages
 }

@@ -304,6 +304,7 @@ pub fn technique_name(t: Technique) -> &'static str {
         Technique::UdpPunch => "udp-punch",
         Technique::TcpSimultaneousOpen => "tcp-simultaneous-open",
         Technique::TcpNutss => "tcp-nutss",
+        Technique::UdpBirthday => "udp-birthday",
         Technique::Relay => "relay",
     }
 }
@@ -545,7 +546,11 @@ impl Ctx {
 
     /// The techniques this daemon carries out, in the order `status` lists them.
     fn techniques(&self) -> Vec<Technique> {
-        let mut t = vec![Technique::UdpPunch, Technique::TcpSimultaneousOpen];
+        let mut t = vec![
+            Technique::UdpPunch,
+            Technique::UdpBirthday,
+            Technique::TcpSimultaneousOpen,
+        ];
         if self.config.nutss_ttl.is_some() {
             t.push(Technique::TcpNutss);
         }

@@ -143,7 +143,7 @@ impl Candidates {
     /// The list for `technique` (empty for the ones without candidates).
     pub fn of(&self, technique: Technique) -> &[SocketAddr] {
         match technique {
-            Technique::UdpPunch => &self.udp,
+            Technique::UdpPunch | Technique::UdpBirthday => &self.udp,
             Technique::TcpSimultaneousOpen => &self.tcp,
             Technique::TcpNutss => &self.nutss,
             Technique::Direct | Technique::Reversal => &self.direct,

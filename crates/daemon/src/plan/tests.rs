@@ -66,6 +66,15 @@ fn the_decision_table_matches_what_the_lab_punches() {
         "a port mapping makes even a symmetric NAT reachable"
     );
     assert!(plan(&of(SYMMETRIC), &of(PORT_RESTRICTED), Proto::Tcp).is_empty());
+    // Over UDP, birthday probing joins what a punch cannot, but not two per-destination NATs.
+    for (a, b) in [(SYMMETRIC, PORT_RESTRICTED), (PORT_RESTRICTED, SYMMETRIC)] {
+        assert_eq!(
+            techniques(&plan(&of(a), &of(b), Proto::Udp)),
+            [vec![Technique::UdpBirthday]],
+            "{a:?} × {b:?}"
+        );
+    }
+    assert!(plan(&of(SYMMETRIC), &of(SYMMETRIC), Proto::Udp).is_empty());
     assert_eq!(
         techniques(&plan(&Nat::default(), &of(SYMMETRIC), Proto::Udp)),
         [vec![UdpPunch]],

@@ -34,6 +34,15 @@ use crate::technique::{self, Side};
 
 /// How long reaching the remote daemon and opening the stream may take.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Birthday probing's sockets and probes: 256 and 2,048, 99.9% in theory (98% at 1,024
+/// probes), within the bounds; a deep session table assumed until one is measured.
+const BIRTHDAY: technique::birthday::Plan = technique::birthday::Plan {
+    sockets: 256,
+    probes: 2048,
+    probability: 0.9997,
+};
+/// Probes per second: 2,048 in half a second, 120 kB/s of 29-byte datagrams.
+const BIRTHDAY_RATE: u32 = 4000;
 /// How long a STUN question over TCP may take.
 const STUN_TIMEOUT: Duration = Duration::from_secs(1);
 /// Hellos sent at most for one connection (a reset stream is tried again).
@@ -181,7 +190,7 @@ impl Ports {
     /// The port of `t` (0: any, for a dial to the other end's direct port).
     fn of(&self, t: Technique) -> u16 {
         match t {
-            Technique::UdpPunch => self.udp,
+            Technique::UdpPunch | Technique::UdpBirthday => self.udp,
             Technique::TcpNutss => self.nutss,
             Technique::TcpSimultaneousOpen => self.tcp,
             Technique::Direct | Technique::Reversal | Technique::Relay => 0,
@@ -333,11 +342,55 @@ impl Running {
                             rtt: p.rtt,
                         })
                 }
-                Technique::Relay => {
-                    return (t, Err("not carried out by this daemon".to_owned()));
+                Technique::Relay | Technique::UdpBirthday => {
+                    return (t, Err("not started this way".to_owned()));
                 }
             };
             (t, result.map_err(|e| e.to_string()))
+        });
+        self.handles.insert(t, handle);
+    }
+
+    /// Starts birthday probing against `remote` (the other end's first UDP candidate): as the
+    /// probing end from `port` when this end's NAT maps endpoint-independently (`easy`), else as
+    /// the end that opens many mappings.
+    fn start_birthday(
+        &mut self,
+        easy: bool,
+        port: u16,
+        remote: Option<SocketAddr>,
+        token: [u8; 16],
+        deadline: tokio::time::Instant,
+    ) {
+        let t = Technique::UdpBirthday;
+        let handle = self.set.spawn(async move {
+            let Some(remote) = remote else {
+                return (t, Err("no address to aim at".to_owned()));
+            };
+            let result = if easy {
+                technique::birthday::easy_side(
+                    SocketAddr::from(([0, 0, 0, 0], port)),
+                    remote.ip(),
+                    token,
+                    BIRTHDAY.probes,
+                    BIRTHDAY_RATE,
+                    deadline,
+                )
+                .await
+                .map(|p| p.punched)
+            } else {
+                technique::birthday::hard_side(BIRTHDAY.sockets, remote, token, deadline).await
+            };
+            (
+                t,
+                result
+                    .map(|p| Punch {
+                        made: Made::Udp(p.socket),
+                        remote: p.remote,
+                        rtt: p.rtt,
+                    })
+                    .map_err(|e| e.to_string()),
+            )
         });
         self.handles.insert(t, handle);
     }
@@ -685,6 +738,9 @@ async fn initiate_inner(
         }
     };
     let mut implemented = direct_techniques(ctx, proto);
+    if proto == Proto::Udp {
+        implemented.push(Technique::UdpBirthday);
+    }
     if !theirs.direct.is_empty() {
         implemented.push(Technique::Direct);
     }
@@ -732,6 +788,31 @@ async fn initiate_inner(
                     );
                     let rx = expected.as_mut().and_then(direct::Expected::take);
                     running.start_wait(Technique::Reversal, rx, deadline);
+                }
+                Action::Start(Technique::UdpBirthday) => {
+                    let easy = nat_of(ctx.state().nat, &ours.direct).independent();
+                    progress(
+                        tx,
+                        id,
+                        Technique::UdpBirthday,
+                        if easy { "probing" } else { "opening" },
+                        format!(
+                            "{} towards {:?}",
+                            if easy {
+                                "random ports"
+                            } else {
+                                "many mappings"
+                            },
+                            theirs.udp.first()
+                        ),
+                    );
+                    running.start_birthday(
+                        easy,
+                        ports.of(Technique::UdpBirthday),
+                        theirs.udp.first().copied(),
+                        token,
+                        deadline,
+                    );
                 }
                 Action::Start(t) => {
                     progress(
@@ -841,7 +922,7 @@ pub(super) async fn respond(ctx: Arc<Ctx>, peer: PeerId, stream: libp2p::Stream)
         service,
         proto,
         token,
-        nat: _,
+        nat: their_nat,
         candidates: theirs,
     }))) = tokio::time::timeout(ANSWER_TIMEOUT, sig.recv()).await
     else {
@@ -879,6 +960,7 @@ pub(super) async fn respond(ctx: Arc<Ctx>, peer: PeerId, stream: libp2p::Stream)
         proto,
         destination,
         token,
+        their_nat,
         &theirs,
         start,
         &mut record,
@@ -899,6 +981,7 @@ async fn respond_inner(
     proto: Proto,
     destination: (String, mpsc::Sender<Outgoing>),
     token: [u8; 16],
+    their_nat: NatInfo,
     theirs: &Candidates,
     start: Instant,
     record: &mut ConnectionRecord,
@@ -914,6 +997,7 @@ async fn respond_inner(
     } else {
         ctx.waiters.expect(token, Side::Responder)
     };
+    let our_direct = ours.direct.clone();
     sig.send(&Message::Welcome {
         nat: ctx.state().nat,
         candidates: ours,
@@ -924,6 +1008,18 @@ async fn respond_inner(
     let mut running = Running::new();
     let mut tried: Vec<TriedRecord> = Vec::new();
     let mut techniques = direct_techniques(ctx, proto);
+    // Where a punch cannot work and birthday probing can, it runs instead (the two would share
+    // the UDP port): the same choice the initiator's plan makes from the same two NATs.
+    let (local_nat, remote_nat) = (
+        nat_of(ctx.state().nat, &our_direct),
+        nat_of(their_nat, &theirs.direct),
+    );
+    if proto == Proto::Udp
+        && !plan::punchable(&local_nat, &remote_nat)
+        && plan::birthday(&local_nat, &remote_nat)
+    {
+        techniques = vec![Technique::UdpBirthday];
+    }
     if let Some(rx) = expected.as_mut().and_then(direct::Expected::take) {
         running.start_wait(Technique::Direct, Some(rx), deadline);
         tried.push(TriedRecord {
@@ -941,16 +1037,26 @@ async fn respond_inner(
         if theirs.of(t).is_empty() {
             continue;
         }
-        running.start(
-            t,
-            proto,
-            ports.of(t),
-            theirs.of(t).to_vec(),
-            token,
-            Side::Responder,
-            ctx.config.nutss_ttl,
-            deadline,
-        );
+        if t == Technique::UdpBirthday {
+            running.start_birthday(
+                local_nat.independent(),
+                ports.of(t),
+                theirs.udp.first().copied(),
+                token,
+                deadline,
+            );
+        } else {
+            running.start(
+                t,
+                proto,
+                ports.of(t),
+                theirs.of(t).to_vec(),
+                token,
+                Side::Responder,
+                ctx.config.nutss_ttl,
+                deadline,
+            );
+        }
         tried.push(TriedRecord {
             technique: technique_name(t).to_owned(),
             started_ms: elapsed_ms(start),
