@@ -12,7 +12,8 @@
 //! | this end is reachable and the remote is not | `reversal`, then as below |
 //! | both map endpoint-independently, or one does and filters by address at most (full or restricted cone) | UDP: `udp-punch`; TCP: `tcp-simultaneous-open` and `tcp-nutss` raced |
 //! | behaviour unknown on either end | as if punchable: the attempt costs one budget |
-//! | otherwise (both map per destination, or one does and the other filters by port) | none direct: the relay at once |
+//! | one maps independently and filters by port, the other maps per destination | UDP: `udp-birthday` (birthday probing); TCP: none direct, the relay at once |
+//! | both map per destination | none direct: the relay at once |
 //!
 //! Why: a mapping that depends on the destination gives the remote a port it cannot learn
 //! through the relay, so only an end that accepts any port from the right address (or anyone)
