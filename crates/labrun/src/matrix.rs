@@ -453,7 +453,11 @@ fn serve(
 
 /// Starts `natpunch relay` (as [`args::relay`] has it) on the lab's node `relay` with its key
 /// in `key`; the relay, and its address once it announces one.
-pub(crate) fn start_relay(
+///
+/// # Errors
+///
+/// The relay did not start or announce an address.
+pub fn start_relay(
     lab: &Lab,
     exe: &str,
     key: &std::path::Path,

@@ -57,16 +57,12 @@ impl DaemonLab {
         let topology = Topology::from_toml(topology).expect("topology");
         let lab = Lab::build(&topology, LabOptions::default()).expect("lab");
         let dir = Scratch::new(tag);
-        let exe = env!("CARGO_BIN_EXE_natpunch");
-        let args = labrun::args::relay(dir.0.join("relay.key"), 4001).expect("relay flags");
-        let relay = lab.spawn("relay", exe, &args).expect("relay");
-        let line = relay
-            .wait_for("\"event\":\"external-address\"", Duration::from_secs(20))
-            .expect("the relay's address");
-        let relay_addr = serde_json::from_str::<Value>(&line).expect("json")["address"]
-            .as_str()
-            .expect("address")
-            .to_owned();
+        let (relay, relay_addr) = labrun::matrix::start_relay(
+            &lab,
+            env!("CARGO_BIN_EXE_natpunch"),
+            &dir.0.join("relay.key"),
+        )
+        .expect("the relay");
         Self {
             lab,
             dir,
@@ -78,14 +74,12 @@ impl DaemonLab {
     /// Stops the relay and starts it again (same key, same port).
     fn restart_relay(&mut self) {
         drop(self.relay_process.take());
-        let args = labrun::args::relay(self.dir.0.join("relay.key"), 4001).expect("relay flags");
-        let relay = self
-            .lab
-            .spawn("relay", env!("CARGO_BIN_EXE_natpunch"), &args)
-            .expect("relay");
-        relay
-            .wait_for("\"event\":\"external-address\"", Duration::from_secs(20))
-            .expect("the relay's address");
+        let (relay, _) = labrun::matrix::start_relay(
+            &self.lab,
+            env!("CARGO_BIN_EXE_natpunch"),
+            &self.dir.0.join("relay.key"),
+        )
+        .expect("the relay, again");
         self.relay_process = Some(relay);
     }
 
