@@ -42,8 +42,10 @@ pub struct DaemonArgs {
     #[arg(long, env = "NATPUNCH_DAEMON_NUTSS_TTL", default_value_t = 2)]
     pub nutss_ttl: u32,
     /// A STUN server (the relay's reflector, or any RFC 8489 server) that tells which external
-    /// port the NAT gave a fresh socket, asked when the NAT does not keep ports [default: each
-    /// relay's IP address, port 3478, where `natpunch relay` answers].
+    /// port the NAT gave a fresh socket, asked when the NAT does not keep ports; the first one
+    /// named is also asked at start, as RFC 5780 allows, how the NAT maps and filters, unless
+    /// --mapping and --filtering say [default: each relay's IP address, port 3478, where
+    /// `natpunch relay` answers].
     #[arg(long, env = "NATPUNCH_DAEMON_STUN_SERVER", value_delimiter = ',')]
     pub stun_server: Vec<std::net::SocketAddr>,
     /// Do not map a direct port on the router (by default the daemon asks the router, with PCP,

@@ -76,6 +76,9 @@ pub struct DaemonConfig {
     /// STUN reflectors (a relay's, on its STUN port) that tell which external port the NAT
     /// gave a fresh socket, asked when the NAT does not keep ports; the first is used.
     pub stun: Vec<SocketAddr>,
+    /// An RFC 5780 STUN server to learn the NAT's behaviour from at start, when not told it
+    /// (a relay's plain reflector cannot tell, so only a server named for it is asked).
+    pub nat_check: Option<SocketAddr>,
     /// Map a direct port (TCP and UDP) on the router (PCP, NAT-PMP or UPnP IGD) and hold it, so
     /// that other daemons can dial this one straight.
     pub port_mapping: bool,
@@ -882,12 +885,13 @@ impl Daemon {
         }
     }
 
-    /// Unless told both, learns how this end's NAT maps and filters from the first STUN server
-    /// (RFC 5780: a relay's plain reflector cannot tell, a `natpunch stun-server` can), in the
-    /// background; what it learns goes into the hellos and the plans from then on.
+    /// Unless told both, learns how this end's NAT maps and filters from the RFC 5780 server
+    /// named for it (`--stun-server`; a relay's plain reflector cannot tell, so it is not
+    /// asked), in the background; what it learns goes into the hellos and the plans from then
+    /// on.
     fn check_nat(&self) {
         let told = self.ctx.config.nat;
-        let Some(server) = self.ctx.config.stun.first().copied() else {
+        let Some(server) = self.ctx.config.nat_check else {
             return;
         };
         if told.mapping.is_some() && told.filtering.is_some() {

@@ -50,6 +50,7 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
             filtering: args.filtering,
         },
         stun: args.stun_servers(),
+        nat_check: args.stun_server.first().copied(),
         port_mapping: !args.no_port_mapping,
     };
     let mut registry = prometheus_client::registry::Registry::default();
