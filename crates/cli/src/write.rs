@@ -44,6 +44,7 @@ display_values!(
     SocketAddr,
     behaviour::Mapping,
     behaviour::Filtering,
+    behaviour::PortAllocation,
     Multiaddr,
     PeerId,
     StreamProtocol,

@@ -46,6 +46,8 @@ pub struct Nat {
     pub filtering: Option<Filtering>,
     /// It holds a port mapping on its router for the port it would be dialled on.
     pub port_mapped: bool,
+    /// Birthday probing was turned off at this end.
+    pub no_birthday: bool,
 }
 
 impl Nat {
@@ -97,10 +99,14 @@ pub fn punchable(a: &Nat, b: &Nat) -> bool {
 
 /// Whether birthday probing can join `a` and `b` where a plain punch cannot: both behaviours
 /// known, one end mapping endpoint-independently (it probes) and the other per destination (it
-/// opens many mappings). Two ends that both map per destination cannot: neither can tell the
-/// other where to aim.
+/// opens many mappings), neither having turned it off. Two ends that both map per destination
+/// cannot: neither can tell the other where to aim.
 pub fn birthday(a: &Nat, b: &Nat) -> bool {
-    a.known() && b.known() && (a.independent() != b.independent())
+    a.known()
+        && b.known()
+        && !a.no_birthday
+        && !b.no_birthday
+        && (a.independent() != b.independent())
 }
 
 /// The direct stages for a `proto` connection from `local` to `remote`, in order.

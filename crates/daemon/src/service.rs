@@ -82,6 +82,8 @@ pub struct DaemonConfig {
     /// Map a direct port (TCP and UDP) on the router (PCP, NAT-PMP or UPnP IGD) and hold it, so
     /// that other daemons can dial this one straight.
     pub port_mapping: bool,
+    /// Birthday probing and port prediction, for NATs that map per destination.
+    pub birthday: crate::technique::birthday::Settings,
 }
 
 /// What the daemon reports.
@@ -110,6 +112,9 @@ pub enum DaemonEvent {
         mapping: Option<Mapping>,
         /// How it filters, if the check could tell.
         filtering: Option<behaviour::Filtering>,
+        /// How it picks ports for new mappings, if the check could tell.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        port_allocation: Option<behaviour::PortAllocation>,
         /// Why it could not tell, if it could not.
         #[serde(skip_serializing_if = "Option::is_none")]
         problem: Option<String>,
@@ -134,7 +139,7 @@ pub enum DaemonEvent {
         held: Vec<String>,
     },
     /// A connection between two applications was made, or failed.
-    Connection(ConnectionRecord),
+    Connection(Box<ConnectionRecord>),
     /// Something that needs a person's attention.
     Warning {
         /// What.
@@ -158,14 +163,16 @@ impl fmt::Display for DaemonEvent {
                 server,
                 mapping,
                 filtering,
+                port_allocation,
                 problem,
             } => {
                 let word = |v: Option<String>| v.unwrap_or_else(|| "unknown".to_owned());
                 write!(
                     f,
-                    "daemon: NAT check against {server}: mapping {}, filtering {}",
+                    "daemon: NAT check against {server}: mapping {}, filtering {}, ports {}",
                     word(mapping.map(|m| m.to_string())),
-                    word(filtering.map(|x| x.to_string()))
+                    word(filtering.map(|x| x.to_string())),
+                    word(port_allocation.map(|x| x.to_string()))
                 )?;
                 if let Some(p) = problem {
                     write!(f, " ({p})")?;
@@ -212,6 +219,9 @@ pub struct ConnectionRecord {
     pub time_to_socket_ms: f64,
     /// Every technique tried, with its timing and result.
     pub tried: Vec<TriedRecord>,
+    /// What birthday probing or port prediction did on this end, if it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub birthday: Option<BirthdayRecord>,
     /// Why it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -232,8 +242,48 @@ impl ConnectionRecord {
             direct: false,
             time_to_socket_ms: 0.0,
             tried: Vec::new(),
+            birthday: None,
             error: None,
         }
+    }
+}
+
+/// What birthday probing (with port prediction first, where the hard side's NAT allocates
+/// sequentially) did on one end of a connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BirthdayRecord {
+    /// `easy` (this end probed) or `hard` (this end opened the sockets).
+    pub role: &'static str,
+    /// Sockets opened (hard side).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sockets: Option<usize>,
+    /// Probes sent (easy side), or the number of the probe that got through (hard side).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probes: Option<usize>,
+    /// The easy side probed a predicted window first.
+    pub predicted: bool,
+    /// The port that answered was in the predicted window.
+    pub predicted_hit: bool,
+    /// `ok`, or why not.
+    pub result: String,
+}
+
+impl fmt::Display for BirthdayRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} side", self.role)?;
+        if let Some(n) = self.sockets {
+            write!(f, ", {n} sockets")?;
+        }
+        match (self.probes, self.role) {
+            (Some(n), "hard") => write!(f, ", probe no. {n} got through")?,
+            (Some(n), _) => write!(f, ", {n} probes")?,
+            (None, _) => {}
+        }
+        if self.predicted {
+            let hit = if self.predicted_hit { "hit" } else { "missed" };
+            write!(f, ", prediction {hit}")?;
+        }
+        write!(f, ": {}", self.result)
     }
 }
 
@@ -259,6 +309,9 @@ impl fmt::Display for ConnectionRecord {
             .collect();
         if !tried.is_empty() {
             write!(f, " (tried: {})", tried.join(", "))?;
+        }
+        if let Some(b) = &self.birthday {
+            write!(f, " (birthday: {b})")?;
         }
         Ok(())
     }
@@ -900,26 +953,35 @@ impl Daemon {
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
             let options = natcheck::CheckOptions::new(server);
-            let (mapping, filtering, problem) = match natcheck::check(&options, &|_| {}).await {
+            let (report, problem) = match natcheck::check(&options, &|_| {}).await {
                 Ok(report) => {
                     let problem = (!report.rfc5780).then(|| {
                         "the server does not support RFC 5780 (no OTHER-ADDRESS)".to_owned()
                     });
-                    (report.mapping, report.filtering, problem)
+                    (Some(report), problem)
                 }
-                Err(e) => (None, None, Some(e.to_string())),
+                Err(e) => (None, Some(e.to_string())),
             };
+            let mapping = report.as_ref().and_then(|r| r.mapping);
+            let filtering = report.as_ref().and_then(|r| r.filtering);
+            let allocation = report.as_ref().and_then(|r| r.port_allocation);
+            let delta = report.as_ref().and_then(|r| r.port_delta);
             if let Ok(mut s) = ctx.state.lock() {
                 if mapping.is_some() {
                     s.mapping_measured = true;
                 }
                 s.nat.mapping = told.mapping.or(mapping).or(s.nat.mapping);
                 s.nat.filtering = told.filtering.or(filtering);
+                if told.port_allocation.is_none() {
+                    s.nat.port_allocation = allocation;
+                    s.nat.port_delta = delta;
+                }
             }
             ctx.report(DaemonEvent::Nat {
                 server: server.to_string(),
                 mapping,
                 filtering,
+                port_allocation: allocation,
                 problem,
             });
         });

@@ -16,7 +16,7 @@
 
 use std::net::SocketAddr;
 
-use behaviour::{Filtering, Mapping};
+use behaviour::{Filtering, Mapping, PortAllocation};
 use libp2p::StreamProtocol;
 use serde::{Deserialize, Serialize};
 
@@ -119,10 +119,16 @@ pub struct NatInfo {
     /// How its NAT filters.
     #[serde(default)]
     pub filtering: Option<Filtering>,
+    /// How its NAT picks the external port of a new mapping.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_allocation: Option<PortAllocation>,
+    /// The step between consecutive mappings' ports, for sequential allocation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_delta: Option<i32>,
 }
 
 /// The addresses an end's techniques use, each list the remote's targets for that technique.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Candidates {
     /// UDP hole punching.
     #[serde(default)]
@@ -137,6 +143,30 @@ pub struct Candidates {
     /// end may dial it straight (`direct`, or `reversal` seen from this end).
     #[serde(default)]
     pub direct: Vec<SocketAddr>,
+    /// Where this end's NAT will most likely put its next UDP mapping, when it maps per
+    /// destination and allocates ports sequentially: the other end probes from there first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp_next: Option<SocketAddr>,
+    /// This end takes part in birthday probing (`false`: it was turned off here).
+    #[serde(default = "yes")]
+    pub birthday: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for Candidates {
+    fn default() -> Self {
+        Self {
+            udp: Vec::new(),
+            tcp: Vec::new(),
+            nutss: Vec::new(),
+            direct: Vec::new(),
+            udp_next: None,
+            birthday: true,
+        }
+    }
 }
 
 impl Candidates {
@@ -336,12 +366,16 @@ mod tests {
             nat: NatInfo {
                 mapping: Some(Mapping::EndpointIndependent),
                 filtering: None,
+                port_allocation: Some(PortAllocation::Sequential),
+                port_delta: Some(1),
             },
             candidates: Candidates {
                 udp: vec![],
                 tcp: vec!["11.0.0.2:4000".parse().expect("addr")],
                 nutss: vec!["11.0.0.2:4001".parse().expect("addr")],
                 direct: vec!["11.0.0.2:4002".parse().expect("addr")],
+                udp_next: Some("11.0.0.2:4004".parse().expect("addr")),
+                birthday: false,
             },
         }
     }
@@ -360,6 +394,29 @@ mod tests {
         assert_eq!(r.next_message(), Ok(Some(Message::UseRelay)));
         r.push(&bytes[bytes.len() - 3..]);
         assert_eq!(r.into_rest(), b"app data\n");
+    }
+
+    #[test]
+    fn a_hello_without_the_hard_nat_fields_reads_as_one_that_takes_part() {
+        let mut h = serde_json::to_value(hello()).expect("json");
+        for field in ["udp_next", "birthday"] {
+            h["candidates"]
+                .as_object_mut()
+                .expect("object")
+                .remove(field);
+        }
+        for field in ["port_allocation", "port_delta"] {
+            h["nat"].as_object_mut().expect("object").remove(field);
+        }
+        let Ok(Message::Hello {
+            nat, candidates, ..
+        }) = decode(h.to_string().as_bytes())
+        else {
+            panic!("not read: {h}");
+        };
+        assert!(candidates.birthday);
+        assert_eq!(candidates.udp_next, None);
+        assert_eq!((nat.port_allocation, nat.port_delta), (None, None));
     }
 
     #[test]

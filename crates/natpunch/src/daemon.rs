@@ -48,10 +48,13 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         nat: NatInfo {
             mapping: args.mapping,
             filtering: args.filtering,
+            port_allocation: args.port_allocation,
+            port_delta: None,
         },
         stun: args.stun_servers(),
         nat_check: args.stun_server.first().copied(),
         port_mapping: !args.no_port_mapping,
+        birthday: birthday(&args),
     };
     let mut registry = prometheus_client::registry::Registry::default();
     let report_key = key.key.clone();
@@ -160,4 +163,17 @@ fn reporter(
         api_key: api_key.key,
         count: std::sync::atomic::AtomicU64::new(0),
     })
+}
+
+/// Birthday probing and port prediction as the flags say.
+fn birthday(args: &DaemonArgs) -> daemon::technique::birthday::Settings {
+    daemon::technique::birthday::Settings {
+        enabled: !args.no_birthday,
+        sockets: args.birthday_sockets.into(),
+        probes: usize::try_from(args.birthday_probes).unwrap_or(usize::MAX),
+        rate: args.birthday_rate,
+        deadline: std::time::Duration::from_millis(args.birthday_deadline_ms.into()),
+        window: args.prediction_window,
+        session_table: args.session_table.and_then(|n| usize::try_from(n).ok()),
+    }
 }

@@ -4,7 +4,7 @@ fn nat(mapping: Mapping, filtering: Filtering) -> Nat {
     Nat {
         mapping: Some(mapping),
         filtering: Some(filtering),
-        port_mapped: false,
+        ..Nat::default()
     }
 }
 
@@ -75,6 +75,13 @@ fn the_decision_table_matches_what_the_lab_punches() {
         );
     }
     assert!(plan(&of(SYMMETRIC), &of(SYMMETRIC), Proto::Udp).is_empty());
+    // Either end may turn birthday probing off: then the relay at once.
+    let off = Nat {
+        no_birthday: true,
+        ..of(PORT_RESTRICTED)
+    };
+    assert!(plan(&off, &of(SYMMETRIC), Proto::Udp).is_empty());
+    assert!(plan(&of(SYMMETRIC), &off, Proto::Udp).is_empty());
     assert_eq!(
         techniques(&plan(&Nat::default(), &of(SYMMETRIC), Proto::Udp)),
         [vec![UdpPunch]],

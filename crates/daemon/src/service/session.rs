@@ -12,7 +12,7 @@ use std::io;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::OwnedFd;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -26,23 +26,16 @@ use tokio_util::compat::FuturesAsyncReadCompatExt as _;
 
 use super::app::Outgoing;
 use super::direct::{self, Dialed};
-use super::{Command, ConnectionRecord, Ctx, DaemonEvent, TriedRecord, ms, technique_name};
+use super::{
+    BirthdayRecord, Command, ConnectionRecord, Ctx, DaemonEvent, TriedRecord, ms, technique_name,
+};
 use crate::api::{ErrorCode, Event, Proto, Reply, Technique};
 use crate::plan::{self, Action, Connected, DEADLINE, Nat, Sequencer};
 use crate::signal::{self, Candidates, Message, MessageReader, NatInfo};
-use crate::technique::{self, Side};
+use crate::technique::{self, Side, birthday};
 
 /// How long reaching the remote daemon and opening the stream may take.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
-/// Birthday probing's sockets and probes: 256 and 2,048, 99.9% in theory (98% at 1,024
-/// probes), within the bounds; a deep session table assumed until one is measured.
-const BIRTHDAY: technique::birthday::Plan = technique::birthday::Plan {
-    sockets: 256,
-    probes: 2048,
-    probability: 0.9997,
-};
-/// Probes per second: 2,048 in half a second, 120 kB/s of 29-byte datagrams.
-const BIRTHDAY_RATE: u32 = 4000;
 /// How long a STUN question over TCP may take.
 const STUN_TIMEOUT: Duration = Duration::from_secs(1);
 /// Hellos sent at most for one connection (a reset stream is tried again).
@@ -256,7 +249,45 @@ async fn candidates(ctx: &Ctx, proto: Proto, ports: Ports) -> (Candidates, Vec<T
     }
     .into_iter()
     .collect();
+    c.birthday = ctx.config.birthday.enabled;
+    if udp
+        && c.birthday
+        && state.nat.mapping.is_some()
+        && !nat_of(state.nat, &c).independent()
+        && let (Some(server), Some(&mapped)) = (ask, c.udp.first())
+    {
+        c.udp_next = next_mapping(state.nat, mapped, server).await;
+    }
     (c, held)
+}
+
+/// The biggest step between two fresh sockets' mappings still read as sequential allocation.
+const MAX_SEQUENTIAL_STEP: u16 = 16;
+
+/// Where a NAT that maps per destination will most likely put this host's next UDP mapping,
+/// given `mapped`, the one it just made: one step on, if it allocates sequentially. The step
+/// comes from what is known of the NAT (`natpunch nat check`, `--port-allocation`), or, when its
+/// allocation is not known, from a second fresh socket's mapping as `server` sees it: two
+/// mappings a few ports apart are sequential allocation, the odds of random ports falling that
+/// close being about 1 in 2,000.
+async fn next_mapping(nat: NatInfo, mapped: SocketAddr, server: SocketAddr) -> Option<SocketAddr> {
+    let step = match nat.port_allocation {
+        Some(behaviour::PortAllocation::Sequential) => {
+            i32::from(u16::try_from(nat.port_delta.unwrap_or(1)).ok()?)
+        }
+        Some(_) => return None,
+        None => {
+            let again = natcheck::reflector::mapped_udp(0, server).await.ok()?;
+            let step = again.port().abs_diff(mapped.port());
+            if again.ip() != mapped.ip() || step == 0 || step > MAX_SEQUENTIAL_STEP {
+                return None;
+            }
+            let last = again.port().max(mapped.port());
+            return Some(SocketAddr::new(mapped.ip(), last.checked_add(step)?));
+        }
+    };
+    let port = i32::from(mapped.port()) + step;
+    Some(SocketAddr::new(mapped.ip(), u16::try_from(port).ok()?))
 }
 
 /// Every address in `c`, once.
@@ -270,11 +301,13 @@ fn all_candidates(c: &Candidates) -> Vec<SocketAddr> {
     out
 }
 
-fn nat_of(info: NatInfo, direct: &[SocketAddr]) -> Nat {
+/// An end's NAT for the plan: what it knows of it, and what its candidates say.
+fn nat_of(info: NatInfo, candidates: &Candidates) -> Nat {
     Nat {
         mapping: info.mapping,
         filtering: info.filtering,
-        port_mapped: !direct.is_empty(),
+        port_mapped: !candidates.direct.is_empty(),
+        no_birthday: !candidates.birthday,
     }
 }
 
@@ -282,6 +315,8 @@ fn nat_of(info: NatInfo, direct: &[SocketAddr]) -> Nat {
 struct Running {
     set: JoinSet<(Technique, Result<Punch, String>)>,
     handles: HashMap<Technique, AbortHandle>,
+    /// What birthday probing did, once it ended.
+    birthday: Arc<Mutex<Option<BirthdayRecord>>>,
 }
 
 impl Running {
@@ -289,6 +324,7 @@ impl Running {
         Self {
             set: JoinSet::new(),
             handles: HashMap::new(),
+            birthday: Arc::default(),
         }
     }
 
@@ -352,35 +388,69 @@ impl Running {
     }
 
     /// Starts birthday probing against `remote` (the other end's first UDP candidate): as the
-    /// probing end from `port` when this end's NAT maps endpoint-independently (`easy`), else as
-    /// the end that opens many mappings.
+    /// probing end from `port` when this end's NAT maps endpoint-independently (`easy`; the
+    /// window from `next` first, where the other end's NAT allocates sequentially), else as the
+    /// end that opens many mappings.
+    #[allow(clippy::too_many_arguments)]
     fn start_birthday(
         &mut self,
+        settings: &birthday::Settings,
         easy: bool,
         port: u16,
         remote: Option<SocketAddr>,
+        next: Option<SocketAddr>,
         token: [u8; 16],
         deadline: tokio::time::Instant,
     ) {
         let t = Technique::UdpBirthday;
+        let probing = settings.probing(next.map(|a| a.port()));
+        let sockets = settings.hard_sockets();
+        let deadline = deadline.min(tokio::time::Instant::now() + settings.deadline);
+        let record = self.birthday.clone();
         let handle = self.set.spawn(async move {
             let Some(remote) = remote else {
                 return (t, Err("no address to aim at".to_owned()));
             };
+            let mut done = BirthdayRecord {
+                role: if easy { "easy" } else { "hard" },
+                sockets: None,
+                probes: None,
+                predicted: easy && probing.prediction.is_some(),
+                predicted_hit: false,
+                result: "ok".into(),
+            };
             let result = if easy {
-                technique::birthday::easy_side(
+                birthday::easy_side(
                     SocketAddr::from(([0, 0, 0, 0], port)),
                     remote.ip(),
                     token,
-                    BIRTHDAY.probes,
-                    BIRTHDAY_RATE,
+                    probing,
                     deadline,
                 )
                 .await
-                .map(|p| p.punched)
+                .map(|p| {
+                    done.probes = Some(p.probes);
+                    done.predicted_hit = p.predicted;
+                    p.punched
+                })
             } else {
-                technique::birthday::hard_side(BIRTHDAY.sockets, remote, token, deadline).await
+                done.sockets = Some(sockets);
+                birthday::hard_side(sockets, remote, token, deadline)
+                    .await
+                    .map(|o| {
+                        done.probes = usize::try_from(o.probe).ok();
+                        o.punched
+                    })
             };
+            if let Err(e) = &result {
+                if let (technique::TechniqueError::Timeout { tried, .. }, true) = (e, easy) {
+                    done.probes = Some(*tried);
+                }
+                done.result = e.to_string();
+            }
+            if let Ok(mut r) = record.lock() {
+                *r = Some(done);
+            }
             (
                 t,
                 result
@@ -393,6 +463,11 @@ impl Running {
             )
         });
         self.handles.insert(t, handle);
+    }
+
+    /// What birthday probing did, if it ran to its end.
+    fn birthday_record(&self) -> Option<BirthdayRecord> {
+        self.birthday.lock().ok().and_then(|r| r.clone())
     }
 
     /// Starts `t` as a wait for the other end's dial of this end's direct port.
@@ -591,7 +666,7 @@ pub(super) async fn initiate(
             Outgoing::error(id, code, message)
         }
     };
-    ctx.report(DaemonEvent::Connection(record));
+    ctx.report(DaemonEvent::Connection(Box::new(record)));
     out
 }
 
@@ -747,14 +822,18 @@ async fn initiate_inner(
     if expected.is_some() {
         implemented.push(Technique::Reversal);
     }
+    let settings = ctx.config.birthday;
     let stages: Vec<plan::Stage> = plan::plan(
-        &nat_of(ctx.state().nat, &ours.direct),
-        &nat_of(their_nat, &theirs.direct),
+        &nat_of(ctx.state().nat, &ours),
+        &nat_of(their_nat, &theirs),
         proto,
     )
     .into_iter()
     .map(|mut s| {
         s.techniques.retain(|t| implemented.contains(t));
+        if s.techniques.contains(&Technique::UdpBirthday) {
+            s.budget = settings.deadline;
+        }
         s
     })
     .filter(|s| !s.techniques.is_empty())
@@ -790,7 +869,7 @@ async fn initiate_inner(
                     running.start_wait(Technique::Reversal, rx, deadline);
                 }
                 Action::Start(Technique::UdpBirthday) => {
-                    let easy = nat_of(ctx.state().nat, &ours.direct).independent();
+                    let easy = nat_of(ctx.state().nat, &ours).independent();
                     progress(
                         tx,
                         id,
@@ -807,9 +886,11 @@ async fn initiate_inner(
                         ),
                     );
                     running.start_birthday(
+                        &settings,
                         easy,
                         ports.of(Technique::UdpBirthday),
                         theirs.udp.first().copied(),
+                        theirs.udp_next,
                         token,
                         deadline,
                     );
@@ -876,6 +957,7 @@ async fn initiate_inner(
             r
         })
         .collect();
+    record.birthday = running.birthday_record();
     let technique = delivered?;
     for t in direct_techniques(ctx, proto) {
         if t != technique {
@@ -970,7 +1052,7 @@ pub(super) async fn respond(ctx: Arc<Ctx>, peer: PeerId, stream: libp2p::Stream)
     if let Err(e) = result {
         record.error = Some(e);
     }
-    ctx.report(DaemonEvent::Connection(record));
+    ctx.report(DaemonEvent::Connection(Box::new(record)));
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -997,7 +1079,7 @@ async fn respond_inner(
     } else {
         ctx.waiters.expect(token, Side::Responder)
     };
-    let our_direct = ours.direct.clone();
+    let local_nat = nat_of(ctx.state().nat, &ours);
     sig.send(&Message::Welcome {
         nat: ctx.state().nat,
         candidates: ours,
@@ -1010,10 +1092,7 @@ async fn respond_inner(
     let mut techniques = direct_techniques(ctx, proto);
     // Where a punch cannot work and birthday probing can, it runs instead (the two would share
     // the UDP port): the same choice the initiator's plan makes from the same two NATs.
-    let (local_nat, remote_nat) = (
-        nat_of(ctx.state().nat, &our_direct),
-        nat_of(their_nat, &theirs.direct),
-    );
+    let remote_nat = nat_of(their_nat, theirs);
     if proto == Proto::Udp
         && !plan::punchable(&local_nat, &remote_nat)
         && plan::birthday(&local_nat, &remote_nat)
@@ -1039,9 +1118,11 @@ async fn respond_inner(
         }
         if t == Technique::UdpBirthday {
             running.start_birthday(
+                &ctx.config.birthday,
                 local_nat.independent(),
                 ports.of(t),
                 theirs.udp.first().copied(),
+                theirs.udp_next,
                 token,
                 deadline,
             );
@@ -1105,6 +1186,7 @@ async fn respond_inner(
         end(&mut tried, t, "stopped");
     }
     record.tried = tried;
+    record.birthday = running.birthday_record();
     let (technique, remote, rtt, fd) = match outcome {
         Ok(o) => o,
         // The relay: the stream carries the applications' bytes from here on.

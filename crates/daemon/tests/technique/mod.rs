@@ -521,7 +521,7 @@ fn homes(a: &str, b: &str) -> Lab {
 #[test]
 #[ignore = "needs root and the NAT lab: ./test runs it"]
 fn birthday_probing_joins_a_port_restricted_cone_and_a_symmetric_nat() {
-    use daemon::technique::birthday::{easy_side, hard_side};
+    use daemon::technique::birthday::{Probing, easy_side, hard_side};
     testkit::require::lab("birthday_probing_joins_a_port_restricted_cone_and_a_symmetric_nat");
     let lab = homes("port-restricted", "symmetric");
     let alice_public = public(&lab, "alice", 40_011);
@@ -534,8 +534,11 @@ fn birthday_probing_joins_a_port_restricted_cone_and_a_symmetric_nat() {
                 any(40_011),
                 bob_ip.into(),
                 TOKEN,
-                2048,
-                4000,
+                Probing {
+                    budget: 2048,
+                    rate: 4000,
+                    prediction: None,
+                },
                 in_secs(10),
             ))
         },
@@ -543,7 +546,7 @@ fn birthday_probing_joins_a_port_restricted_cone_and_a_symmetric_nat() {
     );
     let (easy, hard) = (
         easy.expect("alice probed her way in"),
-        hard.expect("bob was reached"),
+        hard.expect("bob was reached").punched,
     );
     println!(
         "birthday: {} probes, {:?}; bob's port {}",
@@ -555,4 +558,94 @@ fn birthday_probing_joins_a_port_restricted_cone_and_a_symmetric_nat() {
     assert_eq!(hard.remote, alice_public);
     assert!(easy.probes <= 2048);
     udp_talk(&easy.punched.socket, &hard.socket);
+}
+
+/// Port prediction: bob's NAT maps per destination but allocates ports one after another, so
+/// his next mappings sit just above the one a STUN server saw; alice probes that window first
+/// and gets through with a few probes, where random ones need hundreds.
+#[test]
+#[ignore = "needs root and the NAT lab: ./test runs it"]
+fn port_prediction_joins_a_port_restricted_cone_and_a_sequential_symmetric_nat_in_few_probes() {
+    use daemon::technique::birthday::{Prediction, Probing, easy_side, hard_side};
+    testkit::require::lab(
+        "port_prediction_joins_a_port_restricted_cone_and_a_sequential_symmetric_nat_in_few_probes",
+    );
+    let topology = Topology::from_toml(
+        r#"
+        [router.home-a]
+        nat = "port-restricted"
+        [router.home-b]
+        nat = { preset = "symmetric", port_allocation = "sequential" }
+        [host.alice]
+        upstream = "home-a"
+        [host.bob]
+        upstream = "home-b"
+        [host.server]
+        "#,
+    )
+    .expect("topology");
+    let lab = Lab::build(&topology, LabOptions::default()).expect("lab");
+    let stun = public(&lab, "server", 3478);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    std::thread::scope(|s| {
+        let reflector = s.spawn(|| {
+            lab.run_in("server", || {
+                block_on(async {
+                    let r = natcheck::reflector::Reflector::bind(any(3478))
+                        .await
+                        .expect("reflector");
+                    r.run(stopped).await;
+                });
+            })
+            .expect("enter server");
+        });
+        // What bob's NAT gave his last fresh socket, as the STUN server saw it.
+        let seen = lab
+            .run_in("bob", || {
+                block_on(async {
+                    for _ in 0..20 {
+                        if let Ok(a) = natcheck::reflector::mapped_udp(0, stun).await {
+                            return a;
+                        }
+                    }
+                    panic!("no STUN answer");
+                })
+            })
+            .expect("enter bob");
+        let alice_public = public(&lab, "alice", 40_021);
+        let prediction = Prediction::new(seen.port() + 1, 16, 20, Duration::from_millis(25));
+        let (easy, hard) = both(
+            &lab,
+            || {
+                block_on(easy_side(
+                    any(40_021),
+                    seen.ip(),
+                    TOKEN,
+                    Probing {
+                        budget: 2048,
+                        rate: 4000,
+                        prediction: Some(prediction),
+                    },
+                    in_secs(10),
+                ))
+            },
+            || block_on(hard_side(256, alice_public, TOKEN, in_secs(10))),
+        );
+        let _ = stop.send(true);
+        reflector.join().expect("reflector");
+        let (easy, hard) = (
+            easy.expect("alice predicted her way in"),
+            hard.expect("bob was reached").punched,
+        );
+        println!(
+            "prediction: {} probes; bob's last mapping {}, the one that answered {}",
+            easy.probes,
+            seen.port(),
+            easy.punched.remote.port()
+        );
+        assert!(easy.predicted, "the answer came from outside the window");
+        assert!(easy.probes <= 64, "{} probes", easy.probes);
+        assert_eq!(hard.remote, alice_public);
+        udp_talk(&easy.punched.socket, &hard.socket);
+    });
 }
