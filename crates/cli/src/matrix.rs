@@ -131,6 +131,15 @@ pub struct ConnectMatrixArgs {
         value_parser = BoolishValueParser::new()
     )]
     pub untold: bool,
+    /// A flag for every daemon, e.g. --daemon-arg=--session-table=128 or
+    /// --daemon-arg=--no-birthday (repeatable; see `natpunch daemon --help`).
+    #[arg(
+        long,
+        env = "NATPUNCH_CONNECT_MATRIX_DAEMON_ARGS",
+        value_delimiter = ' ',
+        allow_hyphen_values = true
+    )]
+    pub daemon_arg: Vec<String>,
     #[command(flatten)]
     pub json: Json,
 }

@@ -22,7 +22,7 @@ use natpunch_client::{Client, Proto, Socket};
 use serde::Serialize;
 
 use crate::matrix::{MatrixError, host, pairs_of, topology};
-use crate::stats::quantile;
+use crate::stats::{quantile, wilson95};
 
 /// How long a daemon may take to reserve on the relay.
 const RESERVE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -57,6 +57,8 @@ pub struct ConnectConfig {
     /// Tell each daemon its NAT's behaviour (as `natpunch nat check` would find it), so that
     /// pairs that cannot punch go to the relay at once.
     pub tell_nat: bool,
+    /// More flags for every daemon (`--session-table 128`, `--no-birthday`, …).
+    pub daemon_args: Vec<String>,
     /// Set to stop: no new trial starts.
     pub stop: Arc<AtomicBool>,
 }
@@ -73,6 +75,7 @@ impl ConnectConfig {
             rtt_ms: 100,
             parallel: 2,
             tell_nat: true,
+            daemon_args: Vec::new(),
             stop,
         }
     }
@@ -97,8 +100,51 @@ pub struct ConnectTrial {
     pub transfer_ok: bool,
     /// The transfer's time, ms.
     pub transfer_ms: Option<f64>,
+    /// What birthday probing or port prediction did, if it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub birthday: Option<TrialBirthday>,
     /// What went wrong.
     pub error: Option<String>,
+}
+
+/// Birthday probing in one trial, from both daemons' connection records.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TrialBirthday {
+    /// Probes the easy side sent.
+    pub probes: Option<u64>,
+    /// Sockets the hard side opened.
+    pub sockets: Option<u64>,
+    /// The easy side probed a predicted window first.
+    pub predicted: bool,
+    /// The port that answered was in it.
+    pub predicted_hit: bool,
+}
+
+impl TrialBirthday {
+    /// What the daemons' connection records (their JSON `connection` events) say, if either
+    /// ran birthday probing.
+    pub fn from_records<'a>(
+        records: impl IntoIterator<Item = &'a serde_json::Value>,
+    ) -> Option<Self> {
+        let mut out: Option<Self> = None;
+        for r in records {
+            let b = &r["birthday"];
+            if !b.is_object() {
+                continue;
+            }
+            let o = out.get_or_insert_with(Self::default);
+            match b["role"].as_str() {
+                Some("easy") => {
+                    o.probes = b["probes"].as_u64();
+                    o.predicted = b["predicted"].as_bool().unwrap_or(false);
+                    o.predicted_hit = b["predicted_hit"].as_bool().unwrap_or(false);
+                }
+                Some("hard") => o.sockets = b["sockets"].as_u64(),
+                _ => {}
+            }
+        }
+        out
+    }
 }
 
 /// One cell.
@@ -116,6 +162,19 @@ pub struct ConnectCell {
     pub sockets: u32,
     /// Of those, direct ones.
     pub direct: u32,
+    /// The 95% (Wilson) interval of the direct share, in percent.
+    pub direct_ci: (f64, f64),
+    /// Median probes of the trials that ran birthday probing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probes_median: Option<f64>,
+    /// The most probes one trial sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probes_max: Option<u64>,
+    /// The most sockets a hard side opened.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sockets_max: Option<u64>,
+    /// Trials whose direct socket came from the predicted window.
+    pub predicted_hits: u32,
     /// Winning technique → trials.
     pub techniques: BTreeMap<String, u32>,
     /// Median time to socket, ms.
@@ -157,8 +216,16 @@ impl std::fmt::Display for ConnectReport {
         )?;
         writeln!(
             f,
-            "{:<16} {:<16} {:<5} {:>8} {:>8} {:>9} {:>9}  techniques",
-            "connects (A)", "listens (B)", "proto", "sockets", "direct", "median", "p95"
+            "{:<20} {:<20} {:<5} {:>8} {:>8} {:>9} {:>9} {:>9} {:>14}  techniques",
+            "connects (A)",
+            "listens (B)",
+            "proto",
+            "sockets",
+            "direct",
+            "95% CI",
+            "median",
+            "p95",
+            "probes med/max"
         )?;
         let ms = |v: Option<f64>| v.map_or("-".to_owned(), |m| format!("{m:.0} ms"));
         for c in &self.cells {
@@ -167,9 +234,13 @@ impl std::fmt::Display for ConnectReport {
                 .iter()
                 .map(|(t, n)| format!("{t} {n}"))
                 .collect();
+            let probes = match (c.probes_median, c.probes_max) {
+                (Some(m), Some(x)) => format!("{m:.0}/{x}"),
+                _ => "-".to_owned(),
+            };
             writeln!(
                 f,
-                "{:<16} {:<16} {:<5} {:>4}/{:<3} {:>4}/{:<3} {:>9} {:>9}  {}{}",
+                "{:<20} {:<20} {:<5} {:>4}/{:<3} {:>4}/{:<3} {:>4.0}–{:<3.0}% {:>9} {:>9} {:>14}  {}{}",
                 c.a,
                 c.b,
                 c.proto,
@@ -177,8 +248,11 @@ impl std::fmt::Display for ConnectReport {
                 c.trials,
                 c.direct,
                 c.trials,
+                c.direct_ci.0,
+                c.direct_ci.1,
                 ms(c.median_ms),
                 ms(c.p95_ms),
+                probes,
                 techniques.join(", "),
                 if c.errors.is_empty() {
                     String::new()
@@ -298,13 +372,33 @@ fn cell(a: Preset, b: Preset, proto: Proto, trials: &[&ConnectTrial]) -> Connect
             errors.push(e.clone());
         }
     }
+    let birthdays: Vec<&TrialBirthday> =
+        trials.iter().filter_map(|t| t.birthday.as_ref()).collect();
+    let probes: Vec<f64> = birthdays
+        .iter()
+        .filter_map(|b| b.probes)
+        .map(|p| p as f64)
+        .collect();
+    let n = u32::try_from(trials.len()).unwrap_or(u32::MAX);
+    let (low, high) = wilson95(direct, n);
     ConnectCell {
         a: a.name().to_owned(),
         b: b.name().to_owned(),
         proto: proto_name(proto).to_owned(),
-        trials: u32::try_from(trials.len()).unwrap_or(u32::MAX),
+        trials: n,
         sockets,
         direct,
+        direct_ci: (low * 100.0, high * 100.0),
+        probes_median: quantile(&probes, 0.5),
+        probes_max: birthdays.iter().filter_map(|b| b.probes).max(),
+        sockets_max: birthdays.iter().filter_map(|b| b.sockets).max(),
+        predicted_hits: u32::try_from(
+            trials
+                .iter()
+                .filter(|t| t.direct && t.birthday.as_ref().is_some_and(|b| b.predicted_hit))
+                .count(),
+        )
+        .unwrap_or(u32::MAX),
         techniques,
         median_ms: quantile(&times, 0.5),
         p95_ms: quantile(&times, 0.95),
@@ -368,13 +462,25 @@ fn serve(
 
 /// A daemon started in a lab, with its API socket and peer ID; it stops when dropped.
 pub(crate) struct StartedDaemon {
-    _process: LabProcess,
+    process: LabProcess,
     pub(crate) socket: PathBuf,
     pub(crate) peer: String,
 }
 
+impl StartedDaemon {
+    /// The daemon's record of its connection (its first `connection` event), once it wrote it.
+    fn record(&self) -> serde_json::Value {
+        self.process
+            .wait_for("\"event\":\"connection\"", Duration::from_secs(2))
+            .ok()
+            .and_then(|line| serde_json::from_str(&line).ok())
+            .unwrap_or_default()
+    }
+}
+
 /// Starts a daemon with a fresh identity on `node`, its key and socket named `name` in `dir`,
-/// told `nat`; returns once it holds a reservation.
+/// told `nat`, with the `extra` flags; returns once it holds a reservation.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn start_daemon(
     lab: &Lab,
     exe: &str,
@@ -383,11 +489,13 @@ pub(crate) fn start_daemon(
     dir: &std::path::Path,
     name: &str,
     nat: Option<Preset>,
+    extra: &[String],
 ) -> Result<StartedDaemon, String> {
     let socket = dir.join(format!("{name}.sock"));
     let key = dir.join(format!("{name}.key"));
     let _ = std::fs::remove_file(&key);
-    let args = crate::args::daemon(relay, &socket, &key, nat)?;
+    let mut args = crate::args::daemon(relay, &socket, &key, nat)?;
+    args.extend(extra.iter().map(Into::into));
     let process = lab
         .spawn(node, exe, &args)
         .map_err(|e| natlab::chain(&e).to_string())?;
@@ -407,7 +515,7 @@ pub(crate) fn start_daemon(
             )
         })?;
     Ok(StartedDaemon {
-        _process: process,
+        process,
         socket,
         peer,
     })
@@ -431,6 +539,7 @@ fn run_trial(
         time_to_socket_ms: None,
         transfer_ok: false,
         transfer_ms: None,
+        birthday: None,
         error: None,
     };
     let result = (|| -> Result<(), String> {
@@ -445,6 +554,7 @@ fn run_trial(
             dir,
             &format!("a{n}"),
             nat(job.a),
+            &config.daemon_args,
         )?;
         let b = start_daemon(
             lab,
@@ -454,6 +564,7 @@ fn run_trial(
             dir,
             &format!("b{n}"),
             nat(job.b),
+            &config.daemon_args,
         )?;
         let service = format!("matrix-{n}");
         let mut listening = Client::connect(&b.socket)
@@ -478,6 +589,7 @@ fn run_trial(
         let echoed = echo
             .join()
             .map_err(|_| "the echoing application panicked".to_owned())?;
+        trial.birthday = TrialBirthday::from_records(&[a.record(), b.record()]);
         sent.map_err(|e| format!("transfer: {e}"))?;
         echoed.map_err(|e| format!("echo: {e}"))?;
         trial.transfer_ok = true;
@@ -676,4 +788,70 @@ fn transfer_udp(s: &UdpSocket, data: &[u8]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trial(direct: bool, birthday: Option<TrialBirthday>) -> ConnectTrial {
+        ConnectTrial {
+            a: "port-restricted".into(),
+            b: "symmetric".into(),
+            proto: "udp".into(),
+            technique: Some(if direct { "udp-birthday" } else { "relay" }.into()),
+            direct,
+            time_to_socket_ms: Some(500.0),
+            transfer_ok: true,
+            transfer_ms: Some(900.0),
+            birthday,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn the_birthday_of_a_trial_comes_from_both_daemons_records() {
+        let easy = serde_json::json!({"event": "connection", "birthday": {
+            "role": "easy", "probes": 37, "predicted": true, "predicted_hit": true, "result": "ok"}});
+        let hard = serde_json::json!({"event": "connection", "birthday": {
+            "role": "hard", "sockets": 112, "probes": 37, "predicted": false,
+            "predicted_hit": false, "result": "ok"}});
+        let plain = serde_json::json!({"event": "connection"});
+        assert_eq!(
+            TrialBirthday::from_records([&easy, &hard]),
+            Some(TrialBirthday {
+                probes: Some(37),
+                sockets: Some(112),
+                predicted: true,
+                predicted_hit: true,
+            })
+        );
+        assert_eq!(TrialBirthday::from_records([&plain, &plain]), None);
+    }
+
+    #[test]
+    fn a_cell_counts_probes_predictions_and_the_interval_of_the_direct_share() {
+        let probed = |probes, hit| {
+            Some(TrialBirthday {
+                probes: Some(probes),
+                sockets: Some(256),
+                predicted: true,
+                predicted_hit: hit,
+            })
+        };
+        let trials = [
+            trial(true, probed(10, true)),
+            trial(true, probed(30, true)),
+            trial(true, probed(400, false)),
+            trial(false, None),
+        ];
+        let refs: Vec<&ConnectTrial> = trials.iter().collect();
+        let c = cell(Preset::PortRestricted, Preset::Symmetric, Proto::Udp, &refs);
+        assert_eq!((c.trials, c.direct, c.predicted_hits), (4, 3, 2));
+        assert_eq!((c.probes_median, c.probes_max), (Some(30.0), Some(400)));
+        assert_eq!(c.sockets_max, Some(256));
+        // 3 of 4: Wilson's interval is about 30–95%.
+        assert!((25.0..35.0).contains(&c.direct_ci.0), "{:?}", c.direct_ci);
+        assert!((90.0..99.0).contains(&c.direct_ci.1), "{:?}", c.direct_ci);
+    }
 }

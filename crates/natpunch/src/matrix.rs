@@ -110,6 +110,7 @@ pub(crate) fn connect(args: ConnectMatrixArgs) -> anyhow::Result<ExitCode> {
         rtt_ms: args.rtt_ms,
         parallel: args.parallel.max(1),
         tell_nat: !args.untold,
+        daemon_args: args.daemon_arg.clone(),
         ..ConnectConfig::new(exe, crate::stop_flag())
     };
     let pairs = if config.pairs.is_empty() {

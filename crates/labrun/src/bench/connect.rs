@@ -208,6 +208,7 @@ fn measure(
             dir,
             name,
             Some(preset),
+            &[],
         )
         .map_err(MatrixError::Worker)
     };
