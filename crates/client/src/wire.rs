@@ -225,6 +225,9 @@ pub struct Status {
     /// Its NAT's mapping and filtering behaviour, once known.
     #[serde(default)]
     pub nat: Option<String>,
+    /// Where that came from (the daemon's flags, its RFC 5780 check, relays' observations).
+    #[serde(default)]
+    pub nat_source: Option<String>,
     /// The port mappings it holds on the router.
     #[serde(default)]
     pub mappings: Vec<String>,

@@ -205,6 +205,11 @@ pub enum Event {
         /// Its NAT's mapping and filtering behaviour, once known.
         #[serde(skip_serializing_if = "Option::is_none")]
         nat: Option<String>,
+        /// Where that knowledge came from: the daemon's flags, its RFC 5780 check, or (the
+        /// mapping only) what relays at two or more addresses observed; likewise the port
+        /// allocation.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        nat_source: Option<String>,
         /// The port mappings it holds on the router.
         mappings: Vec<String>,
         /// The techniques it tries, in the order it tries them against an unknown remote.

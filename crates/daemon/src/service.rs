@@ -507,6 +507,29 @@ struct State {
     relay_observations: Vec<(PeerId, IpAddr, SocketAddr)>,
     /// The mapping behaviour came from the daemon's flags or its RFC 5780 check.
     mapping_measured: bool,
+    /// Where the NAT behaviour came from, for `status`.
+    nat_source: NatSource,
+}
+
+/// Where a daemon's knowledge of its NAT came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct NatSource {
+    /// The mapping and filtering: `flags`, `rfc5780` or (mapping only) `relays`.
+    pub(crate) behaviour: Option<&'static str>,
+    /// The port allocation: `flags` or `rfc5780` (else seen per connection, when it matters).
+    pub(crate) ports: Option<&'static str>,
+}
+
+impl fmt::Display for NatSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "behaviour from {}, port allocation from {}",
+            self.behaviour.unwrap_or("nothing yet"),
+            self.ports
+                .unwrap_or("two fresh mappings per connection, when the NAT maps per destination")
+        )
+    }
 }
 
 impl State {
@@ -734,6 +757,11 @@ impl Daemon {
             state: Mutex::new(State {
                 nat: told,
                 mapping_measured: told.mapping.is_some(),
+                nat_source: NatSource {
+                    behaviour: (told.mapping.is_some() || told.filtering.is_some())
+                        .then_some("flags"),
+                    ports: told.port_allocation.is_some().then_some("flags"),
+                },
                 ..State::default()
             }),
             listeners: Mutex::new(HashMap::new()),
@@ -975,6 +1003,14 @@ impl Daemon {
                 if told.port_allocation.is_none() {
                     s.nat.port_allocation = allocation;
                     s.nat.port_delta = delta;
+                    if allocation.is_some() {
+                        s.nat_source.ports = Some("rfc5780");
+                    }
+                }
+                if (told.mapping.is_none() && mapping.is_some())
+                    || (told.filtering.is_none() && filtering.is_some())
+                {
+                    s.nat_source.behaviour = Some("rfc5780");
                 }
             }
             ctx.report(DaemonEvent::Nat {
@@ -1263,6 +1299,7 @@ impl Daemon {
                         if !s.mapping_measured {
                             s.nat.mapping =
                                 infer_mapping(&s.relay_observations, &s.local_ips, s.tcp_port);
+                            s.nat_source.behaviour = s.nat.mapping.map(|_| "relays");
                         }
                     }
                     before != s.observed

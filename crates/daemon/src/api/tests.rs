@@ -196,6 +196,7 @@ fn events_are_lines_an_application_reads_back() {
             version: VERSION,
             reservations: vec![],
             nat: None,
+            nat_source: Some("behaviour from flags".into()),
             mappings: vec![],
             techniques: vec![Technique::Direct, Technique::Relay],
         },

@@ -337,7 +337,9 @@ fn status(ctx: &Ctx) -> Event {
         .map(ToString::to_string)
         .collect();
     reservations.sort();
-    let nat = ctx.state().nat;
+    let state = ctx.state();
+    let nat_source = Some(state.nat_source.to_string());
+    let nat = state.nat;
     let nat = match (nat.mapping, nat.filtering) {
         (None, None) => None,
         (m, f) => Some(format!(
@@ -357,6 +359,7 @@ fn status(ctx: &Ctx) -> Event {
         version: api::VERSION,
         reservations,
         nat,
+        nat_source,
         mappings: state.mappings.clone(),
         techniques: ctx.techniques(),
     }

@@ -316,6 +316,12 @@ fn daemon_gives_direct_sockets_through_cone_nats_and_relayed_ones_through_a_symm
         "endpoint-independent/address-and-port-dependent"
     );
     assert!(
+        status["nat_source"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("behaviour from flags")),
+        "{status}"
+    );
+    assert!(
         status["reservations"][0]
             .as_str()
             .is_some_and(|r| r.contains("/p2p-circuit/p2p/"))
@@ -830,6 +836,12 @@ fn a_daemon_not_told_its_nat_learns_it_from_an_rfc_5780_server_and_sends_a_symme
     assert_eq!(
         status["nat"],
         "address-and-port-dependent/address-and-port-dependent"
+    );
+    // The symmetric preset allocates at random: the check says so, and where it came from.
+    assert_eq!(event["port_allocation"], "random", "{event}");
+    assert_eq!(
+        status["nat_source"],
+        "behaviour from rfc5780, port allocation from rfc5780"
     );
     // Knowing both ends, alice sends a connection to carol to the relay without a punch.
     echo_service(&carol.socket, "echo", Proto::Tcp);
