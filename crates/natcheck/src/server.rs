@@ -132,7 +132,11 @@ async fn serve_tcp(
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((stream, from)) = accepted else { continue };
+                let Ok((stream, from)) = accepted else {
+                    // Out of descriptors (EMFILE) and the like: wait rather than spin.
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                };
                 if connections.len() >= MAX_TCP_CONNECTIONS {
                     tracing::debug!(%from, "too many TCP connections: closed");
                     continue;

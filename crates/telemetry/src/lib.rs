@@ -30,6 +30,8 @@ const READ_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Requests answered at once; more connections are closed unanswered.
 const MAX_CONNECTIONS: usize = 32;
+/// The pause after a failed accept (out of descriptors, say), so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// What `/health` answers: ok, or the problem in words (then 503). Cloned handles share one
 /// state, so the part of a process that knows the problem sets it.
@@ -80,6 +82,8 @@ async fn serve_checked(
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            // Out of descriptors (EMFILE) and the like: wait rather than spin.
+            tokio::time::sleep(ACCEPT_BACKOFF).await;
             continue;
         };
         // Each answer takes at most the read deadline; beyond the permits, close at once.
