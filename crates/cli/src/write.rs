@@ -216,6 +216,59 @@ pub fn defaults<T: Args + FromArgMatches>(required: &[(&str, &str)]) -> Result<T
     T::from_arg_matches(&matches).map_err(|e| e.to_string())
 }
 
+/// `line` (as [`to_args`] wrote it for `T`) with the flags of `extra` in place of the ones of
+/// the same name: `--flag=value`, `--flag value` or a bare switch, each a flag of `T`.
+///
+/// # Errors
+///
+/// A word of `extra` is no flag of `T`.
+pub fn replace_flags<T: Args>(
+    line: Vec<OsString>,
+    extra: &[String],
+) -> Result<Vec<OsString>, String> {
+    let command = T::augment_args(Command::new("natpunch"));
+    let takes_value = |long: &str| {
+        command
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long))
+            .map(|a| a.get_action().takes_values())
+    };
+    let mut named = Vec::new();
+    let mut words = extra.iter().peekable();
+    while let Some(word) = words.next() {
+        let Some(flag) = word.strip_prefix("--") else {
+            return Err(format!("`{word}` is not a flag (--name or --name=value)"));
+        };
+        let long = flag.split_once('=').map_or(flag, |(name, _)| name);
+        let Some(valued) = takes_value(long) else {
+            return Err(format!("--{long} is not a flag of this command"));
+        };
+        named.push(long.to_owned());
+        if valued && !flag.contains('=') {
+            words.next();
+        }
+    }
+    let mut out = Vec::with_capacity(line.len() + extra.len());
+    let mut line = line.into_iter();
+    while let Some(word) = line.next() {
+        let long = word
+            .to_str()
+            .and_then(|w| w.strip_prefix("--"))
+            .map(|f| f.split_once('=').map_or(f, |(name, _)| name).to_owned());
+        match long {
+            Some(long) if named.contains(&long) => {
+                let inline = word.to_str().is_some_and(|w| w.contains('='));
+                if takes_value(&long) == Some(true) && !inline {
+                    line.next();
+                }
+            }
+            _ => out.push(word),
+        }
+    }
+    out.extend(extra.iter().map(OsString::from));
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,5 +405,31 @@ mod tests {
         assert_eq!(relay.telemetry.port, 9464);
         let e = defaults::<Common>(&[]).expect_err("--relay is required");
         assert!(e.contains("--relay"), "{e}");
+    }
+
+    #[test]
+    fn extra_flags_replace_the_written_ones_of_the_same_name() {
+        let r: RelayArgs = defaults(&[]).expect("defaults");
+        let line = to_args(&["relay"], &r);
+        let written = |line: &[OsString], flag: &str| {
+            line.iter().filter(|w| w.to_str() == Some(flag)).count()
+        };
+        assert_eq!(written(&line, "--port"), 1, "{line:?}");
+        let replaced =
+            replace_flags::<RelayArgs>(line.clone(), &["--port=4100".into(), "--json".into()])
+                .expect("flags of the relay");
+        assert_eq!(written(&replaced, "--port"), 0, "{replaced:?}");
+        assert!(replaced.ends_with(&["--port=4100".into(), "--json".into()]));
+        // The rest stays, in order; the line still parses.
+        assert_eq!(
+            replaced.len(),
+            line.len() - 2 + 2 - written(&line, "--json")
+        );
+        let spaced = replace_flags::<RelayArgs>(line, &["--port".into(), "4200".into()])
+            .expect("flags of the relay");
+        assert!(spaced.ends_with(&["--port".into(), "4200".into()]));
+        let err = replace_flags::<RelayArgs>(Vec::new(), &["--dance".into()]).expect_err("no flag");
+        assert!(err.contains("--dance"), "{err}");
+        assert!(replace_flags::<RelayArgs>(Vec::new(), &["port".into()]).is_err());
     }
 }

@@ -494,8 +494,10 @@ pub(crate) fn start_daemon(
     let socket = dir.join(format!("{name}.sock"));
     let key = dir.join(format!("{name}.key"));
     let _ = std::fs::remove_file(&key);
-    let mut args = crate::args::daemon(relay, &socket, &key, nat)?;
-    args.extend(extra.iter().map(Into::into));
+    let args = cli::write::replace_flags::<crate::args::DaemonArgs>(
+        crate::args::daemon(relay, &socket, &key, nat)?,
+        extra,
+    )?;
     let process = lab
         .spawn(node, exe, &args)
         .map_err(|e| natlab::chain(&e).to_string())?;

@@ -101,6 +101,8 @@ pub(crate) fn connect(args: ConnectMatrixArgs) -> anyhow::Result<ExitCode> {
         ProtoArg::Udp => vec![Proto::Udp],
         ProtoArg::Both => vec![Proto::Tcp, Proto::Udp],
     };
+    cli::write::replace_flags::<cli::daemon::DaemonArgs>(Vec::new(), &args.daemon_arg)
+        .map_err(|e| anyhow::anyhow!("--daemon-arg: {e}"))?;
     let exe = std::env::current_exe().context("finding the natpunch binary")?;
     let config = ConnectConfig {
         presets,

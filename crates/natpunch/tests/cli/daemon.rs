@@ -712,6 +712,10 @@ fn lab_connect_matrix_gives_direct_sockets_through_cones_and_relayed_ones_throug
         } else if b == "symmetric" {
             assert_eq!(cell["direct"], 1, "birthday probing: {cell}");
             assert_eq!(cell["techniques"]["udp-birthday"], 1, "{cell}");
+            // Within the bounds: 256 sockets, 2,048 probes.
+            assert_eq!(cell["sockets_max"], 256, "{cell}");
+            let probes = cell["probes_max"].as_u64().expect("probes");
+            assert!((1..=2048).contains(&probes), "{cell}");
         } else {
             assert_eq!(cell["direct"], 1, "{cell}");
             let technique = if proto == "udp" { "udp-punch" } else { "tcp-" };
@@ -725,6 +729,51 @@ fn lab_connect_matrix_gives_direct_sockets_through_cones_and_relayed_ones_throug
     }
     // Progress on stderr, one line per trial.
     assert_eq!(stderr.matches("1 MiB each way ok").count(), 4, "{stderr}");
+}
+
+/// Birthday probing's flags reach the daemons: off, the pair is relayed; told a shallow
+/// session table, the hard side opens fewer sockets and the easy side's larger budget still
+/// finds one.
+#[test]
+#[ignore = "needs root and the NAT lab: ./test runs it"]
+fn birthday_flags_turn_it_off_or_fit_it_to_a_session_table() {
+    testkit::require::lab("birthday_flags_turn_it_off_or_fit_it_to_a_session_table");
+    let cell = |daemon_args: &[&str]| -> Value {
+        let mut args = vec![
+            "lab",
+            "connect-matrix",
+            "--pairs",
+            "port-restricted:symmetric",
+            "--proto",
+            "udp",
+            "--trials",
+            "1",
+            "--parallel",
+            "1",
+            "--json",
+        ];
+        args.extend_from_slice(daemon_args);
+        let out = super::natpunch(&args);
+        assert!(out.status.success(), "{}", super::stderr(&out));
+        let report: Value = serde_json::from_str(&super::stdout(&out)).expect("json");
+        report["cells"][0].clone()
+    };
+    let off = cell(&["--daemon-arg=--no-birthday"]);
+    assert_eq!(
+        (off["sockets"].as_u64(), off["direct"].as_u64()),
+        (Some(1), Some(0)),
+        "{off}"
+    );
+    assert_eq!(off["techniques"]["relay"], 1, "{off}");
+    assert!(off.get("probes_max").is_none(), "{off}");
+    let shallow = cell(&[
+        "--daemon-arg=--session-table=128",
+        "--daemon-arg=--birthday-probes=8000",
+        "--daemon-arg=--birthday-rate=10000",
+    ]);
+    assert_eq!(shallow["direct"], 1, "{shallow}");
+    assert_eq!(shallow["techniques"]["udp-birthday"], 1, "{shallow}");
+    assert_eq!(shallow["sockets_max"], 128 - 16, "{shallow}");
 }
 
 #[test]
