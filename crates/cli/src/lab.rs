@@ -116,7 +116,7 @@ pub struct SelftestArgs {
     #[command(flatten)]
     pub json: Json,
     /// Test only these presets: open, full-cone, restricted-cone, port-restricted, symmetric,
-    /// cgnat (comma-separated or repeated) [default: all].
+    /// symmetric-sequential, cgnat (comma-separated or repeated) [default: all].
     #[arg(long = "preset", env = "NATPUNCH_LAB_PRESETS", value_delimiter = ',')]
     pub presets: Vec<Preset>,
 }

@@ -102,6 +102,7 @@ pub enum NatConfigError {
 /// | `restricted-cone` | EIM | ADF | preserve | on | 120 s | older consumer routers |
 /// | `port-restricted` | EIM | APDF | preserve | on | 120 s | most home routers (FritzBox, OpenWrt, UniFi), RFC 4787-compliant CPE |
 /// | `symmetric` | APDM | APDF | random | off | 180 s | enterprise firewalls, cloud NAT gateways, many mobile carrier NATs |
+/// | `symmetric-sequential` | APDM | APDF | sequential | off | 180 s | older enterprise firewalls and some carrier NATs that give each new mapping the next port (+1): the NAT that port prediction aims at |
 /// | `cgnat` | EIM | APDF | random | on | 30 s | an RFC 6888 carrier-grade NAT (100.64/10 inside) with the short idle timers measured on real CGNs |
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -116,18 +117,21 @@ pub enum Preset {
     PortRestricted,
     /// APDM/APDF with random ports: the NAT that defeats plain hole punching.
     Symmetric,
+    /// APDM/APDF with sequential ports (+1 per new mapping): symmetric, but predictable.
+    SymmetricSequential,
     /// EIM/APDF with random ports and a 30 s UDP idle timeout, meant to sit in front of home routers.
     Cgnat,
 }
 
 impl Preset {
     /// Every preset, in the order the self-test reports them.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Open,
         Self::FullCone,
         Self::RestrictedCone,
         Self::PortRestricted,
         Self::Symmetric,
+        Self::SymmetricSequential,
         Self::Cgnat,
     ];
 
@@ -139,6 +143,7 @@ impl Preset {
             Self::RestrictedCone => "restricted-cone",
             Self::PortRestricted => "port-restricted",
             Self::Symmetric => "symmetric",
+            Self::SymmetricSequential => "symmetric-sequential",
             Self::Cgnat => "cgnat",
         }
     }
@@ -154,6 +159,13 @@ impl Preset {
             tcp_timeout_secs: defaults::TCP_ESTABLISHED_TIMEOUT_SECS,
             unsolicited: Unsolicited::Drop,
         };
+        let symmetric = NatConfig {
+            mapping: Mapping::AddressAndPortDependent,
+            port_allocation: PortAllocation::Random,
+            hairpin: false,
+            udp_timeout_secs: defaults::ENTERPRISE_UDP_TIMEOUT_SECS,
+            ..home
+        };
         Some(match self {
             Self::Open => return None,
             Self::FullCone => NatConfig {
@@ -165,12 +177,10 @@ impl Preset {
                 ..home
             },
             Self::PortRestricted => home,
-            Self::Symmetric => NatConfig {
-                mapping: Mapping::AddressAndPortDependent,
-                port_allocation: PortAllocation::Random,
-                hairpin: false,
-                udp_timeout_secs: defaults::ENTERPRISE_UDP_TIMEOUT_SECS,
-                ..home
+            Self::Symmetric => symmetric,
+            Self::SymmetricSequential => NatConfig {
+                port_allocation: PortAllocation::Sequential,
+                ..symmetric
             },
             Self::Cgnat => NatConfig {
                 port_allocation: PortAllocation::Random,
@@ -190,7 +200,7 @@ impl fmt::Display for Preset {
 /// A name that is not a preset.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "unknown NAT preset `{0}` (known: open, full-cone, restricted-cone, port-restricted, symmetric, cgnat)"
+    "unknown NAT preset `{0}` (known: open, full-cone, restricted-cone, port-restricted, symmetric, symmetric-sequential, cgnat)"
 )]
 pub struct UnknownPreset(pub String);
 

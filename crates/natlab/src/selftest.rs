@@ -130,7 +130,7 @@ impl fmt::Display for SelftestReport {
         writeln!(f, "each cell: the configured value, or configured≠measured")?;
         writeln!(
             f,
-            "{:<16} {:<10} {:<10} {:<10} {:<8} {:<10} {:<10} {:<11} {:<14} RESULT",
+            "{:<21} {:<10} {:<10} {:<10} {:<8} {:<10} {:<10} {:<11} {:<14} RESULT",
             "PRESET",
             "MAPPING",
             "FILTERING",
@@ -161,7 +161,7 @@ impl fmt::Display for SelftestReport {
             );
             writeln!(
                 f,
-                "{:<16} {:<10} {:<10} {:<10} {:<8} {:<10} {:<10} {:<11} {:<14} {}",
+                "{:<21} {:<10} {:<10} {:<10} {:<8} {:<10} {:<10} {:<11} {:<14} {}",
                 r.name.to_string(),
                 axis(c, m, |a| a.mapping.abbreviation()),
                 axis(c, m, |a| a.filtering.abbreviation()),
@@ -176,12 +176,12 @@ impl fmt::Display for SelftestReport {
             if let Some(t) = &r.udp_timeout {
                 writeln!(
                     f,
-                    "{:<16} udp idle timeout: mapping alive after {:.0} s: {}, after {:.0} s: {}",
+                    "{:<21} udp idle timeout: mapping alive after {:.0} s: {}, after {:.0} s: {}",
                     "", t.checked_before_secs, t.alive_before, t.checked_after_secs, t.alive_after
                 )?;
             }
             if let Some(e) = &r.error {
-                writeln!(f, "{:<16} error: {e}", "")?;
+                writeln!(f, "{:<21} error: {e}", "")?;
             }
         }
         let failed = report.presets.iter().filter(|r| !r.ok).count();

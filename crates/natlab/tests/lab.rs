@@ -114,6 +114,61 @@ fn preset_symmetric_is_apdm_apdf_random_without_hairpin() {
 
 #[test]
 #[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
+fn preset_symmetric_sequential_is_apdm_apdf_sequential_without_hairpin() {
+    testkit::require::lab("preset_symmetric_sequential_is_apdm_apdf_sequential_without_hairpin");
+    assert_behaves_as_configured(&[preset(Preset::SymmetricSequential)]);
+}
+
+/// Port prediction relies on this: behind `symmetric-sequential`, every new mapping (a new
+/// socket, or an old socket towards a new destination) leaves on the port after the previous
+/// mapping's, while an existing mapping keeps its port.
+#[test]
+#[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
+fn symmetric_sequential_gives_each_new_mapping_the_next_port() {
+    testkit::require::lab("symmetric_sequential_gives_each_new_mapping_the_next_port");
+    let (lab, reflector) = lab_behind(&[preset(Preset::SymmetricSequential)]);
+    let ep = reflector.endpoints();
+    let destinations = [
+        ep.primary,
+        ep.same_ip_other_port,
+        ep.other_ip,
+        ep.other_ip_other_port,
+    ];
+    let (ports, again) = lab
+        .run_in("h", || -> std::io::Result<_> {
+            let mut ports = Vec::new();
+            // Eight sockets, each towards the next reflector endpoint in turn.
+            let mut sockets = Vec::new();
+            for i in 0..8 {
+                let s = UdpSocket::bind("0.0.0.0:0")?;
+                ports.push(probe::udp_mapping(&s, destinations[i % 4])?.port());
+                sockets.push(s);
+            }
+            // One socket towards every destination: four more mappings.
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            for to in destinations {
+                ports.push(probe::udp_mapping(&s, to)?.port());
+            }
+            // An existing mapping keeps its port.
+            let again = probe::udp_mapping(&sockets[0], destinations[0])?.port();
+            Ok((ports, again))
+        })
+        .expect("enter h")
+        .expect("reflector answers");
+    let steps: Vec<i32> = ports
+        .windows(2)
+        .map(|w| i32::from(w[1]) - i32::from(w[0]))
+        .collect();
+    assert!(
+        steps.iter().all(|d| *d == 1),
+        "external ports {ports:?} (steps {steps:?}) are not consecutive"
+    );
+    eprintln!("external ports: {ports:?}");
+    assert_eq!(again, ports[0], "the first mapping keeps its port");
+}
+
+#[test]
+#[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
 fn preset_cgnat_in_front_of_a_home_router_is_eim_apdf_random() {
     testkit::require::lab("preset_cgnat_in_front_of_a_home_router_is_eim_apdf_random");
     assert_behaves_as_configured(&[preset(Preset::Cgnat), preset(Preset::PortRestricted)]);
