@@ -2,8 +2,8 @@
 //!
 //! Building writes a state file first (`/run/natpunch/labs/NAME.json`), then creates the
 //! namespaces, links, addresses, routes and router rules. Dropping a [`Lab`] (also while a test
-//! panics) kills the processes it started, stops its delay lines and deletes its namespaces,
-//! which takes every veth and nft table with them. [`sweep`] removes what crashed processes left.
+//! panics) kills the processes it started, stops its delay lines and session evictors and
+//! deletes its namespaces, which takes every veth, nft table and iptables rule with them. [`sweep`] removes what crashed processes left.
 //! A lab made with [`Lab::detach`] outlives its process until [`down`] removes it.
 
 use std::collections::BTreeMap;
@@ -23,6 +23,7 @@ use crate::delay::{DelayError, DelayLine};
 use crate::netns::{self, CommandError};
 use crate::nft::{self, RouterRules};
 use crate::portmap::{self, Files, RouterSide};
+use crate::session::{Evictor, EvictorError};
 use crate::topology::{
     INTERNET_BRIDGE, LAN_BRIDGE, LabPlan, NodePlan, Topology, TopologyError, validate_name,
 };
@@ -44,6 +45,9 @@ pub enum LabError {
     /// A delay line failed.
     #[error(transparent)]
     Delay(#[from] DelayError),
+    /// A session evictor failed.
+    #[error(transparent)]
+    Evictor(#[from] EvictorError),
     /// The machine cannot run labs.
     #[error("{0}")]
     Environment(String),
@@ -104,7 +108,8 @@ pub struct LabOptions {
     pub name: Option<String>,
     /// Seed for the delay lines' jitter and loss.
     pub seed: u64,
-    /// Leave delay lines to another process (the CLI's holder) instead of running them here.
+    /// Leave delay lines and session evictors to another process (the CLI's holder) instead
+    /// of running them here.
     pub external_delay_lines: bool,
 }
 
@@ -434,6 +439,7 @@ pub fn random_name() -> String {
 pub struct Lab {
     state: LabState,
     delay_lines: Vec<DelayLine>,
+    evictors: Vec<Evictor>,
     children: Mutex<Vec<Arc<Mutex<Child>>>>,
     /// The miniupnpd of each port-mapping router, by router name.
     daemons: Mutex<BTreeMap<String, Child>>,
@@ -472,6 +478,7 @@ impl Lab {
         let mut lab = Self {
             state,
             delay_lines: Vec::new(),
+            evictors: Vec::new(),
             children: Mutex::new(Vec::new()),
             daemons: Mutex::new(BTreeMap::new()),
             built: true,
@@ -479,6 +486,7 @@ impl Lab {
         lab.create()?;
         if !options.external_delay_lines {
             lab.delay_lines = start_delay_lines(&lab.state.plan, options.seed)?;
+            lab.evictors = start_evictors(&lab.state.plan)?;
         }
         Ok(lab)
     }
@@ -707,6 +715,7 @@ impl Lab {
             }
         }
         self.delay_lines.clear();
+        self.evictors.clear();
         delete_namespaces(&self.state.plan)?;
         remove_state(&self.state.plan.lab)
     }
@@ -747,6 +756,15 @@ pub fn start_delay_lines(plan: &LabPlan, seed: u64) -> Result<Vec<DelayLine>, La
         lines.push(DelayLine::start(node, seed.wrapping_add(i as u64))?);
     }
     Ok(lines)
+}
+
+/// Starts the session evictor of every router whose table evicts its oldest flow when full.
+pub fn start_evictors(plan: &LabPlan) -> Result<Vec<Evictor>, LabError> {
+    let mut evictors = Vec::new();
+    for node in plan.nodes.iter().filter(|n| n.evicts_sessions()) {
+        evictors.push(Evictor::start(node)?);
+    }
+    Ok(evictors)
 }
 
 /// Starts miniupnpd on `node` if it is a port-mapping router: writes its configuration, loads

@@ -23,6 +23,54 @@ pub enum Unsolicited {
     Reject,
 }
 
+/// What a router whose session table is full does with a new outbound flow.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SessionOverflow {
+    /// Drop the new flow: it gets no mapping, while the flows already in the table carry on.
+    #[default]
+    Drop,
+    /// Let the new flow through and forget the oldest live flow: its conntrack entry and its
+    /// mapping go, so its external port no longer reaches the host.
+    EvictOldest,
+}
+
+impl SessionOverflow {
+    /// The value's name as written in topology files and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Drop => "drop",
+            Self::EvictOldest => "evict-oldest",
+        }
+    }
+}
+
+impl fmt::Display for SessionOverflow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A name that is not a [`SessionOverflow`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown session overflow `{0}` (known: drop, evict-oldest)")]
+pub struct UnknownSessionOverflow(pub String);
+
+impl FromStr for SessionOverflow {
+    type Err = UnknownSessionOverflow;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Self::Drop, Self::EvictOldest]
+            .into_iter()
+            .find(|o| o.name() == s)
+            .ok_or_else(|| UnknownSessionOverflow(s.to_owned()))
+    }
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
+}
+
 /// The complete behaviour of one NAT router.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NatConfig {
@@ -40,6 +88,13 @@ pub struct NatConfig {
     pub tcp_timeout_secs: u32,
     /// Answer to unsolicited inbound packets.
     pub unsolicited: Unsolicited,
+    /// Size of the session table: how many TCP and UDP flows from the LAN through the router
+    /// (conntrack entries, each holding a mapping) may live at once; `None` for no bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_sessions: Option<u32>,
+    /// What a new flow meets when `max_sessions` flows are live.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub session_overflow: SessionOverflow,
 }
 
 impl NatConfig {
@@ -66,6 +121,15 @@ impl NatConfig {
                 return Err(NatConfigError::Timeout { what, secs });
             }
         }
+        match self.max_sessions {
+            Some(n) if !(1..=defaults::MAX_SESSIONS).contains(&n) => {
+                return Err(NatConfigError::MaxSessions(n));
+            }
+            None if self.session_overflow != SessionOverflow::Drop => {
+                return Err(NatConfigError::OverflowWithoutTable(self.session_overflow));
+            }
+            _ => {}
+        }
         Ok(())
     }
 }
@@ -91,6 +155,15 @@ pub enum NatConfigError {
         /// The rejected value.
         secs: u32,
     },
+    /// A session table size outside the range the lab supports.
+    #[error(
+        "max_sessions of {0} is out of range (1..={max}); leave it out for an unbounded table",
+        max = defaults::MAX_SESSIONS
+    )]
+    MaxSessions(u32),
+    /// An overflow behaviour for a table without a size.
+    #[error("session_overflow `{0}` needs max_sessions: a table without a size never overflows")]
+    OverflowWithoutTable(SessionOverflow),
 }
 
 /// The named NAT behaviours of the lab.
@@ -158,6 +231,8 @@ impl Preset {
             udp_timeout_secs: defaults::HOME_UDP_TIMEOUT_SECS,
             tcp_timeout_secs: defaults::TCP_ESTABLISHED_TIMEOUT_SECS,
             unsolicited: Unsolicited::Drop,
+            max_sessions: None,
+            session_overflow: SessionOverflow::Drop,
         };
         let symmetric = NatConfig {
             mapping: Mapping::AddressAndPortDependent,
@@ -247,6 +322,57 @@ mod tests {
             let config = p.config().expect("router preset");
             assert_eq!(config.validate(), Ok(()), "{p}");
         }
+    }
+
+    #[test]
+    fn validate_bounds_the_session_table() {
+        let mut c = Preset::Symmetric.config().expect("router preset");
+        for (max, ok) in [(Some(0), false), (Some(1), true), (Some(65_535), true)] {
+            c.max_sessions = max;
+            assert_eq!(c.validate().is_ok(), ok, "{max:?}");
+        }
+        c.max_sessions = Some(70_000);
+        assert_eq!(
+            c.validate().map_err(|e| e.to_string()),
+            Err("max_sessions of 70000 is out of range (1..=65535); leave it out for an unbounded table".to_owned())
+        );
+        c.max_sessions = None;
+        c.session_overflow = SessionOverflow::EvictOldest;
+        assert_eq!(
+            c.validate(),
+            Err(NatConfigError::OverflowWithoutTable(
+                SessionOverflow::EvictOldest
+            ))
+        );
+    }
+
+    #[test]
+    fn session_overflow_reads_and_writes_its_kebab_case_names() {
+        for o in [SessionOverflow::Drop, SessionOverflow::EvictOldest] {
+            assert_eq!(o.name().parse::<SessionOverflow>(), Ok(o));
+            assert_eq!(
+                serde_json::to_value(o).ok(),
+                Some(serde_json::json!(o.name()))
+            );
+        }
+        assert_eq!(
+            "evict"
+                .parse::<SessionOverflow>()
+                .map_err(|e| e.to_string()),
+            Err("unknown session overflow `evict` (known: drop, evict-oldest)".to_owned())
+        );
+    }
+
+    #[test]
+    fn configs_without_a_session_table_serialise_as_before() {
+        let c = Preset::Symmetric.config().expect("router preset");
+        let json = serde_json::to_value(c).expect("json");
+        assert!(json.get("max_sessions").is_none() && json.get("session_overflow").is_none());
+        let mut old = json;
+        if let Some(o) = old.as_object_mut() {
+            o.remove("max_sessions");
+        }
+        assert_eq!(serde_json::from_value::<NatConfig>(old).ok(), Some(c));
     }
 
     #[test]

@@ -10,11 +10,12 @@ use std::net::UdpSocket;
 use std::time::Duration;
 
 use natlab::lab::{self, LabState, ProcessId};
+use natlab::probe::SessionTable;
 use natlab::probe::{self, Reflector};
 use natlab::selftest::expected_through;
 use natlab::{
     Filtering, Lab, LabOptions, LinkCondition, Mapping, NatConfig, PortAllocation, Preset,
-    Topology, Unsolicited, netns,
+    SessionOverflow, Topology, Unsolicited, netns,
 };
 
 const PORTS: [u16; 2] = [3478, 3479];
@@ -197,6 +198,136 @@ fn address_dependent_mapping_with_reject_is_measured_as_such() {
         ..preset(Preset::PortRestricted)
     };
     assert_behaves_as_configured(&[nat]);
+}
+
+/// The UDP flows in router `router`'s conntrack table.
+fn udp_flows(lab: &Lab, router: &str) -> usize {
+    lab.exec(router, "conntrack", &["-L", "-p", "udp"])
+        .expect("conntrack")
+        .lines()
+        .count()
+}
+
+#[test]
+#[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
+fn a_full_session_table_that_drops_refuses_new_flows_and_keeps_the_old_ones() {
+    testkit::require::lab(
+        "a_full_session_table_that_drops_refuses_new_flows_and_keeps_the_old_ones",
+    );
+    let nat = NatConfig {
+        max_sessions: Some(16),
+        ..preset(Preset::Symmetric)
+    };
+    let (lab, reflector) = lab_behind(&[nat]);
+    let seen = lab
+        .run_in("h", || probe::measure_session_table(&reflector, 24))
+        .expect("enter h")
+        .expect("probe");
+    eprintln!("drop: {seen:?}");
+    assert_eq!(seen.answered, 16, "{seen:?}");
+    assert!(
+        seen.ports[..16].iter().all(Option::is_some)
+            && seen.ports[16..].iter().all(Option::is_none),
+        "the first 16 flows are answered, the 8 after them dropped: {seen:?}"
+    );
+    assert_eq!(
+        seen.kept, 16,
+        "the 16 flows in the table still work: {seen:?}"
+    );
+    assert_eq!(seen.table, SessionTable::Drop { max_sessions: 16 });
+    assert_eq!(
+        udp_flows(&lab, "r0"),
+        16,
+        "dropped flows make no conntrack entry"
+    );
+}
+
+#[test]
+#[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
+fn a_full_session_table_that_evicts_forgets_its_oldest_flows() {
+    testkit::require::lab("a_full_session_table_that_evicts_forgets_its_oldest_flows");
+    let nat = NatConfig {
+        max_sessions: Some(16),
+        session_overflow: SessionOverflow::EvictOldest,
+        ..preset(Preset::SymmetricSequential)
+    };
+    let (lab, reflector) = lab_behind(&[nat]);
+    let seen = lab
+        .run_in("h", || probe::measure_session_table(&reflector, 24))
+        .expect("enter h")
+        .expect("probe");
+    eprintln!("evict-oldest: {seen:?}");
+    assert_eq!(seen.answered, 24, "every new flow gets through: {seen:?}");
+    assert_eq!(
+        seen.kept_each,
+        [vec![false; 8], vec![true; 16]].concat(),
+        "the 8 oldest flows lost their mappings, the 16 newest kept theirs: {seen:?}"
+    );
+    assert_eq!(seen.table, SessionTable::EvictOldest { max_sessions: 16 });
+    assert_eq!(udp_flows(&lab, "r0"), 16, "evicted flows leave conntrack");
+
+    // An evicted socket that sends again is a new flow with a new mapping (the table forgot
+    // the old one, or it would get its old port back), and it evicts the oldest in turn.
+    let to = reflector.endpoints().primary;
+    let (first, again, evicting) = lab
+        .run_in("h", || -> std::io::Result<_> {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            let first = probe::udp_mapping(&s, to)?;
+            let mut newer = Vec::new();
+            let started = std::time::Instant::now();
+            for _ in 0..16 {
+                let n = UdpSocket::bind("0.0.0.0:0")?;
+                probe::udp_mapping(&n, to)?;
+                newer.push(n);
+            }
+            eprintln!("16 evicting flows answered in {:?}", started.elapsed());
+            let again = probe::udp_mapping(&s, to)?;
+            Ok((first, again, newer.len()))
+        })
+        .expect("enter h")
+        .expect("reflector answers");
+    assert_eq!(evicting, 16);
+    assert_ne!(
+        first.port(),
+        again.port(),
+        "the evicted mapping is gone from the NAT's tables"
+    );
+    assert_eq!(udp_flows(&lab, "r0"), 16);
+}
+
+#[test]
+#[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
+fn a_lab_with_an_evicting_router_leaves_nothing_behind() {
+    testkit::require::lab("a_lab_with_an_evicting_router_leaves_nothing_behind");
+    let nat = NatConfig {
+        max_sessions: Some(4),
+        session_overflow: SessionOverflow::EvictOldest,
+        ..preset(Preset::Symmetric)
+    };
+    let t = Topology::default()
+        .router("r", nat, None)
+        .host("h", Some("r"), 1);
+    let names = std::sync::Mutex::new(Vec::new());
+    let result = std::panic::catch_unwind(|| {
+        let lab = Lab::build(&t, LabOptions::default()).expect("lab");
+        let rules = lab
+            .exec("r", "iptables", &["-S", "FORWARD"])
+            .expect("iptables");
+        assert!(rules.contains("--queue-num 2 --queue-bypass"), "{rules}");
+        names
+            .lock()
+            .expect("lock")
+            .extend(lab.plan().namespaces().map(str::to_owned));
+        panic!("a failing test");
+    });
+    assert!(result.is_err());
+    let names = names.into_inner().expect("lock");
+    assert_eq!(names.len(), 3);
+    let left: Vec<String> = netns::list()
+        .into_iter()
+        .filter(|n| names.contains(n))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
 
 #[test]

@@ -89,7 +89,7 @@ fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         external_delay_lines: true,
     };
     let built = Lab::build(&topology, options)?;
-    let needs_holder = built.plan().nodes.iter().any(|n| n.link.is_impaired());
+    let needs_holder = built.plan().needs_holder();
     let plan = built.detach()?;
     if needs_holder && let Err(e) = start_holder(&plan.lab) {
         let _ = lab::down(&plan.lab);
