@@ -692,6 +692,12 @@ impl Lab {
         Ok(())
     }
 
+    /// Forgets router `router`'s NAT state (conntrack, mapping tables, session count), as
+    /// [`Lab::flush_nat_state`] does for every router.
+    pub fn flush_router(&self, router: &str) -> Result<(), LabError> {
+        flush_router_state(router_of(&self.state.plan, router)?)
+    }
+
     /// The address node `name`'s traffic shows on the internet.
     pub fn public_addr(&self, name: &str) -> Result<Ipv4Addr, LabError> {
         self.node(name)?;
@@ -937,16 +943,7 @@ pub fn renumber_router(
             &up.gateway.to_string(),
         ],
     )?;
-    if let Some(r) = &node.router {
-        let rules = nft::render(&RouterRules {
-            nat: &r.nat,
-            wan_if: &up.iface,
-            wan_ip: new,
-            lan_if: LAN_BRIDGE,
-            lan_net: r.lan_net,
-        });
-        netns::run(Some(ns), "nft", &["-f", "-"], Some(&rules))?;
-    }
+    load_rules(&node, new)?;
     let _ = netns::run(Some(ns), "conntrack", &["-F"], None);
     if let Some(n) = state.plan.nodes.iter_mut().find(|n| n.name == router) {
         n.uplink.addrs[0] = new;
@@ -969,15 +966,36 @@ fn flush_router_state(node: &NodePlan) -> Result<(), LabError> {
     // Conntrack first: a packet between the two steps must not re-learn a flushed entry.
     // (conntrack -F exits non-zero on an empty table with some versions: ignore that.)
     let _ = netns::run(Some(&node.netns), "conntrack", &["-F"], None);
-    let sets = node
-        .router
-        .as_ref()
-        .map(|r| nft::state_sets(&r.nat))
-        .unwrap_or_default();
-    for (kind, name) in &sets {
+    let Some(router) = &node.router else {
+        return Ok(());
+    };
+    if router.nat.max_sessions.is_some() {
+        // The kernel keeps a bounded table's count in its rule and prunes flushed flows from
+        // it only a few at a time, as new flows come: a fresh ruleset starts from zero (and
+        // with empty mapping tables).
+        return load_rules(node, node.addr());
+    }
+    for (kind, name) in &nft::state_sets(&router.nat) {
         let args = ["flush", kind, "ip", nft::TABLE, name];
         netns::run(Some(&node.netns), "nft", &args, None)?;
     }
+    Ok(())
+}
+
+/// Loads (or replaces) router `node`'s NAT ruleset for external address `wan_ip`; a no-op on
+/// hosts.
+fn load_rules(node: &NodePlan, wan_ip: Ipv4Addr) -> Result<(), LabError> {
+    let Some(r) = &node.router else {
+        return Ok(());
+    };
+    let rules = nft::render(&RouterRules {
+        nat: &r.nat,
+        wan_if: &node.uplink.iface,
+        wan_ip,
+        lan_if: LAN_BRIDGE,
+        lan_net: r.lan_net,
+    });
+    netns::run(Some(&node.netns), "nft", &["-f", "-"], Some(&rules))?;
     Ok(())
 }
 
@@ -1036,14 +1054,7 @@ fn create_node(node: &NodePlan) -> Result<(), LabError> {
         &["route", "add", "default", "via", &up.gateway.to_string()],
     )?;
     if let Some(r) = &node.router {
-        let rules = nft::render(&RouterRules {
-            nat: &r.nat,
-            wan_if: &up.iface,
-            wan_ip: up.addrs[0],
-            lan_if: LAN_BRIDGE,
-            lan_net: r.lan_net,
-        });
-        netns::run(Some(ns), "nft", &["-f", "-"], Some(&rules))?;
+        load_rules(node, up.addrs[0])?;
         let sysctls: Vec<String> = nft::conntrack_sysctls(&r.nat)
             .iter()
             .map(|(k, v)| format!("{k}={v}"))

@@ -12,7 +12,7 @@ use std::time::Duration;
 use natlab::lab::{self, LabState, ProcessId};
 use natlab::probe::SessionTable;
 use natlab::probe::{self, Reflector};
-use natlab::selftest::expected_through;
+use natlab::selftest::{self, SelftestOptions, expected_through};
 use natlab::{
     Filtering, Lab, LabOptions, LinkCondition, Mapping, NatConfig, PortAllocation, Preset,
     SessionOverflow, Topology, Unsolicited, netns,
@@ -328,6 +328,45 @@ fn a_lab_with_an_evicting_router_leaves_nothing_behind() {
         .filter(|n| names.contains(n))
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// The self-test with `options` over `presets`: every row must match, with a session check.
+fn selftest_passes_with(presets: &[Preset], options: SelftestOptions) {
+    let report = selftest::run_with(presets, &options, &|_| {}).expect("self-test runs");
+    eprintln!("{report}");
+    assert!(report.ok(), "{report}");
+    for row in &report.presets {
+        let check = row
+            .sessions
+            .expect("every row has a router and so a session check");
+        assert_eq!(check.measured, Some(check.configured), "{report}");
+    }
+}
+
+#[test]
+#[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
+fn selftest_measures_session_tables_that_drop() {
+    testkit::require::lab("selftest_measures_session_tables_that_drop");
+    selftest_passes_with(
+        &[Preset::SymmetricSequential, Preset::PortRestricted],
+        SelftestOptions {
+            max_sessions: Some(16),
+            session_overflow: SessionOverflow::Drop,
+        },
+    );
+}
+
+#[test]
+#[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
+fn selftest_measures_session_tables_that_evict_the_oldest() {
+    testkit::require::lab("selftest_measures_session_tables_that_evict_the_oldest");
+    selftest_passes_with(
+        &[Preset::Symmetric, Preset::FullCone],
+        SelftestOptions {
+            max_sessions: Some(20),
+            session_overflow: SessionOverflow::EvictOldest,
+        },
+    );
 }
 
 #[test]
