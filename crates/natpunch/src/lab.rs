@@ -200,7 +200,11 @@ fn run_selftest(args: SelftestArgs) -> anyhow::Result<ExitCode> {
         args.presets
     };
     let progress = |msg: &str| eprintln!("selftest: {msg}");
-    let report = selftest::run(&presets, &progress)?;
+    let options = selftest::SelftestOptions {
+        max_sessions: args.max_sessions,
+        session_overflow: args.session_overflow,
+    };
+    let report = selftest::run_with(&presets, &options, &progress)?;
     if args.json.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
