@@ -1,6 +1,7 @@
 //! NAT behaviour as typed data, in the vocabulary of RFC 4787 (UDP) and RFC 5382 (TCP).
 //!
-//! A [`NatConfig`] says what a router does; [`Preset`] names the common combinations. Every value
+//! A [`NatConfig`] says what a router does (including, optionally, how many sessions its table
+//! holds and what happens when it is full); [`Preset`] names the common combinations. Every value
 //! serialises in kebab-case (`endpoint-independent`, `address-and-port-dependent`, `preserve`, …)
 //! so that the lab, its self-test and `natpunch nat check` speak the same words.
 

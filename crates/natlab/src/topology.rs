@@ -1150,6 +1150,7 @@ mod tests {
             include_str!("../../../examples/labs/two-homes.toml"),
             include_str!("../../../examples/labs/home-symmetric.toml"),
             include_str!("../../../examples/labs/cgnat-two-homes.toml"),
+            include_str!("../../../examples/labs/office-session-table.toml"),
         ];
         let mut rng = crate::delay::SplitMix64::new(5);
         let alphabet = b"[]{}=\".,-_ abcgnrtx019\n";
