@@ -295,6 +295,129 @@ fn a_full_session_table_that_evicts_forgets_its_oldest_flows() {
     assert_eq!(udp_flows(&lab, "r0"), 16);
 }
 
+/// TCP connections are sessions too, until they are closed: a connection in TIME_WAIT no
+/// longer holds a place in the table (as the kernel's connlimit counts).
+#[test]
+#[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
+fn open_tcp_connections_fill_the_session_table_and_closed_ones_leave_it() {
+    use std::io::Read as _;
+    use std::net::{TcpListener, TcpStream};
+    testkit::require::lab("open_tcp_connections_fill_the_session_table_and_closed_ones_leave_it");
+    let nat = NatConfig {
+        max_sessions: Some(4),
+        ..preset(Preset::Symmetric)
+    };
+    let t = Topology::default()
+        .host("server", None, 1)
+        .router("r", nat, None)
+        .host("h", Some("r"), 1);
+    let lab = Lab::build(&t, LabOptions::default()).expect("lab");
+    let server = lab.node("server").expect("server").addr();
+    let listener = lab
+        .run_in("server", || TcpListener::bind((server, 5000)))
+        .expect("enter server")
+        .expect("listen");
+    // Each connection is held until the client closes it, then closed from this side too.
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut stream = stream;
+                let _ = stream.read_to_end(&mut Vec::new());
+            });
+        }
+    });
+    let connect = || {
+        lab.run_in("h", || {
+            TcpStream::connect_timeout(&(server, 5000).into(), Duration::from_millis(700))
+        })
+        .expect("enter h")
+    };
+    let mut open: Vec<TcpStream> = (0..4)
+        .map(|_| connect().expect("room in the table"))
+        .collect();
+    assert!(
+        connect().is_err(),
+        "a fifth connection finds the table full"
+    );
+    drop(open.remove(0));
+    std::thread::sleep(Duration::from_millis(300));
+    let states = lab
+        .exec("r", "conntrack", &["-L", "-p", "tcp"])
+        .expect("conntrack");
+    assert!(states.contains("TIME_WAIT"), "{states}");
+    open.push(connect().expect("the closed connection left room"));
+    assert!(connect().is_err(), "and the table is full again");
+}
+
+#[test]
+#[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
+fn an_evicting_router_on_a_delayed_link_runs_both_queues() {
+    testkit::require::lab("an_evicting_router_on_a_delayed_link_runs_both_queues");
+    let nat = NatConfig {
+        max_sessions: Some(4),
+        session_overflow: SessionOverflow::EvictOldest,
+        ..preset(Preset::Symmetric)
+    };
+    let t = Topology::default()
+        .host("reflector", None, 2)
+        .router("r", nat, None)
+        .host("h", Some("r"), 1)
+        .link(
+            "r",
+            LinkCondition {
+                delay_ms: 5,
+                ..Default::default()
+            },
+        );
+    let lab = Lab::build(&t, LabOptions::default()).expect("lab");
+    let reflector = Reflector::start(&lab, "reflector", PORTS).expect("reflector");
+    let seen = lab
+        .run_in("h", || probe::measure_session_table(&reflector, 12))
+        .expect("enter h")
+        .expect("probe");
+    assert_eq!(
+        seen.table,
+        SessionTable::EvictOldest { max_sessions: 4 },
+        "{seen:?}"
+    );
+    let rtt = lab
+        .run_in("h", || probe::udp_rtt(&reflector, 5))
+        .expect("enter h")
+        .expect("rtt");
+    assert!(
+        rtt >= Duration::from_millis(9),
+        "the link is still delayed: {rtt:?}"
+    );
+}
+
+/// The self-test's check is what tells a bounded table from a missing one: a lab whose
+/// userspace parts run elsewhere (here: nowhere) has no evictor, and the table shows unbounded.
+#[test]
+#[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
+fn without_its_evictor_an_evicting_router_is_measured_unbounded() {
+    testkit::require::lab("without_its_evictor_an_evicting_router_is_measured_unbounded");
+    let nat = NatConfig {
+        max_sessions: Some(4),
+        session_overflow: SessionOverflow::EvictOldest,
+        ..preset(Preset::Symmetric)
+    };
+    let t = Topology::default()
+        .host("reflector", None, 2)
+        .router("r", nat, None)
+        .host("h", Some("r"), 1);
+    let options = LabOptions {
+        external_delay_lines: true,
+        ..Default::default()
+    };
+    let lab = Lab::build(&t, options).expect("lab");
+    let reflector = Reflector::start(&lab, "reflector", PORTS).expect("reflector");
+    let seen = lab
+        .run_in("h", || probe::measure_session_table(&reflector, 12))
+        .expect("enter h")
+        .expect("probe");
+    assert_eq!(seen.table, SessionTable::Unbounded, "{seen:?}");
+}
+
 #[test]
 #[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
 fn a_lab_with_an_evicting_router_leaves_nothing_behind() {
