@@ -27,7 +27,8 @@ pub struct CampaignArgs {
     /// Stop after this many punches in all.
     #[arg(long, env = "NATPUNCH_CAMPAIGN_PUNCHES")]
     pub punches: Option<u64>,
-    /// Presets to put targets and clients behind (comma-separated) [default: all].
+    /// Presets to put targets and clients behind (comma-separated) [default: open, full-cone,
+    /// restricted-cone, port-restricted, symmetric, cgnat].
     #[arg(
         long,
         env = "NATPUNCH_CAMPAIGN_PRESETS",

@@ -3,7 +3,7 @@
 use crate::args::Json;
 use clap::builder::BoolishValueParser;
 use clap::{Args, Subcommand};
-use natlab::Preset;
+use natlab::{Preset, SessionOverflow};
 use std::path::PathBuf;
 
 #[derive(Debug, Subcommand)]
@@ -116,7 +116,21 @@ pub struct SelftestArgs {
     #[command(flatten)]
     pub json: Json,
     /// Test only these presets: open, full-cone, restricted-cone, port-restricted, symmetric,
-    /// cgnat (comma-separated or repeated) [default: all].
+    /// symmetric-sequential, cgnat (comma-separated or repeated) [default: all].
     #[arg(long = "preset", env = "NATPUNCH_LAB_PRESETS", value_delimiter = ',')]
     pub presets: Vec<Preset>,
+    /// Give every router of the tested presets a session table of N sessions (16 to 256) and
+    /// measure it first: N + 8 new UDP flows, how many are answered and which keep their
+    /// mappings.
+    #[arg(long, env = "NATPUNCH_LAB_MAX_SESSIONS", value_name = "N")]
+    pub max_sessions: Option<u32>,
+    /// What a full session table does with a new flow: `drop` it, or `evict-oldest` (the new
+    /// flow goes through and the oldest live flow loses its mapping).
+    #[arg(
+        long,
+        env = "NATPUNCH_LAB_SESSION_OVERFLOW",
+        default_value = "drop",
+        requires = "max_sessions"
+    )]
+    pub session_overflow: SessionOverflow,
 }

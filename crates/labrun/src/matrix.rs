@@ -281,6 +281,7 @@ fn code(p: Preset) -> &'static str {
         Preset::RestrictedCone => "rc",
         Preset::PortRestricted => "pr",
         Preset::Symmetric => "sy",
+        Preset::SymmetricSequential => "sq",
         Preset::Cgnat => "cg",
     }
 }

@@ -42,6 +42,13 @@ pub const SEQUENTIAL_FIRST_PORT: u16 = 20000;
 /// Number of ports a sequential allocator cycles through before it wraps around.
 pub const SEQUENTIAL_PORTS: u16 = 1000;
 
+/// Largest session table a router accepts: the ports of one external address. Real NATs hold
+/// from a few thousand sessions (small CPE) to far more (CGNs), but a lab that needs a bigger
+/// bound needs none.
+pub const MAX_SESSIONS: u32 = 65_535;
+/// Queue number of a router's session evictor (the delay line has 0 and 1 in every namespace).
+pub const EVICTOR_QUEUE: u16 = 2;
+
 /// Prefix of every namespace the lab creates; a sweep removes stale ones by it.
 pub const NETNS_PREFIX: &str = "natlab.";
 /// Where the lab keeps one state file per lab (tmpfs: gone after a reboot, like the namespaces).

@@ -16,7 +16,7 @@ use std::fmt;
 /// assert_eq!(
 ///     natlab::chain(&e).to_string(),
 ///     "router `r`: unknown NAT preset `weird` (known: open, full-cone, restricted-cone, \
-///      port-restricted, symmetric, cgnat)"
+///      port-restricted, symmetric, symmetric-sequential, cgnat)"
 /// );
 /// ```
 pub fn chain<'a>(e: &'a (dyn Error + 'a)) -> Chain<'a> {

@@ -1,9 +1,10 @@
 //! The delay-line holder of a detached lab.
 //!
-//! Delay lines run in the process that starts them, and a detached lab outlives the process
-//! that built it (`natpunch lab up`). So a lab with impaired links gets a holder: a process of
+//! Delay lines and session evictors run in the process that starts them, and a detached lab
+//! outlives the process that built it (`natpunch lab up`). So a lab with impaired links or
+//! evicting routers ([`crate::topology::LabPlan::needs_holder`]) gets a holder: a process of
 //! its own (its own process group, so that a Ctrl-C meant for the caller's terminal does not
-//! reach it) that runs the delay lines until it is sent SIGTERM, SIGINT or SIGHUP, as
+//! reach it) that runs them until it is sent SIGTERM, SIGINT or SIGHUP, as
 //! [`crate::lab::down`] does. The holder tells its starter one line on stdout: `ready`, or
 //! `error: WHY`.
 
@@ -63,7 +64,7 @@ pub fn start(mut command: Command) -> Result<(), HolderError> {
     ))
 }
 
-/// Runs the delay lines of lab `name` until SIGTERM, SIGINT or SIGHUP, recording this process
+/// Runs the delay lines and session evictors of lab `name` until SIGTERM, SIGINT or SIGHUP, recording this process
 /// as the lab's holder; says `ready` (or `error: WHY`) on stdout first.
 pub fn hold(name: &str) -> Result<(), HolderError> {
     let mut signals = SigSet::empty();
@@ -72,7 +73,9 @@ pub fn hold(name: &str) -> Result<(), HolderError> {
     signals.add(Signal::SIGHUP);
     signals.thread_block()?;
     let mut state = lab::load_state(name)?;
-    let lines = match lab::start_delay_lines(&state.plan, state.seed) {
+    let started = lab::start_delay_lines(&state.plan, state.seed)
+        .and_then(|lines| Ok((lines, lab::start_evictors(&state.plan)?)));
+    let lines = match started {
         Ok(lines) => lines,
         Err(e) => {
             // The starter passes this line on as the reason the holder did not start.

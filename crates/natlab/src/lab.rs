@@ -2,8 +2,8 @@
 //!
 //! Building writes a state file first (`/run/natpunch/labs/NAME.json`), then creates the
 //! namespaces, links, addresses, routes and router rules. Dropping a [`Lab`] (also while a test
-//! panics) kills the processes it started, stops its delay lines and deletes its namespaces,
-//! which takes every veth and nft table with them. [`sweep`] removes what crashed processes left.
+//! panics) kills the processes it started, stops its delay lines and session evictors and
+//! deletes its namespaces, which takes every veth, nft table and iptables rule with them. [`sweep`] removes what crashed processes left.
 //! A lab made with [`Lab::detach`] outlives its process until [`down`] removes it.
 
 use std::collections::BTreeMap;
@@ -23,6 +23,7 @@ use crate::delay::{DelayError, DelayLine};
 use crate::netns::{self, CommandError};
 use crate::nft::{self, RouterRules};
 use crate::portmap::{self, Files, RouterSide};
+use crate::session::{Evictor, EvictorError};
 use crate::topology::{
     INTERNET_BRIDGE, LAN_BRIDGE, LabPlan, NodePlan, Topology, TopologyError, validate_name,
 };
@@ -44,6 +45,9 @@ pub enum LabError {
     /// A delay line failed.
     #[error(transparent)]
     Delay(#[from] DelayError),
+    /// A session evictor failed.
+    #[error(transparent)]
+    Evictor(#[from] EvictorError),
     /// The machine cannot run labs.
     #[error("{0}")]
     Environment(String),
@@ -104,7 +108,8 @@ pub struct LabOptions {
     pub name: Option<String>,
     /// Seed for the delay lines' jitter and loss.
     pub seed: u64,
-    /// Leave delay lines to another process (the CLI's holder) instead of running them here.
+    /// Leave delay lines and session evictors to another process (the CLI's holder) instead
+    /// of running them here.
     pub external_delay_lines: bool,
 }
 
@@ -434,6 +439,7 @@ pub fn random_name() -> String {
 pub struct Lab {
     state: LabState,
     delay_lines: Vec<DelayLine>,
+    evictors: Vec<Evictor>,
     children: Mutex<Vec<Arc<Mutex<Child>>>>,
     /// The miniupnpd of each port-mapping router, by router name.
     daemons: Mutex<BTreeMap<String, Child>>,
@@ -472,6 +478,7 @@ impl Lab {
         let mut lab = Self {
             state,
             delay_lines: Vec::new(),
+            evictors: Vec::new(),
             children: Mutex::new(Vec::new()),
             daemons: Mutex::new(BTreeMap::new()),
             built: true,
@@ -479,6 +486,7 @@ impl Lab {
         lab.create()?;
         if !options.external_delay_lines {
             lab.delay_lines = start_delay_lines(&lab.state.plan, options.seed)?;
+            lab.evictors = start_evictors(&lab.state.plan)?;
         }
         Ok(lab)
     }
@@ -684,6 +692,12 @@ impl Lab {
         Ok(())
     }
 
+    /// Forgets router `router`'s NAT state (conntrack, mapping tables, session count), as
+    /// [`Lab::flush_nat_state`] does for every router.
+    pub fn flush_router(&self, router: &str) -> Result<(), LabError> {
+        flush_router_state(router_of(&self.state.plan, router)?)
+    }
+
     /// The address node `name`'s traffic shows on the internet.
     pub fn public_addr(&self, name: &str) -> Result<Ipv4Addr, LabError> {
         self.node(name)?;
@@ -707,6 +721,7 @@ impl Lab {
             }
         }
         self.delay_lines.clear();
+        self.evictors.clear();
         delete_namespaces(&self.state.plan)?;
         remove_state(&self.state.plan.lab)
     }
@@ -747,6 +762,15 @@ pub fn start_delay_lines(plan: &LabPlan, seed: u64) -> Result<Vec<DelayLine>, La
         lines.push(DelayLine::start(node, seed.wrapping_add(i as u64))?);
     }
     Ok(lines)
+}
+
+/// Starts the session evictor of every router whose table evicts its oldest flow when full.
+pub fn start_evictors(plan: &LabPlan) -> Result<Vec<Evictor>, LabError> {
+    let mut evictors = Vec::new();
+    for node in plan.nodes.iter().filter(|n| n.evicts_sessions()) {
+        evictors.push(Evictor::start(node)?);
+    }
+    Ok(evictors)
 }
 
 /// Starts miniupnpd on `node` if it is a port-mapping router: writes its configuration, loads
@@ -919,16 +943,7 @@ pub fn renumber_router(
             &up.gateway.to_string(),
         ],
     )?;
-    if let Some(r) = &node.router {
-        let rules = nft::render(&RouterRules {
-            nat: &r.nat,
-            wan_if: &up.iface,
-            wan_ip: new,
-            lan_if: LAN_BRIDGE,
-            lan_net: r.lan_net,
-        });
-        netns::run(Some(ns), "nft", &["-f", "-"], Some(&rules))?;
-    }
+    load_rules(&node, new)?;
     let _ = netns::run(Some(ns), "conntrack", &["-F"], None);
     if let Some(n) = state.plan.nodes.iter_mut().find(|n| n.name == router) {
         n.uplink.addrs[0] = new;
@@ -951,15 +966,36 @@ fn flush_router_state(node: &NodePlan) -> Result<(), LabError> {
     // Conntrack first: a packet between the two steps must not re-learn a flushed entry.
     // (conntrack -F exits non-zero on an empty table with some versions: ignore that.)
     let _ = netns::run(Some(&node.netns), "conntrack", &["-F"], None);
-    let sets = node
-        .router
-        .as_ref()
-        .map(|r| nft::state_sets(&r.nat))
-        .unwrap_or_default();
-    for (kind, name) in &sets {
+    let Some(router) = &node.router else {
+        return Ok(());
+    };
+    if router.nat.max_sessions.is_some() {
+        // The kernel keeps a bounded table's count in its rule and prunes flushed flows from
+        // it only a few at a time, as new flows come: a fresh ruleset starts from zero (and
+        // with empty mapping tables).
+        return load_rules(node, node.addr());
+    }
+    for (kind, name) in &nft::state_sets(&router.nat) {
         let args = ["flush", kind, "ip", nft::TABLE, name];
         netns::run(Some(&node.netns), "nft", &args, None)?;
     }
+    Ok(())
+}
+
+/// Loads (or replaces) router `node`'s NAT ruleset for external address `wan_ip`; a no-op on
+/// hosts.
+fn load_rules(node: &NodePlan, wan_ip: Ipv4Addr) -> Result<(), LabError> {
+    let Some(r) = &node.router else {
+        return Ok(());
+    };
+    let rules = nft::render(&RouterRules {
+        nat: &r.nat,
+        wan_if: &node.uplink.iface,
+        wan_ip,
+        lan_if: LAN_BRIDGE,
+        lan_net: r.lan_net,
+    });
+    netns::run(Some(&node.netns), "nft", &["-f", "-"], Some(&rules))?;
     Ok(())
 }
 
@@ -1018,14 +1054,7 @@ fn create_node(node: &NodePlan) -> Result<(), LabError> {
         &["route", "add", "default", "via", &up.gateway.to_string()],
     )?;
     if let Some(r) = &node.router {
-        let rules = nft::render(&RouterRules {
-            nat: &r.nat,
-            wan_if: &up.iface,
-            wan_ip: up.addrs[0],
-            lan_if: LAN_BRIDGE,
-            lan_net: r.lan_net,
-        });
-        netns::run(Some(ns), "nft", &["-f", "-"], Some(&rules))?;
+        load_rules(node, up.addrs[0])?;
         let sysctls: Vec<String> = nft::conntrack_sysctls(&r.nat)
             .iter()
             .map(|(k, v)| format!("{k}={v}"))

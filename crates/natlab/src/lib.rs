@@ -5,7 +5,8 @@
 //! of routers such as a CGNAT in front of home routers. NAT behaviour is typed data in RFC 4787
 //! terms ([`NatConfig`], [`Preset`]) rendered to nftables by a pure function ([`nft::render`]).
 //! Links get delay, jitter and loss from an NFQUEUE delay line, because the kernels natpunch
-//! runs on often lack `sch_netem`. The lab measures itself ([`selftest`]).
+//! runs on often lack `sch_netem`. A router's session table can be bounded, dropping new flows
+//! or evicting the oldest when full ([`session`]). The lab measures itself ([`selftest`]).
 //!
 //! What it does not do: IPv6, port-block allocation, firewall profiles beyond NAT filtering, and
 //! non-deterministic "bad NAT" modes. Routers can also run real miniupnpd for UPnP IGD, NAT-PMP
@@ -43,9 +44,12 @@ pub mod nft;
 pub mod portmap;
 pub mod probe;
 pub mod selftest;
+pub mod session;
 pub mod topology;
 
 pub use error_chain::{Chain, chain};
 pub use lab::{Lab, LabError, LabOptions, LabProcess};
-pub use nat::{Filtering, Mapping, NatConfig, PortAllocation, Preset, Unsolicited};
+pub use nat::{
+    Filtering, Mapping, NatConfig, PortAllocation, Preset, SessionOverflow, Unsolicited,
+};
 pub use topology::{LinkCondition, Topology, TopologyError};

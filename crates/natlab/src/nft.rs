@@ -25,12 +25,19 @@
 //!
 //! APDF needs no map: conntrack only lets the exact remote endpoint's replies through.
 //! Unsolicited inbound packets reach the router's own input hook and are dropped or rejected.
+//!
+//! A bounded session table with `drop` overflow is a connlimit rule in the forward chain:
+//! `ct count over N` on new TCP and UDP flows from the LAN out of the WAN. The kernel keeps the
+//! list of counted flows per rule and prunes flows whose conntrack entry is gone (and TCP
+//! flows in TIME_WAIT or CLOSE) lazily, when a new flow is counted. `evict-oldest` has no
+//! kernel counterpart: a userspace evictor does it ([`crate::session`]), with
+//! [`forget_mapping`] for the tables.
 
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use crate::defaults;
-use crate::nat::{Filtering, Mapping, NatConfig, PortAllocation, Unsolicited};
+use crate::nat::{Filtering, Mapping, NatConfig, PortAllocation, SessionOverflow, Unsolicited};
 use crate::net::Ipv4Net;
 
 /// Name of the nftables table the lab owns in each router namespace.
@@ -248,6 +255,11 @@ pub fn render(r: &RouterRules<'_>) -> String {
     line("  chain forward {");
     line("    type filter hook forward priority filter; policy drop;");
     line("    ct state established,related accept");
+    if let (Some(max), SessionOverflow::Drop) = (nat.max_sessions, nat.session_overflow) {
+        line(&format!(
+            "    iifname \"{lan}\" oifname \"{wan}\" meta l4proto {{ tcp, udp }} ct state new ct count over {max} drop"
+        ));
+    }
     line(&format!("    iifname \"{lan}\" accept"));
     line("    ct status dnat accept");
     line("  }");
@@ -272,6 +284,46 @@ pub fn render(r: &RouterRules<'_>) -> String {
     line("  }");
     line("}");
     out
+}
+
+/// The key of the mapping that internal endpoint `internal` uses towards `remote`, as the
+/// `mapping_*` maps hold it (the remote's address for ADM, its address and port for APDM).
+pub fn mapping_key(nat: &NatConfig, internal: SocketAddrV4, remote: SocketAddrV4) -> String {
+    let (ip, port) = (internal.ip(), internal.port());
+    let (rip, rport) = (remote.ip(), remote.port());
+    match nat.mapping {
+        Mapping::AddressDependent => format!("{ip} . {port} . {rip}"),
+        Mapping::AddressAndPortDependent => format!("{ip} . {port} . {rip} . {rport}"),
+        Mapping::EndpointIndependent | Mapping::None => format!("{ip} . {port}"),
+    }
+}
+
+/// The nft commands that make a router forget the mapping of a flow of `protocol` (`udp` or
+/// `tcp`) from `internal` to `remote` that left on `external_port`: its `mapping`, `reverse`,
+/// `ports` and (ADF) `contacted` entries. One command per entry, to be run one by one: an
+/// entry may have expired already, and nft refuses a whole batch for one missing element.
+pub fn forget_mapping(
+    nat: &NatConfig,
+    protocol: &str,
+    internal: SocketAddrV4,
+    remote: SocketAddrV4,
+    external_port: u16,
+) -> Vec<String> {
+    let delete = |set: &str, element: String| {
+        format!("delete element ip {TABLE} {set}_{protocol} {{ {element} }}")
+    };
+    let mut commands = vec![
+        delete("mapping", mapping_key(nat, internal, remote)),
+        delete("reverse", external_port.to_string()),
+        delete("ports", external_port.to_string()),
+    ];
+    if nat.filtering == Filtering::AddressDependent {
+        commands.push(delete(
+            "contacted",
+            format!("{external_port} . {}", remote.ip()),
+        ));
+    }
+    commands
 }
 
 /// The dynamic maps and sets that hold a router's NAT state, as `(kind, name)` with kind `map`
@@ -458,6 +510,59 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_session_table_that_drops_is_a_connlimit_on_new_outbound_flows() {
+        let unbounded = rules_for(&preset(Preset::Symmetric));
+        assert!(!unbounded.contains("ct count"));
+        let mut c = preset(Preset::Symmetric);
+        c.max_sessions = Some(16);
+        let r = rules_for(&c);
+        assert!(r.contains(
+            "    ct state established,related accept\n    iifname \"lan\" oifname \"wan\" meta l4proto { tcp, udp } ct state new ct count over 16 drop\n    iifname \"lan\" accept\n"
+        ), "the limit sits between the established flows and the LAN's new ones:\n{r}");
+        c.session_overflow = SessionOverflow::EvictOldest;
+        assert!(
+            !rules_for(&c).contains("ct count"),
+            "evicting tables admit every flow; the evictor makes room"
+        );
+    }
+
+    #[test]
+    fn forgetting_a_mapping_deletes_each_of_its_entries() {
+        let internal = SocketAddrV4::new(Ipv4Addr::new(192, 168, 1, 2), 40000);
+        let remote = SocketAddrV4::new(Ipv4Addr::new(11, 99, 0, 11), 3478);
+        let apdm = forget_mapping(&preset(Preset::Symmetric), "udp", internal, remote, 20005);
+        assert_eq!(
+            apdm,
+            [
+                "delete element ip natlab mapping_udp { 192.168.1.2 . 40000 . 11.99.0.11 . 3478 }",
+                "delete element ip natlab reverse_udp { 20005 }",
+                "delete element ip natlab ports_udp { 20005 }",
+            ]
+        );
+        let adf = forget_mapping(
+            &preset(Preset::RestrictedCone),
+            "tcp",
+            internal,
+            remote,
+            40000,
+        );
+        assert_eq!(
+            adf[0],
+            "delete element ip natlab mapping_tcp { 192.168.1.2 . 40000 }"
+        );
+        assert_eq!(
+            adf[3],
+            "delete element ip natlab contacted_tcp { 40000 . 11.99.0.11 }"
+        );
+        let mut adm = preset(Preset::PortRestricted);
+        adm.mapping = Mapping::AddressDependent;
+        assert_eq!(
+            mapping_key(&adm, internal, remote),
+            "192.168.1.2 . 40000 . 11.99.0.11"
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! ports. It tells each prober the address it saw the probe come from (the prober's mapping), and
 //! it can send unsolicited packets or open unsolicited connections from any of its endpoints, so a
 //! host behind a NAT can observe mapping, filtering, port allocation, hairpinning and mapping
-//! lifetime the way RFC 4787 defines them. The probe functions run inside the host's namespace
+//! lifetime the way RFC 4787 defines them, and how many sessions its table holds. The probe functions run inside the host's namespace
 //! (use [`crate::Lab::run_in`]) and use the reflector directly; no control protocol is needed.
 //!
 //! UDP wire format (ASCII): the prober sends `NATLAB <nonce>`, the reflector answers
@@ -22,7 +22,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::defaults::{PROBE_REPLY_TIMEOUT, PROBE_SILENCE};
 use crate::lab::{Lab, LabError};
-use crate::nat::{Filtering, Mapping, PortAllocation, Unsolicited};
+use crate::nat::{Filtering, Mapping, NatConfig, PortAllocation, SessionOverflow, Unsolicited};
 use crate::netns;
 
 const MAGIC: &str = "NATLAB";
@@ -508,4 +508,212 @@ pub fn udp_rtt(reflector: &Reflector, n: usize) -> io::Result<Duration> {
     }
     samples.sort();
     Ok(samples[samples.len() / 2])
+}
+
+/// A router's session table, as configured or as a probe saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "table")]
+pub enum SessionTable {
+    /// No bound (seen: every flow opened was answered and kept its mapping).
+    Unbounded,
+    /// New flows beyond `max_sessions` live ones are dropped (seen: the first `max_sessions`
+    /// flows were answered and kept their mappings, the later ones got no answer).
+    Drop {
+        /// Size of the table.
+        max_sessions: u32,
+    },
+    /// A new flow beyond `max_sessions` live ones evicts the oldest (seen: every flow was
+    /// answered, and all but the last `max_sessions` lost their mappings).
+    EvictOldest {
+        /// Size of the table.
+        max_sessions: u32,
+    },
+    /// A pattern that is none of the above (seen only).
+    Irregular,
+}
+
+impl SessionTable {
+    /// The table a host sees through a chain of routers: the smallest bounded one, if any.
+    pub fn of_chain(chain: &[NatConfig]) -> Self {
+        chain
+            .iter()
+            .filter_map(|c| c.max_sessions.map(|max| (max, c.session_overflow)))
+            .min_by_key(|(max, _)| *max)
+            .map_or(Self::Unbounded, |(max_sessions, overflow)| match overflow {
+                SessionOverflow::Drop => Self::Drop { max_sessions },
+                SessionOverflow::EvictOldest => Self::EvictOldest { max_sessions },
+            })
+    }
+
+    /// What the flows of a [`measure_session_table`] run say about the table: `answered[i]`
+    /// whether flow `i` (in the order opened) got an answer, `kept[i]` whether it still
+    /// reached the host after the last one was opened.
+    pub fn infer(answered: &[bool], kept: &[bool]) -> Self {
+        let n = answered.len();
+        let count = |v: &[bool]| u32::try_from(v.iter().filter(|b| **b).count()).unwrap_or(0);
+        // `true` for the first `k` entries of `v` and `false` after (or the other way round).
+        let split = |v: &[bool], k: usize, first: bool| {
+            v.iter().enumerate().all(|(i, b)| *b == ((i < k) == first))
+        };
+        let a = answered.iter().filter(|b| **b).count();
+        if n == 0 || a == 0 || kept.len() != n {
+            return Self::Irregular;
+        }
+        if a < n {
+            let answered_first = split(answered, a, true);
+            let kept_answered = answered.iter().zip(kept).all(|(a, k)| a == k);
+            return if answered_first && kept_answered {
+                Self::Drop {
+                    max_sessions: count(answered),
+                }
+            } else {
+                Self::Irregular
+            };
+        }
+        let lost = n - kept.iter().filter(|b| **b).count();
+        if lost == 0 {
+            Self::Unbounded
+        } else if split(kept, lost, false) {
+            Self::EvictOldest {
+                max_sessions: count(kept),
+            }
+        } else {
+            Self::Irregular
+        }
+    }
+}
+
+impl std::fmt::Display for SessionTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unbounded => f.write_str("unbounded"),
+            Self::Drop { max_sessions } => write!(f, "{max_sessions} drop"),
+            Self::EvictOldest { max_sessions } => write!(f, "{max_sessions} evict-oldest"),
+            Self::Irregular => f.write_str("irregular"),
+        }
+    }
+}
+
+/// What [`measure_session_table`] saw.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SessionTableProbe {
+    /// New flows opened, one after the other.
+    pub flows: u32,
+    /// How many got an answer.
+    pub answered: u32,
+    /// How many of the answered ones still reached the host after the last flow was opened.
+    pub kept: u32,
+    /// The external port of each flow in the order opened (`None`: no answer).
+    pub ports: Vec<Option<u16>>,
+    /// Whether each flow still reached the host at the end.
+    pub kept_each: Vec<bool>,
+    /// What that says about the table.
+    pub table: SessionTable,
+}
+
+/// Measures a router's session table: opens `flows` new UDP flows one after the other, each
+/// from a socket of its own towards the reflector's four endpoints in turn, notes which are
+/// answered, then checks which answered ones still reach the host (an unsolicited datagram
+/// from the endpoint each contacted, to its external endpoint: with the mapping gone, it
+/// cannot). Every flow stays open until the end. Call it inside the host's namespace.
+pub fn measure_session_table(reflector: &Reflector, flows: u32) -> io::Result<SessionTableProbe> {
+    let ep = reflector.endpoints();
+    let towards = [
+        ep.primary,
+        ep.same_ip_other_port,
+        ep.other_ip,
+        ep.other_ip_other_port,
+    ];
+    let mut silence = PROBE_SILENCE;
+    let mut opened = Vec::new();
+    for i in 0..flows as usize {
+        let sock = udp_socket()?;
+        let to = towards[i % towards.len()];
+        let n = nonce();
+        let started = Instant::now();
+        let mut mapped = None;
+        // Twice, so that one lost packet on an impaired link does not read as a dropped flow.
+        for _ in 0..2 {
+            sock.send_to(format!("{MAGIC} {n}").as_bytes(), to)?;
+            if let Some((text, _)) = await_nonce(&sock, &n, silence.max(PROBE_REPLY_TIMEOUT / 2))? {
+                mapped = text
+                    .split(' ')
+                    .nth(2)
+                    .and_then(|a| a.parse::<SocketAddrV4>().ok());
+                if mapped.is_some() {
+                    silence = silence.max(silence_after(started.elapsed()));
+                    break;
+                }
+            }
+        }
+        opened.push((sock, to, mapped));
+    }
+    let mut kept_each = Vec::with_capacity(opened.len());
+    for (sock, from, mapped) in &opened {
+        kept_each.push(match mapped {
+            Some(m) => udp_reaches(reflector, sock, *from, *m, silence)?,
+            None => false,
+        });
+    }
+    let answered_each: Vec<bool> = opened.iter().map(|(_, _, m)| m.is_some()).collect();
+    let count = |v: &[bool]| u32::try_from(v.iter().filter(|b| **b).count()).unwrap_or(0);
+    Ok(SessionTableProbe {
+        flows,
+        answered: count(&answered_each),
+        kept: count(&kept_each),
+        ports: opened.iter().map(|(_, _, m)| m.map(|m| m.port())).collect(),
+        table: SessionTable::infer(&answered_each, &kept_each),
+        kept_each,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bools(s: &str) -> Vec<bool> {
+        s.chars().map(|c| c == '1').collect()
+    }
+
+    #[test]
+    fn the_flows_pattern_names_the_table() {
+        let infer = |a: &str, k: &str| SessionTable::infer(&bools(a), &bools(k));
+        assert_eq!(infer("111111", "111111"), SessionTable::Unbounded);
+        assert_eq!(
+            infer("111100", "111100"),
+            SessionTable::Drop { max_sessions: 4 }
+        );
+        assert_eq!(
+            infer("111111", "001111"),
+            SessionTable::EvictOldest { max_sessions: 4 }
+        );
+        assert_eq!(infer("110100", "110100"), SessionTable::Irregular, "a gap");
+        assert_eq!(
+            infer("111100", "011100"),
+            SessionTable::Irregular,
+            "drop must keep the old flows"
+        );
+        assert_eq!(
+            infer("111111", "110111"),
+            SessionTable::Irregular,
+            "evict the oldest"
+        );
+        assert_eq!(infer("000000", "000000"), SessionTable::Irregular);
+        assert_eq!(infer("", ""), SessionTable::Irregular);
+    }
+
+    #[test]
+    fn a_chain_shows_its_smallest_table() {
+        let mut a = crate::Preset::Symmetric.config().expect("router preset");
+        let mut b = a;
+        assert_eq!(SessionTable::of_chain(&[a, b]), SessionTable::Unbounded);
+        a.max_sessions = Some(32);
+        b.max_sessions = Some(16);
+        b.session_overflow = SessionOverflow::EvictOldest;
+        assert_eq!(
+            SessionTable::of_chain(&[a, b]),
+            SessionTable::EvictOldest { max_sessions: 16 }
+        );
+        assert_eq!(SessionTable::of_chain(&[a]).to_string(), "32 drop");
+    }
 }

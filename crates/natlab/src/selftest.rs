@@ -6,6 +6,12 @@
 //! UDP, mapping, filtering and the answer to unsolicited SYNs over TCP, and, for presets with a
 //! UDP idle timeout of at most a minute, that a mapping is still there just before the timeout
 //! and gone just after it. Presets are measured in parallel.
+//!
+//! Asked to ([`SelftestOptions`]), it gives every router a bounded session table and measures
+//! that first, on the fresh router: `max_sessions + 8` new UDP flows, one after the other, how
+//! many are answered and which still reach the host at the end
+//! ([`probe::measure_session_table`]). The routers then forget those flows before the other
+//! measurements run.
 
 use std::fmt;
 use std::net::Ipv4Addr;
@@ -15,9 +21,11 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::lab::{Lab, LabError, LabOptions};
-use crate::nat::{Filtering, Mapping, NatConfig, PortAllocation, Preset, Unsolicited};
-use crate::probe::{self, Reflector};
-use crate::topology::Topology;
+use crate::nat::{
+    Filtering, Mapping, NatConfig, PortAllocation, Preset, SessionOverflow, Unsolicited,
+};
+use crate::probe::{self, Reflector, SessionTable};
+use crate::topology::{NodeKind, Topology};
 
 /// Ports of the reflector.
 const REFLECTOR_PORTS: [u16; 2] = [3478, 3479];
@@ -25,6 +33,70 @@ const REFLECTOR_PORTS: [u16; 2] = [3478, 3479];
 const REFLECTOR: &str = "reflector";
 /// Longest UDP timeout the self-test waits out.
 const MAX_TIMEOUT_CHECK_SECS: u32 = 60;
+/// Flows the session-table check opens beyond the table's size.
+const SESSION_PROBE_EXTRA: u32 = 8;
+/// Smallest session table the self-test measures: with `drop`, its other measurements need
+/// room for about a dozen UDP flows at once (nine for mapping, filtering, ports and hairpin,
+/// two for the idle timeout, and TCP).
+pub const MIN_SELFTEST_SESSIONS: u32 = 16;
+/// Largest session table the self-test measures: the check holds a socket per flow until it
+/// ends, and 256 + 8 stays well below the usual limit of 1024 open files.
+pub const MAX_SELFTEST_SESSIONS: u32 = 256;
+
+/// How to run the self-test beyond the choice of presets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SelftestOptions {
+    /// Give every router of the tested presets a session table of this many sessions
+    /// ([`MIN_SELFTEST_SESSIONS`] to [`MAX_SELFTEST_SESSIONS`]) and measure it.
+    pub max_sessions: Option<u32>,
+    /// What those tables do when full.
+    pub session_overflow: SessionOverflow,
+}
+
+impl SelftestOptions {
+    /// `nat` with the session table these options ask for.
+    pub fn apply(&self, nat: NatConfig) -> NatConfig {
+        match self.max_sessions {
+            Some(max) => NatConfig {
+                max_sessions: Some(max),
+                session_overflow: self.session_overflow,
+                ..nat
+            },
+            None => nat,
+        }
+    }
+
+    /// Checks that the self-test can measure the table asked for.
+    pub fn validate(&self) -> Result<(), SelftestError> {
+        match self.max_sessions {
+            Some(n) if !(MIN_SELFTEST_SESSIONS..=MAX_SELFTEST_SESSIONS).contains(&n) => {
+                Err(SelftestError::TableSize(n))
+            }
+            None if self.session_overflow != SessionOverflow::Drop => {
+                Err(SelftestError::OverflowWithoutTable)
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Why the self-test did not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SelftestError {
+    /// A session table the self-test cannot measure.
+    #[error(
+        "the self-test measures session tables of {MIN_SELFTEST_SESSIONS} to {MAX_SELFTEST_SESSIONS} sessions, not {0}: \
+         smaller ones leave its other measurements no room, larger ones take a socket per flow"
+    )]
+    TableSize(u32),
+    /// An overflow behaviour without a table size.
+    #[error("a session overflow behaviour needs a table size (max_sessions)")]
+    OverflowWithoutTable,
+    /// The lab failed.
+    #[error(transparent)]
+    Lab(#[from] LabError),
+}
 
 /// The four UDP axes, configured or measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -65,6 +137,21 @@ pub struct TimeoutCheck {
     pub alive_after: bool,
 }
 
+/// The session-table check of one preset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct SessionCheck {
+    /// The table the routers have.
+    pub configured: SessionTable,
+    /// The table the flows showed, if the check ran.
+    pub measured: Option<SessionTable>,
+    /// New flows opened.
+    pub flows: u32,
+    /// How many were answered.
+    pub answered: u32,
+    /// How many of the answered ones still reached the host at the end.
+    pub kept: u32,
+}
+
 /// TCP part of a row.
 #[derive(Debug, Clone, Serialize)]
 pub struct TcpRow {
@@ -89,6 +176,8 @@ pub struct PresetRow {
     pub tcp: TcpRow,
     /// The idle-timeout check, for presets with short timeouts.
     pub udp_timeout: Option<TimeoutCheck>,
+    /// The session-table check, for routers with a bounded table.
+    pub sessions: Option<SessionCheck>,
     /// Why a measurement failed, if one did.
     pub error: Option<String>,
     /// Whether everything measured matches the configuration.
@@ -106,6 +195,10 @@ impl SelftestReport {
     /// Whether every row matches.
     pub fn ok(&self) -> bool {
         self.presets.iter().all(|r| r.ok)
+    }
+
+    fn has_sessions(&self) -> bool {
+        self.presets.iter().any(|r| r.sessions.is_some())
     }
 }
 
@@ -130,7 +223,7 @@ impl fmt::Display for SelftestReport {
         writeln!(f, "each cell: the configured value, or configured≠measured")?;
         writeln!(
             f,
-            "{:<16} {:<10} {:<10} {:<10} {:<8} {:<10} {:<10} {:<11} {:<14} RESULT",
+            "{:<21} {:<10} {:<10} {:<10} {:<8} {:<10} {:<10} {:<11} {:<14} {}RESULT",
             "PRESET",
             "MAPPING",
             "FILTERING",
@@ -139,7 +232,12 @@ impl fmt::Display for SelftestReport {
             "TCP MAP",
             "TCP FILTER",
             "UNSOLICITED",
-            "UDP IDLE"
+            "UDP IDLE",
+            if self.has_sessions() {
+                format!("{:<17} ", "SESSIONS")
+            } else {
+                String::new()
+            }
         )?;
         for r in &report.presets {
             let (c, m) = (&r.configured, r.measured.as_ref());
@@ -159,9 +257,18 @@ impl fmt::Display for SelftestReport {
                     )
                 },
             );
+            let sessions = if self.has_sessions() {
+                let cell = r.sessions.as_ref().map_or_else(
+                    || "-".to_owned(),
+                    |s| cell(s.configured.to_string(), s.measured.map(|m| m.to_string())),
+                );
+                format!("{cell:<17} ")
+            } else {
+                String::new()
+            };
             writeln!(
                 f,
-                "{:<16} {:<10} {:<10} {:<10} {:<8} {:<10} {:<10} {:<11} {:<14} {}",
+                "{:<21} {:<10} {:<10} {:<10} {:<8} {:<10} {:<10} {:<11} {:<14} {}{}",
                 r.name.to_string(),
                 axis(c, m, |a| a.mapping.abbreviation()),
                 axis(c, m, |a| a.filtering.abbreviation()),
@@ -171,17 +278,25 @@ impl fmt::Display for SelftestReport {
                 axis(tc, tm, |a| a.filtering.abbreviation()),
                 axis(tc, tm, |a| a.unsolicited),
                 idle,
+                sessions,
                 if r.ok { "ok" } else { "MISMATCH" }
             )?;
+            if let Some(s) = &r.sessions {
+                writeln!(
+                    f,
+                    "{:<21} session table: {} new flows, {} answered, {} still mapped at the end",
+                    "", s.flows, s.answered, s.kept
+                )?;
+            }
             if let Some(t) = &r.udp_timeout {
                 writeln!(
                     f,
-                    "{:<16} udp idle timeout: mapping alive after {:.0} s: {}, after {:.0} s: {}",
+                    "{:<21} udp idle timeout: mapping alive after {:.0} s: {}, after {:.0} s: {}",
                     "", t.checked_before_secs, t.alive_before, t.checked_after_secs, t.alive_after
                 )?;
             }
             if let Some(e) = &r.error {
-                writeln!(f, "{:<16} error: {e}", "")?;
+                writeln!(f, "{:<21} error: {e}", "")?;
             }
         }
         let failed = report.presets.iter().filter(|r| !r.ok).count();
@@ -283,18 +398,32 @@ fn host_name(p: Preset) -> String {
     format!("h-{p}")
 }
 
+/// The self-test's name for the `i`-th router from the internet on `preset`'s path.
+fn router_name(preset: Preset, i: usize) -> String {
+    if i == 0 {
+        format!("r-{preset}")
+    } else {
+        format!("r-{preset}-{i}")
+    }
+}
+
 /// The self-test lab's topology for `presets`.
 pub fn topology(presets: &[Preset]) -> Topology {
+    topology_with(presets, &SelftestOptions::default())
+}
+
+/// The self-test lab's topology for `presets`, its routers changed as `options` say.
+pub fn topology_with(presets: &[Preset], options: &SelftestOptions) -> Topology {
     let mut t = Topology::default().host(REFLECTOR, None, 2);
     for &p in presets {
-        let (with_path, upstream) = add_path(t, p, |i| {
-            if i == 0 {
-                format!("r-{p}")
-            } else {
-                format!("r-{p}-{i}")
-            }
-        });
+        let (with_path, upstream) = add_path(t, p, |i| router_name(p, i));
         t = with_path.host(&host_name(p), upstream.as_deref(), 1);
+    }
+    for node in &mut t.nodes {
+        if let NodeKind::Router { nat, preset, .. } = &mut node.kind {
+            *nat = options.apply(*nat);
+            *preset = preset.filter(|p| p.config() == Some(*nat));
+        }
     }
     t
 }
@@ -326,8 +455,27 @@ pub fn run(
     presets: &[Preset],
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<SelftestReport, LabError> {
+    measure_all(presets, &SelftestOptions::default(), progress)
+}
+
+/// Runs the self-test over `presets` with `options` and reports every row; `progress` hears
+/// what is going on.
+pub fn run_with(
+    presets: &[Preset],
+    options: &SelftestOptions,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<SelftestReport, SelftestError> {
+    options.validate()?;
+    Ok(measure_all(presets, options, progress)?)
+}
+
+fn measure_all(
+    presets: &[Preset],
+    options: &SelftestOptions,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<SelftestReport, LabError> {
     progress(&format!("building a lab with {} presets", presets.len()));
-    let lab = Lab::build(&topology(presets), LabOptions::default())?;
+    let lab = Lab::build(&topology_with(presets, options), LabOptions::default())?;
     let reflector = Reflector::start(&lab, REFLECTOR, REFLECTOR_PORTS)?;
     progress("measuring every preset from a host behind it");
     let rows = thread::scope(|s| {
@@ -335,7 +483,7 @@ pub fn run(
             .iter()
             .map(|&p| {
                 let (lab, reflector) = (&lab, &reflector);
-                s.spawn(move || measure_row(lab, reflector, p, progress))
+                s.spawn(move || measure_row(lab, reflector, p, options, progress))
             })
             .collect();
         handles
@@ -350,10 +498,16 @@ fn measure_row(
     lab: &Lab,
     reflector: &Reflector,
     preset: Preset,
+    options: &SelftestOptions,
     progress: &(dyn Fn(&str) + Sync),
 ) -> PresetRow {
     let path = path_of(preset);
-    let chain: Vec<NatConfig> = path.iter().filter_map(|p| p.config()).collect();
+    let chain: Vec<NatConfig> = path
+        .iter()
+        .filter_map(|p| p.config())
+        .map(|c| options.apply(c))
+        .collect();
+    let configured_table = SessionTable::of_chain(&chain);
     let (configured, configured_tcp) = expected_through(&chain);
     let host = host_name(preset);
     let mut row = PresetRow {
@@ -366,6 +520,13 @@ fn measure_row(
             measured: None,
         },
         udp_timeout: None,
+        sessions: (configured_table != SessionTable::Unbounded).then_some(SessionCheck {
+            configured: configured_table,
+            measured: None,
+            flows: 0,
+            answered: 0,
+            kept: 0,
+        }),
         error: None,
         ok: false,
     };
@@ -376,6 +537,38 @@ fn measure_row(
             return row;
         }
     };
+    // The session table first, on the fresh router; then the routers forget those flows, so
+    // that the other measurements start from an empty table.
+    if let (
+        SessionTable::Drop { max_sessions } | SessionTable::EvictOldest { max_sessions },
+        Some(check),
+    ) = (configured_table, row.sessions.as_mut())
+    {
+        progress(&format!("{preset}: filling its session table"));
+        let flows = max_sessions + SESSION_PROBE_EXTRA;
+        let measured = lab
+            .run_in(&host, || probe::measure_session_table(reflector, flows))
+            .map_err(|e| crate::chain(&e).to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        let flushed = (0..chain.len())
+            .try_for_each(|i| lab.flush_router(&router_name(preset, i)))
+            .map_err(|e| crate::chain(&e).to_string());
+        match measured.and_then(|m| flushed.map(|()| m)) {
+            Ok(m) => {
+                *check = SessionCheck {
+                    measured: Some(m.table),
+                    flows: m.flows,
+                    answered: m.answered,
+                    kept: m.kept,
+                    ..*check
+                };
+            }
+            Err(e) => {
+                row.error = Some(format!("session table: {e}"));
+                return row;
+            }
+        }
+    }
     let result = lab.run_in(&host, || -> std::io::Result<_> {
         let udp = probe::measure_udp(reflector, local_ip)?;
         let tcp = probe::measure_tcp(reflector, local_ip)?;
@@ -420,6 +613,9 @@ fn measure_row(
                 row.error = Some(format!("seen from {}, expected {public}", udp.public_ip));
             }
             row.ok = public_ok
+                && row
+                    .sessions
+                    .is_none_or(|s| s.measured == Some(s.configured))
                 && row.measured == Some(row.configured)
                 && row.tcp.measured == Some(row.tcp.configured)
                 && timeout.is_none_or(|t| t.alive_before && !t.alive_after);
@@ -483,6 +679,112 @@ mod tests {
             (Mapping::None, Filtering::None)
         );
         assert_eq!(tcp.unsolicited, Unsolicited::Reject);
+    }
+
+    #[test]
+    fn session_options_bound_every_router_and_are_checked() {
+        let options = SelftestOptions {
+            max_sessions: Some(16),
+            session_overflow: SessionOverflow::EvictOldest,
+        };
+        assert!(options.validate().is_ok());
+        let t = topology_with(&Preset::ALL, &options);
+        let routers: Vec<_> = t
+            .nodes
+            .iter()
+            .filter_map(|n| match &n.kind {
+                NodeKind::Router { nat, preset, .. } => Some((nat, preset)),
+                NodeKind::Host { .. } => None,
+            })
+            .collect();
+        assert_eq!(
+            routers.len(),
+            7,
+            "six router presets, two routers for cgnat"
+        );
+        for (nat, preset) in routers {
+            assert_eq!(nat.max_sessions, Some(16));
+            assert_eq!(nat.session_overflow, SessionOverflow::EvictOldest);
+            assert_eq!(*preset, None);
+        }
+        let unbounded = topology(&[Preset::Symmetric]);
+        assert!(unbounded.nodes.iter().any(|n| matches!(
+            n.kind,
+            NodeKind::Router {
+                preset: Some(Preset::Symmetric),
+                ..
+            }
+        )));
+        for bad in [Some(8), Some(257)] {
+            let o = SelftestOptions {
+                max_sessions: bad,
+                ..options
+            };
+            assert!(
+                o.validate().is_err_and(|e| e
+                    .to_string()
+                    .starts_with("the self-test measures session tables of 16 to 256 sessions")),
+                "{bad:?}"
+            );
+        }
+        let o = SelftestOptions {
+            max_sessions: None,
+            ..options
+        };
+        assert!(matches!(
+            o.validate(),
+            Err(SelftestError::OverflowWithoutTable)
+        ));
+    }
+
+    #[test]
+    fn the_report_shows_the_session_table_only_when_one_was_asked_for() {
+        let (udp, tcp) = expected_through(&[config(Preset::Symmetric)]);
+        let row = |sessions| PresetRow {
+            name: Preset::Symmetric,
+            path: vec![Preset::Symmetric],
+            configured: udp,
+            measured: Some(udp),
+            tcp: TcpRow {
+                configured: tcp,
+                measured: Some(tcp),
+            },
+            udp_timeout: None,
+            sessions,
+            error: None,
+            ok: true,
+        };
+        let plain = SelftestReport {
+            presets: vec![row(None)],
+        }
+        .to_string();
+        assert!(!plain.contains("SESSIONS"), "{plain}");
+        let check = SessionCheck {
+            configured: SessionTable::Drop { max_sessions: 16 },
+            measured: Some(SessionTable::Drop { max_sessions: 15 }),
+            flows: 24,
+            answered: 15,
+            kept: 15,
+        };
+        let bounded = SelftestReport {
+            presets: vec![row(Some(check))],
+        }
+        .to_string();
+        assert!(
+            bounded.contains("UDP IDLE       SESSIONS          RESULT"),
+            "{bounded}"
+        );
+        assert!(bounded.contains("16 drop≠15 drop"), "{bounded}");
+        assert!(
+            bounded
+                .contains("session table: 24 new flows, 15 answered, 15 still mapped at the end"),
+            "{bounded}"
+        );
+        let json = serde_json::to_value(row(Some(check))).expect("json");
+        assert_eq!(
+            json["sessions"]["configured"],
+            serde_json::json!({"table": "drop", "max_sessions": 16})
+        );
     }
 
     #[test]

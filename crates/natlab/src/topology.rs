@@ -26,7 +26,7 @@ use std::net::Ipv4Addr;
 use serde::{Deserialize, Serialize};
 
 use crate::defaults;
-use crate::nat::{NatConfig, NatConfigError, Preset, UnknownPreset};
+use crate::nat::{NatConfig, NatConfigError, Preset, SessionOverflow, UnknownPreset};
 use crate::net::Ipv4Net;
 use crate::portmap::PortMapConfig;
 
@@ -238,6 +238,8 @@ struct NatTable {
     udp_timeout_secs: Option<u32>,
     tcp_timeout_secs: Option<u32>,
     unsolicited: Option<crate::nat::Unsolicited>,
+    max_sessions: Option<u32>,
+    session_overflow: Option<SessionOverflow>,
 }
 
 fn parse_nat(node: &str, value: toml::Value) -> Result<(NatConfig, Option<Preset>), TopologyError> {
@@ -282,6 +284,8 @@ fn parse_nat(node: &str, value: toml::Value) -> Result<(NatConfig, Option<Preset
                 udp_timeout_secs: t.udp_timeout_secs.unwrap_or(base.udp_timeout_secs),
                 tcp_timeout_secs: t.tcp_timeout_secs.unwrap_or(base.tcp_timeout_secs),
                 unsolicited: t.unsolicited.unwrap_or(base.unsolicited),
+                max_sessions: t.max_sessions.or(base.max_sessions),
+                session_overflow: t.session_overflow.unwrap_or(base.session_overflow),
             };
             // A preset with overrides is no longer that preset.
             let preset = preset.filter(|p| p.config() == Some(config));
@@ -751,6 +755,14 @@ impl NodePlan {
     pub fn is_router(&self) -> bool {
         self.router.is_some()
     }
+
+    /// Whether the node is a router with a bounded session table that evicts its oldest flow
+    /// when full (which takes a userspace evictor, see [`crate::session`]).
+    pub fn evicts_sessions(&self) -> bool {
+        self.router.as_ref().is_some_and(|r| {
+            r.nat.max_sessions.is_some() && r.nat.session_overflow == SessionOverflow::EvictOldest
+        })
+    }
 }
 
 /// The plan as a table: one row per node with its kind, addresses, upstream and details (the
@@ -807,6 +819,12 @@ impl NodePlan {
                 nat.unsolicited,
                 r.lan_net
             ));
+            if let Some(max) = nat.max_sessions {
+                parts.push(format!(
+                    "session table: {max}, then {}",
+                    nat.session_overflow
+                ));
+            }
             if let Some(p) = &r.portmap {
                 parts.push(p.summary());
             }
@@ -836,6 +854,14 @@ impl LabPlan {
     /// The node named `name`.
     pub fn node(&self, name: &str) -> Option<&NodePlan> {
         self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// Whether a detached copy of this lab needs a process to run its userspace parts: delay
+    /// lines for impaired links and session evictors for `evict-oldest` routers.
+    pub fn needs_holder(&self) -> bool {
+        self.nodes
+            .iter()
+            .any(|n| n.link.is_impaired() || n.evicts_sessions())
     }
 
     /// Every namespace of the lab, the internet's first.
@@ -980,6 +1006,66 @@ mod tests {
     }
 
     #[test]
+    fn a_session_table_is_set_in_the_nat_table_and_checked() {
+        let nat_of = |text: &str| {
+            let t = Topology::from_toml(text)?;
+            match t.node("r").map(|n| &n.kind) {
+                Some(NodeKind::Router { nat, preset, .. }) => {
+                    Ok::<_, TopologyError>((*nat, *preset))
+                }
+                _ => panic!("r is a router"),
+            }
+        };
+        let (nat, preset) = nat_of(
+            "[router.r]\nnat = { preset = \"symmetric\", max_sessions = 16, session_overflow = \"evict-oldest\" }",
+        )
+        .expect("valid");
+        assert_eq!(nat.max_sessions, Some(16));
+        assert_eq!(nat.session_overflow, SessionOverflow::EvictOldest);
+        assert_eq!(preset, None, "a bounded preset is no longer the preset");
+        let (nat, _) =
+            nat_of("[router.r]\nnat = { preset = \"cgnat\", max_sessions = 4 }").expect("valid");
+        assert_eq!(
+            (nat.max_sessions, nat.session_overflow),
+            (Some(4), SessionOverflow::Drop)
+        );
+        let (nat, _) = nat_of("[router.r]\nnat = \"symmetric\"").expect("valid");
+        assert_eq!(nat.max_sessions, None, "unbounded unless asked");
+        let err = |text| {
+            nat_of(text)
+                .map(drop)
+                .map_err(|e| crate::chain(&e).to_string())
+        };
+        assert_eq!(
+            err("[router.r]\nnat = { preset = \"symmetric\", max_sessions = 0 }"),
+            Err("router `r`: max_sessions of 0 is out of range (1..=65535); leave it out for an unbounded table".to_owned())
+        );
+        assert!(
+            err(
+                "[router.r]\nnat = { preset = \"symmetric\", session_overflow = \"evict-oldest\" }"
+            )
+            .is_err_and(|e| e.contains("needs max_sessions"))
+        );
+        assert!(
+            err("[router.r]\nnat = { preset = \"symmetric\", max_sessions = 8, session_overflow = \"lru\" }")
+                .is_err_and(|e| e.contains("unknown variant `lru`, expected `drop` or `evict-oldest`")),
+            "{:?}",
+            err("[router.r]\nnat = { preset = \"symmetric\", max_sessions = 8, session_overflow = \"lru\" }")
+        );
+        let plan = Topology::from_toml(
+            "[router.r]\nnat = { preset = \"symmetric\", max_sessions = 16, session_overflow = \"evict-oldest\" }\n[host.h]\nupstream = \"r\"",
+        )
+        .and_then(|t| t.plan("t"))
+        .expect("valid");
+        assert!(plan.needs_holder(), "an evicting router needs a process");
+        assert!(
+            plan.to_string()
+                .contains("session table: 16, then evict-oldest"),
+            "{plan}"
+        );
+    }
+
+    #[test]
     fn portmap_is_true_or_a_table_and_only_on_the_internet() {
         let portmap_of = |text: &str| {
             let t = Topology::from_toml(text)?;
@@ -1064,6 +1150,7 @@ mod tests {
             include_str!("../../../examples/labs/two-homes.toml"),
             include_str!("../../../examples/labs/home-symmetric.toml"),
             include_str!("../../../examples/labs/cgnat-two-homes.toml"),
+            include_str!("../../../examples/labs/office-session-table.toml"),
         ];
         let mut rng = crate::delay::SplitMix64::new(5);
         let alphabet = b"[]{}=\".,-_ abcgnrtx019\n";

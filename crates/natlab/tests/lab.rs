@@ -10,11 +10,12 @@ use std::net::UdpSocket;
 use std::time::Duration;
 
 use natlab::lab::{self, LabState, ProcessId};
+use natlab::probe::SessionTable;
 use natlab::probe::{self, Reflector};
-use natlab::selftest::expected_through;
+use natlab::selftest::{self, SelftestOptions, expected_through};
 use natlab::{
     Filtering, Lab, LabOptions, LinkCondition, Mapping, NatConfig, PortAllocation, Preset,
-    Topology, Unsolicited, netns,
+    SessionOverflow, Topology, Unsolicited, netns,
 };
 
 const PORTS: [u16; 2] = [3478, 3479];
@@ -114,6 +115,61 @@ fn preset_symmetric_is_apdm_apdf_random_without_hairpin() {
 
 #[test]
 #[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
+fn preset_symmetric_sequential_is_apdm_apdf_sequential_without_hairpin() {
+    testkit::require::lab("preset_symmetric_sequential_is_apdm_apdf_sequential_without_hairpin");
+    assert_behaves_as_configured(&[preset(Preset::SymmetricSequential)]);
+}
+
+/// Port prediction relies on this: behind `symmetric-sequential`, every new mapping (a new
+/// socket, or an old socket towards a new destination) leaves on the port after the previous
+/// mapping's, while an existing mapping keeps its port.
+#[test]
+#[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
+fn symmetric_sequential_gives_each_new_mapping_the_next_port() {
+    testkit::require::lab("symmetric_sequential_gives_each_new_mapping_the_next_port");
+    let (lab, reflector) = lab_behind(&[preset(Preset::SymmetricSequential)]);
+    let ep = reflector.endpoints();
+    let destinations = [
+        ep.primary,
+        ep.same_ip_other_port,
+        ep.other_ip,
+        ep.other_ip_other_port,
+    ];
+    let (ports, again) = lab
+        .run_in("h", || -> std::io::Result<_> {
+            let mut ports = Vec::new();
+            // Eight sockets, each towards the next reflector endpoint in turn.
+            let mut sockets = Vec::new();
+            for i in 0..8 {
+                let s = UdpSocket::bind("0.0.0.0:0")?;
+                ports.push(probe::udp_mapping(&s, destinations[i % 4])?.port());
+                sockets.push(s);
+            }
+            // One socket towards every destination: four more mappings.
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            for to in destinations {
+                ports.push(probe::udp_mapping(&s, to)?.port());
+            }
+            // An existing mapping keeps its port.
+            let again = probe::udp_mapping(&sockets[0], destinations[0])?.port();
+            Ok((ports, again))
+        })
+        .expect("enter h")
+        .expect("reflector answers");
+    let steps: Vec<i32> = ports
+        .windows(2)
+        .map(|w| i32::from(w[1]) - i32::from(w[0]))
+        .collect();
+    assert!(
+        steps.iter().all(|d| *d == 1),
+        "external ports {ports:?} (steps {steps:?}) are not consecutive"
+    );
+    eprintln!("external ports: {ports:?}");
+    assert_eq!(again, ports[0], "the first mapping keeps its port");
+}
+
+#[test]
+#[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
 fn preset_cgnat_in_front_of_a_home_router_is_eim_apdf_random() {
     testkit::require::lab("preset_cgnat_in_front_of_a_home_router_is_eim_apdf_random");
     assert_behaves_as_configured(&[preset(Preset::Cgnat), preset(Preset::PortRestricted)]);
@@ -142,6 +198,298 @@ fn address_dependent_mapping_with_reject_is_measured_as_such() {
         ..preset(Preset::PortRestricted)
     };
     assert_behaves_as_configured(&[nat]);
+}
+
+/// The UDP flows in router `router`'s conntrack table.
+fn udp_flows(lab: &Lab, router: &str) -> usize {
+    lab.exec(router, "conntrack", &["-L", "-p", "udp"])
+        .expect("conntrack")
+        .lines()
+        .count()
+}
+
+#[test]
+#[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
+fn a_full_session_table_that_drops_refuses_new_flows_and_keeps_the_old_ones() {
+    testkit::require::lab(
+        "a_full_session_table_that_drops_refuses_new_flows_and_keeps_the_old_ones",
+    );
+    let nat = NatConfig {
+        max_sessions: Some(16),
+        ..preset(Preset::Symmetric)
+    };
+    let (lab, reflector) = lab_behind(&[nat]);
+    let seen = lab
+        .run_in("h", || probe::measure_session_table(&reflector, 24))
+        .expect("enter h")
+        .expect("probe");
+    eprintln!("drop: {seen:?}");
+    assert_eq!(seen.answered, 16, "{seen:?}");
+    assert!(
+        seen.ports[..16].iter().all(Option::is_some)
+            && seen.ports[16..].iter().all(Option::is_none),
+        "the first 16 flows are answered, the 8 after them dropped: {seen:?}"
+    );
+    assert_eq!(
+        seen.kept, 16,
+        "the 16 flows in the table still work: {seen:?}"
+    );
+    assert_eq!(seen.table, SessionTable::Drop { max_sessions: 16 });
+    assert_eq!(
+        udp_flows(&lab, "r0"),
+        16,
+        "dropped flows make no conntrack entry"
+    );
+}
+
+#[test]
+#[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
+fn a_full_session_table_that_evicts_forgets_its_oldest_flows() {
+    testkit::require::lab("a_full_session_table_that_evicts_forgets_its_oldest_flows");
+    let nat = NatConfig {
+        max_sessions: Some(16),
+        session_overflow: SessionOverflow::EvictOldest,
+        ..preset(Preset::SymmetricSequential)
+    };
+    let (lab, reflector) = lab_behind(&[nat]);
+    let seen = lab
+        .run_in("h", || probe::measure_session_table(&reflector, 24))
+        .expect("enter h")
+        .expect("probe");
+    eprintln!("evict-oldest: {seen:?}");
+    assert_eq!(seen.answered, 24, "every new flow gets through: {seen:?}");
+    assert_eq!(
+        seen.kept_each,
+        [vec![false; 8], vec![true; 16]].concat(),
+        "the 8 oldest flows lost their mappings, the 16 newest kept theirs: {seen:?}"
+    );
+    assert_eq!(seen.table, SessionTable::EvictOldest { max_sessions: 16 });
+    assert_eq!(udp_flows(&lab, "r0"), 16, "evicted flows leave conntrack");
+
+    // An evicted socket that sends again is a new flow with a new mapping (the table forgot
+    // the old one, or it would get its old port back), and it evicts the oldest in turn.
+    let to = reflector.endpoints().primary;
+    let (first, again, evicting) = lab
+        .run_in("h", || -> std::io::Result<_> {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            let first = probe::udp_mapping(&s, to)?;
+            let mut newer = Vec::new();
+            let started = std::time::Instant::now();
+            for _ in 0..16 {
+                let n = UdpSocket::bind("0.0.0.0:0")?;
+                probe::udp_mapping(&n, to)?;
+                newer.push(n);
+            }
+            eprintln!("16 evicting flows answered in {:?}", started.elapsed());
+            let again = probe::udp_mapping(&s, to)?;
+            Ok((first, again, newer.len()))
+        })
+        .expect("enter h")
+        .expect("reflector answers");
+    assert_eq!(evicting, 16);
+    assert_ne!(
+        first.port(),
+        again.port(),
+        "the evicted mapping is gone from the NAT's tables"
+    );
+    assert_eq!(udp_flows(&lab, "r0"), 16);
+}
+
+/// TCP connections are sessions too, until they are closed: a connection in TIME_WAIT no
+/// longer holds a place in the table (as the kernel's connlimit counts).
+#[test]
+#[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
+fn open_tcp_connections_fill_the_session_table_and_closed_ones_leave_it() {
+    use std::io::Read as _;
+    use std::net::{TcpListener, TcpStream};
+    testkit::require::lab("open_tcp_connections_fill_the_session_table_and_closed_ones_leave_it");
+    let nat = NatConfig {
+        max_sessions: Some(4),
+        ..preset(Preset::Symmetric)
+    };
+    let t = Topology::default()
+        .host("server", None, 1)
+        .router("r", nat, None)
+        .host("h", Some("r"), 1);
+    let lab = Lab::build(&t, LabOptions::default()).expect("lab");
+    let server = lab.node("server").expect("server").addr();
+    let listener = lab
+        .run_in("server", || TcpListener::bind((server, 5000)))
+        .expect("enter server")
+        .expect("listen");
+    // Each connection is held until the client closes it, then closed from this side too.
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut stream = stream;
+                let _ = stream.read_to_end(&mut Vec::new());
+            });
+        }
+    });
+    let connect = || {
+        lab.run_in("h", || {
+            TcpStream::connect_timeout(&(server, 5000).into(), Duration::from_millis(700))
+        })
+        .expect("enter h")
+    };
+    let mut open: Vec<TcpStream> = (0..4)
+        .map(|_| connect().expect("room in the table"))
+        .collect();
+    assert!(
+        connect().is_err(),
+        "a fifth connection finds the table full"
+    );
+    drop(open.remove(0));
+    std::thread::sleep(Duration::from_millis(300));
+    let states = lab
+        .exec("r", "conntrack", &["-L", "-p", "tcp"])
+        .expect("conntrack");
+    assert!(states.contains("TIME_WAIT"), "{states}");
+    open.push(connect().expect("the closed connection left room"));
+    assert!(connect().is_err(), "and the table is full again");
+}
+
+#[test]
+#[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
+fn an_evicting_router_on_a_delayed_link_runs_both_queues() {
+    testkit::require::lab("an_evicting_router_on_a_delayed_link_runs_both_queues");
+    let nat = NatConfig {
+        max_sessions: Some(4),
+        session_overflow: SessionOverflow::EvictOldest,
+        ..preset(Preset::Symmetric)
+    };
+    let t = Topology::default()
+        .host("reflector", None, 2)
+        .router("r", nat, None)
+        .host("h", Some("r"), 1)
+        .link(
+            "r",
+            LinkCondition {
+                delay_ms: 5,
+                ..Default::default()
+            },
+        );
+    let lab = Lab::build(&t, LabOptions::default()).expect("lab");
+    let reflector = Reflector::start(&lab, "reflector", PORTS).expect("reflector");
+    let seen = lab
+        .run_in("h", || probe::measure_session_table(&reflector, 12))
+        .expect("enter h")
+        .expect("probe");
+    assert_eq!(
+        seen.table,
+        SessionTable::EvictOldest { max_sessions: 4 },
+        "{seen:?}"
+    );
+    let rtt = lab
+        .run_in("h", || probe::udp_rtt(&reflector, 5))
+        .expect("enter h")
+        .expect("rtt");
+    assert!(
+        rtt >= Duration::from_millis(9),
+        "the link is still delayed: {rtt:?}"
+    );
+}
+
+/// The self-test's check is what tells a bounded table from a missing one: a lab whose
+/// userspace parts run elsewhere (here: nowhere) has no evictor, and the table shows unbounded.
+#[test]
+#[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
+fn without_its_evictor_an_evicting_router_is_measured_unbounded() {
+    testkit::require::lab("without_its_evictor_an_evicting_router_is_measured_unbounded");
+    let nat = NatConfig {
+        max_sessions: Some(4),
+        session_overflow: SessionOverflow::EvictOldest,
+        ..preset(Preset::Symmetric)
+    };
+    let t = Topology::default()
+        .host("reflector", None, 2)
+        .router("r", nat, None)
+        .host("h", Some("r"), 1);
+    let options = LabOptions {
+        external_delay_lines: true,
+        ..Default::default()
+    };
+    let lab = Lab::build(&t, options).expect("lab");
+    let reflector = Reflector::start(&lab, "reflector", PORTS).expect("reflector");
+    let seen = lab
+        .run_in("h", || probe::measure_session_table(&reflector, 12))
+        .expect("enter h")
+        .expect("probe");
+    assert_eq!(seen.table, SessionTable::Unbounded, "{seen:?}");
+}
+
+#[test]
+#[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
+fn a_lab_with_an_evicting_router_leaves_nothing_behind() {
+    testkit::require::lab("a_lab_with_an_evicting_router_leaves_nothing_behind");
+    let nat = NatConfig {
+        max_sessions: Some(4),
+        session_overflow: SessionOverflow::EvictOldest,
+        ..preset(Preset::Symmetric)
+    };
+    let t = Topology::default()
+        .router("r", nat, None)
+        .host("h", Some("r"), 1);
+    let names = std::sync::Mutex::new(Vec::new());
+    let result = std::panic::catch_unwind(|| {
+        let lab = Lab::build(&t, LabOptions::default()).expect("lab");
+        let rules = lab
+            .exec("r", "iptables", &["-S", "FORWARD"])
+            .expect("iptables");
+        assert!(rules.contains("--queue-num 2 --queue-bypass"), "{rules}");
+        names
+            .lock()
+            .expect("lock")
+            .extend(lab.plan().namespaces().map(str::to_owned));
+        panic!("a failing test");
+    });
+    assert!(result.is_err());
+    let names = names.into_inner().expect("lock");
+    assert_eq!(names.len(), 3);
+    let left: Vec<String> = netns::list()
+        .into_iter()
+        .filter(|n| names.contains(n))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// The self-test with `options` over `presets`: every row must match, with a session check.
+fn selftest_passes_with(presets: &[Preset], options: SelftestOptions) {
+    let report = selftest::run_with(presets, &options, &|_| {}).expect("self-test runs");
+    eprintln!("{report}");
+    assert!(report.ok(), "{report}");
+    for row in &report.presets {
+        let check = row
+            .sessions
+            .expect("every row has a router and so a session check");
+        assert_eq!(check.measured, Some(check.configured), "{report}");
+    }
+}
+
+#[test]
+#[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
+fn selftest_measures_session_tables_that_drop() {
+    testkit::require::lab("selftest_measures_session_tables_that_drop");
+    selftest_passes_with(
+        &[Preset::SymmetricSequential, Preset::PortRestricted],
+        SelftestOptions {
+            max_sessions: Some(16),
+            session_overflow: SessionOverflow::Drop,
+        },
+    );
+}
+
+#[test]
+#[ignore = "needs root and the NAT lab (nftables, conntrack, iproute2): ./test runs it"]
+fn selftest_measures_session_tables_that_evict_the_oldest() {
+    testkit::require::lab("selftest_measures_session_tables_that_evict_the_oldest");
+    selftest_passes_with(
+        &[Preset::Symmetric, Preset::FullCone],
+        SelftestOptions {
+            max_sessions: Some(20),
+            session_overflow: SessionOverflow::EvictOldest,
+        },
+    );
 }
 
 #[test]

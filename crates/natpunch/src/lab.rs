@@ -89,7 +89,7 @@ fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         external_delay_lines: true,
     };
     let built = Lab::build(&topology, options)?;
-    let needs_holder = built.plan().nodes.iter().any(|n| n.link.is_impaired());
+    let needs_holder = built.plan().needs_holder();
     let plan = built.detach()?;
     if needs_holder && let Err(e) = start_holder(&plan.lab) {
         let _ = lab::down(&plan.lab);
@@ -200,7 +200,11 @@ fn run_selftest(args: SelftestArgs) -> anyhow::Result<ExitCode> {
         args.presets
     };
     let progress = |msg: &str| eprintln!("selftest: {msg}");
-    let report = selftest::run(&presets, &progress)?;
+    let options = selftest::SelftestOptions {
+        max_sessions: args.max_sessions,
+        session_overflow: args.session_overflow,
+    };
+    let report = selftest::run_with(&presets, &options, &progress)?;
     if args.json.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

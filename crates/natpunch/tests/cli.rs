@@ -623,6 +623,7 @@ fn selftest_json_reports_every_preset_as_configured() {
             "restricted-cone",
             "port-restricted",
             "symmetric",
+            "symmetric-sequential",
             "cgnat"
         ]
     );
@@ -635,13 +636,14 @@ fn selftest_json_reports_every_preset_as_configured() {
         }
         assert_eq!(p["ok"], true, "{p}");
     }
-    let cgnat = &presets[5];
+    let cgnat = &presets[6];
     assert_eq!(cgnat["udp_timeout"]["alive_before"], true);
     assert_eq!(cgnat["udp_timeout"]["alive_after"], false);
     assert_eq!(
         presets[4]["measured"]["mapping"],
         "address-and-port-dependent"
     );
+    assert_eq!(presets[5]["measured"]["port_allocation"], "sequential");
     assert!(out.status.success(), "exit code 0 when every row matches");
 }
 
