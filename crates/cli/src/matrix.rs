@@ -140,6 +140,20 @@ pub struct ConnectMatrixArgs {
         allow_hyphen_values = true
     )]
     pub daemon_arg: Vec<String>,
+    /// Bound the session table of every router that maps per destination (the hard side of
+    /// birthday probing) to this many flows.
+    #[arg(long, env = "NATPUNCH_CONNECT_MATRIX_MAX_SESSIONS",
+          value_parser = clap::value_parser!(u32).range(1..=65535))]
+    pub max_sessions: Option<u32>,
+    /// What a new flow meets on a full table: `drop` (it gets no mapping) or `evict-oldest`
+    /// (the oldest flow's mapping goes).
+    #[arg(
+        long,
+        env = "NATPUNCH_CONNECT_MATRIX_SESSION_OVERFLOW",
+        default_value = "drop",
+        requires = "max_sessions"
+    )]
+    pub session_overflow: natlab::SessionOverflow,
     #[command(flatten)]
     pub json: Json,
 }

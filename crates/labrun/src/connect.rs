@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use natlab::{Lab, LabProcess, Preset};
+use natlab::{Lab, LabProcess, Preset, SessionOverflow};
 use natpunch_client::{Client, Proto, Socket};
 use serde::Serialize;
 
@@ -59,6 +59,9 @@ pub struct ConnectConfig {
     pub tell_nat: bool,
     /// More flags for every daemon (`--session-table 128`, `--no-birthday`, …).
     pub daemon_args: Vec<String>,
+    /// A session table of this size (and what a new flow meets when it is full) on every
+    /// router that maps per destination: the hard side of birthday probing.
+    pub hard_sessions: Option<(u32, SessionOverflow)>,
     /// Set to stop: no new trial starts.
     pub stop: Arc<AtomicBool>,
 }
@@ -76,6 +79,7 @@ impl ConnectConfig {
             parallel: 2,
             tell_nat: true,
             daemon_args: Vec::new(),
+            hard_sessions: None,
             stop,
         }
     }
@@ -195,6 +199,9 @@ pub struct ConnectReport {
     pub trials: Vec<ConnectTrial>,
     /// Host-to-host RTT, ms.
     pub rtt_ms: u32,
+    /// The session table of the routers that map per destination, if bounded (`128 drop`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hard_sessions: Option<String>,
     /// Wall-clock time, s.
     pub elapsed_secs: f64,
     /// Stopped before every trial ran.
@@ -214,6 +221,12 @@ impl std::fmt::Display for ConnectReport {
             "connect matrix: {} ms host-to-host RTT, 1 MiB each way per trial, {:.0} s",
             self.rtt_ms, self.elapsed_secs
         )?;
+        if let Some(table) = &self.hard_sessions {
+            writeln!(
+                f,
+                "session table of the routers that map per destination: {table}"
+            )?;
+        }
         writeln!(
             f,
             "{:<20} {:<20} {:<5} {:>8} {:>8} {:>9} {:>9} {:>9} {:>14}  techniques",
@@ -348,6 +361,9 @@ pub fn run(
         cells,
         trials,
         rtt_ms: config.rtt_ms,
+        hard_sessions: config
+            .hard_sessions
+            .map(|(max, overflow)| format!("{max} {overflow}")),
         elapsed_secs: started.elapsed().as_secs_f64(),
     })
 }
@@ -419,10 +435,11 @@ fn worker(
             }
         }
     }
-    let lab = Lab::build(
-        &topology(&presets, config.rtt_ms),
-        natlab::LabOptions::default(),
-    )?;
+    let mut t = topology(&presets, config.rtt_ms);
+    if let Some((max, overflow)) = config.hard_sessions {
+        bound_hard_routers(&mut t, max, overflow);
+    }
+    let lab = Lab::build(&t, natlab::LabOptions::default())?;
     let dir = std::env::temp_dir().join(format!("natpunch-connect-{}", lab.name()));
     std::fs::create_dir_all(&dir)
         .map_err(|e| MatrixError::Worker(format!("creating {}: {e}", dir.display())))?;
@@ -521,6 +538,18 @@ pub(crate) fn start_daemon(
         socket,
         peer,
     })
+}
+
+/// Gives every router of `t` that maps per destination a session table of `max` flows.
+pub fn bound_hard_routers(t: &mut natlab::Topology, max: u32, overflow: SessionOverflow) {
+    for node in &mut t.nodes {
+        if let natlab::topology::NodeKind::Router { nat, .. } = &mut node.kind
+            && !matches!(nat.mapping, natlab::Mapping::EndpointIndependent)
+        {
+            nat.max_sessions = Some(max);
+            nat.session_overflow = overflow;
+        }
+    }
 }
 
 fn run_trial(

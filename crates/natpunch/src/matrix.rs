@@ -113,6 +113,7 @@ pub(crate) fn connect(args: ConnectMatrixArgs) -> anyhow::Result<ExitCode> {
         parallel: args.parallel.max(1),
         tell_nat: !args.untold,
         daemon_args: args.daemon_arg.clone(),
+        hard_sessions: args.max_sessions.map(|max| (max, args.session_overflow)),
         ..ConnectConfig::new(exe, crate::stop_flag())
     };
     let pairs = if config.pairs.is_empty() {

@@ -147,11 +147,12 @@ impl Settings {
 
 /// The chance an attempt aims for when the session table limits the sockets.
 pub const TARGET: f64 = 0.95;
-/// How often the predicted window is probed: for about half a second, long enough for the
-/// hard side's sockets to open when its signal comes a relayed half round trip late.
-const PREDICTION_ROUNDS: u32 = 20;
-/// The time between two rounds of the predicted window.
-const PREDICTION_ROUND: Duration = Duration::from_millis(25);
+/// How often the predicted window is probed: for half a second, long enough for the hard
+/// side's sockets to open when its signal comes a relayed half round trip late.
+const PREDICTION_ROUNDS: u32 = 10;
+/// The time between two rounds of the predicted window: every round sent before the first
+/// answer can come back (a round trip) is spent for nothing when the window was right at once.
+const PREDICTION_ROUND: Duration = Duration::from_millis(50);
 
 /// What the easy side is to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -767,6 +767,8 @@ fn birthday_flags_turn_it_off_or_fit_it_to_a_session_table() {
     assert_eq!(off["techniques"]["relay"], 1, "{off}");
     assert!(off.get("probes_max").is_none(), "{off}");
     let shallow = cell(&[
+        "--max-sessions",
+        "128",
         "--daemon-arg=--session-table=128",
         "--daemon-arg=--birthday-probes=8000",
         "--daemon-arg=--birthday-rate=10000",
@@ -774,6 +776,38 @@ fn birthday_flags_turn_it_off_or_fit_it_to_a_session_table() {
     assert_eq!(shallow["direct"], 1, "{shallow}");
     assert_eq!(shallow["techniques"]["udp-birthday"], 1, "{shallow}");
     assert_eq!(shallow["sockets_max"], 128 - 16, "{shallow}");
+}
+
+/// Port prediction through the daemons, both ways: the per-destination NAT that allocates
+/// ports in order is found in its predicted window with a handful of probes.
+#[test]
+#[ignore = "needs root and the NAT lab: ./test runs it"]
+fn port_prediction_joins_a_sequential_symmetric_nat_in_a_few_probes_both_ways() {
+    testkit::require::lab(
+        "port_prediction_joins_a_sequential_symmetric_nat_in_a_few_probes_both_ways",
+    );
+    let out = super::natpunch(&[
+        "lab",
+        "connect-matrix",
+        "--pairs",
+        "port-restricted:symmetric-sequential,symmetric-sequential:port-restricted",
+        "--proto",
+        "udp",
+        "--trials",
+        "1",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", super::stderr(&out));
+    let report: Value = serde_json::from_str(&super::stdout(&out)).expect("json");
+    let cells = report["cells"].as_array().expect("cells");
+    assert_eq!(cells.len(), 2, "{report}");
+    for cell in cells {
+        assert_eq!(cell["direct"], 1, "{cell}");
+        assert_eq!(cell["techniques"]["udp-birthday"], 1, "{cell}");
+        assert_eq!(cell["predicted_hits"], 1, "the window, not luck: {cell}");
+        let probes = cell["probes_max"].as_u64().expect("probes");
+        assert!(probes <= 64, "{cell}");
+    }
 }
 
 #[test]
