@@ -9,7 +9,6 @@
 //! the NAT-pair matrix) is computed from the database, the same place a researcher would read.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,8 +24,8 @@ use serde::de::DeserializeOwned;
 use cli::args::Identity;
 use cli::write::to_args;
 
-use crate::args::{self, StunServerArgs};
-use crate::matrix::{host, topology};
+use crate::args;
+use crate::matrix::{STUN_NODE, host, start_stun, topology};
 use crate::stats::quantile;
 
 /// The lab DHT's protocol name.
@@ -320,7 +319,7 @@ pub fn run(
     let mut t = topology(&config.presets, config.rtt_ms)
         .host("dht", None, 1)
         .host("honeypot", None, 1)
-        .host("stun", None, 2);
+        .host(STUN_NODE, None, 2);
     if config.port_mapped_client
         && let Some(nat) = Preset::PortRestricted.config()
     {
@@ -344,23 +343,9 @@ pub fn run(
     let file = |name: &str| config.work_dir.join(name);
     let relay_args = args::relay(file("relay.key"), RELAY_PORT).map_err(CampaignError::Role)?;
     let relay = lab.spawn("relay", &exe, &relay_args)?;
-    // An RFC 5780 STUN server on two addresses: the clients measure their NAT with it.
-    let stun_addrs = lab.node("stun")?.uplink.addrs.clone();
-    let stun = match stun_addrs.as_slice() {
-        [a, b, ..] => StunServerArgs {
-            primary: SocketAddr::new((*a).into(), 3478),
-            alternate: SocketAddr::new((*b).into(), 3479),
-        },
-        _ => {
-            return Err(CampaignError::Role(
-                "the STUN node lacks two addresses".into(),
-            ));
-        }
-    };
-    let primary = stun.primary;
-    let stun = lab.spawn("stun", &exe, &to_args(&["stun-server"], &stun))?;
-    stun.wait_for("listening on", START_TIMEOUT)
-        .map_err(|e| CampaignError::Role(format!("the STUN server: {}", natlab::chain(&e))))?;
+    // An RFC 5780 STUN server on two addresses: clients and targets learn their NAT from it.
+    let (stun, primary) =
+        start_stun(&lab, &exe).map_err(|e| CampaignError::Role(format!("the STUN server: {e}")))?;
     let relay_addr = match json_line(&relay, "\"event\":\"external-address\"", "the relay")? {
         RelayEvent::ExternalAddress { address } => address,
         other => {
@@ -420,6 +405,7 @@ pub fn run(
         target_args.identity = Identity::new(Some(file(&format!("target-{}.key", p.name()))));
         target_args.dht_bootstrap = honeypot_args.bootstrap.clone();
         target_args.dht_protocol = honeypot_args.protocol.clone();
+        target_args.stun_server = Some(primary);
         let target = lab.spawn(&host('b', p), &exe, &args::listen(&target_args))?;
         let reserved = target
             .wait_for("\"event\":\"reserved\"", START_TIMEOUT)

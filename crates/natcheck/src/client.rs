@@ -32,6 +32,10 @@ pub struct CheckOptions {
     pub port_samples: usize,
     /// Measure the mapping lifetime, up to this long (it takes about that long).
     pub lifetime: Option<Duration>,
+    /// Stop after the mapping test (a few round trips): filtering, port allocation,
+    /// hairpinning and lifetime are left unknown. For a peer that needs only its mapping class
+    /// at start, where the filtering tests' unanswered probes would cost seconds.
+    pub mapping_only: bool,
 }
 
 impl CheckOptions {
@@ -44,6 +48,7 @@ impl CheckOptions {
             attempts: 3,
             port_samples: 5,
             lifetime: None,
+            mapping_only: false,
         }
     }
 }
@@ -492,7 +497,7 @@ pub async fn check(
     let mut allocation = (None, None);
     let mut hairpin = None;
     let mut lifetime = None;
-    if udp_works {
+    if udp_works && !options.mapping_only {
         if other.is_some() {
             progress("filtering: asking for answers from changed addresses");
             let s2 = fresh_socket(primary).await?;
