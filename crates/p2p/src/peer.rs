@@ -14,6 +14,12 @@
 //! NAT never mapped when it does not preserve ports. Mapped ports ([`PeerConfig::port_mapping`])
 //! come first.
 //!
+//! Each peer knows its NAT's mapping class when it can, and says where from
+//! ([`PeerConfig::local_mapping`]: a flag or an RFC 5780 check, given before it starts; else
+//! what the relay and the peers it dials observe of its listen port, [`crate::observed`]).
+//! The engine tells it to natpunch remotes over [`NATPUNCH_DCUTR_CLASSES`], and the two
+//! classes choose the first attempt's form; every record keeps both.
+//!
 //! What else lives beside it: start-up (`setup`), the swarm (`swarm`), port mapping
 //! (`mapping`), throughput tests ([`perf`]), the handshake streams' I/O (`streams`), and
 //! what is known of each connected remote (`remotes`). Everything fed by the network is

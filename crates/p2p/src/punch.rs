@@ -18,10 +18,44 @@
 //! says the remote does not run natpunch. If both start (the dialer's stream came late), the
 //! listener's DCUtR goes on and the dialer answers it.
 //!
-//! Attempts are bounded by the attempt timeout and their number; between natpunch peers the
-//! second one is *reversed* (the listener dials as the connection's dialer, the dialer only
-//! waits), for TCP punches whose simultaneous open cannot happen. Of the two QUIC connections
-//! a simultaneous dial makes, both sides keep the one the relayed connection's dialer made.
+//! # Versions of natpunch's handshake
+//!
+//! A natpunch dialer offers [`Handshake::NatpunchClasses`] (`/natpunch/dcutr/1.1.0`) first:
+//! the same messages, whose CONNECTs also carry the sender's NAT mapping class
+//! ([`PunchConfig::local_mapping`], RFC 4787) and whose SYNC carries the attempt's form. When
+//! the remote does not speak it (a 1.0.0-only natpunch peer, a stock DCUtR peer), the stream
+//! fails as unsupported and the dialer offers [`Handshake::Natpunch`] (1.0.0) at once, which
+//! costs one relayed round trip; when identify already said the remote lacks 1.1.0, the dialer
+//! goes to 1.0.0 directly. Over 1.0.0 nothing carries a class, and everything runs as before.
+//!
+//! # Attempts
+//!
+//! Attempts are bounded by the attempt timeout and their number. An attempt has one of two
+//! forms:
+//!
+//! * *simultaneous* (the default first attempt): both sides dial at once, A as the
+//!   connection's dialer, B as its listener (`override_role`). Over TCP the SYNs cross and
+//!   make one connection; over QUIC each side's packets open its own NAT for the other's.
+//! * *reversed*: B dials as the connection's dialer. For a TCP punch whose simultaneous open
+//!   cannot happen because only B's packets get through: B's NAT maps per destination, so its
+//!   SYN leaves from a port A never aimed at and lands on A's listening socket, where the
+//!   connection completes only if B holds the dialer's role.
+//!
+//! Which form comes first is the driver's (A's) choice, once it has B's CONNECT reply:
+//!
+//! * over 1.1.0, for TCP-only punches, with both classes known and [`first_attempt_reversed`]
+//!   (B's NAT maps per destination, A's does not), the first attempt is reversed and *primed*:
+//!   A dials too, as the connection's listener, so that its SYN towards B lets B's address
+//!   through an address-dependent filter on A's side (restricted cone); that dial is expected
+//!   to go nowhere and its failure does not end the attempt. The second attempt is then
+//!   simultaneous. A's SYNC carries the choice (`reversed`), so B needs no rule of its own;
+//! * otherwise (an unknown class, QUIC or both transports, 1.0.0, plain DCUtR) as before: the
+//!   first attempt is simultaneous and, between natpunch peers, the second is reversed, A only
+//!   waiting (its CONNECT carries `reversed`).
+//!
+//! QUIC keeps the simultaneous first attempt whatever the classes: it has no role problem and
+//! goes direct at once into a symmetric NAT. Of the two QUIC connections a simultaneous dial
+//! makes, both sides keep the one the relayed connection's dialer made.
 //!
 //! With [`Engine::Stock`] the engine only watches rust-libp2p's `dcutr` behaviour (its dials,
 //! its result, the direct connection) to write the same record.
