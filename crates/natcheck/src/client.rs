@@ -731,6 +731,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_mapping_only_check_stops_after_the_mapping_test() {
+        let probe = closed_port();
+        let primary = SocketAddr::new([127, 0, 0, 1].into(), probe.port());
+        let alternate = SocketAddr::new([127, 0, 0, 2].into(), probe.port() + 1);
+        let server = crate::StunServer::bind(primary, alternate, "test")
+            .await
+            .expect("bind");
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let running = tokio::spawn(server.run(stopped));
+        let full = check(&quick(primary), &|_| {}).await.expect("full check");
+        let mut options = quick(primary);
+        options.mapping_only = true;
+        let steps = std::sync::Mutex::new(Vec::new());
+        let only = check(&options, &|s| {
+            steps.lock().expect("lock").push(s.to_owned());
+        })
+        .await
+        .expect("mapping only");
+        let _ = stop.send(true);
+        let _ = running.await;
+        // On loopback: the host's own address, no NAT.
+        assert_eq!(only.mapping, Some(Mapping::None));
+        assert_eq!(only.mapping, full.mapping);
+        assert!(full.filtering.is_some() && full.port_allocation.is_some());
+        assert_eq!(
+            (only.filtering, only.port_allocation, only.hairpin),
+            (None, None, None)
+        );
+        let steps = steps.into_inner().expect("lock");
+        assert!(
+            steps
+                .iter()
+                .all(|s| s.starts_with("reachability") || s.starts_with("mapping")),
+            "{steps:?}"
+        );
+    }
+
+    #[tokio::test]
     async fn the_server_answers_binding_over_tcp_on_its_primary_address() {
         let probe = closed_port();
         let primary = SocketAddr::new([127, 0, 0, 1].into(), probe.port());
