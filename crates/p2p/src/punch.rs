@@ -46,8 +46,9 @@
 //! * over 1.1.0, for TCP-only punches, with both classes known and [`first_attempt_reversed`]
 //!   (B's NAT maps per destination, A's does not), the first attempt is reversed and *primed*:
 //!   A dials too, as the connection's listener, so that its SYN towards B lets B's address
-//!   through an address-dependent filter on A's side (restricted cone); that dial is expected
-//!   to go nowhere and its failure does not end the attempt. The second attempt is then
+//!   through an address-dependent filter on A's side (restricted cone). A dials with SYNC, not
+//!   half a round trip later, so that its SYN is out before B's can arrive; that dial is
+//!   expected to go nowhere and its failure does not end the attempt. The second attempt is then
 //!   simultaneous. A's SYNC carries the choice (`reversed`), so B needs no rule of its own;
 //! * otherwise (an unknown class, QUIC or both transports, 1.0.0, plain DCUtR) as before: the
 //!   first attempt is simultaneous and, between natpunch peers, the second is reversed, A only
@@ -704,14 +705,18 @@ impl Punch {
                 // Over 1.1.0 the reply told the remote's class: the first attempt may be
                 // reversed after all, and SYNC says so.
                 let reversed = *reversed || (first && by_classes);
+                let primed = reversed && by_classes;
                 let rtt = now.saturating_duration_since(sent);
-                let dial_at = now + rtt / 2;
+                // A primer goes out with SYNC: it must cross this side's NAT before the
+                // remote's SYN, which leaves only once SYNC has arrived, whatever the relayed
+                // path's asymmetry and however short the direct path.
+                let dial_at = if primed { now } else { now + rtt / 2 };
                 *step = Driving::Syncing {
                     dial_at,
                     remote: parse_addrs(&message.addrs),
                     rtt,
                     reversed,
-                    primed: reversed && by_classes,
+                    primed,
                 };
                 let sync = HolePunch {
                     kind: Kind::Sync,

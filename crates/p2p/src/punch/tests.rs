@@ -996,8 +996,11 @@ fn tcp_into_a_per_destination_listener_goes_direct_on_the_first_attempt() {
         assert_eq!(a.local_mapping, Some(Mapping::EndpointIndependent));
         assert_eq!(a.remote_mapping, Some(Mapping::AddressAndPortDependent));
         assert_eq!(b.remote_mapping, Some(Mapping::EndpointIndependent));
-        // A's primer went towards B, so that an address-dependent filter lets B in.
+        // A's primer went towards B, so that an address-dependent filter lets B in, with SYNC:
+        // before B's SYN can arrive (B dials when SYNC reaches it).
         assert_eq!(a.attempts[0].dialed, [tcp_addr(Who::B).to_string()]);
+        assert_eq!(a.attempts[0].dialed_ms, Some(ms(ONE_WAY * 2)));
+        assert_eq!(b.attempts[0].dialed_ms, Some(ms(ONE_WAY * 3)));
         assert_eq!(a.dialed_by.as_deref(), Some("remote"));
         assert_eq!(b.dialed_by.as_deref(), Some("local"));
     }
