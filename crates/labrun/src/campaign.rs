@@ -4,7 +4,9 @@
 //! The lab has a relay, a DHT bootstrap node, and a node running the honeypot and the server
 //! (one database); behind each NAT preset a target peer that reserves on the relay and joins the
 //! DHT (where the honeypot finds it), and a client with a few hosts that asks the server for
-//! peers, punches them and reports. When the budget (punches or time) is spent the clients
+//! peers, punches them and reports. An RFC 5780 STUN server on two addresses tells every
+//! target and client its NAT's mapping class (`--stun-server`), which natpunch peers exchange
+//! to choose a punch's first attempt. When the budget (punches or time) is spent the clients
 //! deliver their reports and stop; the summary (outcome mix, success rates, time to direct and
 //! the NAT-pair matrix) is computed from the database, the same place a researcher would read.
 
