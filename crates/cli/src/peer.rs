@@ -1,11 +1,12 @@
 //! The flags of `natpunch peer listen|dial`, and the peer configuration they ask for.
 
 use crate::args::{Identity, Json};
+use behaviour::Mapping;
 use clap::builder::BoolishValueParser;
 use clap::{Args, Subcommand, ValueEnum};
 use libp2p::{Multiaddr, PeerId, StreamProtocol};
-use p2p::peer::{Candidates, Dht, Engine, PeerConfig, Transport};
-use std::net::IpAddr;
+use p2p::peer::{Candidates, Dht, Engine, LocalMapping, MappingSource, PeerConfig, Transport};
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 #[derive(Debug, Subcommand)]
@@ -71,6 +72,17 @@ pub struct Common {
         value_parser = clap::value_parser!(u64).range(1..=u64::from(u32::MAX))
     )]
     pub port_mapping_lifetime_secs: u64,
+    /// How this end's NAT maps (RFC 4787: none, endpoint-independent, address-dependent,
+    /// address-and-port-dependent), as `natpunch nat check` finds it. natpunch remotes learn
+    /// it over /natpunch/dcutr/1.1.0, so that TCP towards a NAT that maps per destination goes
+    /// direct on the first attempt.
+    #[arg(long, env = "NATPUNCH_PEER_MAPPING", value_parser = crate::daemon::parse_behaviour::<Mapping>)]
+    pub mapping: Option<Mapping>,
+    /// An RFC 5780 STUN server (`natpunch stun-server`) that tells at start how this end's NAT
+    /// maps, unless --mapping says [default: learnt from what remotes at two or more addresses
+    /// observe, or unknown].
+    #[arg(long, env = "NATPUNCH_PEER_STUN_SERVER")]
+    pub stun_server: Option<SocketAddr>,
     #[command(flatten)]
     pub identity: Identity<Self>,
     /// Join a Kademlia DHT (as a client) through these peers, with /p2p/<peer id>, once set
@@ -162,6 +174,10 @@ impl Common {
         c.punch = !self.no_punch;
         c.port_mapping = self.port_mapping;
         c.port_mapping_lifetime = Duration::from_secs(self.port_mapping_lifetime_secs);
+        c.local_mapping = self.mapping.map(|mapping| LocalMapping {
+            mapping,
+            source: MappingSource::Flag,
+        });
         if !self.dht_bootstrap.is_empty() {
             c.dht = Some(Dht {
                 protocol: self.dht_protocol.clone(),
@@ -198,7 +214,9 @@ crate::write_args!(Common {
     port_mapping,
     port_mapping_lifetime_secs,
     dht_bootstrap,
-    dht_protocol;
+    dht_protocol,
+    mapping,
+    stun_server;
     identity,
     json,
 });

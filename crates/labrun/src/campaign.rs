@@ -4,12 +4,13 @@
 //! The lab has a relay, a DHT bootstrap node, and a node running the honeypot and the server
 //! (one database); behind each NAT preset a target peer that reserves on the relay and joins the
 //! DHT (where the honeypot finds it), and a client with a few hosts that asks the server for
-//! peers, punches them and reports. When the budget (punches or time) is spent the clients
+//! peers, punches them and reports. An RFC 5780 STUN server on two addresses tells every
+//! target and client its NAT's mapping class (`--stun-server`), which natpunch peers exchange
+//! to choose a punch's first attempt. When the budget (punches or time) is spent the clients
 //! deliver their reports and stop; the summary (outcome mix, success rates, time to direct and
 //! the NAT-pair matrix) is computed from the database, the same place a researcher would read.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,8 +26,8 @@ use serde::de::DeserializeOwned;
 use cli::args::Identity;
 use cli::write::to_args;
 
-use crate::args::{self, StunServerArgs};
-use crate::matrix::{host, topology};
+use crate::args;
+use crate::matrix::{STUN_NODE, host, start_stun, topology};
 use crate::stats::quantile;
 
 /// The lab DHT's protocol name.
@@ -331,7 +332,7 @@ pub fn run(
     let mut t = topology(&config.presets, config.rtt_ms)
         .host("dht", None, 1)
         .host("honeypot", None, 1)
-        .host("stun", None, 2);
+        .host(STUN_NODE, None, 2);
     if config.port_mapped_client
         && let Some(nat) = Preset::PortRestricted.config()
     {
@@ -355,23 +356,9 @@ pub fn run(
     let file = |name: &str| config.work_dir.join(name);
     let relay_args = args::relay(file("relay.key"), RELAY_PORT).map_err(CampaignError::Role)?;
     let relay = lab.spawn("relay", &exe, &relay_args)?;
-    // An RFC 5780 STUN server on two addresses: the clients measure their NAT with it.
-    let stun_addrs = lab.node("stun")?.uplink.addrs.clone();
-    let stun = match stun_addrs.as_slice() {
-        [a, b, ..] => StunServerArgs {
-            primary: SocketAddr::new((*a).into(), 3478),
-            alternate: SocketAddr::new((*b).into(), 3479),
-        },
-        _ => {
-            return Err(CampaignError::Role(
-                "the STUN node lacks two addresses".into(),
-            ));
-        }
-    };
-    let primary = stun.primary;
-    let stun = lab.spawn("stun", &exe, &to_args(&["stun-server"], &stun))?;
-    stun.wait_for("listening on", START_TIMEOUT)
-        .map_err(|e| CampaignError::Role(format!("the STUN server: {}", natlab::chain(&e))))?;
+    // An RFC 5780 STUN server on two addresses: clients and targets learn their NAT from it.
+    let (stun, primary) =
+        start_stun(&lab, &exe).map_err(|e| CampaignError::Role(format!("the STUN server: {e}")))?;
     let relay_addr = match json_line(&relay, "\"event\":\"external-address\"", "the relay")? {
         RelayEvent::ExternalAddress { address } => address,
         other => {
@@ -431,6 +418,7 @@ pub fn run(
         target_args.identity = Identity::new(Some(file(&format!("target-{}.key", p.name()))));
         target_args.dht_bootstrap = honeypot_args.bootstrap.clone();
         target_args.dht_protocol = honeypot_args.protocol.clone();
+        target_args.stun_server = Some(primary);
         let target = lab.spawn(&host('b', p), &exe, &args::listen(&target_args))?;
         let reserved = target
             .wait_for("\"event\":\"reserved\"", START_TIMEOUT)

@@ -1,12 +1,16 @@
 //! The NAT-pair matrix: hole punches between hosts behind every pair of NAT presets.
 //!
-//! Each worker builds its own lab: a relay on the internet and, for each preset, one host
+//! Each worker builds its own lab: a relay and an RFC 5780 STUN server (`natpunch stun-server`
+//! on a node with two addresses) on the internet and, for each preset, one host
 //! behind it on the dialing side (`a`) and one on the listening side (`b`), every path's outer
 //! link delayed by a quarter of the host-to-host RTT each way. A trial flushes the lab's NAT
 //! state, starts a fresh listener (new identity) behind `b`'s preset, runs one dial from behind
 //! `a`'s preset, and keeps both sides' records. Workers run in parallel, one trial at a time each.
+//! Every peer learns its NAT's mapping class from the STUN server at start (`--stun-server`)
+//! and tells it to the other over `/natpunch/dcutr/1.1.0`.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
@@ -27,6 +31,10 @@ const RESERVE_TIMEOUT: Duration = Duration::from_secs(20);
 const LISTENER_RECORD_TIMEOUT: Duration = Duration::from_secs(40);
 /// The relay's port.
 const RELAY_PORT: u16 = 4001;
+/// The lab node of the RFC 5780 STUN server (two addresses).
+pub const STUN_NODE: &str = "stun";
+/// How long the STUN server may take to start.
+const STUN_START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -269,6 +277,9 @@ pub enum MatrixError {
     /// The relay did not start.
     #[error("the relay did not start: {0}")]
     Relay(String),
+    /// The STUN server did not start.
+    #[error("the STUN server did not start: {0}")]
+    Stun(String),
     /// A worker died.
     #[error("a worker stopped: {0}")]
     Worker(String),
@@ -417,7 +428,8 @@ fn worker(
             }
         }
     }
-    let lab = Lab::build(&topology(&presets, config.rtt_ms), LabOptions::default())?;
+    let t = topology(&presets, config.rtt_ms).host(STUN_NODE, None, 2);
+    let lab = Lab::build(&t, LabOptions::default())?;
     let exe = config.exe.to_string_lossy().into_owned();
     let key = std::env::temp_dir().join(format!("natpunch-matrix-{}.key", lab.name()));
     let result = serve(config, jobs, tx, &lab, &exe, &key);
@@ -434,6 +446,7 @@ fn serve(
     key: &std::path::Path,
 ) -> Result<(), MatrixError> {
     let (_relay, address) = start_relay(lab, exe, key)?;
+    let (_stun, stun) = start_stun(lab, exe).map_err(MatrixError::Stun)?;
     loop {
         if config.stop.load(Ordering::Relaxed) {
             return Ok(());
@@ -445,7 +458,7 @@ fn serve(
         let Some(job) = job else {
             return Ok(());
         };
-        let trial = run_trial(lab, config, exe, &address, &job);
+        let trial = run_trial(lab, config, exe, &address, stun, &job);
         if tx.send(Ok(trial)).is_err() {
             return Ok(());
         }
@@ -476,7 +489,48 @@ pub fn start_relay(
     Ok((relay, address))
 }
 
-fn run_trial(lab: &Lab, config: &MatrixConfig, exe: &str, relay: &str, job: &Job) -> Trial {
+/// Starts `natpunch stun-server` on the lab's node [`STUN_NODE`] (which needs two addresses:
+/// RFC 5780 answers from the other one); the server, and its primary address.
+///
+/// # Errors
+///
+/// The node lacks two addresses, or the server did not start.
+pub fn start_stun(lab: &Lab, exe: &str) -> Result<(natlab::LabProcess, SocketAddr), String> {
+    let addrs = lab
+        .node(STUN_NODE)
+        .map_err(|e| natlab::chain(&e).to_string())?
+        .uplink
+        .addrs
+        .clone();
+    let [a, b, ..] = addrs.as_slice() else {
+        return Err(format!("the node {STUN_NODE} lacks two addresses"));
+    };
+    let stun = args::StunServerArgs {
+        primary: SocketAddr::new((*a).into(), 3478),
+        alternate: SocketAddr::new((*b).into(), 3479),
+    };
+    let primary = stun.primary;
+    let server = lab
+        .spawn(
+            STUN_NODE,
+            exe,
+            &cli::write::to_args(&["stun-server"], &stun),
+        )
+        .map_err(|e| natlab::chain(&e).to_string())?;
+    server
+        .wait_for("listening on", STUN_START_TIMEOUT)
+        .map_err(|e| natlab::chain(&e).to_string())?;
+    Ok((server, primary))
+}
+
+fn run_trial(
+    lab: &Lab,
+    config: &MatrixConfig,
+    exe: &str,
+    relay: &str,
+    stun: SocketAddr,
+    job: &Job,
+) -> Trial {
     let started = Instant::now();
     let mut trial = Trial {
         a: job.a.name().to_owned(),
@@ -498,6 +552,7 @@ fn run_trial(lab: &Lab, config: &MatrixConfig, exe: &str, relay: &str, job: &Job
             p.candidates = named(&config.candidates)?;
             p.attempt_timeout_ms = config.attempt_timeout_ms;
             p.no_punch = config.no_punch;
+            p.stun_server = Some(stun);
             Ok(p)
         };
         let args = args::listen(&peer(&config.listener_engine)?);

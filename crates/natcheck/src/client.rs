@@ -32,6 +32,10 @@ pub struct CheckOptions {
     pub port_samples: usize,
     /// Measure the mapping lifetime, up to this long (it takes about that long).
     pub lifetime: Option<Duration>,
+    /// Stop after the mapping test (a few round trips): filtering, port allocation,
+    /// hairpinning and lifetime are left unknown. For a peer that needs only its mapping class
+    /// at start, where the filtering tests' unanswered probes would cost seconds.
+    pub mapping_only: bool,
 }
 
 impl CheckOptions {
@@ -44,6 +48,7 @@ impl CheckOptions {
             attempts: 3,
             port_samples: 5,
             lifetime: None,
+            mapping_only: false,
         }
     }
 }
@@ -492,7 +497,7 @@ pub async fn check(
     let mut allocation = (None, None);
     let mut hairpin = None;
     let mut lifetime = None;
-    if udp_works {
+    if udp_works && !options.mapping_only {
         if other.is_some() {
             progress("filtering: asking for answers from changed addresses");
             let s2 = fresh_socket(primary).await?;
@@ -723,6 +728,44 @@ mod tests {
         assert_eq!(report.verdict, Verdict::RelayOnly, "{report:?}");
         assert_eq!(report.mapping, None);
         drop(silent);
+    }
+
+    #[tokio::test]
+    async fn a_mapping_only_check_stops_after_the_mapping_test() {
+        let probe = closed_port();
+        let primary = SocketAddr::new([127, 0, 0, 1].into(), probe.port());
+        let alternate = SocketAddr::new([127, 0, 0, 2].into(), probe.port() + 1);
+        let server = crate::StunServer::bind(primary, alternate, "test")
+            .await
+            .expect("bind");
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let running = tokio::spawn(server.run(stopped));
+        let full = check(&quick(primary), &|_| {}).await.expect("full check");
+        let mut options = quick(primary);
+        options.mapping_only = true;
+        let steps = std::sync::Mutex::new(Vec::new());
+        let only = check(&options, &|s| {
+            steps.lock().expect("lock").push(s.to_owned());
+        })
+        .await
+        .expect("mapping only");
+        let _ = stop.send(true);
+        let _ = running.await;
+        // On loopback: the host's own address, no NAT.
+        assert_eq!(only.mapping, Some(Mapping::None));
+        assert_eq!(only.mapping, full.mapping);
+        assert!(full.filtering.is_some() && full.port_allocation.is_some());
+        assert_eq!(
+            (only.filtering, only.port_allocation, only.hairpin),
+            (None, None, None)
+        );
+        let steps = steps.into_inner().expect("lock");
+        assert!(
+            steps
+                .iter()
+                .all(|s| s.starts_with("reachability") || s.starts_with("mapping")),
+            "{steps:?}"
+        );
     }
 
     #[tokio::test]

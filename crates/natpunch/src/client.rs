@@ -9,7 +9,7 @@ use measure::client::{ClientConfig, ClientEvent};
 use measure::connect;
 use measure::metrics::Metrics;
 use measure::spool::Spool;
-use p2p::peer::PeerConfig;
+use p2p::peer::{LocalMapping, MappingSource, PeerConfig};
 
 use crate::args::ServeTelemetry as _;
 use cli::client::ClientArgs;
@@ -41,24 +41,31 @@ async fn serve(args: ClientArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("creating the spool {}", spool_dir.display()))?;
     let waiting = spool.len();
     // The NAT measurement is an extra: without it the client punches and reports all the same.
-    let client_nat = match args.stun_server {
+    let (client_nat, local_mapping) = match args.stun_server {
         Some(server) => {
             let options = natcheck::client::CheckOptions::new(server);
             match natcheck::client::check(&options, &|_: &str| {}).await {
-                Ok(report) => report
-                    .mapping
-                    .zip(report.filtering)
-                    .map(|(m, f)| format!("{m}/{f}")),
+                Ok(report) => (
+                    report
+                        .mapping
+                        .zip(report.filtering)
+                        .map(|(m, f)| format!("{m}/{f}")),
+                    // The hosts tell it to natpunch targets, for the first attempt's form.
+                    report.mapping.map(|mapping| LocalMapping {
+                        mapping,
+                        source: MappingSource::Rfc5780,
+                    }),
+                ),
                 Err(e) => {
                     eprintln!(
                         "client: measuring the NAT with {server} failed ({:#}); going on without",
                         anyhow::Error::from(e)
                     );
-                    None
+                    (None, None)
                 }
             }
         }
-        None => None,
+        None => (None, None),
     };
     let api_key = connect::api_key(args.api_key.clone())?;
     if let Some(path) = &api_key.saved_in {
@@ -67,6 +74,7 @@ async fn serve(args: ClientArgs) -> anyhow::Result<ExitCode> {
     let mut peer = PeerConfig::new(Vec::new());
     peer.attempt_timeout = Duration::from_millis(args.attempt_timeout_ms.max(100));
     peer.port_mapping = args.port_mapping;
+    peer.local_mapping = local_mapping;
     let config = ClientConfig {
         api_key: api_key.key,
         hosts,

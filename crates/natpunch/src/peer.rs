@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use p2p::peer::{Mode, Peer, PeerEvent};
+use p2p::peer::{LocalMapping, MappingSource, Mode, Peer, PeerEvent};
 use p2p::record::Outcome;
 
 use crate::args::LoadKey as _;
@@ -22,6 +22,11 @@ pub(crate) fn run(cmd: PeerCommand) -> anyhow::Result<ExitCode> {
         let mut config = common.config();
         if let PeerCommand::Dial(d) = &cmd {
             config.perf_bytes = d.perf_bytes;
+        }
+        if config.local_mapping.is_none()
+            && let Some(server) = common.stun_server
+        {
+            config.local_mapping = check_mapping(server).await;
         }
         let mut peer = Peer::new(key, config)?;
         eprintln!("peer: {}", peer.peer_id());
@@ -44,4 +49,29 @@ pub(crate) fn run(cmd: PeerCommand) -> anyhow::Result<ExitCode> {
             Some(_) => ExitCode::FAILURE,
         })
     })
+}
+
+/// This end's mapping class from an RFC 5780 check against `server` (the mapping test only);
+/// `None`, with a word on stderr, when the server cannot tell.
+async fn check_mapping(server: std::net::SocketAddr) -> Option<LocalMapping> {
+    let mut options = natcheck::client::CheckOptions::new(server);
+    options.mapping_only = true;
+    match natcheck::client::check(&options, &|_: &str| {}).await {
+        Ok(report) => {
+            if report.mapping.is_none() {
+                eprintln!("peer: {server} could not tell how this NAT maps; going on without");
+            }
+            report.mapping.map(|mapping| LocalMapping {
+                mapping,
+                source: MappingSource::Rfc5780,
+            })
+        }
+        Err(e) => {
+            eprintln!(
+                "peer: checking the NAT with {server} failed ({:#}); going on without",
+                anyhow::Error::from(e)
+            );
+            None
+        }
+    }
 }

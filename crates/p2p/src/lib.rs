@@ -7,6 +7,8 @@
 //! * [`punch`]: the hole-punch engine itself, sans-IO: events and `now` in, actions and its
 //!   next timeout out, tested in virtual time;
 //! * [`honeypot`]: a Kademlia DHT server that records the peers connecting to it;
+//! * [`observed`]: a peer's NAT mapping class from what remotes at several addresses observe
+//!   of it (when no flag or RFC 5780 check said);
 //! * [`candidates`]: hands the swarm the addresses the relay observed, untouched;
 //! * [`identity`]: keys kept in files, created on first use;
 //! * [`wire`]: a sans-IO codec for the DCUtR messages (length-prefixed protobuf);
@@ -23,6 +25,7 @@ pub mod candidates;
 pub mod honeypot;
 pub mod host;
 pub mod identity;
+pub mod observed;
 pub mod peer;
 pub mod punch;
 pub mod record;

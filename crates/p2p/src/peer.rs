@@ -14,6 +14,12 @@
 //! NAT never mapped when it does not preserve ports. Mapped ports ([`PeerConfig::port_mapping`])
 //! come first.
 //!
+//! Each peer knows its NAT's mapping class when it can, and says where from
+//! ([`PeerConfig::local_mapping`]: a flag or an RFC 5780 check, given before it starts; else
+//! what the relay and the peers it dials observe of its listen port, [`crate::observed`]).
+//! The engine tells it to natpunch remotes over [`NATPUNCH_DCUTR_CLASSES`], and the two
+//! classes choose the first attempt's form; every record keeps both.
+//!
 //! What else lives beside it: start-up (`setup`), the swarm (`swarm`), port mapping
 //! (`mapping`), throughput tests ([`perf`]), the handshake streams' I/O (`streams`), and
 //! what is known of each connected remote (`remotes`). Everything fed by the network is
@@ -31,6 +37,7 @@ use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, dcutr, identify, ping};
 
+use crate::observed::{MAX_OBSERVATIONS, Observation};
 use crate::punch::{
     self, Action, DirectConnection, Handshake, Peers, Punch, PunchConfig, RemoteEngine, StreamId,
     is_relayed, transport_of,
@@ -46,7 +53,9 @@ mod setup;
 mod streams;
 mod swarm;
 
-pub use crate::punch::{DCUTR, Engine, NATPUNCH_DCUTR, Transport};
+pub use crate::punch::{
+    DCUTR, Engine, LocalMapping, MappingSource, NATPUNCH_DCUTR, NATPUNCH_DCUTR_CLASSES, Transport,
+};
 pub use config::{Candidates, Dht, Mode, PeerConfig, PeerError, PeerEvent, PeerStats};
 pub use perf::{MAX_PERF_BYTES, PERF};
 
@@ -89,6 +98,11 @@ pub struct Peer {
     to_relay_rtt: Option<Duration>,
     /// The listen ports' mappings on the local router, held while the peer runs.
     mapping: Option<PortMapping>,
+    /// What the relay and the peers this peer dialed observed of it (at most
+    /// [`crate::observed::MAX_OBSERVATIONS`]).
+    observations: Vec<Observation>,
+    /// The mapping class those observations say, once they say one.
+    observed_mapping: Option<LocalMapping>,
 }
 
 impl fmt::Debug for Peer {
@@ -123,6 +137,8 @@ impl Peer {
             relayed_conns: HashMap::new(),
             to_relay_rtt: None,
             mapping: None,
+            observations: Vec::new(),
+            observed_mapping: None,
         })
     }
 
@@ -165,7 +181,7 @@ impl Peer {
         }
         // The stock engine's `dcutr` behaviour answers DCUtR itself; natpunch's protocols are
         // then not offered at all, so a natpunch remote falls back to plain DCUtR.
-        let (mut incoming, mut fast) = if self.config.engine == Engine::Natpunch {
+        let (mut incoming, mut fast, mut classes) = if self.config.engine == Engine::Natpunch {
             let accept = |c: &mut libp2p_stream::Control, p: StreamProtocol| {
                 c.accept(p.clone())
                     .map_err(|e| PeerError::Setup(format!("accepting {p}: {e}")))
@@ -173,9 +189,10 @@ impl Peer {
             (
                 Some(accept(&mut self.control, DCUTR)?),
                 Some(accept(&mut self.control, NATPUNCH_DCUTR)?),
+                Some(accept(&mut self.control, NATPUNCH_DCUTR_CLASSES)?),
             )
         } else {
-            (None, None)
+            (None, None, None)
         };
         let mut perf = self
             .control
@@ -219,6 +236,9 @@ impl Peer {
                 Some((peer, stream)) = next_stream(fast.as_mut()) => {
                     self.on_inbound_stream(peer, stream, Handshake::Natpunch);
                 }
+                Some((peer, stream)) = next_stream(classes.as_mut()) => {
+                    self.on_inbound_stream(peer, stream, Handshake::NatpunchClasses);
+                }
                 Some((peer, stream)) = perf.next() => self.on_perf_stream(peer, stream),
                 Some(_) = self.perf_sinks.join_next() => {}
                 event = mapping_event(self.mapping.as_mut()) => match event {
@@ -256,6 +276,8 @@ impl Peer {
             attempt_timeout: c.attempt_timeout,
             max_attempts: c.max_attempts,
             punch: c.punch,
+            local_mapping: c.local_mapping.or(self.observed_mapping),
+            classes: true,
         };
         let peers = Peers {
             local: self.peer_id().to_string(),
@@ -263,6 +285,25 @@ impl Peer {
             relay: self.relay.to_string(),
         };
         (config, peers)
+    }
+
+    /// A remote at `observer` observed this peer at `observed` on a connection this peer
+    /// dialed: unless told its class, the peer learns it from such observations.
+    fn observe(&mut self, observer: std::net::IpAddr, observed: Multiaddr) {
+        if self.config.local_mapping.is_some() || self.observations.len() >= MAX_OBSERVATIONS {
+            return;
+        }
+        self.observations.push((observer, observed));
+        let own = self.listen_addrs();
+        if let Some(mapping) = crate::observed::infer_mapping(&self.observations, &own) {
+            if self.observed_mapping.map(|l| l.mapping) != Some(mapping) {
+                tracing::debug!(%mapping, "the NAT's mapping, as remotes observe it");
+            }
+            self.observed_mapping = Some(LocalMapping {
+                mapping,
+                source: MappingSource::Observed,
+            });
+        }
     }
 
     /// The relayed dial to `target` failed: the record says so.
@@ -443,9 +484,22 @@ impl Peer {
             SwarmEvent::Behaviour(PeerBehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
                 info,
-                ..
+                connection_id,
             })) if peer_id != self.relay => {
-                let engine = if info.protocols.contains(&NATPUNCH_DCUTR) {
+                let dialed = self.remotes.get(&peer_id).and_then(|r| {
+                    r.directs.iter().find_map(|d| match &d.endpoint {
+                        ConnectedPoint::Dialer { address, .. } if d.id == connection_id => {
+                            observer_ip(address)
+                        }
+                        _ => None,
+                    })
+                });
+                if let Some(ip) = dialed {
+                    self.observe(ip, info.observed_addr.clone());
+                }
+                let engine = if info.protocols.contains(&NATPUNCH_DCUTR_CLASSES) {
+                    RemoteEngine::NatpunchClasses
+                } else if info.protocols.contains(&NATPUNCH_DCUTR) {
                     RemoteEngine::Natpunch
                 } else {
                     RemoteEngine::Other
@@ -557,6 +611,18 @@ impl Peer {
         };
         self.with_session(peer, |s| s.direct(Instant::now(), &direct));
     }
+}
+
+/// The IP address of a dialed address (`None` for a relayed one).
+fn observer_ip(address: &Multiaddr) -> Option<std::net::IpAddr> {
+    if is_relayed(address) {
+        return None;
+    }
+    address.iter().find_map(|p| match p {
+        Protocol::Ip4(ip) => Some(ip.into()),
+        Protocol::Ip6(ip) => Some(ip.into()),
+        _ => None,
+    })
 }
 
 /// Milliseconds since the Unix epoch.

@@ -18,10 +18,45 @@
 //! says the remote does not run natpunch. If both start (the dialer's stream came late), the
 //! listener's DCUtR goes on and the dialer answers it.
 //!
-//! Attempts are bounded by the attempt timeout and their number; between natpunch peers the
-//! second one is *reversed* (the listener dials as the connection's dialer, the dialer only
-//! waits), for TCP punches whose simultaneous open cannot happen. Of the two QUIC connections
-//! a simultaneous dial makes, both sides keep the one the relayed connection's dialer made.
+//! # Versions of natpunch's handshake
+//!
+//! A natpunch dialer offers [`Handshake::NatpunchClasses`] (`/natpunch/dcutr/1.1.0`) first:
+//! the same messages, whose CONNECTs also carry the sender's NAT mapping class
+//! ([`PunchConfig::local_mapping`], RFC 4787) and whose SYNC carries the attempt's form. When
+//! the remote does not speak it (a 1.0.0-only natpunch peer, a stock DCUtR peer), the stream
+//! fails as unsupported and the dialer offers [`Handshake::Natpunch`] (1.0.0) at once, which
+//! costs one relayed round trip; when identify already said the remote lacks 1.1.0, the dialer
+//! goes to 1.0.0 directly. Over 1.0.0 nothing carries a class, and everything runs as before.
+//!
+//! # Attempts
+//!
+//! Attempts are bounded by the attempt timeout and their number. An attempt has one of two
+//! forms:
+//!
+//! * *simultaneous* (the default first attempt): both sides dial at once, A as the
+//!   connection's dialer, B as its listener (`override_role`). Over TCP the SYNs cross and
+//!   make one connection; over QUIC each side's packets open its own NAT for the other's.
+//! * *reversed*: B dials as the connection's dialer. For a TCP punch whose simultaneous open
+//!   cannot happen because only B's packets get through: B's NAT maps per destination, so its
+//!   SYN leaves from a port A never aimed at and lands on A's listening socket, where the
+//!   connection completes only if B holds the dialer's role.
+//!
+//! Which form comes first is the driver's (A's) choice, once it has B's CONNECT reply:
+//!
+//! * over 1.1.0, for TCP-only punches, with both classes known and [`first_attempt_reversed`]
+//!   (B's NAT maps per destination, A's does not), the first attempt is reversed and *primed*:
+//!   A dials too, as the connection's listener, so that its SYN towards B lets B's address
+//!   through an address-dependent filter on A's side (restricted cone). A dials with SYNC, not
+//!   half a round trip later, so that its SYN is out before B's can arrive; that dial is
+//!   expected to go nowhere and its failure does not end the attempt. The second attempt is then
+//!   simultaneous. A's SYNC carries the choice (`reversed`), so B needs no rule of its own;
+//! * otherwise (an unknown class, QUIC or both transports, 1.0.0, plain DCUtR) as before: the
+//!   first attempt is simultaneous and, between natpunch peers, the second is reversed, A only
+//!   waiting (its CONNECT carries `reversed`).
+//!
+//! QUIC keeps the simultaneous first attempt whatever the classes: it has no role problem and
+//! goes direct at once into a symmetric NAT. Of the two QUIC connections a simultaneous dial
+//! makes, both sides keep the one the relayed connection's dialer made.
 //!
 //! With [`Engine::Stock`] the engine only watches rust-libp2p's `dcutr` behaviour (its dials,
 //! its result, the direct connection) to write the same record.
@@ -29,6 +64,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use behaviour::Mapping;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::ConnectionId;
 use libp2p::{Multiaddr, StreamProtocol};
@@ -43,6 +79,10 @@ pub const DCUTR: StreamProtocol = StreamProtocol::new("/libp2p/dcutr");
 /// opens the stream, measures the round trip and sends SYNC the moment its relayed connection
 /// is up. The messages are DCUtR's.
 pub const NATPUNCH_DCUTR: StreamProtocol = StreamProtocol::new("/natpunch/dcutr/1.0.0");
+/// [`NATPUNCH_DCUTR`] whose CONNECTs also carry the sender's NAT mapping class and whose SYNC
+/// carries the attempt's form, so that the first attempt can already be the right one. A
+/// dialer offers it first and falls back to 1.0.0 when the remote does not speak it.
+pub const NATPUNCH_DCUTR_CLASSES: StreamProtocol = StreamProtocol::new("/natpunch/dcutr/1.1.0");
 /// How long a listener waits for a natpunch dialer's stream before it drives DCUtR itself.
 pub const FAST_WAIT: Duration = Duration::from_secs(1);
 /// How long a session watching the stock `dcutr` behaviour waits: its three attempts of 10 s.
@@ -89,10 +129,57 @@ pub enum Engine {
 /// What identify says a remote runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RemoteEngine {
-    /// natpunch's engine: it understands reversed attempts and drives the handshake itself.
+    /// natpunch's engine speaking [`NATPUNCH_DCUTR`] only: it understands reversed attempts
+    /// and drives the handshake itself.
     Natpunch,
+    /// natpunch's engine that also speaks [`NATPUNCH_DCUTR_CLASSES`].
+    NatpunchClasses,
     /// Anything else: plain DCUtR.
     Other,
+}
+
+impl RemoteEngine {
+    /// Whether it is natpunch's engine (of either version).
+    pub fn natpunch(self) -> bool {
+        matches!(self, Self::Natpunch | Self::NatpunchClasses)
+    }
+}
+
+/// Where a peer's knowledge of its own NAT mapping comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MappingSource {
+    /// Told on the command line (`natpunch peer --mapping`).
+    Flag,
+    /// An RFC 5780 check against a STUN server (`natpunch peer --stun-server`).
+    Rfc5780,
+    /// What remotes at two or more IP addresses observed of the listen port (identify).
+    Observed,
+}
+
+/// A peer's NAT mapping class and where it was learnt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalMapping {
+    /// How the NAT maps (RFC 4787).
+    pub mapping: Mapping,
+    /// Where that comes from.
+    pub source: MappingSource,
+}
+
+/// Whether the first attempt is reversed (the listener B dials as the connection's dialer, the
+/// dialer A dials only to open its own NAT's filter towards B), from both sides' mapping
+/// classes: when B's NAT picks a port per destination and A's does not. B's SYN then leaves
+/// from a port nobody aimed at and lands on A's listening socket, where only the dialer's
+/// role lets the connection finish; A's SYN, aimed at B, lets B's address through an
+/// address-dependent filter on A's side. An unknown class on either side keeps today's order.
+pub fn first_attempt_reversed(dialer: Option<Mapping>, listener: Option<Mapping>) -> bool {
+    let per_destination = |m| {
+        matches!(
+            m,
+            Mapping::AddressDependent | Mapping::AddressAndPortDependent
+        )
+    };
+    matches!((dialer, listener), (Some(a), Some(b)) if !per_destination(a) && per_destination(b))
 }
 
 /// The handshake protocol of a stream.
@@ -102,6 +189,9 @@ pub enum Handshake {
     Dcutr,
     /// [`NATPUNCH_DCUTR`]: the relayed connection's dialer drives.
     Natpunch,
+    /// [`NATPUNCH_DCUTR_CLASSES`]: the relayed connection's dialer drives, and both sides
+    /// tell their mapping class.
+    NatpunchClasses,
 }
 
 impl Handshake {
@@ -110,6 +200,7 @@ impl Handshake {
         match self {
             Self::Dcutr => DCUTR,
             Self::Natpunch => NATPUNCH_DCUTR,
+            Self::NatpunchClasses => NATPUNCH_DCUTR_CLASSES,
         }
     }
 
@@ -117,14 +208,7 @@ impl Handshake {
     pub fn driver(self) -> Side {
         match self {
             Self::Dcutr => Side::Listener,
-            Self::Natpunch => Side::Dialer,
-        }
-    }
-
-    fn driven_by(side: Side) -> Self {
-        match side {
-            Side::Listener => Self::Dcutr,
-            Side::Dialer => Self::Natpunch,
+            Self::Natpunch | Self::NatpunchClasses => Side::Dialer,
         }
     }
 }
@@ -150,6 +234,11 @@ pub struct PunchConfig {
     pub max_attempts: u32,
     /// Hole-punch at all (off: the session ends at once, cancelled).
     pub punch: bool,
+    /// This peer's NAT mapping class, if known: told to the remote over
+    /// [`NATPUNCH_DCUTR_CLASSES`] and, with the remote's, deciding the first attempt's form.
+    pub local_mapping: Option<LocalMapping>,
+    /// Speak [`NATPUNCH_DCUTR_CLASSES`] (off: behave as a 1.0.0-only natpunch peer).
+    pub classes: bool,
 }
 
 /// Who the session is between, for the record.
@@ -235,11 +324,14 @@ enum Driving {
     Opening,
     /// CONNECT went out at `sent`.
     Connecting { sent: Instant },
-    /// SYNC went out; dial at `dial_at`.
+    /// SYNC went out; dial at `dial_at`. `primed`: a reversed attempt in which this side
+    /// dials too, as the listener, to open its own NAT's filter.
     Syncing {
         dial_at: Instant,
         remote: Vec<Multiaddr>,
         rtt: Duration,
+        reversed: bool,
+        primed: bool,
     },
 }
 
@@ -264,22 +356,28 @@ enum State {
     /// `until`.
     Watching { until: Instant },
     /// This side drives a handshake on `stream`.
+    /// `classes`: over [`NATPUNCH_DCUTR_CLASSES`].
     Driving {
         stream: StreamId,
         reversed: bool,
+        classes: bool,
         step: Driving,
         until: Instant,
     },
-    /// This side answers the remote's handshake on `stream`.
+    /// This side answers the remote's handshake on `stream` (`classes`: over
+    /// [`NATPUNCH_DCUTR_CLASSES`]).
     Answering {
         stream: StreamId,
+        classes: bool,
         step: Answering,
         until: Instant,
     },
-    /// Attempt `attempt` (an index) dials, on `connection` once known.
+    /// Attempt `attempt` (an index) dials, on `connection` once known. `primer`: the dial of
+    /// a primed reversed attempt, whose failure does not end the attempt.
     Dialing {
         attempt: usize,
         connection: Option<ConnectionId>,
+        primer: bool,
         until: Instant,
     },
     /// Attempt `attempt` is reversed: the remote dials, this side waits.
@@ -330,6 +428,10 @@ pub struct Punch {
     /// The side that drives the handshakes and starts each attempt.
     driver: Side,
     remote: Option<RemoteEngine>,
+    /// The remote's mapping class, as its last [`NATPUNCH_DCUTR_CLASSES`] CONNECT said.
+    remote_mapping: Option<Mapping>,
+    /// The remote does not speak [`NATPUNCH_DCUTR_CLASSES`]: drive 1.0.0.
+    classes_refused: bool,
     /// When the relayed connection came up: the record's times count from here.
     start: Instant,
     started_unix_ms: u64,
@@ -407,6 +509,8 @@ impl Punch {
             state: State::Watching { until: now + wait },
             driver: Side::Listener,
             remote: None,
+            remote_mapping: None,
+            classes_refused: false,
             start: now,
             started_unix_ms: unix_ms,
             deadline: now + wait,
@@ -478,12 +582,20 @@ impl Punch {
         if self.config.side == Side::Listener && matches!(self.state, State::Driving { .. }) {
             return None;
         }
+        let classes = handshake == Handshake::NatpunchClasses;
+        if classes && !self.config.classes {
+            return None;
+        }
+        if classes {
+            self.remote = Some(RemoteEngine::NatpunchClasses);
+        }
         self.driver = remote_driver;
         let stream = self.new_stream();
         // A newer stream replaces an older handshake; an attempt still dialing is left to
         // end on its own (the record counts it cancelled unless its connection comes).
         self.set_state(State::Answering {
             stream,
+            classes,
             step: Answering::Connect,
             until: now + self.config.attempt_timeout,
         });
@@ -492,9 +604,11 @@ impl Punch {
 
     /// A stream this engine asked for is open (writes may go out).
     pub fn stream_opened(&mut self, now: Instant, stream: StreamId) {
+        let mapping = self.local_class();
         if let State::Driving {
             stream: s,
             reversed,
+            classes,
             step: step @ Driving::Opening,
             ..
         } = &mut self.state
@@ -504,6 +618,7 @@ impl Punch {
                 kind: Kind::Connect,
                 addrs: self.offered.iter().map(Multiaddr::to_vec).collect(),
                 reversed: *reversed,
+                mapping: mapping.filter(|_| *classes),
             };
             *step = Driving::Connecting { sent: now };
             self.actions.push_back(Action::Send { stream, message });
@@ -520,6 +635,15 @@ impl Punch {
         unsupported: bool,
     ) {
         if self.state.stream() != Some(stream) || self.state.over() {
+            return;
+        }
+        if unsupported
+            && self.config.side == Side::Dialer
+            && matches!(self.state, State::Driving { classes: true, .. })
+        {
+            // A 1.0.0-only natpunch peer, or no natpunch at all: offer 1.0.0 next.
+            self.classes_refused = true;
+            self.drive(now);
             return;
         }
         if unsupported
@@ -542,9 +666,19 @@ impl Punch {
         if self.state.stream() != Some(stream) || self.state.over() {
             return;
         }
+        if let State::Driving { classes: true, .. } | State::Answering { classes: true, .. } =
+            self.state
+            && message.kind == Kind::Connect
+        {
+            self.remote_mapping = message.mapping.or(self.remote_mapping);
+        }
+        let first = self.attempts.is_empty();
+        let by_classes = self.by_classes();
         match &mut self.state {
             State::Driving {
                 step: step @ Driving::Connecting { .. },
+                reversed,
+                classes,
                 ..
             } => {
                 let Driving::Connecting { sent } = *step else {
@@ -557,17 +691,38 @@ impl Punch {
                         "the remote answered CONNECT with SYNC".into(),
                     );
                 }
+                // Only natpunch answers natpunch's protocols (identify may not have yet).
+                let engine = if *classes {
+                    RemoteEngine::NatpunchClasses
+                } else {
+                    RemoteEngine::Natpunch
+                };
+                if self.config.side == Side::Dialer
+                    && !self.remote.is_some_and(RemoteEngine::natpunch)
+                {
+                    self.remote = Some(engine);
+                }
+                // Over 1.1.0 the reply told the remote's class: the first attempt may be
+                // reversed after all, and SYNC says so.
+                let reversed = *reversed || (first && by_classes);
+                let primed = reversed && by_classes;
                 let rtt = now.saturating_duration_since(sent);
-                let dial_at = now + rtt / 2;
+                // A primer goes out with SYNC: it must cross this side's NAT before the
+                // remote's SYN, which leaves only once SYNC has arrived, whatever the relayed
+                // path's asymmetry and however short the direct path.
+                let dial_at = if primed { now } else { now + rtt / 2 };
                 *step = Driving::Syncing {
                     dial_at,
                     remote: parse_addrs(&message.addrs),
                     rtt,
+                    reversed,
+                    primed,
                 };
                 let sync = HolePunch {
                     kind: Kind::Sync,
                     addrs: Vec::new(),
-                    reversed: false,
+                    reversed: reversed && *classes,
+                    mapping: None,
                 };
                 self.actions.push_back(Action::Send {
                     stream,
@@ -579,6 +734,7 @@ impl Punch {
             }
             State::Answering {
                 step: step @ Answering::Connect,
+                classes,
                 ..
             } => {
                 if message.kind != Kind::Connect {
@@ -596,6 +752,11 @@ impl Punch {
                     kind: Kind::Connect,
                     addrs: self.offered.iter().map(Multiaddr::to_vec).collect(),
                     reversed: false,
+                    mapping: self
+                        .config
+                        .local_mapping
+                        .map(|l| l.mapping)
+                        .filter(|_| *classes),
                 };
                 self.actions.push_back(Action::Send {
                     stream,
@@ -604,6 +765,7 @@ impl Punch {
             }
             State::Answering {
                 step: Answering::Sync { remote, reversed },
+                classes,
                 ..
             } => {
                 if message.kind != Kind::Sync {
@@ -613,8 +775,11 @@ impl Punch {
                         "a second CONNECT instead of SYNC".into(),
                     );
                 }
-                let (remote, reversed) = (std::mem::take(remote), *reversed);
-                self.begin_attempt(now, remote, None, reversed);
+                // Over 1.1.0 the driver's SYNC carries the form it chose once it knew both
+                // classes.
+                let reversed = *reversed || (*classes && message.reversed);
+                let remote = std::mem::take(remote);
+                self.begin_attempt(now, remote, None, reversed, false);
             }
             _ => {}
         }
@@ -626,13 +791,19 @@ impl Punch {
         let State::Dialing {
             attempt,
             connection: connection @ None,
-            ..
+            primer,
+            until,
         } = &mut self.state
         else {
             return;
         };
         match result {
             Ok(id) => *connection = Some(id),
+            Err(_) if *primer => {
+                // Only a primer: the remote's dial may still come.
+                let (attempt, until) = (*attempt, *until);
+                self.set_state(State::Awaiting { attempt, until });
+            }
             Err(error) => {
                 let attempt = *attempt;
                 self.end_attempt(now, attempt, AttemptOutcome::Failed, Some(error));
@@ -656,6 +827,7 @@ impl Punch {
         self.set_state(State::Dialing {
             attempt,
             connection: Some(connection),
+            primer: false,
             until: now + wait,
         });
     }
@@ -672,7 +844,8 @@ impl Punch {
         let State::Dialing {
             attempt,
             connection: Some(c),
-            ..
+            primer,
+            until,
         } = self.state
         else {
             return;
@@ -685,6 +858,11 @@ impl Punch {
                 a.dialed = failed.failures.iter().map(|f| f.addr.clone()).collect();
             }
             a.dial_errors = failed.failures;
+        }
+        if primer {
+            // The primer was expected to go nowhere; the remote's dial may still come.
+            self.set_state(State::Awaiting { attempt, until });
+            return;
         }
         let outcome = if failed.timed_out {
             AttemptOutcome::Timeout
@@ -764,12 +942,14 @@ impl Punch {
                         dial_at,
                         remote,
                         rtt,
+                        reversed,
+                        primed,
                     },
-                reversed,
                 ..
             } if now >= *dial_at => {
-                let (remote, rtt, reversed) = (std::mem::take(remote), *rtt, *reversed);
-                self.begin_attempt(now, remote, Some(rtt), reversed);
+                let (remote, rtt, reversed, primed) =
+                    (std::mem::take(remote), *rtt, *reversed, *primed);
+                self.begin_attempt(now, remote, Some(rtt), reversed, primed);
             }
             State::Driving { until, .. } if now >= *until => self.handshake_failed(
                 now,
@@ -803,6 +983,21 @@ impl Punch {
         }
     }
 
+    /// This peer's mapping class, if known.
+    fn local_class(&self) -> Option<Mapping> {
+        self.config.local_mapping.map(|l| l.mapping)
+    }
+
+    /// Whether both classes are known and say: the first attempt is reversed (TCP only; QUIC
+    /// has no role problem).
+    fn by_classes(&self) -> bool {
+        let (dialer, listener) = match self.config.side {
+            Side::Dialer => (self.local_class(), self.remote_mapping),
+            Side::Listener => (self.remote_mapping, self.local_class()),
+        };
+        self.config.transport == Transport::Tcp && first_attempt_reversed(dialer, listener)
+    }
+
     fn new_stream(&mut self) -> StreamId {
         self.next_stream += 1;
         StreamId(self.next_stream)
@@ -821,16 +1016,37 @@ impl Punch {
     /// Drives the next handshake from this side.
     fn drive(&mut self, now: Instant) {
         self.driver = self.config.side;
-        // The second attempt between natpunch peers is reversed: if a TCP simultaneous open
-        // failed because only this side's packets get through (its NAT maps per destination,
-        // the remote's does not filter by port), this side's dial, landing on the remote's
-        // listener, must take the dialer's role.
-        let reversed = self.attempts.len() == 1 && self.remote == Some(RemoteEngine::Natpunch);
+        let natpunch = self.remote.is_some_and(RemoteEngine::natpunch);
+        let reversed = if self.by_classes() {
+            // The classes chose the reversed form first; the next attempt tries the other.
+            self.attempts.is_empty()
+        } else {
+            // The second attempt between natpunch peers is reversed: if a TCP simultaneous
+            // open failed because only the listener's packets get through (its NAT maps per
+            // destination, this side's does not filter by port), its dial, landing on this
+            // side's listener, must take the dialer's role.
+            self.attempts.len() == 1 && natpunch
+        };
+        let handshake = match self.config.side {
+            Side::Listener => Handshake::Dcutr,
+            // 1.1.0 first, unless the remote is known not to speak it.
+            Side::Dialer
+                if self.config.classes
+                    && !self.classes_refused
+                    && !matches!(
+                        self.remote,
+                        Some(RemoteEngine::Natpunch | RemoteEngine::Other)
+                    ) =>
+            {
+                Handshake::NatpunchClasses
+            }
+            Side::Dialer => Handshake::Natpunch,
+        };
         let stream = self.new_stream();
-        let handshake = Handshake::driven_by(self.config.side);
         self.set_state(State::Driving {
             stream,
             reversed,
+            classes: handshake == Handshake::NatpunchClasses,
             step: Driving::Opening,
             until: now + self.config.attempt_timeout,
         });
@@ -851,6 +1067,7 @@ impl Punch {
         remote: Vec<Multiaddr>,
         rtt: Option<Duration>,
         reversed: bool,
+        primed: bool,
     ) {
         let timeout = self.config.attempt_timeout;
         let side = self.config.side;
@@ -874,7 +1091,8 @@ impl Punch {
         };
         attempt.reversed = reversed;
         attempt.remote_addrs.clone_from(&self.remote_addrs);
-        if reversed && side == Side::Dialer {
+        let primer = reversed && primed && side == Side::Dialer && !targets.is_empty();
+        if reversed && side == Side::Dialer && !primer {
             // The listener dials; this side only waits for its connection.
             self.set_state(State::Awaiting {
                 attempt: index,
@@ -897,12 +1115,15 @@ impl Punch {
         self.set_state(State::Dialing {
             attempt: index,
             connection: None,
+            primer,
             until: now + timeout,
         });
         self.actions.push_back(Action::Dial {
             attempt: number,
             addrs: targets,
-            as_listener: side == Side::Listener && !reversed,
+            // A primer goes towards the remote only to open this side's filter: should it
+            // get through, the remote (dialing as the dialer) keeps the dialer's role.
+            as_listener: (side == Side::Listener && !reversed) || primer,
         });
     }
 
@@ -1008,6 +1229,9 @@ impl Punch {
             to_relay_rtt_ms: None,
             relay_rtt_ms: self.relay_rtt.map(|d| d.as_secs_f64() * 1000.0),
             direct_rtt_ms: self.direct_rtt.map(|d| d.as_secs_f64() * 1000.0),
+            local_mapping: self.local_class(),
+            local_mapping_source: self.config.local_mapping.map(|l| l.source),
+            remote_mapping: self.remote_mapping,
             local_addrs: std::mem::take(&mut self.local_addrs),
             remote_addrs: std::mem::take(&mut self.remote_addrs),
             attempts,

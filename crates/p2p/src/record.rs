@@ -77,8 +77,9 @@ pub struct Attempt {
     /// The CONNECT round trip the listener measured (it sets the SYNC timing).
     pub rtt_ms: Option<f64>,
     /// A reversed attempt: the listener dialed as the connection's dialer and the dialer only
-    /// waited (natpunch's second attempt between natpunch peers, for a TCP punch whose
-    /// simultaneous open failed because only one side's packets get through).
+    /// waited, or dialed as the listener to open its own NAT's filter (natpunch's second
+    /// attempt between natpunch peers, for a TCP punch whose simultaneous open failed because
+    /// only one side's packets get through; the first when both mapping classes say so).
     pub reversed: bool,
     /// When this side dialed, ms after the relayed connection.
     pub dialed_ms: Option<f64>,
@@ -130,6 +131,15 @@ pub struct Record {
     pub relay_rtt_ms: Option<f64>,
     /// The direct connection's first ping, ms.
     pub direct_rtt_ms: Option<f64>,
+    /// How this side's NAT maps (RFC 4787), if known.
+    #[serde(default)]
+    pub local_mapping: Option<behaviour::Mapping>,
+    /// Where `local_mapping` came from: `flag`, `rfc5780` or `observed`.
+    #[serde(default)]
+    pub local_mapping_source: Option<crate::punch::MappingSource>,
+    /// How the remote's NAT maps, as the remote reported it (`/natpunch/dcutr/1.1.0` only).
+    #[serde(default)]
+    pub remote_mapping: Option<behaviour::Mapping>,
     /// The addresses this side offered.
     pub local_addrs: Vec<String>,
     /// The addresses the remote offered (from its last CONNECT).

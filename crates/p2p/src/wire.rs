@@ -16,6 +16,19 @@
 //!
 //! The observed addresses are binary multiaddrs; this module carries them as opaque bytes.
 //!
+//! natpunch adds two fields that other implementations skip as unknown (proto2 parsers skip
+//! unknown fields):
+//!
+//! ```text
+//!   optional bool reversed = 1000;      // tag 0xc0 0x3e: who dials in this attempt
+//!   optional MappingClass mapping = 1001; // tag 0xc8 0x3e: the sender's NAT mapping class
+//!   enum MappingClass { NONE = 1; ENDPOINT_INDEPENDENT = 2; ADDRESS_DEPENDENT = 3;
+//!                       ADDRESS_AND_PORT_DEPENDENT = 4; }
+//! ```
+//!
+//! `mapping` is sent only on `/natpunch/dcutr/1.1.0` streams; a value this module does not
+//! know (0, 5 and up) decodes as "not said", so a newer peer's class never breaks an older one.
+//!
 //! # Limits and strictness
 //!
 //! * A body longer than [`MAX_MESSAGE`] (4096 bytes, the spec's limit) is refused, both when
@@ -32,6 +45,7 @@
 //!
 //! Nothing here panics, whatever the input.
 
+use behaviour::Mapping;
 use futures::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 /// The largest message body accepted or produced, in bytes (the DCUtR spec's limit).
@@ -45,6 +59,8 @@ const MAX_FIELD_NUMBER: u64 = (1 << 29) - 1;
 const TAG_TYPE: u8 = 1 << 3;
 /// natpunch's `reversed` field number (wire type 0).
 const FIELD_REVERSED: u64 = 1000;
+/// natpunch's `mapping` field number (wire type 0), sent on `/natpunch/dcutr/1.1.0` only.
+const FIELD_MAPPING: u64 = 1001;
 /// The tag of field 2 (`ObsAddrs`), wire type 2.
 const TAG_OBS_ADDRS: u8 = (2 << 3) | 2;
 /// The protobuf enum number of CONNECT.
@@ -82,6 +98,30 @@ pub struct HolePunch {
     /// listener (B) dials as the connection's dialer and the dialer (A) does not dial. Other
     /// implementations skip the field, as proto2 parsers skip unknown fields.
     pub reversed: bool,
+    /// natpunch's extension (field 1001, a varint enum, sent only when known): how the
+    /// sender's NAT maps (RFC 4787), so that the driver can choose the first attempt's form.
+    pub mapping: Option<Mapping>,
+}
+
+/// The wire number of a mapping class (`MappingClass` in the module doc).
+fn mapping_number(m: Mapping) -> u64 {
+    match m {
+        Mapping::None => 1,
+        Mapping::EndpointIndependent => 2,
+        Mapping::AddressDependent => 3,
+        Mapping::AddressAndPortDependent => 4,
+    }
+}
+
+/// The mapping class of a wire number; `None` for a number this version does not know.
+fn mapping_of(number: u64) -> Option<Mapping> {
+    match number {
+        1 => Some(Mapping::None),
+        2 => Some(Mapping::EndpointIndependent),
+        3 => Some(Mapping::AddressDependent),
+        4 => Some(Mapping::AddressAndPortDependent),
+        _ => None,
+    }
 }
 
 /// Why bytes are not a valid DCUtR message or frame.
@@ -150,6 +190,10 @@ impl HolePunch {
             put_varint(&mut out, FIELD_REVERSED << 3);
             put_varint(&mut out, 1);
         }
+        if let Some(m) = self.mapping {
+            put_varint(&mut out, FIELD_MAPPING << 3);
+            put_varint(&mut out, mapping_number(m));
+        }
         out
     }
 
@@ -165,6 +209,7 @@ impl HolePunch {
         let mut kind = None;
         let mut addrs = Vec::new();
         let mut reversed = false;
+        let mut mapping = None;
         while !rest.is_empty() {
             let (tag, after_tag) = read_varint(rest)?;
             rest = after_tag;
@@ -192,6 +237,11 @@ impl HolePunch {
                     reversed = value != 0;
                     rest = after;
                 }
+                (FIELD_MAPPING, 0) => {
+                    let (value, after) = read_varint(rest)?;
+                    mapping = mapping_of(value);
+                    rest = after;
+                }
                 (1 | 2, _) => {
                     return Err(WireError::WrongWireType {
                         field,
@@ -212,6 +262,7 @@ impl HolePunch {
             kind,
             addrs,
             reversed,
+            mapping,
         })
     }
 
@@ -447,6 +498,7 @@ mod tests {
             kind: Kind::Connect,
             addrs: addrs.iter().map(|a| a.to_vec()).collect(),
             reversed: false,
+            mapping: None,
         }
     }
 
@@ -469,11 +521,13 @@ mod tests {
             kind: Kind::Sync,
             addrs: Vec::new(),
             reversed: false,
+            mapping: None,
         });
         round_trip(&HolePunch {
             kind: Kind::Sync,
             addrs: vec![ADDR.to_vec()],
             reversed: false,
+            mapping: None,
         });
     }
 
@@ -498,6 +552,7 @@ mod tests {
             kind: Kind::Sync,
             addrs: Vec::new(),
             reversed: false,
+            mapping: None,
         };
         assert_eq!(sync.encode(), [0x08, 0xac, 0x02]);
         assert_eq!(sync.to_frame(), Ok(vec![0x03, 0x08, 0xac, 0x02]));
@@ -525,6 +580,7 @@ mod tests {
     fn the_reversed_extension_round_trips_and_is_a_plain_unknown_field_elsewhere() {
         let m = HolePunch {
             reversed: true,
+            mapping: None,
             ..connect(&[&ADDR])
         };
         round_trip(&m);
@@ -532,6 +588,109 @@ mod tests {
         assert_eq!(m.encode().get(12..), Some(&[0xc0, 0x3e, 0x01][..]));
         // Without it, the encoding is the spec's, byte for byte.
         assert_eq!(connect(&[&ADDR]).encode().len(), 12);
+    }
+
+    #[test]
+    fn the_mapping_class_round_trips_and_unknown_numbers_are_not_said() {
+        for m in [
+            Mapping::None,
+            Mapping::EndpointIndependent,
+            Mapping::AddressDependent,
+            Mapping::AddressAndPortDependent,
+        ] {
+            let with = HolePunch {
+                mapping: Some(m),
+                ..connect(&[&ADDR])
+            };
+            round_trip(&with);
+            // Field 1001, wire type 0: tag 8008 = 0xc8 0x3e, then the class's number.
+            assert_eq!(
+                with.encode().get(12..),
+                Some(&[0xc8, 0x3e, u8::try_from(mapping_number(m)).expect("small")][..])
+            );
+        }
+        // Numbers this version does not know, a long varint among them: decoded, not said.
+        for value in [&[0x00][..], &[0x05], &[0xff, 0xff, 0x03]] {
+            let mut body = vec![0x08, 0x64, 0xc8, 0x3e];
+            body.extend_from_slice(value);
+            assert_eq!(HolePunch::decode(&body), Ok(connect(&[])), "{body:02x?}");
+        }
+        // The field with another wire type is an unknown field, skipped.
+        assert_eq!(
+            HolePunch::decode(&[0x08, 0x64, 0xca, 0x3e, 0x01, 0x04]),
+            Ok(connect(&[]))
+        );
+        // Cut inside its value: truncated, not a panic.
+        assert_eq!(
+            HolePunch::decode(&[0x08, 0x64, 0xc8, 0x3e, 0x80]),
+            Err(WireError::Truncated)
+        );
+        // Both extensions with a SYNC.
+        round_trip(&HolePunch {
+            kind: Kind::Sync,
+            addrs: Vec::new(),
+            reversed: true,
+            mapping: Some(Mapping::AddressAndPortDependent),
+        });
+    }
+
+    /// The fuzz target's checks (`fuzz/fuzz_targets/dcutr_decode.rs`) on 50,000 mutations of
+    /// messages carrying both natpunch fields: truncated, bytes flipped, bytes inserted. None
+    /// panics; every body accepted re-encodes canonically to the same message.
+    #[test]
+    fn mutated_messages_with_the_natpunch_fields_never_panic_and_round_trip() {
+        // xorshift64: deterministic, so a failure reproduces.
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let classes = [
+            None,
+            Some(Mapping::None),
+            Some(Mapping::EndpointIndependent),
+            Some(Mapping::AddressDependent),
+            Some(Mapping::AddressAndPortDependent),
+        ];
+        let mut accepted = 0;
+        for i in 0..50_000_usize {
+            let seed = HolePunch {
+                kind: if i % 2 == 0 {
+                    Kind::Connect
+                } else {
+                    Kind::Sync
+                },
+                addrs: vec![ADDR.to_vec(); i % 3],
+                reversed: i % 5 == 0,
+                mapping: classes[i % classes.len()],
+            };
+            let mut body = seed.encode();
+            for _ in 0..(1 + next() % 3) {
+                let r = usize::try_from(next() % 1024).expect("small");
+                match next() % 3 {
+                    0 => body.truncate(r % (body.len() + 1)),
+                    1 if !body.is_empty() => {
+                        let at = r % body.len();
+                        body[at] ^= u8::try_from(next() % 255 + 1).expect("byte");
+                    }
+                    _ => body.insert(r % (body.len() + 1), (next() % 256) as u8),
+                }
+            }
+            if let Ok(m) = HolePunch::decode(&body) {
+                accepted += 1;
+                assert!(m.encode().len() <= body.len(), "{body:02x?}");
+                round_trip(&m);
+            }
+            let mut reader = FrameReader::new();
+            reader.push(&body);
+            while let Ok(Some(_)) = reader.next_message() {}
+        }
+        assert!(
+            accepted > 1000,
+            "the mutations keep some messages valid: {accepted}"
+        );
     }
 
     #[test]
@@ -543,6 +702,7 @@ mod tests {
                 kind: Kind::Sync,
                 addrs: vec![vec![0xbb], vec![0xaa]],
                 reversed: false,
+                mapping: None,
             })
         );
     }
@@ -669,6 +829,7 @@ mod tests {
                 kind: Kind::Sync,
                 addrs: Vec::new(),
                 reversed: false,
+                mapping: None,
             },
             connect(&[&[7; 200]]),
             connect(&[]),

@@ -8,7 +8,7 @@ use libp2p::{Multiaddr, PeerId, StreamProtocol};
 use serde::{Deserialize, Serialize};
 
 use super::defaults;
-use crate::punch::{Engine, Transport};
+use crate::punch::{Engine, LocalMapping, Transport};
 use crate::record::Record;
 
 /// Where the addresses offered in CONNECT come from.
@@ -67,6 +67,10 @@ pub struct PeerConfig {
     pub port_mapping: bool,
     /// The lifetime to ask for the mappings.
     pub port_mapping_lifetime: Duration,
+    /// This peer's NAT mapping class and where it was learnt (a flag, an RFC 5780 check),
+    /// when known before the peer starts; otherwise the peer learns it from what remotes at two
+    /// or more addresses observe ([`crate::observed`]), or never.
+    pub local_mapping: Option<LocalMapping>,
     /// Join a Kademlia DHT as a client once set up (after the reservation, so that peers met
     /// there, a honeypot among them, learn the relayed address from identify).
     pub dht: Option<Dht>,
@@ -98,6 +102,7 @@ impl PeerConfig {
             perf_bytes: None,
             port_mapping: false,
             port_mapping_lifetime: defaults::PORT_MAPPING_LIFETIME,
+            local_mapping: None,
             dht: None,
         }
     }

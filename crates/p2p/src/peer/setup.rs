@@ -101,6 +101,9 @@ impl Peer {
                 )) if peer_id == self.relay => {
                     waiting.retain(|c| *c != connection_id);
                     let observed = info.observed_addr;
+                    if let Some(ip) = self.relay_addrs.first().and_then(super::observer_ip) {
+                        self.observe(ip, observed.clone());
+                    }
                     if !self.observed.contains(&observed) {
                         self.observed.push(observed.clone());
                         if self.config.engine == Engine::Stock

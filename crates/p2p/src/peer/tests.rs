@@ -281,3 +281,82 @@ async fn identify_candidates_are_capped() {
     }
     assert_eq!(fed.peer.stats().stock_candidates, MAX_STOCK_CANDIDATES);
 }
+
+#[tokio::test]
+async fn the_mapping_class_is_learnt_from_what_remotes_at_two_addresses_observe() {
+    use behaviour::Mapping;
+
+    let mut fed = Fed::new(false);
+    let at = |s: &str| s.parse::<Multiaddr>().expect("addr");
+    let mapping = |fed: &Fed| {
+        let remote = relay_id();
+        fed.peer.punch_setup(Side::Dialer, remote).0.local_mapping
+    };
+    // The relay saw the listen port at 39001: one observer tells nothing.
+    let relay_ip = fed
+        .peer
+        .relay_addrs
+        .first()
+        .and_then(observer_ip)
+        .expect("ip");
+    fed.peer.observe(relay_ip, at("/ip4/11.99.0.20/tcp/39001"));
+    assert_eq!(mapping(&fed), None);
+
+    // A remote that dialed this peer sees the port it dialed: not counted.
+    let mut inbound = fed.remote();
+    inbound.direct.1 = ConnectedPoint::Listener {
+        local_addr: at("/ip4/192.168.1.2/tcp/4000"),
+        send_back_addr: at("/ip4/11.99.0.30/tcp/5000"),
+    };
+    let told = |fed: &mut Fed, c: &Conns, observed: &str| {
+        fed.established(c, &c.direct);
+        let info = identify::Info {
+            public_key: c.key.public(),
+            protocol_version: PROTOCOL_VERSION.into(),
+            agent_version: "test".into(),
+            listen_addrs: Vec::new(),
+            protocols: vec![DCUTR],
+            observed_addr: at(observed),
+            signed_peer_record: None,
+        };
+        fed.feed(SwarmEvent::Behaviour(PeerBehaviourEvent::Identify(
+            identify::Event::Received {
+                connection_id: c.direct.0,
+                peer_id: c.key.public().to_peer_id(),
+                info,
+            },
+        )));
+    };
+    told(&mut fed, &inbound, "/ip4/11.99.0.20/tcp/4000");
+    assert_eq!(mapping(&fed), None);
+
+    // A peer this peer dialed (a DHT node at another address) sees another port: the NAT maps
+    // per destination.
+    let mut dialed = fed.remote();
+    dialed.direct.1 = ConnectedPoint::Dialer {
+        address: at("/ip4/11.99.0.31/tcp/11000"),
+        role_override: Endpoint::Dialer,
+        port_use: libp2p::core::transport::PortUse::Reuse,
+    };
+    told(&mut fed, &dialed, "/ip4/11.99.0.20/tcp/41234");
+    let learnt = mapping(&fed).expect("learnt");
+    assert_eq!(learnt.mapping, Mapping::AddressAndPortDependent);
+    assert_eq!(learnt.source, MappingSource::Observed);
+
+    // A class given on the command line wins, and nothing is derived.
+    let mut told_fed = Fed::new(false);
+    let flag = LocalMapping {
+        mapping: Mapping::EndpointIndependent,
+        source: MappingSource::Flag,
+    };
+    told_fed.peer.config.local_mapping = Some(flag);
+    told_fed
+        .peer
+        .observe(relay_ip, at("/ip4/11.99.0.20/tcp/39001"));
+    told_fed.peer.observe(
+        "11.99.0.31".parse().expect("ip"),
+        at("/ip4/11.99.0.20/tcp/41234"),
+    );
+    assert_eq!(mapping(&told_fed), Some(flag));
+    assert!(told_fed.peer.observations.is_empty());
+}

@@ -115,6 +115,7 @@ impl StockListener {
                 kind: Kind::Connect,
                 addrs: vec![addr(Who::B).to_vec()],
                 reversed: false,
+                mapping: None,
             },
         });
     }
@@ -130,6 +131,7 @@ impl StockListener {
                 kind: Kind::Sync,
                 addrs: Vec::new(),
                 reversed: false,
+                mapping: None,
             },
         });
         self.dial_at = Some((now + rtt / 2, parse_addrs(&message.addrs)));
@@ -208,6 +210,8 @@ fn config(side: Side) -> PunchConfig {
         attempt_timeout: TIMEOUT,
         max_attempts: 3,
         punch: true,
+        local_mapping: None,
+        classes: true,
     }
 }
 
@@ -241,6 +245,8 @@ struct Sim {
     dials: Vec<DialSeen>,
     closed: Vec<(Who, usize)>,
     records: HashMap<Who, Record>,
+    /// Every stream opened, by whom, with which protocol.
+    opens: Vec<(Who, Handshake)>,
 }
 
 impl Sim {
@@ -258,6 +264,7 @@ impl Sim {
             dials: Vec::new(),
             closed: Vec::new(),
             records: HashMap::new(),
+            opens: Vec::new(),
         }
     }
 
@@ -282,6 +289,7 @@ impl Sim {
         let now = self.now;
         match action {
             Action::Open { stream, handshake } => {
+                self.opens.push((who, handshake));
                 // Optimistic negotiation: writes may go out at once.
                 if let Some(p) = self.node(who).punch() {
                     p.stream_opened(now, stream);
@@ -406,9 +414,15 @@ impl Sim {
                 handshake,
             } => {
                 let answer = match self.node(to) {
+                    // A 1.0.0-only peer does not accept the protocol at all.
+                    Node::Natpunch(p)
+                        if handshake == Handshake::NatpunchClasses && !p.config.classes =>
+                    {
+                        Err(true)
+                    }
                     Node::Natpunch(p) => p.inbound(now, handshake).ok_or(false),
                     // The stock behaviour does not speak natpunch's protocol.
-                    Node::Stock(_) => Err(handshake == Handshake::Natpunch),
+                    Node::Stock(_) => Err(handshake != Handshake::Dcutr),
                 };
                 match answer {
                     Ok(stream) => {
@@ -787,6 +801,7 @@ fn a_newer_stream_from_the_remote_replaces_the_older_and_stale_messages_are_igno
         kind: Kind::Connect,
         addrs: vec![addr.to_vec()],
         reversed: false,
+        mapping: None,
     };
     let old = b.inbound(base, Handshake::Natpunch).expect("answered");
     b.message(base, old, connect(addr(Who::A)));
@@ -801,6 +816,7 @@ fn a_newer_stream_from_the_remote_replaces_the_older_and_stale_messages_are_igno
         kind: Kind::Sync,
         addrs: Vec::new(),
         reversed: false,
+        mapping: None,
     };
     b.message(base + ONE_WAY, old, sync.clone());
     assert_eq!(b.poll_action(), None);
@@ -832,4 +848,267 @@ fn the_next_connect_offers_the_addresses_a_port_mapping_gave_since() {
         panic!("A sends CONNECT");
     };
     assert_eq!(message.addrs, [mapped.to_vec(), addr(Who::A).to_vec()]);
+}
+
+/// The TCP address of a node (`/p2p/…`-less).
+fn tcp_addr(who: Who) -> Multiaddr {
+    match who {
+        Who::A => "/ip4/11.99.0.10/tcp/4000",
+        Who::B => "/ip4/11.99.0.11/tcp/5000",
+    }
+    .parse()
+    .expect("addr")
+}
+
+/// How one side of a class test runs.
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    mapping: Option<Mapping>,
+    /// Speaks 1.1.0.
+    classes: bool,
+}
+
+const EIM: Peer = Peer {
+    mapping: Some(Mapping::EndpointIndependent),
+    classes: true,
+};
+const APDM: Peer = Peer {
+    mapping: Some(Mapping::AddressAndPortDependent),
+    classes: true,
+};
+const UNKNOWN: Peer = Peer {
+    mapping: None,
+    classes: true,
+};
+
+/// A natpunch node over `transport` as `peer` says, identify not answered yet.
+fn classed(now: Instant, who: Who, peer: Peer, transport: Transport) -> Node {
+    let side = match who {
+        Who::A => Side::Dialer,
+        Who::B => Side::Listener,
+    };
+    let mut c = config(side);
+    c.transport = transport;
+    c.classes = peer.classes;
+    c.local_mapping = peer.mapping.map(|mapping| LocalMapping {
+        mapping,
+        source: MappingSource::Rfc5780,
+    });
+    let offered = match transport {
+        Transport::Tcp => tcp_addr(who),
+        _ => addr(who),
+    };
+    let peers = Peers {
+        local: format!("{who:?}"),
+        remote: format!("{:?}", who.other()),
+        relay: "relay".into(),
+    };
+    Node::Natpunch(Box::new(Punch::new(now, 0, c, peers, None, vec![offered])))
+}
+
+fn run_classed(
+    a: Peer,
+    b: Peer,
+    transport: Transport,
+    net: impl Fn(DialSeen) -> Net + 'static,
+) -> Sim {
+    let base = Instant::now();
+    let mut sim = Sim::new(
+        base,
+        classed(base, Who::A, a, transport),
+        classed(base, Who::B, b, transport),
+        net,
+    );
+    sim.run();
+    sim
+}
+
+/// TCP towards a listener whose NAT maps per destination: only the listener's SYN gets
+/// through (from a port nobody aimed at, onto the dialer's listening socket), and the
+/// connection completes only if the listener took the dialer's role.
+fn into_symmetric(d: DialSeen) -> Net {
+    if d.by == Who::B && !d.as_listener {
+        Net::Connect
+    } else {
+        Net::Drop
+    }
+}
+
+#[test]
+fn the_classes_decide_the_first_attempts_form() {
+    use Mapping::{
+        AddressAndPortDependent as Apdm, AddressDependent as Adm, EndpointIndependent as Eim,
+    };
+    let none = Some(Mapping::None);
+    let per_destination = [Some(Adm), Some(Apdm)];
+    for dialer in [none, Some(Eim)] {
+        for listener in per_destination {
+            assert!(
+                first_attempt_reversed(dialer, listener),
+                "{dialer:?} × {listener:?}"
+            );
+        }
+    }
+    let all = [None, none, Some(Eim), Some(Adm), Some(Apdm)];
+    for dialer in all {
+        for listener in all {
+            let reversed = dialer.is_some_and(|d| !matches!(d, Adm | Apdm))
+                && per_destination.contains(&listener);
+            assert_eq!(
+                first_attempt_reversed(dialer, listener),
+                reversed,
+                "{dialer:?} × {listener:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn tcp_into_a_per_destination_listener_goes_direct_on_the_first_attempt() {
+    for primer in [Net::Drop, Net::Refuse] {
+        let sim = run_classed(EIM, APDM, Transport::Tcp, move |d| match d.by {
+            Who::A => {
+                assert!(d.as_listener, "A's dial only primes its own NAT");
+                primer
+            }
+            Who::B => into_symmetric(d),
+        });
+        assert_eq!(
+            sim.opens,
+            [(Who::A, Handshake::NatpunchClasses)],
+            "one handshake, over 1.1.0"
+        );
+        for who in [Who::A, Who::B] {
+            let r = sim.record(who);
+            assert_eq!(r.outcome, Outcome::Success, "{primer:?} {who:?}: {r:?}");
+            assert_eq!(r.attempts.len(), 1, "{who:?}");
+            assert!(r.attempts[0].reversed, "{who:?}");
+            assert_eq!(r.attempts[0].outcome, AttemptOutcome::Success);
+            // As fast as a simultaneous open: no attempt lost.
+            assert_eq!(
+                r.time_to_direct_ms,
+                Some(ms(ONE_WAY * 3 + DIRECT)),
+                "{who:?}"
+            );
+            assert_eq!(r.local_mapping_source, Some(MappingSource::Rfc5780));
+        }
+        let (a, b) = (sim.record(Who::A), sim.record(Who::B));
+        assert_eq!(a.local_mapping, Some(Mapping::EndpointIndependent));
+        assert_eq!(a.remote_mapping, Some(Mapping::AddressAndPortDependent));
+        assert_eq!(b.remote_mapping, Some(Mapping::EndpointIndependent));
+        // A's primer went towards B, so that an address-dependent filter lets B in, with SYNC:
+        // before B's SYN can arrive (B dials when SYNC reaches it).
+        assert_eq!(a.attempts[0].dialed, [tcp_addr(Who::B).to_string()]);
+        assert_eq!(a.attempts[0].dialed_ms, Some(ms(ONE_WAY * 2)));
+        assert_eq!(b.attempts[0].dialed_ms, Some(ms(ONE_WAY * 3)));
+        assert_eq!(a.dialed_by.as_deref(), Some("remote"));
+        assert_eq!(b.dialed_by.as_deref(), Some("local"));
+    }
+}
+
+#[test]
+fn after_a_reversed_first_attempt_the_second_is_a_simultaneous_open() {
+    // Only a simultaneous open works here (whatever the classes said).
+    let sim = run_classed(EIM, APDM, Transport::Tcp, |d| match (d.by, d.as_listener) {
+        (Who::A, false) => Net::Connect,
+        _ => Net::Drop,
+    });
+    for who in [Who::A, Who::B] {
+        let r = sim.record(who);
+        assert_eq!(r.outcome, Outcome::Success, "{who:?}: {r:?}");
+        let forms: Vec<bool> = r.attempts.iter().map(|a| a.reversed).collect();
+        assert_eq!(forms, [true, false], "{who:?}");
+    }
+}
+
+#[test]
+fn a_per_destination_dialer_into_a_cone_listener_keeps_the_simultaneous_open() {
+    // A's SYN, from a port nobody aimed at, lands on B's listening socket: A must be the
+    // dialer, as in the first attempt of old.
+    let sim = run_classed(APDM, EIM, Transport::Tcp, |d| {
+        if d.by == Who::A && !d.as_listener {
+            Net::Connect
+        } else {
+            Net::Drop
+        }
+    });
+    for who in [Who::A, Who::B] {
+        let r = sim.record(who);
+        assert_eq!(r.outcome, Outcome::Success, "{who:?}: {r:?}");
+        assert_eq!(r.attempts.len(), 1);
+        assert!(!r.attempts[0].reversed);
+    }
+    assert_eq!(
+        sim.record(Who::B).remote_mapping,
+        Some(Mapping::AddressAndPortDependent)
+    );
+}
+
+#[test]
+fn quic_and_unknown_classes_keep_the_old_order() {
+    for (a, b, transport) in [
+        (EIM, APDM, Transport::Quic),
+        (EIM, APDM, Transport::Both),
+        (UNKNOWN, APDM, Transport::Tcp),
+        (EIM, UNKNOWN, Transport::Tcp),
+    ] {
+        let sim = run_classed(a, b, transport, into_symmetric);
+        for who in [Who::A, Who::B] {
+            let r = sim.record(who);
+            assert_eq!(
+                r.outcome,
+                Outcome::Success,
+                "{a:?} {b:?} {transport:?}: {r:?}"
+            );
+            let forms: Vec<bool> = r.attempts.iter().map(|a| a.reversed).collect();
+            assert_eq!(forms, [false, true], "{a:?} {b:?} {transport:?} {who:?}");
+        }
+        // A only waits in the reversed attempt of old.
+        assert_eq!(sim.record(Who::A).attempts[1].dialed_ms, None);
+        assert_eq!(sim.opens, [(Who::A, Handshake::NatpunchClasses); 2]);
+    }
+}
+
+#[test]
+fn a_listener_without_1_1_0_gets_1_0_0_and_the_old_order() {
+    let old = Peer {
+        classes: false,
+        ..APDM
+    };
+    let sim = run_classed(EIM, old, Transport::Tcp, into_symmetric);
+    // Offered 1.1.0, refused; 1.0.0 at once, and again for the second attempt.
+    assert_eq!(
+        sim.opens,
+        [
+            (Who::A, Handshake::NatpunchClasses),
+            (Who::A, Handshake::Natpunch),
+            (Who::A, Handshake::Natpunch)
+        ]
+    );
+    for who in [Who::A, Who::B] {
+        let r = sim.record(who);
+        assert_eq!(r.outcome, Outcome::Success, "{who:?}: {r:?}");
+        let forms: Vec<bool> = r.attempts.iter().map(|a| a.reversed).collect();
+        assert_eq!(forms, [false, true], "{who:?}");
+        assert_eq!(r.remote_mapping, None, "{who:?}: 1.0.0 carries no class");
+    }
+    // The refused offer cost one relayed round trip before the first dial.
+    let a = sim.record(Who::A);
+    assert_eq!(a.attempts[0].dialed_ms, Some(ms(ONE_WAY * 5)));
+}
+
+#[test]
+fn a_dialer_without_1_1_0_drives_1_0_0_and_sends_no_class() {
+    let old = Peer {
+        classes: false,
+        ..EIM
+    };
+    let sim = run_classed(old, APDM, Transport::Tcp, into_symmetric);
+    assert_eq!(sim.opens, [(Who::A, Handshake::Natpunch); 2]);
+    for who in [Who::A, Who::B] {
+        let r = sim.record(who);
+        assert_eq!(r.outcome, Outcome::Success, "{who:?}: {r:?}");
+        assert_eq!(r.attempts.len(), 2, "{who:?}");
+        assert_eq!(r.remote_mapping, None, "{who:?}");
+    }
 }
