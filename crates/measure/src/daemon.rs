@@ -151,6 +151,7 @@ mod tests {
                     result: if direct { "ok" } else { "timeout" }.into(),
                 },
             ],
+            birthday: None,
             error: None,
         }
     }
