@@ -602,9 +602,15 @@ fn run_trial(
             .map_err(|e| e.to_string())?
             .listen(&service, job.proto)
             .map_err(|e| e.to_string())?;
-        let echo = std::thread::spawn(move || -> Result<(), String> {
-            let conn = listening.accept().map_err(|e| e.to_string())?;
-            echo(conn.socket)
+        // The listening application reports through a channel: a daemon that never hands it
+        // a socket must not hold the trial for ever.
+        let (echoed_tx, echoed_rx) = mpsc::sync_channel(1);
+        std::thread::spawn(move || {
+            let result = listening
+                .accept()
+                .map_err(|e| e.to_string())
+                .and_then(|conn| echo(conn.socket));
+            let _ = echoed_tx.send(result);
         });
         let mut client = Client::connect(&a.socket).map_err(|e| e.to_string())?;
         let asked = Instant::now();
@@ -617,9 +623,13 @@ fn run_trial(
         let moved = Instant::now();
         let sent = transfer(conn.socket);
         trial.transfer_ms = Some(moved.elapsed().as_secs_f64() * 1000.0);
-        let echoed = echo
-            .join()
-            .map_err(|_| "the echoing application panicked".to_owned())?;
+        // The echo ends within its own timeouts once it has a socket; 30 s more for the daemon
+        // to hand it one.
+        let echoed = echoed_rx
+            .recv_timeout(TRANSFER_TIMEOUT + Duration::from_secs(30))
+            .unwrap_or_else(|_| {
+                Err("the listening application got no socket from its daemon".to_owned())
+            });
         trial.birthday = TrialBirthday::from_records(&[a.record(), b.record()]);
         sent.map_err(|e| format!("transfer: {e}"))?;
         echoed.map_err(|e| format!("echo: {e}"))?;

@@ -45,6 +45,9 @@ const MAX_HELLOS: u32 = 5;
 const FIRST_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long an end waits for the other's hello or welcome.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a connection may take from the request to the socket, whatever happens: the
+/// relays, the answer and the techniques' deadline, with room to spare.
+const MAX_CONNECT: Duration = Duration::from_secs(30);
 
 /// A socket a technique made.
 enum Made {
@@ -657,7 +660,19 @@ pub(super) async fn initiate(
     } = target.clone();
     let start = Instant::now();
     let mut record = ConnectionRecord::begin("initiator", ctx.peer_id, peer, &service, proto);
-    let result = initiate_inner(&ctx, id, target, tx, start, &mut record).await;
+    // Every step has its own bound; this one holds whatever a step forgot, so that an
+    // application never waits for ever.
+    let result = tokio::time::timeout(
+        MAX_CONNECT,
+        initiate_inner(&ctx, id, target, tx, start, &mut record),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err((
+            ErrorCode::Timeout,
+            format!("no socket within {MAX_CONNECT:?}"),
+        ))
+    });
     record.time_to_socket_ms = elapsed_ms(start);
     let out = match result {
         Ok(out) => out,
@@ -1035,19 +1050,23 @@ pub(super) async fn respond(ctx: Arc<Ctx>, peer: PeerId, stream: libp2p::Stream)
             .await;
         return;
     };
-    let result = respond_inner(
-        &ctx,
-        sig,
-        peer,
-        proto,
-        destination,
-        token,
-        their_nat,
-        &theirs,
-        start,
-        &mut record,
+    let result = tokio::time::timeout(
+        MAX_CONNECT,
+        respond_inner(
+            &ctx,
+            sig,
+            peer,
+            proto,
+            destination,
+            token,
+            their_nat,
+            &theirs,
+            start,
+            &mut record,
+        ),
     )
-    .await;
+    .await
+    .unwrap_or_else(|_| Err(format!("no socket within {MAX_CONNECT:?}")));
     record.time_to_socket_ms = elapsed_ms(start);
     if let Err(e) = result {
         record.error = Some(e);
@@ -1156,7 +1175,20 @@ async fn respond_inner(
             result.clone_into(&mut r.result);
         }
     };
+    // Why the initiator's stream broke, if it did before its choice came.
+    let mut broken: Option<String> = None;
     let outcome: Result<(Technique, String, Option<Duration>, OwnedFd), String> = loop {
+        if let Some(why) = &broken {
+            // The choice cannot come any more (the relayed connection went, say because
+            // opening many mappings evicted it from a shallow session table). A birthday
+            // socket was picked by the other end's ack, so it is the one the other end holds;
+            // nothing else can be told apart.
+            match results.get(&Technique::UdpBirthday) {
+                Some(Ok(_)) => chosen = Some(Technique::UdpBirthday),
+                _ if running.handles.contains_key(&Technique::UdpBirthday) => {}
+                _ => break Err(why.clone()),
+            }
+        }
         if let Some(t) = chosen {
             match results.remove(&t) {
                 Some(Ok(punch)) => {
@@ -1167,12 +1199,12 @@ async fn respond_inner(
             }
         }
         tokio::select! {
-            message = sig.recv(), if chosen.is_none() => match message {
+            message = sig.recv(), if chosen.is_none() && broken.is_none() => match message {
                 Ok(Some(Message::Chose { technique })) => chosen = Some(technique),
                 Ok(Some(Message::UseRelay)) => break Err(String::new()),
                 Ok(Some(other)) => break Err(format!("the initiator said something out of turn: {other:?}")),
-                Ok(None) => break Err("the initiator went away".into()),
-                Err(e) => break Err(format!("the initiator's stream: {e}")),
+                Ok(None) => broken = Some("the initiator went away".into()),
+                Err(e) => broken = Some(format!("the initiator's stream: {e}")),
             },
             Some((t, result)) = running.next() => {
                 end(&mut tried, t, match &result { Ok(_) => "ok", Err(e) => e });
