@@ -17,16 +17,16 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use nfq::{Queue, Verdict};
 
 use crate::defaults;
 use crate::netns;
+use crate::queue::{QueueWorker, StartError, Worker};
 use crate::topology::{LAN_BRIDGE, LinkCondition, NodePlan};
 
 /// Queue number of the downstream direction (towards the node).
@@ -78,9 +78,7 @@ pub fn rules(node: &NodePlan) -> Vec<Vec<String>> {
 /// packet and removes the iptables rules.
 #[derive(Debug)]
 pub struct DelayLine {
-    netns: String,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<io::Result<()>>>,
+    _worker: QueueWorker,
 }
 
 /// A delay line that could not be started.
@@ -110,18 +108,16 @@ pub enum DelayError {
 impl DelayLine {
     /// Starts the delay line of `node` with the node's link condition and `seed`.
     pub fn start(node: &NodePlan, seed: u64) -> Result<Self, DelayError> {
-        let netns = node.netns.clone();
         let cond = node.link;
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
-        let queue_err = |source| DelayError::Queue {
-            netns: netns.clone(),
-            source,
-        };
-        let thread = netns::spawn(&netns, format!("delay {}", node.name), {
-            let stop = Arc::clone(&stop);
-            move || {
-                let result = run(cond, seed, &stop, &ready_tx);
+        let worker = QueueWorker::start(Worker {
+            netns: node.netns.clone(),
+            thread: format!("delay {}", node.name),
+            what: "delay line",
+            table: "raw",
+            rules: rules(node),
+            flush: &["-w", "-t", "raw", "-F"],
+            body: move |stop: &AtomicBool, ready: &mpsc::SyncSender<io::Result<()>>| {
+                let result = run(cond, seed, stop, ready);
                 if let Err(e) = &result {
                     // Fail open: without this thread the queue would drop every packet of the
                     // link. The child process inherits this thread's namespace.
@@ -129,56 +125,19 @@ impl DelayLine {
                     let _ = std::process::Command::new("iptables").args(["-w", "-t", "raw", "-F"]).status();
                 }
                 result
-            }
+            },
         })
-        .map_err(queue_err)?;
-        // Wait until the queues are bound: rules without a listener would drop every packet.
-        match ready_rx.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(queue_err(e)),
-            Err(_) => {
-                let e = match thread.join() {
-                    Ok(Err(e)) => e,
-                    _ => io::Error::other("delay thread ended before it was ready"),
-                };
-                return Err(queue_err(e));
-            }
-        }
-        let line = Self {
-            netns: netns.clone(),
-            stop,
-            thread: Some(thread),
-        };
-        for rule in rules(node) {
-            let mut args = vec!["-w", "-t", "raw"];
-            args.extend(rule.iter().map(String::as_str));
-            netns::run(Some(&netns), "iptables", &args, None).map_err(|source| {
-                DelayError::Rules {
-                    netns: netns.clone(),
-                    source,
-                }
-            })?;
-        }
-        Ok(line)
-    }
-}
-
-impl Drop for DelayLine {
-    fn drop(&mut self) {
-        let flush = ["-w", "-t", "raw", "-F"];
-        if netns::exists(&self.netns)
-            && let Err(e) = netns::run(Some(&self.netns), "iptables", &flush, None)
-        {
-            tracing::warn!(netns = %self.netns, "removing delay rules: {}", crate::chain(&e));
-        }
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            match t.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(netns = %self.netns, "delay line ended with: {e}"),
-                Err(_) => tracing::warn!(netns = %self.netns, "delay line panicked"),
-            }
-        }
+        .map_err(|e| match e {
+            StartError::Queue(source) => DelayError::Queue {
+                netns: node.netns.clone(),
+                source,
+            },
+            StartError::Rules(source) => DelayError::Rules {
+                netns: node.netns.clone(),
+                source,
+            },
+        })?;
+        Ok(Self { _worker: worker })
     }
 }
 
@@ -254,16 +213,7 @@ fn run(
         q.set_nonblocking(true);
         Ok(q)
     };
-    let mut q = match setup() {
-        Ok(q) => {
-            let _ = ready.send(Ok(()));
-            q
-        }
-        Err(e) => {
-            let _ = ready.send(Err(io::Error::new(e.kind(), e.to_string())));
-            return Err(e);
-        }
-    };
+    let mut q = crate::queue::open(ready, setup)?;
     let mut schedules = [
         Schedule::new(cond, seed),
         Schedule::new(cond, seed ^ 0x5555_5555),

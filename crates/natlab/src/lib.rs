@@ -43,6 +43,7 @@ pub mod netns;
 pub mod nft;
 pub mod portmap;
 pub mod probe;
+mod queue;
 pub mod selftest;
 pub mod session;
 pub mod topology;

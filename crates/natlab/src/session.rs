@@ -24,10 +24,9 @@
 use std::collections::{HashSet, VecDeque};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::Duration;
 
 use nfq::{Queue, Verdict};
@@ -36,6 +35,7 @@ use crate::defaults;
 use crate::nat::{NatConfig, SessionOverflow};
 use crate::netns;
 use crate::nft;
+use crate::queue::{QueueWorker, StartError, Worker};
 use crate::topology::{LAN_BRIDGE, NodePlan};
 
 /// Bytes of each queued packet the evictor needs: an IPv4 header with options (at most 60)
@@ -262,9 +262,7 @@ pub fn rules(node: &NodePlan) -> Vec<Vec<String>> {
 /// A running evictor for one router. Dropping it removes its iptables rules and stops it.
 #[derive(Debug)]
 pub struct Evictor {
-    netns: String,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<io::Result<()>>>,
+    _worker: QueueWorker,
 }
 
 /// An evictor that could not be started.
@@ -304,72 +302,34 @@ impl Evictor {
         else {
             return Err(not_evicting());
         };
-        let netns = node.netns.clone();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
-        let queue_err = |source| EvictorError::Queue {
-            netns: netns.clone(),
-            source,
-        };
-        let thread = netns::spawn(&netns, format!("evictor {}", node.name), {
-            let stop = Arc::clone(&stop);
-            move || {
-                let result = run(&nat, max, &stop, &ready_tx);
+        let worker = QueueWorker::start(Worker {
+            netns: node.netns.clone(),
+            thread: format!("evictor {}", node.name),
+            what: "session evictor",
+            table: "filter",
+            rules: rules(node),
+            flush: &["-w", "-t", "filter", "-F", "FORWARD"],
+            body: move |stop: &AtomicBool, ready: &mpsc::SyncSender<io::Result<()>>| {
+                let result = run(&nat, max, stop, ready);
                 if let Err(e) = &result {
                     tracing::error!(
                         "session evictor failed: {e}; new flows now pass without a bound"
                     );
                 }
                 result
-            }
+            },
         })
-        .map_err(queue_err)?;
-        match ready_rx.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(queue_err(e)),
-            Err(_) => {
-                let e = match thread.join() {
-                    Ok(Err(e)) => e,
-                    _ => io::Error::other("evictor thread ended before it was ready"),
-                };
-                return Err(queue_err(e));
-            }
-        }
-        let evictor = Self {
-            netns: netns.clone(),
-            stop,
-            thread: Some(thread),
-        };
-        for rule in rules(node) {
-            let mut args = vec!["-w", "-t", "filter"];
-            args.extend(rule.iter().map(String::as_str));
-            netns::run(Some(&netns), "iptables", &args, None).map_err(|source| {
-                EvictorError::Rules {
-                    netns: netns.clone(),
-                    source,
-                }
-            })?;
-        }
-        Ok(evictor)
-    }
-}
-
-impl Drop for Evictor {
-    fn drop(&mut self) {
-        let flush = ["-w", "-t", "filter", "-F", "FORWARD"];
-        if netns::exists(&self.netns)
-            && let Err(e) = netns::run(Some(&self.netns), "iptables", &flush, None)
-        {
-            tracing::warn!(netns = %self.netns, "removing evictor rules: {}", crate::chain(&e));
-        }
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            match t.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(netns = %self.netns, "evictor ended with: {e}"),
-                Err(_) => tracing::warn!(netns = %self.netns, "evictor panicked"),
-            }
-        }
+        .map_err(|e| match e {
+            StartError::Queue(source) => EvictorError::Queue {
+                netns: node.netns.clone(),
+                source,
+            },
+            StartError::Rules(source) => EvictorError::Rules {
+                netns: node.netns.clone(),
+                source,
+            },
+        })?;
+        Ok(Self { _worker: worker })
     }
 }
 
@@ -390,16 +350,7 @@ fn run(
         q.set_nonblocking(true);
         Ok(q)
     };
-    let mut q = match setup() {
-        Ok(q) => {
-            let _ = ready.send(Ok(()));
-            q
-        }
-        Err(e) => {
-            let _ = ready.send(Err(io::Error::new(e.kind(), e.to_string())));
-            return Err(e);
-        }
-    };
+    let mut q = crate::queue::open(ready, setup)?;
     let mut table = LiveFlows::new(max);
     while !stop.load(Ordering::Relaxed) {
         match q.recv() {
