@@ -2,7 +2,7 @@
 //!
 //! The path is `/run/natpunch/daemon.sock` for root and `$XDG_RUNTIME_DIR/natpunch/daemon.sock`
 //! for other users (`/tmp/natpunch-<uid>/daemon.sock` when that variable is unset): the
-//! client's [`natpunch_client::default_path`], so that both find the same place. The daemon
+//! client's `natpunch_client::default_path`, so that both find the same place. The daemon
 //! binds it with mode 0660. A socket file that nobody answers on (a daemon that died) is
 //! replaced; one that a daemon answers on is left alone, and the second daemon says so. The
 //! client side (and its "no daemon: start one with …") is `natpunch-client`'s.

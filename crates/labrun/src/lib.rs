@@ -2,7 +2,7 @@
 //!
 //! * [`args`]: the command lines of the roles it starts, built from the binary's own flag types
 //!   (`cli`), so a renamed field fails to compile and a renamed flag follows;
-//! * [`bench`]: benchmarks against a baseline in the same run: hole punching (natpunch's
+//! * [`mod@bench`]: benchmarks against a baseline in the same run: hole punching (natpunch's
 //!   engine against stock rust-libp2p), the STUN server (against coturn), the measurement
 //!   server (SQLite against PostgreSQL);
 //! * [`connect`]: applications connected by two daemons (`natpunch daemon`) behind every pair

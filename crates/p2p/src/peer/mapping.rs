@@ -4,7 +4,7 @@
 //! renews each mapping at half its granted lifetime, and makes them again when the router
 //! reboots (its epoch restarts) or gets a new external address. After every change the task
 //! publishes the live mappings on a `watch` (the latest state, never a backlog, so never lost);
-//! the peer turns them into the external addresses it offers ([`diff`]). The holder's own
+//! the peer turns them into the external addresses it offers (`diff`). The holder's own
 //! reports (renewed, lost, re-mapped, …) go to the peer on a bounded channel, for people.
 
 use std::net::Ipv4Addr;
