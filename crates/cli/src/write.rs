@@ -241,7 +241,7 @@ pub fn replace_flags<T: Args>(
         };
         let long = flag.split_once('=').map_or(flag, |(name, _)| name);
         let Some(valued) = takes_value(long) else {
-            return Err(format!("--{long} is not a flag of this command"));
+            return Err(format!("unknown flag --{long}"));
         };
         named.push(long.to_owned());
         if valued && !flag.contains('=') {

@@ -522,10 +522,13 @@ pub(crate) struct NatSource {
 
 impl fmt::Display for NatSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.behaviour {
+            Some(source) => write!(f, "behaviour from {source}")?,
+            None => f.write_str("behaviour not known yet")?,
+        }
         write!(
             f,
-            "behaviour from {}, port allocation from {}",
-            self.behaviour.unwrap_or("nothing yet"),
+            ", port allocation from {}",
             self.ports
                 .unwrap_or("two fresh mappings per connection, when the NAT maps per destination")
         )

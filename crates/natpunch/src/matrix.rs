@@ -101,8 +101,13 @@ pub(crate) fn connect(args: ConnectMatrixArgs) -> anyhow::Result<ExitCode> {
         ProtoArg::Udp => vec![Proto::Udp],
         ProtoArg::Both => vec![Proto::Tcp, Proto::Udp],
     };
-    cli::write::replace_flags::<cli::daemon::DaemonArgs>(Vec::new(), &args.daemon_arg)
-        .map_err(|e| anyhow::anyhow!("--daemon-arg: {e}"))?;
+    cli::write::replace_flags::<cli::daemon::DaemonArgs>(Vec::new(), &args.daemon_arg).map_err(
+        |e| {
+            anyhow::anyhow!(
+                "--daemon-arg: {e} for `natpunch daemon` (its flags: `natpunch daemon --help`)"
+            )
+        },
+    )?;
     let exe = std::env::current_exe().context("finding the natpunch binary")?;
     let config = ConnectConfig {
         presets,

@@ -304,6 +304,27 @@ fn all_candidates(c: &Candidates) -> Vec<SocketAddr> {
     out
 }
 
+/// What a responder does when the initiator's stream broke before its choice came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AfterBreak {
+    /// Hand the application the birthday socket: the other end acknowledged that very one.
+    Take,
+    /// Birthday probing still runs: wait for it.
+    Wait,
+    /// No socket can be told apart: fail.
+    Fail,
+}
+
+/// The step after a broken stream, from birthday probing's result here (`None`: none yet) and
+/// whether it still runs.
+fn after_break(birthday_ok: Option<bool>, birthday_running: bool) -> AfterBreak {
+    match (birthday_ok, birthday_running) {
+        (Some(true), _) => AfterBreak::Take,
+        (None, true) => AfterBreak::Wait,
+        _ => AfterBreak::Fail,
+    }
+}
+
 /// An end's NAT for the plan: what it knows of it, and what its candidates say.
 fn nat_of(info: NatInfo, candidates: &Candidates) -> Nat {
     Nat {
@@ -1183,10 +1204,14 @@ async fn respond_inner(
             // opening many mappings evicted it from a shallow session table). A birthday
             // socket was picked by the other end's ack, so it is the one the other end holds;
             // nothing else can be told apart.
-            match results.get(&Technique::UdpBirthday) {
-                Some(Ok(_)) => chosen = Some(Technique::UdpBirthday),
-                _ if running.handles.contains_key(&Technique::UdpBirthday) => {}
-                _ => break Err(why.clone()),
+            let birthday = Technique::UdpBirthday;
+            match after_break(
+                results.get(&birthday).map(Result::is_ok),
+                running.handles.contains_key(&birthday),
+            ) {
+                AfterBreak::Take => chosen = Some(birthday),
+                AfterBreak::Wait => {}
+                AfterBreak::Fail => break Err(why.clone()),
             }
         }
         if let Some(t) = chosen {
@@ -1240,4 +1265,18 @@ async fn respond_inner(
     out.send(ok(&id, technique, remote, rtt, fd))
         .await
         .map_err(|_| "the listening application went away".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_stream_takes_only_an_acknowledged_birthday_socket() {
+        assert_eq!(after_break(Some(true), false), AfterBreak::Take);
+        assert_eq!(after_break(None, true), AfterBreak::Wait);
+        // Birthday probing failed, or never ran (a punch socket cannot be told apart).
+        assert_eq!(after_break(Some(false), false), AfterBreak::Fail);
+        assert_eq!(after_break(None, false), AfterBreak::Fail);
+    }
 }
