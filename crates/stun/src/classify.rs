@@ -56,6 +56,10 @@ pub fn filtering(
 /// Port allocation from `(local port, mapped port)` pairs of fresh sockets, each mapped by one
 /// request to the same server address, in the order they were made. Needs three pairs.
 /// Returns the allocation and, for sequential allocation, the step between mappings.
+///
+/// Other hosts behind the same NAT take ports from the same sequence while the samples are
+/// made, so gaps are allowed: mappings that all move the same way by at most
+/// [`SEQUENTIAL_GAP`] ports are sequential, and the step is the smallest move seen.
 pub fn port_allocation(samples: &[(u16, u16)]) -> (Option<PortAllocation>, Option<i32>) {
     if samples.len() < 3 {
         return (None, None);
@@ -67,12 +71,19 @@ pub fn port_allocation(samples: &[(u16, u16)]) -> (Option<PortAllocation>, Optio
         .windows(2)
         .map(|w| i32::from(w[1].1) - i32::from(w[0].1))
         .collect();
-    let first = deltas[0];
-    if first != 0 && first.abs() <= 16 && deltas.iter().all(|d| *d == first) {
-        return (Some(PortAllocation::Sequential), Some(first));
+    let sign = deltas[0].signum();
+    let sequential = sign != 0
+        && deltas
+            .iter()
+            .all(|d| d.signum() == sign && d.abs() <= SEQUENTIAL_GAP);
+    match deltas.iter().copied().min_by_key(|d| d.abs()) {
+        Some(step) if sequential => (Some(PortAllocation::Sequential), Some(step)),
+        _ => (Some(PortAllocation::Random), None),
     }
-    (Some(PortAllocation::Random), None)
 }
+
+/// The largest move between two consecutive mappings still read as sequential allocation.
+pub const SEQUENTIAL_GAP: i32 = 16;
 
 /// How hard a peer behind this NAT is to reach directly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -222,6 +233,21 @@ mod tests {
         assert_eq!(
             port_allocation(&[(1, 20010), (2, 20008), (3, 20006)]),
             (Some(PortAllocation::Sequential), Some(-2))
+        );
+        assert_eq!(
+            port_allocation(&[(1, 20011), (2, 20012), (3, 20014), (4, 20015), (5, 20017)]),
+            (Some(PortAllocation::Sequential), Some(1)),
+            "another host's mappings leave gaps in the sequence"
+        );
+        assert_eq!(
+            port_allocation(&[(1, 20011), (2, 20012), (3, 20010)]).0,
+            Some(PortAllocation::Random),
+            "a sequence that turns back is no sequence"
+        );
+        assert_eq!(
+            port_allocation(&[(1, 20011), (2, 20012), (3, 20030)]).0,
+            Some(PortAllocation::Random),
+            "a gap beyond 16 ports"
         );
         assert_eq!(
             port_allocation(&[(1, 5000), (2, 61000), (3, 1200)]).0,
