@@ -78,6 +78,23 @@ pub struct Common {
     /// direct on the first attempt.
     #[arg(long, env = "NATPUNCH_PEER_MAPPING", value_parser = crate::daemon::parse_behaviour::<Mapping>)]
     pub mapping: Option<Mapping>,
+    /// Do not take part in birthday probing over QUIC (for a NAT that maps per destination
+    /// against one that filters by port); either side turning it off turns it off for the pair.
+    #[arg(long, env = "NATPUNCH_PEER_NO_BIRTHDAY", value_parser = BoolishValueParser::new())]
+    pub no_birthday: bool,
+    /// Birthday probing: sockets this peer opens when its NAT maps per destination.
+    #[arg(long, env = "NATPUNCH_PEER_BIRTHDAY_SOCKETS", default_value_t = 256,
+          value_parser = clap::value_parser!(u16).range(1..=4096))]
+    pub birthday_sockets: u16,
+    /// Birthday probing: probes this peer sends at most when its NAT maps
+    /// endpoint-independently.
+    #[arg(long, env = "NATPUNCH_PEER_BIRTHDAY_PROBES", default_value_t = 2048,
+          value_parser = clap::value_parser!(u32).range(1..=64512))]
+    pub birthday_probes: u32,
+    /// Birthday probing: probes per second at most.
+    #[arg(long, env = "NATPUNCH_PEER_BIRTHDAY_RATE", default_value_t = 4000,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub birthday_rate: u32,
     /// An RFC 5780 STUN server (`natpunch stun-server`) that tells at start how this end's NAT
     /// maps, unless --mapping says [default: learnt from what remotes at two or more addresses
     /// observe, or unknown].
@@ -174,6 +191,10 @@ impl Common {
         c.punch = !self.no_punch;
         c.port_mapping = self.port_mapping;
         c.port_mapping_lifetime = Duration::from_secs(self.port_mapping_lifetime_secs);
+        c.birthday.enabled = !self.no_birthday;
+        c.birthday.sockets = self.birthday_sockets.into();
+        c.birthday.probes = usize::try_from(self.birthday_probes).unwrap_or(usize::MAX);
+        c.birthday.rate = self.birthday_rate;
         c.local_mapping = self.mapping.map(|mapping| LocalMapping {
             mapping,
             source: MappingSource::Flag,
@@ -216,6 +237,10 @@ crate::write_args!(Common {
     dht_bootstrap,
     dht_protocol,
     mapping,
+    no_birthday,
+    birthday_sockets,
+    birthday_probes,
+    birthday_rate,
     stun_server;
     identity,
     json,

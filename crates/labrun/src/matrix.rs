@@ -157,6 +157,12 @@ pub struct Cell {
     pub complete_records: u32,
     /// Successful trials that left exactly one direct connection on both sides.
     pub one_direct_connection: u32,
+    /// Successful trials whose direct connection came through a pair birthday probing found.
+    pub birthday_direct: u32,
+    /// Median probes the easy side sent in the trials that probed.
+    pub probes_median: Option<f64>,
+    /// The most probes the easy side sent in a trial.
+    pub probes_max: Option<u32>,
 }
 
 /// The whole run.
@@ -264,7 +270,15 @@ impl std::fmt::Display for Cell {
             },
             ms(self.median_fail_ms),
             outcomes.join(", ")
-        )
+        )?;
+        if let (Some(median), Some(max)) = (self.probes_median, self.probes_max) {
+            write!(
+                f,
+                "; birthday: {} direct, probes median {median:.0}, max {max}",
+                self.birthday_direct
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -650,7 +664,17 @@ fn cell(a: Preset, b: Preset, transport: &str, trials: &[&Trial]) -> Cell {
     let mut success = 0;
     let mut complete = 0;
     let mut one = 0;
+    let mut birthday_direct = 0;
+    let mut probes = Vec::new();
     for t in trials {
+        // The easy side's record counts the probes it sent.
+        let easy = [&t.dialer, &t.listener]
+            .into_iter()
+            .flatten()
+            .flat_map(|r| &r.attempts)
+            .filter_map(|a| a.birthday.as_ref())
+            .filter(|b| b.role == p2p::record::BirthdayRole::Easy);
+        probes.extend(easy.filter_map(|b| b.probes));
         *outcomes.entry(name(t.outcome())).or_insert(0) += 1;
         if let Some(l) = &t.listener {
             *listener_outcomes.entry(name(l.outcome)).or_insert(0) += 1;
@@ -674,6 +698,12 @@ fn cell(a: Preset, b: Preset, transport: &str, trials: &[&Trial]) -> Cell {
                 {
                     one += 1;
                 }
+                if d.attempts
+                    .iter()
+                    .any(|a| a.birthday.as_ref().is_some_and(|b| b.direct))
+                {
+                    birthday_direct += 1;
+                }
             }
             _ => fail_times.push(d.ended_ms),
         }
@@ -694,6 +724,12 @@ fn cell(a: Preset, b: Preset, transport: &str, trials: &[&Trial]) -> Cell {
         median_fail_ms: quantile(&fail_times, 0.5),
         complete_records: complete,
         one_direct_connection: one,
+        birthday_direct,
+        probes_median: quantile(
+            &probes.iter().map(|p| f64::from(*p)).collect::<Vec<_>>(),
+            0.5,
+        ),
+        probes_max: probes.iter().copied().max(),
     }
 }
 

@@ -978,6 +978,7 @@ mod tests {
                 error: None,
                 dial_errors: vec![],
                 ended_ms: 270.0,
+                birthday: None,
             }],
             direct_connections: 1,
             error: None,

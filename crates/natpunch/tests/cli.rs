@@ -423,9 +423,14 @@ fn relay_without_an_external_address_says_so_in_its_output_health_and_json() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("relay starts");
-        // The warning comes once the listeners are up (1 s).
+        // The warning comes once the listeners are up (1 s); a loaded machine may take longer
+        // to serve telemetry at all.
         std::thread::sleep(std::time::Duration::from_millis(2000));
-        let health = http_get(([127, 0, 0, 1], telemetry).into(), "/health");
+        let health = http_get_within(
+            ([127, 0, 0, 1], telemetry).into(),
+            "/health",
+            std::time::Duration::from_secs(15),
+        );
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid")),
             nix::sys::signal::Signal::SIGTERM,
@@ -2392,6 +2397,15 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// [`http_get`], trying again while the server is not listening yet, for up to `wait`.
+fn http_get_within(addr: std::net::SocketAddr, path: &str, wait: std::time::Duration) -> String {
+    let until = std::time::Instant::now() + wait;
+    while std::net::TcpStream::connect(addr).is_err() && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    http_get(addr, path)
 }
 
 fn http_get(addr: std::net::SocketAddr, path: &str) -> String {

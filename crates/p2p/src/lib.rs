@@ -11,6 +11,8 @@
 //!   of it (when no flag or RFC 5780 check said);
 //! * [`candidates`]: hands the swarm the addresses the relay observed, untouched;
 //! * [`identity`]: keys kept in files, created on first use;
+//! * [`birthday`]: birthday probing and port prediction for a hard NAT (a random port per
+//!   destination), shared with the daemon's UDP punch;
 //! * [`wire`]: a sans-IO codec for the DCUtR messages (length-prefixed protobuf);
 //! * [`host`]: a server's TCP and QUIC listen addresses, and the swarm the relay and the
 //!   honeypot build alike.
@@ -21,6 +23,7 @@
 //! What it does not do: NAT discovery (`natcheck`), the port-mapping protocols (`portmap`, which
 //! the peer drives), or keep measurements (the honeypot writes into `api`'s store).
 
+pub mod birthday;
 pub mod candidates;
 pub mod honeypot;
 pub mod host;

@@ -31,16 +31,18 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt as _;
 use libp2p::core::ConnectedPoint;
+use libp2p::core::transport::ListenerId;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, dcutr, identify, ping};
 
+use crate::birthday::{HardEnd, open_hard};
 use crate::observed::{MAX_OBSERVATIONS, Observation};
 use crate::punch::{
-    self, Action, DirectConnection, Handshake, Peers, Punch, PunchConfig, RemoteEngine, StreamId,
-    is_relayed, transport_of,
+    self, Action, BirthdayConfig, DirectConnection, Handshake, Peers, Punch, PunchConfig,
+    RemoteEngine, StreamId, is_relayed, transport_of,
 };
 use crate::record::{Outcome, Record, Side};
 
@@ -48,6 +50,7 @@ mod config;
 pub mod defaults;
 pub mod mapping;
 pub mod perf;
+mod quic_socket;
 mod remotes;
 mod setup;
 mod streams;
@@ -67,6 +70,10 @@ use swarm::{
     PeerBehaviour, PeerBehaviourEvent, dial_failed, endpoint_relayed, made_by_a, relay_addrs,
     remote_addr,
 };
+
+/// How a birthday-probing hard side ended: the local port and the probe number of the socket a
+/// probe reached, nothing by the deadline, or the sockets' error.
+type HardSide = std::io::Result<Option<(u16, u32)>>;
 
 /// A hole-punching peer.
 pub struct Peer {
@@ -103,6 +110,16 @@ pub struct Peer {
     observations: Vec<Observation>,
     /// The mapping class those observations say, once they say one.
     observed_mapping: Option<LocalMapping>,
+    /// A duplicate of the QUIC endpoint's socket, for birthday probes (found at the first).
+    quic_socket: Option<std::net::UdpSocket>,
+    /// Birthday probing's hard sides in progress (one per session at most): the port and the
+    /// probe number of the socket a probe reached, or nothing by the deadline.
+    hard_sides: tokio::task::JoinSet<(PeerId, HardSide)>,
+    /// How to stop each of them.
+    hard_side_handles: HashMap<PeerId, tokio::task::AbortHandle>,
+    /// The QUIC listeners on ports birthday probing found, one per remote at most, held while
+    /// a connection may use them.
+    probed_listeners: HashMap<PeerId, (ListenerId, u16)>,
 }
 
 impl fmt::Debug for Peer {
@@ -139,6 +156,10 @@ impl Peer {
             mapping: None,
             observations: Vec::new(),
             observed_mapping: None,
+            quic_socket: None,
+            hard_sides: tokio::task::JoinSet::new(),
+            hard_side_handles: HashMap::new(),
+            probed_listeners: HashMap::new(),
         })
     }
 
@@ -241,6 +262,11 @@ impl Peer {
                 }
                 Some((peer, stream)) = perf.next() => self.on_perf_stream(peer, stream),
                 Some(_) = self.perf_sinks.join_next() => {}
+                Some(joined) = self.hard_sides.join_next() => {
+                    if let Ok((peer, result)) = joined {
+                        self.on_hard_side(peer, result);
+                    }
+                }
                 event = mapping_event(self.mapping.as_mut()) => match event {
                     MappingEvent::Changed => self.on_mapping_changed(report),
                     MappingEvent::Report(update) => {
@@ -278,6 +304,13 @@ impl Peer {
             punch: c.punch,
             local_mapping: c.local_mapping.or(self.observed_mapping),
             classes: true,
+            birthday: c.birthday.enabled.then(|| BirthdayConfig {
+                sockets: c.birthday.hard_sockets(),
+                probes: c.birthday.probes,
+                rate: c.birthday.rate,
+                token: rand::random(),
+                seed: rand::random(),
+            }),
         };
         let peers = Peers {
             local: self.peer_id().to_string(),
@@ -397,9 +430,44 @@ impl Peer {
                     r.directs.retain(|d| d.id != connection);
                 }
             }
+            Action::Probe { to, datagram } => self.send_probe(to, &datagram),
+            Action::OpenSockets {
+                sockets,
+                easy,
+                token,
+                until,
+            } => {
+                let deadline = tokio::time::Instant::from_std(until);
+                let handle = self.hard_sides.spawn(async move {
+                    let won = open_hard(sockets, easy, token, deadline, HardEnd::Probe).await;
+                    // The winner closes here, so that QUIC can listen on its port.
+                    let found = won
+                        .map(|w| w.and_then(|w| Some((w.socket.local_addr().ok()?.port(), w.seq))));
+                    (peer, found)
+                });
+                if let Some(old) = self.hard_side_handles.insert(peer, handle) {
+                    old.abort();
+                }
+            }
+            Action::StopSockets => {
+                if let Some(handle) = self.hard_side_handles.remove(&peer) {
+                    handle.abort();
+                }
+            }
             Action::Record(mut record) => {
                 self.sessions.remove(&peer);
                 self.streams.cancel(peer);
+                if let Some(handle) = self.hard_side_handles.remove(&peer) {
+                    handle.abort();
+                }
+                // A probed port's listener stays only while its connection does.
+                let probed = record
+                    .attempts
+                    .iter()
+                    .any(|a| a.birthday.as_ref().is_some_and(|b| b.direct));
+                if !probed {
+                    self.drop_probed_listener(peer);
+                }
                 record.direct_connections = self
                     .remotes
                     .get(&peer)
@@ -439,6 +507,9 @@ impl Peer {
                 self.remotes
                     .on_closed(peer_id, connection_id, num_established);
                 self.relayed_conns.remove(&connection_id);
+                if num_established == 0 && !self.sessions.contains_key(&peer_id) {
+                    self.drop_probed_listener(peer_id);
+                }
             }
             SwarmEvent::OutgoingConnectionError {
                 connection_id,
@@ -603,13 +674,86 @@ impl Peer {
             tracing::debug!(%peer, ?c, "closing the second direct connection");
             self.swarm.close_connection(c);
         }
+        let on_probed_port = match endpoint {
+            ConnectedPoint::Listener { local_addr, .. } => self
+                .probed_listeners
+                .get(&peer)
+                .is_some_and(|(_, port)| local_addr.iter().any(|p| p == Protocol::Udp(*port))),
+            ConnectedPoint::Dialer { .. } => false,
+        };
         let direct = DirectConnection {
             connection: id,
             transport: transport_of(remote_addr(endpoint)),
             dialed_here: matches!(endpoint, ConnectedPoint::Dialer { .. }),
             made_by_a: side.is_some_and(|side| made_by_a(side, endpoint)),
+            on_probed_port,
         };
         self.with_session(peer, |s| s.direct(Instant::now(), &direct));
+    }
+
+    /// Birthday probing, the easy side: one probe from the QUIC endpoint's own socket.
+    fn send_probe(&mut self, to: std::net::SocketAddr, datagram: &[u8]) {
+        if self.quic_socket.is_none() {
+            let probed: Vec<u16> = self.probed_listeners.values().map(|(_, p)| *p).collect();
+            let port = self.listen_addrs().iter().find_map(|a| {
+                let mut parts = a.iter().skip(1);
+                match (parts.next(), parts.next()) {
+                    (Some(Protocol::Udp(port)), Some(Protocol::QuicV1))
+                        if !probed.contains(&port) =>
+                    {
+                        Some(port)
+                    }
+                    _ => None,
+                }
+            });
+            self.quic_socket = port.and_then(quic_socket::find);
+            if self.quic_socket.is_none() {
+                tracing::debug!(?port, "no QUIC socket to probe from");
+            }
+        }
+        if let Some(socket) = &self.quic_socket
+            && let Err(e) = socket.send_to(datagram, to)
+        {
+            // A full send buffer drops the probe; the budget counts it all the same.
+            tracing::trace!(%to, %e, "probe not sent");
+        }
+    }
+
+    /// Birthday probing, the hard side: a probe reached the socket on local `port` (now
+    /// closed), or none did, or the sockets failed.
+    fn on_hard_side(&mut self, peer: PeerId, result: HardSide) {
+        self.hard_side_handles.remove(&peer);
+        match result {
+            Ok(Some((port, probe))) => {
+                let addr = Multiaddr::from(self.config.listen_ip)
+                    .with(Protocol::Udp(port))
+                    .with(Protocol::QuicV1);
+                match self.swarm.listen_on(addr) {
+                    Ok(id) => {
+                        if let Some((old, _)) = self.probed_listeners.insert(peer, (id, port)) {
+                            self.swarm.remove_listener(old);
+                        }
+                        self.with_session(peer, |s| s.birthday_hit(probe));
+                    }
+                    Err(e) => self.with_session(peer, |s| {
+                        s.birthday_failed(format!("listening on the probed port {port}: {e}"));
+                    }),
+                }
+            }
+            Ok(None) => self.with_session(peer, |s| {
+                s.birthday_failed("no probe reached any of the sockets".into());
+            }),
+            Err(e) => self.with_session(peer, |s| {
+                s.birthday_failed(format!("opening the sockets: {e}"));
+            }),
+        }
+    }
+
+    /// Stops listening on the port birthday probing found for `peer`, if any.
+    fn drop_probed_listener(&mut self, peer: PeerId) {
+        if let Some((id, _)) = self.probed_listeners.remove(&peer) {
+            self.swarm.remove_listener(id);
+        }
     }
 }
 

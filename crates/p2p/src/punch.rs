@@ -58,6 +58,29 @@
 //! goes direct at once into a symmetric NAT. Of the two QUIC connections a simultaneous dial
 //! makes, both sides keep the one the relayed connection's dialer made.
 //!
+//! # Birthday probing over QUIC
+//!
+//! Into a NAT that maps per destination (the *hard* side) from one that maps
+//! endpoint-independently but filters by port (the *easy* side: port-restricted cone, most
+//! CGNATs), no simultaneous dial gets through: the hard side's packets leave from a port the
+//! easy side never aimed at. When both sides take part (their CONNECTs say `birthday`, over
+//! 1.1.0, with QUIC) and the classes say one is hard and the other not, the first attempt
+//! probes *besides* its simultaneous dial ([`crate::birthday`]); A's SYNC carries the token.
+//!
+//! * The hard side opens [`BirthdayConfig::sockets`] sockets towards the easy side's QUIC
+//!   address ([`Action::OpenSockets`]).
+//! * The easy side sends probes to random ports of the hard side's address from its own QUIC
+//!   socket ([`Action::Probe`]), so that its NAT lets the port it hits in towards that socket.
+//! * The first hard socket a probe reaches reports it ([`Punch::birthday_hit`]): the driver has
+//!   closed it and listens for QUIC on its port by then, and the engine tells the easy side the
+//!   probe's number over the handshake stream (natpunch's `HIT`).
+//! * The easy side dials the port that probe went to, from its QUIC socket: a QUIC connection
+//!   through the pair of NAT states the probe found.
+//!
+//! Whichever connection comes first, the simultaneous one (an easy side that filters only by
+//! address lets it in) or the probed one, ends the attempt; a failed simultaneous dial does not
+//! while probing goes on.
+//!
 //! With [`Engine::Stock`] the engine only watches rust-libp2p's `dcutr` behaviour (its dials,
 //! its result, the direct connection) to write the same record.
 
@@ -70,7 +93,10 @@ use libp2p::swarm::ConnectionId;
 use libp2p::{Multiaddr, StreamProtocol};
 use serde::Serialize;
 
-use crate::record::{Attempt, AttemptOutcome, DialFailure, Outcome, Record, Side};
+use crate::birthday::{DATAGRAM_LEN, EasyProber};
+use crate::record::{
+    Attempt, AttemptBirthday, AttemptOutcome, BirthdayRole, DialFailure, Outcome, Record, Side,
+};
 use crate::wire::{HolePunch, Kind};
 
 /// The DCUtR protocol.
@@ -173,13 +199,29 @@ pub struct LocalMapping {
 /// role lets the connection finish; A's SYN, aimed at B, lets B's address through an
 /// address-dependent filter on A's side. An unknown class on either side keeps today's order.
 pub fn first_attempt_reversed(dialer: Option<Mapping>, listener: Option<Mapping>) -> bool {
-    let per_destination = |m| {
-        matches!(
-            m,
-            Mapping::AddressDependent | Mapping::AddressAndPortDependent
-        )
-    };
-    matches!((dialer, listener), (Some(a), Some(b)) if !per_destination(a) && per_destination(b))
+    matches!(
+        (dialer, listener),
+        (Some(a), Some(b)) if !per_destination(a) && per_destination(b)
+    )
+}
+
+/// Whether a NAT of mapping class `m` picks a new port per destination (RFC 4787's address-
+/// and address-and-port-dependent mapping).
+fn per_destination(m: Mapping) -> bool {
+    matches!(
+        m,
+        Mapping::AddressDependent | Mapping::AddressAndPortDependent
+    )
+}
+
+/// This side's part in birthday probing, from both mapping classes: the side whose NAT maps per
+/// destination is hard, the other easy; `None` when both or neither do, or a class is unknown.
+pub fn birthday_role(local: Option<Mapping>, remote: Option<Mapping>) -> Option<BirthdayRole> {
+    match (per_destination(local?), per_destination(remote?)) {
+        (true, false) => Some(BirthdayRole::Hard),
+        (false, true) => Some(BirthdayRole::Easy),
+        _ => None,
+    }
 }
 
 /// The handshake protocol of a stream.
@@ -239,6 +281,24 @@ pub struct PunchConfig {
     pub local_mapping: Option<LocalMapping>,
     /// Speak [`NATPUNCH_DCUTR_CLASSES`] (off: behave as a 1.0.0-only natpunch peer).
     pub classes: bool,
+    /// Take part in birthday probing over QUIC (`None`: never).
+    pub birthday: Option<BirthdayConfig>,
+}
+
+/// Birthday probing in one hole punch ([`crate::birthday`]): the budget, and the token and seed
+/// used when this side chooses them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BirthdayConfig {
+    /// Sockets to open as the hard side.
+    pub sockets: usize,
+    /// Probes to send at most as the easy side.
+    pub probes: usize,
+    /// Probes per second at most.
+    pub rate: u32,
+    /// The token, when this side drives (a random one per hole punch).
+    pub token: [u8; 16],
+    /// The seed of the easy side's port choice (a random one per hole punch).
+    pub seed: u64,
 }
 
 /// Who the session is between, for the record.
@@ -263,6 +323,8 @@ pub struct DirectConnection {
     pub dialed_here: bool,
     /// The relayed connection's dialer (A) made it: of simultaneous connections, the one kept.
     pub made_by_a: bool,
+    /// It came in on the port birthday probing found (the hard side's listener there).
+    pub on_probed_port: bool,
 }
 
 /// A dial that failed.
@@ -313,6 +375,28 @@ pub enum Action {
         /// The connection.
         connection: ConnectionId,
     },
+    /// Birthday probing, the easy side: send `datagram` to `to` from this peer's QUIC socket.
+    Probe {
+        /// Where to.
+        to: std::net::SocketAddr,
+        /// The probe.
+        datagram: [u8; DATAGRAM_LEN],
+    },
+    /// Birthday probing, the hard side: open `sockets` sockets towards `easy` until one hears a
+    /// probe with `token` or `until`; then close that socket, listen for QUIC on its port and
+    /// report [`Punch::birthday_hit`] (or [`Punch::birthday_failed`]).
+    OpenSockets {
+        /// How many.
+        sockets: usize,
+        /// The easy side's QUIC address.
+        easy: std::net::SocketAddr,
+        /// The token.
+        token: [u8; 16],
+        /// When to give up.
+        until: Instant,
+    },
+    /// Birthday probing is over for this session: stop the sockets of [`Action::OpenSockets`].
+    StopSockets,
     /// The hole punch is over; the engine does nothing more.
     Record(Box<Record>),
 }
@@ -332,6 +416,7 @@ enum Driving {
         rtt: Duration,
         reversed: bool,
         primed: bool,
+        token: Option<[u8; 16]>,
     },
 }
 
@@ -419,6 +504,23 @@ impl State {
     }
 }
 
+/// Birthday probing in one attempt.
+#[derive(Debug)]
+struct Probing {
+    /// The attempt (an index).
+    attempt: usize,
+    /// The handshake stream, kept open for natpunch's `HIT`.
+    stream: StreamId,
+    /// The easy side's prober, or `None` on the hard side.
+    prober: Option<Box<EasyProber>>,
+    /// The easy side's dial of the probed port was asked for, its result not told yet.
+    dialing: bool,
+    /// The easy side's dial of the probed port, once made.
+    dial: Option<ConnectionId>,
+    /// What the record says of it.
+    record: AttemptBirthday,
+}
+
 /// One hole punch with one remote.
 #[derive(Debug)]
 pub struct Punch {
@@ -432,6 +534,10 @@ pub struct Punch {
     remote_mapping: Option<Mapping>,
     /// The remote does not speak [`NATPUNCH_DCUTR_CLASSES`]: drive 1.0.0.
     classes_refused: bool,
+    /// The remote's last CONNECT said it takes part in birthday probing.
+    remote_birthday: bool,
+    /// Birthday probing in progress.
+    birthday: Option<Probing>,
     /// When the relayed connection came up: the record's times count from here.
     start: Instant,
     started_unix_ms: u64,
@@ -511,6 +617,8 @@ impl Punch {
             remote: None,
             remote_mapping: None,
             classes_refused: false,
+            remote_birthday: false,
+            birthday: None,
             start: now,
             started_unix_ms: unix_ms,
             deadline: now + wait,
@@ -533,6 +641,17 @@ impl Punch {
 
     /// When to call [`Punch::handle_timeout`] next; `None` once over.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        let state = self.state_timeout()?;
+        let probe = self
+            .birthday
+            .as_ref()
+            .and_then(|b| b.prober.as_ref())
+            .and_then(|p| p.poll_timeout());
+        Some(probe.map_or(state, |p| p.min(state)))
+    }
+
+    /// When the state's own time runs out.
+    fn state_timeout(&self) -> Option<Instant> {
         match &self.state {
             State::Expecting { until }
             | State::Watching { until }
@@ -619,6 +738,9 @@ impl Punch {
                 addrs: self.offered.iter().map(Multiaddr::to_vec).collect(),
                 reversed: *reversed,
                 mapping: mapping.filter(|_| *classes),
+                birthday: *classes && offers_birthday(&self.config),
+                token: None,
+                probe: None,
             };
             *step = Driving::Connecting { sent: now };
             self.actions.push_back(Action::Send { stream, message });
@@ -663,6 +785,12 @@ impl Punch {
 
     /// A message came in on `stream`.
     pub fn message(&mut self, now: Instant, stream: StreamId, message: HolePunch) {
+        if message.kind == Kind::Hit {
+            if self.birthday.as_ref().is_some_and(|b| b.stream == stream) {
+                self.on_hit(message.probe);
+            }
+            return;
+        }
         if self.state.stream() != Some(stream) || self.state.over() {
             return;
         }
@@ -671,9 +799,16 @@ impl Punch {
             && message.kind == Kind::Connect
         {
             self.remote_mapping = message.mapping.or(self.remote_mapping);
+            self.remote_birthday = message.birthday;
         }
         let first = self.attempts.is_empty();
         let by_classes = self.by_classes();
+        // Over 1.1.0, with both sides taking part and one hard, the first attempt probes too.
+        let probe_token = self
+            .config
+            .birthday
+            .filter(|_| first && self.probing_role().is_some())
+            .map(|b| b.token);
         match &mut self.state {
             State::Driving {
                 step: step @ Driving::Connecting { .. },
@@ -711,18 +846,23 @@ impl Punch {
                 // remote's SYN, which leaves only once SYNC has arrived, whatever the relayed
                 // path's asymmetry and however short the direct path.
                 let dial_at = if primed { now } else { now + rtt / 2 };
+                let token = probe_token.filter(|_| *classes);
                 *step = Driving::Syncing {
                     dial_at,
                     remote: parse_addrs(&message.addrs),
                     rtt,
                     reversed,
                     primed,
+                    token,
                 };
                 let sync = HolePunch {
                     kind: Kind::Sync,
                     addrs: Vec::new(),
                     reversed: reversed && *classes,
                     mapping: None,
+                    birthday: false,
+                    token,
+                    probe: None,
                 };
                 self.actions.push_back(Action::Send {
                     stream,
@@ -757,6 +897,9 @@ impl Punch {
                         .local_mapping
                         .map(|l| l.mapping)
                         .filter(|_| *classes),
+                    birthday: *classes && offers_birthday(&self.config),
+                    token: None,
+                    probe: None,
                 };
                 self.actions.push_back(Action::Send {
                     stream,
@@ -779,6 +922,10 @@ impl Punch {
                 // classes.
                 let reversed = *reversed || (*classes && message.reversed);
                 let remote = std::mem::take(remote);
+                let token = message.token.filter(|_| *classes && first);
+                if let Some(token) = token {
+                    self.start_probing(now, token, &remote);
+                }
                 self.begin_attempt(now, remote, None, reversed, false);
             }
             _ => {}
@@ -788,6 +935,19 @@ impl Punch {
     /// The driver made the dial of [`Action::Dial`] (`Ok`, with its connection) or could
     /// not start it.
     pub fn dialed(&mut self, now: Instant, result: Result<ConnectionId, String>) {
+        if let Some(b) = self.birthday.as_mut()
+            && b.dialing
+        {
+            // The dial of the probed port (its action came after the attempt's own dial).
+            b.dialing = false;
+            match result {
+                Ok(id) => b.dial = Some(id),
+                Err(e) => {
+                    b.record.error = Some(format!("dialing the probed port: {e}"));
+                }
+            }
+            return;
+        }
         let State::Dialing {
             attempt,
             connection: connection @ None,
@@ -797,9 +957,10 @@ impl Punch {
         else {
             return;
         };
+        let probing = self.birthday.is_some();
         match result {
             Ok(id) => *connection = Some(id),
-            Err(_) if *primer => {
+            Err(_) if *primer || probing => {
                 // Only a primer: the remote's dial may still come.
                 let (attempt, until) = (*attempt, *until);
                 self.set_state(State::Awaiting { attempt, until });
@@ -841,6 +1002,12 @@ impl Punch {
 
     /// The dial on `connection` failed.
     pub fn dial_failed(&mut self, now: Instant, connection: ConnectionId, failed: DialFailed) {
+        if let Some(b) = self.birthday.as_mut()
+            && b.dial == Some(connection)
+        {
+            b.record.error = Some(format!("dialing the probed port: {}", failed.error));
+            return;
+        }
         let State::Dialing {
             attempt,
             connection: Some(c),
@@ -859,8 +1026,9 @@ impl Punch {
             }
             a.dial_errors = failed.failures;
         }
-        if primer {
-            // The primer was expected to go nowhere; the remote's dial may still come.
+        if primer || self.birthday.is_some() {
+            // The primer was expected to go nowhere, and probing may still find a way: the
+            // remote's dial, or the probed port's connection, may still come.
             self.set_state(State::Awaiting { attempt, until });
             return;
         }
@@ -875,6 +1043,9 @@ impl Punch {
 
     /// A direct connection to the remote came up.
     pub fn direct(&mut self, now: Instant, direct: &DirectConnection) {
+        if let Some(b) = self.birthday.as_mut() {
+            b.record.direct |= direct.on_probed_port || b.dial == Some(direct.connection);
+        }
         self.directs.push((direct.connection, direct.made_by_a));
         if self.config.engine == Engine::Natpunch {
             let extra = duplicates(&self.directs);
@@ -919,6 +1090,7 @@ impl Punch {
 
     /// The time of [`Punch::poll_timeout`] came (or passed).
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.send_probes(now);
         let limit = self.config.attempt_timeout;
         match &mut self.state {
             State::Expecting { until } if now >= *until => self.drive(now),
@@ -944,11 +1116,15 @@ impl Punch {
                         rtt,
                         reversed,
                         primed,
+                        token,
                     },
                 ..
             } if now >= *dial_at => {
-                let (remote, rtt, reversed, primed) =
-                    (std::mem::take(remote), *rtt, *reversed, *primed);
+                let (remote, rtt, reversed, primed, token) =
+                    (std::mem::take(remote), *rtt, *reversed, *primed, *token);
+                if let Some(token) = token {
+                    self.start_probing(now, token, &remote);
+                }
                 self.begin_attempt(now, remote, Some(rtt), reversed, primed);
             }
             State::Driving { until, .. } if now >= *until => self.handshake_failed(
@@ -1008,6 +1184,7 @@ impl Punch {
         let old = std::mem::replace(&mut self.state, state);
         if let Some(stream) = old.stream()
             && self.state.stream() != Some(stream)
+            && self.birthday.as_ref().is_none_or(|b| b.stream != stream)
         {
             self.actions.push_back(Action::CloseStream { stream });
         }
@@ -1167,6 +1344,7 @@ impl Punch {
             error: None,
             dial_errors: Vec::new(),
             ended_ms: 0.0,
+            birthday: None,
         });
         self.attempts.len() - 1
     }
@@ -1186,10 +1364,167 @@ impl Punch {
             a.error = error;
             a.ended_ms = at;
         }
+        if self.birthday.as_ref().is_some_and(|b| b.attempt == index) {
+            self.stop_probing();
+        }
+    }
+
+    /// Whether both classes and both sides' word say this hole punch may probe, and as what.
+    fn probing_role(&self) -> Option<BirthdayRole> {
+        if !offers_birthday(&self.config) || !self.remote_birthday {
+            return None;
+        }
+        birthday_role(self.local_class(), self.remote_mapping)
+    }
+
+    /// Starts birthday probing with `token` in the attempt about to begin, towards `remote`
+    /// (the addresses of the remote's CONNECT); keeps the handshake stream for `HIT`.
+    fn start_probing(&mut self, now: Instant, token: [u8; 16], remote: &[Multiaddr]) {
+        let (Some(role), Some(config), Some(stream)) = (
+            self.probing_role(),
+            self.config.birthday,
+            self.state.stream(),
+        ) else {
+            return;
+        };
+        let Some(quic) = remote.iter().find_map(quic_addr) else {
+            return;
+        };
+        let mut record = AttemptBirthday {
+            role,
+            sockets: None,
+            probes: None,
+            port: None,
+            hit: false,
+            direct: false,
+            error: None,
+        };
+        let prober = match role {
+            BirthdayRole::Easy => Some(Box::new(EasyProber::new(
+                now,
+                quic.ip(),
+                token,
+                config.probes,
+                config.rate,
+                config.seed,
+            ))),
+            BirthdayRole::Hard => {
+                record.sockets = Some(u32::try_from(config.sockets).unwrap_or(u32::MAX));
+                self.actions.push_back(Action::OpenSockets {
+                    sockets: config.sockets,
+                    easy: quic,
+                    token,
+                    until: now + self.config.attempt_timeout,
+                });
+                None
+            }
+        };
+        self.birthday = Some(Probing {
+            attempt: self.attempts.len(),
+            stream,
+            prober,
+            dialing: false,
+            dial: None,
+            record,
+        });
+        self.send_probes(now);
+    }
+
+    /// The easy side's probes due by `now`.
+    fn send_probes(&mut self, now: Instant) {
+        if let Some(prober) = self.birthday.as_mut().and_then(|b| b.prober.as_mut()) {
+            while let Some(p) = prober.poll_probe(now) {
+                self.actions.push_back(Action::Probe {
+                    to: p.to,
+                    datagram: p.datagram.encode(),
+                });
+            }
+        }
+    }
+
+    /// Ends birthday probing: its record goes to its attempt, its sockets and stream close.
+    fn stop_probing(&mut self) {
+        let Some(mut b) = self.birthday.take() else {
+            return;
+        };
+        match &b.prober {
+            Some(prober) => {
+                b.record.probes = Some(u32::try_from(prober.sent()).unwrap_or(u32::MAX));
+            }
+            None => self.actions.push_back(Action::StopSockets),
+        }
+        if self.state.stream() != Some(b.stream) {
+            self.actions
+                .push_back(Action::CloseStream { stream: b.stream });
+        }
+        if let Some(a) = self.attempts.get_mut(b.attempt) {
+            a.birthday = Some(b.record);
+        }
+    }
+
+    /// The easy side: the hard side's socket heard probe `probe`; dial the port it went to.
+    fn on_hit(&mut self, probe: Option<u32>) {
+        let Some(b) = self.birthday.as_mut() else {
+            return;
+        };
+        let (Some(prober), Some(probe)) = (b.prober.as_mut(), probe) else {
+            return;
+        };
+        if b.record.hit {
+            return;
+        }
+        let Some(at) = prober.told(probe) else {
+            b.record.error = Some(format!("the remote heard probe {probe}, never sent"));
+            return;
+        };
+        b.record.hit = true;
+        b.record.port = Some(at.port());
+        b.record.probes = Some(u32::try_from(prober.sent()).unwrap_or(u32::MAX));
+        b.dialing = true;
+        let attempt = u32::try_from(b.attempt + 1).unwrap_or(u32::MAX);
+        let addr = Multiaddr::from(at.ip())
+            .with(Protocol::Udp(at.port()))
+            .with(Protocol::QuicV1);
+        if let Some(a) = self.attempts.get_mut(b.attempt) {
+            a.dialed.push(addr.to_string());
+        }
+        self.actions.push_back(Action::Dial {
+            attempt,
+            addrs: vec![addr],
+            as_listener: false,
+        });
+    }
+
+    /// The hard side: the socket probe number `probe` reached is closed, and this peer listens
+    /// for QUIC on its port. The remote hears of it over the handshake stream.
+    pub fn birthday_hit(&mut self, probe: u32) {
+        let Some(b) = self.birthday.as_mut() else {
+            return;
+        };
+        if b.prober.is_some() || b.record.hit {
+            return;
+        }
+        b.record.hit = true;
+        b.record.probes = Some(probe);
+        let mut hit = HolePunch::new(Kind::Hit, Vec::new());
+        hit.probe = Some(probe);
+        let stream = b.stream;
+        self.actions.push_back(Action::Send {
+            stream,
+            message: hit,
+        });
+    }
+
+    /// The hard side's sockets heard nothing, or the port could not be listened on.
+    pub fn birthday_failed(&mut self, error: String) {
+        if let Some(b) = self.birthday.as_mut() {
+            b.record.error.get_or_insert(error);
+        }
     }
 
     /// Ends the session with `outcome` and yields its record.
     fn finish(&mut self, now: Instant, outcome: Outcome, error: Option<String>) {
+        self.stop_probing();
         let record = self.record(now, outcome, error);
         self.set_state(State::Done);
         self.actions.push_back(Action::Record(Box::new(record)));
@@ -1243,6 +1578,29 @@ impl Punch {
 }
 
 /// How long a side that does not drive waits for the remote's attempts.
+/// Whether this side takes part in birthday probing: it may, and it punches over QUIC with
+/// natpunch's engine.
+fn offers_birthday(config: &PunchConfig) -> bool {
+    config.birthday.is_some() && config.transport.quic() && config.engine == Engine::Natpunch
+}
+
+/// The UDP address of a direct QUIC multiaddr (`/ip4/…/udp/…/quic-v1…`).
+fn quic_addr(a: &Multiaddr) -> Option<std::net::SocketAddr> {
+    if is_relayed(a) {
+        return None;
+    }
+    let mut parts = a.iter();
+    let ip = match parts.next()? {
+        Protocol::Ip4(ip) => std::net::IpAddr::V4(ip),
+        Protocol::Ip6(ip) => std::net::IpAddr::V6(ip),
+        _ => return None,
+    };
+    let Protocol::Udp(port) = parts.next()? else {
+        return None;
+    };
+    matches!(parts.next()?, Protocol::QuicV1).then_some(std::net::SocketAddr::new(ip, port))
+}
+
 fn waiting(config: &PunchConfig) -> Duration {
     config.attempt_timeout * config.max_attempts.max(1) + Duration::from_secs(2)
 }

@@ -95,6 +95,39 @@ pub struct Attempt {
     pub dial_errors: Vec<DialFailure>,
     /// When it ended, ms after the relayed connection.
     pub ended_ms: f64,
+    /// What birthday probing did in this attempt, if it probed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub birthday: Option<AttemptBirthday>,
+}
+
+/// A side's part in birthday probing ([`crate::birthday`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BirthdayRole {
+    /// Its NAT maps endpoint-independently: it probed ports of the remote's address.
+    Easy,
+    /// Its NAT picks a port per destination: it opened sockets towards the remote.
+    Hard,
+}
+
+/// What birthday probing did in one attempt, on one side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptBirthday {
+    /// This side's part.
+    pub role: BirthdayRole,
+    /// Sockets opened (the hard side).
+    pub sockets: Option<u32>,
+    /// The easy side: probes sent. The hard side: the easy side's count of probes when the one
+    /// it heard went out.
+    pub probes: Option<u32>,
+    /// The hard side's mapped port the probe reached (the easy side, which dials it).
+    pub port: Option<u16>,
+    /// A probe reached one of the hard side's sockets.
+    pub hit: bool,
+    /// The direct connection came through the pair the probe found.
+    pub direct: bool,
+    /// What went wrong, if anything did.
+    pub error: Option<String>,
 }
 
 /// The record of one hole punch.

@@ -29,6 +29,19 @@
 //! `mapping` is sent only on `/natpunch/dcutr/1.1.0` streams; a value this module does not
 //! know (0, 5 and up) decodes as "not said", so a newer peer's class never breaks an older one.
 //!
+//! Birthday probing over QUIC ([`crate::birthday`]) adds three fields and a message type, all
+//! sent only on `/natpunch/dcutr/1.1.0` streams and only to a remote whose CONNECT said
+//! `birthday`:
+//!
+//! ```text
+//!   optional bool birthday = 1002; // CONNECT: the sender takes part in birthday probing
+//!   optional bytes token = 1003;   // SYNC: this attempt probes, with this 16-byte token
+//!   optional uint32 probe = 1004;  // HIT: the easy side's probe that reached the sender
+//!   enum Type { ...; HIT = 1000; } // the hard side's socket heard probe `probe`
+//! ```
+//!
+//! A `token` not 16 bytes long, or a `probe` beyond 32 bits, decodes as "not said".
+//!
 //! # Limits and strictness
 //!
 //! * A body longer than [`MAX_MESSAGE`] (4096 bytes, the spec's limit) is refused, both when
@@ -61,12 +74,20 @@ const TAG_TYPE: u8 = 1 << 3;
 const FIELD_REVERSED: u64 = 1000;
 /// natpunch's `mapping` field number (wire type 0), sent on `/natpunch/dcutr/1.1.0` only.
 const FIELD_MAPPING: u64 = 1001;
+/// natpunch's `birthday` field number (wire type 0).
+const FIELD_BIRTHDAY: u64 = 1002;
+/// natpunch's `token` field number (wire type 2).
+const FIELD_TOKEN: u64 = 1003;
+/// natpunch's `probe` field number (wire type 0).
+const FIELD_PROBE: u64 = 1004;
 /// The tag of field 2 (`ObsAddrs`), wire type 2.
 const TAG_OBS_ADDRS: u8 = (2 << 3) | 2;
 /// The protobuf enum number of CONNECT.
 const CONNECT: u64 = 100;
 /// The protobuf enum number of SYNC.
 const SYNC: u64 = 300;
+/// The protobuf enum number of natpunch's HIT.
+const HIT: u64 = 1000;
 
 /// Which DCUtR message this is (the protobuf `HolePunch.Type`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,6 +96,8 @@ pub enum Kind {
     Connect,
     /// `SYNC` (300): sent by the initiator to start the simultaneous dial.
     Sync,
+    /// natpunch's `HIT` (1000): the hard side of birthday probing heard a probe.
+    Hit,
 }
 
 impl Kind {
@@ -83,6 +106,7 @@ impl Kind {
         match self {
             Self::Connect => CONNECT,
             Self::Sync => SYNC,
+            Self::Hit => HIT,
         }
     }
 }
@@ -101,6 +125,28 @@ pub struct HolePunch {
     /// natpunch's extension (field 1001, a varint enum, sent only when known): how the
     /// sender's NAT maps (RFC 4787), so that the driver can choose the first attempt's form.
     pub mapping: Option<Mapping>,
+    /// natpunch's extension (field 1002, sent only when true): the sender of this CONNECT
+    /// takes part in birthday probing over QUIC.
+    pub birthday: bool,
+    /// natpunch's extension (field 1003): this SYNC's attempt probes, with this token.
+    pub token: Option<[u8; 16]>,
+    /// natpunch's extension (field 1004): the probe a HIT reports.
+    pub probe: Option<u32>,
+}
+
+impl HolePunch {
+    /// A message of `kind` with `addrs` and none of natpunch's extensions.
+    pub fn new(kind: Kind, addrs: Vec<Vec<u8>>) -> Self {
+        Self {
+            kind,
+            addrs,
+            reversed: false,
+            mapping: None,
+            birthday: false,
+            token: None,
+            probe: None,
+        }
+    }
 }
 
 /// The wire number of a mapping class (`MappingClass` in the module doc).
@@ -164,8 +210,8 @@ pub enum WireError {
     /// The required `type` field is absent.
     #[error("required field `type` is missing")]
     MissingType,
-    /// `type` holds a number that is neither CONNECT (100) nor SYNC (300).
-    #[error("unknown HolePunch type {0} (expected CONNECT = 100 or SYNC = 300)")]
+    /// `type` holds a number that is neither CONNECT (100), SYNC (300) nor HIT (1000).
+    #[error("unknown HolePunch type {0} (expected CONNECT = 100, SYNC = 300 or HIT = 1000)")]
     UnknownType(u64),
 }
 
@@ -194,6 +240,19 @@ impl HolePunch {
             put_varint(&mut out, FIELD_MAPPING << 3);
             put_varint(&mut out, mapping_number(m));
         }
+        if self.birthday {
+            put_varint(&mut out, FIELD_BIRTHDAY << 3);
+            put_varint(&mut out, 1);
+        }
+        if let Some(token) = self.token {
+            put_varint(&mut out, (FIELD_TOKEN << 3) | 2);
+            put_varint(&mut out, len_u64(token.len()));
+            out.extend_from_slice(&token);
+        }
+        if let Some(probe) = self.probe {
+            put_varint(&mut out, FIELD_PROBE << 3);
+            put_varint(&mut out, u64::from(probe));
+        }
         out
     }
 
@@ -210,6 +269,9 @@ impl HolePunch {
         let mut addrs = Vec::new();
         let mut reversed = false;
         let mut mapping = None;
+        let mut birthday = false;
+        let mut token = None;
+        let mut probe = None;
         while !rest.is_empty() {
             let (tag, after_tag) = read_varint(rest)?;
             rest = after_tag;
@@ -242,6 +304,21 @@ impl HolePunch {
                     mapping = mapping_of(value);
                     rest = after;
                 }
+                (FIELD_BIRTHDAY, 0) => {
+                    let (value, after) = read_varint(rest)?;
+                    birthday = value != 0;
+                    rest = after;
+                }
+                (FIELD_TOKEN, 2) => {
+                    let (bytes, after) = read_delimited(rest)?;
+                    token = <[u8; 16]>::try_from(bytes).ok();
+                    rest = after;
+                }
+                (FIELD_PROBE, 0) => {
+                    let (value, after) = read_varint(rest)?;
+                    probe = u32::try_from(value).ok();
+                    rest = after;
+                }
                 (1 | 2, _) => {
                     return Err(WireError::WrongWireType {
                         field,
@@ -256,6 +333,7 @@ impl HolePunch {
             None => return Err(WireError::MissingType),
             Some(CONNECT) => Kind::Connect,
             Some(SYNC) => Kind::Sync,
+            Some(HIT) => Kind::Hit,
             Some(other) => return Err(WireError::UnknownType(other)),
         };
         Ok(Self {
@@ -263,6 +341,9 @@ impl HolePunch {
             addrs,
             reversed,
             mapping,
+            birthday,
+            token,
+            probe,
         })
     }
 
@@ -499,6 +580,9 @@ mod tests {
             addrs: addrs.iter().map(|a| a.to_vec()).collect(),
             reversed: false,
             mapping: None,
+            birthday: false,
+            token: None,
+            probe: None,
         }
     }
 
@@ -522,12 +606,18 @@ mod tests {
             addrs: Vec::new(),
             reversed: false,
             mapping: None,
+            birthday: false,
+            token: None,
+            probe: None,
         });
         round_trip(&HolePunch {
             kind: Kind::Sync,
             addrs: vec![ADDR.to_vec()],
             reversed: false,
             mapping: None,
+            birthday: false,
+            token: None,
+            probe: None,
         });
     }
 
@@ -553,6 +643,9 @@ mod tests {
             addrs: Vec::new(),
             reversed: false,
             mapping: None,
+            birthday: false,
+            token: None,
+            probe: None,
         };
         assert_eq!(sync.encode(), [0x08, 0xac, 0x02]);
         assert_eq!(sync.to_frame(), Ok(vec![0x03, 0x08, 0xac, 0x02]));
@@ -631,6 +724,9 @@ mod tests {
             addrs: Vec::new(),
             reversed: true,
             mapping: Some(Mapping::AddressAndPortDependent),
+            birthday: false,
+            token: None,
+            probe: None,
         });
     }
 
@@ -665,6 +761,9 @@ mod tests {
                 addrs: vec![ADDR.to_vec(); i % 3],
                 reversed: i % 5 == 0,
                 mapping: classes[i % classes.len()],
+                birthday: false,
+                token: None,
+                probe: None,
             };
             let mut body = seed.encode();
             for _ in 0..(1 + next() % 3) {
@@ -703,6 +802,9 @@ mod tests {
                 addrs: vec![vec![0xbb], vec![0xaa]],
                 reversed: false,
                 mapping: None,
+                birthday: false,
+                token: None,
+                probe: None,
             })
         );
     }
@@ -807,10 +909,36 @@ mod tests {
     }
 
     #[test]
+    fn the_birthday_extensions_round_trip_and_a_bad_token_is_not_said() {
+        let mut connect = connect(&[&ADDR]);
+        connect.birthday = true;
+        round_trip(&connect);
+        let mut sync = HolePunch::new(Kind::Sync, Vec::new());
+        sync.token = Some([0xab; 16]);
+        round_trip(&sync);
+        let mut hit = HolePunch::new(Kind::Hit, Vec::new());
+        hit.probe = Some(u32::MAX);
+        round_trip(&hit);
+        // HIT is type 1000: tag 0x08, varint 0xe8 0x07; probe is field 1004: tag 0xe0 0x3e.
+        assert_eq!(
+            HolePunch::new(Kind::Hit, Vec::new()).encode(),
+            [0x08, 0xe8, 0x07]
+        );
+        assert!(hit.encode().starts_with(&[0x08, 0xe8, 0x07, 0xe0, 0x3e]));
+        // A 15-byte token (field 1003, wire type 2: tag 0xda 0x3e) and a probe beyond 32 bits
+        // are not said.
+        let mut body = vec![0x08, 0xac, 0x02, 0xda, 0x3e, 15];
+        body.extend_from_slice(&[1; 15]);
+        body.extend_from_slice(&[0xe0, 0x3e, 0x80, 0x80, 0x80, 0x80, 0x10]);
+        let m = HolePunch::decode(&body).expect("decodes");
+        assert_eq!((m.kind, m.token, m.probe), (Kind::Sync, None, None));
+    }
+
+    #[test]
     fn error_messages() {
         assert_eq!(
             WireError::UnknownType(200).to_string(),
-            "unknown HolePunch type 200 (expected CONNECT = 100 or SYNC = 300)"
+            "unknown HolePunch type 200 (expected CONNECT = 100, SYNC = 300 or HIT = 1000)"
         );
         assert_eq!(
             WireError::TooLarge { len: 5000 }.to_string(),
@@ -830,6 +958,9 @@ mod tests {
                 addrs: Vec::new(),
                 reversed: false,
                 mapping: None,
+                birthday: false,
+                token: None,
+                probe: None,
             },
             connect(&[&[7; 200]]),
             connect(&[]),
@@ -990,7 +1121,7 @@ mod tests {
             assert_eq!(error.kind(), std::io::ErrorKind::InvalidData);
             assert_eq!(
                 error.to_string(),
-                "unknown HolePunch type 200 (expected CONNECT = 100 or SYNC = 300)"
+                "unknown HolePunch type 200 (expected CONNECT = 100, SYNC = 300 or HIT = 1000)"
             );
             // The framing survives: the next frame reads.
             assert_eq!(

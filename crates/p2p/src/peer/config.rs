@@ -74,6 +74,9 @@ pub struct PeerConfig {
     /// Join a Kademlia DHT as a client once set up (after the reservation, so that peers met
     /// there, a honeypot among them, learn the relayed address from identify).
     pub dht: Option<Dht>,
+    /// Birthday probing over QUIC, with a natpunch remote whose NAT is hard where this one is
+    /// easy, or the other way round ([`crate::punch`]); `enabled: false` turns it off.
+    pub birthday: crate::birthday::Settings,
 }
 
 /// A Kademlia DHT to join.
@@ -104,6 +107,7 @@ impl PeerConfig {
             port_mapping_lifetime: defaults::PORT_MAPPING_LIFETIME,
             local_mapping: None,
             dht: None,
+            birthday: crate::birthday::Settings::default(),
         }
     }
 }

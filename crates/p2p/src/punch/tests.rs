@@ -2,7 +2,10 @@
 //! no sleep. The relay forwards streams and messages after [`ONE_WAY`] in order; a direct dial
 //! connects, is refused or is dropped as each test's network says.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use rand::rngs::StdRng;
+use rand::{RngExt as _, SeedableRng as _};
 
 use super::*;
 
@@ -39,12 +42,25 @@ enum Net {
     Drop,
 }
 
-/// A dial as the network sees it: who dialed, in which attempt, in which role.
+/// A dial as the network sees it: who dialed, in which attempt, in which role, and whether it
+/// aims at a port the remote's NAT opened for birthday probing.
 #[derive(Debug, Clone, Copy)]
 struct DialSeen {
     by: Who,
     attempt: u32,
     as_listener: bool,
+    probed: bool,
+}
+
+/// The hard side's NAT in birthday probing: the ports its sockets got, open from `open_at`.
+#[derive(Debug)]
+struct HardNat {
+    who: Who,
+    ports: HashSet<u16>,
+    open_at: Instant,
+    /// The probe that hit first.
+    hit: Option<u32>,
+    stopped: bool,
 }
 
 #[derive(Debug)]
@@ -75,6 +91,11 @@ enum Event {
     },
     Ping {
         to: Who,
+    },
+    /// A probe reached the hard side's socket: the driver listens there and tells the engine.
+    Hit {
+        to: Who,
+        probe: u32,
     },
 }
 
@@ -116,6 +137,9 @@ impl StockListener {
                 addrs: vec![addr(Who::B).to_vec()],
                 reversed: false,
                 mapping: None,
+                birthday: false,
+                token: None,
+                probe: None,
             },
         });
     }
@@ -132,6 +156,9 @@ impl StockListener {
                 addrs: Vec::new(),
                 reversed: false,
                 mapping: None,
+                birthday: false,
+                token: None,
+                probe: None,
             },
         });
         self.dial_at = Some((now + rtt / 2, parse_addrs(&message.addrs)));
@@ -212,6 +239,7 @@ fn config(side: Side) -> PunchConfig {
         punch: true,
         local_mapping: None,
         classes: true,
+        birthday: None,
     }
 }
 
@@ -247,6 +275,10 @@ struct Sim {
     records: HashMap<Who, Record>,
     /// Every stream opened, by whom, with which protocol.
     opens: Vec<(Who, Handshake)>,
+    /// Birthday probing's hard side, once its sockets opened.
+    hard: Option<HardNat>,
+    /// Probes the easy side sent.
+    probes_sent: u32,
 }
 
 impl Sim {
@@ -265,6 +297,8 @@ impl Sim {
             closed: Vec::new(),
             records: HashMap::new(),
             opens: Vec::new(),
+            hard: None,
+            probes_sent: 0,
         }
     }
 
@@ -332,10 +366,18 @@ impl Sim {
                 addrs,
             } => {
                 assert!(!addrs.is_empty(), "{who:?} dials somewhere");
+                let probed = self.hard.as_ref().is_some_and(|h| {
+                    h.who == who.other()
+                        && addrs
+                            .iter()
+                            .filter_map(quic_addr)
+                            .any(|a| h.ports.contains(&a.port()))
+                });
                 let seen = DialSeen {
                     by: who,
                     attempt,
                     as_listener,
+                    probed,
                 };
                 self.dials.push(seen);
                 let physical = self.dials.len();
@@ -359,6 +401,7 @@ impl Sim {
                                         transport: "quic",
                                         dialed_here,
                                         made_by_a,
+                                        on_probed_port: probed && !dialed_here,
                                     },
                                 },
                             );
@@ -395,6 +438,58 @@ impl Sim {
             Action::Close { connection } => {
                 let physical = self.physical[&(who, connection)];
                 self.closed.push((who, physical));
+            }
+            Action::OpenSockets {
+                sockets,
+                easy,
+                token,
+                until,
+            } => {
+                assert_eq!(
+                    easy,
+                    quic_addr(&addr(who.other())).expect("QUIC"),
+                    "{who:?}"
+                );
+                assert!(until > now);
+                assert_ne!(token, [0; 16]);
+                // A NAT that picks a random port per destination: `sockets` distinct ones,
+                // chosen by a seeded generator, open once the sockets sent.
+                let mut rng = StdRng::seed_from_u64(u64::from(token[0]));
+                let mut ports = HashSet::new();
+                while ports.len() < sockets {
+                    ports.insert(rng.random_range(1024..=65535u16));
+                }
+                self.hard = Some(HardNat {
+                    who,
+                    ports,
+                    open_at: now + Duration::from_millis(5),
+                    hit: None,
+                    stopped: false,
+                });
+            }
+            Action::StopSockets => {
+                let hard = self.hard.as_mut().expect("sockets to stop");
+                assert_eq!(hard.who, who, "only the hard side has sockets");
+                hard.stopped = true;
+            }
+            Action::Probe { to, datagram } => {
+                assert_eq!(to.ip(), quic_addr(&addr(who.other())).expect("QUIC").ip());
+                self.probes_sent += 1;
+                let d = crate::birthday::Datagram::decode(&datagram).expect("a probe");
+                // Before the hard side's sockets exist, a probe finds nothing open.
+                let Some(hard) = self.hard.as_mut() else {
+                    return;
+                };
+                assert_eq!(hard.who, who.other(), "the easy side probes");
+                if !hard.stopped
+                    && hard.hit.is_none()
+                    && now >= hard.open_at
+                    && hard.ports.contains(&to.port())
+                {
+                    hard.hit = Some(d.seq);
+                    let to = hard.who;
+                    self.at(DIRECT / 2, Event::Hit { to, probe: d.seq });
+                }
             }
             Action::Record(record) => {
                 assert!(
@@ -479,6 +574,11 @@ impl Sim {
             Event::Ping { to } => {
                 if let Some(p) = self.node(to).punch() {
                     p.ping(now, false, DIRECT);
+                }
+            }
+            Event::Hit { to, probe } => {
+                if let Some(p) = self.node(to).punch() {
+                    p.birthday_hit(probe);
                 }
             }
         }
@@ -802,6 +902,9 @@ fn a_newer_stream_from_the_remote_replaces_the_older_and_stale_messages_are_igno
         addrs: vec![addr.to_vec()],
         reversed: false,
         mapping: None,
+        birthday: false,
+        token: None,
+        probe: None,
     };
     let old = b.inbound(base, Handshake::Natpunch).expect("answered");
     b.message(base, old, connect(addr(Who::A)));
@@ -817,6 +920,9 @@ fn a_newer_stream_from_the_remote_replaces_the_older_and_stale_messages_are_igno
         addrs: Vec::new(),
         reversed: false,
         mapping: None,
+        birthday: false,
+        token: None,
+        probe: None,
     };
     b.message(base + ONE_WAY, old, sync.clone());
     assert_eq!(b.poll_action(), None);
@@ -866,19 +972,34 @@ struct Peer {
     mapping: Option<Mapping>,
     /// Speaks 1.1.0.
     classes: bool,
+    /// Takes part in birthday probing.
+    birthday: bool,
 }
 
 const EIM: Peer = Peer {
     mapping: Some(Mapping::EndpointIndependent),
     classes: true,
+    birthday: false,
 };
 const APDM: Peer = Peer {
     mapping: Some(Mapping::AddressAndPortDependent),
     classes: true,
+    birthday: false,
 };
 const UNKNOWN: Peer = Peer {
     mapping: None,
     classes: true,
+    birthday: false,
+};
+/// An easy side that takes part in birthday probing.
+const EASY: Peer = Peer {
+    birthday: true,
+    ..EIM
+};
+/// A hard side that takes part in birthday probing.
+const HARD: Peer = Peer {
+    birthday: true,
+    ..APDM
 };
 
 /// A natpunch node over `transport` as `peer` says, identify not answered yet.
@@ -893,6 +1014,13 @@ fn classed(now: Instant, who: Who, peer: Peer, transport: Transport) -> Node {
     c.local_mapping = peer.mapping.map(|mapping| LocalMapping {
         mapping,
         source: MappingSource::Rfc5780,
+    });
+    c.birthday = peer.birthday.then_some(BirthdayConfig {
+        sockets: 256,
+        probes: 2048,
+        rate: 4000,
+        token: [u8::from(who == Who::A) + 1; 16],
+        seed: u64::from(who == Who::A) + 7,
     });
     let offered = match transport {
         Transport::Tcp => tcp_addr(who),
@@ -1110,5 +1238,113 @@ fn a_dialer_without_1_1_0_drives_1_0_0_and_sends_no_class() {
         assert_eq!(r.outcome, Outcome::Success, "{who:?}: {r:?}");
         assert_eq!(r.attempts.len(), 2, "{who:?}");
         assert_eq!(r.remote_mapping, None, "{who:?}");
+    }
+}
+
+/// Over QUIC, from a NAT that filters by port into one that picks a port per destination: no
+/// simultaneous dial gets through, birthday probing finds a pair on the first attempt, and the
+/// easy side's dial of the probed port is the direct connection, whichever side is hard.
+#[test]
+fn birthday_probing_joins_an_easy_and_a_hard_nat_on_the_first_attempt() {
+    for (a, b) in [(EASY, HARD), (HARD, EASY)] {
+        let sim = run_classed(a, b, Transport::Quic, |d| {
+            if d.probed { Net::Connect } else { Net::Drop }
+        });
+        let hard_side = if a.mapping == HARD.mapping {
+            Who::A
+        } else {
+            Who::B
+        };
+        let nat = sim.hard.as_ref().expect("the hard side opened sockets");
+        assert_eq!(nat.who, hard_side);
+        assert!(nat.stopped, "its sockets stop with the attempt");
+        let hit = nat.hit.expect("a probe hit");
+        for who in [Who::A, Who::B] {
+            let r = sim.record(who);
+            assert_eq!(r.outcome, Outcome::Success, "{who:?}: {r:?}");
+            assert_eq!(r.attempts.len(), 1, "{who:?}: {r:?}");
+            let b = r.attempts[0].birthday.as_ref().expect("it probed");
+            let role = if who == hard_side {
+                BirthdayRole::Hard
+            } else {
+                BirthdayRole::Easy
+            };
+            assert_eq!(b.role, role, "{who:?}");
+            assert!(b.hit && b.direct, "{who:?}: {b:?}");
+            assert_eq!(b.error, None);
+            if role == BirthdayRole::Hard {
+                assert_eq!(b.sockets, Some(256));
+                assert_eq!(
+                    b.probes,
+                    Some(hit),
+                    "the hard side reports the probe it heard"
+                );
+            } else {
+                // The probes stop once the hit is told: about N/k of them, never the budget.
+                let probes = b.probes.expect("probes");
+                assert!(probes >= hit && probes < 2048, "{probes} after hit {hit}");
+                assert_eq!(sim.probes_sent, probes, "every probe went out as an action");
+                assert!(b.port.is_some_and(|p| nat.ports.contains(&p)));
+            }
+            // Probes at 4,000/s: the direct connection within about a second.
+            let t = r.time_to_direct_ms.expect("direct");
+            assert!(t < 1500.0, "{who:?}: {t} ms");
+        }
+        // Only the easy side's dial of the probed port connected.
+        assert!(sim.dials.iter().filter(|d| d.probed).count() == 1);
+    }
+}
+
+/// Either side without birthday probing: nobody probes, and the attempts fail as before.
+#[test]
+fn birthday_probing_needs_both_sides_and_a_hard_one() {
+    for (a, b) in [(EASY, APDM), (EIM, HARD), (EASY, EASY), (HARD, HARD)] {
+        let sim = run_classed(a, b, Transport::Quic, |_| Net::Drop);
+        assert!(sim.hard.is_none(), "{a:?} × {b:?}: no sockets opened");
+        for who in [Who::A, Who::B] {
+            let r = sim.record(who);
+            assert_eq!(r.outcome, Outcome::Failed, "{who:?}");
+            assert!(r.attempts.iter().all(|at| at.birthday.is_none()));
+        }
+    }
+    // TCP alone never probes.
+    let sim = run_classed(EASY, HARD, Transport::Tcp, |_| Net::Drop);
+    assert!(sim.hard.is_none());
+}
+
+/// An easy side that filters by address only lets the simultaneous dial in: it wins, probing
+/// stops, and the record says probing did not make the connection.
+#[test]
+fn a_simultaneous_dial_that_gets_through_ends_probing() {
+    let sim = run_classed(EASY, HARD, Transport::Quic, |d| {
+        if d.by == Who::B {
+            Net::Connect
+        } else {
+            Net::Drop
+        }
+    });
+    assert!(sim.hard.as_ref().is_some_and(|h| h.stopped));
+    for who in [Who::A, Who::B] {
+        let r = sim.record(who);
+        assert_eq!(r.outcome, Outcome::Success, "{who:?}");
+        let b = r.attempts[0].birthday.as_ref().expect("it probed");
+        assert!(!b.direct, "{who:?}: {b:?}");
+        assert!(r.time_to_direct_ms.is_some_and(|t| t < 500.0));
+    }
+}
+
+/// A pair the probes found that still does not connect: the attempt times out, and the later
+/// attempts are plain.
+#[test]
+fn probing_that_connects_nothing_leaves_the_later_attempts_plain() {
+    let mut hard = HARD;
+    hard.mapping = Some(Mapping::AddressDependent);
+    let sim = run_classed(EASY, hard, Transport::Quic, |_| Net::Drop);
+    for who in [Who::A, Who::B] {
+        let r = sim.record(who);
+        assert_eq!(r.outcome, Outcome::Failed);
+        assert_eq!(r.attempts.len(), 3, "{who:?}: {r:?}");
+        assert!(r.attempts[0].birthday.is_some(), "{who:?}");
+        assert!(r.attempts[1..].iter().all(|a| a.birthday.is_none()));
     }
 }
