@@ -1984,6 +1984,40 @@ fn lab_matrix_punches_port_restricted_pairs_and_fails_symmetric_ones_fast() {
         assert_eq!(t["dialer"]["local_mapping"], "none", "{t}");
     }
 
+    // QUIC between a port-restricted cone and a symmetric NAT, both ways: no simultaneous dial
+    // gets through; birthday probing finds a pair on the first attempt and the easy side's dial
+    // of the probed port is the direct connection.
+    let bq = dir.join("bq.jsonl");
+    let report = matrix(
+        "port-restricted:symmetric,symmetric:port-restricted/quic",
+        "3",
+        &bq,
+    );
+    for cell in report["cells"].as_array().expect("cells") {
+        let direct = cell["birthday_direct"].as_u64().expect("birthday_direct");
+        assert!(direct >= 2, "{cell}");
+        assert!(cell["success"].as_u64() >= Some(direct), "{cell}");
+        assert!(
+            cell["probes_max"].as_u64().is_some_and(|p| p <= 2048),
+            "within the budget: {cell}"
+        );
+    }
+    for t in trials_of(&bq) {
+        if t["dialer"]["outcome"] != "SUCCESS" {
+            continue;
+        }
+        let roles: Vec<&Value> = ["dialer", "listener"]
+            .iter()
+            .map(|side| &t[*side]["attempts"][0]["birthday"]["role"])
+            .collect();
+        let want = if t["a"] == "symmetric" {
+            ["hard", "easy"]
+        } else {
+            ["easy", "hard"]
+        };
+        assert_eq!(roles, want, "{t}");
+    }
+
     // natpunch's engine with stock rust-libp2p's on the other side, both ways: plain DCUtR,
     // first attempt.
     for (dialer, listener) in [("natpunch", "stock"), ("stock", "natpunch")] {

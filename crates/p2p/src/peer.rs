@@ -110,8 +110,9 @@ pub struct Peer {
     observations: Vec<Observation>,
     /// The mapping class those observations say, once they say one.
     observed_mapping: Option<LocalMapping>,
-    /// A duplicate of the QUIC endpoint's socket, for birthday probes (found at the first).
-    quic_socket: Option<std::net::UdpSocket>,
+    /// A duplicate of the QUIC endpoint's socket, for birthday probes: looked for at the first
+    /// probe (`Some(None)`: not found).
+    quic_socket: Option<Option<std::net::UdpSocket>>,
     /// Birthday probing's hard sides in progress (one per session at most): the port and the
     /// probe number of the socket a probe reached, or nothing by the deadline.
     hard_sides: tokio::task::JoinSet<(PeerId, HardSide)>,
@@ -430,7 +431,7 @@ impl Peer {
                     r.directs.retain(|d| d.id != connection);
                 }
             }
-            Action::Probe { to, datagram } => self.send_probe(to, &datagram),
+            Action::Probe { to, datagram } => self.send_probe(peer, to, &datagram),
             Action::OpenSockets {
                 sockets,
                 easy,
@@ -627,7 +628,7 @@ impl Peer {
             return;
         };
         if let Some(id) = session.inbound(Instant::now(), handshake) {
-            self.streams.accept(peer, id, stream);
+            self.streams.accept(peer, id, stream, handshake);
         }
         self.with_session(peer, |_| {});
     }
@@ -692,31 +693,46 @@ impl Peer {
     }
 
     /// Birthday probing, the easy side: one probe from the QUIC endpoint's own socket.
-    fn send_probe(&mut self, to: std::net::SocketAddr, datagram: &[u8]) {
+    fn send_probe(&mut self, peer: PeerId, to: std::net::SocketAddr, datagram: &[u8]) {
         if self.quic_socket.is_none() {
-            let probed: Vec<u16> = self.probed_listeners.values().map(|(_, p)| *p).collect();
-            let port = self.listen_addrs().iter().find_map(|a| {
-                let mut parts = a.iter().skip(1);
-                match (parts.next(), parts.next()) {
-                    (Some(Protocol::Udp(port)), Some(Protocol::QuicV1))
-                        if !probed.contains(&port) =>
-                    {
-                        Some(port)
-                    }
-                    _ => None,
+            self.quic_socket = Some(self.find_quic_socket());
+        }
+        match &self.quic_socket {
+            Some(Some(socket)) => {
+                if let Err(e) = socket.send_to(datagram, to) {
+                    // A full send buffer drops the probe; the budget counts it all the same.
+                    tracing::trace!(%to, %e, "probe not sent");
                 }
-            });
-            self.quic_socket = port.and_then(quic_socket::find);
-            if self.quic_socket.is_none() {
-                tracing::debug!(?port, "no QUIC socket to probe from");
             }
+            _ => self.with_session(peer, |s| {
+                s.birthday_failed("no QUIC socket of this peer's to probe from".into());
+            }),
         }
-        if let Some(socket) = &self.quic_socket
-            && let Err(e) = socket.send_to(datagram, to)
-        {
-            // A full send buffer drops the probe; the budget counts it all the same.
-            tracing::trace!(%to, %e, "probe not sent");
+    }
+
+    /// The QUIC endpoint's socket: the one bound to the port of the direct QUIC listen address
+    /// (not a relayed one, not a probed port's).
+    fn find_quic_socket(&self) -> Option<std::net::UdpSocket> {
+        let probed: Vec<u16> = self.probed_listeners.values().map(|(_, p)| *p).collect();
+        let port = self.listen_addrs().iter().find_map(|a| {
+            let parts: Vec<Protocol<'_>> = a.iter().collect();
+            match parts.as_slice() {
+                [Protocol::Ip4(_), Protocol::Udp(port), Protocol::QuicV1]
+                    if !probed.contains(port) =>
+                {
+                    Some(*port)
+                }
+                _ => None,
+            }
+        })?;
+        let found = quic_socket::find(port);
+        if found.is_none() {
+            tracing::debug!(
+                port,
+                "no UDP socket of this process on the QUIC listen port"
+            );
         }
+        found
     }
 
     /// Birthday probing, the hard side: a probe reached the socket on local `port` (now

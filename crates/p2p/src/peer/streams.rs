@@ -4,8 +4,9 @@
 //! A task ends when its stream breaks, or once it wrote what the engine sent before dropping
 //! the stream (a SYNC must go out even when the dial follows at once), or after
 //! [`WRITE_TIMEOUT`] on a write; the peer aborts the tasks left when it is dropped. It reads only the messages the protocol
-//! has for its end (one reply for the driver, CONNECT and SYNC for the answerer), so a remote
-//! cannot make it read more. The channel to the event loop is bounded; a task waits when it
+//! has for its end (one reply for the driver, CONNECT and SYNC for the answerer, and over
+//! `/natpunch/dcutr/1.1.0` one birthday-probing HIT more), so a remote cannot make it read
+//! more. The channel to the event loop is bounded; a task waits when it
 //! is full rather than drop an event, since a lost event would leave its engine waiting for
 //! its timeout. Events of a stream dropped meanwhile are discarded by [`Streams::next`].
 
@@ -100,7 +101,7 @@ impl Streams {
             let failed = match tokio::time::timeout(WRITE_TIMEOUT, opening).await {
                 Ok(Ok(stream)) => {
                     if events.send(StreamEvent::Opened).await.is_ok() {
-                        run(stream, 1, out, events).await;
+                        run(stream, reads(handshake, 1), out, events).await;
                     }
                     return;
                 }
@@ -120,9 +121,17 @@ impl Streams {
         });
     }
 
-    /// Runs a stream the remote opened.
-    pub(super) fn accept(&mut self, peer: PeerId, id: StreamId, stream: libp2p::Stream) {
-        self.spawn(peer, id, |events, out| run(stream, 2, out, events));
+    /// Runs a stream of `handshake` the remote opened.
+    pub(super) fn accept(
+        &mut self,
+        peer: PeerId,
+        id: StreamId,
+        stream: libp2p::Stream,
+        handshake: Handshake,
+    ) {
+        self.spawn(peer, id, |events, out| {
+            run(stream, reads(handshake, 2), out, events)
+        });
     }
 
     fn spawn<F: Future<Output = ()> + Send + 'static>(
@@ -134,8 +143,8 @@ impl Streams {
         self.close(peer, id);
         self.next_generation += 1;
         let generation = self.next_generation;
-        // The engine sends at most two messages on a stream.
-        let (out, out_rx) = mpsc::channel(2);
+        // The engine sends at most three messages on a stream (CONNECT, SYNC, HIT).
+        let (out, out_rx) = mpsc::channel(3);
         let unwritten = Arc::new(AtomicUsize::new(0));
         let outbox = Outbox {
             messages: out_rx,
@@ -243,6 +252,12 @@ impl Events {
             .await
             .map_err(|_| ())
     }
+}
+
+/// The messages an end of a `handshake` stream reads: the handshake's `messages`, and over
+/// 1.1.0 a birthday-probing HIT.
+fn reads(handshake: Handshake, messages: usize) -> usize {
+    messages + usize::from(handshake == Handshake::NatpunchClasses)
 }
 
 /// Writes what comes on `out` and reads `reads` messages, until the stream breaks or `out`
