@@ -739,6 +739,10 @@ impl Peer {
     /// closed), or none did, or the sockets failed.
     fn on_hard_side(&mut self, peer: PeerId, result: HardSide) {
         self.hard_side_handles.remove(&peer);
+        if !self.sessions.contains_key(&peer) {
+            // The session ended meanwhile: nobody would use the port.
+            return;
+        }
         match result {
             Ok(Some((port, probe))) => {
                 let addr = Multiaddr::from(self.config.listen_ip)
