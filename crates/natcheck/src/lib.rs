@@ -19,3 +19,4 @@ pub mod server;
 
 pub use client::{CheckOptions, NatReport, check};
 pub use server::StunServer;
+pub use stun::classify::SEQUENTIAL_GAP;

@@ -705,7 +705,7 @@ impl Peer {
                 }
             }
             _ => self.with_session(peer, |s| {
-                s.birthday_failed("no QUIC socket of this peer's to probe from".into());
+                s.birthday_failed("this peer's QUIC socket was not found to probe from".into());
             }),
         }
     }
@@ -714,17 +714,13 @@ impl Peer {
     /// (not a relayed one, not a probed port's).
     fn find_quic_socket(&self) -> Option<std::net::UdpSocket> {
         let probed: Vec<u16> = self.probed_listeners.values().map(|(_, p)| *p).collect();
-        let port = self.listen_addrs().iter().find_map(|a| {
-            let parts: Vec<Protocol<'_>> = a.iter().collect();
-            match parts.as_slice() {
-                [Protocol::Ip4(_), Protocol::Udp(port), Protocol::QuicV1]
-                    if !probed.contains(port) =>
-                {
-                    Some(*port)
-                }
-                _ => None,
-            }
-        })?;
+        let port = self
+            .listen_addrs()
+            .iter()
+            .filter_map(punch::quic_addr)
+            .filter(|a| a.is_ipv4())
+            .map(|a| a.port())
+            .find(|p| !probed.contains(p))?;
         let found = quic_socket::find(port);
         if found.is_none() {
             tracing::debug!(

@@ -645,6 +645,7 @@ impl Punch {
         let probe = self
             .birthday
             .as_ref()
+            .filter(|b| b.record.error.is_none())
             .and_then(|b| b.prober.as_ref())
             .and_then(|p| p.poll_timeout());
         Some(probe.map_or(state, |p| p.min(state)))
@@ -1430,9 +1431,14 @@ impl Punch {
         self.send_probes(now);
     }
 
-    /// The easy side's probes due by `now`.
+    /// The easy side's probes due by `now`, while nothing went wrong.
     fn send_probes(&mut self, now: Instant) {
-        if let Some(prober) = self.birthday.as_mut().and_then(|b| b.prober.as_mut()) {
+        if let Some(prober) = self
+            .birthday
+            .as_mut()
+            .filter(|b| b.record.error.is_none())
+            .and_then(|b| b.prober.as_mut())
+        {
             while let Some(p) = prober.poll_probe(now) {
                 self.actions.push_back(Action::Probe {
                     to: p.to,
@@ -1515,7 +1521,8 @@ impl Punch {
         });
     }
 
-    /// The hard side's sockets heard nothing, or the port could not be listened on.
+    /// Probing cannot go on: the hard side's sockets heard nothing or its port could not be
+    /// listened on, or the easy side has no socket to probe from (it stops probing).
     pub fn birthday_failed(&mut self, error: String) {
         if let Some(b) = self.birthday.as_mut() {
             b.record.error.get_or_insert(error);
@@ -1585,7 +1592,7 @@ fn offers_birthday(config: &PunchConfig) -> bool {
 }
 
 /// The UDP address of a direct QUIC multiaddr (`/ip4/…/udp/…/quic-v1…`).
-fn quic_addr(a: &Multiaddr) -> Option<std::net::SocketAddr> {
+pub(crate) fn quic_addr(a: &Multiaddr) -> Option<std::net::SocketAddr> {
     if is_relayed(a) {
         return None;
     }

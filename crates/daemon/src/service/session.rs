@@ -264,9 +264,6 @@ async fn candidates(ctx: &Ctx, proto: Proto, ports: Ports) -> (Candidates, Vec<T
     (c, held)
 }
 
-/// The biggest step between two fresh sockets' mappings still read as sequential allocation.
-const MAX_SEQUENTIAL_STEP: u16 = 16;
-
 /// Where a NAT that maps per destination will most likely put this host's next UDP mapping,
 /// given `mapped`, the one it just made: one step on, if it allocates sequentially. The step
 /// comes from what is known of the NAT (`natpunch nat check`, `--port-allocation`), or, when its
@@ -282,7 +279,8 @@ async fn next_mapping(nat: NatInfo, mapped: SocketAddr, server: SocketAddr) -> O
         None => {
             let again = natcheck::reflector::mapped_udp(0, server).await.ok()?;
             let step = again.port().abs_diff(mapped.port());
-            if again.ip() != mapped.ip() || step == 0 || step > MAX_SEQUENTIAL_STEP {
+            if again.ip() != mapped.ip() || step == 0 || i32::from(step) > natcheck::SEQUENTIAL_GAP
+            {
                 return None;
             }
             let last = again.port().max(mapped.port());

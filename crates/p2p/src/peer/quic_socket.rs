@@ -64,3 +64,35 @@ fn bound_to(raw: RawFd, port: u16) -> bool {
     };
     v4.port() == port && v4.ip().is_unspecified() && addr.family().is_some()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_udp_socket_of_a_port_a_tcp_listener_shares() {
+        // A TCP listener and a UDP socket on one port (tried again while someone else has the
+        // port for UDP).
+        let (tcp, udp, port) = (0..20)
+            .find_map(|_| {
+                let tcp = std::net::TcpListener::bind("0.0.0.0:0").ok()?;
+                let port = tcp.local_addr().ok()?.port();
+                let udp = UdpSocket::bind(("0.0.0.0", port)).ok()?;
+                Some((tcp, udp, port))
+            })
+            .expect("a port free for both");
+        let found = find(port).expect("found");
+        assert_eq!(found.local_addr().ok(), udp.local_addr().ok());
+        // What the duplicate sends leaves from the port itself.
+        let receiver = UdpSocket::bind("127.0.0.1:0").expect("receiver");
+        found
+            .send_to(b"probe", receiver.local_addr().expect("addr"))
+            .expect("sent");
+        let mut buf = [0u8; 8];
+        let (n, from) = receiver.recv_from(&mut buf).expect("received");
+        assert_eq!((&buf[..n], from.port()), (&b"probe"[..], port));
+        drop((udp, found));
+        assert!(find(port).is_none(), "no UDP socket left on {port}");
+        drop(tcp);
+    }
+}

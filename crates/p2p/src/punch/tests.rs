@@ -279,6 +279,8 @@ struct Sim {
     hard: Option<HardNat>,
     /// Probes the easy side sent.
     probes_sent: u32,
+    /// The easy side's driver finds no socket to probe from.
+    no_easy_socket: bool,
 }
 
 impl Sim {
@@ -299,6 +301,7 @@ impl Sim {
             opens: Vec::new(),
             hard: None,
             probes_sent: 0,
+            no_easy_socket: false,
         }
     }
 
@@ -475,6 +478,12 @@ impl Sim {
             Action::Probe { to, datagram } => {
                 assert_eq!(to.ip(), quic_addr(&addr(who.other())).expect("QUIC").ip());
                 self.probes_sent += 1;
+                if self.no_easy_socket {
+                    if let Some(p) = self.node(who).punch() {
+                        p.birthday_failed("no socket".into());
+                    }
+                    return;
+                }
                 let d = crate::birthday::Datagram::decode(&datagram).expect("a probe");
                 // Before the hard side's sockets exist, a probe finds nothing open.
                 let Some(hard) = self.hard.as_mut() else {
@@ -1347,4 +1356,25 @@ fn probing_that_connects_nothing_leaves_the_later_attempts_plain() {
         assert!(r.attempts[0].birthday.is_some(), "{who:?}");
         assert!(r.attempts[1..].iter().all(|a| a.birthday.is_none()));
     }
+}
+
+/// An easy side whose driver cannot send probes stops probing at the first, and its record
+/// says why.
+#[test]
+fn an_easy_side_without_a_socket_stops_probing_and_says_so() {
+    let base = Instant::now();
+    let mut sim = Sim::new(
+        base,
+        classed(base, Who::A, EASY, Transport::Quic),
+        classed(base, Who::B, HARD, Transport::Quic),
+        |_| Net::Drop,
+    );
+    sim.no_easy_socket = true;
+    sim.run();
+    assert_eq!(sim.probes_sent, 1, "no probe after the failure");
+    let b = sim.record(Who::A).attempts[0]
+        .birthday
+        .clone()
+        .expect("it tried to probe");
+    assert_eq!((b.error.as_deref(), b.probes), (Some("no socket"), Some(1)));
 }
