@@ -413,7 +413,9 @@ fn relay_without_an_external_address_says_so_in_its_output_health_and_json() {
         .into_iter()
         .map(str::to_owned)
         .collect::<Vec<_>>();
+        // No STUN reflector: its default port is another test's too.
         args.extend(["--telemetry-port".into(), telemetry.to_string()]);
+        args.extend(["--stun-port".into(), "0".into()]);
         if let Some(e) = external {
             args.extend(["--external-addr".into(), e.replace("PORT", &port)]);
         }
@@ -3434,11 +3436,15 @@ fn client_punches_what_the_server_serves_and_delivers_every_report_once() {
     server
         .wait_for("\"event\":\"listening\"", Duration::from_secs(20))
         .expect("the server listens");
+    while client.is_running() {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let client_out = client.output();
     let code = client.wait().expect("the client ends");
     assert_eq!(
         code,
         Some(0),
-        "the client exits once both reports are delivered"
+        "the client exits once both reports are delivered: {client_out}"
     );
     drop(server);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
@@ -3452,7 +3458,10 @@ fn client_punches_what_the_server_serves_and_delivers_every_report_once() {
         expected.sort_unstable();
         assert_eq!(remotes, expected, "each target punched once");
         for r in &rows {
-            assert_eq!(r.outcome, "SUCCESS", "{rows:?}");
+            assert_eq!(
+                r.outcome, "SUCCESS",
+                "{rows:?}\nthe client said:\n{client_out}"
+            );
             assert!(r.transport.is_some(), "{rows:?}");
         }
         let techniques: Vec<(Option<String>,)> =
