@@ -93,6 +93,9 @@ pub enum ClientEvent {
         transport: Option<String>,
         /// From the relayed connection to the direct one.
         time_to_direct_ms: Option<f64>,
+        /// Why there was no direct connection: each failed attempt's error, or the punch's.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
         /// The report's idempotency key.
         key: String,
     },
@@ -144,13 +147,15 @@ impl ClientEvent {
                 outcome,
                 transport,
                 time_to_direct_ms,
+                error,
                 ..
             } => format!(
-                "{host} → {remote}: {outcome:?}{}{}",
+                "{host} → {remote}: {outcome:?}{}{}{}",
                 transport
                     .as_ref()
                     .map_or(String::new(), |t| format!(" over {t}")),
-                time_to_direct_ms.map_or(String::new(), |t| format!(" in {t:.0} ms"))
+                time_to_direct_ms.map_or(String::new(), |t| format!(" in {t:.0} ms")),
+                error.as_ref().map_or(String::new(), |e| format!(" ({e})"))
             ),
             Self::Deferred {
                 key,
@@ -662,10 +667,32 @@ async fn host_loop(
             outcome: record.outcome,
             transport: record.transport.clone(),
             time_to_direct_ms: record.time_to_direct_ms,
+            error: why_not_direct(&record),
             key: idempotency,
         });
     }
     Ok(())
+}
+
+/// Why a punch ended without a direct connection: each failed attempt's error (they differ,
+/// and the last alone hides the first), else the punch's own; `None` when it went direct.
+fn why_not_direct(record: &Record) -> Option<String> {
+    if matches!(
+        record.outcome,
+        Outcome::Success | Outcome::ConnectionReversed
+    ) {
+        return None;
+    }
+    let attempts: Vec<String> = record
+        .attempts
+        .iter()
+        .filter_map(|a| Some(format!("attempt {}: {}", a.number, a.error.as_ref()?)))
+        .collect();
+    if attempts.is_empty() {
+        record.error.clone()
+    } else {
+        Some(attempts.join("; "))
+    }
 }
 
 /// One punch from `key`'s host to `remote` through the served relay; always a record.

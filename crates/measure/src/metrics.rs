@@ -78,6 +78,7 @@ mod tests {
             outcome,
             transport: Some("quic".into()),
             time_to_direct_ms: Some(1.0),
+            error: None,
             key: "k".into(),
         };
         m.observe(&punched(p2p::record::Outcome::Success));

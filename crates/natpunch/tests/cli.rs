@@ -2738,6 +2738,15 @@ struct MeasurementLab {
 const LAB_DHT: &str = "/natpunch/lab/kad/1.0.0";
 
 impl MeasurementLab {
+    /// What every process of the lab (relay, honeypot, targets) printed so far.
+    fn outputs(&self) -> String {
+        self.processes
+            .iter()
+            .map(natlab::LabProcess::output)
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    }
+
     fn start(presets: &[natlab::Preset], dir: &Path) -> Self {
         use std::time::Duration;
         let exe = env!("CARGO_BIN_EXE_natpunch");
@@ -3459,8 +3468,10 @@ fn client_punches_what_the_server_serves_and_delivers_every_report_once() {
         assert_eq!(remotes, expected, "each target punched once");
         for r in &rows {
             assert_eq!(
-                r.outcome, "SUCCESS",
-                "{rows:?}\nthe client said:\n{client_out}"
+                r.outcome,
+                "SUCCESS",
+                "{rows:?}\nthe client said:\n{client_out}\nthe lab said:\n{}",
+                lab.outputs()
             );
             assert!(r.transport.is_some(), "{rows:?}");
         }

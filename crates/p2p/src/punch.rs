@@ -760,6 +760,15 @@ impl Punch {
         if self.state.stream() != Some(stream) || self.state.over() {
             return;
         }
+        if let State::Driving {
+            step: Driving::Syncing { .. },
+            ..
+        } = self.state
+        {
+            // SYNC is out: the handshake is over, and the remote drops its end once it read
+            // SYNC. Only birthday probing's HIT could still come; the dial goes ahead.
+            return;
+        }
         if unsupported
             && self.config.side == Side::Dialer
             && matches!(self.state, State::Driving { classes: true, .. })

@@ -1378,3 +1378,57 @@ fn an_easy_side_without_a_socket_stops_probing_and_says_so() {
         .expect("it tried to probe");
     assert_eq!((b.error.as_deref(), b.probes), (Some("no socket"), Some(1)));
 }
+
+/// The remote drops its end of the stream once it read SYNC; when that reaches the driver
+/// before its own dial is due (a short direct path, a slow relayed one), the dial still goes.
+#[test]
+fn a_stream_closed_after_sync_does_not_fail_the_handshake() {
+    let now = Instant::now();
+    let peers = Peers::default();
+    let mut a = Punch::new(
+        now,
+        0,
+        config(Side::Dialer),
+        peers,
+        None,
+        vec![addr(Who::A)],
+    );
+    let Some(Action::Open { stream, .. }) = a.poll_action() else {
+        panic!("A opens the handshake");
+    };
+    a.stream_opened(now, stream);
+    assert!(
+        matches!(a.poll_action(), Some(Action::Send { .. })),
+        "CONNECT"
+    );
+    let later = now + Duration::from_millis(40);
+    a.message(
+        later,
+        stream,
+        HolePunch::new(Kind::Connect, vec![addr(Who::B).to_vec()]),
+    );
+    assert!(
+        matches!(a.poll_action(), Some(Action::Send { message, .. }) if message.kind == Kind::Sync),
+        "SYNC"
+    );
+    let dial_at = a.poll_timeout().expect("the dial is due later");
+    assert_eq!(
+        dial_at,
+        later + Duration::from_millis(20),
+        "half the round trip"
+    );
+    a.stream_failed(
+        later + Duration::from_millis(1),
+        stream,
+        "unexpected end of file".into(),
+        false,
+    );
+    a.handle_timeout(dial_at);
+    let actions: Vec<Action> = std::iter::from_fn(|| a.poll_action()).collect();
+    assert!(
+        actions
+            .iter()
+            .any(|x| matches!(x, Action::Dial { attempt: 1, .. })),
+        "{actions:?}"
+    );
+}
