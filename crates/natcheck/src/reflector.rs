@@ -178,6 +178,27 @@ pub async fn mapped_udp(port: u16, server: SocketAddr) -> io::Result<SocketAddr>
     ))
 }
 
+/// Port prediction from two fresh mappings `a` and `b` of the same NAT, seen by a STUN server
+/// in quick succession: where the NAT's next mapping is expected, when they are on one address
+/// and at most [`crate::SEQUENTIAL_GAP`] ports apart (a NAT that allocates in order: the next
+/// is one step above the higher); `None` otherwise (random or preserved ports).
+pub fn next_mapping(a: SocketAddr, b: SocketAddr) -> Option<SocketAddr> {
+    let step = a.port().abs_diff(b.port());
+    if a.ip() != b.ip() || step == 0 || i32::from(step) > crate::SEQUENTIAL_GAP {
+        return None;
+    }
+    let port = a.port().max(b.port()).checked_add(step)?;
+    Some(SocketAddr::new(a.ip(), port))
+}
+
+/// Port prediction as [`next_mapping`] says, from two fresh UDP sockets' mappings towards
+/// `server`, asked at once; `None` when the server does not answer or the ports are not in
+/// order.
+pub async fn predict_udp(server: SocketAddr) -> Option<SocketAddr> {
+    let (a, b) = tokio::join!(mapped_udp(0, server), mapped_udp(0, server));
+    next_mapping(a.ok()?, b.ok()?)
+}
+
 /// The external address a NAT gave TCP port `port` towards `server`, asked over a connection
 /// from that port, and the connection: keep it open while the port is used, since a NAT may
 /// forget a mapping whose last connection closed.
@@ -222,6 +243,22 @@ pub async fn mapped_tcp(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_next_mapping_is_one_step_above_two_close_ones_and_nothing_else() {
+        let at = |ip: [u8; 4], port| SocketAddr::from((ip, port));
+        let ip = [11, 0, 0, 2];
+        // In either order; the step is their distance.
+        assert_eq!(next_mapping(at(ip, 4000), at(ip, 4001)), Some(at(ip, 4002)));
+        assert_eq!(next_mapping(at(ip, 4001), at(ip, 4000)), Some(at(ip, 4002)));
+        assert_eq!(next_mapping(at(ip, 4000), at(ip, 4002)), Some(at(ip, 4004)));
+        // The same port (preserved, or one socket), a gap beyond 16, another address, or the
+        // top of the range: no prediction.
+        assert_eq!(next_mapping(at(ip, 4000), at(ip, 4000)), None);
+        assert_eq!(next_mapping(at(ip, 4000), at(ip, 4017)), None);
+        assert_eq!(next_mapping(at(ip, 4000), at([11, 0, 0, 3], 4001)), None);
+        assert_eq!(next_mapping(at(ip, 65534), at(ip, 65535)), None);
+    }
 
     #[tokio::test]
     async fn a_reflector_tells_each_port_its_address_over_udp_and_tcp() {

@@ -278,13 +278,7 @@ async fn next_mapping(nat: NatInfo, mapped: SocketAddr, server: SocketAddr) -> O
         Some(_) => return None,
         None => {
             let again = natcheck::reflector::mapped_udp(0, server).await.ok()?;
-            let step = again.port().abs_diff(mapped.port());
-            if again.ip() != mapped.ip() || step == 0 || i32::from(step) > natcheck::SEQUENTIAL_GAP
-            {
-                return None;
-            }
-            let last = again.port().max(mapped.port());
-            return Some(SocketAddr::new(mapped.ip(), last.checked_add(step)?));
+            return natcheck::reflector::next_mapping(mapped, again);
         }
     };
     let port = i32::from(mapped.port()) + step;
