@@ -222,14 +222,11 @@ fn run(
     while !stop.load(Ordering::Relaxed) {
         loop {
             match q.recv() {
-                Ok(mut msg) => {
+                Ok(msg) => {
                     let dir = usize::from(msg.get_queue_num() == QUEUE_UP);
                     match schedules[dir].admit(Instant::now()) {
                         Some(release) => held[dir].push_back((release, msg)),
-                        None => {
-                            msg.set_verdict(Verdict::Drop);
-                            q.verdict(msg)?;
-                        }
+                        None => crate::queue::release(&mut q, msg, Verdict::Drop)?,
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -241,9 +238,8 @@ fn run(
         let mut next = now + IDLE_TICK;
         for queue in &mut held {
             while queue.front().is_some_and(|(release, _)| *release <= now) {
-                if let Some((_, mut msg)) = queue.pop_front() {
-                    msg.set_verdict(Verdict::Accept);
-                    q.verdict(msg)?;
+                if let Some((_, msg)) = queue.pop_front() {
+                    crate::queue::release(&mut q, msg, Verdict::Accept)?;
                 }
             }
             if let Some((release, _)) = queue.front() {
@@ -254,9 +250,8 @@ fn run(
     }
     // Let go of everything still held rather than lose it.
     for queue in &mut held {
-        for (_, mut msg) in queue.drain(..) {
-            msg.set_verdict(Verdict::Accept);
-            q.verdict(msg)?;
+        for (_, msg) in queue.drain(..) {
+            crate::queue::release(&mut q, msg, Verdict::Accept)?;
         }
     }
     Ok(())

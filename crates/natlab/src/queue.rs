@@ -133,3 +133,18 @@ pub(crate) fn open(
     });
     opened
 }
+
+/// Gives the kernel `verdict` on `msg`. A packet the kernel no longer holds (`ENOENT`: its
+/// queue's rules or its namespace are being removed) is no error: nothing is left to release,
+/// and a worker that stopped on it would leave its link without a queue reader.
+pub(crate) fn release(
+    q: &mut nfq::Queue,
+    mut msg: nfq::Message,
+    verdict: nfq::Verdict,
+) -> io::Result<()> {
+    msg.set_verdict(verdict);
+    match q.verdict(msg) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}

@@ -354,15 +354,14 @@ fn run(
     let mut table = LiveFlows::new(max);
     while !stop.load(Ordering::Relaxed) {
         match q.recv() {
-            Ok(mut msg) => {
+            Ok(msg) => {
                 if let Some(flow) = flow_of_packet(msg.get_payload())
                     && table.admit(flow)
                     && table.is_over()
                 {
                     make_room(nat, &mut table, flow);
                 }
-                msg.set_verdict(Verdict::Accept);
-                q.verdict(msg)?;
+                crate::queue::release(&mut q, msg, Verdict::Accept)?;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(IDLE_TICK),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
