@@ -95,9 +95,21 @@ pub struct Common {
     #[arg(long, env = "NATPUNCH_PEER_BIRTHDAY_RATE", default_value_t = 4000,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub birthday_rate: u32,
+    /// Port prediction: ports probed from the remote's predicted port before random ones, when
+    /// its NAT maps per destination but allocates ports in order (0: no prediction).
+    #[arg(long, env = "NATPUNCH_PEER_PREDICTION_WINDOW", default_value_t = 16,
+          value_parser = clap::value_parser!(u16).range(0..=1024))]
+    pub prediction_window: u16,
+    /// The number of mappings this end's router keeps (its session table), if known: birthday
+    /// probing then opens fewer sockets (the table less 16), and a hit takes more probes.
+    #[arg(long, env = "NATPUNCH_PEER_SESSION_TABLE",
+          value_parser = clap::value_parser!(u32).range(2..=1_000_000))]
+    pub session_table: Option<u32>,
     /// An RFC 5780 STUN server (`natpunch stun-server`) that tells at start how this end's NAT
     /// maps, unless --mapping says [default: learnt from what remotes at two or more addresses
-    /// observe, or unknown].
+    /// observe, or unknown]. When the NAT maps per destination, two fresh mappings it reports
+    /// at each hole punch also say whether the NAT allocates ports in order, and where next
+    /// (port prediction, told to the remote).
     #[arg(long, env = "NATPUNCH_PEER_STUN_SERVER")]
     pub stun_server: Option<SocketAddr>,
     #[command(flatten)]
@@ -195,6 +207,9 @@ impl Common {
         c.birthday.sockets = self.birthday_sockets.into();
         c.birthday.probes = usize::try_from(self.birthday_probes).unwrap_or(usize::MAX);
         c.birthday.rate = self.birthday_rate;
+        c.birthday.window = self.prediction_window;
+        c.birthday.session_table = self.session_table.and_then(|n| usize::try_from(n).ok());
+        c.stun_server = self.stun_server;
         c.local_mapping = self.mapping.map(|mapping| LocalMapping {
             mapping,
             source: MappingSource::Flag,
@@ -241,6 +256,8 @@ crate::write_args!(Common {
     birthday_sockets,
     birthday_probes,
     birthday_rate,
+    prediction_window,
+    session_table,
     stun_server;
     identity,
     json,

@@ -223,9 +223,7 @@ impl Settings {
         Probing {
             budget: self.probes,
             rate: self.rate,
-            prediction: next.filter(|_| self.window > 0).map(|first| {
-                Prediction::new(first, self.window, PREDICTION_ROUNDS, PREDICTION_ROUND)
-            }),
+            prediction: next.and_then(|first| Prediction::window(first, self.window)),
         }
     }
 }
@@ -274,6 +272,12 @@ impl Prediction {
             rounds,
             round,
         }
+    }
+
+    /// The window of `width` ports from `first`, probed as natpunch does: for half a second,
+    /// in rounds 50 ms apart (`None` when `width` is 0: no prediction).
+    pub fn window(first: u16, width: u16) -> Option<Self> {
+        (width > 0).then(|| Self::new(first, width, PREDICTION_ROUNDS, PREDICTION_ROUND))
     }
 
     fn port(&self, index: u16) -> u16 {
@@ -344,16 +348,30 @@ impl EasyProber {
 
     /// Probes `prediction`'s window first (its probes count against the budget too).
     pub fn predicted(mut self, prediction: Prediction) -> Self {
-        if prediction.width > 0 && prediction.rounds > 0 {
-            self.window = Some((prediction.first, prediction.port(prediction.width - 1)));
-            self.phase = Phase::Window {
-                prediction,
-                round: 0,
-                index: 0,
-                round_start: self.next,
-            };
-        }
+        let now = self.next;
+        self.predict(now, prediction);
         self
+    }
+
+    /// Probes `prediction`'s window from `now` on, before any further random port: for a
+    /// prediction that came after probing began (its probes count against the budget too).
+    /// Nothing changes once a probe hit or the budget is spent.
+    pub fn predict(&mut self, now: Instant, prediction: Prediction) {
+        if prediction.width == 0 || prediction.rounds == 0 || self.poll_timeout().is_none() {
+            return;
+        }
+        self.window = Some((prediction.first, prediction.port(prediction.width - 1)));
+        self.phase = Phase::Window {
+            prediction,
+            round: 0,
+            index: 0,
+            round_start: now,
+        };
+    }
+
+    /// The first port of the predicted window, if there is one.
+    pub fn window_start(&self) -> Option<u16> {
+        self.window.map(|(first, _)| first)
     }
 
     /// Probes sent so far.
@@ -700,6 +718,40 @@ mod tests {
         };
         p.handle_input(SocketAddr::new(ip, 5000), &foreign.encode());
         assert_eq!(p.outcome(), None);
+    }
+
+    /// A prediction that comes while random probes go out turns the next ones to its window at
+    /// once; the window's ports count as predicted when the hit is told by number.
+    #[test]
+    fn a_late_prediction_turns_the_next_probes_to_the_window() {
+        let ip: IpAddr = "11.99.0.40".parse().expect("ip");
+        let start = Instant::now();
+        let mut p = EasyProber::new(start, ip, [4; 16], 2048, 4000, 11);
+        let mut now = start;
+        for _ in 0..160 {
+            while p.poll_probe(now).is_some() {}
+            now += Duration::from_micros(250);
+        }
+        assert_eq!(p.sent(), 160, "random probes for 40 ms");
+        assert_eq!(p.window_start(), None);
+        p.predict(now, Prediction::window(30_000, 16).expect("a window"));
+        assert_eq!(p.window_start(), Some(30_000));
+        let mut window = Vec::new();
+        while window.len() < 16 {
+            if let Some(probe) = p.poll_probe(now) {
+                window.push(probe);
+            }
+            now += Duration::from_micros(250);
+        }
+        let ports: Vec<u16> = window.iter().map(|w| w.to.port()).collect();
+        assert_eq!(ports, (30_000..30_016).collect::<Vec<_>>());
+        let seq = window[5].datagram.seq;
+        assert_eq!(p.told(seq), Some(SocketAddr::new(ip, 30_005)));
+        assert!(p.hit_predicted());
+        // Nothing changes once a probe hit; a zero-width window is no prediction.
+        p.predict(now, Prediction::window(50_000, 16).expect("a window"));
+        assert_eq!(p.window_start(), Some(30_000));
+        assert_eq!(Prediction::window(50_000, 0), None);
     }
 
     /// Port prediction against a simulated sequential NAT whose mappings open 30 ms after the

@@ -121,6 +121,12 @@ pub struct Peer {
     /// The QUIC listeners on ports birthday probing found, one per remote at most, held while
     /// a connection may use them.
     probed_listeners: HashMap<PeerId, (ListenerId, u16)>,
+    /// Port prediction in progress, one per session at most: the port this peer's NAT is
+    /// expected to give its next mapping, if two fresh ones say it allocates in order.
+    predictions: tokio::task::JoinSet<(PeerId, Option<u16>)>,
+    /// Probed ports' listeners to drop unless a connection came in on them by then (one per
+    /// ended session at most).
+    probed_checks: tokio::task::JoinSet<PeerId>,
 }
 
 impl fmt::Debug for Peer {
@@ -161,6 +167,8 @@ impl Peer {
             hard_sides: tokio::task::JoinSet::new(),
             hard_side_handles: HashMap::new(),
             probed_listeners: HashMap::new(),
+            predictions: tokio::task::JoinSet::new(),
+            probed_checks: tokio::task::JoinSet::new(),
         })
     }
 
@@ -268,6 +276,16 @@ impl Peer {
                         self.on_hard_side(peer, result);
                     }
                 }
+                Some(Ok(peer)) = self.probed_checks.join_next() => {
+                    if !self.sessions.contains_key(&peer) && !self.on_probed_listener(peer) {
+                        self.drop_probed_listener(peer);
+                    }
+                }
+                Some(joined) = self.predictions.join_next() => {
+                    if let Ok((peer, Some(port))) = joined {
+                        self.with_session(peer, |s| s.predicted(port));
+                    }
+                }
                 event = mapping_event(self.mapping.as_mut()) => match event {
                     MappingEvent::Changed => self.on_mapping_changed(report),
                     MappingEvent::Report(update) => {
@@ -311,6 +329,7 @@ impl Peer {
                 rate: c.birthday.rate,
                 token: rand::random(),
                 seed: rand::random(),
+                window: c.birthday.window,
             }),
         };
         let peers = Peers {
@@ -461,13 +480,20 @@ impl Peer {
                 if let Some(handle) = self.hard_side_handles.remove(&peer) {
                     handle.abort();
                 }
-                // A probed port's listener stays only while its connection does.
+                // A probed port's listener stays only while a connection on it does. The one
+                // that ended the attempt may be the simultaneous one while the easy side's dial
+                // of the probed port is still on its way, and of the two both sides keep the
+                // one A made: the listener waits an attempt's time for it before it goes.
                 let probed = record
                     .attempts
                     .iter()
                     .any(|a| a.birthday.as_ref().is_some_and(|b| b.direct));
-                if !probed {
-                    self.drop_probed_listener(peer);
+                if !probed && self.probed_listeners.contains_key(&peer) {
+                    let wait = self.config.attempt_timeout;
+                    self.probed_checks.spawn(async move {
+                        tokio::time::sleep(wait).await;
+                        peer
+                    });
                 }
                 record.direct_connections = self
                     .remotes
@@ -620,6 +646,31 @@ impl Peer {
         );
         self.sessions.insert(peer, session);
         self.with_session(peer, |_| {});
+        self.predict(peer);
+    }
+
+    /// Port prediction for `peer`'s hole punch, when this peer's NAT maps per destination (it
+    /// is the hard side of any birthday probing) and a STUN server can tell: two fresh
+    /// mappings, asked at once, say whether the NAT allocates in order and where next.
+    fn predict(&mut self, peer: PeerId) {
+        let c = &self.config;
+        let hard = c
+            .local_mapping
+            .or(self.observed_mapping)
+            .is_some_and(|l| punch::per_destination(l.mapping));
+        let Some(server) = c.stun_server.filter(|_| {
+            hard && self.predictions.len() < MAX_SESSIONS
+                && c.birthday.enabled
+                && c.birthday.window > 0
+                && c.transport.quic()
+                && c.engine == Engine::Natpunch
+        }) else {
+            return;
+        };
+        self.predictions.spawn(async move {
+            let next = natcheck::reflector::predict_udp(server).await;
+            (peer, next.map(|a| a.port()))
+        });
     }
 
     /// The remote opened a handshake stream: its session answers it, or it is dropped.
@@ -675,13 +726,10 @@ impl Peer {
             tracing::debug!(%peer, ?c, "closing the second direct connection");
             self.swarm.close_connection(c);
         }
-        let on_probed_port = match endpoint {
-            ConnectedPoint::Listener { local_addr, .. } => self
-                .probed_listeners
-                .get(&peer)
-                .is_some_and(|(_, port)| local_addr.iter().any(|p| p == Protocol::Udp(*port))),
-            ConnectedPoint::Dialer { .. } => false,
-        };
+        let on_probed_port = self
+            .probed_listeners
+            .get(&peer)
+            .is_some_and(|(_, port)| came_in_on(endpoint, *port));
         let direct = DirectConnection {
             connection: id,
             transport: transport_of(remote_addr(endpoint)),
@@ -765,11 +813,32 @@ impl Peer {
         }
     }
 
+    /// Whether a direct connection to `peer` that is kept came in on the port birthday probing
+    /// found for it.
+    fn on_probed_listener(&self, peer: PeerId) -> bool {
+        let Some((_, port)) = self.probed_listeners.get(&peer) else {
+            return false;
+        };
+        self.remotes
+            .get(&peer)
+            .is_some_and(|r| r.directs.iter().any(|d| came_in_on(&d.endpoint, *port)))
+    }
+
     /// Stops listening on the port birthday probing found for `peer`, if any.
     fn drop_probed_listener(&mut self, peer: PeerId) {
         if let Some((id, _)) = self.probed_listeners.remove(&peer) {
             self.swarm.remove_listener(id);
         }
+    }
+}
+
+/// Whether a connection at `endpoint` came in on a listener of UDP port `port`.
+fn came_in_on(endpoint: &ConnectedPoint, port: u16) -> bool {
+    match endpoint {
+        ConnectedPoint::Listener { local_addr, .. } => {
+            local_addr.iter().any(|p| p == Protocol::Udp(port))
+        }
+        ConnectedPoint::Dialer { .. } => false,
     }
 }
 

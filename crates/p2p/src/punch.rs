@@ -79,7 +79,12 @@
 //!
 //! Whichever connection comes first, the simultaneous one (an easy side that filters only by
 //! address lets it in) or the probed one, ends the attempt; a failed simultaneous dial does not
-//! while probing goes on.
+//! while probing goes on. Only the first attempt probes.
+//!
+//! Port prediction: a hard side whose driver found where its NAT's next mapping will be (a NAT
+//! that allocates ports in order, [`Punch::predicted`]) says that port on its next handshake
+//! message, or in a `NEXT` once its last one went; the easy side then probes a window of
+//! [`BirthdayConfig::window`] ports from there before random ones.
 //!
 //! With [`Engine::Stock`] the engine only watches rust-libp2p's `dcutr` behaviour (its dials,
 //! its result, the direct connection) to write the same record.
@@ -93,7 +98,7 @@ use libp2p::swarm::ConnectionId;
 use libp2p::{Multiaddr, StreamProtocol};
 use serde::Serialize;
 
-use crate::birthday::{DATAGRAM_LEN, EasyProber};
+use crate::birthday::{DATAGRAM_LEN, EasyProber, Prediction};
 use crate::record::{
     Attempt, AttemptBirthday, AttemptOutcome, BirthdayRole, DialFailure, Outcome, Record, Side,
 };
@@ -207,7 +212,7 @@ pub fn first_attempt_reversed(dialer: Option<Mapping>, listener: Option<Mapping>
 
 /// Whether a NAT of mapping class `m` picks a new port per destination (RFC 4787's address-
 /// and address-and-port-dependent mapping).
-fn per_destination(m: Mapping) -> bool {
+pub(crate) fn per_destination(m: Mapping) -> bool {
     matches!(
         m,
         Mapping::AddressDependent | Mapping::AddressAndPortDependent
@@ -299,6 +304,9 @@ pub struct BirthdayConfig {
     pub token: [u8; 16],
     /// The seed of the easy side's port choice (a random one per hole punch).
     pub seed: u64,
+    /// Port prediction: ports probed from the hard side's predicted port before random ones,
+    /// when it says one (0: never).
+    pub window: u16,
 }
 
 /// Who the session is between, for the record.
@@ -538,6 +546,12 @@ pub struct Punch {
     remote_birthday: bool,
     /// Birthday probing in progress.
     birthday: Option<Probing>,
+    /// Port prediction: the port this side's NAT is expected to give its next mapping, as the
+    /// driver measured it ([`Punch::predicted`]), and whether a message carried it yet.
+    next_port: Option<u16>,
+    next_port_told: bool,
+    /// The remote's predicted port, as its messages said.
+    remote_next_port: Option<u16>,
     /// When the relayed connection came up: the record's times count from here.
     start: Instant,
     started_unix_ms: u64,
@@ -619,6 +633,9 @@ impl Punch {
             classes_refused: false,
             remote_birthday: false,
             birthday: None,
+            next_port: None,
+            next_port_told: false,
+            remote_next_port: None,
             start: now,
             started_unix_ms: unix_ms,
             deadline: now + wait,
@@ -725,6 +742,7 @@ impl Punch {
     /// A stream this engine asked for is open (writes may go out).
     pub fn stream_opened(&mut self, now: Instant, stream: StreamId) {
         let mapping = self.local_class();
+        let next_port = self.unsent_next_port();
         if let State::Driving {
             stream: s,
             reversed,
@@ -742,8 +760,10 @@ impl Punch {
                 birthday: *classes && offers_birthday(&self.config),
                 token: None,
                 probe: None,
+                next_port: next_port.filter(|_| *classes),
             };
             *step = Driving::Connecting { sent: now };
+            self.next_port_told |= message.next_port.is_some();
             self.actions.push_back(Action::Send { stream, message });
         }
     }
@@ -795,6 +815,14 @@ impl Punch {
 
     /// A message came in on `stream`.
     pub fn message(&mut self, now: Instant, stream: StreamId, message: HolePunch) {
+        let ours = self.state.stream() == Some(stream)
+            || self.birthday.as_ref().is_some_and(|b| b.stream == stream);
+        if let Some(port) = message.next_port.filter(|_| ours && !self.state.over()) {
+            self.remote_predicted(now, port);
+        }
+        if message.kind == Kind::Next {
+            return;
+        }
         if message.kind == Kind::Hit {
             if self.birthday.as_ref().is_some_and(|b| b.stream == stream) {
                 self.on_hit(message.probe);
@@ -819,6 +847,7 @@ impl Punch {
             .birthday
             .filter(|_| first && self.probing_role().is_some())
             .map(|b| b.token);
+        let next_port = self.unsent_next_port();
         match &mut self.state {
             State::Driving {
                 step: step @ Driving::Connecting { .. },
@@ -873,7 +902,9 @@ impl Punch {
                     birthday: false,
                     token,
                     probe: None,
+                    next_port: next_port.filter(|_| *classes),
                 };
+                self.next_port_told |= sync.next_port.is_some();
                 self.actions.push_back(Action::Send {
                     stream,
                     message: sync,
@@ -910,7 +941,9 @@ impl Punch {
                     birthday: *classes && offers_birthday(&self.config),
                     token: None,
                     probe: None,
+                    next_port: next_port.filter(|_| *classes),
                 };
+                self.next_port_told |= reply.next_port.is_some();
                 self.actions.push_back(Action::Send {
                     stream,
                     message: reply,
@@ -1407,18 +1440,31 @@ impl Punch {
             port: None,
             hit: false,
             direct: false,
+            predicted: None,
+            in_window: false,
             error: None,
         };
         let prober = match role {
-            BirthdayRole::Easy => Some(Box::new(EasyProber::new(
-                now,
-                quic.ip(),
-                token,
-                config.probes,
-                config.rate,
-                config.seed,
-            ))),
+            BirthdayRole::Easy => {
+                let mut prober = EasyProber::new(
+                    now,
+                    quic.ip(),
+                    token,
+                    config.probes,
+                    config.rate,
+                    config.seed,
+                );
+                if let Some(prediction) = self
+                    .remote_next_port
+                    .and_then(|port| Prediction::window(port, config.window))
+                {
+                    prober.predict(now, prediction);
+                    record.predicted = Some(prediction.first);
+                }
+                Some(Box::new(prober))
+            }
             BirthdayRole::Hard => {
+                record.predicted = self.next_port.filter(|_| self.next_port_told);
                 record.sockets = Some(u32::try_from(config.sockets).unwrap_or(u32::MAX));
                 self.actions.push_back(Action::OpenSockets {
                     sockets: config.sockets,
@@ -1494,6 +1540,7 @@ impl Punch {
         };
         b.record.hit = true;
         b.record.port = Some(at.port());
+        b.record.in_window = prober.hit_predicted();
         b.record.probes = Some(u32::try_from(prober.sent()).unwrap_or(u32::MAX));
         b.dialing = true;
         let attempt = u32::try_from(b.attempt + 1).unwrap_or(u32::MAX);
@@ -1528,6 +1575,72 @@ impl Punch {
             stream,
             message: hit,
         });
+    }
+
+    /// Port prediction: this side's NAT is expected to give its next mapping `port` (the driver
+    /// measured it, for a side whose NAT maps per destination), so the remote's probes try
+    /// there first. It goes out on this side's next handshake message (CONNECT or SYNC), or
+    /// alone in a `NEXT` when the handshake is past that and the remote takes part in probing.
+    pub fn predicted(&mut self, port: u16) {
+        if self.next_port.is_some() || self.state.over() {
+            return;
+        }
+        self.next_port = Some(port);
+        let late = match &self.state {
+            State::Driving {
+                stream,
+                classes: true,
+                step: Driving::Syncing { .. },
+                ..
+            }
+            | State::Answering {
+                stream,
+                classes: true,
+                step: Answering::Sync { .. },
+                ..
+            } => Some(*stream),
+            _ => self.birthday.as_ref().map(|b| b.stream),
+        };
+        if let Some(stream) = late.filter(|_| self.remote_birthday && offers_birthday(&self.config))
+        {
+            let mut next = HolePunch::new(Kind::Next, Vec::new());
+            next.next_port = Some(port);
+            self.next_port_told = true;
+            if let Some(b) = self.birthday.as_mut() {
+                b.record.predicted = Some(port);
+            }
+            self.actions.push_back(Action::Send {
+                stream,
+                message: next,
+            });
+        }
+    }
+
+    /// This side's predicted port, if no message carried it yet and this side probes at all.
+    fn unsent_next_port(&self) -> Option<u16> {
+        self.next_port
+            .filter(|_| !self.next_port_told && offers_birthday(&self.config))
+    }
+
+    /// The remote said its NAT's next mapping is expected at `port`: an easy side probes the
+    /// window from there first, at once if it probes already.
+    fn remote_predicted(&mut self, now: Instant, port: u16) {
+        if self.remote_next_port.is_some() {
+            return;
+        }
+        self.remote_next_port = Some(port);
+        let window = self.config.birthday.map_or(0, |b| b.window);
+        let Some(prediction) = Prediction::window(port, window) else {
+            return;
+        };
+        if let Some(b) = self.birthday.as_mut()
+            && let Some(prober) = b.prober.as_mut()
+            && !b.record.hit
+        {
+            prober.predict(now, prediction);
+            b.record.predicted = Some(prediction.first);
+            self.send_probes(now);
+        }
     }
 
     /// Probing cannot go on: the hard side's sockets heard nothing or its port could not be

@@ -126,6 +126,14 @@ pub struct AttemptBirthday {
     pub hit: bool,
     /// The direct connection came through the pair the probe found.
     pub direct: bool,
+    /// Port prediction: the first port of the window the easy side probed before random
+    /// ports (the hard side: the port it announced), when the hard side's NAT allocates in
+    /// order.
+    #[serde(default)]
+    pub predicted: Option<u16>,
+    /// The probe that hit went to the predicted window.
+    #[serde(default)]
+    pub in_window: bool,
     /// What went wrong, if anything did.
     pub error: Option<String>,
 }

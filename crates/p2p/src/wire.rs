@@ -37,10 +37,18 @@
 //!   optional bool birthday = 1002; // CONNECT: the sender takes part in birthday probing
 //!   optional bytes token = 1003;   // SYNC: this attempt probes, with this 16-byte token
 //!   optional uint32 probe = 1004;  // HIT: the easy side's probe that reached the sender
-//!   enum Type { ...; HIT = 1000; } // the hard side's socket heard probe `probe`
+//!   optional uint32 next_port = 1005; // any: the port the sender's NAT gives its next mapping
+//!   enum Type { ...; HIT = 1000;   // the hard side's socket heard probe `probe`
+//!                    NEXT = 1001; } // `next_port`, learnt after the sender's last message
 //! ```
 //!
-//! A `token` not 16 bytes long, or a `probe` beyond 32 bits, decodes as "not said".
+//! `next_port` is port prediction: a NAT that maps per destination but allocates ports in
+//! order gives the hard side's sockets the ports from there, so the easy side probes those
+//! first. The hard side sends it on its next handshake message (CONNECT or SYNC), or alone in
+//! a NEXT message when it learnt it after its last one.
+//!
+//! A `token` not 16 bytes long, a `probe` beyond 32 bits, or a `next_port` of 0 or beyond 16
+//! bits decodes as "not said".
 //!
 //! # Limits and strictness
 //!
@@ -80,6 +88,8 @@ const FIELD_BIRTHDAY: u64 = 1002;
 const FIELD_TOKEN: u64 = 1003;
 /// natpunch's `probe` field number (wire type 0).
 const FIELD_PROBE: u64 = 1004;
+/// natpunch's `next_port` field number (wire type 0).
+const FIELD_NEXT_PORT: u64 = 1005;
 /// The tag of field 2 (`ObsAddrs`), wire type 2.
 const TAG_OBS_ADDRS: u8 = (2 << 3) | 2;
 /// The protobuf enum number of CONNECT.
@@ -88,6 +98,8 @@ const CONNECT: u64 = 100;
 const SYNC: u64 = 300;
 /// The protobuf enum number of natpunch's HIT.
 const HIT: u64 = 1000;
+/// The protobuf enum number of natpunch's NEXT.
+const NEXT: u64 = 1001;
 
 /// Which DCUtR message this is (the protobuf `HolePunch.Type`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,6 +110,9 @@ pub enum Kind {
     Sync,
     /// natpunch's `HIT` (1000): the hard side of birthday probing heard a probe.
     Hit,
+    /// natpunch's `NEXT` (1001): the hard side's predicted port, learnt after its last
+    /// handshake message.
+    Next,
 }
 
 impl Kind {
@@ -107,6 +122,7 @@ impl Kind {
             Self::Connect => CONNECT,
             Self::Sync => SYNC,
             Self::Hit => HIT,
+            Self::Next => NEXT,
         }
     }
 }
@@ -132,6 +148,9 @@ pub struct HolePunch {
     pub token: Option<[u8; 16]>,
     /// natpunch's extension (field 1004): the probe a HIT reports.
     pub probe: Option<u32>,
+    /// natpunch's extension (field 1005): the port the sender's NAT is expected to give its
+    /// next mapping (port prediction), on any message.
+    pub next_port: Option<u16>,
 }
 
 impl HolePunch {
@@ -145,6 +164,7 @@ impl HolePunch {
             birthday: false,
             token: None,
             probe: None,
+            next_port: None,
         }
     }
 }
@@ -210,8 +230,11 @@ pub enum WireError {
     /// The required `type` field is absent.
     #[error("required field `type` is missing")]
     MissingType,
-    /// `type` holds a number that is neither CONNECT (100), SYNC (300) nor HIT (1000).
-    #[error("unknown HolePunch type {0} (expected CONNECT = 100, SYNC = 300 or HIT = 1000)")]
+    /// `type` holds a number that is none of CONNECT (100), SYNC (300), HIT (1000) and
+    /// NEXT (1001).
+    #[error(
+        "unknown HolePunch type {0} (expected CONNECT = 100, SYNC = 300, HIT = 1000 or NEXT = 1001)"
+    )]
     UnknownType(u64),
 }
 
@@ -253,6 +276,10 @@ impl HolePunch {
             put_varint(&mut out, FIELD_PROBE << 3);
             put_varint(&mut out, u64::from(probe));
         }
+        if let Some(port) = self.next_port {
+            put_varint(&mut out, FIELD_NEXT_PORT << 3);
+            put_varint(&mut out, u64::from(port));
+        }
         out
     }
 
@@ -272,6 +299,7 @@ impl HolePunch {
         let mut birthday = false;
         let mut token = None;
         let mut probe = None;
+        let mut next_port = None;
         while !rest.is_empty() {
             let (tag, after_tag) = read_varint(rest)?;
             rest = after_tag;
@@ -319,6 +347,11 @@ impl HolePunch {
                     probe = u32::try_from(value).ok();
                     rest = after;
                 }
+                (FIELD_NEXT_PORT, 0) => {
+                    let (value, after) = read_varint(rest)?;
+                    next_port = u16::try_from(value).ok().filter(|p| *p != 0);
+                    rest = after;
+                }
                 (1 | 2, _) => {
                     return Err(WireError::WrongWireType {
                         field,
@@ -334,6 +367,7 @@ impl HolePunch {
             Some(CONNECT) => Kind::Connect,
             Some(SYNC) => Kind::Sync,
             Some(HIT) => Kind::Hit,
+            Some(NEXT) => Kind::Next,
             Some(other) => return Err(WireError::UnknownType(other)),
         };
         Ok(Self {
@@ -344,6 +378,7 @@ impl HolePunch {
             birthday,
             token,
             probe,
+            next_port,
         })
     }
 
@@ -583,6 +618,7 @@ mod tests {
             birthday: false,
             token: None,
             probe: None,
+            next_port: None,
         }
     }
 
@@ -609,6 +645,7 @@ mod tests {
             birthday: false,
             token: None,
             probe: None,
+            next_port: None,
         });
         round_trip(&HolePunch {
             kind: Kind::Sync,
@@ -618,6 +655,7 @@ mod tests {
             birthday: false,
             token: None,
             probe: None,
+            next_port: None,
         });
     }
 
@@ -646,6 +684,7 @@ mod tests {
             birthday: false,
             token: None,
             probe: None,
+            next_port: None,
         };
         assert_eq!(sync.encode(), [0x08, 0xac, 0x02]);
         assert_eq!(sync.to_frame(), Ok(vec![0x03, 0x08, 0xac, 0x02]));
@@ -727,6 +766,7 @@ mod tests {
             birthday: false,
             token: None,
             probe: None,
+            next_port: None,
         });
     }
 
@@ -764,6 +804,7 @@ mod tests {
                 birthday: false,
                 token: None,
                 probe: None,
+                next_port: None,
             };
             let mut body = seed.encode();
             for _ in 0..(1 + next() % 3) {
@@ -805,6 +846,7 @@ mod tests {
                 birthday: false,
                 token: None,
                 probe: None,
+                next_port: None,
             })
         );
     }
@@ -935,10 +977,32 @@ mod tests {
     }
 
     #[test]
+    fn the_predicted_port_rides_any_message_and_next_carries_it_alone() {
+        let mut with_port = connect(&[&ADDR]);
+        with_port.next_port = Some(40_002);
+        round_trip(&with_port);
+        let mut next = HolePunch::new(Kind::Next, Vec::new());
+        next.next_port = Some(u16::MAX);
+        round_trip(&next);
+        // NEXT is type 1001: varint 0xe9 0x07; next_port is field 1005: tag 0xe8 0x3e.
+        assert_eq!(
+            next.encode(),
+            [0x08, 0xe9, 0x07, 0xe8, 0x3e, 0xff, 0xff, 0x03]
+        );
+        // Port 0 and a port beyond 16 bits are not said.
+        for value in [&[0x00][..], &[0x80, 0x80, 0x04]] {
+            let mut body = vec![0x08, 0xe9, 0x07, 0xe8, 0x3e];
+            body.extend_from_slice(value);
+            let m = HolePunch::decode(&body).expect("decodes");
+            assert_eq!((m.kind, m.next_port), (Kind::Next, None));
+        }
+    }
+
+    #[test]
     fn error_messages() {
         assert_eq!(
             WireError::UnknownType(200).to_string(),
-            "unknown HolePunch type 200 (expected CONNECT = 100, SYNC = 300 or HIT = 1000)"
+            "unknown HolePunch type 200 (expected CONNECT = 100, SYNC = 300, HIT = 1000 or NEXT = 1001)"
         );
         assert_eq!(
             WireError::TooLarge { len: 5000 }.to_string(),
@@ -961,6 +1025,7 @@ mod tests {
                 birthday: false,
                 token: None,
                 probe: None,
+                next_port: None,
             },
             connect(&[&[7; 200]]),
             connect(&[]),
@@ -1121,7 +1186,7 @@ mod tests {
             assert_eq!(error.kind(), std::io::ErrorKind::InvalidData);
             assert_eq!(
                 error.to_string(),
-                "unknown HolePunch type 200 (expected CONNECT = 100, SYNC = 300 or HIT = 1000)"
+                "unknown HolePunch type 200 (expected CONNECT = 100, SYNC = 300, HIT = 1000 or NEXT = 1001)"
             );
             // The framing survives: the next frame reads.
             assert_eq!(

@@ -77,6 +77,11 @@ pub struct PeerConfig {
     /// Birthday probing over QUIC, with a natpunch remote whose NAT is hard where this one is
     /// easy, or the other way round ([`crate::punch`]); `enabled: false` turns it off.
     pub birthday: crate::birthday::Settings,
+    /// A STUN server for port prediction: when this peer's NAT maps per destination and
+    /// probing is on, two fresh mappings it reports at each hole punch's start tell whether
+    /// the NAT allocates in order and where its next mapping will be; the remote probes there
+    /// first ([`crate::birthday::Prediction`]). `None`: no prediction.
+    pub stun_server: Option<std::net::SocketAddr>,
 }
 
 /// A Kademlia DHT to join.
@@ -108,6 +113,7 @@ impl PeerConfig {
             local_mapping: None,
             dht: None,
             birthday: crate::birthday::Settings::default(),
+            stun_server: None,
         }
     }
 }

@@ -5,7 +5,8 @@
 //! the stream (a SYNC must go out even when the dial follows at once), or after
 //! [`WRITE_TIMEOUT`] on a write; the peer aborts the tasks left when it is dropped. It reads only the messages the protocol
 //! has for its end (one reply for the driver, CONNECT and SYNC for the answerer, and over
-//! `/natpunch/dcutr/1.1.0` one birthday-probing HIT more), so a remote cannot make it read
+//! `/natpunch/dcutr/1.1.0` a birthday-probing HIT and a port prediction's NEXT more), so a
+//! remote cannot make it read
 //! more. The channel to the event loop is bounded; a task waits when it
 //! is full rather than drop an event, since a lost event would leave its engine waiting for
 //! its timeout. Events of a stream dropped meanwhile are discarded by [`Streams::next`].
@@ -143,8 +144,8 @@ impl Streams {
         self.close(peer, id);
         self.next_generation += 1;
         let generation = self.next_generation;
-        // The engine sends at most three messages on a stream (CONNECT, SYNC, HIT).
-        let (out, out_rx) = mpsc::channel(3);
+        // The engine sends at most four messages on a stream (CONNECT, SYNC, NEXT, HIT).
+        let (out, out_rx) = mpsc::channel(4);
         let unwritten = Arc::new(AtomicUsize::new(0));
         let outbox = Outbox {
             messages: out_rx,
@@ -255,9 +256,9 @@ impl Events {
 }
 
 /// The messages an end of a `handshake` stream reads: the handshake's `messages`, and over
-/// 1.1.0 a birthday-probing HIT.
+/// 1.1.0 a birthday-probing HIT and a port prediction's NEXT.
 fn reads(handshake: Handshake, messages: usize) -> usize {
-    messages + usize::from(handshake == Handshake::NatpunchClasses)
+    messages + 2 * usize::from(handshake == Handshake::NatpunchClasses)
 }
 
 /// Writes what comes on `out` and reads `reads` messages, until the stream breaks or `out`

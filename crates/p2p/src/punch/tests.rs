@@ -97,6 +97,11 @@ enum Event {
         to: Who,
         probe: u32,
     },
+    /// The driver's port prediction came: the NAT's next mapping is expected at `port`.
+    Predicted {
+        to: Who,
+        port: u16,
+    },
 }
 
 /// rust-libp2p's `dcutr` on a listener, as the wire sees it: it drives DCUtR on the relayed
@@ -140,6 +145,7 @@ impl StockListener {
                 birthday: false,
                 token: None,
                 probe: None,
+                next_port: None,
             },
         });
     }
@@ -159,6 +165,7 @@ impl StockListener {
                 birthday: false,
                 token: None,
                 probe: None,
+                next_port: None,
             },
         });
         self.dial_at = Some((now + rtt / 2, parse_addrs(&message.addrs)));
@@ -281,6 +288,10 @@ struct Sim {
     probes_sent: u32,
     /// The easy side's driver finds no socket to probe from.
     no_easy_socket: bool,
+    /// The hard side's NAT allocates in order from this port (else: random ports).
+    sequential: Option<u16>,
+    /// NEXT messages sent.
+    nexts: u32,
 }
 
 impl Sim {
@@ -302,6 +313,8 @@ impl Sim {
             hard: None,
             probes_sent: 0,
             no_easy_socket: false,
+            sequential: None,
+            nexts: 0,
         }
     }
 
@@ -341,6 +354,7 @@ impl Sim {
                 );
             }
             Action::Send { stream, message } => {
+                self.nexts += u32::from(message.kind == Kind::Next);
                 // Sent before the far end was accepted: it is delivered after the open, in order.
                 self.at(
                     ONE_WAY,
@@ -461,6 +475,11 @@ impl Sim {
                 let mut ports = HashSet::new();
                 while ports.len() < sockets {
                     ports.insert(rng.random_range(1024..=65535u16));
+                }
+                // Or one that allocates in order.
+                if let Some(first) = self.sequential {
+                    let count = u16::try_from(sockets).expect("few sockets");
+                    ports = (first..first + count).collect();
                 }
                 self.hard = Some(HardNat {
                     who,
@@ -588,6 +607,11 @@ impl Sim {
             Event::Hit { to, probe } => {
                 if let Some(p) = self.node(to).punch() {
                     p.birthday_hit(probe);
+                }
+            }
+            Event::Predicted { to, port } => {
+                if let Some(p) = self.node(to).punch() {
+                    p.predicted(port);
                 }
             }
         }
@@ -914,6 +938,7 @@ fn a_newer_stream_from_the_remote_replaces_the_older_and_stale_messages_are_igno
         birthday: false,
         token: None,
         probe: None,
+        next_port: None,
     };
     let old = b.inbound(base, Handshake::Natpunch).expect("answered");
     b.message(base, old, connect(addr(Who::A)));
@@ -932,6 +957,7 @@ fn a_newer_stream_from_the_remote_replaces_the_older_and_stale_messages_are_igno
         birthday: false,
         token: None,
         probe: None,
+        next_port: None,
     };
     b.message(base + ONE_WAY, old, sync.clone());
     assert_eq!(b.poll_action(), None);
@@ -1030,6 +1056,7 @@ fn classed(now: Instant, who: Who, peer: Peer, transport: Transport) -> Node {
         rate: 4000,
         token: [u8::from(who == Who::A) + 1; 16],
         seed: u64::from(who == Who::A) + 7,
+        window: 16,
     });
     let offered = match transport {
         Transport::Tcp => tcp_addr(who),
@@ -1431,4 +1458,93 @@ fn a_stream_closed_after_sync_does_not_fail_the_handshake() {
             .any(|x| matches!(x, Action::Dial { attempt: 1, .. })),
         "{actions:?}"
     );
+}
+
+/// The hard side of `a` × `b`.
+fn hard_of(a: Peer) -> (Who, Who) {
+    if a.mapping == HARD.mapping {
+        (Who::A, Who::B)
+    } else {
+        (Who::B, Who::A)
+    }
+}
+
+/// Port prediction against a NAT that allocates in order: the hard side's predicted port rides
+/// its handshake message when known in time (or a NEXT when it came later), the easy side
+/// probes that window first, and the hit is there, with a few dozen probes where random
+/// probing needs hundreds.
+#[test]
+fn port_prediction_turns_the_first_probes_to_the_predicted_window() {
+    const FIRST: u16 = 40_000;
+    // The prediction before the handshake (on CONNECT or SYNC), or 50 ms in, after the hard
+    // side's last handshake message went (in a NEXT).
+    for late in [false, true] {
+        for (a, b) in [(EASY, HARD), (HARD, EASY)] {
+            let base = Instant::now();
+            let mut sim = Sim::new(
+                base,
+                classed(base, Who::A, a, Transport::Quic),
+                classed(base, Who::B, b, Transport::Quic),
+                |d| if d.probed { Net::Connect } else { Net::Drop },
+            );
+            sim.sequential = Some(FIRST);
+            let (hard, easy) = hard_of(a);
+            if late {
+                sim.at(
+                    Duration::from_millis(50),
+                    Event::Predicted {
+                        to: hard,
+                        port: FIRST,
+                    },
+                );
+            } else if let Some(p) = sim.node(hard).punch() {
+                p.predicted(FIRST);
+            }
+            sim.run();
+            let case = format!("late {late}, hard {hard:?}");
+            assert_eq!(sim.nexts, u32::from(late), "{case}");
+            let e = sim.record(easy);
+            assert_eq!(e.outcome, Outcome::Success, "{case}: {e:?}");
+            let eb = e.attempts[0].birthday.as_ref().expect("it probed");
+            assert_eq!(eb.predicted, Some(FIRST), "{case}");
+            assert!(eb.in_window && eb.direct, "{case}: {eb:?}");
+            assert!(
+                eb.port.is_some_and(|p| (FIRST..FIRST + 16).contains(&p)),
+                "{case}: {eb:?}"
+            );
+            // A round or two of the window: its sockets open after the first probes may.
+            assert!(eb.probes.is_some_and(|n| n <= 80), "{case}: {eb:?}");
+            let hb = sim.record(hard).attempts[0]
+                .birthday
+                .clone()
+                .expect("it probed");
+            assert_eq!(
+                hb.predicted,
+                Some(FIRST),
+                "{case}: the hard side says what it told"
+            );
+        }
+    }
+    // Without a prediction the same NAT is found by random probes, and nothing says a window.
+    let sim = {
+        let base = Instant::now();
+        let mut sim = Sim::new(
+            base,
+            classed(base, Who::A, EASY, Transport::Quic),
+            classed(base, Who::B, HARD, Transport::Quic),
+            |d| if d.probed { Net::Connect } else { Net::Drop },
+        );
+        sim.sequential = Some(FIRST);
+        sim.run();
+        sim
+    };
+    let eb = sim.record(Who::A).attempts[0]
+        .birthday
+        .clone()
+        .expect("it probed");
+    assert!(
+        eb.direct && !eb.in_window && eb.predicted.is_none(),
+        "{eb:?}"
+    );
+    assert_eq!(sim.nexts, 0);
 }
