@@ -68,6 +68,29 @@ pub struct MatrixArgs {
     /// Also write every trial, both sides' records, as JSON lines to this file.
     #[arg(long, env = "NATPUNCH_MATRIX_TRIALS_OUT")]
     pub trials_out: Option<std::path::PathBuf>,
+    /// A flag for every peer, e.g. --peer-arg=--session-table=128 or
+    /// --peer-arg=--no-birthday (repeatable; see `natpunch peer listen --help`).
+    #[arg(
+        long,
+        env = "NATPUNCH_MATRIX_PEER_ARGS",
+        value_delimiter = ' ',
+        allow_hyphen_values = true
+    )]
+    pub peer_arg: Vec<String>,
+    /// Bound the session table of every router that maps per destination (the hard side of
+    /// birthday probing) to this many flows.
+    #[arg(long, env = "NATPUNCH_MATRIX_MAX_SESSIONS",
+          value_parser = clap::value_parser!(u32).range(1..=65535))]
+    pub max_sessions: Option<u32>,
+    /// What a new flow meets on a full table: `drop` (it gets no mapping) or `evict-oldest`
+    /// (the oldest flow's mapping goes).
+    #[arg(
+        long,
+        env = "NATPUNCH_MATRIX_SESSION_OVERFLOW",
+        default_value = "drop",
+        requires = "max_sessions"
+    )]
+    pub session_overflow: natlab::SessionOverflow,
 }
 
 /// The transports of `lab connect-matrix`.

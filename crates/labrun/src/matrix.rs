@@ -67,6 +67,11 @@ pub struct MatrixConfig {
     pub no_punch: bool,
     /// After the punch, the dialer sends this many bytes and reports the throughput.
     pub perf_bytes: Option<u64>,
+    /// More flags for every peer (`--session-table 128`, `--no-birthday`, …).
+    pub peer_args: Vec<String>,
+    /// A session table of this size (and what a new flow meets when it is full) on every
+    /// router that maps per destination: the hard side of birthday probing.
+    pub hard_sessions: Option<(u32, natlab::SessionOverflow)>,
     /// Set to stop: no new trial starts, the labs are removed, the report has what ran.
     pub stop: Arc<AtomicBool>,
 }
@@ -90,6 +95,8 @@ impl MatrixConfig {
             dialer_engine: None,
             no_punch: false,
             perf_bytes: None,
+            peer_args: Vec::new(),
+            hard_sessions: None,
             stop,
         }
     }
@@ -159,6 +166,10 @@ pub struct Cell {
     pub one_direct_connection: u32,
     /// Successful trials whose direct connection came through a pair birthday probing found.
     pub birthday_direct: u32,
+    /// Successful trials in which a probe hit the window port prediction gave (its first
+    /// probes open the easy side's filter for the hard side's own next mapping, so the
+    /// simultaneous dial may be what connects).
+    pub predicted_hits: u32,
     /// Median probes the easy side sent in the trials that probed.
     pub probes_median: Option<f64>,
     /// The most probes the easy side sent in a trial.
@@ -192,6 +203,12 @@ pub struct Conditions {
     pub candidates: String,
     /// Attempt timeout, ms.
     pub attempt_timeout_ms: u64,
+    /// The session table of the routers that map per destination, if bounded (`128 drop`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hard_sessions: Option<String>,
+    /// The flags every peer got beyond the matrix's own.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub peer_args: Vec<String>,
     /// natpunch's version.
     pub version: String,
     /// Wall-clock time of the run, s.
@@ -214,6 +231,15 @@ impl std::fmt::Display for MatrixReport {
              {}, {:.0} s",
             c.trials, c.rtt_ms, c.engine, c.candidates, c.elapsed_secs
         )?;
+        if let Some(table) = &c.hard_sessions {
+            writeln!(
+                f,
+                "session table of the routers that map per destination: {table}"
+            )?;
+        }
+        if !c.peer_args.is_empty() {
+            writeln!(f, "every peer with: {}", c.peer_args.join(" "))?;
+        }
         writeln!(
             f,
             "{:<16} {:<16} {:<5} {:>7} {:>13} {:>8} {:>8} {:>9} {:>9}  outcomes",
@@ -274,8 +300,9 @@ impl std::fmt::Display for Cell {
         if let (Some(median), Some(max)) = (self.probes_median, self.probes_max) {
             write!(
                 f,
-                "; birthday: {} direct, probes median {median:.0}, max {max}",
-                self.birthday_direct
+                "; birthday: {} direct, {} hit the predicted window, probes median {median:.0}, \
+                 max {max}",
+                self.birthday_direct, self.predicted_hits
             )?;
         }
         Ok(())
@@ -423,6 +450,10 @@ pub fn run(
             engine: config.engine.clone(),
             candidates: config.candidates.clone(),
             attempt_timeout_ms: config.attempt_timeout_ms,
+            hard_sessions: config
+                .hard_sessions
+                .map(|(max, overflow)| format!("{max} {overflow}")),
+            peer_args: config.peer_args.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             elapsed_secs: started.elapsed().as_secs_f64(),
         },
@@ -442,7 +473,10 @@ fn worker(
             }
         }
     }
-    let t = topology(&presets, config.rtt_ms).host(STUN_NODE, None, 2);
+    let mut t = topology(&presets, config.rtt_ms).host(STUN_NODE, None, 2);
+    if let Some((max, overflow)) = config.hard_sessions {
+        crate::connect::bound_hard_routers(&mut t, max, overflow);
+    }
     let lab = Lab::build(&t, LabOptions::default())?;
     let exe = config.exe.to_string_lossy().into_owned();
     let key = std::env::temp_dir().join(format!("natpunch-matrix-{}.key", lab.name()));
@@ -569,7 +603,10 @@ fn run_trial(
             p.stun_server = Some(stun);
             Ok(p)
         };
-        let args = args::listen(&peer(&config.listener_engine)?);
+        let args = cli::write::replace_flags::<cli::peer::Common>(
+            args::listen(&peer(&config.listener_engine)?),
+            &config.peer_args,
+        )?;
         let listener = lab.spawn(&host('b', job.b), exe, &args).map_err(text)?;
         let reserved = listener
             .wait_for("\"event\":\"reserved\"", RESERVE_TIMEOUT)
@@ -578,7 +615,10 @@ fn run_trial(
             args::reserved_peer(&reserved).ok_or_else(|| format!("unexpected line: {reserved}"))?;
         let mut cmd = lab.command(&host('a', job.a), exe).map_err(text)?;
         let dialer = peer(&config.dialer_engine)?;
-        cmd.args(args::dial(&peer_id, dialer, config.perf_bytes)?);
+        cmd.args(cli::write::replace_flags::<cli::peer::Common>(
+            args::dial(&peer_id, dialer, config.perf_bytes)?,
+            &config.peer_args,
+        )?);
         let out = cmd
             .output()
             .map_err(|e| format!("running the dialer: {e}"))?;
@@ -665,6 +705,7 @@ fn cell(a: Preset, b: Preset, transport: &str, trials: &[&Trial]) -> Cell {
     let mut complete = 0;
     let mut one = 0;
     let mut birthday_direct = 0;
+    let mut predicted_hits = 0;
     let mut probes = Vec::new();
     for t in trials {
         // The easy side's record counts the probes it sent.
@@ -698,12 +739,14 @@ fn cell(a: Preset, b: Preset, transport: &str, trials: &[&Trial]) -> Cell {
                 {
                     one += 1;
                 }
-                if d.attempts
-                    .iter()
-                    .any(|a| a.birthday.as_ref().is_some_and(|b| b.direct))
-                {
-                    birthday_direct += 1;
-                }
+                let probed: Vec<_> = [&t.dialer, &t.listener]
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|r| &r.attempts)
+                    .filter_map(|a| a.birthday.as_ref())
+                    .collect();
+                birthday_direct += u32::from(probed.iter().any(|b| b.direct));
+                predicted_hits += u32::from(probed.iter().any(|b| b.in_window));
             }
             _ => fail_times.push(d.ended_ms),
         }
@@ -725,6 +768,7 @@ fn cell(a: Preset, b: Preset, transport: &str, trials: &[&Trial]) -> Cell {
         complete_records: complete,
         one_direct_connection: one,
         birthday_direct,
+        predicted_hits,
         probes_median: quantile(
             &probes.iter().map(|p| f64::from(*p)).collect::<Vec<_>>(),
             0.5,

@@ -14,6 +14,11 @@ use labrun::connect::{self, ConnectConfig, ConnectTrial};
 use natpunch_client::Proto;
 
 pub(crate) fn run(args: MatrixArgs) -> anyhow::Result<ExitCode> {
+    cli::write::replace_flags::<cli::peer::Common>(Vec::new(), &args.peer_arg).map_err(|e| {
+        anyhow::anyhow!(
+            "--peer-arg: {e} for `natpunch peer` (its flags: `natpunch peer listen --help`)"
+        )
+    })?;
     natlab::environment::check().map_err(anyhow::Error::msg)?;
     let presets = if args.presets.is_empty() && args.pairs.is_empty() {
         Preset::ALL.to_vec()
@@ -38,6 +43,8 @@ pub(crate) fn run(args: MatrixArgs) -> anyhow::Result<ExitCode> {
         attempt_timeout_ms: args.attempt_timeout_ms,
         listener_engine: args.listener_engine.map(|e| e.name().to_owned()),
         dialer_engine: args.dialer_engine.map(|e| e.name().to_owned()),
+        peer_args: args.peer_arg.clone(),
+        hard_sessions: args.max_sessions.map(|max| (max, args.session_overflow)),
         ..MatrixConfig::new(exe, crate::stop_flag())
     };
     let pairs = if config.pairs.is_empty() {

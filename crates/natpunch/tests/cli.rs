@@ -145,6 +145,14 @@ fn bad_flag_values_are_named_once_with_what_is_wrong() {
         (&["map", "keep", "70000"], "70000", "not a port (1-65535)"),
         (&["map", "keep", "6000:"], "6000:", "a port is missing"),
     ];
+    // A flag for the peers that `natpunch peer` does not have: said before any lab is built.
+    let out = natpunch(&["lab", "matrix", "--peer-arg=--no-such-flag"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--peer-arg: unknown flag --no-such-flag for `natpunch peer`"),
+        "{}",
+        stderr(&out)
+    );
     let out = natpunch(&["lab", "up", "--no-such-flag"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
@@ -2021,6 +2029,53 @@ fn lab_matrix_punches_port_restricted_pairs_and_fails_symmetric_ones_fast() {
             ["easy", "hard"]
         };
         assert_eq!(roles, want, "{t}");
+    }
+
+    // Port prediction over QUIC: a symmetric NAT that allocates ports in order, both ways,
+    // its session table bounded to 128 flows and the peers told so. The hard peer finds where
+    // its next mapping will be (two fresh ones at the lab's STUN server) and says so; the
+    // easy peer probes that window first and hits there with a few dozen probes (its first
+    // probes also let in the hard peer's own dial, from its next mapping, which may connect
+    // first). The hard peer opens 112 sockets (the table less 16).
+    let sq = dir.join("sq.jsonl");
+    let report = matrix_with(
+        "port-restricted:symmetric-sequential,symmetric-sequential:port-restricted/quic",
+        "2",
+        &sq,
+        &["--max-sessions", "128", "--peer-arg=--session-table=128"],
+    );
+    assert_eq!(
+        report["conditions"]["hard_sessions"], "128 drop",
+        "{report}"
+    );
+    for cell in report["cells"].as_array().expect("cells") {
+        let predicted = cell["predicted_hits"].as_u64().expect("predicted_hits");
+        assert!(predicted >= 1, "{cell}");
+        // The simultaneous connection and the one through the probed port may both come up;
+        // one stays on each side (the hard peer keeps its probed port's listener while the
+        // connection kept may still come in on it).
+        assert_eq!(
+            cell["one_direct_connection"], cell["success"],
+            "exactly one direct connection after every success: {cell}"
+        );
+    }
+    for t in trials_of(&sq) {
+        let (hard, easy) = if t["a"] == "symmetric-sequential" {
+            ("dialer", "listener")
+        } else {
+            ("listener", "dialer")
+        };
+        let h = &t[hard]["attempts"][0]["birthday"];
+        let e = &t[easy]["attempts"][0]["birthday"];
+        assert_eq!(h["sockets"], 112, "{t}");
+        assert!(
+            h["predicted"].as_u64().is_some(),
+            "the hard peer predicted: {t}"
+        );
+        assert_eq!(e["predicted"], h["predicted"], "{t}");
+        if e["in_window"] == true {
+            assert!(e["probes"].as_u64().is_some_and(|p| p <= 100), "{t}");
+        }
     }
 
     // natpunch's engine with stock rust-libp2p's on the other side, both ways: plain DCUtR,
