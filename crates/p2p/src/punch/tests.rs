@@ -1070,19 +1070,29 @@ fn classed(now: Instant, who: Who, peer: Peer, transport: Transport) -> Node {
     Node::Natpunch(Box::new(Punch::new(now, 0, c, peers, None, vec![offered])))
 }
 
-fn run_classed(
+/// Two natpunch nodes as `a` and `b` say, not started.
+fn classed_sim(
     a: Peer,
     b: Peer,
     transport: Transport,
     net: impl Fn(DialSeen) -> Net + 'static,
 ) -> Sim {
     let base = Instant::now();
-    let mut sim = Sim::new(
+    Sim::new(
         base,
         classed(base, Who::A, a, transport),
         classed(base, Who::B, b, transport),
         net,
-    );
+    )
+}
+
+fn run_classed(
+    a: Peer,
+    b: Peer,
+    transport: Transport,
+    net: impl Fn(DialSeen) -> Net + 'static,
+) -> Sim {
+    let mut sim = classed_sim(a, b, transport, net);
     sim.run();
     sim
 }
@@ -1389,13 +1399,7 @@ fn probing_that_connects_nothing_leaves_the_later_attempts_plain() {
 /// says why.
 #[test]
 fn an_easy_side_without_a_socket_stops_probing_and_says_so() {
-    let base = Instant::now();
-    let mut sim = Sim::new(
-        base,
-        classed(base, Who::A, EASY, Transport::Quic),
-        classed(base, Who::B, HARD, Transport::Quic),
-        |_| Net::Drop,
-    );
+    let mut sim = classed_sim(EASY, HARD, Transport::Quic, |_| Net::Drop);
     sim.no_easy_socket = true;
     sim.run();
     assert_eq!(sim.probes_sent, 1, "no probe after the failure");
@@ -1480,13 +1484,9 @@ fn port_prediction_turns_the_first_probes_to_the_predicted_window() {
     // side's last handshake message went (in a NEXT).
     for late in [false, true] {
         for (a, b) in [(EASY, HARD), (HARD, EASY)] {
-            let base = Instant::now();
-            let mut sim = Sim::new(
-                base,
-                classed(base, Who::A, a, Transport::Quic),
-                classed(base, Who::B, b, Transport::Quic),
-                |d| if d.probed { Net::Connect } else { Net::Drop },
-            );
+            let mut sim = classed_sim(a, b, Transport::Quic, |d| {
+                if d.probed { Net::Connect } else { Net::Drop }
+            });
             sim.sequential = Some(FIRST);
             let (hard, easy) = hard_of(a);
             if late {
@@ -1526,18 +1526,11 @@ fn port_prediction_turns_the_first_probes_to_the_predicted_window() {
         }
     }
     // Without a prediction the same NAT is found by random probes, and nothing says a window.
-    let sim = {
-        let base = Instant::now();
-        let mut sim = Sim::new(
-            base,
-            classed(base, Who::A, EASY, Transport::Quic),
-            classed(base, Who::B, HARD, Transport::Quic),
-            |d| if d.probed { Net::Connect } else { Net::Drop },
-        );
-        sim.sequential = Some(FIRST);
-        sim.run();
-        sim
-    };
+    let mut sim = classed_sim(EASY, HARD, Transport::Quic, |d| {
+        if d.probed { Net::Connect } else { Net::Drop }
+    });
+    sim.sequential = Some(FIRST);
+    sim.run();
     let eb = sim.record(Who::A).attempts[0]
         .birthday
         .clone()
