@@ -125,7 +125,7 @@ pub struct Peer {
     /// expected to give its next mapping, if two fresh ones say it allocates in order.
     predictions: tokio::task::JoinSet<(PeerId, Option<u16>)>,
     /// Probed ports' listeners to drop unless a connection came in on them by then (one per
-    /// ended session at most).
+    /// ended session, at most [`MAX_SESSIONS`]).
     probed_checks: tokio::task::JoinSet<PeerId>,
 }
 
@@ -489,11 +489,16 @@ impl Peer {
                     .iter()
                     .any(|a| a.birthday.as_ref().is_some_and(|b| b.direct));
                 if !probed && self.probed_listeners.contains_key(&peer) {
-                    let wait = self.config.attempt_timeout;
-                    self.probed_checks.spawn(async move {
-                        tokio::time::sleep(wait).await;
-                        peer
-                    });
+                    if self.probed_checks.len() < MAX_SESSIONS {
+                        let wait = self.config.attempt_timeout;
+                        self.probed_checks.spawn(async move {
+                            tokio::time::sleep(wait).await;
+                            peer
+                        });
+                    } else if !self.on_probed_listener(peer) {
+                        // As many checks wait as sessions may run: decide now.
+                        self.drop_probed_listener(peer);
+                    }
                 }
                 record.direct_connections = self
                     .remotes
