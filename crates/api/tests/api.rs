@@ -577,6 +577,126 @@ async fn serve(store: SqlStore, config: Config) -> (String, tokio::task::JoinHan
     (url, task)
 }
 
+on_both_backends!(reports_handed_in_together_share_a_transaction_and_each_gets_its_own_answer);
+async fn reports_handed_in_together_share_a_transaction_and_each_gets_its_own_answer(
+    store: SqlStore,
+) {
+    let (client, stranger, remote, relay) = (peer(), peer(), peer(), peer());
+    register(&store, "key", &client).await;
+    let auth = store.authorize("key").await.expect("auth").expect("key");
+    let report = |host: &PeerId, key: Option<&str>| {
+        Report::from_request(&sample::report(host, &remote, &relay, "key", key)).expect("valid")
+    };
+    // Handed in at once, so that the store's worker takes them as one batch: 16 with keys of
+    // their own, two retries of the first racing it, one without a key, and one from a host
+    // that never registered.
+    let mut reports: Vec<Report> = (0..16)
+        .map(|n| report(&client, Some(&format!("k-{n}"))))
+        .collect();
+    reports.push(report(&client, Some("k-0")));
+    reports.push(report(&client, Some("k-0")));
+    reports.push(report(&client, None));
+    reports.push(report(&stranger, Some("s-0")));
+    let before = store.counts().await.expect("counts");
+    let answers: Vec<Tracked> =
+        futures::future::join_all(reports.iter().map(|r| store.track(auth, r, now_ns())))
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .expect("every report answered");
+    let stored: Vec<i64> = answers
+        .iter()
+        .filter_map(|a| match a {
+            Tracked::Stored(id) => Some(*id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(stored.len(), 17, "{answers:?}");
+    let distinct: std::collections::BTreeSet<_> = stored.iter().collect();
+    assert_eq!(distinct.len(), 17, "one id each: {answers:?}");
+    assert_eq!(answers[16], Tracked::Duplicate(stored[0]), "{answers:?}");
+    assert_eq!(answers[17], Tracked::Duplicate(stored[0]), "{answers:?}");
+    assert!(matches!(answers[18], Tracked::Stored(_)), "{answers:?}");
+    assert_eq!(answers[19], Tracked::NotRegistered, "{answers:?}");
+    let after = store.counts().await.expect("counts");
+    let one = &reports[0];
+    assert_eq!(after.results - before.results, 17);
+    let per = |n: usize| 17 * i64::try_from(n).expect("small");
+    assert_eq!(after.attempts - before.attempts, per(one.attempts.len()));
+    assert_eq!(after.latencies - before.latencies, per(one.latencies.len()));
+    assert_eq!(after.mappings - before.mappings, per(one.mappings.len()));
+    assert_eq!(after.networks - before.networks, 17);
+    // Each stored result has its own rows, not its neighbours'.
+    for id in &stored {
+        let row = sqlx::query(
+            "SELECT (SELECT count(*) FROM hole_punch_attempt WHERE hole_punch_result_id = $1), \
+             (SELECT count(*) FROM latency_measurements WHERE hole_punch_result_id = $1), \
+             (SELECT count(*) FROM port_mappings WHERE hole_punch_result_id = $1), \
+             (SELECT count(*) FROM hole_punch_results_x_multi_addresses \
+              WHERE hole_punch_result_id = $1)",
+        )
+        .bind(id)
+        .fetch_one(store.pool())
+        .await
+        .expect("row counts");
+        let counts: (i64, i64, i64, i64) = (row.get(0), row.get(1), row.get(2), row.get(3));
+        let addrs = one.open_addrs.len() + one.remote_addrs.len();
+        assert_eq!(
+            counts,
+            (
+                per(one.attempts.len()) / 17,
+                per(one.latencies.len()) / 17,
+                per(one.mappings.len()) / 17,
+                per(addrs) / 17
+            ),
+            "result {id}"
+        );
+    }
+    // A later batch finds the keys stored by this one.
+    let again: Vec<Tracked> =
+        futures::future::join_all(reports[..4].iter().map(|r| store.track(auth, r, now_ns())))
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .expect("answered");
+    let want: Vec<Tracked> = stored[..4]
+        .iter()
+        .map(|id| Tracked::Duplicate(*id))
+        .collect();
+    assert_eq!(again, want);
+    assert_eq!(store.counts().await.expect("counts").results, after.results);
+}
+
+/// PostgreSQL refuses a NUL character in text (SQLite stores it): the batch that holds such a
+/// report fails, and its reports are stored again one by one, so that only that one fails.
+#[tokio::test]
+#[ignore = "needs root and PostgreSQL (a private server runs as the postgres user): ./test runs it"]
+async fn a_report_the_database_refuses_costs_only_itself() {
+    on_postgresql(async |store: SqlStore| {
+        let (client, remote, relay) = (peer(), peer(), peer());
+        register(&store, "key", &client).await;
+        let auth = store.authorize("key").await.expect("auth").expect("key");
+        let mut reports: Vec<Report> = (0..8)
+            .map(|n| {
+                let key = format!("k-{n}");
+                Report::from_request(&sample::report(&client, &remote, &relay, "key", Some(&key)))
+                    .expect("valid")
+            })
+            .collect();
+        reports[3].error = Some("a NUL \u{0} in text".into());
+        let answers =
+            futures::future::join_all(reports.iter().map(|r| store.track(auth, r, now_ns()))).await;
+        for (n, a) in answers.iter().enumerate() {
+            match n {
+                3 => assert!(a.is_err(), "the bad report: {a:?}"),
+                _ => assert!(matches!(a, Ok(Tracked::Stored(_))), "report {n}: {a:?}"),
+            }
+        }
+        assert_eq!(store.counts().await.expect("counts").results, 7);
+    })
+    .await;
+}
+
 on_both_backends!(invalid_reports_are_refused_naming_the_field_and_store_nothing);
 async fn invalid_reports_are_refused_naming_the_field_and_store_nothing(store: SqlStore) {
     let (url, task) = serve(store.clone(), Config::default()).await;

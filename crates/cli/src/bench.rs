@@ -15,7 +15,8 @@ pub enum BenchCommand {
     /// the libp2p engine's time to direct, between two port-restricted homes in the lab.
     Connect(ConnectBenchArgs),
     /// The measurement server under concurrent clients: reports/s and latency on SQLite and on
-    /// PostgreSQL, with the ratio.
+    /// PostgreSQL, beside each database's limit (the same rows stored straight into it, 1,000
+    /// reports per transaction) and natpunch / limit.
     Server(ServerBenchArgs),
 }
 

@@ -1,5 +1,6 @@
-//! Write transactions and what they learn: the ids of committed `peers` and `multi_addresses`
-//! rows, cached so that the rows every report shares are not looked up each time.
+//! Write transactions and what they learn: the ids of committed `peers`, `multi_addresses`
+//! and `multi_addresses_sets` rows (and of API keys), cached so that the rows every report
+//! shares are not looked up each time.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,16 +12,25 @@ use super::{Backend, SqlStore, StoreError};
 /// What an id in the [`IdCache`] names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Kind {
+    /// `peers` by base58 peer ID.
     Peer,
+    /// `multi_addresses` by text.
     Maddr,
+    /// `multi_addresses_sets` by the sorted ids of its addresses, joined with `:`.
+    Set,
+    /// `authorizations` by API key.
+    Auth,
 }
 
-/// Ids of committed `peers` and `multi_addresses` rows by key, so that the rows every report
-/// shares (the relay, its addresses, the reporting host) are not looked up each time.
+/// Ids of committed rows by key, so that the rows every report shares (the relay, its
+/// addresses, the reporting host, its API key) are not looked up each time. Rows are never
+/// deleted but by hand, so an id once committed stays right.
 #[derive(Debug, Default)]
 pub(super) struct IdCache {
     peers: HashMap<String, i64>,
     maddrs: HashMap<String, i64>,
+    sets: HashMap<String, i64>,
+    auths: HashMap<String, i64>,
 }
 
 /// Entries per map; a full map starts over.
@@ -31,6 +41,8 @@ impl IdCache {
         match kind {
             Kind::Peer => &mut self.peers,
             Kind::Maddr => &mut self.maddrs,
+            Kind::Set => &mut self.sets,
+            Kind::Auth => &mut self.auths,
         }
     }
 
@@ -86,6 +98,13 @@ impl SqlStore {
 
     pub(super) fn cached(&self, kind: Kind, key: &str) -> Option<i64> {
         self.ids.lock().ok()?.get(kind, key)
+    }
+
+    /// Remembers a committed row's id.
+    pub(super) fn remember(&self, kind: Kind, key: &str, id: i64) {
+        if let Ok(mut ids) = self.ids.lock() {
+            ids.insert(kind, key.to_owned(), id);
+        }
     }
 }
 

@@ -31,7 +31,26 @@ use sqlx::{AnyPool, Executor as _, Row as _};
 
 use crate::report::{Addr, Report};
 
+/// Runs a transaction (an async expression, evaluated again for each try) until it succeeds,
+/// fails for good, or has been tried [`TRIES`] times.
+macro_rules! retrying {
+    ($transaction:expr) => {{
+        let mut n = 1;
+        loop {
+            match $transaction.await {
+                Err(e) if n < $crate::store::TRIES && $crate::store::is_transient(&e) => {
+                    tracing::debug!(error = %e, try_number = n, "transaction tried again");
+                    tokio::time::sleep($crate::store::backoff(n)).await;
+                    n += 1;
+                }
+                other => break other,
+            }
+        }
+    }};
+}
+
 mod allocation;
+mod batch;
 mod dialect;
 mod ids;
 mod schema;
@@ -277,6 +296,11 @@ pub struct SqlStore {
     writer: Arc<tokio::sync::Mutex<()>>,
     /// Ids of peers and addresses known to be stored (rows are never deleted but by hand).
     ids: Arc<std::sync::Mutex<IdCache>>,
+    /// Where [`Store::track`] hands its reports to the group-commit workers (`None` in the
+    /// workers' own copies).
+    batch: Option<batch::Queue>,
+    /// The batch's statements, composed for the backend.
+    batch_sql: Arc<batch::BatchSql>,
 }
 
 /// `url` with its password, if it has one, replaced by `***`: the form a database URL is
@@ -372,13 +396,37 @@ impl SqlStore {
             }
         };
         schema::migrator(backend).await?.run(&pool).await?;
-        Ok(Self {
+        let sql = Statements::new(backend);
+        let mut store = Self {
             pool,
             backend,
-            sql: Arc::new(Statements::new(backend)),
+            batch_sql: Arc::new(batch::BatchSql::new(&sql, backend)),
+            sql: Arc::new(sql),
             writer: Arc::new(tokio::sync::Mutex::new(())),
             ids: Arc::default(),
-        })
+            batch: None,
+        };
+        // SQLite writes one transaction at a time; PostgreSQL overlaps one batch's commit with
+        // the next one's statements.
+        let workers = match backend {
+            Backend::Sqlite => 1,
+            Backend::Postgres => 2,
+        };
+        store.batch = Some(batch::spawn(&store, workers));
+        Ok(store)
+    }
+
+    /// Stores `reports`, sent under authorization `auth`, in one transaction of their own, with
+    /// no server or queue in between: what the database takes at most, for `natpunch bench
+    /// server`'s limit.
+    pub async fn track_directly(
+        &self,
+        auth: i64,
+        reports: &[Report],
+        now: i64,
+    ) -> Result<Vec<Tracked>, StoreError> {
+        let items: Vec<(i64, &Report, i64)> = reports.iter().map(|r| (auth, r, now)).collect();
+        self.store_batch(&items).await
     }
 
     /// Every stored hole-punch result, oldest first.
@@ -444,37 +492,21 @@ fn backoff(n: u32) -> Duration {
     Duration::from_millis(5 << n.min(6))
 }
 
-/// Whether `e` is a unique-constraint violation.
-fn is_unique_violation(e: &StoreError) -> bool {
-    matches!(e, StoreError::Database(sqlx::Error::Database(d)) if d.is_unique_violation())
-}
-
-/// Runs a transaction (an async expression, evaluated again for each try) until it succeeds,
-/// fails for good, or has been tried [`TRIES`] times.
-macro_rules! retrying {
-    ($transaction:expr) => {{
-        let mut n = 1;
-        loop {
-            match $transaction.await {
-                Err(e) if n < TRIES && is_transient(&e) => {
-                    tracing::debug!(error = %e, try_number = n, "transaction tried again");
-                    tokio::time::sleep(backoff(n)).await;
-                    n += 1;
-                }
-                other => break other,
-            }
-        }
-    }};
-}
-
 impl Store for SqlStore {
     async fn authorize(&self, api_key: &str) -> Result<Option<i64>, StoreError> {
-        Ok(sqlx::query(&self.sql.authorize)
+        if let Some(id) = self.cached(Kind::Auth, api_key) {
+            return Ok(Some(id));
+        }
+        let id: Option<i64> = sqlx::query(&self.sql.authorize)
             .bind(api_key)
             .fetch_optional(&self.pool)
             .await?
             .map(|row| row.try_get(0))
-            .transpose()?)
+            .transpose()?;
+        if let Some(id) = id {
+            self.remember(Kind::Auth, api_key, id);
+        }
+        Ok(id)
     }
 
     async fn register(
@@ -535,20 +567,12 @@ impl Store for SqlStore {
     }
 
     async fn track(&self, auth: i64, report: &Report, now: i64) -> Result<Tracked, StoreError> {
-        let duplicate = async || -> Result<Option<Tracked>, StoreError> {
-            match &report.idempotency_key {
-                Some(key) => Ok(self.find_key(key).await?.map(Tracked::Duplicate)),
-                None => Ok(None),
-            }
-        };
-        if let Some(d) = duplicate().await? {
-            return Ok(d);
+        if let Some(queue) = &self.batch
+            && let Ok(answer) = batch::hand(queue, auth, report, now).await
+        {
+            return answer;
         }
-        match retrying!(self.track_tx(auth, report, now)) {
-            // The same key, stored by a concurrent request: that one counts.
-            Err(e) if is_unique_violation(&e) => duplicate().await?.ok_or(e),
-            other => other,
-        }
+        self.track_one(auth, report, now).await
     }
 
     async fn record_connection(&self, e: &ConnectionEvent, now: i64) -> Result<i64, StoreError> {

@@ -38,8 +38,6 @@ statements! {
         OR protocols IS DISTINCT FROM {text[] $3})";
     insert_client = "INSERT INTO clients (peer_id, authorization_id, created_at) \
         VALUES ($1, $2, {ts $3}) ON CONFLICT (peer_id, authorization_id) DO NOTHING";
-    client_peer = "SELECT p.id, p.agent_version FROM peers p JOIN clients c ON c.peer_id = p.id \
-        WHERE p.multi_hash = $1 AND c.authorization_id = $2";
     client_hosts = "SELECT p.id, p.multi_hash FROM peers p JOIN clients c ON c.peer_id = p.id \
         WHERE c.authorization_id = $1 AND p.multi_hash IN (SELECT {each text $2})";
     /// Relay addresses of peers seen since $1, not the caller's hosts ($2), under the per-remote
@@ -77,32 +75,81 @@ statements! {
     find_set = "SELECT id FROM multi_addresses_sets WHERE digest = $1";
     insert_set = "INSERT INTO multi_addresses_sets (digest, multi_addresses_ids) \
         VALUES ($1, {bigint[] $2}) ON CONFLICT (digest) DO NOTHING RETURNING id";
-    insert_result = "INSERT INTO hole_punch_results (local_id, remote_id, authorization_id, \
-        connect_started_at, connect_ended_at, has_direct_conns, error, outcome, ended_at, \
-        protocol_filters, listen_multi_addresses_set_id, idempotency_key, technique, \
-        time_to_direct, client_nat, remote_nat, transport, updated_at, created_at) \
-        VALUES ($1, $2, $3, {ts $4}, {ts $5}, $6, $7, {hole_punch_outcome $8}, {ts $9}, \
-        {int[] $10}, $11, $12, $13, {interval $14}, $15, $16, $17, {ts $18}, {ts $18}) \
-        RETURNING id";
-    insert_attempt = "INSERT INTO hole_punch_attempt (hole_punch_result_id, opened_at, \
+    /// The client of each (peer, authorization) among the peers in $1.
+    client_peers = "SELECT p.multi_hash, c.authorization_id, p.id, p.agent_version \
+        FROM peers p JOIN clients c ON c.peer_id = p.id \
+        WHERE p.multi_hash {in text $1}";
+    /// Ids taken for $1 new `hole_punch_results` rows (0) and $2 `hole_punch_attempt` rows (1),
+    /// in PostgreSQL.
+    next_ids = "SELECT 0, nextval(pg_get_serial_sequence('hole_punch_results', 'id')) \
+        FROM generate_series(1, $1) UNION ALL \
+        SELECT 1, nextval(pg_get_serial_sequence('hole_punch_attempt', 'id')) \
+        FROM generate_series(1, $2)";
+    /// The largest ids of `hole_punch_results` and `hole_punch_attempt`, in SQLite (whose
+    /// writer holds the database: the next ids are its own).
+    last_ids = "SELECT (SELECT coalesce(max(id), 0) FROM hole_punch_results), \
+        (SELECT coalesce(max(id), 0) FROM hole_punch_attempt)";
+    /// The results of a batch (`$1`), but those whose idempotency key is stored already.
+    insert_results = "INSERT INTO hole_punch_results (id, local_id, remote_id, \
+        authorization_id, connect_started_at, connect_ended_at, has_direct_conns, error, \
+        outcome, ended_at, protocol_filters, listen_multi_addresses_set_id, idempotency_key, \
+        technique, time_to_direct, client_nat, remote_nat, transport, updated_at, created_at) \
+        {overriding} SELECT x.id, x.local_id, x.remote_id, x.auth, {ts x.connect_started_at}, \
+        {ts x.connect_ended_at}, x.has_direct_conns, x.error, \
+        {hole_punch_outcome x.outcome}, {ts x.ended_at}, {int[] x.protocol_filters}, x.set_id, \
+        x.idempotency_key, x.technique, {interval x.time_to_direct}, x.client_nat, \
+        x.remote_nat, x.transport, {ts x.now}, {ts x.now} \
+        FROM {recordset $1 x(id bigint, local_id bigint, remote_id bigint, auth bigint, \
+        connect_started_at bigint, connect_ended_at bigint, has_direct_conns boolean, \
+        error text, outcome text, ended_at bigint, protocol_filters text, set_id bigint, \
+        idempotency_key text, technique text, time_to_direct float8, client_nat text, \
+        remote_nat text, transport text, now bigint)} WHERE true \
+        ON CONFLICT (idempotency_key) DO NOTHING RETURNING id";
+    /// The other tables of a batch: the rows (`$1`) of the results inserted (`r`).
+    insert_attempts = "INSERT INTO hole_punch_attempt (id, hole_punch_result_id, opened_at, \
         started_at, ended_at, start_rtt, elapsed_time, outcome, error, direct_dial_error, \
-        updated_at, created_at) VALUES ($1, {ts $2}, {ts $3}, {ts $4}, {interval $5}, \
-        {interval $6}, {hole_punch_attempt_outcome $7}, $8, $9, {ts $10}, {ts $10}) \
-        RETURNING id";
-    link_attempt = "INSERT INTO hole_punch_attempt_x_multi_addresses (hole_punch_attempt, \
-        multi_address_id) VALUES ($1, $2) ON CONFLICT DO NOTHING";
-    link_result = "INSERT INTO hole_punch_results_x_multi_addresses (hole_punch_result_id, \
+        updated_at, created_at) {overriding} SELECT x.id, x.result_id, {ts x.opened_at}, \
+        {ts x.started_at}, {ts x.ended_at}, {interval x.start_rtt}, \
+        {interval x.elapsed_time}, {hole_punch_attempt_outcome x.outcome}, x.error, \
+        x.direct_dial_error, {ts x.now}, {ts x.now} \
+        FROM {recordset $1 x(id bigint, result_id bigint, opened_at bigint, started_at bigint, \
+        ended_at bigint, start_rtt float8, elapsed_time float8, outcome text, error text, \
+        direct_dial_error text, now bigint)} WHERE x.result_id IN (SELECT id FROM r)";
+    link_attempts = "INSERT INTO hole_punch_attempt_x_multi_addresses (hole_punch_attempt, \
+        multi_address_id) SELECT x.attempt, x.maddr \
+        FROM {recordset $1 x(result_id bigint, attempt bigint, maddr bigint)} WHERE x.result_id IN (SELECT id FROM r) ON CONFLICT DO NOTHING";
+    link_results = "INSERT INTO hole_punch_results_x_multi_addresses (hole_punch_result_id, \
         multi_address_id, relationship) \
-        VALUES ($1, $2, {hole_punch_multi_address_relationship $3}) ON CONFLICT DO NOTHING";
-    insert_mapping = "INSERT INTO port_mappings (hole_punch_result_id, internal_port, \
-        external_port, protocol, addr, addr_network) VALUES ($1, $2, $3, $4, $5, $6)";
-    insert_network = "INSERT INTO network_information (peer_id, hole_punch_result_id, \
+        SELECT x.result_id, x.maddr, {hole_punch_multi_address_relationship x.relationship} \
+        FROM {recordset $1 x(result_id bigint, maddr bigint, relationship text)} WHERE x.result_id IN (SELECT id FROM r) \
+        ON CONFLICT DO NOTHING";
+    insert_mappings = "INSERT INTO port_mappings (hole_punch_result_id, internal_port, \
+        external_port, protocol, addr, addr_network) SELECT x.result_id, x.internal_port, \
+        x.external_port, x.protocol, x.addr, x.addr_network \
+        FROM {recordset $1 x(result_id bigint, internal_port int, external_port int, \
+        protocol text, addr text, addr_network text)} WHERE x.result_id IN (SELECT id FROM r)";
+    insert_networks = "INSERT INTO network_information (peer_id, hole_punch_result_id, \
         supports_ipv6, supports_ipv6_error, router_html, router_html_error, created_at) \
-        VALUES ($1, $2, $3, $4, $5, $6, {ts $7})";
-    insert_latency = "INSERT INTO latency_measurements (remote_id, hole_punch_result_id, \
+        SELECT x.peer_id, x.result_id, x.supports_ipv6, x.supports_ipv6_error, x.router_html, \
+        x.router_html_error, {ts x.now} \
+        FROM {recordset $1 x(peer_id bigint, result_id bigint, supports_ipv6 boolean, \
+        supports_ipv6_error text, router_html text, router_html_error text, now bigint)} \
+        WHERE x.result_id IN (SELECT id FROM r)";
+    insert_latencies = "INSERT INTO latency_measurements (remote_id, hole_punch_result_id, \
         multi_address_id, mtype, rtts, rtt_errs, rtt_avg, rtt_max, rtt_min, rtt_std, \
-        created_at) VALUES ($1, $2, $3, {latency_measurement_type $4}, {float8[] $5}, \
-        {text[] $6}, $7, $8, $9, $10, {ts $11})";
+        created_at) SELECT x.remote_id, x.result_id, x.maddr, \
+        {latency_measurement_type x.mtype}, {float8[] x.rtts}, {text[] x.rtt_errs}, x.avg, \
+        x.max, x.min, x.std, {ts x.now} \
+        FROM {recordset $1 x(remote_id bigint, result_id bigint, maddr bigint, mtype text, \
+        rtts text, rtt_errs text, avg float8, max float8, min float8, std float8, now bigint)} \
+        WHERE x.result_id IN (SELECT id FROM r)";
+    /// Only the rows whose agent or protocols changed: an update locks the row until the
+    /// transaction ends.
+    update_peers = "UPDATE peers SET agent_version = x.agent_version, \
+        protocols = {text[] x.protocols}, updated_at = {ts x.now} \
+        FROM {recordset $1 x(id bigint, agent_version text, protocols text, now bigint)} \
+        WHERE peers.id = x.id AND (peers.agent_version IS DISTINCT FROM x.agent_version \
+        OR peers.protocols IS DISTINCT FROM {text[] x.protocols})";
     insert_connection = "INSERT INTO connection_events (local_id, remote_id, \
         conn_multi_address_id, opened_at, created_at) VALUES ($1, $2, $3, {ts $4}, {ts $5}) \
         RETURNING id";

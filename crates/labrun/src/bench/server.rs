@@ -5,6 +5,11 @@
 //! clients, each on its own connection, send full reports (two attempts, a latency measurement,
 //! a port mapping, network information, every natpunch field) with idempotency keys until the
 //! total is reached. Every report must be stored: the count in the database is checked.
+//!
+//! Then the limit: as many reports again, with the same rows, stored straight into the same
+//! database by the store's own transaction, [`LIMIT_BATCH`] reports at a time, with no server,
+//! queue or network in between (one multi-row `INSERT` per table and one transaction per
+//! batch). natpunch / limit says how much of what the database takes the server delivers.
 
 use std::fmt;
 use std::path::Path;
@@ -15,12 +20,16 @@ use std::time::{Duration, Instant};
 use api::pb;
 use api::pb::punchr_service_client::PunchrServiceClient;
 use api::postgres::TempPostgres;
+use api::report::Report;
 use api::server::{Config, Service};
-use api::store::{SqlStore, Store as _, StoreError};
+use api::store::{SqlStore, Store as _, StoreError, Tracked};
 use serde::Serialize;
 
 use super::punch::figure;
 use crate::stats::quantile;
+
+/// Reports per transaction when the limit is measured.
+pub const LIMIT_BATCH: usize = 1000;
 
 /// How often the progress is told.
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
@@ -87,6 +96,12 @@ pub enum ServerBenchError {
         /// Reports acknowledged.
         reports: u64,
     },
+    /// The bench's API key was not found after registering with it.
+    #[error("the bench's API key is not in the database")]
+    Unauthorized,
+    /// A sample report was refused, or not stored.
+    #[error("{0}")]
+    Sample(String),
     /// Files, sockets.
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -107,6 +122,10 @@ pub struct Figures {
     pub p50_ms: Option<f64>,
     /// 99th percentile call time, ms.
     pub p99_ms: Option<f64>,
+    /// Reports per second stored straight into the database (the limit).
+    pub limit_per_sec: f64,
+    /// natpunch's reports per second over the limit's.
+    pub of_limit: f64,
 }
 
 /// The benchmark's figures: SQLite's, then PostgreSQL's unless skipped.
@@ -155,20 +174,27 @@ impl fmt::Display for ServerReport {
         )?;
         writeln!(
             f,
-            "{:<10} {:>10} {:>9} {:>9} {:>9}",
-            "backend", "reports/s", "p50 ms", "p99 ms", "seconds"
+            "{:<10} {:>10} {:>9} {:>9} {:>9} {:>10} {:>15}",
+            "backend", "reports/s", "p50 ms", "p99 ms", "seconds", "limit/s", "natpunch/limit"
         )?;
         for b in &self.backends {
             writeln!(
                 f,
-                "{:<10} {:>10.0} {:>9} {:>9} {:>9.1}",
+                "{:<10} {:>10.0} {:>9} {:>9} {:>9.1} {:>10.0} {:>15.2}",
                 b.backend,
                 b.reports_per_sec,
                 figure(b.p50_ms, 1),
                 figure(b.p99_ms, 1),
-                b.seconds
+                b.seconds,
+                b.limit_per_sec,
+                b.of_limit
             )?;
         }
+        writeln!(
+            f,
+            "limit: the same rows stored straight into the database, {LIMIT_BATCH} reports per \
+             transaction, no server in between"
+        )?;
         if let Some(t) = self.postgres_over_sqlite(|f| Some(f.reports_per_sec)) {
             writeln!(
                 f,
@@ -198,6 +224,7 @@ async fn load(
         let _ = stop_rx.await;
     }));
     let (remote, relay) = (api::sample::peer_id(), api::sample::peer_id());
+    let mut first = None;
     let call = |call| move |source| ServerBenchError::Call { call, source };
     let mut hosts = Vec::with_capacity(clients);
     let mut channels = Vec::with_capacity(clients);
@@ -220,6 +247,7 @@ async fn load(
             .track_hole_punch(api::sample::report(&host, &remote, &relay, "bench", None))
             .await
             .map_err(call("the warm-up report"))?;
+        first.get_or_insert_with(|| host.clone());
         hosts.push(host);
         channels.push(client);
     }
@@ -279,15 +307,67 @@ async fn load(
             reports,
         });
     }
+    let limit_seconds = limit(&store, first, &remote, &relay, reports).await?;
+    let stored = store.counts().await?.results - before;
+    if u64::try_from(stored).unwrap_or(0) != 2 * reports {
+        return Err(ServerBenchError::Lost {
+            backend,
+            stored: stored - i64::try_from(reports).unwrap_or(i64::MAX),
+            reports,
+        });
+    }
     store.close().await;
+    let (per_sec, limit_per_sec) = (reports as f64 / seconds, reports as f64 / limit_seconds);
     Ok(Figures {
         backend,
         reports,
         seconds,
-        reports_per_sec: reports as f64 / seconds,
+        reports_per_sec: per_sec,
         p50_ms: quantile(&latencies, 0.5),
         p99_ms: quantile(&latencies, 0.99),
+        limit_per_sec,
+        of_limit: per_sec / limit_per_sec,
     })
+}
+
+/// Stores `reports` reports from `host` straight into `store`, [`LIMIT_BATCH`] per
+/// transaction; returns the seconds it took (the reports are made before timing starts).
+async fn limit(
+    store: &SqlStore,
+    host: Option<api::peer_id::PeerId>,
+    remote: &api::peer_id::PeerId,
+    relay: &api::peer_id::PeerId,
+    reports: u64,
+) -> Result<f64, ServerBenchError> {
+    let host = host.unwrap_or_else(api::sample::peer_id);
+    let auth = store
+        .authorize("bench")
+        .await?
+        .ok_or(ServerBenchError::Unauthorized)?;
+    let made: Vec<Report> = (0..reports)
+        .map(|n| {
+            let key = format!("limit-{n}");
+            let request = api::sample::report(&host, remote, relay, "bench", Some(&key));
+            Report::from_request(&request).map_err(|e| ServerBenchError::Sample(e.to_string()))
+        })
+        .collect::<Result<_, _>>()?;
+    let now = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    )
+    .unwrap_or(i64::MAX);
+    let start = Instant::now();
+    for batch in made.chunks(LIMIT_BATCH) {
+        let answers = store.track_directly(auth, batch, now).await?;
+        if answers.iter().any(|a| !matches!(a, Tracked::Stored(_))) {
+            return Err(ServerBenchError::Sample(format!(
+                "a report stored directly was not stored: {answers:?}"
+            )));
+        }
+    }
+    Ok(start.elapsed().as_secs_f64())
 }
 
 /// Runs the benchmark within a tokio runtime, the SQLite database in `dir`; `progress` hears
@@ -340,6 +420,8 @@ mod tests {
             reports_per_sec: per_sec,
             p50_ms: p50,
             p99_ms: None,
+            limit_per_sec: 2.0 * per_sec,
+            of_limit: 0.5,
         }
     }
 
@@ -384,5 +466,12 @@ mod tests {
         assert_eq!(report.backends.len(), 1);
         assert_eq!(report.backends[0].reports, 20);
         assert!(report.backends[0].p50_ms.is_some());
+        let b = &report.backends[0];
+        assert!(b.limit_per_sec > 0.0, "{b:?}");
+        assert!(
+            (b.of_limit - b.reports_per_sec / b.limit_per_sec).abs() < 1e-9,
+            "{b:?}"
+        );
+        assert!(report.to_string().contains("natpunch/limit"), "{report}");
     }
 }
