@@ -2702,6 +2702,133 @@ async fn server_survives(url: &str) {
     store.close().await;
 }
 
+/// Two `natpunch server` replicas on one PostgreSQL serve one campaign: 16 clients at once,
+/// each asking both replicas in turn, get no remote more often than the per-remote cap allows
+/// and no remote's address twice; both checked in SQL afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and PostgreSQL (a private server runs as the postgres user): ./test runs it"]
+async fn server_replicas_on_one_postgresql_keep_the_allocation_rules_between_them() {
+    use api::pb::punchr_service_client::PunchrServiceClient;
+    use api::store::{ConnectionEvent, SqlStore, Store as _};
+
+    const CAP: i64 = 5;
+    let pg = api::postgres::TempPostgres::start()
+        .unwrap_or_else(|e| panic!("a private PostgreSQL server: {e}"));
+    let url = pg.new_database().expect("database");
+    // What the honeypot saw: 4 remotes, each with 2 relayed addresses.
+    let store = SqlStore::open(&url).await.expect("open the database");
+    let (honeypot, relay) = (api::sample::peer_id(), api::sample::peer_id());
+    let now = api::server::now_ns();
+    for _ in 0..4 {
+        let addrs: Vec<api::report::Addr> = [4001, 4002]
+            .iter()
+            .map(|&port| api::report::Addr::of(&api::sample::relay_addr(&relay, port)))
+            .collect();
+        let conn: api::multiaddr::Multiaddr = "/ip4/203.0.113.50/tcp/4001".parse().expect("addr");
+        let event = ConnectionEvent {
+            local: honeypot.to_string(),
+            remote: api::sample::peer_id().to_string(),
+            agent_version: Some("remote/1".into()),
+            protocols: vec![],
+            conn_addr: api::report::Addr::of(&conn),
+            addrs,
+            opened_at: now,
+        };
+        store.record_connection(&event, now).await.expect("seen");
+    }
+    let cap = CAP.to_string();
+    let args = ["--per-remote", &cap, "--telemetry-port", "0"];
+    let replicas = [
+        ServerProc::start(&url, &args),
+        ServerProc::start(&url, &args),
+    ];
+    let grpc: Vec<std::net::SocketAddr> = replicas.iter().map(|r| r.grpc).collect();
+    let mut clients = Vec::new();
+    for n in 0..16 {
+        let grpc = grpc.clone();
+        clients.push(tokio::spawn(async move {
+            let host = peer_id();
+            register_host(grpc[n % 2], host).await;
+            let mut served = [0u32; 2];
+            // Until neither replica has anything left for this client.
+            let mut empty = 0;
+            let mut k = n;
+            while empty < 2 {
+                let replica = k % 2;
+                k += 1;
+                let mut client = PunchrServiceClient::connect(format!("http://{}", grpc[replica]))
+                    .await
+                    .expect("connect");
+                let ask = api::pb::GetAddrInfoRequest {
+                    host_id: host.to_bytes(),
+                    all_host_ids: vec![host.to_bytes()],
+                    api_key: "key".into(),
+                };
+                match client.get_addr_info(ask).await {
+                    Ok(_) => {
+                        served[replica] += 1;
+                        empty = 0;
+                    }
+                    Err(s) if s.code() == tonic::Code::NotFound => empty += 1,
+                    Err(s) => panic!("replica {replica}: {s}"),
+                }
+            }
+            served
+        }));
+    }
+    let mut served = [0u32; 2];
+    for c in clients {
+        let s = c.await.expect("client");
+        served[0] += s[0];
+        served[1] += s[1];
+    }
+    drop(replicas);
+    assert!(
+        served[0] > 0 && served[1] > 0,
+        "both replicas served: {served:?}"
+    );
+    let count = |sql: &'static str| {
+        let store = &store;
+        async move {
+            sqlx::query_as::<_, (i64,)>(sql)
+                .fetch_one(store.pool())
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+                .0
+        }
+    };
+    let allocations = count("SELECT count(*) FROM allocations").await;
+    assert_eq!(
+        allocations,
+        i64::from(served[0] + served[1]),
+        "one row per answer"
+    );
+    // 16 clients want each of the 4 remotes: the cap, not the demand, ends it.
+    let (most, least): (i64, i64) = sqlx::query_as(
+        "SELECT max(n), min(n) FROM (SELECT count(*) AS n FROM allocations GROUP BY remote_id) c",
+    )
+    .fetch_one(store.pool())
+    .await
+    .expect("per remote");
+    assert_eq!(
+        (most, least),
+        (CAP, CAP),
+        "every remote served exactly the cap"
+    );
+    assert_eq!(allocations, 4 * CAP);
+    let twice = count(
+        "SELECT count(*) FROM (SELECT a.local_id, a.remote_id, ax.multi_address_id \
+         FROM allocations a JOIN allocations_x_multi_addresses ax ON ax.allocation_id = a.id \
+         GROUP BY 1, 2, 3 HAVING count(*) > 1) d",
+    )
+    .await;
+    assert_eq!(
+        twice, 0,
+        "no client was served the same address of a remote twice"
+    );
+    store.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_keeps_every_acknowledged_report_through_restart_and_sigkill_on_sqlite() {
     let dir = Scratch::new("server-sqlite");
