@@ -11,7 +11,9 @@
 //! - [`store`]: the [`store::Store`] trait and its SQLite and PostgreSQL backend.
 //! - [`postgres`]: a private PostgreSQL server (tests, benchmarks, lab campaigns).
 //! - [`sample`]: a realistic report, for benchmarks and tests.
-//! - [`server`]: the gRPC service on a store, its metrics, and the serving loops.
+//! - [`server`]: the gRPC service on a store, its metrics, the serving loops and the live
+//!   dashboard on the telemetry port.
+//! - [`stats`]: the Wilson score interval.
 //!
 //! It does not punch, dial or speak any libp2p protocol, and it links no libp2p crate
 //! (`cargo tree -p api | grep libp2p` shows nothing): the measurement client is the `measure`
@@ -25,6 +27,7 @@ pub mod postgres;
 pub mod report;
 pub mod sample;
 pub mod server;
+pub mod stats;
 pub mod store;
 mod varint;
 

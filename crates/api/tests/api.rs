@@ -697,6 +697,130 @@ async fn a_report_the_database_refuses_costs_only_itself() {
     .await;
 }
 
+on_both_backends!(the_dashboard_counts_what_is_stored);
+async fn the_dashboard_counts_what_is_stored(store: SqlStore) {
+    use api::store::dashboard::{TIME_BINS_MS, transport_of};
+    use std::collections::BTreeMap;
+
+    let (remote, relay) = (peer(), peer());
+    let hosts = [peer(), peer()];
+    for (host, agent) in hosts.iter().zip(["natpunch/1", "go-punchr/0.9"]) {
+        store
+            .register(
+                "key",
+                true,
+                Host {
+                    peer: &host.to_string(),
+                    agent_version: agent,
+                    protocols: &[],
+                },
+                now_ns(),
+            )
+            .await
+            .expect("register")
+            .expect("open");
+    }
+    let auth = store.authorize("key").await.expect("auth").expect("key");
+    let nats = [
+        Some("endpoint-independent"),
+        Some("address-and-port-dependent"),
+        None,
+    ];
+    let mut reports = Vec::new();
+    for i in 0..30usize {
+        let host = &hosts[i % 7 / 5];
+        let key = format!("d-{i}");
+        let mut r = Report::from_request(&sample::report(host, &remote, &relay, "key", Some(&key)))
+            .expect("valid");
+        r.client_nat = nats[i % 3].map(str::to_owned);
+        r.remote_nat = (i % 2 == 0).then(|| "endpoint-independent".to_owned());
+        r.protocols = if i % 4 == 0 { vec![4, 6] } else { vec![4, 461] };
+        r.outcome = if i % 5 == 0 { "FAILED" } else { "SUCCESS" };
+        r.time_to_direct = (i % 5 != 0).then(|| 0.07 * i as f64);
+        store.track(auth, &r, now_ns()).await.expect("stored");
+        reports.push((
+            r,
+            if i % 7 / 5 == 0 {
+                "natpunch/1"
+            } else {
+                "go-punchr/0.9"
+            },
+        ));
+    }
+    let d = store.dashboard(now_ns()).await.expect("dashboard");
+    let successes = reports
+        .iter()
+        .filter(|(r, _)| r.outcome == "SUCCESS")
+        .count();
+    assert_eq!(d.results, 30);
+    assert_eq!(d.successes, i64::try_from(successes).expect("small"));
+    let rate = d.success_rate.expect("a rate");
+    assert!((rate.value - successes as f64 / 30.0).abs() < 1e-9);
+    assert!(rate.low < rate.value && rate.value < rate.high);
+    assert!(
+        (d.reports_per_sec - 0.5).abs() < 1e-9,
+        "30 reports in the last minute"
+    );
+    let outcomes: BTreeMap<&str, i64> = d.outcomes.iter().map(|c| (c.name.as_str(), c.n)).collect();
+    assert_eq!(outcomes, BTreeMap::from([("FAILED", 6), ("SUCCESS", 24)]));
+    assert_eq!(d.over_time.iter().map(|b| b.n).sum::<i64>(), 30);
+    assert_eq!(d.over_time.iter().map(|b| b.successes).sum::<i64>(), 24);
+    // The matrix, counted here from the reports sent.
+    let mut want: BTreeMap<(String, String, String), (i64, i64)> = BTreeMap::new();
+    for (r, _) in &reports {
+        let key = (
+            r.client_nat.clone().unwrap_or_else(|| "unknown".into()),
+            r.remote_nat.clone().unwrap_or_else(|| "unknown".into()),
+            transport_of(&r.protocols, r.transport.as_deref()),
+        );
+        let cell = want.entry(key).or_default();
+        cell.0 += 1;
+        cell.1 += i64::from(r.outcome == "SUCCESS");
+    }
+    let got: BTreeMap<(String, String, String), (i64, i64)> = d
+        .matrix
+        .iter()
+        .map(|c| {
+            let key = (
+                c.client_nat.clone(),
+                c.remote_nat.clone(),
+                c.transport.clone(),
+            );
+            (key, (c.n, c.successes))
+        })
+        .collect();
+    assert_eq!(got, want);
+    // Time to direct, binned here.
+    let mut bins = vec![0i64; TIME_BINS_MS.len() + 1];
+    for t in reports.iter().filter_map(|(r, _)| r.time_to_direct) {
+        let k = TIME_BINS_MS
+            .iter()
+            .position(|&ms| t * 1000.0 < f64::from(ms))
+            .unwrap_or(TIME_BINS_MS.len());
+        bins[k] += 1;
+    }
+    assert_eq!(
+        d.time_to_direct.iter().map(|c| c.n).collect::<Vec<_>>(),
+        bins
+    );
+    let agents: BTreeMap<&str, (i64, i64)> = d
+        .agents
+        .iter()
+        .map(|a| (a.agent_version.as_str(), (a.hosts, a.reports)))
+        .collect();
+    let go = i64::try_from(
+        reports
+            .iter()
+            .filter(|(_, a)| *a == "go-punchr/0.9")
+            .count(),
+    )
+    .expect("small");
+    assert_eq!(
+        agents,
+        BTreeMap::from([("go-punchr/0.9", (1, go)), ("natpunch/1", (1, 30 - go))])
+    );
+}
+
 on_both_backends!(invalid_reports_are_refused_naming_the_field_and_store_nothing);
 async fn invalid_reports_are_refused_naming_the_field_and_store_nothing(store: SqlStore) {
     let (url, task) = serve(store.clone(), Config::default()).await;

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use api::store::SqlStore;
+use api::store::dashboard::transport_of;
 use natlab::{Lab, LabOptions, LabProcess, Preset};
 use p2p::honeypot::HoneypotEvent;
 use p2p::relay::RelayEvent;
@@ -565,16 +566,6 @@ pub fn run(
     )
 }
 
-fn transport_of(filters: &[i32], transport: Option<&str>) -> String {
-    if filters.contains(&6) {
-        "tcp".into()
-    } else if filters.iter().any(|c| matches!(c, 460 | 461)) {
-        "quic".into()
-    } else {
-        transport.unwrap_or("any").to_owned()
-    }
-}
-
 /// A matrix cell's key: client NAT, target NAT, transport.
 type CellKey = (String, String, String);
 
@@ -662,17 +653,4 @@ fn summarise(
         seconds,
         interrupted,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn transports_come_from_the_filter_first() {
-        assert_eq!(transport_of(&[4, 6], None), "tcp");
-        assert_eq!(transport_of(&[4, 461], Some("tcp")), "quic");
-        assert_eq!(transport_of(&[], Some("quic")), "quic");
-        assert_eq!(transport_of(&[], None), "any");
-    }
 }

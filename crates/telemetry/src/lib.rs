@@ -1,6 +1,7 @@
 //! telemetry: the telemetry port of natpunch's long-running roles (relay, honeypot, server,
-//! client): `GET /metrics` (Prometheus text format, from a `prometheus-client` registry) and
-//! `GET /health` (ok, or 503 with the problem in words).
+//! client): `GET /metrics` (Prometheus text format, from a `prometheus-client` registry),
+//! `GET /health` (ok, or 503 with the problem in words), and any [`Pages`] a role adds (the
+//! measurement server's dashboard).
 //!
 //! A deliberately small HTTP/1.1 responder: one request per connection, a bounded request
 //! head, a short read deadline. Anything else gets 404, 405 or 400.
@@ -8,11 +9,13 @@
 //! [`metrics::Registrar`] declares a role's metrics in one line each (name, help, kind), with
 //! the latency histogram the roles share.
 //!
-//! It does not do TLS, authentication, keep-alive, chunked bodies or any path but those two;
+//! It does not do TLS, authentication, keep-alive, chunked bodies or paths beyond those;
 //! put it on a loopback or private address, or behind a proxy that adds what is missing. It
 //! depends on tokio and prometheus-client only, so that every role (the measurement server too,
 //! which has no libp2p) can serve it.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -52,6 +55,21 @@ impl Health {
     }
 }
 
+/// A page a role serves beside `/metrics` and `/health`.
+#[derive(Debug, Clone)]
+pub struct Page {
+    /// Status line, e.g. `200 OK`.
+    pub status: &'static str,
+    /// `Content-Type`.
+    pub kind: &'static str,
+    /// The body.
+    pub body: String,
+}
+
+/// A role's other pages: the answer to `GET` of a path (its query left out), or `None` for 404.
+pub type Pages =
+    Arc<dyn Fn(&str) -> Pin<Box<dyn Future<Output = Option<Page>> + Send>> + Send + Sync>;
+
 /// Serves `registry` on `listener` until the task is dropped; `/health` is always ok.
 pub async fn serve(listener: TcpListener, registry: Arc<Mutex<Registry>>) {
     serve_health(listener, registry, Health::default()).await;
@@ -65,19 +83,32 @@ pub async fn serve_with_health(
     healthy: Arc<AtomicBool>,
 ) {
     let problem = move || (!healthy.load(Ordering::Relaxed)).then(|| "unhealthy".to_owned());
-    serve_checked(listener, registry, problem).await;
+    serve_checked(listener, registry, problem, None).await;
+}
+
+/// [`serve_with_health`], with `pages` answering the paths other than `/metrics` and
+/// `/health`.
+pub async fn serve_with_pages(
+    listener: TcpListener,
+    registry: Arc<Mutex<Registry>>,
+    healthy: Arc<AtomicBool>,
+    pages: Pages,
+) {
+    let problem = move || (!healthy.load(Ordering::Relaxed)).then(|| "unhealthy".to_owned());
+    serve_checked(listener, registry, problem, Some(pages)).await;
 }
 
 /// Serves `registry` on `listener` until the task is dropped; `/health` answers 503 with the
 /// problem while `health` has one.
 pub async fn serve_health(listener: TcpListener, registry: Arc<Mutex<Registry>>, health: Health) {
-    serve_checked(listener, registry, move || health.problem()).await;
+    serve_checked(listener, registry, move || health.problem(), None).await;
 }
 
 async fn serve_checked(
     listener: TcpListener,
     registry: Arc<Mutex<Registry>>,
     problem: impl Fn() -> Option<String>,
+    pages: Option<Pages>,
 ) {
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -92,8 +123,9 @@ async fn serve_checked(
         };
         let registry = Arc::clone(&registry);
         let problem = problem();
+        let pages = pages.clone();
         tokio::spawn(async move {
-            let _ = answer(stream, &registry, problem).await;
+            let _ = answer(stream, &registry, problem, pages).await;
             drop(permit);
         });
     }
@@ -103,6 +135,7 @@ async fn answer(
     mut stream: TcpStream,
     registry: &Mutex<Registry>,
     problem: Option<String>,
+    pages: Option<Pages>,
 ) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
@@ -123,8 +156,14 @@ async fn answer(
     let line = String::from_utf8_lossy(line);
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, kind, body) = match (method, path) {
-        ("GET", "/metrics") => {
+    let path = path.split_once('?').map_or(path, |(p, _)| p);
+    let page = match (method, path, pages) {
+        ("GET", p, Some(pages)) if p != "/metrics" && p != "/health" => pages(p).await,
+        _ => None,
+    };
+    let (status, kind, body) = match (method, path, page) {
+        (_, _, Some(page)) => (page.status, page.kind, page.body),
+        ("GET", "/metrics", None) => {
             let mut text = String::new();
             let encoded = match registry.lock() {
                 Ok(r) => prometheus_client::encoding::text::encode(&mut text, &r).is_ok(),
@@ -144,12 +183,12 @@ async fn answer(
                 )
             }
         }
-        ("GET", "/health") => match problem {
+        ("GET", "/health", None) => match problem {
             None => ("200 OK", "text/plain", "ok\n".into()),
             Some(p) => ("503 Service Unavailable", "text/plain", format!("{p}\n")),
         },
-        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".into()),
-        ("", _) => ("400 Bad Request", "text/plain", "bad request\n".into()),
+        ("GET", _, None) => ("404 Not Found", "text/plain", "not found\n".into()),
+        ("", _, None) => ("400 Bad Request", "text/plain", "bad request\n".into()),
         _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
     };
     let response = format!(
@@ -235,6 +274,40 @@ mod tests {
             "{answer}"
         );
         health.set(None);
+        assert!(
+            get(addr, b"GET /health HTTP/1.1\r\n\r\n")
+                .await
+                .ends_with("ok\n")
+        );
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_roles_pages_answer_other_paths_without_their_query() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let pages: Pages = Arc::new(|path: &str| {
+            let page = (path == "/").then(|| Page {
+                status: "200 OK",
+                kind: "text/html",
+                body: "<p>dashboard</p>".into(),
+            });
+            Box::pin(async move { page })
+        });
+        let registry = Arc::new(Mutex::new(Registry::default()));
+        let healthy = Arc::new(AtomicBool::new(true));
+        let task = tokio::spawn(serve_with_pages(listener, registry, healthy, pages));
+        let home = get(addr, b"GET /?refresh=1 HTTP/1.1\r\n\r\n").await;
+        assert!(
+            home.starts_with("HTTP/1.1 200") && home.contains("text/html"),
+            "{home}"
+        );
+        assert!(home.ends_with("<p>dashboard</p>"), "{home}");
+        assert!(
+            get(addr, b"GET /other HTTP/1.1\r\n\r\n")
+                .await
+                .starts_with("HTTP/1.1 404")
+        );
         assert!(
             get(addr, b"GET /health HTTP/1.1\r\n\r\n")
                 .await

@@ -7,6 +7,7 @@ use super::Backend;
 /// - `ts`: a Unix-nanosecond integer (kept as is in SQLite, a TIMESTAMPTZ in PostgreSQL);
 /// - `interval`: seconds as a float (REAL, INTERVAL);
 /// - `secs`: an interval column read back as seconds;
+/// - `epoch`: a timestamp column read back as whole Unix seconds;
 /// - `TYPE[]`: a JSON array given as text (kept as JSON text, an array of TYPE);
 /// - `each TYPE`: the elements of a JSON array as rows, for `IN (SELECT {each TYPE $n})`;
 /// - `in TYPE`: `IN` the elements of a JSON array, for `column {in TYPE $n}`; unlike `IN
@@ -50,12 +51,16 @@ pub fn render(sql: &str, backend: Backend) -> String {
             (Backend::Postgres, ["each", ty, x]) => {
                 format!("jsonb_array_elements_text(({x})::jsonb)::{ty}")
             }
+            (Backend::Sqlite, ["epoch", x]) => format!("({x} / 1000000000)"),
             (Backend::Sqlite, [_, x]) => (*x).to_owned(),
             (Backend::Postgres, ["ts", x]) => {
                 format!("(timestamptz 'epoch' + (({x}) / 1000)::float8 * interval '1 microsecond')")
             }
             (Backend::Postgres, ["interval", x]) => format!("make_interval(secs => {x})"),
             (Backend::Postgres, ["secs", x]) => format!("extract(epoch from {x})::float8"),
+            (Backend::Postgres, ["epoch", x]) => {
+                format!("floor(extract(epoch from {x}))::bigint")
+            }
             (Backend::Postgres, [ty, x]) => match ty.strip_suffix("[]") {
                 Some(elem) => {
                     format!("ARRAY(SELECT jsonb_array_elements_text(({x})::jsonb)::{elem})")

@@ -16,8 +16,9 @@
 //!
 //! The parts: `schema` (the migrations, rendered), `dialect` ([`render`]), `statements` (every
 //! statement, rendered once per store), `ids` (write transactions and the cache of committed
-//! peer and address ids), `tracking` (registrations, connection events, reports) and
-//! `allocation` (which remote a host punches next); the [`Store`] methods here run those
+//! peer and address ids), `tracking` (registrations, connection events),
+//! `allocation` (which remote a host punches next), `batch` (group commit of reports) and
+//! [`dashboard`] (the live dashboard's figures); the [`Store`] methods here run those
 //! transactions, again after a deadlock or a serialization failure.
 
 use std::collections::{BTreeSet, HashMap};
@@ -51,6 +52,7 @@ macro_rules! retrying {
 
 mod allocation;
 mod batch;
+pub mod dashboard;
 mod dialect;
 mod ids;
 mod schema;
