@@ -521,8 +521,15 @@ pub async fn serve<S: Store>(
         .await
 }
 
-/// Serves `/metrics` and `/health` for `registry` on `listener` until dropped; `/health` says
-/// 503 while `store` does not answer (checked every 5 s).
+/// How long a counted dashboard is shown before it is counted again, however many viewers ask.
+const DASHBOARD_TTL: Duration = Duration::from_secs(5);
+
+/// The dashboard page: self-contained (no external hosts), it fetches `dashboard.json`.
+const DASHBOARD_HTML: &str = include_str!("dashboard.html");
+
+/// Serves `/metrics` and `/health` for `registry` on `listener` until dropped, with the live
+/// dashboard on `/` (its figures on `/dashboard.json`); `/health` says 503 while `store` does
+/// not answer (checked every 5 s).
 pub async fn serve_telemetry(
     listener: tokio::net::TcpListener,
     registry: Registry,
@@ -531,6 +538,7 @@ pub async fn serve_telemetry(
     let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let check = {
         let healthy = Arc::clone(&healthy);
+        let store = store.clone();
         async move {
             loop {
                 healthy.store(store.ping().await, std::sync::atomic::Ordering::Relaxed);
@@ -538,8 +546,59 @@ pub async fn serve_telemetry(
             }
         }
     };
-    let serve = telemetry::serve_with_health(listener, Arc::new(Mutex::new(registry)), healthy);
+    // One count at a time, kept for DASHBOARD_TTL: viewers cost the database nothing more.
+    let counted: Arc<tokio::sync::Mutex<Option<(Instant, String)>>> = Arc::default();
+    let pages: telemetry::Pages = Arc::new(move |path: &str| {
+        let (store, counted) = (store.clone(), Arc::clone(&counted));
+        let path = path.to_owned();
+        Box::pin(async move {
+            match path.as_str() {
+                "/" => Some(telemetry::Page {
+                    status: "200 OK",
+                    kind: "text/html; charset=utf-8",
+                    body: DASHBOARD_HTML.to_owned(),
+                }),
+                "/dashboard.json" => Some(dashboard_json(&store, &counted).await),
+                _ => None,
+            }
+        })
+    });
+    let serve =
+        telemetry::serve_with_pages(listener, Arc::new(Mutex::new(registry)), healthy, pages);
     tokio::join!(check, serve);
+}
+
+/// The dashboard's figures as JSON, counted again when older than [`DASHBOARD_TTL`]; 503 with
+/// the cause when the database does not answer.
+async fn dashboard_json(
+    store: &crate::store::SqlStore,
+    counted: &tokio::sync::Mutex<Option<(Instant, String)>>,
+) -> telemetry::Page {
+    let mut counted = counted.lock().await;
+    if let Some((at, body)) = counted.as_ref()
+        && at.elapsed() < DASHBOARD_TTL
+    {
+        return json_page("200 OK", body.clone());
+    }
+    match store.dashboard(now_ns()).await {
+        Ok(d) => {
+            let body = serde_json::to_string(&d).unwrap_or_default();
+            *counted = Some((Instant::now(), body.clone()));
+            json_page("200 OK", body)
+        }
+        Err(e) => json_page(
+            "503 Service Unavailable",
+            serde_json::json!({ "error": e.to_string() }).to_string(),
+        ),
+    }
+}
+
+fn json_page(status: &'static str, body: String) -> telemetry::Page {
+    telemetry::Page {
+        status,
+        kind: "application/json",
+        body,
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! `natpunch server`: the punchr-compatible measurement server (gRPC `PunchrService`) on
-//! SQLite or PostgreSQL, with `/metrics` and `/health` on a telemetry port.
+//! SQLite or PostgreSQL, with the live dashboard (`/`), `/metrics` and `/health` on a telemetry
+//! port.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -90,7 +91,8 @@ async fn serve(args: ServerArgs) -> anyhow::Result<ExitCode> {
         ));
         if let Some(t) = telemetry {
             say(&format!(
-                "server: metrics on http://{t}/metrics, health on http://{t}/health"
+                "server: dashboard on http://{t}/, metrics on http://{t}/metrics, health on \
+                 http://{t}/health"
             ));
         }
     }

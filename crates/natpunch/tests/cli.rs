@@ -2829,6 +2829,242 @@ async fn server_replicas_on_one_postgresql_keep_the_allocation_rules_between_the
     store.close().await;
 }
 
+/// The figures a page shows: each `data-figure` name with its `data-value`, outside scripts.
+fn page_figures(dom: &str) -> std::collections::BTreeMap<String, String> {
+    let unescape = |s: &str| {
+        s.replace("&quot;", "\"")
+            .replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&amp;", "&")
+    };
+    let mut shown = String::new();
+    let mut rest = dom;
+    while let Some(start) = rest.find("<script") {
+        shown.push_str(&rest[..start]);
+        rest = rest[start..]
+            .find("</script>")
+            .map_or("", |end| &rest[start + end..]);
+    }
+    shown.push_str(rest);
+    let mut figures = std::collections::BTreeMap::new();
+    let mut rest = shown.as_str();
+    while let Some(at) = rest.find("data-figure=\"") {
+        rest = &rest[at + "data-figure=\"".len()..];
+        let Some(end) = rest.find('"') else { break };
+        let name = unescape(&rest[..end]);
+        rest = &rest[end + 1..];
+        if let Some(value) = rest.strip_prefix(" data-value=\"")
+            && let Some(end) = value.find('"')
+        {
+            figures.insert(name, unescape(&value[..end]));
+        }
+    }
+    figures
+}
+
+/// The server's live dashboard in headless Chromium: every figure on the page (totals, the
+/// NAT-pair × transport matrix, outcomes, time to direct, agent versions) equals a query on the
+/// same database, and a phone-sized screenshot (kept under the target directory) shows the bars.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Chromium (apt install chromium): ./test runs it"]
+async fn the_dashboard_in_chromium_shows_what_the_database_holds() {
+    use api::store::dashboard::{TIME_BINS_MS, transport_of};
+    use api::store::{Host, SqlStore, Store as _};
+    use std::collections::BTreeMap;
+
+    testkit::require::program(
+        "the_dashboard_in_chromium_shows_what_the_database_holds",
+        "chromium",
+        "chromium",
+    );
+    let dir = Scratch::new("dashboard");
+    let url = format!("sqlite://{}", dir.0.join("natpunch.db").display());
+    let store = SqlStore::open(&url).await.expect("open the database");
+    let (remote, relay) = (api::sample::peer_id(), api::sample::peer_id());
+    let hosts = [api::sample::peer_id(), api::sample::peer_id()];
+    for (host, agent) in hosts.iter().zip(["natpunch/0.1.0", "go-punchr/0.9.0"]) {
+        let host = Host {
+            peer: &host.to_string(),
+            agent_version: agent,
+            protocols: &[],
+        };
+        store
+            .register("key", true, host, api::server::now_ns())
+            .await
+            .expect("register")
+            .expect("open registration");
+    }
+    let auth = store.authorize("key").await.expect("auth").expect("key");
+    let nats = [
+        "endpoint-independent",
+        "address-and-port-dependent",
+        "address-dependent",
+    ];
+    for i in 0..60usize {
+        let key = format!("dash-{i}");
+        let request = api::sample::report(&hosts[i % 3 / 2], &remote, &relay, "key", Some(&key));
+        let mut r = api::report::Report::from_request(&request).expect("valid");
+        r.client_nat = Some(nats[i % 3].to_owned());
+        r.remote_nat = (i % 4 == 0).then(|| nats[(i / 4) % 3].to_owned());
+        r.protocols = if i % 2 == 0 { vec![4, 6] } else { vec![4, 461] };
+        r.outcome = ["SUCCESS", "SUCCESS", "FAILED", "SUCCESS", "NO_CONNECTION"][i % 5];
+        r.time_to_direct = (r.outcome == "SUCCESS").then(|| 0.04 * i as f64);
+        store
+            .track(auth, &r, api::server::now_ns())
+            .await
+            .expect("stored");
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+        .to_string();
+    let server = ServerProc::start(&url, &["--telemetry-port", &port]);
+    let telemetry = server.telemetry.expect("telemetry");
+    let page = format!("http://{telemetry}/");
+    let common = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+    ];
+    let dom = Command::new("chromium")
+        .args(common)
+        .args(["--virtual-time-budget=10000", "--dump-dom", &page])
+        .output()
+        .expect("chromium runs");
+    let dom = stdout(&dom);
+    assert!(
+        dom.contains("data-generated-at="),
+        "the figures were drawn: {dom}"
+    );
+    let shown = page_figures(&dom);
+
+    // What the database says, asked here in SQL.
+    let pool = store.pool();
+    let one = |sql: &'static str| async move {
+        sqlx::query_as::<_, (i64,)>(sql)
+            .fetch_one(pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .0
+    };
+    let mut want: BTreeMap<String, String> = BTreeMap::new();
+    let results = one("SELECT count(*) FROM hole_punch_results").await;
+    let successes = one("SELECT count(*) FROM hole_punch_results WHERE outcome = 'SUCCESS'").await;
+    want.insert("results".into(), results.to_string());
+    want.insert("successes".into(), successes.to_string());
+    for (outcome, n) in sqlx::query_as::<_, (String, i64)>(
+        "SELECT outcome, count(*) FROM hole_punch_results GROUP BY 1",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("outcomes")
+    {
+        want.insert(format!("outcome:{outcome}"), n.to_string());
+    }
+    let mut cells: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    for (client, remote, filters, n, ok) in sqlx::query_as::<_, (String, String, String, i64, i64)>(
+        "SELECT coalesce(client_nat, 'unknown'), coalesce(remote_nat, 'unknown'), \
+         protocol_filters, count(*), sum(outcome = 'SUCCESS') FROM hole_punch_results \
+         GROUP BY 1, 2, 3",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("cells")
+    {
+        let filters: Vec<i32> = serde_json::from_str(&filters).expect("JSON filters");
+        let cell = cells
+            .entry(format!(
+                "cell:{client}|{remote}|{}",
+                transport_of(&filters, None)
+            ))
+            .or_default();
+        cell.0 += n;
+        cell.1 += ok;
+    }
+    for (key, (n, ok)) in cells {
+        want.insert(format!("{key}:n"), n.to_string());
+        want.insert(format!("{key}:successes"), ok.to_string());
+    }
+    let mut bins = vec![0i64; TIME_BINS_MS.len() + 1];
+    for (t,) in sqlx::query_as::<_, (f64,)>(
+        "SELECT time_to_direct FROM hole_punch_results \
+         WHERE outcome = 'SUCCESS' AND time_to_direct IS NOT NULL",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("times")
+    {
+        let k = TIME_BINS_MS
+            .iter()
+            .position(|&ms| t * 1000.0 < f64::from(ms))
+            .unwrap_or(TIME_BINS_MS.len());
+        bins[k] += 1;
+    }
+    for (k, n) in bins.iter().enumerate() {
+        want.insert(format!("ttd:{k}"), n.to_string());
+    }
+    for (agent, hosts, reports) in sqlx::query_as::<_, (String, i64, i64)>(
+        "SELECT p.agent_version, count(DISTINCT r.local_id), count(*) \
+         FROM hole_punch_results r JOIN peers p ON p.id = r.local_id GROUP BY 1",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("agents")
+    {
+        want.insert(format!("agent:{agent}:hosts"), hosts.to_string());
+        want.insert(format!("agent:{agent}:reports"), reports.to_string());
+    }
+    let buckets: i64 = shown
+        .iter()
+        .filter(|(k, _)| k.starts_with("bucket:"))
+        .map(|(_, v)| v.parse::<i64>().expect("a count"))
+        .sum();
+    assert_eq!(
+        buckets, results,
+        "the bars over time add up to every report"
+    );
+    let rate: f64 = shown["success-rate"].parse().expect("a rate");
+    assert!(
+        (rate - successes as f64 / results as f64).abs() < 1e-9,
+        "{rate}"
+    );
+    let counted: BTreeMap<String, String> = shown
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("bucket:") && k != "success-rate" && k != "reports-per-sec")
+        .collect();
+    assert_eq!(counted, want, "the page's figures against SQL");
+
+    // A phone's screen: the page fits, and the bars are drawn (the successes in green).
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-phone.png");
+    let out = Command::new("chromium")
+        .args(common)
+        .args(["--virtual-time-budget=10000", "--window-size=412,2200"])
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(&page)
+        .output()
+        .expect("chromium runs");
+    assert!(shot.exists(), "no screenshot: {}", stderr(&out));
+    eprintln!("the dashboard on a phone: {}", shot.display());
+    let decoder = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(&shot).expect("png"),
+    ));
+    let mut reader = decoder.read_info().expect("png header");
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).expect("png frame");
+    let green = buf[..info.buffer_size()]
+        .chunks(info.color_type.samples())
+        .filter(|p| p.len() >= 3 && p[..3] == [0x2f, 0x8f, 0x5b])
+        .count();
+    assert!(
+        green > 500,
+        "the success bars are drawn: {green} green pixels"
+    );
+    drop(server);
+    store.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_keeps_every_acknowledged_report_through_restart_and_sigkill_on_sqlite() {
     let dir = Scratch::new("server-sqlite");

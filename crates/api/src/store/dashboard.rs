@@ -255,7 +255,7 @@ impl SqlStore {
                 },
             )
             .collect();
-        matrix.sort_by(|a, b| b.n.cmp(&a.n));
+        matrix.sort_by_key(|c| std::cmp::Reverse(c.n));
 
         let bins: String = TIME_BINS_MS
             .iter()
