@@ -736,7 +736,7 @@ async fn the_dashboard_counts_what_is_stored(store: SqlStore) {
         r.remote_nat = (i % 2 == 0).then(|| "endpoint-independent".to_owned());
         r.protocols = if i % 4 == 0 { vec![4, 6] } else { vec![4, 461] };
         r.outcome = if i % 5 == 0 { "FAILED" } else { "SUCCESS" };
-        r.time_to_direct = (i % 5 != 0).then(|| 0.07 * i as f64);
+        r.time_to_direct = (i % 5 != 0).then_some(0.07 * i as f64);
         store.track(auth, &r, now_ns()).await.expect("stored");
         reports.push((
             r,

@@ -2908,7 +2908,7 @@ async fn the_dashboard_in_chromium_shows_what_the_database_holds() {
         r.remote_nat = (i % 4 == 0).then(|| nats[(i / 4) % 3].to_owned());
         r.protocols = if i % 2 == 0 { vec![4, 6] } else { vec![4, 461] };
         r.outcome = ["SUCCESS", "SUCCESS", "FAILED", "SUCCESS", "NO_CONNECTION"][i % 5];
-        r.time_to_direct = (r.outcome == "SUCCESS").then(|| 0.04 * i as f64);
+        r.time_to_direct = (r.outcome == "SUCCESS").then_some(0.04 * i as f64);
         store
             .track(auth, &r, api::server::now_ns())
             .await
@@ -3037,7 +3037,7 @@ async fn the_dashboard_in_chromium_shows_what_the_database_holds() {
     assert_eq!(counted, want, "the page's figures against SQL");
 
     // A phone's screen: the page fits, and the bars are drawn (the successes in green).
-    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-phone.png");
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-phone.png");
     let out = Command::new("chromium")
         .args(common)
         .args(["--virtual-time-budget=10000", "--window-size=412,2200"])
