@@ -14,6 +14,7 @@
 //! - [`server`]: the gRPC service on a store, its metrics, the serving loops and the live
 //!   dashboard on the telemetry port.
 //! - [`stats`]: the Wilson score interval.
+//! - [`vantage`]: the remote's NAT from what two vantage points (relay, honeypot) saw of it.
 //!
 //! It does not punch, dial or speak any libp2p protocol, and it links no libp2p crate
 //! (`cargo tree -p api | grep libp2p` shows nothing): the measurement client is the `measure`
@@ -29,6 +30,7 @@ pub mod sample;
 pub mod server;
 pub mod stats;
 pub mod store;
+pub mod vantage;
 mod varint;
 
 /// The generated PunchrService messages, enums, client and server.

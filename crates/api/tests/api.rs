@@ -821,6 +821,85 @@ async fn the_dashboard_counts_what_is_stored(store: SqlStore) {
     );
 }
 
+on_both_backends!(the_remotes_nat_comes_from_what_the_relay_and_the_honeypot_saw);
+async fn the_remotes_nat_comes_from_what_the_relay_and_the_honeypot_saw(store: SqlStore) {
+    let (client, relay, honeypot) = (peer(), peer(), peer());
+    register(&store, "key", &client).await;
+    let auth = store.authorize("key").await.expect("auth").expect("key");
+    let now = now_ns();
+    let saw = |observer: &PeerId, remote: &PeerId, from: &str| {
+        let conn: Multiaddr = from.parse().expect("maddr");
+        ConnectionEvent {
+            local: observer.to_string(),
+            remote: remote.to_string(),
+            agent_version: None,
+            protocols: vec![],
+            conn_addr: Addr::of(&conn),
+            addrs: vec![],
+            opened_at: now - 1_000_000_000,
+        }
+    };
+    // (what the relay saw, what the honeypot saw, what the client said, what is stored)
+    let cases = [
+        (
+            Some("/ip4/203.0.113.5/udp/40000/quic-v1"),
+            Some("/ip4/203.0.113.5/udp/40000/quic-v1"),
+            None,
+            "endpoint-independent",
+        ),
+        (
+            Some("/ip4/203.0.113.6/udp/40000/quic-v1"),
+            Some("/ip4/203.0.113.6/udp/40002/quic-v1"),
+            None,
+            "endpoint-dependent",
+        ),
+        (
+            Some("/ip4/203.0.113.7/udp/40000/quic-v1"),
+            None,
+            None,
+            "unknown",
+        ),
+        (
+            Some("/ip4/203.0.113.8/udp/40000/quic-v1"),
+            Some("/ip4/203.0.113.8/tcp/40000"),
+            None,
+            "unknown",
+        ),
+        (
+            Some("/ip4/203.0.113.9/udp/40000/quic-v1"),
+            Some("/ip4/203.0.113.9/udp/40002/quic-v1"),
+            Some("endpoint-independent/address-dependent"),
+            "endpoint-independent/address-dependent",
+        ),
+    ];
+    for (k, (relay_saw, honeypot_saw, said, want)) in cases.into_iter().enumerate() {
+        let remote = peer();
+        for (observer, from) in [(&relay, relay_saw), (&honeypot, honeypot_saw)] {
+            if let Some(from) = from {
+                store
+                    .record_connection(&saw(observer, &remote, from), now)
+                    .await
+                    .expect("seen");
+            }
+        }
+        let key = format!("nat-{k}");
+        let mut report =
+            Report::from_request(&sample::report(&client, &remote, &relay, "key", Some(&key)))
+                .expect("valid");
+        report.remote_nat = said.map(str::to_owned);
+        let Tracked::Stored(id) = store.track(auth, &report, now).await.expect("track") else {
+            panic!("stored");
+        };
+        let (stored,): (Option<String>,) =
+            sqlx::query_as("SELECT remote_nat FROM hole_punch_results WHERE id = $1")
+                .bind(id)
+                .fetch_one(store.pool())
+                .await
+                .expect("row");
+        assert_eq!(stored.as_deref(), Some(want), "case {k}");
+    }
+}
+
 on_both_backends!(invalid_reports_are_refused_naming_the_field_and_store_nothing);
 async fn invalid_reports_are_refused_naming_the_field_and_store_nothing(store: SqlStore) {
     let (url, task) = serve(store.clone(), Config::default()).await;

@@ -23,6 +23,13 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::{Backend, Kind, SqlStore, StoreError, Tracked, Write, find_or_insert};
 use crate::report::{self, Report};
+use crate::vantage::{self, Observation};
+
+/// How far back what the vantage points saw of a remote counts for its NAT.
+const OBSERVED_WITHIN_NS: i64 = 3600 * 1_000_000_000;
+
+/// Observations read per remote, at most (the newest).
+const OBSERVATIONS_PER_REMOTE: usize = 64;
 
 /// Reports waiting for a worker.
 const QUEUE: usize = 1024;
@@ -175,12 +182,13 @@ impl SqlStore {
         }
         let attempts = stored.iter().map(|(r, ..)| r.attempts.len()).sum();
         let (ids, attempt_ids) = self.take_ids(&mut w, stored.len(), attempts).await?;
+        let remote_nats = self.remote_nats(&mut w, &stored).await?;
         let mut results = Vec::with_capacity(stored.len());
         let mut rows = Rows::default();
         let mut next_attempt = attempt_ids.iter().copied();
         for (&(report, auth, local, now), &id) in stored.iter().zip(&ids) {
             results.push(
-                self.result_row(&mut w, (id, auth, local, now), report)
+                self.result_row(&mut w, (id, auth, local, now), report, &remote_nats)
                     .await?,
             );
             self.rows_of(
@@ -299,15 +307,66 @@ impl SqlStore {
         }
     }
 
+    /// The remote's NAT, for each remote of `stored` whose report does not say it, from what
+    /// the vantage points (relay, honeypot) saw of it in the [`OBSERVED_WITHIN_NS`] before the
+    /// report: one query for the batch.
+    async fn remote_nats(
+        &self,
+        w: &mut Write,
+        stored: &[(&Report, i64, i64, i64)],
+    ) -> Result<HashMap<i64, &'static str>, StoreError> {
+        let mut remotes = Vec::new();
+        let mut since = i64::MAX;
+        for &(report, _, _, now) in stored.iter().filter(|(r, ..)| r.remote_nat.is_none()) {
+            remotes.push(self.peer(w, &report.remote, now).await?);
+            since = since.min(now.saturating_sub(OBSERVED_WITHIN_NS));
+        }
+        remotes.sort_unstable();
+        remotes.dedup();
+        if remotes.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let limit = i64::try_from(remotes.len() * OBSERVATIONS_PER_REMOTE).unwrap_or(i64::MAX);
+        let mut seen: HashMap<i64, Vec<Observation>> = HashMap::new();
+        for row in sqlx::query(&self.sql.observations)
+            .bind(super::json(&remotes))
+            .bind(since)
+            .bind(limit)
+            .fetch_all(&mut *w.tx)
+            .await?
+        {
+            seen.entry(row.try_get(0)?).or_default().push(Observation {
+                observer: row.try_get(1)?,
+                addr: row.try_get(2)?,
+                at: row.try_get(3)?,
+            });
+        }
+        Ok(remotes
+            .into_iter()
+            .map(|r| {
+                (
+                    r,
+                    vantage::remote_nat(seen.get(&r).map_or(&[], Vec::as_slice)),
+                )
+            })
+            .collect())
+    }
+
     /// The `hole_punch_results` row of one report, to be stored as `id`.
     async fn result_row(
         &self,
         w: &mut Write,
         (id, auth, local, now): (i64, i64, i64, i64),
         r: &Report,
+        remote_nats: &HashMap<i64, &'static str>,
     ) -> Result<Value, StoreError> {
         let remote = self.peer(w, &r.remote, now).await?;
         let set_id = self.listen_set(w, r, now).await?;
+        // What the client said of the remote's NAT, else what the vantage points saw.
+        let remote_nat = r
+            .remote_nat
+            .as_deref()
+            .or_else(|| remote_nats.get(&remote).copied());
         Ok(json!({
             "id": id, "local_id": local, "remote_id": remote, "auth": auth,
             "connect_started_at": r.connect_started_at, "connect_ended_at": r.connect_ended_at,
@@ -315,7 +374,7 @@ impl SqlStore {
             "ended_at": r.ended_at, "protocol_filters": super::json(&r.protocols),
             "set_id": set_id, "idempotency_key": r.idempotency_key, "technique": r.technique,
             "time_to_direct": r.time_to_direct, "client_nat": r.client_nat,
-            "remote_nat": r.remote_nat, "transport": r.transport, "now": now,
+            "remote_nat": remote_nat, "transport": r.transport, "now": now,
         }))
     }
 

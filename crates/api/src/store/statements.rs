@@ -79,6 +79,12 @@ statements! {
     client_peers = "SELECT p.multi_hash, c.authorization_id, p.id, p.agent_version \
         FROM peers p JOIN clients c ON c.peer_id = p.id \
         WHERE p.multi_hash {in text $1}";
+    /// Where the peers in $1 were seen connecting from since $2, newest first, at most $3:
+    /// peer, observer, address, Unix seconds.
+    observations = "SELECT ce.remote_id, ce.local_id, ma.maddr, {epoch ce.opened_at} \
+        FROM connection_events ce JOIN multi_addresses ma ON ma.id = ce.conn_multi_address_id \
+        WHERE ce.remote_id {in bigint $1} AND ce.opened_at > {ts $2} \
+        ORDER BY ce.opened_at DESC LIMIT $3";
     /// Ids taken for $1 new `hole_punch_results` rows (0) and $2 `hole_punch_attempt` rows (1),
     /// in PostgreSQL.
     next_ids = "SELECT 0, nextval(pg_get_serial_sequence('hole_punch_results', 'id')) \
