@@ -1,8 +1,10 @@
 //! The remote's NAT from two vantage points: the relay and the honeypot each see the public
-//! address and port a peer's connection comes from. A libp2p peer dials them from one socket
-//! (QUIC always, TCP with port reuse), so a NAT whose mapping is endpoint-independent shows
-//! both the same address and port, and one whose mapping depends on the destination shows
-//! them different ports (or addresses).
+//! address and port a peer's connection comes from. A libp2p peer dials QUIC from the one UDP
+//! socket it listens on, so a NAT whose mapping is endpoint-independent shows both the same
+//! address and port, and one whose mapping depends on the destination shows them different
+//! ports (or addresses). TCP connections are left out: libp2p dials them from a fresh
+//! ephemeral port each (unless port reuse is on, which a vantage point cannot know), so two of
+//! them differ in port even without a NAT.
 //!
 //! Two vantage points on different hosts tell these two classes apart and nothing finer: an
 //! address-dependent mapping and an address-and-port-dependent one look alike from them, as do
@@ -31,8 +33,8 @@ pub struct Observation {
     pub at: i64,
 }
 
-/// A connection's source: transport (`tcp` or `udp`), address and port; `None` for a relayed
-/// connection or an address that is not IP and port.
+/// A connection's source: transport, address and port; `None` for a relayed connection, a
+/// TCP one, or an address that is not IP and UDP port.
 fn source(addr: &str) -> Option<(&str, IpAddr, u16)> {
     if addr.contains("/p2p-circuit") {
         return None;
@@ -43,14 +45,14 @@ fn source(addr: &str) -> Option<(&str, IpAddr, u16)> {
         _ => return None,
     };
     let (transport, port) = (parts.next()?, parts.next()?.parse().ok()?);
-    matches!(transport, "tcp" | "udp").then_some((transport, ip, port))
+    (transport == "udp").then_some((transport, ip, port))
 }
 
 /// When a vantage point saw a peer, and from which address and port.
 type Seen = (i64, IpAddr, u16);
 
 /// The remote's mapping class from what the vantage points saw: each vantage point's latest
-/// observation per transport and address family is compared with the others'.
+/// UDP observation per address family is compared with the others'.
 pub fn remote_nat(observations: &[Observation]) -> &'static str {
     // (transport, IPv6?) → observer → its latest (time, address, port).
     let mut latest: BTreeMap<(&str, bool), BTreeMap<i64, Seen>> = BTreeMap::new();
@@ -109,8 +111,8 @@ mod tests {
         ];
         assert_eq!(remote_nat(&ports), ENDPOINT_DEPENDENT);
         let addresses = [
-            seen(1, "/ip4/203.0.113.9/tcp/4001", 10),
-            seen(2, "/ip4/203.0.113.10/tcp/4001", 20),
+            seen(1, "/ip4/203.0.113.9/udp/4001/quic-v1", 10),
+            seen(2, "/ip4/203.0.113.10/udp/4001/quic-v1", 20),
         ];
         assert_eq!(remote_nat(&addresses), ENDPOINT_DEPENDENT);
     }
@@ -128,6 +130,12 @@ mod tests {
             seen(2, "/ip4/203.0.113.9/tcp/40001", 20),
         ];
         assert_eq!(remote_nat(&transports), UNKNOWN);
+        // TCP dials come from fresh ports: they say nothing of the mapping.
+        let tcp = [
+            seen(1, "/ip4/203.0.113.9/tcp/51000", 10),
+            seen(2, "/ip4/203.0.113.9/tcp/51007", 20),
+        ];
+        assert_eq!(remote_nat(&tcp), UNKNOWN);
         let relayed = [
             seen(1, "/ip4/203.0.113.9/udp/40000/quic-v1", 10),
             seen(

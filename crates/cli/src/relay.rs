@@ -118,6 +118,11 @@ pub struct RelayArgs {
     /// port the NAT gave a fresh socket (0 turns it off).
     #[arg(long, env = "NATPUNCH_RELAY_STUN_PORT", default_value_t = 3478)]
     pub stun_port: u16,
+    /// Record where each reserving peer connects from into this measurement store
+    /// (sqlite://FILE or postgres://USER@HOST/DB): with the honeypot's sightings, the server
+    /// tells from it whether the peer's NAT maps per destination [default: record nothing].
+    #[arg(long, env = "NATPUNCH_RELAY_DATABASE_URL")]
+    pub database_url: Option<String>,
     #[command(flatten)]
     pub telemetry: Telemetry<Self>,
     #[command(flatten)]
@@ -183,7 +188,8 @@ crate::write_args!(RelayArgs {
     reservation_rate_per_ip,
     circuit_rate_per_peer,
     circuit_rate_per_ip,
-    stun_port;
+    stun_port,
+    database_url;
     identity,
     telemetry,
     json,

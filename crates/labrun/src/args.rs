@@ -23,15 +23,21 @@ pub use cli::write::named;
 
 /// `natpunch relay` as a lab runs it: events as JSON, no telemetry port; every trial comes
 /// from the same few NAT addresses, so the per-IP and per-peer rates are off, and circuits may
-/// last ten minutes and carry 64 MiB.
+/// last ten minutes and carry 64 MiB. With `database_url`, it records where reserving peers
+/// connect from (a vantage point for the remote's NAT).
 ///
 /// # Errors
 ///
 /// The role's flags do not parse on their own (a mistake in `cli`).
-pub fn relay(identity: PathBuf, port: u16) -> Result<Vec<OsString>, String> {
+pub fn relay(
+    identity: PathBuf,
+    port: u16,
+    database_url: Option<&str>,
+) -> Result<Vec<OsString>, String> {
     let mut r: RelayArgs = defaults(&[])?;
     r.identity = Identity::new(Some(identity));
     r.port = port;
+    r.database_url = database_url.map(str::to_owned);
     r.max_circuit_secs = 600;
     r.max_circuit_bytes = 64 << 20;
     for rate in [

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use api::store::SqlStore;
 use api::store::dashboard::transport_of;
+use api::store::{ResultRow, SqlStore};
 use natlab::{Lab, LabOptions, LabProcess, Preset};
 use p2p::honeypot::HoneypotEvent;
 use p2p::relay::RelayEvent;
@@ -150,6 +150,8 @@ pub struct CampaignCell {
     pub client_nat: String,
     /// The target's NAT preset.
     pub target_nat: String,
+    /// The target's NAT as the reports say (from the relay's and the honeypot's view).
+    pub remote_nat: String,
     /// `tcp` or `quic` (the filter the server assigned).
     pub transport: String,
     /// Punches.
@@ -160,6 +162,21 @@ pub struct CampaignCell {
     pub outcomes: BTreeMap<String, u64>,
     /// Median time to direct of the successes.
     pub median_ms: Option<f64>,
+}
+
+/// A target's NAT as the server derived it from the two vantage points, against its preset.
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetNat {
+    /// The target's preset.
+    pub target: String,
+    /// The mapping class of the preset.
+    pub expected: String,
+    /// The `remote_nat` most reports on it carry (`unknown` without reports).
+    pub observed: String,
+    /// Reports that carry it.
+    pub reports: u64,
+    /// `match`, `mismatch`, or `unknown` (the vantage points could not tell).
+    pub verdict: &'static str,
 }
 
 /// The campaign's summary, from the database.
@@ -188,6 +205,9 @@ pub struct CampaignReport {
     /// Each client's NAT as it measured it (RFC 5780, `mapping/filtering`), by the name the
     /// campaign gave it.
     pub measured_nat: BTreeMap<String, String>,
+    /// Each target's NAT as the reports on it say (the relay's and the honeypot's view),
+    /// against its preset.
+    pub remote_nat: Vec<TargetNat>,
     /// The NAT the campaign put each peer behind (clients' hosts and targets), by peer ID: the
     /// labels of the matrix.
     pub peers: BTreeMap<String, String>,
@@ -220,6 +240,7 @@ impl CampaignReport {
             "interrupted": self.interrupted,
             "matrix": self.matrix,
             "measured_nat": self.measured_nat,
+            "remote_nat": self.remote_nat,
             "peers": self.peers,
         })
     }
@@ -253,18 +274,27 @@ impl std::fmt::Display for CampaignReport {
         for (name, m) in &self.measured_nat {
             writeln!(f, "client behind {name}: measured {m}")?;
         }
+        for t in &self.remote_nat {
+            writeln!(
+                f,
+                "target behind {}: seen by the relay and the honeypot as {} ({} reports), \
+                 expected {}: {}",
+                t.target, t.observed, t.reports, t.expected, t.verdict
+            )?;
+        }
         writeln!(f)?;
         writeln!(
             f,
-            "{:<24} {:<16} {:<5} {:>7} {:>8} {:>10}",
-            "client NAT", "target NAT", "via", "punches", "success", "median ms"
+            "{:<24} {:<16} {:<20} {:<5} {:>7} {:>8} {:>10}",
+            "client NAT", "target NAT", "target seen as", "via", "punches", "success", "median ms"
         )?;
         for c in &self.matrix {
             writeln!(
                 f,
-                "{:<24} {:<16} {:<5} {:>7} {:>8} {:>10}",
+                "{:<24} {:<16} {:<20} {:<5} {:>7} {:>8} {:>10}",
                 c.client_nat,
                 c.target_nat,
+                c.remote_nat,
                 c.transport,
                 c.trials,
                 c.success,
@@ -355,7 +385,9 @@ pub fn run(
     }
     let lab = Lab::build(&t, LabOptions::default())?;
     let file = |name: &str| config.work_dir.join(name);
-    let relay_args = args::relay(file("relay.key"), RELAY_PORT).map_err(CampaignError::Role)?;
+    // The relay is a vantage point: it records where reserving targets connect from.
+    let relay_args = args::relay(file("relay.key"), RELAY_PORT, Some(&database_url))
+        .map_err(CampaignError::Role)?;
     let relay = lab.spawn("relay", &exe, &relay_args)?;
     // An RFC 5780 STUN server on two addresses: clients and targets learn their NAT from it.
     let (stun, primary) =
@@ -365,6 +397,18 @@ pub fn run(
         other => {
             return Err(CampaignError::Role(format!(
                 "the relay: unexpected {other:?}"
+            )));
+        }
+    };
+    // Targets reserve over QUIC, as they reach the honeypot: the two vantage points then see
+    // the same socket of theirs, and its mapping tells the target's NAT.
+    let relay_ip = lab.public_addr("relay")?;
+    let quic = format!("/ip4/{relay_ip}/udp/{RELAY_PORT}/quic-v1/p2p/");
+    let relay_addr = match json_line(&relay, &quic, "the relay's QUIC address")? {
+        RelayEvent::ExternalAddress { address } | RelayEvent::Listening { address } => address,
+        other => {
+            return Err(CampaignError::Role(format!(
+                "the relay: unexpected {other:?} ({relay_addr} announced)"
             )));
         }
     };
@@ -388,6 +432,16 @@ pub fn run(
     honeypot_args.no_record = false;
     let honeypot = lab.spawn("honeypot", &exe, &to_args(&["honeypot"], &honeypot_args))?;
     listen_addr(&honeypot, &hp_ip, DHT_PORT, "the honeypot")?;
+    let honeypot_quic = match json_line(
+        &honeypot,
+        &format!("/ip4/{hp_ip}/udp/{DHT_PORT}/quic-v1\""),
+        "the honeypot's QUIC address",
+    )? {
+        HoneypotEvent::Listening { address, peer_id } => format!("{address}/p2p/{peer_id}"),
+        other => {
+            return Err(role(format!("the honeypot: unexpected {other:?}")));
+        }
+    };
     json_line::<HoneypotEvent>(
         &honeypot,
         "\"event\":\"crawl-ended\"",
@@ -417,7 +471,16 @@ pub fn run(
     for &p in &config.presets {
         let mut target_args = args::peer(&relay_addr).map_err(role)?;
         target_args.identity = Identity::new(Some(file(&format!("target-{}.key", p.name()))));
-        target_args.dht_bootstrap = honeypot_args.bootstrap.clone();
+        // The honeypot first, over QUIC: the target's connection to it then comes from the
+        // socket its relay connection comes from (the honeypot's vantage point).
+        target_args.dht_bootstrap = vec![
+            honeypot_quic
+                .parse()
+                .map_err(|e| role(format!("{honeypot_quic}: {e}")))?,
+        ];
+        target_args
+            .dht_bootstrap
+            .extend(honeypot_args.bootstrap.iter().cloned());
         target_args.dht_protocol = honeypot_args.protocol.clone();
         target_args.stun_server = Some(primary);
         let target = lab.spawn(&host('b', p), &exe, &args::listen(&target_args))?;
@@ -555,9 +618,14 @@ pub fn run(
     drop(relay);
     drop(lab);
     let targets = nat_of.len();
+    let expected: BTreeMap<String, (String, &'static str)> = nat_of
+        .iter()
+        .map(|(id, p)| (id.clone(), (p.name().to_owned(), expected_remote_nat(*p))))
+        .collect();
     summarise(
         &database_url,
         &nat_name,
+        &expected,
         punches,
         seconds,
         interrupted,
@@ -569,9 +637,42 @@ pub fn run(
 /// A matrix cell's key: client NAT, target NAT, transport.
 type CellKey = (String, String, String);
 
+/// What the two vantage points can tell of a target behind `preset`: its mapping class.
+/// Without a NAT the mapping is the same for every destination, as behind an
+/// endpoint-independent one.
+pub fn expected_remote_nat(preset: Preset) -> &'static str {
+    let chain: Vec<_> = natlab::selftest::path_of(preset)
+        .iter()
+        .filter_map(|p| p.config())
+        .collect();
+    match natlab::selftest::expected_through(&chain).0.mapping {
+        natlab::Mapping::EndpointIndependent | natlab::Mapping::None => {
+            api::vantage::ENDPOINT_INDEPENDENT
+        }
+        _ => api::vantage::ENDPOINT_DEPENDENT,
+    }
+}
+
+/// The remote's NAT stored in the reports on `target`: the most common value (`unknown`
+/// without reports), and how many reports said it.
+fn observed_nat<'a>(rows: impl Iterator<Item = &'a ResultRow>) -> (String, u64) {
+    let mut seen: BTreeMap<&str, u64> = BTreeMap::new();
+    for r in rows {
+        *seen
+            .entry(r.remote_nat.as_deref().unwrap_or(api::vantage::UNKNOWN))
+            .or_default() += 1;
+    }
+    seen.into_iter()
+        .max_by_key(|(_, n)| *n)
+        .map_or((api::vantage::UNKNOWN.to_owned(), 0), |(v, n)| {
+            (v.to_owned(), n)
+        })
+}
+
 fn summarise(
     database_url: &str,
     nat_of: &HashMap<String, String>,
+    expected: &BTreeMap<String, (String, &'static str)>,
     punches: u64,
     seconds: f64,
     interrupted: bool,
@@ -592,7 +693,7 @@ fn summarise(
         rows
     })?;
     let mut outcomes = BTreeMap::new();
-    let mut cells: BTreeMap<CellKey, (Vec<String>, Vec<f64>)> = BTreeMap::new();
+    let mut cells: BTreeMap<CellKey, (Vec<&ResultRow>, Vec<f64>)> = BTreeMap::new();
     let mut times = Vec::new();
     let mut measured_nat = BTreeMap::new();
     for r in &rows {
@@ -605,7 +706,7 @@ fn summarise(
         let cell = cells
             .entry((nat(&r.local), nat(&r.remote), transport.clone()))
             .or_default();
-        cell.0.push(r.outcome.clone());
+        cell.0.push(r);
         if r.outcome == "SUCCESS"
             && let Some(t) = r.time_to_direct
         {
@@ -618,16 +719,17 @@ fn summarise(
     let all: Vec<f64> = times.iter().map(|(_, t)| *t).collect();
     let matrix = cells
         .into_iter()
-        .map(|((client_nat, target_nat, transport), (outs, ts))| {
+        .map(|((client_nat, target_nat, transport), (rows, ts))| {
             let mut outcomes = BTreeMap::new();
-            for o in &outs {
-                *outcomes.entry(o.clone()).or_insert(0u64) += 1;
+            for r in &rows {
+                *outcomes.entry(r.outcome.clone()).or_insert(0u64) += 1;
             }
             CampaignCell {
                 client_nat,
                 target_nat,
+                remote_nat: observed_nat(rows.iter().copied()).0,
                 transport,
-                trials: outs.len() as u64,
+                trials: rows.len() as u64,
                 success: outcomes.get("SUCCESS").copied().unwrap_or(0),
                 outcomes,
                 median_ms: quantile(&ts, 0.5),
@@ -635,6 +737,25 @@ fn summarise(
         })
         .collect();
     let stored = rows.len() as u64;
+    let remote_nat = expected
+        .iter()
+        .map(|(id, (target, expected))| {
+            let (observed, reports) = observed_nat(rows.iter().filter(|r| &r.remote == id));
+            TargetNat {
+                target: target.clone(),
+                expected: (*expected).to_owned(),
+                verdict: if observed == api::vantage::UNKNOWN {
+                    "unknown"
+                } else if observed == *expected {
+                    "match"
+                } else {
+                    "mismatch"
+                },
+                observed,
+                reports,
+            }
+        })
+        .collect();
     Ok(CampaignReport {
         punches,
         stored,
@@ -647,6 +768,7 @@ fn summarise(
         times_ms: times,
         matrix,
         measured_nat,
+        remote_nat,
         peers: nat_of.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         targets_recorded,
         targets,

@@ -242,6 +242,21 @@ pub fn campaign_page(r: &CampaignReport, command: &str) -> String {
         }
         html.push_str("</table>");
     }
+    if !r.remote_nat.is_empty() {
+        html.push_str("<h2>The targets' NATs, as the relay and the honeypot saw them</h2><p>The same port to both: endpoint-independent mapping; another port: endpoint-dependent. <code>unknown</code>: only one of them saw the target.</p><table id=\"remote-nats\"><tr><th>target</th><th>seen as</th><th>reports</th><th>expected from the preset</th><th>verdict</th></tr>");
+        for t in &r.remote_nat {
+            let _ = write!(
+                html,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                esc(&t.target),
+                esc(&t.observed),
+                t.reports,
+                esc(&t.expected),
+                t.verdict
+            );
+        }
+        html.push_str("</table>");
+    }
     html.push_str("<h2>Outcomes</h2>");
     html.push_str(&outcome_bars(&r.outcomes));
     let transports: BTreeSet<&str> = r.matrix.iter().map(|c| c.transport.as_str()).collect();
@@ -254,14 +269,15 @@ pub fn campaign_page(r: &CampaignReport, command: &str) -> String {
     }
     html.push_str("<h2>Time to a direct connection</h2><p>From the relayed connection to the direct one, successful punches.</p>");
     html.push_str(&cdf(&r.times_ms));
-    html.push_str("<h2>Every cell</h2><table id=\"matrix\"><tr><th>client NAT</th><th>target NAT</th><th>transport</th><th>punches</th><th>success</th><th>median ms</th><th>outcomes</th></tr>");
+    html.push_str("<h2>Every cell</h2><table id=\"matrix\"><tr><th>client NAT</th><th>target NAT</th><th>target seen as</th><th>transport</th><th>punches</th><th>success</th><th>median ms</th><th>outcomes</th></tr>");
     for c in &r.matrix {
         let outcomes: Vec<String> = c.outcomes.iter().map(|(o, n)| format!("{o} {n}")).collect();
         let _ = write!(
             html,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             esc(&c.client_nat),
             esc(&c.target_nat),
+            esc(&c.remote_nat),
             esc(&c.transport),
             c.trials,
             c.success,
@@ -299,10 +315,18 @@ mod tests {
                 ("tcp".into(), 400.0),
             ],
             measured_nat: BTreeMap::new(),
+            remote_nat: vec![crate::campaign::TargetNat {
+                target: "symmetric".into(),
+                expected: "endpoint-dependent".into(),
+                observed: "endpoint-dependent".into(),
+                reports: 4,
+                verdict: "match",
+            }],
             peers: BTreeMap::new(),
             matrix: vec![CampaignCell {
                 client_nat: "port-restricted".into(),
                 target_nat: "symmetric".into(),
+                remote_nat: "endpoint-dependent".into(),
                 transport: "tcp".into(),
                 trials: 4,
                 success: 3,
@@ -320,6 +344,10 @@ mod tests {
         assert!(page.contains(r#"data-transport="tcp""#));
         assert!(page.contains("3/4"), "the heat map cell");
         assert!(page.contains("a&lt;b&gt;.db"), "text is escaped");
+        assert!(
+            page.contains("<td>symmetric</td><td>endpoint-dependent</td><td>4</td>"),
+            "the target's NAT as seen"
+        );
         assert!(!page.contains("<script"), "no scripts");
         assert_eq!(
             page.matches("<polyline").count(),

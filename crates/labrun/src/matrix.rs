@@ -524,7 +524,7 @@ pub fn start_relay(
     exe: &str,
     key: &std::path::Path,
 ) -> Result<(natlab::LabProcess, String), MatrixError> {
-    let args = args::relay(key.to_owned(), RELAY_PORT).map_err(MatrixError::Relay)?;
+    let args = args::relay(key.to_owned(), RELAY_PORT, None).map_err(MatrixError::Relay)?;
     let relay = lab
         .spawn("relay", exe, &args)
         .map_err(|e| MatrixError::Relay(natlab::chain(&e).to_string()))?;

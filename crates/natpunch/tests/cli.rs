@@ -1555,7 +1555,7 @@ fn peer_listen_holds_its_port_mappings_through_renewals_and_a_router_reboot() {
     let mut lab = Lab::build(&topology, LabOptions::default()).expect("lab");
     let dir = Scratch::new("peer-portmap");
     let exe = env!("CARGO_BIN_EXE_natpunch");
-    let args = labrun::args::relay(dir.0.join("relay.key"), 4001).expect("relay flags");
+    let args = labrun::args::relay(dir.0.join("relay.key"), 4001, None).expect("relay flags");
     let relay = lab.spawn("relay", exe, &args).expect("relay");
     let line = relay
         .wait_for("\"event\":\"external-address\"", Duration::from_secs(20))
@@ -3180,7 +3180,7 @@ impl MeasurementLab {
         )
         .expect("lab");
         let path = |name: &str| dir.join(name).display().to_string();
-        let args = labrun::args::relay(dir.join("relay.key"), 4001).expect("relay flags");
+        let args = labrun::args::relay(dir.join("relay.key"), 4001, None).expect("relay flags");
         let relay = lab.spawn("relay", exe, &args).expect("relay");
         let line = relay
             .wait_for("\"event\":\"external-address\"", Duration::from_secs(20))
@@ -3960,7 +3960,32 @@ fn lab_campaign_survives_a_server_outage_and_reports_every_nat_pair() {
     assert_eq!(v["targets"], 2);
     assert_eq!(v["punches"], 36, "{v}");
     assert_eq!(v["stored"], 36, "every punch made is stored, once: {v}");
+    // The relay and the honeypot both see each target over QUIC: the port-restricted NAT maps
+    // the same port to both (endpoint-independent), the symmetric one another port to each.
+    let nats = v["remote_nat"].as_array().expect("remote_nat");
+    assert_eq!(nats.len(), 2, "{v}");
+    for t in nats {
+        let want = match t["target"].as_str() {
+            Some("port-restricted") => "endpoint-independent",
+            Some("symmetric") => "endpoint-dependent",
+            other => panic!("a target behind {other:?}: {v}"),
+        };
+        assert_eq!(t["observed"], want, "{t}");
+        assert_eq!(t["verdict"], "match", "{t}");
+        assert!(t["reports"].as_u64().is_some_and(|n| n > 0), "{t}");
+    }
     let cells = v["matrix"].as_array().expect("matrix");
+    for c in cells {
+        let want = if c["target_nat"] == "symmetric" {
+            "endpoint-dependent"
+        } else {
+            "endpoint-independent"
+        };
+        assert_eq!(
+            c["remote_nat"], want,
+            "the matrix shows the target as seen: {c}"
+        );
+    }
     let pair = |c: &str, t: &str| -> (u64, u64) {
         cells
             .iter()
@@ -4061,6 +4086,11 @@ fn lab_campaign_survives_a_server_outage_and_reports_every_nat_pair() {
     let page = std::fs::read_to_string(&html).expect("report");
     assert!(page.contains(r#"<svg id="outcomes""#) && page.contains(r#"<svg id="cdf""#));
     assert!(page.contains(r#"data-transport="#));
+    assert!(
+        page.contains(r#"<table id="remote-nats">"#)
+            && page.contains("<td>symmetric</td><td>endpoint-dependent</td>"),
+        "the report shows the targets' NATs as seen"
+    );
     browser_shows_the_plots(&html, &dir.0);
 }
 

@@ -226,6 +226,10 @@ pub enum RelayEvent {
         peer: String,
         /// A renewal of an existing reservation.
         renewed: bool,
+        /// Where the peer's newest connection comes from: its public address and port as this
+        /// vantage point sees them (with the honeypot's, the remote's NAT mapping class).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        address: Option<String>,
     },
     /// A reservation was refused.
     ReservationDenied {
@@ -276,8 +280,8 @@ pub struct Relay {
     metrics: Metrics,
     reservations: Gauge,
     circuits: Gauge,
-    /// Each peer's connections and the IP address each comes from, oldest first.
-    connections: HashMap<PeerId, Vec<(ConnectionId, IpAddr)>>,
+    /// Each peer's connections and the address each comes from, oldest first.
+    connections: HashMap<PeerId, Vec<(ConnectionId, Multiaddr)>>,
 }
 
 impl fmt::Debug for Relay {
@@ -311,10 +315,17 @@ impl fmt::Display for RelayEvent {
             Self::Listening { address } => write!(f, "listening on {address}"),
             Self::ExternalAddress { address } => write!(f, "announcing {address}"),
             Self::NoExternalAddress { .. } => f.write_str("announcing no address"),
-            Self::ReservationAccepted { peer, renewed } => write!(
+            Self::ReservationAccepted {
+                peer,
+                renewed,
+                address,
+            } => write!(
                 f,
-                "reservation {} for {peer}",
-                if *renewed { "renewed" } else { "accepted" }
+                "reservation {} for {peer}{}",
+                if *renewed { "renewed" } else { "accepted" },
+                address
+                    .as_deref()
+                    .map_or(String::new(), |a| format!(" from {a}"))
             ),
             Self::ReservationDenied { peer, status } => {
                 write!(f, "reservation refused for {peer}: {status}")
@@ -470,15 +481,12 @@ impl Relay {
                 endpoint,
                 ..
             } => {
-                if let Some(ip) = endpoint.get_remote_address().iter().find_map(|p| match p {
-                    Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
-                    Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
-                    _ => None,
-                }) {
+                let from = endpoint.get_remote_address();
+                if ip_of(from).is_some() {
                     self.connections
                         .entry(peer_id)
                         .or_default()
-                        .push((connection_id, ip));
+                        .push((connection_id, from.clone()));
                 }
                 None
             }
@@ -527,12 +535,12 @@ impl Relay {
         let Some(list) = self.connections.get(&peer) else {
             return;
         };
-        let Some(&(_, newest)) = list.last() else {
+        let Some(newest) = list.last().and_then(|(_, a)| ip_of(a)) else {
             return;
         };
         let moved: Vec<ConnectionId> = list
             .iter()
-            .filter(|(_, ip)| *ip != newest)
+            .filter(|(_, a)| ip_of(a) != Some(newest))
             .map(|(c, _)| *c)
             .collect();
         for c in moved {
@@ -557,6 +565,11 @@ impl Relay {
                 RelayEvent::ReservationAccepted {
                     peer: src_peer_id.to_string(),
                     renewed,
+                    address: self
+                        .connections
+                        .get(&src_peer_id)
+                        .and_then(|list| list.last())
+                        .map(|(_, a)| a.to_string()),
                 }
             }
             E::ReservationReqDenied {
@@ -614,6 +627,15 @@ impl Relay {
             _ => return None,
         })
     }
+}
+
+/// The IP address an address starts with.
+fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+    addr.iter().find_map(|p| match p {
+        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+        _ => None,
+    })
 }
 
 #[cfg(test)]

@@ -232,6 +232,8 @@ pub struct ResultRow {
     pub time_to_direct: Option<f64>,
     /// The client's NAT behaviour, as it measured it.
     pub client_nat: Option<String>,
+    /// The remote's NAT: what the client said, else what the vantage points saw.
+    pub remote_nat: Option<String>,
 }
 
 /// What the measurement server needs from a database. Times are Unix nanoseconds, passed in so
@@ -449,6 +451,7 @@ impl SqlStore {
                     transport: r.try_get(4)?,
                     time_to_direct: r.try_get(5)?,
                     client_nat: r.try_get(6)?,
+                    remote_nat: r.try_get(7)?,
                 })
             })
             .collect()

@@ -162,7 +162,8 @@ statements! {
     link_connection = "INSERT INTO connection_events_x_multi_addresses (connection_event_id, \
         multi_address_id) VALUES ($1, $2) ON CONFLICT DO NOTHING";
     results = "SELECT l.multi_hash, r.multi_hash, {text h.outcome}, {text h.protocol_filters}, \
-        h.transport, {secs h.time_to_direct}, h.client_nat FROM hole_punch_results h \
+        h.transport, {secs h.time_to_direct}, h.client_nat, h.remote_nat \
+        FROM hole_punch_results h \
         JOIN peers l ON l.id = h.local_id JOIN peers r ON r.id = h.remote_id ORDER BY h.id";
     counts = "SELECT (SELECT count(*) FROM hole_punch_results), \
         (SELECT count(*) FROM hole_punch_attempt), (SELECT count(*) FROM latency_measurements), \
