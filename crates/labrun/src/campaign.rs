@@ -617,7 +617,6 @@ pub fn run(
     drop(stun);
     drop(relay);
     drop(lab);
-    let targets = nat_of.len();
     let expected: BTreeMap<String, (String, &'static str)> = nat_of
         .iter()
         .map(|(id, p)| (id.clone(), (p.name().to_owned(), expected_remote_nat(*p))))
@@ -630,7 +629,6 @@ pub fn run(
         seconds,
         interrupted,
         targets_recorded,
-        targets,
     )
 }
 
@@ -677,8 +675,8 @@ fn summarise(
     seconds: f64,
     interrupted: bool,
     targets_recorded: usize,
-    targets: usize,
 ) -> Result<CampaignReport, CampaignError> {
+    let targets = expected.len();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
