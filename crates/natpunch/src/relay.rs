@@ -63,16 +63,12 @@ async fn serve(args: RelayArgs) -> anyhow::Result<ExitCode> {
         if let RelayEvent::NoExternalAddress { message } = &e {
             eprintln!("relay: warning: {message}");
         }
-        if let (
-            RelayEvent::ReservationAccepted {
-                peer,
-                address: Some(address),
-                ..
-            },
-            Some(recorder),
-        ) = (&e, &recorder)
+        if let (RelayEvent::ReservationAccepted { peer, from, .. }, Some(recorder)) =
+            (&e, &recorder)
         {
-            recorder.offer(peer, address);
+            for address in from {
+                recorder.offer(peer, address);
+            }
         }
         if json {
             println!("{}", serde_json::to_string(&e).unwrap_or_default());

@@ -226,10 +226,11 @@ pub enum RelayEvent {
         peer: String,
         /// A renewal of an existing reservation.
         renewed: bool,
-        /// Where the peer's newest connection comes from: its public address and port as this
-        /// vantage point sees them (with the honeypot's, the remote's NAT mapping class).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        address: Option<String>,
+        /// Where the peer's connections come from (a peer may hold one per transport): its
+        /// public addresses and ports as this vantage point sees them (with the honeypot's,
+        /// the remote's NAT mapping class).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        from: Vec<String>,
     },
     /// A reservation was refused.
     ReservationDenied {
@@ -318,14 +319,16 @@ impl fmt::Display for RelayEvent {
             Self::ReservationAccepted {
                 peer,
                 renewed,
-                address,
+                from,
             } => write!(
                 f,
                 "reservation {} for {peer}{}",
                 if *renewed { "renewed" } else { "accepted" },
-                address
-                    .as_deref()
-                    .map_or(String::new(), |a| format!(" from {a}"))
+                if from.is_empty() {
+                    String::new()
+                } else {
+                    format!(" from {}", from.join(", "))
+                }
             ),
             Self::ReservationDenied { peer, status } => {
                 write!(f, "reservation refused for {peer}: {status}")
@@ -565,11 +568,11 @@ impl Relay {
                 RelayEvent::ReservationAccepted {
                     peer: src_peer_id.to_string(),
                     renewed,
-                    address: self
+                    from: self
                         .connections
                         .get(&src_peer_id)
-                        .and_then(|list| list.last())
-                        .map(|(_, a)| a.to_string()),
+                        .map(|list| list.iter().map(|(_, a)| a.to_string()).collect())
+                        .unwrap_or_default(),
                 }
             }
             E::ReservationReqDenied {
