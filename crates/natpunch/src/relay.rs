@@ -115,7 +115,10 @@ impl Recorder {
                     if let Err(e) = store.record_connection(&event, api::server::now_ns()).await {
                         let e = e.to_string();
                         if e != last_error {
-                            eprintln!("relay: recording an observation: {e}");
+                            eprintln!(
+                                "relay: recording where a peer connects from: {e} (the relay \
+                                 goes on; such observations are lost until the database answers)"
+                            );
                             last_error = e;
                         }
                     }

@@ -82,8 +82,7 @@ pub async fn serve_with_health(
     registry: Arc<Mutex<Registry>>,
     healthy: Arc<AtomicBool>,
 ) {
-    let problem = move || (!healthy.load(Ordering::Relaxed)).then(|| "unhealthy".to_owned());
-    serve_checked(listener, registry, problem, None).await;
+    serve_checked(listener, registry, unhealthy_when_false(healthy), None).await;
 }
 
 /// [`serve_with_health`], with `pages` answering the paths other than `/metrics` and
@@ -94,8 +93,18 @@ pub async fn serve_with_pages(
     healthy: Arc<AtomicBool>,
     pages: Pages,
 ) {
-    let problem = move || (!healthy.load(Ordering::Relaxed)).then(|| "unhealthy".to_owned());
-    serve_checked(listener, registry, problem, Some(pages)).await;
+    serve_checked(
+        listener,
+        registry,
+        unhealthy_when_false(healthy),
+        Some(pages),
+    )
+    .await;
+}
+
+/// `/health`'s problem: "unhealthy" while `healthy` is false.
+fn unhealthy_when_false(healthy: Arc<AtomicBool>) -> impl Fn() -> Option<String> {
+    move || (!healthy.load(Ordering::Relaxed)).then(|| "unhealthy".to_owned())
 }
 
 /// Serves `registry` on `listener` until the task is dropped; `/health` answers 503 with the

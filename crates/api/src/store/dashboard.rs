@@ -227,11 +227,7 @@ impl SqlStore {
         .await?
         {
             let name = |s: String| if s.is_empty() { "unknown".into() } else { s };
-            let filters: String = row.try_get(2)?;
-            let filters: Vec<i32> = filters
-                .split(|c: char| !c.is_ascii_digit() && c != '-')
-                .filter_map(|n| n.parse().ok())
-                .collect();
+            let filters = super::filter_codes(&row.try_get::<String, _>(2)?);
             let transport: String = row.try_get(3)?;
             let key = (
                 name(row.try_get(0)?),

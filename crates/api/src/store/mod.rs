@@ -327,6 +327,14 @@ fn nanos(d: Duration) -> i64 {
     i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
 }
 
+/// The multiaddr codes of a stored protocol filter, read as text: `[4,6]` (SQLite's JSON) or
+/// `{4,6}` (PostgreSQL's array).
+fn filter_codes(text: &str) -> Vec<i32> {
+    text.split(|c: char| !c.is_ascii_digit() && c != '-')
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
 /// A JSON array of `items`.
 fn json<T: serde::Serialize>(items: &[T]) -> String {
     serde_json::to_string(items).unwrap_or_else(|_| "[]".into())
@@ -443,11 +451,7 @@ impl SqlStore {
                     local: r.try_get(0)?,
                     remote: r.try_get(1)?,
                     outcome: r.try_get(2)?,
-                    // `[4,6]` (SQLite's JSON) or `{4,6}` (PostgreSQL's array).
-                    filters: filters
-                        .split(|c: char| !c.is_ascii_digit() && c != '-')
-                        .filter_map(|n| n.parse().ok())
-                        .collect(),
+                    filters: filter_codes(&filters),
                     transport: r.try_get(4)?,
                     time_to_direct: r.try_get(5)?,
                     client_nat: r.try_get(6)?,
